@@ -1,0 +1,254 @@
+//! Application start-up and shutdown.
+//!
+//! [`Application::build`] connects the store and the shared state, migrates,
+//! and binds the listener — on port 0 in tests, so each test gets its own real
+//! server and can ask for the port. [`Application::run_until_stopped`] serves
+//! until the shutdown future resolves, then drains: no new connections,
+//! in-flight requests and jobs finish within the grace period, and the pools
+//! close. Every start-up failure is a [`StartupError`] with a one-line
+//! message; nothing here panics.
+
+use std::{
+    future::{Future, IntoFuture},
+    net::SocketAddr,
+    sync::Arc,
+    time::Duration,
+};
+
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::Config,
+    state::{self, SharedState},
+    store::{self, Store, StoreError},
+    telemetry::Metrics,
+    workers::{self, WorkerOptions, WorkerPool},
+};
+
+/// Cheap, cloneable handles shared by every handler and worker.
+#[derive(Clone)]
+pub struct AppState {
+    /// The validated configuration.
+    pub config: Arc<Config>,
+    /// The durable store.
+    pub store: Arc<dyn Store>,
+    /// Fast shared state (Redis or in-process).
+    pub shared: Arc<dyn SharedState>,
+    /// Metrics registry.
+    pub metrics: Arc<Metrics>,
+}
+
+impl AppState {
+    /// Connects the store and the shared state the configuration names.
+    pub async fn connect(config: Config) -> Result<Self, StartupError> {
+        let store = store::connect(
+            &config.database,
+            config.database_max_connections,
+            config.connect_timeout,
+        )
+        .await?;
+        let shared = state::connect(&config).await?;
+        Ok(Self {
+            config: Arc::new(config),
+            store,
+            shared,
+            metrics: Arc::new(Metrics::new()),
+        })
+    }
+
+    /// True on the embedded default (no Redis): workers run in-process.
+    pub fn is_embedded(&self) -> bool {
+        self.config.redis_url.is_none()
+    }
+
+    /// The queue handlers this build has. Later features register theirs here.
+    pub fn job_handlers(&self) -> Vec<(String, Arc<dyn workers::JobHandler>)> {
+        Vec::new()
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// The database is unreachable.
+    #[error(transparent)]
+    Database(#[from] store::ConnectError),
+    /// Redis is unreachable.
+    #[error(transparent)]
+    Redis(#[from] state::ConnectError),
+    /// Migrations failed.
+    #[error("cannot apply database migrations: {0}")]
+    Migrate(#[source] StoreError),
+    /// The listen address is taken or not ours.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The configured address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The background workers could not start.
+    #[error("cannot start workers: {0}")]
+    Workers(String),
+}
+
+/// A built, bound, not-yet-serving application.
+pub struct Application {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    state: AppState,
+    router: Router,
+}
+
+impl Application {
+    /// Connects, migrates when `migrate` is set, and binds the listener.
+    pub async fn build(config: Config, migrate: bool) -> Result<Self, StartupError> {
+        let state = AppState::connect(config).await?;
+        Self::build_with_state(state, migrate).await
+    }
+
+    /// As [`build`](Self::build), with already-connected state (tests use this
+    /// to share a store between instances).
+    pub async fn build_with_state(state: AppState, migrate: bool) -> Result<Self, StartupError> {
+        if migrate {
+            state.store.migrate().await.map_err(StartupError::Migrate)?;
+        }
+        let addr = state.config.listen;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartupError::Bind { addr, source })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| StartupError::Bind { addr, source })?;
+        let router = crate::http::app(state.clone());
+        Ok(Self {
+            listener,
+            local_addr,
+            state,
+            router,
+        })
+    }
+
+    /// The bound port (useful when configured with port 0).
+    pub fn port(&self) -> u16 {
+        self.local_addr.port()
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The shared handles.
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` resolves, then drains within the grace period.
+    /// On the embedded default the workers run alongside.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let Self {
+            listener,
+            local_addr,
+            state,
+            router,
+        } = self;
+        let grace = state.config.shutdown_grace;
+        let stop = CancellationToken::new();
+        let pool = if state.is_embedded() {
+            Some(start_workers(&state, "embedded", stop.child_token()).await?)
+        } else {
+            None
+        };
+
+        let server = axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(stop.clone().cancelled_owned());
+        let mut server = tokio::spawn(server.into_future());
+        tracing::info!(
+            addr = %local_addr,
+            database = state.store.backend(),
+            shared_state = state.shared.backend(),
+            "listening"
+        );
+
+        tokio::select! {
+            () = shutdown => {}
+            result = &mut server => {
+                // The server stopped on its own: report why.
+                result??;
+                return Ok(());
+            }
+        }
+        tracing::info!(grace_seconds = grace.as_secs(), "shutting down: draining");
+        stop.cancel();
+        let started = tokio::time::Instant::now();
+        match tokio::time::timeout(grace, &mut server).await {
+            Ok(result) => result??,
+            Err(_) => {
+                tracing::warn!("in-flight requests did not finish within the grace period");
+                server.abort();
+            }
+        }
+        if let Some(pool) = pool {
+            pool.stop(
+                grace
+                    .saturating_sub(started.elapsed())
+                    .max(Duration::from_millis(100)),
+            )
+            .await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), state.store.close()).await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Starts the worker pool for this process's registered handlers.
+pub async fn start_workers(
+    state: &AppState,
+    role: &str,
+    stop: CancellationToken,
+) -> Result<WorkerPool, StartupError> {
+    let instance = format!("{role}-{}", uuid::Uuid::new_v4().simple());
+    WorkerPool::start(
+        state.shared.clone(),
+        &instance,
+        state.job_handlers(),
+        WorkerOptions::default(),
+        stop,
+    )
+    .await
+    .map_err(|e| StartupError::Workers(e.to_string()))
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("SIGINT received"),
+        () = terminate => tracing::info!("SIGTERM received"),
+    }
+}

@@ -1,0 +1,303 @@
+//! One API error type, rendered as RFC 9457 `application/problem+json`.
+//!
+//! Handlers return [`ApiError`]; it becomes a response carrying a [`Problem`]
+//! in its extensions. The request-context middleware (the outermost layer)
+//! fills in the `request_id` and writes the body, so every error — ours, an
+//! extractor's, or a tower layer's bare status — leaves the server in the same
+//! shape. A 5xx is logged with its full cause chain here, once; its body says
+//! nothing about the cause.
+
+use std::time::Duration;
+
+use axum::response::{IntoResponse, Response};
+use http::{header, HeaderValue, StatusCode};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// The media type of every error body.
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// Stable, documented, machine-readable error codes (the `code` member).
+///
+/// Clients branch on these; they never change meaning. `docs/ERRORS.md`
+/// documents each one, and a test keeps the two in step.
+pub mod codes {
+    /// The body is not well-formed JSON (or not JSON at all).
+    pub const INVALID_BODY: &str = "invalid_body";
+    /// A field is missing, unknown or out of range; `field` names it.
+    pub const VALIDATION_FAILED: &str = "validation_failed";
+    /// The body is larger than 64 KiB.
+    pub const PAYLOAD_TOO_LARGE: &str = "payload_too_large";
+    /// The body is not `application/json`.
+    pub const UNSUPPORTED_MEDIA_TYPE: &str = "unsupported_media_type";
+    /// No such route or resource.
+    pub const NOT_FOUND: &str = "not_found";
+    /// The route exists but not with this method.
+    pub const METHOD_NOT_ALLOWED: &str = "method_not_allowed";
+    /// Too many requests; see `Retry-After`.
+    pub const RATE_LIMITED: &str = "rate_limited";
+    /// The request took longer than the server allows.
+    pub const REQUEST_TIMEOUT: &str = "request_timeout";
+    /// A dependency (database, cache) is unreachable.
+    pub const NOT_READY: &str = "not_ready";
+    /// The server is temporarily unable to serve the request.
+    pub const SERVICE_UNAVAILABLE: &str = "service_unavailable";
+    /// Something failed inside the server; the body says no more.
+    pub const INTERNAL_ERROR: &str = "internal_error";
+    /// Any other 4xx status produced below the application.
+    pub const BAD_REQUEST: &str = "bad_request";
+
+    /// Every code above, for documentation checks.
+    pub const ALL: &[&str] = &[
+        INVALID_BODY,
+        VALIDATION_FAILED,
+        PAYLOAD_TOO_LARGE,
+        UNSUPPORTED_MEDIA_TYPE,
+        NOT_FOUND,
+        METHOD_NOT_ALLOWED,
+        RATE_LIMITED,
+        REQUEST_TIMEOUT,
+        NOT_READY,
+        SERVICE_UNAVAILABLE,
+        INTERNAL_ERROR,
+        BAD_REQUEST,
+    ];
+}
+
+/// An RFC 9457 problem document.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Problem {
+    /// A URI naming the problem type; it resolves to the code's documentation.
+    #[serde(rename = "type")]
+    #[schema(example = "https://blockremote.dev/problems/invalid_body")]
+    pub type_uri: String,
+    /// A short, human-readable summary of the problem type.
+    pub title: String,
+    /// The HTTP status code.
+    pub status: u16,
+    /// A human-readable explanation of this occurrence.
+    pub detail: String,
+    /// The stable machine-readable code.
+    #[schema(example = "invalid_body")]
+    pub code: String,
+    /// The request id (also in the `X-Request-Id` header), for support.
+    pub request_id: String,
+    /// For `validation_failed`: the offending field, as a JSON path.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    /// For `not_ready`: the state of each dependency (`ok` / `unavailable`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub checks: Option<serde_json::Value>,
+}
+
+impl Problem {
+    /// A problem with the given status, code and detail.
+    pub fn new(status: StatusCode, code: &str, detail: impl Into<String>) -> Self {
+        Self {
+            type_uri: format!("https://blockremote.dev/problems/{code}"),
+            title: status.canonical_reason().unwrap_or("Error").to_owned(),
+            status: status.as_u16(),
+            detail: detail.into(),
+            code: code.to_owned(),
+            request_id: String::new(),
+            field: None,
+            checks: None,
+        }
+    }
+
+    /// The generic problem for a bare status produced below the application
+    /// (a tower layer, a panic, an unmatched method).
+    pub fn for_status(status: StatusCode) -> Self {
+        let (code, detail) = match status {
+            StatusCode::NOT_FOUND => (codes::NOT_FOUND, "No such resource."),
+            StatusCode::METHOD_NOT_ALLOWED => (
+                codes::METHOD_NOT_ALLOWED,
+                "This method is not allowed on this resource.",
+            ),
+            StatusCode::PAYLOAD_TOO_LARGE => (
+                codes::PAYLOAD_TOO_LARGE,
+                "The request body is larger than 64 KiB.",
+            ),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => (
+                codes::UNSUPPORTED_MEDIA_TYPE,
+                "The request body must be application/json.",
+            ),
+            StatusCode::REQUEST_TIMEOUT => (
+                codes::REQUEST_TIMEOUT,
+                "The request took too long to complete.",
+            ),
+            StatusCode::TOO_MANY_REQUESTS => (codes::RATE_LIMITED, "Too many requests."),
+            StatusCode::SERVICE_UNAVAILABLE => (
+                codes::SERVICE_UNAVAILABLE,
+                "The service is temporarily unavailable.",
+            ),
+            s if s.is_server_error() => (codes::INTERNAL_ERROR, "An internal error occurred."),
+            _ => (codes::BAD_REQUEST, "The request could not be processed."),
+        };
+        Self::new(status, code, detail)
+    }
+
+    /// Renders the problem with its request id filled in.
+    pub fn into_response_with_id(mut self, request_id: &str) -> Response {
+        self.request_id = request_id.to_owned();
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let body = serde_json::to_vec(&self).unwrap_or_default();
+        let mut response = (status, body).into_response();
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+        response
+    }
+}
+
+/// Everything a handler can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Malformed JSON: 400 `invalid_body`.
+    #[error("invalid body: {0}")]
+    InvalidBody(String),
+    /// A bad field: 422 `validation_failed`.
+    #[error("validation failed on {field}: {message}")]
+    Validation {
+        /// JSON path of the field.
+        field: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// Body over the limit: 413.
+    #[error("payload too large")]
+    PayloadTooLarge,
+    /// Not JSON: 415.
+    #[error("unsupported media type")]
+    UnsupportedMediaType,
+    /// 404.
+    #[error("not found")]
+    NotFound,
+    /// 429 with `Retry-After`.
+    #[error("rate limited")]
+    RateLimited {
+        /// When the client may try again.
+        retry_after: Duration,
+    },
+    /// `/health/ready` when a dependency is down: 503 `not_ready`.
+    #[error("not ready")]
+    NotReady {
+        /// Dependency name → `ok` | `unavailable`.
+        checks: serde_json::Value,
+    },
+    /// An unexpected failure: 500, logged with its cause chain, opaque body.
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl ApiError {
+    /// The HTTP status of this error.
+    pub fn status_code(&self) -> StatusCode {
+        match self {
+            Self::InvalidBody(_) => StatusCode::BAD_REQUEST,
+            Self::Validation { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::NotReady { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The problem document for this error (request id filled in later).
+    pub fn to_problem(&self) -> Problem {
+        let status = self.status_code();
+        match self {
+            Self::InvalidBody(detail) => Problem::new(status, codes::INVALID_BODY, detail.clone()),
+            Self::Validation { field, message } => {
+                let mut p = Problem::new(status, codes::VALIDATION_FAILED, message.clone());
+                p.field = Some(field.clone());
+                p
+            }
+            Self::NotReady { checks } => {
+                let mut p = Problem::new(
+                    status,
+                    codes::NOT_READY,
+                    "A dependency of the service is unavailable.",
+                );
+                p.checks = Some(checks.clone());
+                p
+            }
+            _ => Problem::for_status(status),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let Self::Internal(cause) = &self {
+            tracing::error!(error = format!("{cause:#}"), "internal error");
+        }
+        let problem = self.to_problem();
+        let mut response = self.status_code().into_response();
+        if let Self::RateLimited { retry_after } = &self {
+            let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
+        response.extensions_mut().insert(problem);
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_errors_reveal_nothing() {
+        let err = ApiError::Internal(anyhow::anyhow!(
+            "relation \"users\" does not exist at SELECT * FROM users"
+        ));
+        let problem = err.to_problem();
+        assert_eq!(problem.status, 500);
+        assert_eq!(problem.code, codes::INTERNAL_ERROR);
+        let json = serde_json::to_string(&problem).expect("serialize");
+        assert!(!json.contains("users"), "{json}");
+        assert!(!json.contains("SELECT"), "{json}");
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let p = ApiError::Validation {
+            field: "device_id".into(),
+            message: "too short".into(),
+        }
+        .to_problem();
+        assert_eq!(p.status, 422);
+        assert_eq!(p.field.as_deref(), Some("device_id"));
+        assert_eq!(
+            p.type_uri,
+            "https://blockremote.dev/problems/validation_failed"
+        );
+    }
+
+    #[test]
+    fn rate_limited_carries_retry_after_rounded_up() {
+        let response = ApiError::RateLimited {
+            retry_after: Duration::from_millis(1500),
+        }
+        .into_response();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "2");
+    }
+
+    #[test]
+    fn every_code_is_documented() {
+        let doc = include_str!("../../../docs/ERRORS.md");
+        for code in codes::ALL {
+            assert!(
+                doc.contains(&format!("`{code}`")),
+                "{code} missing from docs/ERRORS.md"
+            );
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! BlockRemote: a zero-trust backend for mobile fraud defense.
+//!
+//! The library behind the `blockremote` binary. See `ARCHITECTURE.md` at the
+//! repository root for how the modules fit and how a heartbeat flows through
+//! them; `../shared/API.md` is the public contract.
+
+pub mod app;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod state;
+pub mod store;
+pub mod telemetry;
+pub mod workers;

@@ -1,0 +1,119 @@
+//! The `blockremote` command: `serve`, `worker`, `migrate`, `openapi`.
+//!
+//! Errors are printed as one line on stderr with a non-zero exit code; a
+//! missing database is an operator problem to be told about, never a panic.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use blockremote::{
+    app::{self, AppState, Application},
+    config::Config,
+    telemetry,
+};
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "blockremote",
+    version,
+    about = "Zero-trust backend for mobile fraud defense"
+)]
+struct Cli {
+    /// A TOML config file (keys: the variable names in lower case without the
+    /// BLOCKREMOTE_ prefix). Environment variables override it.
+    #[arg(long, global = true, env = "BLOCKREMOTE_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the API and the WebSocket kill-switch (and, on the embedded
+    /// default, run the scoring workers in-process).
+    Serve {
+        /// Do not run database migrations at start.
+        #[arg(long)]
+        no_migrate: bool,
+    },
+    /// Run the background workers only (production: needs REDIS_URL).
+    Worker,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Print the OpenAPI document and exit.
+    Openapi,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(config) => config,
+        Err(e) => return fail(&format!("invalid configuration: {e}")),
+    };
+    if let Command::Openapi = cli.command {
+        return match blockremote::http::openapi().to_pretty_json() {
+            Ok(json) => {
+                println!("{json}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e.to_string()),
+        };
+    }
+    telemetry::init_logging(config.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(&format!("cannot start the async runtime: {e}")),
+    };
+    match runtime.block_on(run(cli.command, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&format!("{e:#}")),
+    }
+}
+
+fn fail(message: &str) -> ExitCode {
+    // One line, whatever the cause chain held.
+    eprintln!("blockremote: error: {}", message.replace('\n', " "));
+    ExitCode::FAILURE
+}
+
+async fn run(command: Command, config: Config) -> anyhow::Result<()> {
+    match command {
+        Command::Serve { no_migrate } => {
+            let migrate = config.auto_migrate && !no_migrate;
+            let app = Application::build(config, migrate).await?;
+            app.run_until_stopped(app::shutdown_signal()).await
+        }
+        Command::Worker => {
+            if config.redis_url.is_none() {
+                anyhow::bail!(
+                    "`worker` needs REDIS_URL: on the embedded default the workers run inside `serve`"
+                );
+            }
+            let grace = config.shutdown_grace;
+            let state = AppState::connect(config).await?;
+            let stop = CancellationToken::new();
+            let pool = app::start_workers(&state, "worker", stop.clone()).await?;
+            tracing::info!(
+                consumers = pool.len(),
+                database = state.store.backend(),
+                "worker running"
+            );
+            app::shutdown_signal().await;
+            pool.stop(grace).await;
+            state.store.close().await;
+            Ok(())
+        }
+        Command::Migrate => {
+            let state = AppState::connect(config).await?;
+            state.store.migrate().await?;
+            tracing::info!(database = state.store.backend(), "migrations applied");
+            state.store.close().await;
+            Ok(())
+        }
+        Command::Openapi => Ok(()),
+    }
+}

@@ -1,0 +1,58 @@
+//! The logical key names of shared state, in one place.
+//!
+//! Namespaces (DESIGN.md): `session:` `refresh:` `revoked:` `metrics:` `sig:`
+//! `nonce:` `force_overlay:` `rl:`. Per-device keys wrap the device id in
+//! braces — `rl:{device}` — which in Redis Cluster is a *hash tag*: every key
+//! of one device lands in the same slot, so multi-key scripts stay legal when
+//! the deployment grows to a cluster. Device ids are `[A-Za-z0-9_-]{8,64}`
+//! (validated at the edge), so they can never contain a brace themselves.
+
+/// Token bucket of a device: `rl:{device}`.
+pub fn rate_limit(device_id: &str) -> String {
+    format!("rl:{{{device_id}}}")
+}
+
+/// Revocation marker of a device: `revoked:device:{device}`.
+pub fn revoked_device(device_id: &str) -> String {
+    format!("revoked:device:{{{device_id}}}")
+}
+
+/// Attestation nonce bound to a device: `nonce:{device}`.
+pub fn nonce(device_id: &str) -> String {
+    format!("nonce:{{{device_id}}}")
+}
+
+/// Kill-switch command history of a device: `force_overlay:{device}`.
+pub fn force_overlay(device_id: &str) -> String {
+    format!("force_overlay:{{{device_id}}}")
+}
+
+/// Scoring state of a device: `sig:{device}`.
+pub fn signal_state(device_id: &str) -> String {
+    format!("sig:{{{device_id}}}")
+}
+
+/// The heartbeat work queue (a Redis Stream): `sig:queue:heartbeats`.
+pub const HEARTBEAT_QUEUE: &str = "sig:queue:heartbeats";
+
+/// The pub/sub channel carrying kill-switch commands to every replica.
+pub const KILL_SWITCH_CHANNEL: &str = "force_overlay:commands";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_keys_are_hash_tagged_by_device() {
+        for key in [
+            rate_limit("dev_12345"),
+            revoked_device("dev_12345"),
+            nonce("dev_12345"),
+            force_overlay("dev_12345"),
+            signal_state("dev_12345"),
+        ] {
+            assert!(key.ends_with("{dev_12345}"), "{key}");
+        }
+        assert_eq!(rate_limit("dev_12345"), "rl:{dev_12345}");
+    }
+}

@@ -1,0 +1,382 @@
+//! In-process shared state for the embedded default (a single instance).
+//!
+//! Expired keys are dropped lazily on read and swept in bulk every few
+//! thousand writes, so memory stays bounded without a background task.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use dashmap::DashMap;
+use tokio::{
+    sync::{broadcast, mpsc, Notify},
+    time::Instant,
+};
+
+use super::{
+    bucket_step, BucketDecision, Job, QueueConsumer, SharedState, StateError, StateResult,
+    Subscription,
+};
+
+const SWEEP_EVERY: u64 = 4096;
+const CHANNEL_CAPACITY: usize = 1024;
+
+struct Entry {
+    value: Vec<u8>,
+    expires_at: Option<Instant>,
+}
+
+impl Entry {
+    fn live(&self, now: Instant) -> bool {
+        self.expires_at.is_none_or(|t| t > now)
+    }
+}
+
+struct Bucket {
+    tokens: f64,
+    updated: Instant,
+    /// When the bucket is full again (and so can be forgotten).
+    full_at: Instant,
+}
+
+#[derive(Default)]
+struct QueueInner {
+    ready: VecDeque<Job>,
+    /// id → (job, consumer, delivered at)
+    pending: HashMap<String, (Job, String, Instant)>,
+}
+
+struct Queue {
+    inner: Mutex<QueueInner>,
+    notify: Notify,
+}
+
+/// In-process implementation of [`SharedState`].
+pub struct MemoryState {
+    kv: DashMap<String, Entry>,
+    buckets: DashMap<String, Bucket>,
+    channels: DashMap<String, broadcast::Sender<Vec<u8>>>,
+    queues: DashMap<String, Arc<Queue>>,
+    queue_capacity: usize,
+    writes: AtomicU64,
+    next_job: AtomicU64,
+}
+
+impl MemoryState {
+    /// An empty state whose queues hold at most `queue_capacity` jobs each.
+    pub fn new(queue_capacity: usize) -> Self {
+        Self {
+            kv: DashMap::new(),
+            buckets: DashMap::new(),
+            channels: DashMap::new(),
+            queues: DashMap::new(),
+            queue_capacity: queue_capacity.max(1),
+            writes: AtomicU64::new(0),
+            next_job: AtomicU64::new(1),
+        }
+    }
+
+    fn after_write(&self) {
+        if self.writes.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
+            let now = Instant::now();
+            self.kv.retain(|_, e| e.live(now));
+            self.buckets.retain(|_, b| b.full_at > now);
+        }
+    }
+
+    fn live_entry(&self, key: &str) -> bool {
+        let now = Instant::now();
+        self.kv.remove_if(key, |_, e| !e.live(now));
+        self.kv.contains_key(key)
+    }
+
+    fn queue(&self, name: &str) -> Arc<Queue> {
+        self.queues
+            .entry(name.to_owned())
+            .or_insert_with(|| {
+                Arc::new(Queue {
+                    inner: Mutex::new(QueueInner::default()),
+                    notify: Notify::new(),
+                })
+            })
+            .clone()
+    }
+}
+
+fn lock(queue: &Queue) -> std::sync::MutexGuard<'_, QueueInner> {
+    // A panic while holding this lock cannot leave the queue inconsistent
+    // (every mutation is a single push/pop/insert), so poisoning is ignored.
+    queue.inner.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[async_trait]
+impl SharedState for MemoryState {
+    fn backend(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn ping(&self) -> StateResult<()> {
+        Ok(())
+    }
+
+    async fn get(&self, key: &str) -> StateResult<Option<Vec<u8>>> {
+        let now = Instant::now();
+        Ok(self
+            .kv
+            .get(key)
+            .filter(|e| e.live(now))
+            .map(|e| e.value.clone()))
+    }
+
+    async fn set(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StateResult<()> {
+        self.kv.insert(
+            key.to_owned(),
+            Entry {
+                value: value.to_vec(),
+                expires_at: ttl.map(|t| Instant::now() + t),
+            },
+        );
+        self.after_write();
+        Ok(())
+    }
+
+    async fn set_nx(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StateResult<bool> {
+        let now = Instant::now();
+        let mut inserted = false;
+        self.kv
+            .entry(key.to_owned())
+            .and_modify(|e| {
+                if !e.live(now) {
+                    *e = Entry {
+                        value: value.to_vec(),
+                        expires_at: ttl.map(|t| now + t),
+                    };
+                    inserted = true;
+                }
+            })
+            .or_insert_with(|| {
+                inserted = true;
+                Entry {
+                    value: value.to_vec(),
+                    expires_at: ttl.map(|t| now + t),
+                }
+            });
+        self.after_write();
+        Ok(inserted)
+    }
+
+    async fn take(&self, key: &str) -> StateResult<Option<Vec<u8>>> {
+        let now = Instant::now();
+        Ok(self
+            .kv
+            .remove(key)
+            .filter(|(_, e)| e.live(now))
+            .map(|(_, e)| e.value))
+    }
+
+    async fn delete(&self, key: &str) -> StateResult<bool> {
+        let existed = self.live_entry(key);
+        self.kv.remove(key);
+        Ok(existed)
+    }
+
+    async fn incr(&self, key: &str, by: i64, ttl: Duration) -> StateResult<i64> {
+        let now = Instant::now();
+        let mut entry = self.kv.entry(key.to_owned()).or_insert_with(|| Entry {
+            value: b"0".to_vec(),
+            expires_at: Some(now + ttl),
+        });
+        if !entry.live(now) {
+            *entry = Entry {
+                value: b"0".to_vec(),
+                expires_at: Some(now + ttl),
+            };
+        }
+        let current: i64 = std::str::from_utf8(&entry.value)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| StateError::Corrupt(format!("{key} is not an integer")))?;
+        let next = current.saturating_add(by);
+        entry.value = next.to_string().into_bytes();
+        drop(entry);
+        self.after_write();
+        Ok(next)
+    }
+
+    async fn ttl(&self, key: &str) -> StateResult<Option<Duration>> {
+        let now = Instant::now();
+        Ok(self
+            .kv
+            .get(key)
+            .filter(|e| e.live(now))
+            .and_then(|e| e.expires_at.map(|t| t - now)))
+    }
+
+    async fn take_tokens(
+        &self,
+        key: &str,
+        capacity: u32,
+        period: Duration,
+        cost: u32,
+    ) -> StateResult<BucketDecision> {
+        let now = Instant::now();
+        let mut bucket = self.buckets.entry(key.to_owned()).or_insert(Bucket {
+            tokens: f64::from(capacity),
+            updated: now,
+            full_at: now,
+        });
+        let elapsed = now.saturating_duration_since(bucket.updated);
+        let (level, decision) = bucket_step(bucket.tokens, elapsed, capacity, period, cost);
+        bucket.tokens = level;
+        bucket.updated = now;
+        bucket.full_at = now + decision.reset_after;
+        drop(bucket);
+        self.after_write();
+        Ok(decision)
+    }
+
+    async fn publish(&self, channel: &str, payload: &[u8]) -> StateResult<()> {
+        if let Some(sender) = self.channels.get(channel) {
+            // No receivers is not an error: nobody is listening on this replica.
+            let _ = sender.send(payload.to_vec());
+        }
+        Ok(())
+    }
+
+    async fn subscribe(&self, channel: &str) -> StateResult<Subscription> {
+        let mut source = self
+            .channels
+            .entry(channel.to_owned())
+            .or_insert_with(|| broadcast::channel(CHANNEL_CAPACITY).0)
+            .subscribe();
+        let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+        let channel = channel.to_owned();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tx.closed() => break,
+                    message = source.recv() => match message {
+                        Ok(payload) => {
+                            if tx.send(payload).await.is_err() {
+                                break;
+                            }
+                        }
+                        Err(broadcast::error::RecvError::Lagged(missed)) => {
+                            tracing::warn!(channel, missed, "pub/sub subscriber lagged; messages dropped");
+                        }
+                        Err(broadcast::error::RecvError::Closed) => break,
+                    },
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    async fn enqueue(&self, queue: &str, payload: &[u8]) -> StateResult<String> {
+        let q = self.queue(queue);
+        let id = {
+            let mut inner = lock(&q);
+            if inner.ready.len() + inner.pending.len() >= self.queue_capacity {
+                return Err(StateError::QueueFull(queue.to_owned()));
+            }
+            let id = format!("{}-0", self.next_job.fetch_add(1, Ordering::Relaxed));
+            inner.ready.push_back(Job {
+                id: id.clone(),
+                payload: payload.to_vec(),
+            });
+            id
+        };
+        q.notify.notify_one();
+        Ok(id)
+    }
+
+    async fn queue_len(&self, queue: &str) -> StateResult<u64> {
+        let q = self.queue(queue);
+        let inner = lock(&q);
+        Ok((inner.ready.len() + inner.pending.len()) as u64)
+    }
+
+    async fn consumer(&self, queue: &str, name: &str) -> StateResult<Box<dyn QueueConsumer>> {
+        Ok(Box::new(MemoryConsumer {
+            queue: self.queue(queue),
+            name: name.to_owned(),
+        }))
+    }
+}
+
+struct MemoryConsumer {
+    queue: Arc<Queue>,
+    name: String,
+}
+
+impl MemoryConsumer {
+    fn take_ready(&self, max: usize) -> Vec<Job> {
+        let mut inner = lock(&self.queue);
+        let n = max.min(inner.ready.len());
+        let jobs: Vec<Job> = inner.ready.drain(..n).collect();
+        let now = Instant::now();
+        for job in &jobs {
+            inner
+                .pending
+                .insert(job.id.clone(), (job.clone(), self.name.clone(), now));
+        }
+        jobs
+    }
+}
+
+#[async_trait]
+impl QueueConsumer for MemoryConsumer {
+    async fn fetch(&mut self, max: usize, wait: Duration) -> StateResult<Vec<Job>> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let notified = self.queue.notify.notified();
+            let jobs = self.take_ready(max.max(1));
+            if !jobs.is_empty() {
+                // Wake a sibling in case more work is waiting.
+                if !lock(&self.queue).ready.is_empty() {
+                    self.queue.notify.notify_one();
+                }
+                return Ok(jobs);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(Vec::new());
+            }
+        }
+    }
+
+    async fn ack(&mut self, ids: &[String]) -> StateResult<()> {
+        let mut inner = lock(&self.queue);
+        for id in ids {
+            inner.pending.remove(id);
+        }
+        Ok(())
+    }
+
+    async fn reclaim(&mut self, min_idle: Duration, max: usize) -> StateResult<Vec<Job>> {
+        let now = Instant::now();
+        let mut inner = lock(&self.queue);
+        let mut stale: Vec<(String, Instant)> = inner
+            .pending
+            .iter()
+            .filter(|(_, (_, _, at))| now.saturating_duration_since(*at) >= min_idle)
+            .map(|(id, (_, _, at))| (id.clone(), *at))
+            .collect();
+        stale.sort_by_key(|(_, at)| *at);
+        stale.truncate(max);
+        let mut jobs = Vec::with_capacity(stale.len());
+        for (id, _) in stale {
+            if let Some(entry) = inner.pending.get_mut(&id) {
+                entry.1 = self.name.clone();
+                entry.2 = now;
+                jobs.push(entry.0.clone());
+            }
+        }
+        Ok(jobs)
+    }
+}

@@ -1,0 +1,278 @@
+//! Fast shared state: what every replica must see within milliseconds.
+//!
+//! Four primitives, one trait ([`SharedState`]), two backends chosen by
+//! `REDIS_URL` at run time:
+//!
+//! | primitive | in-process ([`MemoryState`]) | Redis ([`RedisState`]) |
+//! |---|---|---|
+//! | key/value with TTL | sharded hash map, lazy expiry | `SET PX`, `GETDEL`, `INCRBY` |
+//! | token bucket | per-key `f64` bucket under a lock | one Lua script, atomic |
+//! | pub/sub | `tokio::broadcast` | `PUBLISH` / `SUBSCRIBE` |
+//! | work queue | bounded queue with a pending list | a Stream + consumer group |
+//!
+//! ## Work-queue semantics (both backends)
+//! *At-least-once*: [`SharedState::enqueue`] returns only once the job is
+//! stored; a consumer [`fetch`](QueueConsumer::fetch)es jobs, which become
+//! *pending* against it until [`ack`](QueueConsumer::ack)ed. A consumer that
+//! dies leaves its jobs pending; any other consumer
+//! [`reclaim`](QueueConsumer::reclaim)s those idle longer than a threshold.
+//! Handlers must therefore be idempotent (heartbeats are, per device+seq).
+//! The queue is bounded: when full, `enqueue` fails with
+//! [`StateError::QueueFull`] and the caller answers 503 — a job is never
+//! accepted and then dropped.
+//!
+//! Keys are the logical names from [`keys`]; the Redis backend prepends the
+//! configured prefix, so deployments (and parallel tests) never collide.
+
+pub mod keys;
+mod memory;
+mod redis;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+
+pub use self::memory::MemoryState;
+pub use self::redis::RedisState;
+
+/// What can go wrong in shared state.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The backend cannot be reached or answered with an error.
+    #[error("shared state unavailable: {0}")]
+    Unavailable(String),
+    /// The work queue is at capacity; nothing was enqueued.
+    #[error("queue {0} is full")]
+    QueueFull(String),
+    /// A stored value could not be decoded.
+    #[error("corrupt value: {0}")]
+    Corrupt(String),
+}
+
+/// Result of a shared-state call.
+pub type StateResult<T> = Result<T, StateError>;
+
+/// The verdict of one token-bucket take.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BucketDecision {
+    /// Whether the tokens were taken.
+    pub allowed: bool,
+    /// The bucket's capacity.
+    pub limit: u32,
+    /// Whole tokens left after this take.
+    pub remaining: u32,
+    /// Time until the bucket is full again.
+    pub reset_after: Duration,
+    /// When refused: time until `cost` tokens are available. Zero when allowed.
+    pub retry_after: Duration,
+}
+
+/// A job taken from a work queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    /// Backend-assigned id, used to ack.
+    pub id: String,
+    /// The payload as enqueued.
+    pub payload: Vec<u8>,
+}
+
+/// A stream of messages from one pub/sub channel. Dropping it unsubscribes.
+pub type Subscription = mpsc::Receiver<Vec<u8>>;
+
+/// One consumer of a work queue. Each worker task owns one (on Redis, with its
+/// own connection, since a blocking read occupies a connection).
+#[async_trait]
+pub trait QueueConsumer: Send {
+    /// Up to `max` new jobs, waiting at most `wait` for the first.
+    async fn fetch(&mut self, max: usize, wait: Duration) -> StateResult<Vec<Job>>;
+    /// Marks jobs done; they are never delivered again.
+    async fn ack(&mut self, ids: &[String]) -> StateResult<()>;
+    /// Takes over up to `max` jobs pending (on any consumer) for at least `min_idle`.
+    async fn reclaim(&mut self, min_idle: Duration, max: usize) -> StateResult<Vec<Job>>;
+}
+
+/// Fast shared state: key/value with TTL, token buckets, pub/sub and work queues.
+#[async_trait]
+pub trait SharedState: Send + Sync + 'static {
+    /// `memory` or `redis`.
+    fn backend(&self) -> &'static str;
+
+    /// Cheap liveness check used by `/health/ready`.
+    async fn ping(&self) -> StateResult<()>;
+
+    /// The value at `key`, if present and not expired.
+    async fn get(&self, key: &str) -> StateResult<Option<Vec<u8>>>;
+    /// Sets `key`, replacing any value; `ttl` of `None` keeps it until deleted.
+    async fn set(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StateResult<()>;
+    /// Sets `key` only if absent; true when this call set it.
+    async fn set_nx(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StateResult<bool>;
+    /// Removes and returns the value (a single-use read, e.g. a nonce).
+    async fn take(&self, key: &str) -> StateResult<Option<Vec<u8>>>;
+    /// Removes `key`; true when it existed.
+    async fn delete(&self, key: &str) -> StateResult<bool>;
+    /// Adds `by` to the integer at `key` (0 if absent) and returns the new
+    /// value; a key created by this call expires after `ttl`.
+    async fn incr(&self, key: &str, by: i64, ttl: Duration) -> StateResult<i64>;
+    /// Time left before `key` expires; `None` when absent or without TTL.
+    async fn ttl(&self, key: &str) -> StateResult<Option<Duration>>;
+
+    /// Takes `cost` tokens from the bucket at `key` (capacity `capacity`,
+    /// refilled continuously at `capacity` per `period`). Atomic across replicas.
+    async fn take_tokens(
+        &self,
+        key: &str,
+        capacity: u32,
+        period: Duration,
+        cost: u32,
+    ) -> StateResult<BucketDecision>;
+
+    /// Publishes `payload` on `channel` to every subscriber on every replica.
+    async fn publish(&self, channel: &str, payload: &[u8]) -> StateResult<()>;
+    /// Subscribes to `channel`; messages published after this returns are delivered.
+    async fn subscribe(&self, channel: &str) -> StateResult<Subscription>;
+
+    /// Appends a job to `queue`; fails with [`StateError::QueueFull`] at capacity.
+    async fn enqueue(&self, queue: &str, payload: &[u8]) -> StateResult<String>;
+    /// Jobs waiting or pending in `queue` (its backlog).
+    async fn queue_len(&self, queue: &str) -> StateResult<u64>;
+    /// A consumer named `name` for `queue` (names must be unique per process).
+    async fn consumer(&self, queue: &str, name: &str) -> StateResult<Box<dyn QueueConsumer>>;
+}
+
+/// The token-bucket arithmetic shared by the in-process backend and the
+/// documentation of the Lua script: refill, then take.
+///
+/// `tokens` is the level after refilling for `elapsed`; returns the new level
+/// and the decision.
+pub fn bucket_step(
+    tokens: f64,
+    elapsed: Duration,
+    capacity: u32,
+    period: Duration,
+    cost: u32,
+) -> (f64, BucketDecision) {
+    let cap = f64::from(capacity);
+    let rate = cap / period.as_secs_f64().max(f64::MIN_POSITIVE); // tokens per second
+    let mut level = (tokens + elapsed.as_secs_f64() * rate).min(cap);
+    let cost_f = f64::from(cost);
+    let allowed = level >= cost_f;
+    if allowed {
+        level -= cost_f;
+    }
+    let secs = |tokens: f64| Duration::from_secs_f64((tokens / rate).max(0.0));
+    let decision = BucketDecision {
+        allowed,
+        limit: capacity,
+        remaining: level.floor().clamp(0.0, cap) as u32,
+        reset_after: secs(cap - level),
+        retry_after: if allowed {
+            Duration::ZERO
+        } else {
+            secs(cost_f - level)
+        },
+    };
+    (level, decision)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const MINUTE: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn a_full_bucket_allows_exactly_capacity_takes() {
+        let mut level = 120.0;
+        let mut allowed = 0;
+        for _ in 0..200 {
+            let (next, d) = bucket_step(level, Duration::ZERO, 120, MINUTE, 1);
+            level = next;
+            allowed += u32::from(d.allowed);
+        }
+        assert_eq!(allowed, 120);
+    }
+
+    #[test]
+    fn an_empty_bucket_refills_continuously() {
+        // 120/min = 2 per second: after 500 ms exactly one token.
+        let (level, d) = bucket_step(0.0, Duration::from_millis(500), 120, MINUTE, 1);
+        assert!(d.allowed);
+        assert!(level.abs() < 1e-9);
+        let (_, refused) = bucket_step(level, Duration::from_millis(100), 120, MINUTE, 1);
+        assert!(!refused.allowed);
+        assert_eq!(refused.retry_after.as_millis(), 400);
+    }
+
+    proptest! {
+        #[test]
+        fn level_stays_within_bounds(
+            start in 0.0f64..2000.0,
+            elapsed_ms in 0u64..600_000,
+            capacity in 1u32..2000,
+            cost in 1u32..10,
+        ) {
+            let start = start.min(f64::from(capacity));
+            let (level, d) = bucket_step(start, Duration::from_millis(elapsed_ms), capacity, MINUTE, cost);
+            prop_assert!(level >= 0.0);
+            prop_assert!(level <= f64::from(capacity));
+            prop_assert!(d.remaining <= capacity);
+            prop_assert_eq!(d.limit, capacity);
+            if d.allowed { prop_assert_eq!(d.retry_after, Duration::ZERO); }
+            else { prop_assert!(d.retry_after > Duration::ZERO); }
+        }
+
+        #[test]
+        fn never_more_than_capacity_plus_refill(
+            capacity in 1u32..500,
+            steps in proptest::collection::vec(0u64..2_000, 1..200),
+        ) {
+            // Over any run of takes, allowed ≤ capacity + tokens refilled in the elapsed time.
+            let mut level = f64::from(capacity);
+            let mut allowed = 0u64;
+            let mut total_ms = 0u64;
+            for ms in steps {
+                total_ms += ms;
+                let (next, d) = bucket_step(level, Duration::from_millis(ms), capacity, MINUTE, 1);
+                level = next;
+                allowed += u64::from(d.allowed);
+            }
+            let refill = f64::from(capacity) * total_ms as f64 / 60_000.0;
+            prop_assert!(allowed as f64 <= f64::from(capacity) + refill + 1e-6);
+        }
+    }
+}
+
+/// Opens the shared state the configuration names: Redis when `REDIS_URL` is
+/// set, in-process otherwise.
+pub async fn connect(
+    config: &crate::config::Config,
+) -> Result<std::sync::Arc<dyn SharedState>, ConnectError> {
+    use secrecy::ExposeSecret;
+    match &config.redis_url {
+        None => Ok(std::sync::Arc::new(MemoryState::new(config.queue_capacity))),
+        Some(url) => RedisState::connect(
+            url.expose_secret(),
+            &config.redis_prefix,
+            config.queue_capacity,
+            config.connect_timeout,
+        )
+        .await
+        .map(|s| std::sync::Arc::new(s) as std::sync::Arc<dyn SharedState>)
+        .map_err(|e| ConnectError {
+            target: crate::config::redact_url(url.expose_secret()),
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// Redis could not be reached at start.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot reach Redis at {target}: {reason}")]
+pub struct ConnectError {
+    /// The redacted URL.
+    pub target: String,
+    /// Why, in one line.
+    pub reason: String,
+}

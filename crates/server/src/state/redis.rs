@@ -1,0 +1,454 @@
+//! Shared state on Redis, for production (several replicas and workers).
+//!
+//! * Ordinary commands go over one multiplexed, auto-reconnecting
+//!   [`ConnectionManager`].
+//! * The token bucket is one Lua script: read, refill, take and write happen
+//!   atomically inside Redis, using Redis's own clock, so replicas with skewed
+//!   clocks still share one exact bucket.
+//! * Each subscription holds its own pub/sub connection and resubscribes after
+//!   a connection loss (messages published during the gap are missed; the
+//!   kill-switch recovers them from its per-device history).
+//! * Work queues are Streams read through the consumer group
+//!   [`CONSUMER_GROUP`]. Entries are `XACK`ed and `XDEL`eted together once
+//!   handled, so the stream's length is the backlog; a consumer that dies
+//!   leaves entries in the group's pending list, where `XAUTOCLAIM` finds them.
+//!   Each consumer has its own connection, because `XREADGROUP BLOCK` holds
+//!   the connection it runs on.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use redis::{
+    aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection},
+    streams::{StreamAutoClaimReply, StreamId, StreamReadReply},
+    AsyncConnectionConfig, Client, RedisError, Script,
+};
+use tokio::sync::mpsc;
+
+use super::{
+    BucketDecision, Job, QueueConsumer, SharedState, StateError, StateResult, Subscription,
+};
+
+/// The consumer group every worker joins.
+pub const CONSUMER_GROUP: &str = "blockremote-workers";
+const CHANNEL_CAPACITY: usize = 1024;
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
+const MAX_BLOCK: Duration = Duration::from_secs(10);
+
+/// Atomic token bucket. KEYS[1] = bucket; ARGV = capacity, period (ms), cost.
+/// Returns {allowed, whole tokens left, ms until full, ms until `cost` available}.
+const TOKEN_BUCKET_LUA: &str = r"
+local capacity = tonumber(ARGV[1])
+local rate = capacity / tonumber(ARGV[2])
+local cost = tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens = tonumber(state[1])
+local at = tonumber(state[2])
+if tokens == nil or at == nil then
+  tokens = capacity
+  at = now
+end
+local elapsed = now - at
+if elapsed < 0 then elapsed = 0 end
+tokens = math.min(capacity, tokens + elapsed * rate)
+local allowed = 0
+local retry = 0
+if tokens >= cost then
+  tokens = tokens - cost
+  allowed = 1
+else
+  retry = math.ceil((cost - tokens) / rate)
+end
+local reset = math.ceil((capacity - tokens) / rate)
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'at', string.format('%.17g', now))
+redis.call('PEXPIRE', KEYS[1], reset + 1000)
+return {allowed, math.floor(tokens), reset, retry}
+";
+
+/// Bounded enqueue. KEYS[1] = stream; ARGV = capacity, payload.
+const ENQUEUE_LUA: &str = r"
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then
+  return false
+end
+return redis.call('XADD', KEYS[1], '*', 'p', ARGV[2])
+";
+
+/// `INCRBY` that sets the TTL only on the call that creates the key.
+const INCR_LUA: &str = r"
+local v = redis.call('INCRBY', KEYS[1], ARGV[1])
+if v == tonumber(ARGV[1]) and redis.call('PTTL', KEYS[1]) < 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return v
+";
+
+fn unavailable(err: RedisError) -> StateError {
+    StateError::Unavailable(err.to_string())
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+/// Redis implementation of [`SharedState`].
+pub struct RedisState {
+    client: Client,
+    conn: ConnectionManager,
+    prefix: String,
+    queue_capacity: usize,
+    token_bucket: Script,
+    enqueue: Script,
+    incr: Script,
+}
+
+impl RedisState {
+    /// Connects to `url`; every key is stored under `prefix`.
+    pub async fn connect(
+        url: &str,
+        prefix: &str,
+        queue_capacity: usize,
+        timeout: Duration,
+    ) -> StateResult<Self> {
+        let client = Client::open(url).map_err(unavailable)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(timeout)
+            .set_response_timeout(RESPONSE_TIMEOUT)
+            .set_number_of_retries(1);
+        let conn = tokio::time::timeout(
+            timeout,
+            ConnectionManager::new_with_config(client.clone(), config),
+        )
+        .await
+        .map_err(|_| StateError::Unavailable(format!("no answer within {} s", timeout.as_secs())))?
+        .map_err(unavailable)?;
+        Ok(Self {
+            client,
+            conn,
+            prefix: prefix.to_owned(),
+            queue_capacity: queue_capacity.max(1),
+            token_bucket: Script::new(TOKEN_BUCKET_LUA),
+            enqueue: Script::new(ENQUEUE_LUA),
+            incr: Script::new(INCR_LUA),
+        })
+    }
+
+    fn key(&self, key: &str) -> String {
+        format!("{}{}", self.prefix, key)
+    }
+
+    async fn dedicated_connection(&self) -> StateResult<MultiplexedConnection> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(RESPONSE_TIMEOUT)
+            .set_response_timeout(MAX_BLOCK + RESPONSE_TIMEOUT);
+        self.client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(unavailable)
+    }
+}
+
+fn ttl_millis(ttl: Option<Duration>) -> Option<u64> {
+    ttl.map(millis)
+}
+
+#[async_trait]
+impl SharedState for RedisState {
+    fn backend(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn ping(&self) -> StateResult<()> {
+        let mut conn = self.conn.clone();
+        let _: String = redis::cmd("PING")
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn get(&self, key: &str) -> StateResult<Option<Vec<u8>>> {
+        let mut conn = self.conn.clone();
+        redis::cmd("GET")
+            .arg(self.key(key))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn set(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StateResult<()> {
+        let mut conn = self.conn.clone();
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.key(key)).arg(value);
+        if let Some(ms) = ttl_millis(ttl) {
+            cmd.arg("PX").arg(ms);
+        }
+        cmd.query_async::<()>(&mut conn).await.map_err(unavailable)
+    }
+
+    async fn set_nx(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StateResult<bool> {
+        let mut conn = self.conn.clone();
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.key(key)).arg(value).arg("NX");
+        if let Some(ms) = ttl_millis(ttl) {
+            cmd.arg("PX").arg(ms);
+        }
+        let reply: Option<String> = cmd.query_async(&mut conn).await.map_err(unavailable)?;
+        Ok(reply.is_some())
+    }
+
+    async fn take(&self, key: &str) -> StateResult<Option<Vec<u8>>> {
+        let mut conn = self.conn.clone();
+        redis::cmd("GETDEL")
+            .arg(self.key(key))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn delete(&self, key: &str) -> StateResult<bool> {
+        let mut conn = self.conn.clone();
+        let n: u64 = redis::cmd("DEL")
+            .arg(self.key(key))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(n > 0)
+    }
+
+    async fn incr(&self, key: &str, by: i64, ttl: Duration) -> StateResult<i64> {
+        let mut conn = self.conn.clone();
+        self.incr
+            .key(self.key(key))
+            .arg(by)
+            .arg(millis(ttl))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| match e.kind() {
+                redis::ErrorKind::ResponseError | redis::ErrorKind::ExtensionError => {
+                    StateError::Corrupt(format!("{key} is not an integer"))
+                }
+                _ => unavailable(e),
+            })
+    }
+
+    async fn ttl(&self, key: &str) -> StateResult<Option<Duration>> {
+        let mut conn = self.conn.clone();
+        let ms: i64 = redis::cmd("PTTL")
+            .arg(self.key(key))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(u64::try_from(ms).ok().map(Duration::from_millis))
+    }
+
+    async fn take_tokens(
+        &self,
+        key: &str,
+        capacity: u32,
+        period: Duration,
+        cost: u32,
+    ) -> StateResult<BucketDecision> {
+        let mut conn = self.conn.clone();
+        let (allowed, remaining, reset_ms, retry_ms): (i64, i64, u64, u64) = self
+            .token_bucket
+            .key(self.key(key))
+            .arg(capacity)
+            .arg(millis(period))
+            .arg(cost)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(BucketDecision {
+            allowed: allowed == 1,
+            limit: capacity,
+            remaining: u32::try_from(remaining.max(0)).unwrap_or(capacity),
+            reset_after: Duration::from_millis(reset_ms),
+            retry_after: Duration::from_millis(retry_ms),
+        })
+    }
+
+    async fn publish(&self, channel: &str, payload: &[u8]) -> StateResult<()> {
+        let mut conn = self.conn.clone();
+        redis::cmd("PUBLISH")
+            .arg(self.key(channel))
+            .arg(payload)
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn subscribe(&self, channel: &str) -> StateResult<Subscription> {
+        let channel = self.key(channel);
+        let client = self.client.clone();
+        let open = |client: Client, channel: String| async move {
+            let mut pubsub = tokio::time::timeout(RESPONSE_TIMEOUT, client.get_async_pubsub())
+                .await
+                .map_err(|_| StateError::Unavailable("pub/sub connect timed out".into()))?
+                .map_err(unavailable)?;
+            pubsub.subscribe(&channel).await.map_err(unavailable)?;
+            Ok::<_, StateError>(pubsub.into_on_message())
+        };
+        // The first subscription happens before returning, so that a message
+        // published after `subscribe` returns is guaranteed to arrive.
+        let mut messages = open(client.clone(), channel.clone()).await?;
+        let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(50);
+            loop {
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    message = messages.next() => match message {
+                        Some(msg) => {
+                            backoff = Duration::from_millis(50);
+                            if tx.send(msg.get_payload_bytes().to_vec()).await.is_err() {
+                                return;
+                            }
+                        }
+                        None => {
+                            tracing::warn!(channel, "pub/sub connection lost; resubscribing");
+                            loop {
+                                tokio::select! {
+                                    _ = tx.closed() => return,
+                                    _ = tokio::time::sleep(backoff) => {}
+                                }
+                                match open(client.clone(), channel.clone()).await {
+                                    Ok(stream) => { messages = stream; break; }
+                                    Err(e) => {
+                                        tracing::warn!(channel, error = %e, "resubscribe failed");
+                                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                                    }
+                                }
+                            }
+                        }
+                    },
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    async fn enqueue(&self, queue: &str, payload: &[u8]) -> StateResult<String> {
+        let mut conn = self.conn.clone();
+        let id: Option<String> = self
+            .enqueue
+            .key(self.key(queue))
+            .arg(self.queue_capacity)
+            .arg(payload)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        id.ok_or_else(|| StateError::QueueFull(queue.to_owned()))
+    }
+
+    async fn queue_len(&self, queue: &str) -> StateResult<u64> {
+        let mut conn = self.conn.clone();
+        redis::cmd("XLEN")
+            .arg(self.key(queue))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn consumer(&self, queue: &str, name: &str) -> StateResult<Box<dyn QueueConsumer>> {
+        let key = self.key(queue);
+        let mut conn = self.conn.clone();
+        // Start from the beginning of the stream ("0"), not "$": entries
+        // enqueued before the first worker ever started must still be handled.
+        let created: Result<(), RedisError> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&key)
+            .arg(CONSUMER_GROUP)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await;
+        match created {
+            Ok(()) => {}
+            Err(e) if e.code() == Some("BUSYGROUP") => {}
+            Err(e) => return Err(unavailable(e)),
+        }
+        Ok(Box::new(RedisConsumer {
+            conn: self.dedicated_connection().await?,
+            key,
+            name: name.to_owned(),
+        }))
+    }
+}
+
+struct RedisConsumer {
+    conn: MultiplexedConnection,
+    key: String,
+    name: String,
+}
+
+fn job_of(entry: StreamId) -> Option<Job> {
+    let payload: Vec<u8> = entry.get("p")?;
+    Some(Job {
+        id: entry.id,
+        payload,
+    })
+}
+
+#[async_trait]
+impl QueueConsumer for RedisConsumer {
+    async fn fetch(&mut self, max: usize, wait: Duration) -> StateResult<Vec<Job>> {
+        let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(CONSUMER_GROUP)
+            .arg(&self.name)
+            .arg("COUNT")
+            .arg(max.max(1))
+            .arg("BLOCK")
+            .arg(millis(wait.min(MAX_BLOCK)))
+            .arg("STREAMS")
+            .arg(&self.key)
+            .arg(">")
+            .query_async(&mut self.conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(reply
+            .into_iter()
+            .flat_map(|r| r.keys)
+            .flat_map(|k| k.ids)
+            .filter_map(job_of)
+            .collect())
+    }
+
+    async fn ack(&mut self, ids: &[String]) -> StateResult<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        redis::pipe()
+            .atomic()
+            .cmd("XACK")
+            .arg(&self.key)
+            .arg(CONSUMER_GROUP)
+            .arg(ids)
+            .ignore()
+            .cmd("XDEL")
+            .arg(&self.key)
+            .arg(ids)
+            .ignore()
+            .query_async::<()>(&mut self.conn)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn reclaim(&mut self, min_idle: Duration, max: usize) -> StateResult<Vec<Job>> {
+        let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+            .arg(&self.key)
+            .arg(CONSUMER_GROUP)
+            .arg(&self.name)
+            .arg(millis(min_idle))
+            .arg("0-0")
+            .arg("COUNT")
+            .arg(max.max(1))
+            .query_async(&mut self.conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(reply.claimed.into_iter().filter_map(job_of).collect())
+    }
+}

@@ -1,0 +1,286 @@
+//! The durable store: the truth that must survive a restart.
+//!
+//! Users, devices, refresh families, subscriptions, billing events, firewall
+//! rules and decisions, business events and the audit trail live here. The
+//! [`Store`] trait is what the rest of the server sees; [`connect`] picks the
+//! backend from the URL scheme at run time (`sqlite://` for the embedded
+//! default, `postgres://` for production), so no business code ever branches
+//! on the backend.
+//!
+//! Each dialect has its own migrations (`migrations/sqlite`,
+//! `migrations/postgres`), embedded in the binary. Both must pass the same
+//! conformance story (`tests/api/store_conformance.rs`).
+
+mod postgres;
+mod sqlite;
+
+use std::{sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use secrecy::ExposeSecret;
+use serde::Serialize;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+pub use postgres::PostgresStore;
+pub use sqlite::SqliteStore;
+
+use crate::config::DatabaseConfig;
+
+/// What can go wrong in the store, small enough for callers to match on.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The row asked for does not exist.
+    #[error("not found")]
+    NotFound,
+    /// A unique or check constraint refused the write; the constraint is named
+    /// so that one place (the HTTP layer) can map it to 409 or 422.
+    #[error("constraint violated: {constraint}")]
+    Conflict {
+        /// The constraint's name (or a description where the driver gives none).
+        constraint: String,
+    },
+    /// The database cannot be reached (connection refused, pool timed out).
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    /// Migrations could not be applied.
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// Anything else.
+    #[error("database error: {0}")]
+    Other(#[source] sqlx::Error),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(err: sqlx::Error) -> Self {
+        match err {
+            sqlx::Error::RowNotFound => Self::NotFound,
+            sqlx::Error::Database(ref db)
+                if db.is_unique_violation() || db.is_check_violation() =>
+            {
+                Self::Conflict {
+                    constraint: db
+                        .constraint()
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| db.message().to_owned()),
+                }
+            }
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_) => Self::Unavailable(err),
+            other => Self::Other(other),
+        }
+    }
+}
+
+/// Result of a store call.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A billing plan and the limits it grants.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct Plan {
+    /// `trial`, `paid_basic`, `paid`, …
+    pub name: String,
+    /// Token-bucket capacity and refill per minute.
+    pub rate_limit_per_minute: u32,
+    /// Sliding refresh-token lifetime.
+    pub refresh_ttl_seconds: u32,
+}
+
+/// Where an audited action came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditSource {
+    /// An HTTP request.
+    Http,
+    /// A WebSocket connection.
+    Ws,
+    /// A gRPC call.
+    Grpc,
+    /// A background worker.
+    Worker,
+}
+
+impl AuditSource {
+    /// The stored text.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http => "http",
+            Self::Ws => "ws",
+            Self::Grpc => "grpc",
+            Self::Worker => "worker",
+        }
+    }
+
+    /// Parses the stored text.
+    pub fn parse(raw: &str) -> Option<Self> {
+        Some(match raw {
+            "http" => Self::Http,
+            "ws" => Self::Ws,
+            "grpc" => Self::Grpc,
+            "worker" => Self::Worker,
+            _ => return None,
+        })
+    }
+}
+
+/// An audit row to append. `ip` must already be anonymized (a /24 or /48 prefix).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewAuditEntry {
+    /// The user concerned.
+    pub user_id: Option<Uuid>,
+    /// The device concerned.
+    pub device_id: Option<String>,
+    /// The token id involved.
+    pub jti: Option<String>,
+    /// Anonymized client IP prefix.
+    pub ip: Option<String>,
+    /// Client user agent.
+    pub user_agent: Option<String>,
+    /// Where the action came from.
+    pub source: AuditSource,
+    /// Threat score at the time of the decision.
+    pub threat_score: Option<f64>,
+    /// Stable reason code(s).
+    pub decision_reason: Option<String>,
+    /// The device's attestation state at the time.
+    pub attestation_state: Option<String>,
+    /// What was done.
+    pub action_taken: String,
+}
+
+/// A stored audit row.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct AuditEntry {
+    /// Row id (UUID v7, time-ordered).
+    pub id: Uuid,
+    /// The user concerned.
+    pub user_id: Option<Uuid>,
+    /// The device concerned.
+    pub device_id: Option<String>,
+    /// The token id involved.
+    pub jti: Option<String>,
+    /// Anonymized client IP prefix.
+    pub ip: Option<String>,
+    /// Client user agent.
+    pub user_agent: Option<String>,
+    /// Where the action came from.
+    pub source: AuditSource,
+    /// Threat score at the time of the decision.
+    pub threat_score: Option<f64>,
+    /// Stable reason code(s).
+    pub decision_reason: Option<String>,
+    /// The device's attestation state at the time.
+    pub attestation_state: Option<String>,
+    /// What was done.
+    pub action_taken: String,
+    /// When the row was written (UTC, microsecond precision).
+    pub created_at: DateTime<Utc>,
+}
+
+impl AuditEntry {
+    fn from_new(entry: NewAuditEntry, id: Uuid, created_at: DateTime<Utc>) -> Self {
+        Self {
+            id,
+            user_id: entry.user_id,
+            device_id: entry.device_id,
+            jti: entry.jti,
+            ip: entry.ip,
+            user_agent: entry.user_agent,
+            source: entry.source,
+            threat_score: entry.threat_score,
+            decision_reason: entry.decision_reason,
+            attestation_state: entry.attestation_state,
+            action_taken: entry.action_taken,
+            created_at,
+        }
+    }
+}
+
+/// The current time, truncated to the microsecond precision both dialects keep.
+pub fn now_micros() -> DateTime<Utc> {
+    let now = Utc::now();
+    DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now)
+}
+
+/// The durable store. Every method is one transaction (or one statement).
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// `sqlite` or `postgres`.
+    fn backend(&self) -> &'static str;
+
+    /// Cheap liveness check used by `/health/ready`.
+    async fn ping(&self) -> StoreResult<()>;
+
+    /// Applies every embedded migration not yet applied. Idempotent; safe to
+    /// run from several replicas at once (PostgreSQL takes an advisory lock).
+    async fn migrate(&self) -> StoreResult<()>;
+
+    /// Every plan, ordered by rate limit.
+    async fn plans(&self) -> StoreResult<Vec<Plan>>;
+
+    /// Appends a row to the audit trail.
+    async fn append_audit(&self, entry: NewAuditEntry) -> StoreResult<AuditEntry>;
+
+    /// The newest audit rows about `user_id`, newest first.
+    async fn audit_for_user(&self, user_id: Uuid, limit: u32) -> StoreResult<Vec<AuditEntry>>;
+
+    /// Closes the pool, waiting for checked-out connections to be returned.
+    async fn close(&self);
+}
+
+/// Opens the store the configuration names, waiting at most `timeout` for it.
+///
+/// An unreachable database is an error with a one-line message that names the
+/// backend and the redacted URL; it is never a panic.
+pub async fn connect(
+    config: &DatabaseConfig,
+    max_connections: u32,
+    timeout: Duration,
+) -> Result<Arc<dyn Store>, ConnectError> {
+    let attempt = async {
+        Ok::<Arc<dyn Store>, StoreError>(match config {
+            DatabaseConfig::Sqlite { url } => {
+                Arc::new(SqliteStore::connect(url.expose_secret(), max_connections, timeout).await?)
+            }
+            DatabaseConfig::Postgres { url } => Arc::new(
+                PostgresStore::connect(url.expose_secret(), max_connections, timeout).await?,
+            ),
+        })
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(Ok(store)) => Ok(store),
+        Ok(Err(err)) => Err(ConnectError {
+            target: config.redacted_url(),
+            reason: reason_of(&err),
+        }),
+        Err(_) => Err(ConnectError {
+            target: config.redacted_url(),
+            reason: format!("no answer within {} s", timeout.as_secs()),
+        }),
+    }
+}
+
+fn reason_of(err: &StoreError) -> String {
+    match err {
+        StoreError::Unavailable(inner) | StoreError::Other(inner) => match inner {
+            sqlx::Error::Io(io) => io.to_string(),
+            sqlx::Error::Database(db) => db.message().to_owned(),
+            sqlx::Error::PoolTimedOut => "timed out".to_owned(),
+            other => other.to_string(),
+        },
+        other => other.to_string(),
+    }
+}
+
+/// The database could not be opened at start.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot reach the database at {target}: {reason}")]
+pub struct ConnectError {
+    /// The redacted URL.
+    pub target: String,
+    /// Why, in one line.
+    pub reason: String,
+}

@@ -1,0 +1,170 @@
+//! Background workers: the consumers of the work queues.
+//!
+//! A [`WorkerPool`] runs one consumer task per (queue, slot). Each task loops:
+//! every [`RECLAIM_EVERY`] it takes over jobs left pending by a consumer that
+//! died (idle longer than [`WorkerOptions::reclaim_idle`]), then fetches new
+//! jobs, hands each to its [`JobHandler`] and acks those handled. A handler
+//! error leaves the job pending, so it is retried after the idle threshold —
+//! at-least-once, which is why handlers must be idempotent.
+//!
+//! On the embedded default the pool runs inside `serve`; in production it is
+//! the `blockremote worker` process. Shutdown is cooperative: a task finishes
+//! the batch in hand, then stops; unacked jobs stay pending for the next owner.
+
+use std::{sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::state::{Job, QueueConsumer, SharedState};
+
+/// How often a consumer looks for jobs abandoned by a dead consumer.
+pub const RECLAIM_EVERY: Duration = Duration::from_secs(5);
+
+/// Handles one job. Must be idempotent: a job can be delivered more than once.
+#[async_trait]
+pub trait JobHandler: Send + Sync + 'static {
+    /// Handles `job`; an error leaves it pending for a retry.
+    async fn handle(&self, job: &Job) -> anyhow::Result<()>;
+}
+
+/// Tuning of a worker pool.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// Consumer tasks per queue.
+    pub concurrency: usize,
+    /// Jobs fetched per round trip.
+    pub batch: usize,
+    /// How long a fetch waits for work before looping.
+    pub poll: Duration,
+    /// A pending job idle this long is presumed abandoned and reclaimed.
+    pub reclaim_idle: Duration,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        Self {
+            concurrency: 2,
+            batch: 64,
+            poll: Duration::from_secs(1),
+            reclaim_idle: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A set of queue consumers running until cancelled.
+pub struct WorkerPool {
+    tasks: JoinSet<()>,
+    shutdown: CancellationToken,
+}
+
+impl WorkerPool {
+    /// Starts `options.concurrency` consumers for each `(queue, handler)`.
+    /// Consumer names are `{instance}-{queue}-{n}`; `instance` must be unique
+    /// per process (a dead process's consumers are then reclaimed by name-blind
+    /// `XAUTOCLAIM`).
+    pub async fn start(
+        state: Arc<dyn SharedState>,
+        instance: &str,
+        handlers: Vec<(String, Arc<dyn JobHandler>)>,
+        options: WorkerOptions,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Self> {
+        let mut tasks = JoinSet::new();
+        for (queue, handler) in handlers {
+            for n in 0..options.concurrency.max(1) {
+                let name = format!("{instance}-{queue}-{n}");
+                let consumer = state.consumer(&queue, &name).await?;
+                tasks.spawn(run_consumer(
+                    consumer,
+                    queue.clone(),
+                    name,
+                    handler.clone(),
+                    options.clone(),
+                    shutdown.clone(),
+                ));
+            }
+        }
+        tracing::info!(consumers = tasks.len(), "workers started");
+        Ok(Self { tasks, shutdown })
+    }
+
+    /// Number of consumer tasks.
+    pub fn len(&self) -> usize {
+        self.tasks.len()
+    }
+
+    /// True when no consumer runs (no handler registered).
+    pub fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+    }
+
+    /// Signals every consumer to stop and waits up to `grace` for them.
+    pub async fn stop(mut self, grace: Duration) {
+        self.shutdown.cancel();
+        let drained = tokio::time::timeout(grace, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("workers did not stop within the grace period; aborting");
+            self.tasks.abort_all();
+        }
+    }
+}
+
+#[tracing::instrument(skip_all, fields(queue = %queue, consumer = %name))]
+async fn run_consumer(
+    mut consumer: Box<dyn QueueConsumer>,
+    queue: String,
+    name: String,
+    handler: Arc<dyn JobHandler>,
+    options: WorkerOptions,
+    shutdown: CancellationToken,
+) {
+    let mut last_reclaim: Option<tokio::time::Instant> = None;
+    let mut backoff = Duration::from_millis(100);
+    while !shutdown.is_cancelled() {
+        let due = last_reclaim.is_none_or(|t| t.elapsed() >= RECLAIM_EVERY);
+        let batch = if due {
+            last_reclaim = Some(tokio::time::Instant::now());
+            consumer.reclaim(options.reclaim_idle, options.batch).await
+        } else {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                batch = consumer.fetch(options.batch, options.poll) => batch,
+            }
+        };
+        let jobs = match batch {
+            Ok(jobs) => {
+                backoff = Duration::from_millis(100);
+                jobs
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "queue read failed; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        let mut done = Vec::with_capacity(jobs.len());
+        for job in &jobs {
+            match handler.handle(job).await {
+                Ok(()) => done.push(job.id.clone()),
+                Err(e) => {
+                    tracing::warn!(job = %job.id, error = format!("{e:#}"), "job failed; left pending for retry")
+                }
+            }
+        }
+        if let Err(e) = consumer.ack(&done).await {
+            // Not fatal: the jobs stay pending and are reclaimed and handled
+            // again, which idempotent handlers tolerate.
+            tracing::warn!(error = %e, "ack failed");
+        }
+    }
+    tracing::debug!("consumer stopped");
+}

@@ -76,8 +76,16 @@ fn classify(err: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
         match inner.classify() {
             serde_json::error::Category::Data => {
                 let message = inner.to_string();
+                // serde_path_to_error already ends the path with an unknown
+                // field's name; a missing field's name must be appended.
                 let field = unknown_field_name(&message)
-                    .map(|name| join_path(&path, name))
+                    .map(|name| {
+                        if path == name || path.ends_with(&format!(".{name}")) {
+                            path.clone()
+                        } else {
+                            join_path(&path, name)
+                        }
+                    })
                     .or_else(|| missing_field_name(&message).map(|name| join_path(&path, name)))
                     .unwrap_or_else(|| if path == "." { "body".to_owned() } else { path });
                 ApiError::Validation {
@@ -182,7 +190,7 @@ mod tests {
         assert_eq!(field_of(err), "inner.y");
         let err = parse::<Body>(br#"{"name":"a","count":1,"inner":{"x":"s"}}"#).expect_err("type");
         assert_eq!(field_of(err), "inner.x");
-        let err = parse::<Body>(b"[1,2]").expect_err("not an object");
+        let err = parse::<Body>(br#""just a string""#).expect_err("not an object");
         assert_eq!(field_of(err), "body");
     }
 

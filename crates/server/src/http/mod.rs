@@ -71,7 +71,14 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 
 /// The complete application: routes, fallbacks and layers, bound to `state`.
 pub fn app(state: AppState) -> Router {
+    app_with(state, Router::new())
+}
+
+/// The application with `extra` routes behind the same layers (tests use it
+/// to exercise the conventions on routes the product does not have yet).
+pub fn app_with(state: AppState, extra: Router<AppState>) -> Router {
     let (router, doc) = routes();
+    let router = router.merge(extra);
     let config = state.config.clone();
     // `Router::layer` wraps what is already there, so the layers are added
     // innermost first; each converts its response with `IntoResponse`.
@@ -174,4 +181,238 @@ fn cors(config: &Config) -> Option<CorsLayer> {
             ])
             .max_age(Duration::from_secs(600)),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::Write,
+        sync::{Arc, Mutex},
+        time::Duration,
+    };
+
+    use axum::{body::Body, routing::post};
+    use http::Request;
+    use serde::Deserialize;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::{
+        state::MemoryState,
+        store::{SqliteStore, Store},
+        telemetry::Metrics,
+    };
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Greeting {
+        name: String,
+        times: u8,
+    }
+
+    async fn greet(json::Json(g): json::Json<Greeting>) -> String {
+        g.name.repeat(usize::from(g.times))
+    }
+
+    async fn explode() -> &'static str {
+        panic!("secret internals: password=hunter2")
+    }
+
+    async fn dawdle() -> &'static str {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        "late"
+    }
+
+    async fn test_app(dir: &std::path::Path) -> Router {
+        let mut config = Config::embedded_in(dir);
+        config.request_timeout = Duration::from_millis(200);
+        let store = SqliteStore::connect(
+            &format!("sqlite://{}", dir.join("t.db").display()),
+            2,
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("sqlite");
+        let state = AppState {
+            config: Arc::new(config),
+            store: Arc::new(store) as Arc<dyn Store>,
+            shared: Arc::new(MemoryState::new(10)),
+            metrics: Arc::new(Metrics::new()),
+        };
+        app_with(
+            state,
+            Router::new()
+                .route("/test/greet", post(greet))
+                .route("/test/explode", post(explode))
+                .route("/test/dawdle", post(dawdle)),
+        )
+    }
+
+    async fn call(app: Router, request: Request<Body>) -> (StatusCode, http::HeaderMap, String) {
+        let response = app.oneshot(request).await.expect("infallible");
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .expect("body");
+        (status, headers, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    fn post_json(path: &str, body: impl Into<Body>) -> Request<Body> {
+        Request::post(path)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(body.into())
+            .expect("request")
+    }
+
+    fn problem_code(status: StatusCode, headers: &http::HeaderMap, body: &str) -> String {
+        assert_eq!(
+            headers[header::CONTENT_TYPE],
+            "application/problem+json",
+            "{status} {body}"
+        );
+        let json: serde_json::Value = serde_json::from_str(body).expect("problem JSON");
+        assert_eq!(json["status"], status.as_u16());
+        assert_eq!(
+            json["request_id"],
+            headers["x-request-id"].to_str().expect("ascii")
+        );
+        json["code"].as_str().expect("code").to_owned()
+    }
+
+    #[tokio::test]
+    async fn json_bodies_are_validated_strictly() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = test_app(dir.path()).await;
+
+        let (status, _, body) = call(
+            app.clone(),
+            post_json("/test/greet", r#"{"name":"ab","times":2}"#),
+        )
+        .await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "abab"));
+
+        let (status, headers, body) = call(app.clone(), post_json("/test/greet", "{nope")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(problem_code(status, &headers, &body), "invalid_body");
+
+        let (status, headers, body) = call(
+            app.clone(),
+            post_json("/test/greet", r#"{"name":"ab","times":300}"#),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(problem_code(status, &headers, &body), "validation_failed");
+        let json: serde_json::Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(json["field"], "times");
+
+        let (status, headers, body) = call(
+            app.clone(),
+            post_json("/test/greet", r#"{"name":"ab","times":1,"admin":true}"#),
+        )
+        .await;
+        assert_eq!(problem_code(status, &headers, &body), "validation_failed");
+        assert!(body.contains(r#""field":"admin""#), "{body}");
+
+        let request = Request::post("/test/greet")
+            .header(header::CONTENT_TYPE, "text/plain")
+            .body(Body::from(r#"{"name":"ab","times":1}"#))
+            .expect("request");
+        let (status, headers, body) = call(app.clone(), request).await;
+        assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        assert_eq!(
+            problem_code(status, &headers, &body),
+            "unsupported_media_type"
+        );
+
+        // Over the limit, with and without a Content-Length the server can trust.
+        let big = format!(r#"{{"name":"{}","times":1}}"#, "a".repeat(json::BODY_LIMIT));
+        let (status, headers, body) =
+            call(app.clone(), post_json("/test/greet", big.clone())).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(problem_code(status, &headers, &body), "payload_too_large");
+        let stream = futures::stream::iter(
+            big.into_bytes()
+                .chunks(4096)
+                .map(|c| Ok::<_, std::io::Error>(bytes::Bytes::copy_from_slice(c)))
+                .collect::<Vec<_>>(),
+        );
+        let (status, headers, body) =
+            call(app, post_json("/test/greet", Body::from_stream(stream))).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(problem_code(status, &headers, &body), "payload_too_large");
+    }
+
+    #[tokio::test]
+    async fn a_panic_is_an_opaque_500() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = test_app(dir.path()).await;
+        let (status, headers, body) = call(app, post_json("/test/explode", "{}")).await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(problem_code(status, &headers, &body), "internal_error");
+        assert!(
+            !body.contains("hunter2") && !body.contains("secret"),
+            "{body}"
+        );
+        assert_eq!(headers["x-content-type-options"], "nosniff");
+    }
+
+    #[tokio::test]
+    async fn a_slow_request_times_out_with_503() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = test_app(dir.path()).await;
+        let (status, headers, body) = call(app, post_json("/test/dawdle", "{}")).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(problem_code(status, &headers, &body), "service_unavailable");
+    }
+
+    /// A log sink the test can read back.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("lock").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn traceparent_and_request_id_reach_the_request_span() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = test_app(dir.path()).await;
+        let sink = Captured::default();
+        let writer = sink.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_writer(move || writer.clone())
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let request = Request::get("/health/live")
+            .header(
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            )
+            .header("x-request-id", "trace-test-1")
+            .body(Body::empty())
+            .expect("request");
+        let (status, _, _) = call(app, request).await;
+        assert_eq!(status, StatusCode::OK);
+        let logs = String::from_utf8(sink.0.lock().expect("lock").clone()).expect("utf8");
+        let line = logs
+            .lines()
+            .find(|l| l.contains("request finished"))
+            .unwrap_or_else(|| panic!("no access log line in {logs}"));
+        let json: serde_json::Value = serde_json::from_str(line).expect("JSON log");
+        assert_eq!(json["span"]["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(json["span"]["parent_span_id"], "00f067aa0ba902b7");
+        assert_eq!(json["span"]["request_id"], "trace-test-1");
+        assert_eq!(json["span"]["route"], "/health/live");
+        assert_eq!(json["status"], 200);
+    }
 }

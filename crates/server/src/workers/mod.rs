@@ -1,7 +1,7 @@
 //! Background workers: the consumers of the work queues.
 //!
 //! A [`WorkerPool`] runs one consumer task per (queue, slot). Each task loops:
-//! every [`RECLAIM_EVERY`] it takes over jobs left pending by a consumer that
+//! every [`WorkerOptions::reclaim_every`] it takes over jobs left pending by a consumer that
 //! died (idle longer than [`WorkerOptions::reclaim_idle`]), then fetches new
 //! jobs, hands each to its [`JobHandler`] and acks those handled. A handler
 //! error leaves the job pending, so it is retried after the idle threshold —
@@ -18,9 +18,6 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::state::{Job, QueueConsumer, SharedState};
-
-/// How often a consumer looks for jobs abandoned by a dead consumer.
-pub const RECLAIM_EVERY: Duration = Duration::from_secs(5);
 
 /// Handles one job. Must be idempotent: a job can be delivered more than once.
 #[async_trait]
@@ -40,6 +37,8 @@ pub struct WorkerOptions {
     pub poll: Duration,
     /// A pending job idle this long is presumed abandoned and reclaimed.
     pub reclaim_idle: Duration,
+    /// How often each consumer looks for abandoned jobs.
+    pub reclaim_every: Duration,
 }
 
 impl Default for WorkerOptions {
@@ -49,6 +48,7 @@ impl Default for WorkerOptions {
             batch: 64,
             poll: Duration::from_secs(1),
             reclaim_idle: Duration::from_secs(30),
+            reclaim_every: Duration::from_secs(5),
         }
     }
 }
@@ -126,7 +126,7 @@ async fn run_consumer(
     let mut last_reclaim: Option<tokio::time::Instant> = None;
     let mut backoff = Duration::from_millis(100);
     while !shutdown.is_cancelled() {
-        let due = last_reclaim.is_none_or(|t| t.elapsed() >= RECLAIM_EVERY);
+        let due = last_reclaim.is_none_or(|t| t.elapsed() >= options.reclaim_every);
         let batch = if due {
             last_reclaim = Some(tokio::time::Instant::now());
             consumer.reclaim(options.reclaim_idle, options.batch).await

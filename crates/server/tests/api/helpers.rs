@@ -1,0 +1,404 @@
+//! Test harness: real servers on port 0, one fresh backend per test.
+//!
+//! `Backend::Embedded` is SQLite in a temp dir + in-process state.
+//! `Backend::Production` is a fresh PostgreSQL database (created for the test,
+//! dropped after) + a unique Redis key prefix (its keys deleted after), from
+//! `TEST_DATABASE_URL` / `TEST_REDIS_URL`. When those are unset the production
+//! variant is skipped — except under `CI=true`, where that is a failure.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use blockremote::{
+    app::{AppState, Application},
+    config::{Config, DatabaseConfig},
+    state::{MemoryState, RedisState, SharedState},
+    store::{PostgresStore, SqliteStore, Store},
+};
+use sqlx::{Connection, Executor};
+use tokio_util::sync::CancellationToken;
+
+/// Which pair of backends a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// SQLite + in-process state.
+    Embedded,
+    /// PostgreSQL + Redis.
+    Production,
+}
+
+/// Generates an `embedded` and a `production` test for each story function
+/// `async fn name(backend: Backend)`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn embedded() {
+                super::$name($crate::helpers::Backend::Embedded).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn production() {
+                super::$name($crate::helpers::Backend::Production).await
+            }
+        }
+    )*};
+}
+
+/// `(TEST_DATABASE_URL, TEST_REDIS_URL)`, or `None` to skip (never in CI).
+pub fn production_urls() -> Option<(String, String)> {
+    let db = std::env::var("TEST_DATABASE_URL")
+        .ok()
+        .filter(|v| !v.is_empty());
+    let redis = std::env::var("TEST_REDIS_URL")
+        .ok()
+        .filter(|v| !v.is_empty());
+    match (db, redis) {
+        (Some(db), Some(redis)) => Some((db, redis)),
+        _ if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("CI=true but TEST_DATABASE_URL / TEST_REDIS_URL are not both set")
+        }
+        _ => {
+            eprintln!("skipped: TEST_DATABASE_URL / TEST_REDIS_URL not set");
+            None
+        }
+    }
+}
+
+/// A PostgreSQL database created for one test and dropped afterwards.
+pub struct TestDatabase {
+    admin_url: String,
+    name: String,
+    /// URL of the fresh database.
+    pub url: String,
+}
+
+impl TestDatabase {
+    /// Creates `br_test_<uuid>` on the server of `admin_url`.
+    pub async fn create(admin_url: &str) -> Self {
+        let name = format!("br_test_{}", uuid::Uuid::new_v4().simple());
+        let mut conn = sqlx::PgConnection::connect(admin_url)
+            .await
+            .expect("connect to TEST_DATABASE_URL");
+        conn.execute(format!("CREATE DATABASE {name}").as_str())
+            .await
+            .expect("create test database");
+        conn.close().await.ok();
+        let mut url = url::Url::parse(admin_url).expect("TEST_DATABASE_URL is a URL");
+        url.set_path(&name);
+        Self {
+            admin_url: admin_url.to_owned(),
+            name,
+            url: url.to_string(),
+        }
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let admin = self.admin_url.clone();
+        let name = self.name.clone();
+        // Drop runs inside the test's runtime; use a thread with its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                if let Ok(mut conn) = sqlx::PgConnection::connect(&admin).await {
+                    let _ = conn
+                        .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// A unique Redis key prefix for one test; its keys are deleted afterwards.
+pub struct TestRedis {
+    /// The Redis URL.
+    pub url: String,
+    /// `test:<uuid>:`
+    pub prefix: String,
+}
+
+impl TestRedis {
+    /// A fresh prefix on `url`.
+    pub fn new(url: &str) -> Self {
+        Self {
+            url: url.to_owned(),
+            prefix: format!("test:{}:", uuid::Uuid::new_v4().simple()),
+        }
+    }
+}
+
+impl Drop for TestRedis {
+    fn drop(&mut self) {
+        let Ok(client) = redis::Client::open(self.url.as_str()) else {
+            return;
+        };
+        let Ok(mut conn) = client.get_connection() else {
+            return;
+        };
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}*", self.prefix))
+            .query(&mut conn)
+            .unwrap_or_default();
+        for key in keys {
+            let _: Result<(), _> = redis::cmd("DEL").arg(key).query(&mut conn);
+        }
+    }
+}
+
+/// Everything one test's backends need to stay alive.
+pub struct Backing {
+    /// A configuration pointing at this test's backends, listening on port 0.
+    pub config: Config,
+    /// Temp data dir (SQLite file, keys).
+    pub dir: tempfile::TempDir,
+    /// The fresh PostgreSQL database, on the production backend.
+    pub database: Option<TestDatabase>,
+    /// The Redis prefix, on the production backend.
+    pub redis: Option<TestRedis>,
+}
+
+impl Backing {
+    /// Fresh backends, or `None` when the production ones are not configured.
+    pub async fn new(backend: Backend) -> Option<Self> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = Config::embedded_in(dir.path());
+        config.connect_timeout = Duration::from_secs(5);
+        config.database_max_connections = 5;
+        match backend {
+            Backend::Embedded => Some(Self {
+                config,
+                dir,
+                database: None,
+                redis: None,
+            }),
+            Backend::Production => {
+                let (db_url, redis_url) = production_urls()?;
+                let database = TestDatabase::create(&db_url).await;
+                let redis = TestRedis::new(&redis_url);
+                config.database = DatabaseConfig::Postgres {
+                    url: database.url.clone().into(),
+                };
+                config.redis_url = Some(redis.url.clone().into());
+                config.redis_prefix = redis.prefix.clone();
+                Some(Self {
+                    config,
+                    dir,
+                    database: Some(database),
+                    redis: Some(redis),
+                })
+            }
+        }
+    }
+
+    /// The environment a `blockremote` child process needs for these backends.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        let mut env = vec![
+            (
+                "BLOCKREMOTE_DATA_DIR",
+                self.dir.path().display().to_string(),
+            ),
+            ("BLOCKREMOTE_LISTEN", "127.0.0.1:0".to_owned()),
+            ("BLOCKREMOTE_CONNECT_TIMEOUT_SECONDS", "5".to_owned()),
+        ];
+        if let Some(db) = &self.database {
+            env.push(("DATABASE_URL", db.url.clone()));
+        }
+        if let Some(redis) = &self.redis {
+            env.push(("REDIS_URL", redis.url.clone()));
+            env.push(("BLOCKREMOTE_REDIS_PREFIX", redis.prefix.clone()));
+        }
+        env
+    }
+}
+
+/// Direct SQL access past the store trait, for tests that must prove what
+/// the database itself refuses.
+pub enum RawSql {
+    /// SQLite pool.
+    Sqlite(sqlx::SqlitePool),
+    /// PostgreSQL pool.
+    Postgres(sqlx::PgPool),
+}
+
+impl RawSql {
+    /// Executes `sql`; the error's text on failure.
+    pub async fn execute(&self, sql: &str) -> Result<u64, String> {
+        match self {
+            Self::Sqlite(pool) => pool
+                .execute(sql)
+                .await
+                .map(|r| r.rows_affected())
+                .map_err(|e| e.to_string()),
+            Self::Postgres(pool) => pool
+                .execute(sql)
+                .await
+                .map(|r| r.rows_affected())
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// The first column of every row of `sql`, as text.
+    pub async fn strings(&self, sql: &str) -> Vec<String> {
+        match self {
+            Self::Sqlite(pool) => sqlx::query_scalar(sql).fetch_all(pool).await,
+            Self::Postgres(pool) => sqlx::query_scalar(sql).fetch_all(pool).await,
+        }
+        .expect("query")
+    }
+}
+
+/// A store on fresh backends, with raw SQL access to the same database.
+pub async fn store_for(backend: Backend) -> Option<(Arc<dyn Store>, RawSql, Backing)> {
+    let backing = Backing::new(backend).await?;
+    let timeout = Duration::from_secs(5);
+    let (store, raw): (Arc<dyn Store>, RawSql) = match backend {
+        Backend::Embedded => {
+            let url = format!("sqlite://{}", backing.dir.path().join("t.db").display());
+            let store = SqliteStore::connect(&url, 4, timeout)
+                .await
+                .expect("sqlite");
+            let raw = RawSql::Sqlite(store.pool().clone());
+            (Arc::new(store), raw)
+        }
+        Backend::Production => {
+            let url = &backing.database.as_ref().expect("database").url;
+            let store = PostgresStore::connect(url, 4, timeout)
+                .await
+                .expect("postgres");
+            let raw = RawSql::Postgres(store.pool().clone());
+            (Arc::new(store), raw)
+        }
+    };
+    Some((store, raw, backing))
+}
+
+/// Shared state on fresh backends; `queue_capacity` bounds every queue.
+pub async fn shared_for(
+    backend: Backend,
+    queue_capacity: usize,
+) -> Option<(Arc<dyn SharedState>, Backing)> {
+    let backing = Backing::new(backend).await?;
+    let state = second_shared(&backing, queue_capacity).await;
+    Some((state, backing))
+}
+
+/// Another handle on the same shared state — on Redis, a second "replica"
+/// with its own connections; in-process, a separate (unshared) instance.
+pub async fn second_shared(backing: &Backing, queue_capacity: usize) -> Arc<dyn SharedState> {
+    match &backing.redis {
+        None => Arc::new(MemoryState::new(queue_capacity)),
+        Some(redis) => Arc::new(
+            RedisState::connect(
+                &redis.url,
+                &redis.prefix,
+                queue_capacity,
+                Duration::from_secs(5),
+            )
+            .await
+            .expect("redis"),
+        ),
+    }
+}
+
+/// A real server on a free port.
+pub struct TestApp {
+    /// `http://127.0.0.1:<port>`
+    pub address: String,
+    /// The server's handles.
+    pub state: AppState,
+    /// An HTTP client that ignores proxy settings.
+    pub client: reqwest::Client,
+    stop: CancellationToken,
+    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    /// The backends (dropped after the server).
+    _backing: Backing,
+}
+
+impl TestApp {
+    /// GET `path`.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(format!("{}{path}", self.address))
+            .send()
+            .await
+            .expect("request")
+    }
+
+    /// Stops the server and waits for it to drain.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        match self.server.take() {
+            Some(handle) => handle.await?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Starts a server on fresh backends; `None` when production is not configured.
+pub async fn spawn_app(backend: Backend) -> Option<TestApp> {
+    spawn_app_with(backend, |_| {}).await
+}
+
+/// As [`spawn_app`], after `tweak` has adjusted the configuration.
+pub async fn spawn_app_with(backend: Backend, tweak: impl FnOnce(&mut Config)) -> Option<TestApp> {
+    let mut backing = Backing::new(backend).await?;
+    tweak(&mut backing.config);
+    let app = Application::build(backing.config.clone(), true)
+        .await
+        .expect("application builds");
+    Some(start(app, backing))
+}
+
+/// Starts a built application.
+pub fn start(app: Application, backing: Backing) -> TestApp {
+    let address = format!("http://127.0.0.1:{}", app.port());
+    let state = app.state().clone();
+    let stop = CancellationToken::new();
+    let signal = stop.clone();
+    let server = tokio::spawn(app.run_until_stopped(async move { signal.cancelled().await }));
+    TestApp {
+        address,
+        state,
+        client: reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .expect("client"),
+        stop,
+        server: Some(server),
+        _backing: backing,
+    }
+}
+
+/// Polls `check` until it is true or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}

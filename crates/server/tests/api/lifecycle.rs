@@ -1,0 +1,308 @@
+//! The `blockremote` binary as an operator runs it: start, readiness,
+//! migrations, signals, and clear failures when a dependency is missing.
+
+use std::{
+    process::{ExitStatus, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use blockremote::store::{PostgresStore, SqliteStore, Store};
+use reqwest::StatusCode;
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+};
+
+use crate::helpers::{Backend, Backing};
+
+crate::on_both_backends!(
+    serve_is_ready_with_seeded_plans_and_drains_on_sigterm,
+    migrate_command_applies_the_schema,
+);
+
+const BIN: &str = env!("CARGO_BIN_EXE_blockremote");
+
+fn command(env: &[(&str, String)], args: &[&str]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// A running `blockremote` process and the log lines it has printed.
+struct Running {
+    child: Child,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Running {
+    /// Starts `args` and waits until a log line contains `ready_message`.
+    async fn start(env: &[(&str, String)], args: &[&str], ready_message: &str) -> (Self, String) {
+        let mut child = command(env, args).spawn().expect("spawn blockremote");
+        let stdout = child.stdout.take().expect("stdout");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let sink = logs.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                sink.lock().expect("lock").push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let line = tokio::time::timeout_at(deadline.into(), rx.recv())
+                .await
+                .expect("the process announced itself in time")
+                .expect("the process is still running");
+            if line.contains(ready_message) {
+                return (Self { child, logs }, line);
+            }
+        }
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.id().expect("running");
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    async fn wait(&mut self, limit: Duration) -> ExitStatus {
+        tokio::time::timeout(limit, self.child.wait())
+            .await
+            .expect("exited within the limit")
+            .expect("wait")
+    }
+
+    fn logged(&self, needle: &str) -> bool {
+        self.logs
+            .lock()
+            .expect("lock")
+            .iter()
+            .any(|l| l.contains(needle))
+    }
+}
+
+fn listening_addr(line: &str) -> String {
+    let json: serde_json::Value = serde_json::from_str(line).expect("JSON log line");
+    format!("http://{}", json["addr"].as_str().expect("addr field"))
+}
+
+async fn plans_in(backing: &Backing, backend: Backend) -> Vec<(String, u32)> {
+    let store: Box<dyn Store> = match backend {
+        Backend::Embedded => Box::new(
+            SqliteStore::connect(
+                &format!(
+                    "sqlite://{}",
+                    backing.dir.path().join("blockremote.db").display()
+                ),
+                1,
+                Duration::from_secs(5),
+            )
+            .await
+            .expect("sqlite file exists"),
+        ),
+        Backend::Production => Box::new(
+            PostgresStore::connect(
+                &backing.database.as_ref().expect("db").url,
+                1,
+                Duration::from_secs(5),
+            )
+            .await
+            .expect("postgres"),
+        ),
+    };
+    let plans = store.plans().await.expect("plans table exists");
+    store.close().await;
+    plans
+        .into_iter()
+        .map(|p| (p.name, p.rate_limit_per_minute))
+        .collect()
+}
+
+fn seeded() -> Vec<(String, u32)> {
+    vec![
+        ("trial".into(), 120),
+        ("paid_basic".into(), 600),
+        ("paid".into(), 1200),
+    ]
+}
+
+async fn serve_is_ready_with_seeded_plans_and_drains_on_sigterm(backend: Backend) {
+    let Some(backing) = Backing::new(backend).await else {
+        return;
+    };
+    let (mut server, line) = Running::start(&backing.env(), &["serve"], "\"listening\"").await;
+    let address = listening_addr(&line);
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client");
+    let ready = client
+        .get(format!("{address}/health/ready"))
+        .send()
+        .await
+        .expect("ready");
+    assert_eq!(ready.status(), StatusCode::OK);
+    assert_eq!(plans_in(&backing, backend).await, seeded());
+
+    let started = Instant::now();
+    server.signal("TERM");
+    let status = server.wait(Duration::from_secs(10)).await;
+    assert!(status.success(), "SIGTERM exits 0: {status:?}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(server.logged("shutting down"), "drain was logged");
+    assert!(server.logged("\"stopped\""), "shutdown completed");
+}
+
+async fn migrate_command_applies_the_schema(backend: Backend) {
+    let Some(backing) = Backing::new(backend).await else {
+        return;
+    };
+    let output = command(&backing.env(), &["migrate"])
+        .output()
+        .await
+        .expect("run");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(plans_in(&backing, backend).await, seeded());
+    // Running it again is harmless.
+    let again = command(&backing.env(), &["migrate"])
+        .output()
+        .await
+        .expect("run");
+    assert!(again.status.success());
+}
+
+#[tokio::test]
+async fn sigint_also_drains_and_exits_zero() {
+    let backing = Backing::new(Backend::Embedded).await.expect("embedded");
+    let (mut server, _) = Running::start(&backing.env(), &["serve"], "\"listening\"").await;
+    server.signal("INT");
+    assert!(server.wait(Duration::from_secs(10)).await.success());
+}
+
+#[tokio::test]
+async fn serve_without_migrations_leaves_the_schema_alone() {
+    let backing = Backing::new(Backend::Embedded).await.expect("embedded");
+    let mut env = backing.env();
+    env.push(("BLOCKREMOTE_AUTO_MIGRATE", "false".into()));
+    let (mut server, _) = Running::start(&env, &["serve"], "\"listening\"").await;
+    server.signal("TERM");
+    assert!(server.wait(Duration::from_secs(10)).await.success());
+    let store = SqliteStore::connect(
+        &format!(
+            "sqlite://{}",
+            backing.dir.path().join("blockremote.db").display()
+        ),
+        1,
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("file created");
+    assert!(
+        store.plans().await.is_err(),
+        "no tables: migrations were skipped"
+    );
+}
+
+/// Runs the binary expecting a fast failure; returns stderr.
+async fn expect_failure(env: Vec<(&str, String)>, args: &[&str]) -> String {
+    let output = tokio::time::timeout(Duration::from_secs(20), command(&env, args).output())
+        .await
+        .expect("fails fast, never hangs")
+        .expect("run");
+    assert!(!output.status.success(), "must fail");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
+}
+
+#[tokio::test]
+async fn unreachable_database_is_a_one_line_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let stderr = expect_failure(
+        vec![
+            ("BLOCKREMOTE_DATA_DIR", dir.path().display().to_string()),
+            (
+                "DATABASE_URL",
+                "postgres://postgres:s3cret@127.0.0.1:1/nope".into(),
+            ),
+            ("BLOCKREMOTE_CONNECT_TIMEOUT_SECONDS", "3".into()),
+        ],
+        &["serve"],
+    )
+    .await;
+    assert!(stderr.contains("cannot reach the database"), "{stderr}");
+    assert!(!stderr.contains("s3cret"), "password leaked: {stderr}");
+}
+
+#[tokio::test]
+async fn unreachable_redis_is_a_one_line_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let stderr = expect_failure(
+        vec![
+            ("BLOCKREMOTE_DATA_DIR", dir.path().display().to_string()),
+            ("REDIS_URL", "redis://:s3cret@127.0.0.1:1".into()),
+            ("BLOCKREMOTE_CONNECT_TIMEOUT_SECONDS", "3".into()),
+        ],
+        &["serve"],
+    )
+    .await;
+    assert!(stderr.contains("cannot reach Redis"), "{stderr}");
+    assert!(!stderr.contains("s3cret"), "password leaked: {stderr}");
+}
+
+#[tokio::test]
+async fn invalid_configuration_names_the_variable() {
+    let stderr = expect_failure(
+        vec![("BLOCKREMOTE_LISTEN", "not-an-address".into())],
+        &["serve"],
+    )
+    .await;
+    assert!(stderr.contains("BLOCKREMOTE_LISTEN"), "{stderr}");
+}
+
+#[tokio::test]
+async fn worker_needs_redis() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let stderr = expect_failure(
+        vec![("BLOCKREMOTE_DATA_DIR", dir.path().display().to_string())],
+        &["worker"],
+    )
+    .await;
+    assert!(stderr.contains("REDIS_URL"), "{stderr}");
+}
+
+#[tokio::test]
+async fn worker_process_runs_and_drains_on_sigterm() {
+    let Some(backing) = Backing::new(Backend::Production).await else {
+        return;
+    };
+    // The schema must exist before a worker runs.
+    let out = command(&backing.env(), &["migrate"])
+        .output()
+        .await
+        .expect("migrate");
+    assert!(out.status.success());
+    let (mut worker, _) = Running::start(&backing.env(), &["worker"], "worker running").await;
+    worker.signal("TERM");
+    assert!(worker.wait(Duration::from_secs(10)).await.success());
+}

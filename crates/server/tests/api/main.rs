@@ -1,0 +1,9 @@
+//! One integration binary: every test starts real servers or real backends.
+
+mod helpers;
+mod http_surface;
+mod lifecycle;
+mod proxy;
+mod state_conformance;
+mod store_conformance;
+mod workers;

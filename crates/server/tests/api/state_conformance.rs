@@ -1,0 +1,331 @@
+//! The shared state's conformance story, run in-process and on Redis.
+
+use std::time::Duration;
+
+use blockremote::state::{keys, StateError};
+
+use crate::helpers::{second_shared, shared_for, Backend};
+
+crate::on_both_backends!(
+    kv_set_get_ttl_and_single_use,
+    incr_counts_and_expires,
+    token_bucket_allows_exactly_capacity,
+    token_bucket_is_atomic_under_concurrency,
+    pubsub_delivers_to_every_subscriber,
+    queue_is_at_least_once_with_reclaim,
+    queue_is_bounded,
+    queue_fetch_waits_then_returns_empty,
+);
+
+async fn kv_set_get_ttl_and_single_use(backend: Backend) {
+    let Some((s, _b)) = shared_for(backend, 100).await else {
+        return;
+    };
+    s.ping().await.expect("ping");
+    assert_eq!(s.get("session:missing").await.expect("get"), None);
+
+    s.set("session:a", b"one", None).await.expect("set");
+    assert_eq!(
+        s.get("session:a").await.expect("get").as_deref(),
+        Some(&b"one"[..])
+    );
+    assert_eq!(s.ttl("session:a").await.expect("ttl"), None, "no TTL set");
+
+    s.set("session:short", b"x", Some(Duration::from_millis(300)))
+        .await
+        .expect("set ttl");
+    let ttl = s.ttl("session:short").await.expect("ttl").expect("has ttl");
+    assert!(
+        ttl <= Duration::from_millis(300) && ttl > Duration::from_millis(100),
+        "{ttl:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert_eq!(s.get("session:short").await.expect("get"), None, "expired");
+
+    let nonce = keys::nonce("device_0001");
+    assert!(s
+        .set_nx(&nonce, b"n1", Some(Duration::from_secs(60)))
+        .await
+        .expect("nx"));
+    assert!(!s
+        .set_nx(&nonce, b"n2", Some(Duration::from_secs(60)))
+        .await
+        .expect("nx"));
+    assert_eq!(
+        s.take(&nonce).await.expect("take").as_deref(),
+        Some(&b"n1"[..])
+    );
+    assert_eq!(s.take(&nonce).await.expect("take"), None, "single use");
+
+    assert!(s.delete("session:a").await.expect("del"));
+    assert!(!s.delete("session:a").await.expect("del again"));
+}
+
+async fn incr_counts_and_expires(backend: Backend) {
+    let Some((s, _b)) = shared_for(backend, 100).await else {
+        return;
+    };
+    let key = "metrics:count";
+    assert_eq!(
+        s.incr(key, 1, Duration::from_millis(400))
+            .await
+            .expect("incr"),
+        1
+    );
+    assert_eq!(
+        s.incr(key, 2, Duration::from_secs(100))
+            .await
+            .expect("incr"),
+        3
+    );
+    let ttl = s.ttl(key).await.expect("ttl").expect("ttl set on creation");
+    assert!(
+        ttl <= Duration::from_millis(400),
+        "TTL is not extended: {ttl:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(550)).await;
+    assert_eq!(
+        s.incr(key, 1, Duration::from_secs(1)).await.expect("incr"),
+        1,
+        "window restarted"
+    );
+
+    s.set("metrics:text", b"abc", None).await.expect("set");
+    assert!(matches!(
+        s.incr("metrics:text", 1, Duration::from_secs(1)).await,
+        Err(StateError::Corrupt(_))
+    ));
+}
+
+async fn token_bucket_allows_exactly_capacity(backend: Backend) {
+    let Some((s, _b)) = shared_for(backend, 100).await else {
+        return;
+    };
+    let key = keys::rate_limit("device_0001");
+    let minute = Duration::from_secs(60);
+    for expected_remaining in (0..5).rev() {
+        let d = s.take_tokens(&key, 5, minute, 1).await.expect("take");
+        assert!(d.allowed);
+        assert_eq!(d.limit, 5);
+        assert_eq!(d.remaining, expected_remaining);
+    }
+    let refused = s.take_tokens(&key, 5, minute, 1).await.expect("take");
+    assert!(!refused.allowed);
+    assert_eq!(refused.remaining, 0);
+    // 5 per minute = one every 12 s.
+    assert!(
+        refused.retry_after > Duration::from_secs(11)
+            && refused.retry_after <= Duration::from_secs(12),
+        "{:?}",
+        refused.retry_after
+    );
+    assert!(
+        refused.reset_after > Duration::from_secs(59),
+        "{:?}",
+        refused.reset_after
+    );
+
+    // A fast bucket refills continuously: 600 per second → one token in ~1.7 ms.
+    let fast = keys::rate_limit("device_0002");
+    for _ in 0..3 {
+        assert!(
+            s.take_tokens(&fast, 3, Duration::from_millis(5), 1)
+                .await
+                .expect("take")
+                .allowed
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(
+        s.take_tokens(&fast, 3, Duration::from_millis(5), 1)
+            .await
+            .expect("take")
+            .allowed
+    );
+}
+
+async fn token_bucket_is_atomic_under_concurrency(backend: Backend) {
+    let Some((s, b)) = shared_for(backend, 100).await else {
+        return;
+    };
+    // On Redis the second handle is another replica sharing the bucket.
+    let replicas = [s.clone(), second_shared(&b, 100).await];
+    let shared = backend == Backend::Production;
+    let key = keys::rate_limit("device_0003");
+    let mut tasks = Vec::new();
+    for i in 0..60 {
+        let state = if shared {
+            replicas[i % 2].clone()
+        } else {
+            s.clone()
+        };
+        let key = key.clone();
+        tasks.push(tokio::spawn(async move {
+            state
+                .take_tokens(&key, 20, Duration::from_secs(3600), 1)
+                .await
+                .expect("take")
+                .allowed
+        }));
+    }
+    let mut allowed = 0;
+    for task in tasks {
+        allowed += usize::from(task.await.expect("join"));
+    }
+    assert_eq!(allowed, 20, "exactly the capacity, never more");
+}
+
+async fn pubsub_delivers_to_every_subscriber(backend: Backend) {
+    let Some((s, b)) = shared_for(backend, 100).await else {
+        return;
+    };
+    let mut first = s
+        .subscribe(keys::KILL_SWITCH_CHANNEL)
+        .await
+        .expect("subscribe");
+    let mut second = s
+        .subscribe(keys::KILL_SWITCH_CHANNEL)
+        .await
+        .expect("subscribe");
+    let mut other = s.subscribe("force_overlay:other").await.expect("subscribe");
+    // On Redis, publish from another replica: the message crosses instances.
+    let publisher = if backend == Backend::Production {
+        second_shared(&b, 100).await
+    } else {
+        s.clone()
+    };
+    publisher
+        .publish(keys::KILL_SWITCH_CHANNEL, b"CRITICAL_LOCK device_0001")
+        .await
+        .expect("publish");
+    for sub in [&mut first, &mut second] {
+        let got = tokio::time::timeout(Duration::from_secs(2), sub.recv())
+            .await
+            .expect("delivered in time")
+            .expect("open");
+        assert_eq!(got, b"CRITICAL_LOCK device_0001");
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), other.recv())
+            .await
+            .is_err(),
+        "another channel receives nothing"
+    );
+}
+
+async fn queue_is_at_least_once_with_reclaim(backend: Backend) {
+    let Some((s, _b)) = shared_for(backend, 100).await else {
+        return;
+    };
+    let q = keys::HEARTBEAT_QUEUE;
+    for i in 0..3 {
+        s.enqueue(q, format!("hb-{i}").as_bytes())
+            .await
+            .expect("enqueue");
+    }
+    assert_eq!(s.queue_len(q).await.expect("len"), 3);
+
+    let mut alive = s.consumer(q, "worker-a").await.expect("consumer");
+    let jobs = alive
+        .fetch(10, Duration::from_millis(500))
+        .await
+        .expect("fetch");
+    let payloads: Vec<_> = jobs
+        .iter()
+        .map(|j| String::from_utf8_lossy(&j.payload).into_owned())
+        .collect();
+    assert_eq!(payloads, vec!["hb-0", "hb-1", "hb-2"], "FIFO");
+    alive.ack(&[jobs[0].id.clone()]).await.expect("ack");
+    assert_eq!(s.queue_len(q).await.expect("len"), 2, "acked job is gone");
+
+    // worker-a "dies" holding hb-1 and hb-2. Nothing is idle enough yet:
+    drop(alive);
+    let mut rescuer = s.consumer(q, "worker-b").await.expect("consumer");
+    assert!(rescuer
+        .reclaim(Duration::from_secs(30), 10)
+        .await
+        .expect("reclaim")
+        .is_empty());
+    assert!(
+        rescuer
+            .fetch(10, Duration::from_millis(100))
+            .await
+            .expect("fetch")
+            .is_empty(),
+        "not redelivered as new"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let reclaimed = rescuer
+        .reclaim(Duration::from_millis(200), 10)
+        .await
+        .expect("reclaim");
+    let mut ids: Vec<_> = reclaimed
+        .iter()
+        .map(|j| String::from_utf8_lossy(&j.payload).into_owned())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, vec!["hb-1", "hb-2"]);
+    rescuer
+        .ack(&reclaimed.iter().map(|j| j.id.clone()).collect::<Vec<_>>())
+        .await
+        .expect("ack");
+    assert_eq!(s.queue_len(q).await.expect("len"), 0);
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert!(
+        rescuer
+            .reclaim(Duration::from_millis(200), 10)
+            .await
+            .expect("reclaim")
+            .is_empty(),
+        "acked jobs never return"
+    );
+}
+
+async fn queue_is_bounded(backend: Backend) {
+    let Some((s, _b)) = shared_for(backend, 2).await else {
+        return;
+    };
+    let q = "sig:queue:bounded";
+    s.enqueue(q, b"1").await.expect("enqueue");
+    s.enqueue(q, b"2").await.expect("enqueue");
+    assert!(matches!(
+        s.enqueue(q, b"3").await,
+        Err(StateError::QueueFull(_))
+    ));
+    // Pending (fetched, unacked) jobs still count: nothing accepted is dropped.
+    let mut c = s.consumer(q, "w").await.expect("consumer");
+    let jobs = c.fetch(1, Duration::from_millis(200)).await.expect("fetch");
+    assert!(matches!(
+        s.enqueue(q, b"3").await,
+        Err(StateError::QueueFull(_))
+    ));
+    c.ack(&[jobs[0].id.clone()]).await.expect("ack");
+    s.enqueue(q, b"3").await.expect("room again after ack");
+}
+
+async fn queue_fetch_waits_then_returns_empty(backend: Backend) {
+    let Some((s, _b)) = shared_for(backend, 10).await else {
+        return;
+    };
+    let q = "sig:queue:idle";
+    let mut c = s.consumer(q, "w").await.expect("consumer");
+    let started = std::time::Instant::now();
+    assert!(c
+        .fetch(5, Duration::from_millis(300))
+        .await
+        .expect("fetch")
+        .is_empty());
+    assert!(started.elapsed() >= Duration::from_millis(250), "it waited");
+    // A job enqueued while waiting wakes the consumer.
+    let producer = s.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        producer
+            .enqueue("sig:queue:idle", b"late")
+            .await
+            .expect("enqueue");
+    });
+    let jobs = c.fetch(5, Duration::from_secs(3)).await.expect("fetch");
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].payload, b"late");
+}

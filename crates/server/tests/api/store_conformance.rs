@@ -1,0 +1,206 @@
+//! The durable store's conformance story, run on SQLite and PostgreSQL.
+
+use blockremote::store::{AuditSource, NewAuditEntry};
+use uuid::Uuid;
+
+use crate::helpers::{store_for, Backend};
+
+crate::on_both_backends!(
+    migrations_are_idempotent_and_seed_the_plans,
+    schema_has_every_table_and_read_path_index,
+    audit_rows_round_trip_newest_first,
+    audit_rows_are_append_only_in_the_database,
+    billing_event_ids_are_unique_forever,
+);
+
+async fn migrations_are_idempotent_and_seed_the_plans(backend: Backend) {
+    let Some((store, _raw, _b)) = store_for(backend).await else {
+        return;
+    };
+    store.migrate().await.expect("first migration");
+    store.migrate().await.expect("second migration is a no-op");
+    store.ping().await.expect("ping");
+    let plans: Vec<(String, u32)> = store
+        .plans()
+        .await
+        .expect("plans")
+        .into_iter()
+        .map(|p| (p.name, p.rate_limit_per_minute))
+        .collect();
+    assert_eq!(
+        plans,
+        vec![
+            ("trial".to_owned(), 120),
+            ("paid_basic".to_owned(), 600),
+            ("paid".to_owned(), 1200)
+        ]
+    );
+}
+
+async fn schema_has_every_table_and_read_path_index(backend: Backend) {
+    let Some((store, raw, _b)) = store_for(backend).await else {
+        return;
+    };
+    store.migrate().await.expect("migrate");
+    let (tables_sql, indexes_sql) = match backend {
+        Backend::Embedded => (
+            "SELECT name FROM sqlite_master WHERE type = 'table'",
+            "SELECT name FROM sqlite_master WHERE type = 'index'",
+        ),
+        Backend::Production => (
+            "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public'",
+            "SELECT indexname::text FROM pg_indexes WHERE schemaname = 'public'",
+        ),
+    };
+    let tables = raw.strings(tables_sql).await;
+    for table in [
+        "users",
+        "devices",
+        "refresh_families",
+        "refresh_tokens",
+        "business_events",
+        "firewall_rules",
+        "firewall_decisions",
+        "audit_logs",
+        "plans",
+        "subscriptions",
+        "billing_events",
+    ] {
+        assert!(
+            tables.iter().any(|t| t == table),
+            "missing table {table}: {tables:?}"
+        );
+    }
+    let indexes = raw.strings(indexes_sql).await;
+    for index in [
+        "audit_logs_user_idx",
+        "audit_logs_device_idx",
+        "business_events_type_idx",
+        "business_events_user_idx",
+        "business_events_device_idx",
+    ] {
+        assert!(
+            indexes.iter().any(|i| i == index),
+            "missing index {index}: {indexes:?}"
+        );
+    }
+    // The composite indexes lead with the filter column and end with created_at.
+    let columns = match backend {
+        Backend::Embedded => {
+            raw.strings("SELECT name FROM pragma_index_info('audit_logs_user_idx') ORDER BY seqno")
+                .await
+        }
+        Backend::Production => {
+            raw.strings(
+                "SELECT a.attname::text FROM pg_index i \
+                 JOIN pg_class c ON c.oid = i.indexrelid \
+                 JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n) ON true \
+                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+                 WHERE c.relname = 'audit_logs_user_idx' ORDER BY k.n",
+            )
+            .await
+        }
+    };
+    assert_eq!(columns, vec!["user_id", "created_at"]);
+}
+
+fn entry(user: Uuid, action: &str) -> NewAuditEntry {
+    NewAuditEntry {
+        user_id: Some(user),
+        device_id: Some("device_0001".into()),
+        jti: Some(Uuid::new_v4().to_string()),
+        ip: Some("203.0.113.0/24".into()),
+        user_agent: Some("BlockRemoteTest/1.0".into()),
+        source: AuditSource::Http,
+        threat_score: Some(12.5),
+        decision_reason: Some("touch_without_motion".into()),
+        attestation_state: Some("verified".into()),
+        action_taken: action.into(),
+    }
+}
+
+async fn audit_rows_round_trip_newest_first(backend: Backend) {
+    let Some((store, _raw, _b)) = store_for(backend).await else {
+        return;
+    };
+    store.migrate().await.expect("migrate");
+    let alice = Uuid::now_v7();
+    let bob = Uuid::now_v7();
+    let first = store
+        .append_audit(entry(alice, "login"))
+        .await
+        .expect("append");
+    let second = store
+        .append_audit(entry(alice, "CRITICAL_LOCK"))
+        .await
+        .expect("append");
+    store
+        .append_audit(entry(bob, "login"))
+        .await
+        .expect("append");
+    let mut sparse = entry(alice, "worker_note");
+    sparse.source = AuditSource::Worker;
+    sparse.user_agent = None;
+    sparse.threat_score = None;
+    sparse.ip = None;
+    let third = store.append_audit(sparse).await.expect("append sparse");
+
+    let rows = store.audit_for_user(alice, 10).await.expect("read");
+    assert_eq!(
+        rows,
+        vec![third, second, first],
+        "exact round trip, newest first"
+    );
+    assert_eq!(store.audit_for_user(alice, 1).await.expect("read").len(), 1);
+    assert!(store
+        .audit_for_user(Uuid::now_v7(), 10)
+        .await
+        .expect("read")
+        .is_empty());
+}
+
+async fn audit_rows_are_append_only_in_the_database(backend: Backend) {
+    let Some((store, raw, _b)) = store_for(backend).await else {
+        return;
+    };
+    store.migrate().await.expect("migrate");
+    let user = Uuid::now_v7();
+    let row = store
+        .append_audit(entry(user, "login"))
+        .await
+        .expect("append");
+
+    let update = raw
+        .execute("UPDATE audit_logs SET action_taken = 'nothing_happened'")
+        .await;
+    assert!(
+        update.as_ref().is_err_and(|e| e.contains("append-only")),
+        "UPDATE must be refused: {update:?}"
+    );
+    let delete = raw.execute("DELETE FROM audit_logs").await;
+    assert!(
+        delete.as_ref().is_err_and(|e| e.contains("append-only")),
+        "DELETE must be refused: {delete:?}"
+    );
+    if backend == Backend::Production {
+        let truncate = raw.execute("TRUNCATE audit_logs").await;
+        assert!(truncate.is_err(), "TRUNCATE must be refused");
+    }
+    assert_eq!(
+        store.audit_for_user(user, 10).await.expect("read"),
+        vec![row],
+        "the row is unchanged"
+    );
+}
+
+async fn billing_event_ids_are_unique_forever(backend: Backend) {
+    let Some((store, raw, _b)) = store_for(backend).await else {
+        return;
+    };
+    store.migrate().await.expect("migrate");
+    let insert = "INSERT INTO billing_events (event_id, type, signature, payload_sha256, created) \
+                  VALUES ('evt_1', 'subscription.activated', 'v1=ab', 'deadbeef', 1763812800)";
+    raw.execute(insert).await.expect("first insert");
+    let again = raw.execute(insert).await;
+    assert!(again.is_err(), "a second event with the same id is refused");
+}

@@ -131,6 +131,13 @@ impl Application {
         })
     }
 
+    /// Serves `extra` routes beside the product's, behind the same layers
+    /// (tests use it for routes the product does not have, e.g. a slow one).
+    pub fn with_routes(mut self, extra: Router<AppState>) -> Self {
+        self.router = crate::http::app_with(self.state.clone(), extra);
+        self
+    }
+
     /// The bound port (useful when configured with port 0).
     pub fn port(&self) -> u16 {
         self.local_addr.port()

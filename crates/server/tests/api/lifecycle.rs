@@ -190,11 +190,94 @@ async fn migrate_command_applies_the_schema(backend: Backend) {
 }
 
 #[tokio::test]
-async fn sigint_also_drains_and_exits_zero() {
-    let backing = Backing::new(Backend::Embedded).await.expect("embedded");
-    let (mut server, _) = Running::start(&backing.env(), &["serve"], "\"listening\"").await;
+async fn with_nothing_configured_serve_is_ready_and_sigint_drains() {
+    // Only the port is chosen (8000 may be taken on a shared machine); the
+    // data dir is the default `./data` under the working directory.
+    let cwd = tempfile::tempdir().expect("tempdir");
+    let mut cmd = command(&[("BLOCKREMOTE_LISTEN", "127.0.0.1:0".into())], &["serve"]);
+    cmd.current_dir(cwd.path());
+    let mut child = cmd.spawn().expect("spawn");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.expect("read") {
+            if line.contains("\"listening\"") {
+                return line;
+            }
+        }
+        panic!("exited before listening");
+    })
+    .await
+    .expect("listening in time");
+    let ready = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client")
+        .get(format!("{}/health/ready", listening_addr(&line)))
+        .send()
+        .await
+        .expect("ready");
+    assert_eq!(ready.status(), StatusCode::OK);
+    assert!(
+        cwd.path().join("data/blockremote.db").exists(),
+        "SQLite file in ./data"
+    );
+    let mut server = Running {
+        child,
+        logs: Arc::default(),
+    };
     server.signal("INT");
     assert!(server.wait(Duration::from_secs(10)).await.success());
+}
+
+#[tokio::test]
+async fn in_flight_requests_finish_during_the_drain() {
+    use axum::routing::get;
+    let backing = Backing::new(Backend::Embedded).await.expect("embedded");
+    let app = blockremote::app::Application::build(backing.config.clone(), true)
+        .await
+        .expect("build")
+        .with_routes(axum::Router::new().route(
+            "/test/slow",
+            get(|| async {
+                tokio::time::sleep(Duration::from_millis(800)).await;
+                "finished"
+            }),
+        ));
+    let address = format!("http://127.0.0.1:{}", app.port());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let signal = stop.clone();
+    let server = tokio::spawn(app.run_until_stopped(async move { signal.cancelled().await }));
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client");
+    let slow = tokio::spawn(client.get(format!("{address}/test/slow")).send());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    stop.cancel();
+    let response = slow
+        .await
+        .expect("join")
+        .expect("the in-flight request was answered");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.text().await.expect("body"), "finished");
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("drained within the grace period")
+        .expect("join")
+        .expect("clean exit");
+    assert!(started.elapsed() < Duration::from_secs(9));
+    // No new connections after the drain.
+    let fresh = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client");
+    assert!(fresh
+        .get(format!("{address}/health/live"))
+        .send()
+        .await
+        .is_err());
 }
 
 #[tokio::test]

@@ -102,6 +102,10 @@ async fn schema_has_every_table_and_read_path_index(backend: Backend) {
         }
     };
     assert_eq!(columns, vec!["user_id", "created_at"]);
+    if backend == Backend::Embedded {
+        // The embedded database runs in WAL mode: readers beside the writer.
+        assert_eq!(raw.strings("PRAGMA journal_mode").await, vec!["wal"]);
+    }
 }
 
 fn entry(user: Uuid, action: &str) -> NewAuditEntry {

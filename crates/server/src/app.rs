@@ -20,6 +20,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    auth::Auth,
     config::Config,
     state::{self, SharedState},
     store::{self, Store, StoreError},
@@ -38,24 +39,62 @@ pub struct AppState {
     pub shared: Arc<dyn SharedState>,
     /// Metrics registry.
     pub metrics: Arc<Metrics>,
+    /// Keys, device-status cache, token settings.
+    pub auth: Arc<Auth>,
 }
 
 impl AppState {
-    /// Connects the store and the shared state the configuration names.
-    pub async fn connect(config: Config) -> Result<Self, StartupError> {
+    /// Connects the store and the shared state the configuration names,
+    /// migrates when `migrate` is set, and loads the identity keys.
+    pub async fn connect(config: Config, migrate: bool) -> Result<Self, StartupError> {
         let store = store::connect(
             &config.database,
             config.database_max_connections,
             config.connect_timeout,
         )
         .await?;
+        if migrate {
+            store.migrate().await.map_err(StartupError::Migrate)?;
+        } else {
+            let pending = store
+                .pending_migrations()
+                .await
+                .map_err(StartupError::Migrate)?;
+            if pending > 0 {
+                return Err(StartupError::SchemaBehind(pending));
+            }
+        }
         let shared = state::connect(&config).await?;
+        let auth = Auth::load(&config, store.as_ref(), shared.clone())
+            .await
+            .map_err(StartupError::Identity)?;
         Ok(Self {
             config: Arc::new(config),
             store,
             shared,
             metrics: Arc::new(Metrics::new()),
+            auth: Arc::new(auth),
         })
+    }
+
+    /// Reloads the signing keys every `key_reload_interval` until `stop`, so
+    /// a rotation made on any instance is used here within a minute.
+    pub fn spawn_key_reloader(&self, stop: CancellationToken) {
+        let state = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(state.config.key_reload_interval);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = tick.tick() => {
+                        if let Err(e) = state.auth.keys.reload(state.store.as_ref()).await {
+                            tracing::warn!(error = %e, "signing key reload failed; keeping the current set");
+                        }
+                    }
+                }
+            }
+        });
     }
 
     /// True on the embedded default (no Redis): workers run in-process.
@@ -81,6 +120,12 @@ pub enum StartupError {
     /// Migrations failed.
     #[error("cannot apply database migrations: {0}")]
     Migrate(#[source] StoreError),
+    /// Migrations are disabled and the schema is not current.
+    #[error("the database schema is {0} migration(s) behind: run `blockremote migrate` or enable BLOCKREMOTE_AUTO_MIGRATE")]
+    SchemaBehind(usize),
+    /// Signing keys or server secrets could not be loaded.
+    #[error("cannot load identity keys: {0}")]
+    Identity(#[source] crate::auth::AuthSetupError),
     /// The listen address is taken or not ours.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -105,16 +150,12 @@ pub struct Application {
 impl Application {
     /// Connects, migrates when `migrate` is set, and binds the listener.
     pub async fn build(config: Config, migrate: bool) -> Result<Self, StartupError> {
-        let state = AppState::connect(config).await?;
-        Self::build_with_state(state, migrate).await
+        let state = AppState::connect(config, migrate).await?;
+        Self::build_with_state(state).await
     }
 
-    /// As [`build`](Self::build), with already-connected state (tests use this
-    /// to share a store between instances).
-    pub async fn build_with_state(state: AppState, migrate: bool) -> Result<Self, StartupError> {
-        if migrate {
-            state.store.migrate().await.map_err(StartupError::Migrate)?;
-        }
+    /// As [`build`](Self::build), with already-connected state.
+    pub async fn build_with_state(state: AppState) -> Result<Self, StartupError> {
         let addr = state.config.listen;
         let listener = TcpListener::bind(addr)
             .await
@@ -167,6 +208,7 @@ impl Application {
         } = self;
         let grace = state.config.shutdown_grace;
         let stop = CancellationToken::new();
+        state.spawn_key_reloader(stop.child_token());
         let pool = if state.is_embedded() {
             Some(start_workers(&state, "embedded", stop.child_token()).await?)
         } else {

@@ -152,6 +152,19 @@ pub struct Config {
     pub queue_capacity: usize,
     /// Log format: `json` (default) or `pretty` (`BLOCKREMOTE_LOG_FORMAT`).
     pub log_format: LogFormat,
+    /// Access-token lifetime (`BLOCKREMOTE_ACCESS_TOKEN_TTL_SECONDS`, default 900).
+    pub access_token_ttl: Duration,
+    /// PEM of the JWT signing key, from `BLOCKREMOTE_JWT_PRIVATE_KEY` or the
+    /// file named by `BLOCKREMOTE_JWT_PRIVATE_KEY_FILE`; `None` = generated keys in the store.
+    pub jwt_private_key: Option<SecretString>,
+    /// How often each instance reloads the signing keys (`BLOCKREMOTE_KEY_RELOAD_SECONDS`, 1–60, default 30).
+    pub key_reload_interval: Duration,
+    /// Attestation nonce lifetime (`BLOCKREMOTE_ATTESTATION_NONCE_TTL_SECONDS`, 120–300, default 180).
+    pub attestation_nonce_ttl: Duration,
+    /// Attestation failures before quarantine (`BLOCKREMOTE_ATTESTATION_MAX_FAILURES`, default 3).
+    pub attestation_max_failures: u32,
+    /// Refreshes allowed per device per minute (`BLOCKREMOTE_REFRESH_PER_MINUTE`, default 10).
+    pub refresh_per_minute: u32,
 }
 
 /// How log lines are written.
@@ -201,6 +214,12 @@ impl std::fmt::Debug for Config {
             .field("shutdown_grace", &self.shutdown_grace)
             .field("queue_capacity", &self.queue_capacity)
             .field("log_format", &self.log_format)
+            .field("access_token_ttl", &self.access_token_ttl)
+            .field("jwt_private_key", &set(&self.jwt_private_key))
+            .field("key_reload_interval", &self.key_reload_interval)
+            .field("attestation_nonce_ttl", &self.attestation_nonce_ttl)
+            .field("attestation_max_failures", &self.attestation_max_failures)
+            .field("refresh_per_minute", &self.refresh_per_minute)
             .finish()
     }
 }
@@ -243,6 +262,22 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ),
     ("BLOCKREMOTE_QUEUE_CAPACITY", "queue_capacity"),
     ("BLOCKREMOTE_LOG_FORMAT", "log_format"),
+    (
+        "BLOCKREMOTE_ACCESS_TOKEN_TTL_SECONDS",
+        "access_token_ttl_seconds",
+    ),
+    ("BLOCKREMOTE_JWT_PRIVATE_KEY", "jwt_private_key"),
+    ("BLOCKREMOTE_JWT_PRIVATE_KEY_FILE", "jwt_private_key_file"),
+    ("BLOCKREMOTE_KEY_RELOAD_SECONDS", "key_reload_seconds"),
+    (
+        "BLOCKREMOTE_ATTESTATION_NONCE_TTL_SECONDS",
+        "attestation_nonce_ttl_seconds",
+    ),
+    (
+        "BLOCKREMOTE_ATTESTATION_MAX_FAILURES",
+        "attestation_max_failures",
+    ),
+    ("BLOCKREMOTE_REFRESH_PER_MINUTE", "refresh_per_minute"),
 ];
 
 impl Config {
@@ -394,7 +429,45 @@ impl Config {
             ));
         }
 
+        let access_ttl = parse_num(values, "access_token_ttl_seconds", 900u64)?;
+        if !(60..=86_400).contains(&access_ttl) {
+            return Err(invalid(
+                name_of(values, "access_token_ttl_seconds"),
+                "must be between 60 and 86400",
+            ));
+        }
+        let nonce_ttl = parse_num(values, "attestation_nonce_ttl_seconds", 180u64)?;
+        if !(120..=300).contains(&nonce_ttl) {
+            return Err(invalid(
+                name_of(values, "attestation_nonce_ttl_seconds"),
+                "must be between 120 and 300",
+            ));
+        }
+        let key_reload = parse_num(values, "key_reload_seconds", 30u64)?;
+        if !(1..=60).contains(&key_reload) {
+            return Err(invalid(
+                name_of(values, "key_reload_seconds"),
+                "must be between 1 and 60",
+            ));
+        }
+        let max_failures = parse_num(values, "attestation_max_failures", 3u32)?.max(1);
+        let refresh_per_minute = parse_num(values, "refresh_per_minute", 10u32)?.max(1);
+        let jwt_private_key = match (get("jwt_private_key"), get("jwt_private_key_file")) {
+            (Some((_, pem)), _) if !pem.is_empty() => Some(SecretString::from(pem.to_owned())),
+            (_, Some((name, path))) if !path.is_empty() => Some(SecretString::from(
+                std::fs::read_to_string(path)
+                    .map_err(|e| invalid(name, format!("cannot read {path}: {e}")))?,
+            )),
+            _ => None,
+        };
+
         Ok(Self {
+            access_token_ttl: Duration::from_secs(access_ttl),
+            jwt_private_key,
+            key_reload_interval: Duration::from_secs(key_reload),
+            attestation_nonce_ttl: Duration::from_secs(nonce_ttl),
+            attestation_max_failures: max_failures,
+            refresh_per_minute,
             listen: match get("listen") {
                 None => SocketAddr::from(([127, 0, 0, 1], 8000)),
                 Some((n, v)) => v.parse().map_err(|e| invalid(n, e))?,

@@ -46,6 +46,32 @@ pub mod codes {
     pub const INTERNAL_ERROR: &str = "internal_error";
     /// Any other 4xx status produced below the application.
     pub const BAD_REQUEST: &str = "bad_request";
+    /// Missing, malformed, expired or unverifiable access token.
+    pub const INVALID_TOKEN: &str = "invalid_token";
+    /// `X-Device-Id` does not match the token's device.
+    pub const DEVICE_MISMATCH: &str = "device_mismatch";
+    /// The device's sessions were revoked.
+    pub const DEVICE_REVOKED: &str = "device_revoked";
+    /// The device is locked or quarantined.
+    pub const DEVICE_LOCKED: &str = "device_locked";
+    /// Wrong email or password (the same answer for both).
+    pub const INVALID_CREDENTIALS: &str = "invalid_credentials";
+    /// The email is already registered.
+    pub const EMAIL_TAKEN: &str = "email_taken";
+    /// The account is blocked.
+    pub const ACCOUNT_BLOCKED: &str = "account_blocked";
+    /// Unknown, expired or revoked refresh token.
+    pub const INVALID_REFRESH_TOKEN: &str = "invalid_refresh_token";
+    /// An already-used refresh token (or one presented from another device): the session family was revoked.
+    pub const REFRESH_TOKEN_REUSED: &str = "refresh_token_reused";
+    /// Missing or unknown admin API key.
+    pub const INVALID_ADMIN_KEY: &str = "invalid_admin_key";
+    /// No such user.
+    pub const USER_NOT_FOUND: &str = "user_not_found";
+    /// A used, foreign or expired attestation nonce.
+    pub const NONCE_REPLAY: &str = "nonce_replay";
+    /// The attestation provider is not configured on this server.
+    pub const PROVIDER_NOT_CONFIGURED: &str = "provider_not_configured";
 
     /// Every code above, for documentation checks.
     pub const ALL: &[&str] = &[
@@ -61,6 +87,19 @@ pub mod codes {
         SERVICE_UNAVAILABLE,
         INTERNAL_ERROR,
         BAD_REQUEST,
+        INVALID_TOKEN,
+        DEVICE_MISMATCH,
+        DEVICE_REVOKED,
+        DEVICE_LOCKED,
+        INVALID_CREDENTIALS,
+        EMAIL_TAKEN,
+        ACCOUNT_BLOCKED,
+        INVALID_REFRESH_TOKEN,
+        REFRESH_TOKEN_REUSED,
+        INVALID_ADMIN_KEY,
+        USER_NOT_FOUND,
+        NONCE_REPLAY,
+        PROVIDER_NOT_CONFIGURED,
     ];
 }
 
@@ -186,6 +225,16 @@ pub enum ApiError {
         /// Dependency name → `ok` | `unavailable`.
         checks: serde_json::Value,
     },
+    /// A client error with its own stable code (401, 403, 404, 409, 422).
+    #[error("{code}")]
+    Client {
+        /// HTTP status.
+        status: StatusCode,
+        /// Stable code from [`codes`].
+        code: &'static str,
+        /// Human-readable detail (never internals).
+        detail: &'static str,
+    },
     /// An unexpected failure: 500, logged with its cause chain, opaque body.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
@@ -202,6 +251,7 @@ impl ApiError {
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::NotReady { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Client { status, .. } => *status,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -225,8 +275,56 @@ impl ApiError {
                 p.checks = Some(checks.clone());
                 p
             }
+            Self::Client { code, detail, .. } => Problem::new(status, code, *detail),
             _ => Problem::for_status(status),
         }
+    }
+
+    /// 401 with `code`.
+    pub fn unauthorized(code: &'static str, detail: &'static str) -> Self {
+        Self::Client {
+            status: StatusCode::UNAUTHORIZED,
+            code,
+            detail,
+        }
+    }
+
+    /// 403 with `code`.
+    pub fn forbidden(code: &'static str, detail: &'static str) -> Self {
+        Self::Client {
+            status: StatusCode::FORBIDDEN,
+            code,
+            detail,
+        }
+    }
+
+    /// 409 with `code`.
+    pub fn conflict(code: &'static str, detail: &'static str) -> Self {
+        Self::Client {
+            status: StatusCode::CONFLICT,
+            code,
+            detail,
+        }
+    }
+
+    /// 422 `validation_failed` naming `field`.
+    pub fn invalid_field(field: &str, message: &str) -> Self {
+        Self::Validation {
+            field: field.to_owned(),
+            message: message.to_owned(),
+        }
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(err: crate::store::StoreError) -> Self {
+        Self::Internal(err.into())
+    }
+}
+
+impl From<crate::state::StateError> for ApiError {
+    fn from(err: crate::state::StateError) -> Self {
+        Self::Internal(err.into())
     }
 }
 
@@ -237,6 +335,22 @@ impl IntoResponse for ApiError {
         }
         let problem = self.to_problem();
         let mut response = self.status_code().into_response();
+        if let Self::Client {
+            status: StatusCode::UNAUTHORIZED,
+            code,
+            ..
+        } = &self
+        {
+            let challenge = if *code == codes::INVALID_TOKEN {
+                "Bearer error=\"invalid_token\""
+            } else {
+                "Bearer"
+            };
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(challenge),
+            );
+        }
         if let Self::RateLimited { retry_after } = &self {
             let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
             response

@@ -5,9 +5,11 @@
 //! them; `../shared/API.md` is the public contract.
 
 pub mod app;
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod realtime;
 pub mod state;
 pub mod store;
 pub mod telemetry;

@@ -8,7 +8,7 @@ use std::{path::PathBuf, process::ExitCode};
 use blockremote::{
     app::{self, AppState, Application},
     config::Config,
-    telemetry,
+    store, telemetry,
 };
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
@@ -43,6 +43,34 @@ enum Command {
     Migrate,
     /// Print the OpenAPI document and exit.
     Openapi,
+    /// Signing-key management.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Admin API key management.
+    AdminKey {
+        #[command(subcommand)]
+        command: AdminKeyCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Make a new ES256 key current. Running servers sign with it within
+    /// BLOCKREMOTE_KEY_RELOAD_SECONDS (≤ 60 s) and keep verifying tokens of
+    /// the old key until they expire.
+    Rotate,
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminKeyCommand {
+    /// Create an admin API key and print it once (only its hash is stored).
+    Create {
+        /// A label to recognise the key by.
+        #[arg(long, default_value = "admin")]
+        name: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -94,7 +122,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 );
             }
             let grace = config.shutdown_grace;
-            let state = AppState::connect(config).await?;
+            let state = AppState::connect(config, false).await?;
             let stop = CancellationToken::new();
             let pool = app::start_workers(&state, "worker", stop.clone()).await?;
             tracing::info!(
@@ -108,10 +136,55 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Migrate => {
-            let state = AppState::connect(config).await?;
-            state.store.migrate().await?;
-            tracing::info!(database = state.store.backend(), "migrations applied");
-            state.store.close().await;
+            let store = store::connect(
+                &config.database,
+                config.database_max_connections,
+                config.connect_timeout,
+            )
+            .await?;
+            store.migrate().await?;
+            tracing::info!(database = store.backend(), "migrations applied");
+            store.close().await;
+            Ok(())
+        }
+        Command::Keys {
+            command: KeysCommand::Rotate,
+        } => {
+            if config.jwt_private_key.is_some() {
+                anyhow::bail!(
+                    "the signing key comes from BLOCKREMOTE_JWT_PRIVATE_KEY(_FILE): rotate by deploying a new PEM"
+                );
+            }
+            let store = store::connect(
+                &config.database,
+                config.database_max_connections,
+                config.connect_timeout,
+            )
+            .await?;
+            store.migrate().await?;
+            let kid = blockremote::auth::keys::rotate(store.as_ref()).await?;
+            println!("{kid}");
+            tracing::info!(kid, "new signing key is current");
+            store.close().await;
+            Ok(())
+        }
+        Command::AdminKey {
+            command: AdminKeyCommand::Create { name },
+        } => {
+            let store = store::connect(
+                &config.database,
+                config.database_max_connections,
+                config.connect_timeout,
+            )
+            .await?;
+            store.migrate().await?;
+            let key = blockremote::auth::random_token("bra_");
+            store
+                .insert_admin_key(&name, &blockremote::auth::sha256(key.as_bytes()))
+                .await?;
+            store.close().await;
+            // Printed once, to stdout only; it is not logged and cannot be shown again.
+            println!("{key}");
             Ok(())
         }
         Command::Openapi => Ok(()),

@@ -9,11 +9,16 @@
 //! 5. request timeout (503);
 //! 6. body limit, 64 KiB (413).
 
+pub mod admin;
+pub mod attestation;
+pub mod auth;
 pub mod docs;
 pub mod health;
 pub mod json;
+pub mod jwks;
 pub mod metrics;
 pub mod middleware;
+pub mod validate;
 
 use std::time::Duration;
 
@@ -51,13 +56,54 @@ use crate::{
         license(name = "Apache-2.0")
     ),
     components(schemas(Problem)),
-    tags((name = "operations", description = "Health, metrics and this document"))
+    modifiers(&SecuritySchemes),
+    tags(
+        (name = "auth", description = "Device-bound sessions and the JWKS"),
+        (name = "attestation", description = "Single-use nonces and attestation verdicts"),
+        (name = "admin", description = "Operator API (admin API key)"),
+        (name = "operations", description = "Health, metrics and this document"),
+    )
 )]
 pub struct ApiDoc;
+
+/// Declares the two credentials: device JWTs and admin API keys.
+struct SecuritySchemes;
+
+impl utoipa::Modify for SecuritySchemes {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "device_jwt",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .description(Some(
+                        "Device access token (ES256 by default); send X-Device-Id equal to its `did`.",
+                    ))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "admin_key",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("Admin API key"))
+                    .build(),
+            ),
+        );
+    }
+}
 
 /// Every router and the generated OpenAPI document.
 pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(auth::router())
+        .merge(jwks::router())
+        .merge(attestation::router())
+        .merge(admin::router())
         .merge(health::router())
         .merge(metrics::router())
         .merge(docs::router())
@@ -197,11 +243,6 @@ mod tests {
     use tower::ServiceExt;
 
     use super::*;
-    use crate::{
-        state::MemoryState,
-        store::{SqliteStore, Store},
-        telemetry::Metrics,
-    };
 
     #[derive(Debug, Deserialize)]
     #[serde(deny_unknown_fields)]
@@ -226,19 +267,7 @@ mod tests {
     async fn test_app(dir: &std::path::Path) -> Router {
         let mut config = Config::embedded_in(dir);
         config.request_timeout = Duration::from_millis(200);
-        let store = SqliteStore::connect(
-            &format!("sqlite://{}", dir.join("t.db").display()),
-            2,
-            Duration::from_secs(5),
-        )
-        .await
-        .expect("sqlite");
-        let state = AppState {
-            config: Arc::new(config),
-            store: Arc::new(store) as Arc<dyn Store>,
-            shared: Arc::new(MemoryState::new(10)),
-            metrics: Arc::new(Metrics::new()),
-        };
+        let state = AppState::connect(config, true).await.expect("state");
         app_with(
             state,
             Router::new()

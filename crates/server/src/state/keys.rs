@@ -12,6 +12,11 @@ pub fn rate_limit(device_id: &str) -> String {
     format!("rl:{{{device_id}}}")
 }
 
+/// Refresh-rate bucket of a device: `rl:refresh:{device}`.
+pub fn refresh_rate_limit(device_id: &str) -> String {
+    format!("rl:refresh:{{{device_id}}}")
+}
+
 /// Revocation marker of a device: `revoked:device:{device}`.
 pub fn revoked_device(device_id: &str) -> String {
     format!("revoked:device:{{{device_id}}}")

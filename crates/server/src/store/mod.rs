@@ -11,6 +11,7 @@
 //! `migrations/postgres`), embedded in the binary. Both must pass the same
 //! conformance story (`tests/api/store_conformance.rs`).
 
+mod identity;
 mod postgres;
 mod sqlite;
 
@@ -23,6 +24,10 @@ use serde::Serialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+pub use identity::{
+    AttestationOutcome, Device, DeviceStatus, NewEvent, NewRefreshToken, NewSession, RefreshRecord,
+    Revocation, SigningKeyRecord, User, UserStatus,
+};
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
@@ -218,6 +223,10 @@ pub trait Store: Send + Sync + 'static {
     /// run from several replicas at once (PostgreSQL takes an advisory lock).
     async fn migrate(&self) -> StoreResult<()>;
 
+    /// How many embedded migrations are not yet applied (all of them on an
+    /// empty database).
+    async fn pending_migrations(&self) -> StoreResult<usize>;
+
     /// Every plan, ordered by rate limit.
     async fn plans(&self) -> StoreResult<Vec<Plan>>;
 
@@ -226,6 +235,66 @@ pub trait Store: Send + Sync + 'static {
 
     /// The newest audit rows about `user_id`, newest first.
     async fn audit_for_user(&self, user_id: Uuid, limit: u32) -> StoreResult<Vec<AuditEntry>>;
+
+    /// The plan the user is on: their subscription's when active, else `trial`.
+    async fn plan_for_user(&self, user_id: Uuid) -> StoreResult<Plan>;
+
+    /// Creates a user; [`StoreError::Conflict`] when the email is taken.
+    async fn create_user(&self, email: &str, password_hash: &str) -> StoreResult<User>;
+    /// The user with this (lower-cased) email.
+    async fn user_by_email(&self, email: &str) -> StoreResult<Option<User>>;
+    /// The user with this id.
+    async fn user_by_id(&self, id: Uuid) -> StoreResult<Option<User>>;
+
+    /// The device with this id.
+    async fn device(&self, id: &str) -> StoreResult<Option<Device>>;
+    /// Binds the device to the user (creating it, or re-binding it without
+    /// touching its status), revokes its active families and starts a new one.
+    async fn start_session(&self, session: NewSession) -> StoreResult<()>;
+    /// What is known of a refresh token, by its hash.
+    async fn refresh_record(&self, token_sha256: &[u8]) -> StoreResult<Option<RefreshRecord>>;
+    /// Compare-and-swap rotation: marks `old` used if (and only if) it is
+    /// still unused and its family active, and adds `new` to the family.
+    /// False when another request won the race.
+    async fn rotate_refresh(
+        &self,
+        old_sha256: &[u8],
+        family_id: Uuid,
+        new: NewRefreshToken,
+    ) -> StoreResult<bool>;
+    /// Revokes every active family of a device, with the optional status
+    /// change, audit row and event, in one transaction.
+    async fn revoke_device(&self, revocation: Revocation) -> StoreResult<()>;
+    /// Records an attestation verdict; after `max_failures` failures an
+    /// active device is quarantined.
+    async fn record_attestation(
+        &self,
+        device_id: &str,
+        verified: bool,
+        max_failures: u32,
+    ) -> StoreResult<AttestationOutcome>;
+
+    /// Records a business event.
+    async fn record_event(&self, event: NewEvent) -> StoreResult<()>;
+    /// Business events of a type, newest first (tests and the admin API).
+    async fn events_of_type(&self, event_type: &str, limit: u32) -> StoreResult<Vec<NewEvent>>;
+
+    /// Every signing key, oldest first.
+    async fn signing_keys(&self) -> StoreResult<Vec<SigningKeyRecord>>;
+    /// Adds a signing key; when `retire_others` it becomes the only unretired one.
+    async fn insert_signing_key(
+        &self,
+        key: SigningKeyRecord,
+        retire_others: bool,
+    ) -> StoreResult<()>;
+    /// The named server secret, created from `candidate` if absent. Every
+    /// replica gets the same value.
+    async fn server_secret(&self, name: &str, candidate: &[u8]) -> StoreResult<Vec<u8>>;
+
+    /// Stores an admin API key's hash.
+    async fn insert_admin_key(&self, name: &str, key_sha256: &[u8]) -> StoreResult<Uuid>;
+    /// True when an unrevoked admin key has this hash.
+    async fn admin_key_exists(&self, key_sha256: &[u8]) -> StoreResult<bool>;
 
     /// Closes the pool, waiting for checked-out connections to be returned.
     async fn close(&self);

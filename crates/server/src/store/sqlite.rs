@@ -10,13 +10,17 @@ use std::{str::FromStr, time::Duration};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::{
-    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
-    Row, SqlitePool,
+    sqlite::{
+        SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+    },
+    Row, SqliteConnection, SqlitePool,
 };
 use uuid::Uuid;
 
 use super::{
-    now_micros, AuditEntry, AuditSource, NewAuditEntry, Plan, Store, StoreError, StoreResult,
+    now_micros, AttestationOutcome, AuditEntry, AuditSource, Device, DeviceStatus, NewAuditEntry,
+    NewEvent, NewRefreshToken, NewSession, Plan, RefreshRecord, Revocation, SigningKeyRecord,
+    Store, StoreError, StoreResult, User, UserStatus,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -115,6 +119,23 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn pending_migrations(&self) -> StoreResult<usize> {
+        let applied: Vec<i64> =
+            match sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                .fetch_all(&self.pool)
+                .await
+            {
+                Ok(versions) => versions,
+                // No bookkeeping table yet: nothing was ever applied.
+                Err(sqlx::Error::Database(_)) => Vec::new(),
+                Err(e) => return Err(e.into()),
+            };
+        Ok(MIGRATOR
+            .iter()
+            .filter(|m| !applied.contains(&m.version))
+            .count())
+    }
+
     async fn plans(&self) -> StoreResult<Vec<Plan>> {
         let rows = sqlx::query(
             "SELECT name, rate_limit_per_minute, refresh_ttl_seconds FROM plans \
@@ -135,28 +156,8 @@ impl Store for SqliteStore {
 
     #[tracing::instrument(skip_all, name = "store.append_audit", fields(action = %entry.action_taken))]
     async fn append_audit(&self, entry: NewAuditEntry) -> StoreResult<AuditEntry> {
-        let id = Uuid::now_v7();
-        let created_at = now_micros();
-        sqlx::query(
-            "INSERT INTO audit_logs (id, user_id, device_id, jti, ip, user_agent, source, \
-             threat_score, decision_reason, attestation_state, action_taken, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-        )
-        .bind(id.to_string())
-        .bind(entry.user_id.map(|u| u.to_string()))
-        .bind(&entry.device_id)
-        .bind(&entry.jti)
-        .bind(&entry.ip)
-        .bind(&entry.user_agent)
-        .bind(entry.source.as_str())
-        .bind(entry.threat_score)
-        .bind(&entry.decision_reason)
-        .bind(&entry.attestation_state)
-        .bind(&entry.action_taken)
-        .bind(ts(created_at))
-        .execute(&self.pool)
-        .await?;
-        Ok(AuditEntry::from_new(entry, id, created_at))
+        let mut conn = self.pool.acquire().await?;
+        insert_audit(&mut conn, entry).await
     }
 
     async fn audit_for_user(&self, user_id: Uuid, limit: u32) -> StoreResult<Vec<AuditEntry>> {
@@ -170,7 +171,458 @@ impl Store for SqliteStore {
         rows.iter().map(Self::audit_from_row).collect()
     }
 
+    async fn plan_for_user(&self, user_id: Uuid) -> StoreResult<Plan> {
+        let row = sqlx::query(
+            "SELECT name, rate_limit_per_minute, refresh_ttl_seconds FROM plans WHERE name = \
+             COALESCE((SELECT plan FROM subscriptions WHERE user_id = $1 AND status = 'active'), 'trial')",
+        )
+        .bind(user_id.to_string())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Plan {
+            name: row.try_get("name")?,
+            rate_limit_per_minute: row.try_get("rate_limit_per_minute")?,
+            refresh_ttl_seconds: row.try_get("refresh_ttl_seconds")?,
+        })
+    }
+
+    #[tracing::instrument(skip_all, name = "store.create_user")]
+    async fn create_user(&self, email: &str, password_hash: &str) -> StoreResult<User> {
+        let id = Uuid::now_v7();
+        let now = ts(now_micros());
+        sqlx::query(
+            "INSERT INTO users (id, email, password_hash, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $4)",
+        )
+        .bind(id.to_string())
+        .bind(email)
+        .bind(password_hash)
+        .bind(&now)
+        .execute(&self.pool)
+        .await?;
+        Ok(User {
+            id,
+            email: email.to_owned(),
+            password_hash: password_hash.to_owned(),
+            status: UserStatus::Active,
+        })
+    }
+
+    async fn user_by_email(&self, email: &str) -> StoreResult<Option<User>> {
+        let row = sqlx::query(
+            "SELECT id, email, password_hash, status FROM users WHERE lower(email) = lower($1)",
+        )
+        .bind(email)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
+    async fn user_by_id(&self, id: Uuid) -> StoreResult<Option<User>> {
+        let row = sqlx::query("SELECT id, email, password_hash, status FROM users WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
+    async fn device(&self, id: &str) -> StoreResult<Option<Device>> {
+        let row = sqlx::query(
+            "SELECT id, user_id, fingerprint_sha256, platform, status, attestation_state, \
+             attestation_failures FROM devices WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(device_from_row).transpose()
+    }
+
+    #[tracing::instrument(skip_all, name = "store.start_session", fields(device_id = %session.device_id))]
+    async fn start_session(&self, session: NewSession) -> StoreResult<()> {
+        let now = ts(now_micros());
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO devices (id, user_id, fingerprint_sha256, platform, created_at, updated_at, last_seen_at) \
+             VALUES ($1, $2, $3, $4, $5, $5, $5) \
+             ON CONFLICT (id) DO UPDATE SET user_id = excluded.user_id, \
+             fingerprint_sha256 = excluded.fingerprint_sha256, platform = excluded.platform, \
+             updated_at = excluded.updated_at, last_seen_at = excluded.last_seen_at",
+        )
+        .bind(&session.device_id)
+        .bind(session.user_id.to_string())
+        .bind(&session.fingerprint_sha256)
+        .bind(&session.platform)
+        .bind(&now)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE refresh_families SET status = 'revoked', revoke_reason = 'superseded', \
+             revoked_at = $2 WHERE device_id = $1 AND status = 'active'",
+        )
+        .bind(&session.device_id)
+        .bind(&now)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO refresh_families (id, user_id, device_id, fingerprint_sha256, created_at) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(session.family_id.to_string())
+        .bind(session.user_id.to_string())
+        .bind(&session.device_id)
+        .bind(&session.fingerprint_sha256)
+        .bind(&now)
+        .execute(&mut *tx)
+        .await?;
+        insert_refresh(&mut tx, session.family_id, &session.token).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn refresh_record(&self, token_sha256: &[u8]) -> StoreResult<Option<RefreshRecord>> {
+        let row = sqlx::query(
+            "SELECT t.used_at, t.expires_at, f.id AS family_id, f.status, f.user_id, f.device_id, \
+             f.fingerprint_sha256 FROM refresh_tokens t JOIN refresh_families f ON f.id = t.family_id \
+             WHERE t.token_sha256 = $1",
+        )
+        .bind(token_sha256)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let used_at: Option<String> = row.try_get("used_at")?;
+        let status: String = row.try_get("status")?;
+        Ok(Some(RefreshRecord {
+            family_id: parse_uuid(&row.try_get::<String, _>("family_id")?)?,
+            family_active: status == "active",
+            user_id: parse_uuid(&row.try_get::<String, _>("user_id")?)?,
+            device_id: row.try_get("device_id")?,
+            fingerprint_sha256: row.try_get("fingerprint_sha256")?,
+            used: used_at.is_some(),
+            expires_at: parse_ts(&row.try_get::<String, _>("expires_at")?)?,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, name = "store.rotate_refresh")]
+    async fn rotate_refresh(
+        &self,
+        old_sha256: &[u8],
+        family_id: Uuid,
+        new: NewRefreshToken,
+    ) -> StoreResult<bool> {
+        let mut tx = self.pool.begin().await?;
+        // The first statement writes, so SQLite takes the write lock at once
+        // and a concurrent rotation waits here, then sees `used_at` set.
+        let won = sqlx::query(
+            "UPDATE refresh_tokens SET used_at = $3 WHERE token_sha256 = $1 AND used_at IS NULL \
+             AND family_id = $2 AND EXISTS (SELECT 1 FROM refresh_families f \
+             WHERE f.id = $2 AND f.status = 'active')",
+        )
+        .bind(old_sha256)
+        .bind(family_id.to_string())
+        .bind(ts(now_micros()))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !won {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        insert_refresh(&mut tx, family_id, &new).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    #[tracing::instrument(skip_all, name = "store.revoke_device", fields(device_id = %revocation.device_id))]
+    async fn revoke_device(&self, revocation: Revocation) -> StoreResult<()> {
+        let now = ts(now_micros());
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "UPDATE refresh_families SET status = 'revoked', revoke_reason = $2, revoked_at = $3 \
+             WHERE device_id = $1 AND status = 'active'",
+        )
+        .bind(&revocation.device_id)
+        .bind(&revocation.reason)
+        .bind(&now)
+        .execute(&mut *tx)
+        .await?;
+        if let Some(status) = revocation.device_status {
+            sqlx::query("UPDATE devices SET status = $2, updated_at = $3 WHERE id = $1")
+                .bind(&revocation.device_id)
+                .bind(status.as_str())
+                .bind(&now)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if let Some(audit) = revocation.audit {
+            insert_audit(&mut tx, audit).await?;
+        }
+        if let Some(event) = revocation.event {
+            insert_event(&mut tx, &event).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn record_attestation(
+        &self,
+        device_id: &str,
+        verified: bool,
+        max_failures: u32,
+    ) -> StoreResult<AttestationOutcome> {
+        let now = ts(now_micros());
+        let mut tx = self.pool.begin().await?;
+        if verified {
+            sqlx::query(
+                "UPDATE devices SET attestation_state = 'verified', attestation_failures = 0, \
+                 updated_at = $2 WHERE id = $1",
+            )
+            .bind(device_id)
+            .bind(&now)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            return Ok(AttestationOutcome {
+                failures: 0,
+                quarantined: false,
+            });
+        }
+        let row = sqlx::query(
+            "UPDATE devices SET attestation_state = 'failed', \
+             attestation_failures = attestation_failures + 1, updated_at = $2 WHERE id = $1 \
+             RETURNING attestation_failures",
+        )
+        .bind(device_id)
+        .bind(&now)
+        .fetch_one(&mut *tx)
+        .await?;
+        let failures: u32 = row.try_get("attestation_failures")?;
+        let quarantined = failures >= max_failures
+            && sqlx::query(
+                "UPDATE devices SET status = 'quarantined' WHERE id = $1 AND status = 'active'",
+            )
+            .bind(device_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                == 1;
+        tx.commit().await?;
+        Ok(AttestationOutcome {
+            failures,
+            quarantined,
+        })
+    }
+
+    async fn record_event(&self, event: NewEvent) -> StoreResult<()> {
+        let mut conn = self.pool.acquire().await?;
+        insert_event(&mut conn, &event).await
+    }
+
+    async fn events_of_type(&self, event_type: &str, limit: u32) -> StoreResult<Vec<NewEvent>> {
+        let rows = sqlx::query(
+            "SELECT type, user_id, device_id, ip_prefix, ip_hmac, metadata FROM business_events \
+             WHERE type = $1 ORDER BY created_at DESC, id DESC LIMIT $2",
+        )
+        .bind(event_type)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let user_id: Option<String> = row.try_get("user_id")?;
+                let metadata: String = row.try_get("metadata")?;
+                Ok(NewEvent {
+                    event_type: row.try_get("type")?,
+                    user_id: user_id.as_deref().map(parse_uuid).transpose()?,
+                    device_id: row.try_get("device_id")?,
+                    ip_prefix: row.try_get("ip_prefix")?,
+                    ip_hmac: row.try_get("ip_hmac")?,
+                    metadata: serde_json::from_str(&metadata)
+                        .map_err(|e| StoreError::Other(sqlx::Error::Decode(Box::new(e))))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn signing_keys(&self) -> StoreResult<Vec<SigningKeyRecord>> {
+        let rows = sqlx::query(
+            "SELECT kid, alg, private_der, public_jwk, created_at, retired_at FROM signing_keys \
+             ORDER BY created_at, kid",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let jwk: String = row.try_get("public_jwk")?;
+                let retired: Option<String> = row.try_get("retired_at")?;
+                Ok(SigningKeyRecord {
+                    kid: row.try_get("kid")?,
+                    alg: row.try_get("alg")?,
+                    private_der: row.try_get("private_der")?,
+                    public_jwk: serde_json::from_str(&jwk)
+                        .map_err(|e| StoreError::Other(sqlx::Error::Decode(Box::new(e))))?,
+                    created_at: parse_ts(&row.try_get::<String, _>("created_at")?)?,
+                    retired_at: retired.as_deref().map(parse_ts).transpose()?,
+                })
+            })
+            .collect()
+    }
+
+    async fn insert_signing_key(
+        &self,
+        key: SigningKeyRecord,
+        retire_others: bool,
+    ) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        if retire_others {
+            sqlx::query("UPDATE signing_keys SET retired_at = $1 WHERE retired_at IS NULL")
+                .bind(ts(key.created_at))
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query(
+            "INSERT INTO signing_keys (kid, alg, private_der, public_jwk, created_at) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (kid) DO NOTHING",
+        )
+        .bind(&key.kid)
+        .bind(&key.alg)
+        .bind(&key.private_der)
+        .bind(key.public_jwk.to_string())
+        .bind(ts(key.created_at))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn server_secret(&self, name: &str, candidate: &[u8]) -> StoreResult<Vec<u8>> {
+        sqlx::query(
+            "INSERT INTO server_secrets (name, value, created_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(candidate)
+        .bind(ts(now_micros()))
+        .execute(&self.pool)
+        .await?;
+        Ok(
+            sqlx::query_scalar("SELECT value FROM server_secrets WHERE name = $1")
+                .bind(name)
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn insert_admin_key(&self, name: &str, key_sha256: &[u8]) -> StoreResult<Uuid> {
+        let id = Uuid::now_v7();
+        sqlx::query(
+            "INSERT INTO admin_keys (id, name, key_sha256, created_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(id.to_string())
+        .bind(name)
+        .bind(key_sha256)
+        .bind(ts(now_micros()))
+        .execute(&self.pool)
+        .await?;
+        Ok(id)
+    }
+
+    async fn admin_key_exists(&self, key_sha256: &[u8]) -> StoreResult<bool> {
+        Ok(sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM admin_keys WHERE key_sha256 = $1 AND revoked_at IS NULL)",
+        )
+        .bind(key_sha256)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
     async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+fn user_from_row(row: &SqliteRow) -> StoreResult<User> {
+    Ok(User {
+        id: parse_uuid(&row.try_get::<String, _>("id")?)?,
+        email: row.try_get("email")?,
+        password_hash: row.try_get("password_hash")?,
+        status: UserStatus::parse(&row.try_get::<String, _>("status")?),
+    })
+}
+
+fn device_from_row(row: &SqliteRow) -> StoreResult<Device> {
+    Ok(Device {
+        id: row.try_get("id")?,
+        user_id: parse_uuid(&row.try_get::<String, _>("user_id")?)?,
+        fingerprint_sha256: row.try_get("fingerprint_sha256")?,
+        platform: row.try_get("platform")?,
+        status: DeviceStatus::parse(&row.try_get::<String, _>("status")?),
+        attestation_state: row.try_get("attestation_state")?,
+        attestation_failures: row.try_get("attestation_failures")?,
+    })
+}
+
+async fn insert_refresh(
+    conn: &mut SqliteConnection,
+    family_id: Uuid,
+    token: &NewRefreshToken,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO refresh_tokens (token_sha256, family_id, jti, issued_at, expires_at) \
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(&token.token_sha256)
+    .bind(family_id.to_string())
+    .bind(token.jti.to_string())
+    .bind(ts(token.issued_at))
+    .bind(ts(token.expires_at))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+async fn insert_audit(
+    conn: &mut SqliteConnection,
+    entry: NewAuditEntry,
+) -> StoreResult<AuditEntry> {
+    let id = Uuid::now_v7();
+    let created_at = now_micros();
+    sqlx::query(
+        "INSERT INTO audit_logs (id, user_id, device_id, jti, ip, user_agent, source, \
+         threat_score, decision_reason, attestation_state, action_taken, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+    )
+    .bind(id.to_string())
+    .bind(entry.user_id.map(|u| u.to_string()))
+    .bind(&entry.device_id)
+    .bind(&entry.jti)
+    .bind(&entry.ip)
+    .bind(&entry.user_agent)
+    .bind(entry.source.as_str())
+    .bind(entry.threat_score)
+    .bind(&entry.decision_reason)
+    .bind(&entry.attestation_state)
+    .bind(&entry.action_taken)
+    .bind(ts(created_at))
+    .execute(conn)
+    .await?;
+    Ok(AuditEntry::from_new(entry, id, created_at))
+}
+
+async fn insert_event(conn: &mut SqliteConnection, event: &NewEvent) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO business_events (id, type, user_id, device_id, ip_prefix, ip_hmac, metadata, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(Uuid::now_v7().to_string())
+    .bind(&event.event_type)
+    .bind(event.user_id.map(|u| u.to_string()))
+    .bind(&event.device_id)
+    .bind(&event.ip_prefix)
+    .bind(&event.ip_hmac)
+    .bind(event.metadata.to_string())
+    .bind(ts(now_micros()))
+    .execute(conn)
+    .await?;
+    Ok(())
 }

@@ -235,17 +235,43 @@ async fn openapi_describes_exactly_the_served_routes(backend: Backend) {
     assert_eq!(
         paths,
         vec![
+            "/.well-known/jwks.json",
             "/docs",
             "/health/live",
             "/health/ready",
+            "/internal/.well-known/jwks.json",
             "/metrics",
-            "/openapi.json"
+            "/openapi.json",
+            "/v1/admin/sessions",
+            "/v1/attestation/nonce",
+            "/v1/attestation/verify",
+            "/v1/auth/login",
+            "/v1/auth/logout",
+            "/v1/auth/refresh",
+            "/v1/auth/register",
         ]
     );
     assert!(doc["components"]["schemas"]["Problem"].is_object());
-    // Every documented path is really served.
-    for path in paths {
+    assert!(doc["components"]["securitySchemes"]["device_jwt"].is_object());
+    assert!(doc["components"]["securitySchemes"]["admin_key"].is_object());
+    // Every documented GET path is really served.
+    for path in paths
+        .iter()
+        .filter(|p| doc["paths"][**p]["get"].is_object())
+    {
         assert_eq!(app.get(path).await.status(), StatusCode::OK, "{path}");
+    }
+    // The contract's methods.
+    for (path, method) in [
+        ("/v1/auth/register", "post"),
+        ("/v1/auth/login", "post"),
+        ("/v1/auth/refresh", "post"),
+        ("/v1/auth/logout", "post"),
+        ("/v1/attestation/nonce", "post"),
+        ("/v1/attestation/verify", "post"),
+        ("/v1/admin/sessions", "post"),
+    ] {
+        assert!(doc["paths"][path][method].is_object(), "{method} {path}");
     }
     let docs = app.get("/docs").await;
     assert!(docs.headers()[header::CONTENT_TYPE]

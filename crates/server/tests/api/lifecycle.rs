@@ -281,13 +281,12 @@ async fn in_flight_requests_finish_during_the_drain() {
 }
 
 #[tokio::test]
-async fn serve_without_migrations_leaves_the_schema_alone() {
+async fn serve_without_migrations_refuses_a_stale_schema_then_runs_once_migrated() {
     let backing = Backing::new(Backend::Embedded).await.expect("embedded");
     let mut env = backing.env();
     env.push(("BLOCKREMOTE_AUTO_MIGRATE", "false".into()));
-    let (mut server, _) = Running::start(&env, &["serve"], "\"listening\"").await;
-    server.signal("TERM");
-    assert!(server.wait(Duration::from_secs(10)).await.success());
+    let stderr = expect_failure(env.clone(), &["serve"]).await;
+    assert!(stderr.contains("blockremote migrate"), "{stderr}");
     let store = SqliteStore::connect(
         &format!(
             "sqlite://{}",
@@ -302,6 +301,13 @@ async fn serve_without_migrations_leaves_the_schema_alone() {
         store.plans().await.is_err(),
         "no tables: migrations were skipped"
     );
+    store.close().await;
+
+    let out = command(&env, &["migrate"]).output().await.expect("migrate");
+    assert!(out.status.success());
+    let (mut server, _) = Running::start(&env, &["serve"], "\"listening\"").await;
+    server.signal("TERM");
+    assert!(server.wait(Duration::from_secs(10)).await.success());
 }
 
 /// Runs the binary expecting a fast failure; returns stderr.

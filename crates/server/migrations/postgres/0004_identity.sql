@@ -1,0 +1,34 @@
+-- 0004 identity: signing keys, server secrets, admin API keys (PostgreSQL).
+
+-- JWT signing keys. Every replica reads this table, so a rotation made by
+-- `blockremote keys rotate` reaches all of them. `private_der` is NULL for a
+-- key whose private half is held outside the database (a PEM from a vault).
+CREATE TABLE signing_keys (
+    kid         TEXT PRIMARY KEY,
+    alg         TEXT NOT NULL CHECK (alg IN ('ES256', 'RS256')),
+    private_der BYTEA,
+    public_jwk  JSONB NOT NULL,
+    created_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
+    -- When the key stopped signing; it still verifies until tokens it signed expire.
+    retired_at  TIMESTAMPTZ
+);
+
+-- Server-side secrets generated once and shared by every replica
+-- (for example the key of the IP HMAC).
+CREATE TABLE server_secrets (
+    name       TEXT PRIMARY KEY,
+    value      BYTEA NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
+-- Admin API keys: only the SHA-256 of a 256-bit random key is stored.
+CREATE TABLE admin_keys (
+    id         UUID PRIMARY KEY,
+    name       TEXT NOT NULL,
+    key_sha256 BYTEA NOT NULL UNIQUE,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    revoked_at TIMESTAMPTZ
+);
+
+-- Refresh families are looked up by device on every sign-in.
+CREATE INDEX refresh_families_device_status_idx ON refresh_families (device_id, status);

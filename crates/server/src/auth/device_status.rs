@@ -1,0 +1,88 @@
+//! Device status on every request, without a database round trip each time.
+//!
+//! Every device-authenticated request must refuse a revoked, quarantined or
+//! locked device even before its token expires. Statuses are cached for
+//! [`CACHE_TTL`]; any status change publishes the device id on
+//! [`INVALIDATION_CHANNEL`], and every instance drops its cached entry at
+//! once, so a lock made on one replica is enforced by all of them within
+//! milliseconds (and at worst after the TTL if a message is lost).
+
+use std::{sync::Arc, time::Duration};
+
+use dashmap::DashMap;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use crate::{
+    state::{SharedState, StateResult},
+    store::{DeviceStatus, Store, StoreResult},
+};
+
+/// How long a cached status is trusted without an invalidation.
+pub const CACHE_TTL: Duration = Duration::from_secs(5);
+/// Pub/sub channel carrying device ids whose status changed.
+pub const INVALIDATION_CHANNEL: &str = "session:device_status";
+
+/// What a request needs to know about its device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceState {
+    /// Current status.
+    pub status: DeviceStatus,
+    /// The user the device is bound to now.
+    pub user_id: Uuid,
+}
+
+/// The cache (see the module docs).
+pub struct DeviceStatusCache {
+    entries: Arc<DashMap<String, (Option<DeviceState>, Instant)>>,
+    shared: Arc<dyn SharedState>,
+}
+
+impl DeviceStatusCache {
+    /// Creates the cache and subscribes to invalidations.
+    pub async fn start(shared: Arc<dyn SharedState>) -> StateResult<Self> {
+        let entries: Arc<DashMap<String, (Option<DeviceState>, Instant)>> = Arc::default();
+        let mut invalidations = shared.subscribe(INVALIDATION_CHANNEL).await?;
+        let weak = Arc::downgrade(&entries);
+        tokio::spawn(async move {
+            while let Some(message) = invalidations.recv().await {
+                let Some(entries) = weak.upgrade() else { break };
+                entries.remove(String::from_utf8_lossy(&message).as_ref());
+            }
+        });
+        Ok(Self { entries, shared })
+    }
+
+    /// The device's state (`None` when it does not exist).
+    pub async fn get(
+        &self,
+        store: &dyn Store,
+        device_id: &str,
+    ) -> StoreResult<Option<DeviceState>> {
+        if let Some(entry) = self.entries.get(device_id) {
+            if entry.1.elapsed() < CACHE_TTL {
+                return Ok(entry.0);
+            }
+        }
+        let state = store.device(device_id).await?.map(|d| DeviceState {
+            status: d.status,
+            user_id: d.user_id,
+        });
+        self.entries
+            .insert(device_id.to_owned(), (state, Instant::now()));
+        Ok(state)
+    }
+
+    /// Drops the device's entry here and on every other instance.
+    pub async fn invalidate(&self, device_id: &str) {
+        self.entries.remove(device_id);
+        if let Err(e) = self
+            .shared
+            .publish(INVALIDATION_CHANNEL, device_id.as_bytes())
+            .await
+        {
+            // The TTL still bounds how long another instance can be stale.
+            tracing::warn!(error = %e, device_id, "device status invalidation not published");
+        }
+    }
+}

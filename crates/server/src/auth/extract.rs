@@ -1,0 +1,161 @@
+//! Request extractors: who is calling.
+//!
+//! * [`DeviceAuth`] — `Authorization: Bearer <jwt>` plus `X-Device-Id`: the
+//!   token verifies, the header equals its `did`, and the device is still
+//!   active and bound to the token's user.
+//! * [`AdminAuth`] — `Authorization: Bearer <admin key>`: the bootstrap key or
+//!   a key created with `blockremote admin-key create`, compared by hash.
+//! * [`ClientIp`] — the client's address, through trusted proxies only.
+
+use std::net::{IpAddr, SocketAddr};
+
+use axum::{
+    extract::{ConnectInfo, FromRequestParts},
+    http::{header, request::Parts},
+};
+use uuid::Uuid;
+
+use super::{client_ip, sha256, tokens};
+use crate::{
+    app::AppState,
+    error::{codes, ApiError},
+    store::DeviceStatus,
+};
+
+/// The header naming the calling device.
+pub const DEVICE_ID_HEADER: &str = "x-device-id";
+
+/// An authenticated device session.
+#[derive(Debug, Clone)]
+pub struct DeviceAuth {
+    /// The user.
+    pub user_id: Uuid,
+    /// The device.
+    pub device_id: String,
+    /// The access token's id.
+    pub jti: Uuid,
+}
+
+fn bearer(parts: &Parts) -> Option<&str> {
+    let value = parts.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+fn invalid_token() -> ApiError {
+    ApiError::unauthorized(
+        codes::INVALID_TOKEN,
+        "The access token is missing, invalid or expired.",
+    )
+}
+
+/// Maps a device status to the refusal the contract specifies.
+pub fn refuse_status(status: DeviceStatus) -> Option<ApiError> {
+    match status {
+        DeviceStatus::Active => None,
+        DeviceStatus::Revoked => Some(ApiError::unauthorized(
+            codes::DEVICE_REVOKED,
+            "This device's sessions were revoked.",
+        )),
+        DeviceStatus::Locked | DeviceStatus::Quarantined => Some(ApiError::forbidden(
+            codes::DEVICE_LOCKED,
+            "This device is locked.",
+        )),
+    }
+}
+
+impl FromRequestParts<AppState> for DeviceAuth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = bearer(parts).ok_or_else(invalid_token)?;
+        let keys = state.auth.keys.current();
+        let claims = tokens::verify(&keys, &state.auth.issuer, &state.auth.audience, token)
+            .map_err(|_| invalid_token())?;
+        let header_device = parts
+            .headers
+            .get(DEVICE_ID_HEADER)
+            .and_then(|v| v.to_str().ok());
+        if header_device != Some(claims.did.as_str()) {
+            return Err(ApiError::unauthorized(
+                codes::DEVICE_MISMATCH,
+                "X-Device-Id must name the device the token was issued to.",
+            ));
+        }
+        let device = state
+            .auth
+            .devices
+            .get(state.store.as_ref(), &claims.did)
+            .await?;
+        let Some(device) = device.filter(|d| d.user_id == claims.sub) else {
+            return Err(ApiError::unauthorized(
+                codes::DEVICE_REVOKED,
+                "This device's sessions were revoked.",
+            ));
+        };
+        if let Some(refusal) = refuse_status(device.status) {
+            return Err(refusal);
+        }
+        let span = tracing::Span::current();
+        span.record("device_id", claims.did.as_str());
+        span.record("user_id", tracing::field::display(claims.sub));
+        Ok(Self {
+            user_id: claims.sub,
+            device_id: claims.did,
+            jti: claims.jti,
+        })
+    }
+}
+
+/// An authenticated operator (admin API key).
+#[derive(Debug, Clone, Copy)]
+pub struct AdminAuth;
+
+impl FromRequestParts<AppState> for AdminAuth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let refused = || {
+            ApiError::unauthorized(
+                codes::INVALID_ADMIN_KEY,
+                "A valid admin API key is required.",
+            )
+        };
+        let key = bearer(parts).ok_or_else(refused)?;
+        let hash = sha256(key.as_bytes());
+        if state.auth.is_bootstrap_admin(&hash) || state.store.admin_key_exists(&hash).await? {
+            Ok(Self)
+        } else {
+            Err(refused())
+        }
+    }
+}
+
+/// The client's IP (None when the transport gives no peer address, as in
+/// in-process tests).
+#[derive(Debug, Clone, Copy)]
+pub struct ClientIp(pub Option<IpAddr>);
+
+impl FromRequestParts<AppState> for ClientIp {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0);
+        let forwarded = parts
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok());
+        Ok(Self(peer.map(|peer| {
+            client_ip::client_ip(peer, forwarded, &state.config.trusted_proxies)
+        })))
+    }
+}

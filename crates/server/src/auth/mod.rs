@@ -1,0 +1,140 @@
+//! Identity: device-bound sessions, signing keys, admin keys, attestation.
+//!
+//! [`Auth`] holds what every request needs to authenticate: the key ring, the
+//! device-status cache, the IP HMAC key and the token settings. Sessions are
+//! opened, rotated and revoked in [`sessions`]; the [`extract`] module turns a
+//! request's credentials into a [`extract::DeviceAuth`] or [`extract::AdminAuth`].
+
+pub mod attestation;
+pub mod client_ip;
+pub mod device_status;
+pub mod extract;
+pub mod keys;
+pub mod passwords;
+pub mod sessions;
+pub mod tokens;
+
+use std::{net::IpAddr, sync::Arc, time::Duration};
+
+use rand::RngCore;
+use secrecy::ExposeSecret;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use self::{device_status::DeviceStatusCache, keys::KeyRing};
+use crate::{
+    config::Config,
+    state::SharedState,
+    store::{NewEvent, Store},
+};
+
+/// Why identity could not be set up at start.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthSetupError {
+    /// The signing keys could not be loaded or created.
+    #[error(transparent)]
+    Keys(#[from] keys::KeyError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// Shared state failed.
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+}
+
+/// Authentication services shared by every handler.
+pub struct Auth {
+    /// Signing and verifying keys.
+    pub keys: KeyRing,
+    /// Device status, cached briefly and invalidated across instances.
+    pub devices: DeviceStatusCache,
+    ip_key: Vec<u8>,
+    admin_bootstrap: Option<[u8; 32]>,
+    /// `iss` of issued tokens.
+    pub issuer: String,
+    /// `aud` of issued tokens.
+    pub audience: String,
+    /// Access-token lifetime.
+    pub access_ttl: Duration,
+}
+
+/// SHA-256 of a secret (tokens, keys, fingerprints).
+pub fn sha256(input: &[u8]) -> [u8; 32] {
+    Sha256::digest(input).into()
+}
+
+/// A fresh 256-bit random secret, base64url, with a type prefix.
+pub fn random_token(prefix: &str) -> String {
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    format!(
+        "{prefix}{}",
+        base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, bytes)
+    )
+}
+
+impl Auth {
+    /// Loads keys and secrets from the store and starts the cache invalidation listener.
+    pub async fn load(
+        config: &Config,
+        store: &dyn Store,
+        shared: Arc<dyn SharedState>,
+    ) -> Result<Self, AuthSetupError> {
+        let external = match &config.jwt_private_key {
+            Some(pem) => Some(keys::ExternalKey::from_pem(pem.expose_secret())?),
+            None => None,
+        };
+        let window = config.access_token_ttl + Duration::from_secs(tokens::LEEWAY_SECONDS + 60);
+        let keys = KeyRing::load(store, external, window).await?;
+        let mut candidate = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut candidate);
+        let ip_key = store.server_secret("ip_hmac", &candidate).await?;
+        passwords::warm_up();
+        Ok(Self {
+            keys,
+            devices: DeviceStatusCache::start(shared).await?,
+            ip_key,
+            admin_bootstrap: config
+                .admin_token
+                .as_ref()
+                .map(|t| sha256(t.expose_secret().as_bytes())),
+            issuer: config.issuer.clone(),
+            audience: config.audience.clone(),
+            access_ttl: config.access_token_ttl,
+        })
+    }
+
+    /// A business event with the client's IP anonymized (prefix + keyed HMAC).
+    pub fn event(
+        &self,
+        event_type: &str,
+        user_id: Option<Uuid>,
+        device_id: Option<&str>,
+        ip: Option<IpAddr>,
+        metadata: serde_json::Value,
+    ) -> NewEvent {
+        NewEvent {
+            event_type: event_type.to_owned(),
+            user_id,
+            device_id: device_id.map(str::to_owned),
+            ip_prefix: ip.map(client_ip::prefix),
+            ip_hmac: ip.map(|ip| client_ip::hmac(&self.ip_key, ip)),
+            metadata,
+        }
+    }
+
+    /// The anonymized prefix of an address, for audit rows.
+    pub fn ip_prefix(ip: Option<IpAddr>) -> Option<String> {
+        ip.map(client_ip::prefix)
+    }
+}
+
+impl Auth {
+    /// True when `key_sha256` is the bootstrap admin key (constant-time).
+    pub fn is_bootstrap_admin(&self, key_sha256: &[u8; 32]) -> bool {
+        use subtle::ConstantTimeEq;
+        self.admin_bootstrap
+            .as_ref()
+            .is_some_and(|expected| bool::from(expected.ct_eq(key_sha256)))
+    }
+}

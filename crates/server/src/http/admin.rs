@@ -1,0 +1,82 @@
+//! `/v1/admin/*` routes available so far: server-to-server sign-in.
+
+use axum::{extract::State, http::StatusCode, Json as JsonResponse};
+use serde::Deserialize;
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
+use uuid::Uuid;
+
+use super::{json::Json, validate};
+use crate::{
+    app::AppState,
+    auth::{
+        extract::{AdminAuth, ClientIp},
+        sessions::{self, Origin, SessionTokens},
+    },
+    error::{codes, ApiError, Problem},
+    store::UserStatus,
+};
+
+/// The admin routes.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(post_session))
+}
+
+/// Mint a device session for an existing user.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSessionRequest {
+    /// The user (authenticated elsewhere by the calling app).
+    pub user_id: Uuid,
+    /// 8–64 characters of `[A-Za-z0-9_-]`.
+    pub device_id: String,
+    /// The app's device fingerprint.
+    pub device_fingerprint: String,
+    /// `android` or `ios`.
+    pub platform: String,
+}
+
+/// Server-to-server sign-in: mints a device session for an existing user.
+#[utoipa::path(post, path = "/v1/admin/sessions", tag = "admin", request_body = AdminSessionRequest,
+    security(("admin_key" = [])),
+    responses(
+        (status = 201, description = "Device session opened", body = SessionTokens),
+        (status = 401, description = "`invalid_admin_key`", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`user_not_found`", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn post_session(
+    State(state): State<AppState>,
+    _admin: AdminAuth,
+    ip: ClientIp,
+    Json(body): Json<AdminSessionRequest>,
+) -> Result<(StatusCode, JsonResponse<SessionTokens>), ApiError> {
+    validate::device(&body.device_id, &body.device_fingerprint, &body.platform)?;
+    let user = state
+        .store
+        .user_by_id(body.user_id)
+        .await?
+        .ok_or(ApiError::Client {
+            status: StatusCode::NOT_FOUND,
+            code: codes::USER_NOT_FOUND,
+            detail: "No user has this id.",
+        })?;
+    if user.status != UserStatus::Active {
+        return Err(ApiError::forbidden(
+            codes::ACCOUNT_BLOCKED,
+            "This account is blocked.",
+        ));
+    }
+    let tokens = sessions::open(
+        &state,
+        &user,
+        &body.device_id,
+        &body.device_fingerprint,
+        &body.platform,
+        &Origin {
+            ip: ip.0,
+            user_agent: None,
+        },
+    )
+    .await?;
+    Ok((StatusCode::CREATED, JsonResponse(tokens)))
+}

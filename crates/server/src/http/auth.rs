@@ -1,0 +1,223 @@
+//! `/v1/auth/*`: register, login, refresh, logout.
+
+use axum::{extract::State, http::StatusCode, Json as JsonResponse};
+use serde::Deserialize;
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use super::{json::Json, validate};
+use crate::{
+    app::AppState,
+    auth::{
+        extract::{ClientIp, DeviceAuth},
+        passwords,
+        sessions::{self, Origin, SessionTokens},
+    },
+    error::{codes, ApiError, Problem},
+    store::{StoreError, UserStatus},
+};
+
+/// The auth routes.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(post_register))
+        .routes(routes!(post_login))
+        .routes(routes!(post_refresh))
+        .routes(routes!(post_logout))
+}
+
+/// Sign-up or sign-in on a device.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Credentials {
+    /// Email address (compared case-insensitively).
+    #[schema(example = "ana@example.com")]
+    pub email: String,
+    /// 8–256 characters.
+    pub password: String,
+    /// 8–64 characters of `[A-Za-z0-9_-]`.
+    #[schema(example = "a1b2c3d4e5f6")]
+    pub device_id: String,
+    /// The app's stable hardware/install fingerprint; only its SHA-256 is stored.
+    pub device_fingerprint: String,
+    /// `android` or `ios`.
+    #[schema(example = "android")]
+    pub platform: String,
+}
+
+/// A refresh-token exchange.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshRequest {
+    /// The refresh token last issued to this device.
+    pub refresh_token: String,
+    /// The device it was issued to.
+    pub device_id: String,
+    /// The fingerprint it was issued to.
+    pub device_fingerprint: String,
+}
+
+fn origin(ip: ClientIp, headers: &axum::http::HeaderMap) -> Origin {
+    Origin {
+        ip: ip.0,
+        user_agent: headers
+            .get(axum::http::header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.chars().take(256).collect()),
+    }
+}
+
+/// Creates an account and signs the device in.
+#[utoipa::path(post, path = "/v1/auth/register", tag = "auth", request_body = Credentials,
+    responses(
+        (status = 201, description = "Account created; device session opened", body = SessionTokens),
+        (status = 409, description = "`email_taken`", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`validation_failed`", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn post_register(
+    State(state): State<AppState>,
+    ip: ClientIp,
+    headers: axum::http::HeaderMap,
+    Json(body): Json<Credentials>,
+) -> Result<(StatusCode, JsonResponse<SessionTokens>), ApiError> {
+    let email = validate::email(&body.email)?;
+    validate::password(&body.password)?;
+    validate::device(&body.device_id, &body.device_fingerprint, &body.platform)?;
+    sessions::ensure_device_usable(&state, &body.device_id).await?;
+    let hash = passwords::hash(body.password).await?;
+    let user = match state.store.create_user(&email, &hash).await {
+        Ok(user) => user,
+        Err(StoreError::Conflict { .. }) => {
+            return Err(ApiError::conflict(
+                codes::EMAIL_TAKEN,
+                "An account with this email already exists.",
+            ))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let origin = origin(ip, &headers);
+    let event = state.auth.event(
+        "create:user",
+        Some(user.id),
+        Some(&body.device_id),
+        origin.ip,
+        serde_json::json!({"platform": body.platform}),
+    );
+    state.store.record_event(event).await?;
+    let tokens = sessions::open(
+        &state,
+        &user,
+        &body.device_id,
+        &body.device_fingerprint,
+        &body.platform,
+        &origin,
+    )
+    .await?;
+    Ok((StatusCode::CREATED, JsonResponse(tokens)))
+}
+
+/// Signs a device in with email and password.
+#[utoipa::path(post, path = "/v1/auth/login", tag = "auth", request_body = Credentials,
+    responses(
+        (status = 200, description = "Device session opened", body = SessionTokens),
+        (status = 401, description = "`invalid_credentials` (unknown email and wrong password alike)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`account_blocked` or `device_locked`", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn post_login(
+    State(state): State<AppState>,
+    ip: ClientIp,
+    headers: axum::http::HeaderMap,
+    Json(body): Json<Credentials>,
+) -> Result<JsonResponse<SessionTokens>, ApiError> {
+    let email = validate::email(&body.email)?;
+    validate::password(&body.password)?;
+    validate::device(&body.device_id, &body.device_fingerprint, &body.platform)?;
+    let origin = origin(ip, &headers);
+    let user = state.store.user_by_email(&email).await?;
+    let ok = passwords::verify(
+        body.password,
+        user.as_ref().map(|u| u.password_hash.clone()),
+    )
+    .await?;
+    let user = match user {
+        Some(user) if ok => user,
+        other => {
+            let event = state.auth.event(
+                "login:failed",
+                other.map(|u| u.id),
+                Some(&body.device_id),
+                origin.ip,
+                serde_json::json!({"reason": "invalid_credentials"}),
+            );
+            state.store.record_event(event).await?;
+            return Err(ApiError::unauthorized(
+                codes::INVALID_CREDENTIALS,
+                "The email or password is incorrect.",
+            ));
+        }
+    };
+    if user.status != UserStatus::Active {
+        return Err(ApiError::forbidden(
+            codes::ACCOUNT_BLOCKED,
+            "This account is blocked.",
+        ));
+    }
+    let tokens = sessions::open(
+        &state,
+        &user,
+        &body.device_id,
+        &body.device_fingerprint,
+        &body.platform,
+        &origin,
+    )
+    .await?;
+    Ok(JsonResponse(tokens))
+}
+
+/// Exchanges a refresh token for a new token pair (rotation on every use).
+#[utoipa::path(post, path = "/v1/auth/refresh", tag = "auth", request_body = RefreshRequest,
+    responses(
+        (status = 200, description = "New token pair; the presented refresh token is spent", body = SessionTokens),
+        (status = 401, description = "`invalid_refresh_token`, or `refresh_token_reused` (the session and device were revoked)", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited`", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn post_refresh(
+    State(state): State<AppState>,
+    ip: ClientIp,
+    headers: axum::http::HeaderMap,
+    Json(body): Json<RefreshRequest>,
+) -> Result<JsonResponse<SessionTokens>, ApiError> {
+    validate::device_id(&body.device_id)?;
+    validate::fingerprint(&body.device_fingerprint)?;
+    if body.refresh_token.is_empty() || body.refresh_token.len() > 256 {
+        return Err(ApiError::invalid_field(
+            "refresh_token",
+            "must be 1–256 characters",
+        ));
+    }
+    let tokens = sessions::refresh(
+        &state,
+        &body.refresh_token,
+        &body.device_id,
+        &body.device_fingerprint,
+        &origin(ip, &headers),
+    )
+    .await?;
+    Ok(JsonResponse(tokens))
+}
+
+/// Ends the device's session: its refresh-token family is revoked.
+#[utoipa::path(post, path = "/v1/auth/logout", tag = "auth",
+    params(("X-Device-Id" = String, Header, description = "The device the token is bound to")),
+    security(("device_jwt" = [])),
+    responses(
+        (status = 204, description = "Signed out"),
+        (status = 401, description = "`invalid_token`, `device_mismatch` or `device_revoked`", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn post_logout(
+    State(state): State<AppState>,
+    device: DeviceAuth,
+) -> Result<StatusCode, ApiError> {
+    sessions::logout(&state, &device.device_id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

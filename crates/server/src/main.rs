@@ -88,7 +88,11 @@ fn main() -> ExitCode {
             Err(e) => fail(&e.to_string()),
         };
     }
-    telemetry::init_logging(config.log_format);
+    let target = match cli.command {
+        Command::Serve { .. } | Command::Worker => telemetry::LogTarget::Stdout,
+        _ => telemetry::LogTarget::Stderr,
+    };
+    telemetry::init_logging(config.log_format, target);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -14,11 +14,27 @@ use tracing_subscriber::{fmt, prelude::*, EnvFilter};
 
 use crate::config::LogFormat;
 
+/// Where log lines go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogTarget {
+    /// Long-running processes (`serve`, `worker`): stdout, for the log shipper.
+    Stdout,
+    /// One-shot commands: stderr, so stdout carries only their output
+    /// (a key id, a new admin key) and can be piped.
+    Stderr,
+}
+
 /// Installs the process-wide log subscriber. Call once, from `main`.
 ///
 /// The level comes from `RUST_LOG` (default `info`); sqlx's per-statement
 /// logging is quietened so queries never reach the logs with their values.
-pub fn init_logging(format: LogFormat) {
+pub fn init_logging(format: LogFormat, target: LogTarget) {
+    let writer = move || -> Box<dyn std::io::Write> {
+        match target {
+            LogTarget::Stdout => Box::new(std::io::stdout()),
+            LogTarget::Stderr => Box::new(std::io::stderr()),
+        }
+    };
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,tower_http=warn"));
     let registry = tracing_subscriber::registry().with(filter);
@@ -30,12 +46,10 @@ pub fn init_logging(format: LogFormat) {
                     .flatten_event(true)
                     .with_current_span(true)
                     .with_span_list(false)
-                    .with_writer(std::io::stdout),
+                    .with_writer(writer),
             )
             .try_init(),
-        LogFormat::Pretty => registry
-            .with(fmt::layer().with_writer(std::io::stdout))
-            .try_init(),
+        LogFormat::Pretty => registry.with(fmt::layer().with_writer(writer)).try_init(),
     };
     // A second init (tests) keeps the first subscriber; that is fine.
     drop(result);

@@ -402,3 +402,36 @@ where
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+impl TestApp {
+    /// POST `body` as JSON to `path`.
+    pub async fn post_json(&self, path: &str, body: &serde_json::Value) -> reqwest::Response {
+        self.client
+            .post(format!("{}{path}", self.address))
+            .json(body)
+            .send()
+            .await
+            .expect("request")
+    }
+
+    /// POST to a device route with `token` and `X-Device-Id: device`.
+    pub async fn device_post(
+        &self,
+        path: &str,
+        token: &str,
+        device: Option<&str>,
+        body: Option<&serde_json::Value>,
+    ) -> reqwest::Response {
+        let mut request = self
+            .client
+            .post(format!("{}{path}", self.address))
+            .bearer_auth(token);
+        if let Some(device) = device {
+            request = request.header("x-device-id", device);
+        }
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        request.send().await.expect("request")
+    }
+}

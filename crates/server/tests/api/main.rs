@@ -2,6 +2,7 @@
 
 mod helpers;
 mod http_surface;
+mod identity;
 mod lifecycle;
 mod proxy;
 mod state_conformance;

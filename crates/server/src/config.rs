@@ -154,6 +154,9 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Access-token lifetime (`BLOCKREMOTE_ACCESS_TOKEN_TTL_SECONDS`, default 900).
     pub access_token_ttl: Duration,
+    /// Algorithm of generated signing keys: `ES256` (default) or `RS256`
+    /// (`BLOCKREMOTE_JWT_ALGORITHM`). A configured PEM decides by its own type.
+    pub jwt_algorithm: String,
     /// PEM of the JWT signing key, from `BLOCKREMOTE_JWT_PRIVATE_KEY` or the
     /// file named by `BLOCKREMOTE_JWT_PRIVATE_KEY_FILE`; `None` = generated keys in the store.
     pub jwt_private_key: Option<SecretString>,
@@ -215,6 +218,7 @@ impl std::fmt::Debug for Config {
             .field("queue_capacity", &self.queue_capacity)
             .field("log_format", &self.log_format)
             .field("access_token_ttl", &self.access_token_ttl)
+            .field("jwt_algorithm", &self.jwt_algorithm)
             .field("jwt_private_key", &set(&self.jwt_private_key))
             .field("key_reload_interval", &self.key_reload_interval)
             .field("attestation_nonce_ttl", &self.attestation_nonce_ttl)
@@ -266,6 +270,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
         "BLOCKREMOTE_ACCESS_TOKEN_TTL_SECONDS",
         "access_token_ttl_seconds",
     ),
+    ("BLOCKREMOTE_JWT_ALGORITHM", "jwt_algorithm"),
     ("BLOCKREMOTE_JWT_PRIVATE_KEY", "jwt_private_key"),
     ("BLOCKREMOTE_JWT_PRIVATE_KEY_FILE", "jwt_private_key_file"),
     ("BLOCKREMOTE_KEY_RELOAD_SECONDS", "key_reload_seconds"),
@@ -461,7 +466,14 @@ impl Config {
             _ => None,
         };
 
+        let jwt_algorithm = match get("jwt_algorithm").map(|(n, v)| (n, v.to_ascii_uppercase())) {
+            None => "ES256".to_owned(),
+            Some((_, v)) if v == "ES256" || v == "RS256" => v,
+            Some((n, _)) => return Err(invalid(n, "must be ES256 or RS256")),
+        };
+
         Ok(Self {
+            jwt_algorithm,
             access_token_ttl: Duration::from_secs(access_ttl),
             jwt_private_key,
             key_reload_interval: Duration::from_secs(key_reload),

@@ -57,7 +57,7 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum KeysCommand {
-    /// Make a new ES256 key current. Running servers sign with it within
+    /// Make a new signing key current (BLOCKREMOTE_JWT_ALGORITHM: ES256 or RS256). Running servers sign with it within
     /// BLOCKREMOTE_KEY_RELOAD_SECONDS (≤ 60 s) and keep verifying tokens of
     /// the old key until they expire.
     Rotate,
@@ -166,7 +166,8 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             )
             .await?;
             store.migrate().await?;
-            let kid = blockremote::auth::keys::rotate(store.as_ref()).await?;
+            let kid =
+                blockremote::auth::keys::rotate(store.as_ref(), &config.jwt_algorithm).await?;
             println!("{kid}");
             tracing::info!(kid, "new signing key is current");
             store.close().await;

@@ -2,8 +2,8 @@
 //!
 //! Keys live in the durable store so that every replica signs with the same
 //! current key and verifies with the same set. On the embedded default (and in
-//! any deployment without a configured PEM) an ES256 key is generated on first
-//! start. A deployment may instead load its private key from a PEM (a file or
+//! any deployment without a configured PEM) a key is generated on first start:
+//! ES256, or RS256 when `BLOCKREMOTE_JWT_ALGORITHM=RS256`. A deployment may instead load its private key from a PEM (a file or
 //! an environment variable, as mounted from a key vault); its public half is
 //! registered in the store so every replica's JWKS lists it.
 //!
@@ -224,6 +224,33 @@ fn record(alg: &str, private_der: Option<Vec<u8>>, public_jwk: Value) -> Signing
     }
 }
 
+/// Generates a new RS256 key (2048-bit; PKCS#1 DER kept in the store).
+pub fn generate_rs256() -> Result<SigningKeyRecord, KeyError> {
+    use rsa::{pkcs1::EncodeRsaPrivateKey, traits::PublicKeyParts};
+    let key = rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, 2048)
+        .map_err(|e| KeyError::Invalid(format!("RSA key generation failed: {e}")))?;
+    let der = key
+        .to_pkcs1_der()
+        .map_err(|e| KeyError::Invalid(format!("RSA key encoding failed: {e}")))?;
+    let jwk = json!({
+        "kty": "RSA",
+        "n": B64.encode(key.n().to_bytes_be()),
+        "e": B64.encode(key.e().to_bytes_be()),
+    });
+    Ok(record("RS256", Some(der.as_bytes().to_vec()), jwk))
+}
+
+/// Generates a key for `alg` (`ES256` or `RS256`), off the async runtime.
+pub async fn generate(alg: &str) -> Result<SigningKeyRecord, KeyError> {
+    let alg = alg.to_owned();
+    tokio::task::spawn_blocking(move || match alg.as_str() {
+        "RS256" => generate_rs256(),
+        _ => generate_es256(),
+    })
+    .await
+    .map_err(|e| KeyError::Invalid(format!("key generation task failed: {e}")))?
+}
+
 /// Generates a new ES256 key (PKCS#8 DER kept in the store).
 pub fn generate_es256() -> Result<SigningKeyRecord, KeyError> {
     let rng = SystemRandom::new();
@@ -273,6 +300,7 @@ impl KeyRing {
     pub async fn load(
         store: &dyn Store,
         external: Option<ExternalKey>,
+        algorithm: &str,
         verify_window: Duration,
     ) -> Result<Self, KeyError> {
         let verify_window = chrono::Duration::from_std(verify_window)
@@ -289,9 +317,13 @@ impl KeyRing {
             .signing_keys()
             .await?
             .iter()
-            .any(|k| k.retired_at.is_none() && k.private_der.is_some())
+            .any(|k| k.retired_at.is_none() && k.private_der.is_some() && k.alg == algorithm)
         {
-            store.insert_signing_key(generate_es256()?, true).await?;
+            // First start, or the configured algorithm changed: a new current
+            // key; the old ones keep verifying until their tokens expire.
+            store
+                .insert_signing_key(generate(algorithm).await?, true)
+                .await?;
         }
         let set = build(
             &store.signing_keys().await?,
@@ -331,8 +363,8 @@ impl KeyRing {
 }
 
 /// Makes a new key current (the `keys rotate` command). Returns its `kid`.
-pub async fn rotate(store: &dyn Store) -> Result<String, KeyError> {
-    let key = generate_es256()?;
+pub async fn rotate(store: &dyn Store, algorithm: &str) -> Result<String, KeyError> {
+    let key = generate(algorithm).await?;
     let kid = key.kid.clone();
     store.insert_signing_key(key, true).await?;
     Ok(kid)
@@ -447,6 +479,35 @@ mod tests {
             !later.verifying.contains_key(&old.kid),
             "dropped once its tokens expired"
         );
+    }
+
+    #[test]
+    fn generated_rs256_keys_sign_and_verify() {
+        let key = generate_rs256().expect("key");
+        assert_eq!(key.public_jwk["kty"], "RSA");
+        assert_eq!(key.public_jwk["e"], "AQAB");
+        let set = build(
+            &[key.clone()],
+            None,
+            chrono::Duration::minutes(15),
+            Utc::now(),
+        )
+        .expect("set");
+        assert_eq!(set.current.alg, Algorithm::RS256);
+        let header = jsonwebtoken::Header {
+            kid: Some(key.kid.clone()),
+            ..jsonwebtoken::Header::new(Algorithm::RS256)
+        };
+        let token = jsonwebtoken::encode(
+            &header,
+            &json!({"sub": "x", "exp": 4_000_000_000u64}),
+            &set.current.encoding,
+        )
+        .expect("sign");
+        let verifier = &set.verifying[&key.kid];
+        let mut validation = jsonwebtoken::Validation::new(Algorithm::RS256);
+        validation.set_required_spec_claims(&["exp"]);
+        jsonwebtoken::decode::<Value>(&token, &verifier.decoding, &validation).expect("verifies");
     }
 
     #[test]

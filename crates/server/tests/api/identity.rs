@@ -29,6 +29,8 @@ crate::on_both_backends!(
     attestation_nonces_are_single_use_and_device_bound,
     repeated_attestation_failures_quarantine_the_device,
     rs256_keys_from_a_pem_verify_through_the_jwks,
+    generated_rs256_keys_verify_through_the_jwks,
+    refreshes_are_rate_limited_per_device,
 );
 
 const SECRET: &str = "attestation-test-secret";
@@ -1049,7 +1051,7 @@ async fn repeated_attestation_failures_quarantine_the_device(backend: Backend) {
 
 async fn rs256_keys_from_a_pem_verify_through_the_jwks(backend: Backend) {
     use rsa::pkcs8::EncodePrivateKey;
-    let key = rsa::RsaPrivateKey::new(&mut rand::thread_rng(), 2048).expect("rsa");
+    let key = rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, 2048).expect("rsa");
     let pem = key
         .to_pkcs8_pem(rsa::pkcs8::LineEnding::LF)
         .expect("pem")
@@ -1106,4 +1108,45 @@ async fn a_revocation_on_one_instance_is_enforced_by_another_at_once() {
     })
     .await;
     assert!(enforced);
+}
+
+async fn generated_rs256_keys_verify_through_the_jwks(backend: Backend) {
+    let Some(app) = spawn_app_with(backend, |c| c.jwt_algorithm = "RS256".into()).await else {
+        return;
+    };
+    let s = register(&app, "ria@example.com", "device_0001").await;
+    assert_eq!(header_of(&s.access)["alg"], "RS256");
+    let claims = verify_independently(&s.access, &jwks(&app).await);
+    assert_eq!(claims.custom.did, "device_0001");
+}
+
+async fn refreshes_are_rate_limited_per_device(backend: Backend) {
+    let Some(app) = spawn_app_with(backend, |c| c.refresh_per_minute = 3).await else {
+        return;
+    };
+    let s = register(&app, "sam@example.com", "device_0001").await;
+    let mut token = s.refresh.clone();
+    for _ in 0..3 {
+        let r = refresh(&app, &token, &s.device, "fp-device_0001").await;
+        assert_eq!(r.status(), StatusCode::OK);
+        token = session_of(r, &s.device).await.refresh;
+    }
+    let limited = refresh(&app, &token, &s.device, "fp-device_0001").await;
+    assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry: u64 = limited.headers()["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!((1..=20).contains(&retry), "{retry}");
+    assert_eq!(code_of(limited).await.1, "rate_limited");
+    // The refused attempt did not spend the token.
+    let other = register(&app, "tia@example.com", "device_0002").await;
+    assert_eq!(
+        refresh(&app, &other.refresh, &other.device, "fp-device_0002")
+            .await
+            .status(),
+        StatusCode::OK,
+        "other devices are unaffected"
+    );
 }

@@ -487,7 +487,7 @@ mod tests {
         assert_eq!(key.public_jwk["kty"], "RSA");
         assert_eq!(key.public_jwk["e"], "AQAB");
         let set = build(
-            &[key.clone()],
+            std::slice::from_ref(&key),
             None,
             chrono::Duration::minutes(15),
             Utc::now(),

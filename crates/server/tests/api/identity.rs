@@ -100,6 +100,7 @@ fn header_of(token: &str) -> Value {
 async fn jwks(app: &TestApp) -> Vec<Value> {
     let response = app.get("/.well-known/jwks.json").await;
     assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["cache-control"], "public, max-age=60");
     let internal: Value = app
         .get("/internal/.well-known/jwks.json")
         .await

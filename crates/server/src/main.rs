@@ -112,6 +112,16 @@ fn fail(message: &str) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// The store alone, for the one-shot commands.
+async fn open_store(config: &Config) -> anyhow::Result<std::sync::Arc<dyn store::Store>> {
+    Ok(store::connect(
+        &config.database,
+        config.database_max_connections,
+        config.connect_timeout,
+    )
+    .await?)
+}
+
 async fn run(command: Command, config: Config) -> anyhow::Result<()> {
     match command {
         Command::Serve { no_migrate } => {
@@ -140,12 +150,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Migrate => {
-            let store = store::connect(
-                &config.database,
-                config.database_max_connections,
-                config.connect_timeout,
-            )
-            .await?;
+            let store = open_store(&config).await?;
             store.migrate().await?;
             tracing::info!(database = store.backend(), "migrations applied");
             store.close().await;
@@ -159,12 +164,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                     "the signing key comes from BLOCKREMOTE_JWT_PRIVATE_KEY(_FILE): rotate by deploying a new PEM"
                 );
             }
-            let store = store::connect(
-                &config.database,
-                config.database_max_connections,
-                config.connect_timeout,
-            )
-            .await?;
+            let store = open_store(&config).await?;
             store.migrate().await?;
             let kid =
                 blockremote::auth::keys::rotate(store.as_ref(), &config.jwt_algorithm).await?;
@@ -176,12 +176,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::AdminKey {
             command: AdminKeyCommand::Create { name },
         } => {
-            let store = store::connect(
-                &config.database,
-                config.database_max_connections,
-                config.connect_timeout,
-            )
-            .await?;
+            let store = open_store(&config).await?;
             store.migrate().await?;
             let key = blockremote::auth::random_token("bra_");
             store

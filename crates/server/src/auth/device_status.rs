@@ -20,6 +20,8 @@ use crate::{
 
 /// How long a cached status is trusted without an invalidation.
 pub const CACHE_TTL: Duration = Duration::from_secs(5);
+/// Entries kept before stale ones are swept (memory bound).
+const MAX_ENTRIES: usize = 100_000;
 /// Pub/sub channel carrying device ids whose status changed.
 pub const INVALIDATION_CHANNEL: &str = "session:device_status";
 
@@ -68,6 +70,9 @@ impl DeviceStatusCache {
             status: d.status,
             user_id: d.user_id,
         });
+        if self.entries.len() >= MAX_ENTRIES {
+            self.entries.retain(|_, (_, at)| at.elapsed() < CACHE_TTL);
+        }
         self.entries
             .insert(device_id.to_owned(), (state, Instant::now()));
         Ok(state)

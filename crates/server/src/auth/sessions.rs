@@ -36,7 +36,7 @@ use crate::{
     state::keys,
     store::{
         AuditSource, DeviceStatus, NewAuditEntry, NewRefreshToken, NewSession, RefreshRecord,
-        Revocation, User,
+        Revocation, User, UserStatus,
     },
 };
 
@@ -54,6 +54,17 @@ pub struct SessionTokens {
     /// Always `Bearer`.
     #[schema(example = "Bearer")]
     pub token_type: &'static str,
+}
+
+/// The device a session is opened on, as the client described it.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceBinding<'a> {
+    /// Device id (validated).
+    pub device_id: &'a str,
+    /// The app's device fingerprint (only its SHA-256 is stored).
+    pub fingerprint: &'a str,
+    /// `android` or `ios`.
+    pub platform: &'a str,
 }
 
 /// Where a session request came from (for events and audit rows).
@@ -89,15 +100,25 @@ async fn refresh_expiry(
 }
 
 /// Opens a new session for `user` on a device: binds the device, revokes its
-/// previous family, starts a new one.
+/// previous family, starts a new one. Blocked accounts and revoked, locked or
+/// quarantined devices are refused.
 pub async fn open(
     state: &AppState,
     user: &User,
-    device_id: &str,
-    fingerprint: &str,
-    platform: &str,
+    binding: DeviceBinding<'_>,
     origin: &Origin,
 ) -> Result<SessionTokens, ApiError> {
+    let DeviceBinding {
+        device_id,
+        fingerprint,
+        platform,
+    } = binding;
+    if user.status != UserStatus::Active {
+        return Err(ApiError::forbidden(
+            codes::ACCOUNT_BLOCKED,
+            "This account is blocked.",
+        ));
+    }
     if let Some(existing) = state.store.device(device_id).await? {
         if let Some(refusal) = super::extract::refuse_status(existing.status) {
             // A locked device cannot be laundered through a fresh sign-in.

@@ -11,10 +11,9 @@ use crate::{
     app::AppState,
     auth::{
         extract::{AdminAuth, ClientIp},
-        sessions::{self, Origin, SessionTokens},
+        sessions::{self, DeviceBinding, Origin, SessionTokens},
     },
     error::{codes, ApiError, Problem},
-    store::UserStatus,
 };
 
 /// The admin routes.
@@ -60,23 +59,15 @@ pub async fn post_session(
             code: codes::USER_NOT_FOUND,
             detail: "No user has this id.",
         })?;
-    if user.status != UserStatus::Active {
-        return Err(ApiError::forbidden(
-            codes::ACCOUNT_BLOCKED,
-            "This account is blocked.",
-        ));
-    }
-    let tokens = sessions::open(
-        &state,
-        &user,
-        &body.device_id,
-        &body.device_fingerprint,
-        &body.platform,
-        &Origin {
-            ip: ip.0,
-            user_agent: None,
-        },
-    )
-    .await?;
+    let binding = DeviceBinding {
+        device_id: &body.device_id,
+        fingerprint: &body.device_fingerprint,
+        platform: &body.platform,
+    };
+    let origin = Origin {
+        ip: ip.0,
+        user_agent: None,
+    };
+    let tokens = sessions::open(&state, &user, binding, &origin).await?;
     Ok((StatusCode::CREATED, JsonResponse(tokens)))
 }

@@ -11,10 +11,10 @@ use crate::{
     auth::{
         extract::{ClientIp, DeviceAuth},
         passwords,
-        sessions::{self, Origin, SessionTokens},
+        sessions::{self, DeviceBinding, Origin, SessionTokens},
     },
     error::{codes, ApiError, Problem},
-    store::{StoreError, UserStatus},
+    store::StoreError,
 };
 
 /// The auth routes.
@@ -43,6 +43,16 @@ pub struct Credentials {
     /// `android` or `ios`.
     #[schema(example = "android")]
     pub platform: String,
+}
+
+impl Credentials {
+    fn binding(&self) -> DeviceBinding<'_> {
+        DeviceBinding {
+            device_id: &self.device_id,
+            fingerprint: &self.device_fingerprint,
+            platform: &self.platform,
+        }
+    }
 }
 
 /// A refresh-token exchange.
@@ -78,13 +88,13 @@ pub async fn post_register(
     State(state): State<AppState>,
     ip: ClientIp,
     headers: axum::http::HeaderMap,
-    Json(body): Json<Credentials>,
+    Json(mut body): Json<Credentials>,
 ) -> Result<(StatusCode, JsonResponse<SessionTokens>), ApiError> {
     let email = validate::email(&body.email)?;
     validate::password(&body.password)?;
     validate::device(&body.device_id, &body.device_fingerprint, &body.platform)?;
     sessions::ensure_device_usable(&state, &body.device_id).await?;
-    let hash = passwords::hash(body.password).await?;
+    let hash = passwords::hash(std::mem::take(&mut body.password)).await?;
     let user = match state.store.create_user(&email, &hash).await {
         Ok(user) => user,
         Err(StoreError::Conflict { .. }) => {
@@ -104,15 +114,7 @@ pub async fn post_register(
         serde_json::json!({"platform": body.platform}),
     );
     state.store.record_event(event).await?;
-    let tokens = sessions::open(
-        &state,
-        &user,
-        &body.device_id,
-        &body.device_fingerprint,
-        &body.platform,
-        &origin,
-    )
-    .await?;
+    let tokens = sessions::open(&state, &user, body.binding(), &origin).await?;
     Ok((StatusCode::CREATED, JsonResponse(tokens)))
 }
 
@@ -127,7 +129,7 @@ pub async fn post_login(
     State(state): State<AppState>,
     ip: ClientIp,
     headers: axum::http::HeaderMap,
-    Json(body): Json<Credentials>,
+    Json(mut body): Json<Credentials>,
 ) -> Result<JsonResponse<SessionTokens>, ApiError> {
     let email = validate::email(&body.email)?;
     validate::password(&body.password)?;
@@ -135,7 +137,7 @@ pub async fn post_login(
     let origin = origin(ip, &headers);
     let user = state.store.user_by_email(&email).await?;
     let ok = passwords::verify(
-        body.password,
+        std::mem::take(&mut body.password),
         user.as_ref().map(|u| u.password_hash.clone()),
     )
     .await?;
@@ -156,21 +158,7 @@ pub async fn post_login(
             ));
         }
     };
-    if user.status != UserStatus::Active {
-        return Err(ApiError::forbidden(
-            codes::ACCOUNT_BLOCKED,
-            "This account is blocked.",
-        ));
-    }
-    let tokens = sessions::open(
-        &state,
-        &user,
-        &body.device_id,
-        &body.device_fingerprint,
-        &body.platform,
-        &origin,
-    )
-    .await?;
+    let tokens = sessions::open(&state, &user, body.binding(), &origin).await?;
     Ok(JsonResponse(tokens))
 }
 

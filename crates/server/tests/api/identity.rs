@@ -676,18 +676,7 @@ async fn key_rotation_keeps_old_tokens_valid(backend: Backend) {
     assert_eq!(jwks(&app).await.len(), 1);
 
     // Rotate with the CLI, as an operator would, against the same database.
-    let mut env = vec![("BLOCKREMOTE_DATA_DIR", app_data_dir(&app))];
-    if let blockremote::config::DatabaseConfig::Postgres { url } = &app.state.config.database {
-        use secrecy::ExposeSecret;
-        env.push(("DATABASE_URL", url.expose_secret().to_owned()));
-    }
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_blockremote"))
-        .args(["keys", "rotate"])
-        .env_clear()
-        .envs(env)
-        .output()
-        .await
-        .expect("run");
+    let output = cli(&app, &["keys", "rotate"]).await;
     assert!(
         output.status.success(),
         "{}",
@@ -726,8 +715,27 @@ async fn key_rotation_keeps_old_tokens_valid(backend: Backend) {
     verify_independently(&before.access, &keys);
 }
 
-fn app_data_dir(app: &TestApp) -> String {
-    app.state.config.data_dir.display().to_string()
+/// Runs a `blockremote` command against the same database as `app`.
+async fn cli(app: &TestApp, args: &[&str]) -> std::process::Output {
+    let config = &app.state.config;
+    let mut env = vec![(
+        "BLOCKREMOTE_DATA_DIR",
+        config.data_dir.display().to_string(),
+    )];
+    if let blockremote::config::DatabaseConfig::Postgres { url } = &config.database {
+        use secrecy::ExposeSecret;
+        env.push(("DATABASE_URL", url.expose_secret().to_owned()));
+    }
+    if config.jwt_algorithm != "ES256" {
+        env.push(("BLOCKREMOTE_JWT_ALGORITHM", config.jwt_algorithm.clone()));
+    }
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_blockremote"))
+        .args(args)
+        .env_clear()
+        .envs(env)
+        .output()
+        .await
+        .expect("run blockremote")
 }
 
 async fn admin_keys_mint_sessions(backend: Backend) {
@@ -775,18 +783,7 @@ async fn admin_keys_mint_sessions(backend: Backend) {
     );
 
     // A key created with the CLI works, and only its hash is stored.
-    let mut env = vec![("BLOCKREMOTE_DATA_DIR", app_data_dir(&app))];
-    if let blockremote::config::DatabaseConfig::Postgres { url } = &app.state.config.database {
-        use secrecy::ExposeSecret;
-        env.push(("DATABASE_URL", url.expose_secret().to_owned()));
-    }
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_blockremote"))
-        .args(["admin-key", "create", "--name", "ops"])
-        .env_clear()
-        .envs(env)
-        .output()
-        .await
-        .expect("run");
+    let output = cli(&app, &["admin-key", "create", "--name", "ops"]).await;
     assert!(
         output.status.success(),
         "{}",

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     auth::Auth,
     config::Config,
+    realtime::hub::Hub,
     state::{self, SharedState},
     store::{self, Store, StoreError},
     telemetry::Metrics,
@@ -41,6 +42,10 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Keys, device-status cache, token settings.
     pub auth: Arc<Auth>,
+    /// This instance's kill-switch sockets.
+    pub hub: Arc<Hub>,
+    /// Cancelled when the process begins to shut down (sockets then close).
+    pub shutdown: CancellationToken,
 }
 
 impl AppState {
@@ -68,12 +73,17 @@ impl AppState {
         let auth = Auth::load(&config, store.as_ref(), shared.clone())
             .await
             .map_err(StartupError::Identity)?;
+        let hub = Hub::start(shared.clone(), config.ws_max_connections)
+            .await
+            .map_err(|e| StartupError::Workers(e.to_string()))?;
         Ok(Self {
             config: Arc::new(config),
             store,
             shared,
             metrics: Arc::new(Metrics::new()),
             auth: Arc::new(auth),
+            hub,
+            shutdown: CancellationToken::new(),
         })
     }
 
@@ -238,6 +248,9 @@ impl Application {
         }
         tracing::info!(grace_seconds = grace.as_secs(), "shutting down: draining");
         stop.cancel();
+        // Sockets are upgraded connections the HTTP server no longer tracks:
+        // tell them to close (each sends a close frame) and wait for them.
+        state.shutdown.cancel();
         let started = tokio::time::Instant::now();
         match tokio::time::timeout(grace, &mut server).await {
             Ok(result) => result??,
@@ -245,6 +258,18 @@ impl Application {
                 tracing::warn!("in-flight requests did not finish within the grace period");
                 server.abort();
             }
+        }
+        let sockets_closed = tokio::time::timeout(grace.saturating_sub(started.elapsed()), async {
+            while state.hub.connections() > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        if sockets_closed.is_err() {
+            tracing::warn!(
+                open = state.hub.connections(),
+                "sockets still open after the grace period"
+            );
         }
         if let Some(pool) = pool {
             pool.stop(

@@ -168,6 +168,10 @@ pub struct Config {
     pub attestation_max_failures: u32,
     /// Refreshes allowed per device per minute (`BLOCKREMOTE_REFRESH_PER_MINUTE`, default 10).
     pub refresh_per_minute: u32,
+    /// Kill-switch sockets one instance holds at most (`BLOCKREMOTE_WS_MAX_CONNECTIONS`, default 100000).
+    pub ws_max_connections: usize,
+    /// Kill-switch handshakes per client address per minute (`BLOCKREMOTE_WS_HANDSHAKES_PER_MINUTE`, default 60).
+    pub ws_handshakes_per_minute: u32,
 }
 
 /// How log lines are written.
@@ -224,6 +228,8 @@ impl std::fmt::Debug for Config {
             .field("attestation_nonce_ttl", &self.attestation_nonce_ttl)
             .field("attestation_max_failures", &self.attestation_max_failures)
             .field("refresh_per_minute", &self.refresh_per_minute)
+            .field("ws_max_connections", &self.ws_max_connections)
+            .field("ws_handshakes_per_minute", &self.ws_handshakes_per_minute)
             .finish()
     }
 }
@@ -283,6 +289,11 @@ pub const ENV_VARS: &[(&str, &str)] = &[
         "attestation_max_failures",
     ),
     ("BLOCKREMOTE_REFRESH_PER_MINUTE", "refresh_per_minute"),
+    ("BLOCKREMOTE_WS_MAX_CONNECTIONS", "ws_max_connections"),
+    (
+        "BLOCKREMOTE_WS_HANDSHAKES_PER_MINUTE",
+        "ws_handshakes_per_minute",
+    ),
 ];
 
 impl Config {
@@ -473,6 +484,8 @@ impl Config {
         };
 
         Ok(Self {
+            ws_max_connections: parse_num(values, "ws_max_connections", 100_000usize)?,
+            ws_handshakes_per_minute: parse_num(values, "ws_handshakes_per_minute", 60u32)?.max(1),
             jwt_algorithm,
             access_token_ttl: Duration::from_secs(access_ttl),
             jwt_private_key,

@@ -72,6 +72,16 @@ pub mod codes {
     pub const NONCE_REPLAY: &str = "nonce_replay";
     /// The attestation provider is not configured on this server.
     pub const PROVIDER_NOT_CONFIGURED: &str = "provider_not_configured";
+    /// A credential was put in the URL of the kill-switch handshake.
+    pub const TOKEN_IN_QUERY: &str = "token_in_query";
+    /// The `Origin` of a kill-switch handshake is not on the allow-list.
+    pub const ORIGIN_NOT_ALLOWED: &str = "origin_not_allowed";
+    /// The server holds as many kill-switch sockets as it allows.
+    pub const TOO_MANY_CONNECTIONS: &str = "too_many_connections";
+    /// No such device.
+    pub const DEVICE_NOT_FOUND: &str = "device_not_found";
+    /// The device id is bound to another account and the fingerprint differs.
+    pub const DEVICE_IN_USE: &str = "device_in_use";
 
     /// Every code above, for documentation checks.
     pub const ALL: &[&str] = &[
@@ -100,6 +110,11 @@ pub mod codes {
         USER_NOT_FOUND,
         NONCE_REPLAY,
         PROVIDER_NOT_CONFIGURED,
+        TOKEN_IN_QUERY,
+        ORIGIN_NOT_ALLOWED,
+        TOO_MANY_CONNECTIONS,
+        DEVICE_NOT_FOUND,
+        DEVICE_IN_USE,
     ];
 }
 

@@ -187,13 +187,18 @@ async fn record(
             })
             .await?;
         state.auth.devices.invalidate(&device.device_id).await;
-        realtime::publish(
+        // The quarantine is committed; a failed publish must not turn the
+        // answer into a 500 (the device learns its state on reconnect).
+        if let Err(e) = realtime::issue(
             state.shared.as_ref(),
             &device.device_id,
             Action::ImmediateQuarantine,
             "attestation_failed",
         )
-        .await?;
+        .await
+        {
+            tracing::error!(error = %e, "publishing IMMEDIATE_QUARANTINE failed");
+        }
     }
     Ok(())
 }

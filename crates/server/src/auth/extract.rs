@@ -36,7 +36,8 @@ pub struct DeviceAuth {
     pub jti: Uuid,
 }
 
-fn bearer(parts: &Parts) -> Option<&str> {
+/// The bearer token of the `Authorization` header.
+pub fn bearer(parts: &Parts) -> Option<&str> {
     let value = parts.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme
@@ -67,46 +68,87 @@ pub fn refuse_status(status: DeviceStatus) -> Option<ApiError> {
     }
 }
 
+/// Which device states a caller accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceGate {
+    /// API routes: only active devices.
+    ActiveOnly,
+    /// The kill-switch socket: locked and quarantined devices may connect (to
+    /// learn their state and receive `UNLOCK`); revoked ones may not.
+    AllowLocked,
+}
+
+/// Verifies `token` for a device: signature and claims, the device header
+/// (`required`: must be present; otherwise must match when present), and
+/// the device's status per `gate`.
+pub async fn authenticate(
+    state: &AppState,
+    token: &str,
+    header_device: Option<&str>,
+    header_required: bool,
+    gate: DeviceGate,
+) -> Result<(DeviceAuth, DeviceStatus), ApiError> {
+    let mut keys = state.auth.keys.current();
+    if let Some(kid) = tokens::unknown_kid(&keys, token) {
+        if state.auth.keys.learn(state.store.as_ref(), &kid).await {
+            keys = state.auth.keys.current();
+        }
+    }
+    let claims = tokens::verify(&keys, &state.auth.issuer, &state.auth.audience, token)
+        .map_err(|_| invalid_token())?;
+    let matches = match header_device {
+        Some(device) => device == claims.did,
+        None => !header_required,
+    };
+    if !matches {
+        return Err(ApiError::unauthorized(
+            codes::DEVICE_MISMATCH,
+            "X-Device-Id must name the device the token was issued to.",
+        ));
+    }
+    let device = state
+        .auth
+        .devices
+        .get(state.store.as_ref(), &claims.did)
+        .await?;
+    let Some(device) = device.filter(|d| d.user_id == claims.sub) else {
+        return Err(ApiError::unauthorized(
+            codes::DEVICE_REVOKED,
+            "This device's sessions were revoked.",
+        ));
+    };
+    let refusal = match (gate, device.status) {
+        (DeviceGate::AllowLocked, DeviceStatus::Locked | DeviceStatus::Quarantined) => None,
+        (_, status) => refuse_status(status),
+    };
+    if let Some(refusal) = refusal {
+        return Err(refusal);
+    }
+    let span = tracing::Span::current();
+    span.record("device_id", claims.did.as_str());
+    span.record("user_id", tracing::field::display(claims.sub));
+    Ok((
+        DeviceAuth {
+            user_id: claims.sub,
+            device_id: claims.did,
+            jti: claims.jti,
+        },
+        device.status,
+    ))
+}
+
 impl FromRequestParts<AppState> for DeviceAuth {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let token = bearer(parts).ok_or_else(invalid_token)?;
-        let keys = state.auth.keys.current();
-        let claims = tokens::verify(&keys, &state.auth.issuer, &state.auth.audience, token)
-            .map_err(|_| invalid_token())?;
         let header_device = parts
             .headers
             .get(DEVICE_ID_HEADER)
             .and_then(|v| v.to_str().ok());
-        if header_device != Some(claims.did.as_str()) {
-            return Err(ApiError::unauthorized(
-                codes::DEVICE_MISMATCH,
-                "X-Device-Id must name the device the token was issued to.",
-            ));
-        }
-        let device = state
-            .auth
-            .devices
-            .get(state.store.as_ref(), &claims.did)
-            .await?;
-        let Some(device) = device.filter(|d| d.user_id == claims.sub) else {
-            return Err(ApiError::unauthorized(
-                codes::DEVICE_REVOKED,
-                "This device's sessions were revoked.",
-            ));
-        };
-        if let Some(refusal) = refuse_status(device.status) {
-            return Err(refusal);
-        }
-        let span = tracing::Span::current();
-        span.record("device_id", claims.did.as_str());
-        span.record("user_id", tracing::field::display(claims.sub));
-        Ok(Self {
-            user_id: claims.sub,
-            device_id: claims.did,
-            jti: claims.jti,
-        })
+        let (auth, _) =
+            authenticate(state, token, header_device, true, DeviceGate::ActiveOnly).await?;
+        Ok(auth)
     }
 }
 
@@ -150,12 +192,17 @@ impl FromRequestParts<AppState> for ClientIp {
             .extensions
             .get::<ConnectInfo<SocketAddr>>()
             .map(|c| c.0);
-        let forwarded = parts
+        // Every X-Forwarded-For line, in order: a proxy may add its own line
+        // after a forged one sent by the client.
+        let forwarded: Vec<&str> = parts
             .headers
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok());
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        let forwarded = (!forwarded.is_empty()).then(|| forwarded.join(","));
         Ok(Self(peer.map(|peer| {
-            client_ip::client_ip(peer, forwarded, &state.config.trusted_proxies)
+            client_ip::client_ip(peer, forwarded.as_deref(), &state.config.trusted_proxies)
         })))
     }
 }

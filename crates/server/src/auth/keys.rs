@@ -286,8 +286,12 @@ fn verifying_key(record: &SigningKeyRecord) -> Option<VerifyingKey> {
     Some(VerifyingKey { alg, decoding })
 }
 
+/// The least time between two reloads triggered by an unknown `kid`.
+pub const UNKNOWN_KID_RELOAD_GAP: Duration = Duration::from_secs(1);
+
 /// The live key set, reloaded from the store.
 pub struct KeyRing {
+    last_reload: std::sync::Mutex<std::time::Instant>,
     external: Option<ExternalKey>,
     /// How long a retired key keeps verifying (access-token lifetime + leeway).
     verify_window: chrono::Duration,
@@ -332,6 +336,7 @@ impl KeyRing {
             Utc::now(),
         )?;
         Ok(Self {
+            last_reload: std::sync::Mutex::new(std::time::Instant::now()),
             external,
             verify_window,
             set: RwLock::new(std::sync::Arc::new(set)),
@@ -344,6 +349,31 @@ impl KeyRing {
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
+    }
+
+    /// A token names a `kid` this instance does not know: perhaps another
+    /// instance just rotated. Reloads (at most once per
+    /// [`UNKNOWN_KID_RELOAD_GAP`], so forged kids cannot hammer the store)
+    /// and says whether the `kid` is now known.
+    pub async fn learn(&self, store: &dyn Store, kid: &str) -> bool {
+        let due = {
+            let mut last = self
+                .last_reload
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if last.elapsed() < UNKNOWN_KID_RELOAD_GAP {
+                false
+            } else {
+                *last = std::time::Instant::now();
+                true
+            }
+        };
+        if due {
+            if let Err(e) = self.reload(store).await {
+                tracing::warn!(error = %e, "key reload for an unknown kid failed");
+            }
+        }
+        self.current().verifying.contains_key(kid)
     }
 
     /// Re-reads the store (after a rotation on any instance).

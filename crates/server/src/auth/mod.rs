@@ -123,6 +123,11 @@ impl Auth {
         }
     }
 
+    /// The key of the IP HMAC (for rate-limit scopes that must not hold an address).
+    pub fn ip_key(&self) -> &[u8] {
+        &self.ip_key
+    }
+
     /// The anonymized prefix of an address, for audit rows.
     pub fn ip_prefix(ip: Option<IpAddr>) -> Option<String> {
         ip.map(client_ip::prefix)

@@ -36,12 +36,12 @@ use crate::{
     state::keys,
     store::{
         AuditSource, DeviceStatus, NewAuditEntry, NewRefreshToken, NewSession, RefreshRecord,
-        Revocation, User, UserStatus,
+        Revocation, RotateOutcome, User, UserStatus,
     },
 };
 
 /// The token pair handed to a device.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Serialize, ToSchema)]
 pub struct SessionTokens {
     /// The user.
     pub user_id: Uuid,
@@ -54,6 +54,15 @@ pub struct SessionTokens {
     /// Always `Bearer`.
     #[schema(example = "Bearer")]
     pub token_type: &'static str,
+}
+
+impl std::fmt::Debug for SessionTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionTokens")
+            .field("user_id", &self.user_id)
+            .field("expires_in", &self.expires_in)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The device a session is opened on, as the client described it.
@@ -119,10 +128,24 @@ pub async fn open(
             "This account is blocked.",
         ));
     }
+    let fingerprint_sha256 = sha256(fingerprint.as_bytes());
     if let Some(existing) = state.store.device(device_id).await? {
         if let Some(refusal) = super::extract::refuse_status(existing.status) {
             // A locked device cannot be laundered through a fresh sign-in.
             return Err(refusal);
+        }
+        // Device ids are not secret (they travel in every request header):
+        // another account may take a device over only from the same
+        // hardware, i.e. presenting the fingerprint it was bound with.
+        let same_hardware: bool = existing
+            .fingerprint_sha256
+            .ct_eq(&fingerprint_sha256)
+            .into();
+        if existing.user_id != user.id && !same_hardware {
+            return Err(ApiError::conflict(
+                codes::DEVICE_IN_USE,
+                "This device is registered to another account.",
+            ));
         }
     }
     let refresh_token = random_token("brt_");
@@ -133,7 +156,7 @@ pub async fn open(
         .start_session(NewSession {
             user_id: user.id,
             device_id: device_id.to_owned(),
-            fingerprint_sha256: sha256(fingerprint.as_bytes()).to_vec(),
+            fingerprint_sha256: fingerprint_sha256.to_vec(),
             platform: platform.to_owned(),
             family_id,
             token: NewRefreshToken {
@@ -172,20 +195,6 @@ pub async fn refresh(
     fingerprint: &str,
     origin: &Origin,
 ) -> Result<SessionTokens, ApiError> {
-    let limit = state
-        .shared
-        .take_tokens(
-            &keys::refresh_rate_limit(device_id),
-            state.config.refresh_per_minute,
-            std::time::Duration::from_secs(60),
-            1,
-        )
-        .await?;
-    if !limit.allowed {
-        return Err(ApiError::RateLimited {
-            retry_after: limit.retry_after,
-        });
-    }
     let invalid = || {
         ApiError::unauthorized(
             codes::INVALID_REFRESH_TOKEN,
@@ -198,6 +207,22 @@ pub async fn refresh(
     };
     if !record.family_active {
         return Err(invalid());
+    }
+    // Keyed by the device the token belongs to (known only now), so nobody
+    // can exhaust a victim's bucket by sending garbage with its device id.
+    let limit = state
+        .shared
+        .take_tokens(
+            &keys::refresh_rate_limit(&record.device_id),
+            state.config.refresh_per_minute,
+            std::time::Duration::from_secs(60),
+            1,
+        )
+        .await?;
+    if !limit.allowed {
+        return Err(ApiError::RateLimited {
+            retry_after: limit.retry_after,
+        });
     }
     let same_device = record.device_id == device_id;
     let same_fingerprint: bool = record
@@ -222,7 +247,7 @@ pub async fn refresh(
     }
     let new_token = random_token("brt_");
     let jti = Uuid::new_v4();
-    let won = state
+    let outcome = state
         .store
         .rotate_refresh(
             &hash,
@@ -235,9 +260,14 @@ pub async fn refresh(
             },
         )
         .await?;
-    if !won {
+    match outcome {
+        RotateOutcome::Rotated => {}
         // Another request exchanged this token first: by definition a reuse.
-        return Err(reuse(state, &record, "token_already_used", origin).await);
+        RotateOutcome::AlreadyUsed => {
+            return Err(reuse(state, &record, "token_already_used", origin).await)
+        }
+        // Logged out or signed in again while this request was in flight.
+        RotateOutcome::FamilyInactive => return Err(invalid()),
     }
     let access_token = issue_access(state, record.user_id, device_id, jti)?;
     let event = state.auth.event(
@@ -257,14 +287,28 @@ pub async fn refresh(
     })
 }
 
-/// Handles refresh-token reuse: revoke, mark, audit, record, lock. Returns
-/// the error to answer with (the cleanup failing is logged and still answered
-/// with the same 401 — never a 200).
+/// Handles refresh-token reuse: revoke, mark, audit, record, lock — in a
+/// task of its own, so that a client disconnecting or the request timing out
+/// cannot cancel it halfway. Returns the error to answer with (a failure of
+/// the clean-up is logged and still answered with the same 401, never a 200).
 async fn reuse(state: &AppState, record: &RefreshRecord, why: &str, origin: &Origin) -> ApiError {
-    let refused = ApiError::unauthorized(
+    let task = tokio::spawn(handle_reuse(
+        state.clone(),
+        record.clone(),
+        why.to_owned(),
+        origin.clone(),
+    ));
+    if let Err(e) = task.await {
+        tracing::error!(error = %e, "reuse handling task failed");
+    }
+    ApiError::unauthorized(
         codes::REFRESH_TOKEN_REUSED,
         "This refresh token was already used; the session has been revoked.",
-    );
+    )
+}
+
+async fn handle_reuse(state: AppState, record: RefreshRecord, why: String, origin: Origin) {
+    let (state, record, why, origin) = (&state, &record, why.as_str(), &origin);
     tracing::warn!(device_id = %record.device_id, user_id = %record.user_id, why, "refresh token reuse");
     let revocation = Revocation {
         device_id: record.device_id.clone(),
@@ -292,21 +336,21 @@ async fn reuse(state: &AppState, record: &RefreshRecord, why: &str, origin: &Ori
     };
     if let Err(e) = state.store.revoke_device(revocation).await {
         tracing::error!(error = %e, "revoking a reused refresh family failed");
-        return refused;
+        return;
     }
     if let Err(e) = state
         .shared
         .set(
             &keys::revoked_device(&record.device_id),
             b"refresh_token_reuse",
-            None,
+            Some(crate::realtime::HISTORY_TTL),
         )
         .await
     {
         tracing::error!(error = %e, "setting the revocation marker failed");
     }
     state.auth.devices.invalidate(&record.device_id).await;
-    if let Err(e) = realtime::publish(
+    if let Err(e) = realtime::issue(
         state.shared.as_ref(),
         &record.device_id,
         Action::CriticalLock,
@@ -316,7 +360,6 @@ async fn reuse(state: &AppState, record: &RefreshRecord, why: &str, origin: &Ori
     {
         tracing::error!(error = %e, "publishing CRITICAL_LOCK failed");
     }
-    refused
 }
 
 /// Ends the device's session: its refresh family is revoked.

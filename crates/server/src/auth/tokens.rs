@@ -78,6 +78,13 @@ pub fn issue(
     Ok((token, claims))
 }
 
+/// The token's `kid` when it is well-formed but not in `keys` (the key set
+/// may be stale after a rotation elsewhere).
+pub fn unknown_kid(keys: &KeySet, token: &str) -> Option<String> {
+    let kid = decode_header(token).ok()?.kid?;
+    (!keys.verifying.contains_key(&kid) && kid.len() <= 128).then_some(kid)
+}
+
 /// Verifies a token against the key set.
 pub fn verify(
     keys: &KeySet,

@@ -78,8 +78,11 @@ pub async fn post_verify(
     ip: ClientIp,
     Json(body): Json<VerifyRequest>,
 ) -> Result<JsonResponse<VerifyOutcome>, ApiError> {
-    if body.nonce.len() > 256 || body.token.len() > 16 * 1024 {
-        return Err(ApiError::invalid_field("token", "too long"));
+    if body.nonce.len() > 256 {
+        return Err(ApiError::invalid_field("nonce", "at most 256 characters"));
+    }
+    if body.token.len() > 16 * 1024 {
+        return Err(ApiError::invalid_field("token", "at most 16 KiB"));
     }
     let outcome = attestation::verify(
         &state,

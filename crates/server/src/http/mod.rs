@@ -12,10 +12,12 @@
 pub mod admin;
 pub mod attestation;
 pub mod auth;
+pub mod devices;
 pub mod docs;
 pub mod health;
 pub mod json;
 pub mod jwks;
+pub mod killswitch;
 pub mod metrics;
 pub mod middleware;
 pub mod validate;
@@ -60,6 +62,7 @@ use crate::{
     tags(
         (name = "auth", description = "Device-bound sessions and the JWKS"),
         (name = "attestation", description = "Single-use nonces and attestation verdicts"),
+        (name = "kill-switch", description = "Real-time commands to devices over a WebSocket"),
         (name = "admin", description = "Operator API (admin API key)"),
         (name = "operations", description = "Health, metrics and this document"),
     )
@@ -103,7 +106,9 @@ pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(auth::router())
         .merge(jwks::router())
         .merge(attestation::router())
+        .merge(killswitch::router())
         .merge(admin::router())
+        .merge(devices::router())
         .merge(health::router())
         .merge(metrics::router())
         .merge(docs::router())

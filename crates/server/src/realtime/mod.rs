@@ -1,16 +1,38 @@
-//! Kill-switch commands and their fan-out across instances.
+//! The kill-switch: commands to devices, delivered in real time.
 //!
+//! ## Commands
 //! A command (`CRITICAL_LOCK`, `IMMEDIATE_QUARANTINE`, `FORCE_OVERLAY`,
-//! `UNLOCK`) is published as JSON on the kill-switch channel of the shared
-//! state, so that whichever instance holds the device's WebSocket delivers it.
+//! `UNLOCK`) gets the device's next sequence number (an atomic counter in
+//! shared state, so sequence numbers increase across instances), is appended to
+//! the device's bounded history (`force_overlay:{device}`, the newest
+//! [`HISTORY_LEN`]), and is published on the kill-switch channel. Every
+//! instance's [`hub::Hub`] receives it and writes it to the device's sockets
+//! held by *that* instance — so the socket gets it exactly once, wherever it is.
+//!
+//! ## Recovery
+//! A device acks commands by id; the highest acked sequence number is kept
+//! (`force_overlay:acked:{device}`). On (re)connect the server sends the
+//! device's `state`, then every command after the acked position; a client
+//! may also ask `resume` from its own `since_seq`. A command missed while a
+//! pub/sub connection was down is therefore still delivered.
+
+pub mod hub;
+pub mod socket;
+
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::state::{keys, SharedState, StateResult};
 
+/// Commands kept per device for resume.
+pub const HISTORY_LEN: usize = 100;
+/// How long a device's history and counters live without new commands.
+pub const HISTORY_TTL: Duration = Duration::from_secs(30 * 86_400);
+
 /// The actions a device can be told to take.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Action {
     /// Lock the app now.
@@ -23,13 +45,27 @@ pub enum Action {
     Unlock,
 }
 
-/// A command for one device, as published between instances.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+impl Action {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::CriticalLock => "CRITICAL_LOCK",
+            Self::ImmediateQuarantine => "IMMEDIATE_QUARANTINE",
+            Self::ForceOverlay => "FORCE_OVERLAY",
+            Self::Unlock => "UNLOCK",
+        }
+    }
+}
+
+/// A command for one device, as published between instances and kept in history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DeviceCommand {
     /// Command id (the device acks it).
     pub id: Uuid,
     /// Target device.
     pub device_id: String,
+    /// The device's sequence number for this command (increasing).
+    pub seq: u64,
     /// What to do.
     pub action: Action,
     /// Stable reason code.
@@ -38,21 +74,87 @@ pub struct DeviceCommand {
     pub issued_at: String,
 }
 
-/// Publishes `action` for `device_id` to every instance.
-pub async fn publish(
+impl DeviceCommand {
+    /// The message the device receives.
+    pub fn to_wire(&self) -> String {
+        serde_json::json!({
+            "type": "command",
+            "id": self.id,
+            "seq": self.seq,
+            "action": self.action,
+            "reason": self.reason,
+            "issued_at": self.issued_at,
+        })
+        .to_string()
+    }
+}
+
+/// The device id that addresses every connected device.
+pub const EVERY_DEVICE: &str = "*";
+
+/// Issues `action` to `device_id`: next sequence number, history, publish.
+/// Status changes and audit rows are the caller's (they differ by source).
+pub async fn issue(
     shared: &dyn SharedState,
     device_id: &str,
     action: Action,
     reason: &str,
 ) -> StateResult<DeviceCommand> {
+    let command = record(shared, device_id, action, reason).await?;
+    let payload = serde_json::to_vec(&command).unwrap_or_default();
+    shared.publish(keys::KILL_SWITCH_CHANNEL, &payload).await?;
+    Ok(command)
+}
+
+/// Asks every instance to send `action` to every device connected to it;
+/// each instance records a command per device (with that device's next
+/// sequence number) and writes it to the socket.
+pub async fn issue_global(
+    shared: &dyn SharedState,
+    action: Action,
+    reason: &str,
+) -> StateResult<DeviceCommand> {
     let command = DeviceCommand {
         id: Uuid::now_v7(),
-        device_id: device_id.to_owned(),
+        device_id: EVERY_DEVICE.to_owned(),
+        seq: 0,
         action,
         reason: reason.to_owned(),
         issued_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
     };
     let payload = serde_json::to_vec(&command).unwrap_or_default();
     shared.publish(keys::KILL_SWITCH_CHANNEL, &payload).await?;
+    Ok(command)
+}
+
+/// Gives a command its sequence number and keeps it in the device's history,
+/// without publishing it.
+pub async fn record(
+    shared: &dyn SharedState,
+    device_id: &str,
+    action: Action,
+    reason: &str,
+) -> StateResult<DeviceCommand> {
+    let seq = shared
+        .incr(&keys::command_seq(device_id), 1, HISTORY_TTL)
+        .await?;
+    let command = DeviceCommand {
+        id: Uuid::now_v7(),
+        device_id: device_id.to_owned(),
+        seq: u64::try_from(seq).unwrap_or_default(),
+        action,
+        reason: reason.to_owned(),
+        issued_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    };
+    let payload = serde_json::to_vec(&command).unwrap_or_default();
+    shared
+        .history_push(
+            &keys::force_overlay(device_id),
+            command.seq,
+            &payload,
+            HISTORY_LEN,
+            HISTORY_TTL,
+        )
+        .await?;
     Ok(command)
 }

@@ -32,6 +32,21 @@ pub fn force_overlay(device_id: &str) -> String {
     format!("force_overlay:{{{device_id}}}")
 }
 
+/// Last kill-switch command sequence number of a device: `force_overlay:seq:{device}`.
+pub fn command_seq(device_id: &str) -> String {
+    format!("force_overlay:seq:{{{device_id}}}")
+}
+
+/// Highest command sequence number the device acknowledged: `force_overlay:acked:{device}`.
+pub fn command_acked(device_id: &str) -> String {
+    format!("force_overlay:acked:{{{device_id}}}")
+}
+
+/// WebSocket handshake bucket of a client address (by its keyed HMAC): `rl:ws:{hmac}`.
+pub fn ws_handshake_limit(ip_hmac: &str) -> String {
+    format!("rl:ws:{ip_hmac}")
+}
+
 /// Scoring state of a device: `sig:{device}`.
 pub fn signal_state(device_id: &str) -> String {
     format!("sig:{{{device_id}}}")

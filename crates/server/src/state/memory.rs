@@ -62,6 +62,7 @@ pub struct MemoryState {
     kv: DashMap<String, Entry>,
     buckets: DashMap<String, Bucket>,
     channels: DashMap<String, broadcast::Sender<Vec<u8>>>,
+    histories: DashMap<String, (std::collections::BTreeMap<u64, Vec<u8>>, Instant)>,
     queues: DashMap<String, Arc<Queue>>,
     queue_capacity: usize,
     writes: AtomicU64,
@@ -75,6 +76,7 @@ impl MemoryState {
             kv: DashMap::new(),
             buckets: DashMap::new(),
             channels: DashMap::new(),
+            histories: DashMap::new(),
             queues: DashMap::new(),
             queue_capacity: queue_capacity.max(1),
             writes: AtomicU64::new(0),
@@ -239,6 +241,44 @@ impl SharedState for MemoryState {
         drop(bucket);
         self.after_write();
         Ok(decision)
+    }
+
+    async fn history_push(
+        &self,
+        key: &str,
+        seq: u64,
+        payload: &[u8],
+        max_len: usize,
+        ttl: Duration,
+    ) -> StateResult<()> {
+        let now = Instant::now();
+        let mut entry = self
+            .histories
+            .entry(key.to_owned())
+            .or_insert_with(|| (std::collections::BTreeMap::new(), now + ttl));
+        if entry.1 <= now {
+            entry.0.clear();
+        }
+        entry.0.insert(seq, payload.to_vec());
+        while entry.0.len() > max_len {
+            entry.0.pop_first();
+        }
+        entry.1 = now + ttl;
+        Ok(())
+    }
+
+    async fn history_since(&self, key: &str, since: u64) -> StateResult<Vec<(u64, Vec<u8>)>> {
+        let now = Instant::now();
+        Ok(self
+            .histories
+            .get(key)
+            .filter(|e| e.1 > now)
+            .map(|e| {
+                e.0.range(since.saturating_add(1)..)
+                    .map(|(seq, payload)| (*seq, payload.clone()))
+                    .collect()
+            })
+            .unwrap_or_default())
     }
 
     async fn publish(&self, channel: &str, payload: &[u8]) -> StateResult<()> {

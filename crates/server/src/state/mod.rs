@@ -127,6 +127,21 @@ pub trait SharedState: Send + Sync + 'static {
         cost: u32,
     ) -> StateResult<BucketDecision>;
 
+    /// Adds `payload` at position `seq` to the bounded history at `key`,
+    /// dropping the oldest entries past `max_len`; the history expires after
+    /// `ttl` without writes. (Redis: a sorted set scored by `seq`.)
+    async fn history_push(
+        &self,
+        key: &str,
+        seq: u64,
+        payload: &[u8],
+        max_len: usize,
+        ttl: Duration,
+    ) -> StateResult<()>;
+    /// The entries of the history at `key` with position greater than
+    /// `since`, in order.
+    async fn history_since(&self, key: &str, since: u64) -> StateResult<Vec<(u64, Vec<u8>)>>;
+
     /// Publishes `payload` on `channel` to every subscriber on every replica.
     async fn publish(&self, channel: &str, payload: &[u8]) -> StateResult<()>;
     /// Subscribes to `channel`; messages published after this returns are delivered.

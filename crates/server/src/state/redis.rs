@@ -270,6 +270,54 @@ impl SharedState for RedisState {
         })
     }
 
+    async fn history_push(
+        &self,
+        key: &str,
+        seq: u64,
+        payload: &[u8],
+        max_len: usize,
+        ttl: Duration,
+    ) -> StateResult<()> {
+        let mut conn = self.conn.clone();
+        let key = self.key(key);
+        let keep = i64::try_from(max_len.max(1)).unwrap_or(i64::MAX);
+        redis::pipe()
+            .atomic()
+            .cmd("ZADD")
+            .arg(&key)
+            .arg(seq)
+            .arg(payload)
+            .ignore()
+            .cmd("ZREMRANGEBYRANK")
+            .arg(&key)
+            .arg(0)
+            .arg(-(keep + 1))
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(&key)
+            .arg(millis(ttl))
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn history_since(&self, key: &str, since: u64) -> StateResult<Vec<(u64, Vec<u8>)>> {
+        let mut conn = self.conn.clone();
+        let flat: Vec<(Vec<u8>, u64)> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.key(key))
+            .arg(format!("({since}"))
+            .arg("+inf")
+            .arg("WITHSCORES")
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(flat
+            .into_iter()
+            .map(|(payload, seq)| (seq, payload))
+            .collect())
+    }
+
     async fn publish(&self, channel: &str, payload: &[u8]) -> StateResult<()> {
         let mut conn = self.conn.clone();
         redis::cmd("PUBLISH")

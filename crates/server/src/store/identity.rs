@@ -209,3 +209,15 @@ pub struct AttestationOutcome {
     /// True when this verdict moved the device into quarantine.
     pub quarantined: bool,
 }
+
+/// The result of a refresh-token compare-and-swap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RotateOutcome {
+    /// The token was unused and its family active: it is now spent and the
+    /// new token stored.
+    Rotated,
+    /// The token had already been spent (by an earlier or concurrent request).
+    AlreadyUsed,
+    /// The family was revoked (logout, new sign-in, reuse) in the meantime.
+    FamilyInactive,
+}

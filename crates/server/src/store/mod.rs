@@ -26,7 +26,7 @@ use uuid::Uuid;
 
 pub use identity::{
     AttestationOutcome, Device, DeviceStatus, NewEvent, NewRefreshToken, NewSession, RefreshRecord,
-    Revocation, SigningKeyRecord, User, UserStatus,
+    Revocation, RotateOutcome, SigningKeyRecord, User, UserStatus,
 };
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
@@ -255,13 +255,15 @@ pub trait Store: Send + Sync + 'static {
     async fn refresh_record(&self, token_sha256: &[u8]) -> StoreResult<Option<RefreshRecord>>;
     /// Compare-and-swap rotation: marks `old` used if (and only if) it is
     /// still unused and its family active, and adds `new` to the family.
-    /// False when another request won the race.
     async fn rotate_refresh(
         &self,
         old_sha256: &[u8],
         family_id: Uuid,
         new: NewRefreshToken,
-    ) -> StoreResult<bool>;
+    ) -> StoreResult<RotateOutcome>;
+    /// Sets a device's status (and, when it becomes active again, clears its
+    /// attestation failure count). False when the device does not exist.
+    async fn set_device_status(&self, device_id: &str, status: DeviceStatus) -> StoreResult<bool>;
     /// Revokes every active family of a device, with the optional status
     /// change, audit row and event, in one transaction.
     async fn revoke_device(&self, revocation: Revocation) -> StoreResult<()>;

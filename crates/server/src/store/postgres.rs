@@ -14,8 +14,8 @@ use uuid::Uuid;
 
 use super::{
     now_micros, AttestationOutcome, AuditEntry, AuditSource, Device, DeviceStatus, NewAuditEntry,
-    NewEvent, NewRefreshToken, NewSession, Plan, RefreshRecord, Revocation, SigningKeyRecord,
-    Store, StoreError, StoreResult, User, UserStatus,
+    NewEvent, NewRefreshToken, NewSession, Plan, RefreshRecord, Revocation, RotateOutcome,
+    SigningKeyRecord, Store, StoreError, StoreResult, User, UserStatus,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -218,6 +218,8 @@ impl Store for PostgresStore {
              VALUES ($1, $2, $3, $4, $5, $5, $5) \
              ON CONFLICT (id) DO UPDATE SET user_id = excluded.user_id, \
              fingerprint_sha256 = excluded.fingerprint_sha256, platform = excluded.platform, \
+             attestation_state = CASE WHEN devices.user_id = excluded.user_id \
+             THEN devices.attestation_state ELSE 'unknown' END, \
              updated_at = excluded.updated_at, last_seen_at = excluded.last_seen_at",
         )
         .bind(&session.device_id)
@@ -280,14 +282,22 @@ impl Store for PostgresStore {
         old_sha256: &[u8],
         family_id: Uuid,
         new: NewRefreshToken,
-    ) -> StoreResult<bool> {
+    ) -> StoreResult<RotateOutcome> {
         let mut tx = self.pool.begin().await?;
-        // The first statement writes, so SQLite takes the write lock at once
-        // and a concurrent rotation waits here, then sees `used_at` set.
+        // Lock the family row: a concurrent logout or revocation (which
+        // updates it) waits for this rotation, or this one sees it revoked.
+        let status: Option<String> =
+            sqlx::query_scalar("SELECT status FROM refresh_families WHERE id = $1 FOR UPDATE")
+                .bind(family_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if status.as_deref() != Some("active") {
+            tx.rollback().await?;
+            return Ok(RotateOutcome::FamilyInactive);
+        }
         let won = sqlx::query(
             "UPDATE refresh_tokens SET used_at = $3 WHERE token_sha256 = $1 AND used_at IS NULL \
-             AND family_id = $2 AND EXISTS (SELECT 1 FROM refresh_families f \
-             WHERE f.id = $2 AND f.status = 'active')",
+             AND family_id = $2",
         )
         .bind(old_sha256)
         .bind(family_id)
@@ -298,11 +308,11 @@ impl Store for PostgresStore {
             == 1;
         if !won {
             tx.rollback().await?;
-            return Ok(false);
+            return Ok(RotateOutcome::AlreadyUsed);
         }
         insert_refresh(&mut tx, family_id, &new).await?;
         tx.commit().await?;
-        Ok(true)
+        Ok(RotateOutcome::Rotated)
     }
 
     #[tracing::instrument(skip_all, name = "store.revoke_device", fields(device_id = %revocation.device_id))]
@@ -334,6 +344,19 @@ impl Store for PostgresStore {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn set_device_status(&self, device_id: &str, status: DeviceStatus) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE devices SET status = $2, updated_at = $3, attestation_failures = \
+             CASE WHEN $2 = 'active' THEN 0 ELSE attestation_failures END WHERE id = $1",
+        )
+        .bind(device_id)
+        .bind(status.as_str())
+        .bind(now_micros())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     async fn record_attestation(
@@ -450,7 +473,8 @@ impl Store for PostgresStore {
         }
         sqlx::query(
             "INSERT INTO signing_keys (kid, alg, private_der, public_jwk, created_at) \
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (kid) DO NOTHING",
+             VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (kid) DO UPDATE SET retired_at = NULL",
         )
         .bind(&key.kid)
         .bind(&key.alg)

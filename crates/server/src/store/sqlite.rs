@@ -19,8 +19,8 @@ use uuid::Uuid;
 
 use super::{
     now_micros, AttestationOutcome, AuditEntry, AuditSource, Device, DeviceStatus, NewAuditEntry,
-    NewEvent, NewRefreshToken, NewSession, Plan, RefreshRecord, Revocation, SigningKeyRecord,
-    Store, StoreError, StoreResult, User, UserStatus,
+    NewEvent, NewRefreshToken, NewSession, Plan, RefreshRecord, Revocation, RotateOutcome,
+    SigningKeyRecord, Store, StoreError, StoreResult, User, UserStatus,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -246,6 +246,8 @@ impl Store for SqliteStore {
              VALUES ($1, $2, $3, $4, $5, $5, $5) \
              ON CONFLICT (id) DO UPDATE SET user_id = excluded.user_id, \
              fingerprint_sha256 = excluded.fingerprint_sha256, platform = excluded.platform, \
+             attestation_state = CASE WHEN devices.user_id = excluded.user_id \
+             THEN devices.attestation_state ELSE 'unknown' END, \
              updated_at = excluded.updated_at, last_seen_at = excluded.last_seen_at",
         )
         .bind(&session.device_id)
@@ -308,7 +310,7 @@ impl Store for SqliteStore {
         old_sha256: &[u8],
         family_id: Uuid,
         new: NewRefreshToken,
-    ) -> StoreResult<bool> {
+    ) -> StoreResult<RotateOutcome> {
         let mut tx = self.pool.begin().await?;
         // The first statement writes, so SQLite takes the write lock at once
         // and a concurrent rotation waits here, then sees `used_at` set.
@@ -325,12 +327,24 @@ impl Store for SqliteStore {
         .rows_affected()
             == 1;
         if !won {
+            // Still under the write lock: tell a spent token from a family
+            // revoked while this request was in flight.
+            let active: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM refresh_families WHERE id = $1 AND status = 'active')",
+            )
+            .bind(family_id.to_string())
+            .fetch_one(&mut *tx)
+            .await?;
             tx.rollback().await?;
-            return Ok(false);
+            return Ok(if active {
+                RotateOutcome::AlreadyUsed
+            } else {
+                RotateOutcome::FamilyInactive
+            });
         }
         insert_refresh(&mut tx, family_id, &new).await?;
         tx.commit().await?;
-        Ok(true)
+        Ok(RotateOutcome::Rotated)
     }
 
     #[tracing::instrument(skip_all, name = "store.revoke_device", fields(device_id = %revocation.device_id))]
@@ -362,6 +376,19 @@ impl Store for SqliteStore {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn set_device_status(&self, device_id: &str, status: DeviceStatus) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE devices SET status = $2, updated_at = $3, attestation_failures = \
+             CASE WHEN $2 = 'active' THEN 0 ELSE attestation_failures END WHERE id = $1",
+        )
+        .bind(device_id)
+        .bind(status.as_str())
+        .bind(ts(now_micros()))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     async fn record_attestation(
@@ -482,7 +509,8 @@ impl Store for SqliteStore {
         }
         sqlx::query(
             "INSERT INTO signing_keys (kid, alg, private_der, public_jwk, created_at) \
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (kid) DO NOTHING",
+             VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (kid) DO UPDATE SET retired_at = NULL",
         )
         .bind(&key.kid)
         .bind(&key.alg)

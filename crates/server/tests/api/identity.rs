@@ -31,6 +31,9 @@ crate::on_both_backends!(
     rs256_keys_from_a_pem_verify_through_the_jwks,
     generated_rs256_keys_verify_through_the_jwks,
     refreshes_are_rate_limited_per_device,
+    a_device_cannot_be_taken_over_by_knowing_its_id,
+    garbage_refreshes_cannot_exhaust_a_victims_bucket,
+    a_key_rotated_elsewhere_is_learned_on_first_sight,
 );
 
 const SECRET: &str = "attestation-test-secret";
@@ -1146,5 +1149,106 @@ async fn refreshes_are_rate_limited_per_device(backend: Backend) {
             .status(),
         StatusCode::OK,
         "other devices are unaffected"
+    );
+}
+
+async fn a_device_cannot_be_taken_over_by_knowing_its_id(backend: Backend) {
+    let Some(app) = spawn_app_with(backend, |c| {
+        c.attestation_test_secret = Some(SECRET.to_owned().into())
+    })
+    .await
+    else {
+        return;
+    };
+    let victim = register(&app, "uma@example.com", "device_0001").await;
+    let n = nonce(&app, &victim).await;
+    let verified = verify(
+        &app,
+        &victim,
+        &n,
+        "test",
+        &test_token(&n, "device_0001", "pass", "pass"),
+    )
+    .await;
+    assert_eq!(verified.status(), StatusCode::OK);
+
+    // Another account, the victim's device id, other hardware: refused.
+    let mut attack = credentials("vic@example.com", "device_0001");
+    attack["device_fingerprint"] = json!("attacker-phone");
+    let r = app.post_json("/v1/auth/register", &attack).await;
+    assert_eq!(
+        code_of(r).await,
+        (StatusCode::CONFLICT, "device_in_use".into())
+    );
+    assert_eq!(
+        probe(&app, &victim.access, &victim.device).await.status(),
+        StatusCode::CREATED,
+        "victim unaffected"
+    );
+
+    // The same hardware (a second account on the same phone) may take it over,
+    // and does not inherit the first account's attestation.
+    let r = app
+        .post_json(
+            "/v1/auth/register",
+            &credentials("wes@example.com", "device_0001"),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let device = app
+        .state
+        .store
+        .device("device_0001")
+        .await
+        .expect("device")
+        .expect("exists");
+    assert_eq!(device.attestation_state, "unknown");
+    assert_eq!(
+        code_of(probe(&app, &victim.access, &victim.device).await)
+            .await
+            .1,
+        "device_revoked"
+    );
+}
+
+async fn garbage_refreshes_cannot_exhaust_a_victims_bucket(backend: Backend) {
+    let Some(app) = spawn_app_with(backend, |c| c.refresh_per_minute = 2).await else {
+        return;
+    };
+    let victim = register(&app, "xan@example.com", "device_0001").await;
+    for _ in 0..5 {
+        let r = refresh(&app, "brt_garbage", &victim.device, "fp-device_0001").await;
+        assert_eq!(code_of(r).await.1, "invalid_refresh_token");
+    }
+    let r = refresh(&app, &victim.refresh, &victim.device, "fp-device_0001").await;
+    assert_eq!(
+        r.status(),
+        StatusCode::OK,
+        "the victim's own refresh still works"
+    );
+}
+
+async fn a_key_rotated_elsewhere_is_learned_on_first_sight(backend: Backend) {
+    // Reloads are slow here, so only the unknown-kid path can pick the key up.
+    let Some(app) =
+        spawn_app_with(backend, |c| c.key_reload_interval = Duration::from_secs(60)).await
+    else {
+        return;
+    };
+    let s = register(&app, "yul@example.com", "device_0001").await;
+    tokio::time::sleep(blockremote::auth::keys::UNKNOWN_KID_RELOAD_GAP).await;
+    // Another instance rotates…
+    let kid = blockremote::auth::keys::rotate(app.state.store.as_ref(), "ES256")
+        .await
+        .expect("rotate");
+    let (new_kid, key) = signing_key_of(&app).await;
+    assert_eq!(new_kid, kid);
+    let mut header = Header::new(Algorithm::ES256);
+    header.kid = Some(kid);
+    let token = encode(&header, &claims(&s.user_id, "device_0001", 0, 600), &key).expect("sign");
+    // …and its token is accepted here at once.
+    assert_eq!(
+        probe(&app, &token, "device_0001").await.status(),
+        StatusCode::CREATED
     );
 }

@@ -3,6 +3,7 @@
 mod helpers;
 mod http_surface;
 mod identity;
+mod killswitch;
 mod lifecycle;
 mod proxy;
 mod state_conformance;

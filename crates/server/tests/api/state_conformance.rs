@@ -15,7 +15,57 @@ crate::on_both_backends!(
     queue_is_at_least_once_with_reclaim,
     queue_is_bounded,
     queue_fetch_waits_then_returns_empty,
+    history_is_ordered_bounded_and_read_from_a_position,
 );
+
+async fn history_is_ordered_bounded_and_read_from_a_position(backend: Backend) {
+    let Some((s, _b)) = shared_for(backend, 10).await else {
+        return;
+    };
+    let key = keys::force_overlay("device_0001");
+    let ttl = Duration::from_secs(60);
+    for seq in 1..=7u64 {
+        s.history_push(&key, seq, format!("cmd-{seq}").as_bytes(), 5, ttl)
+            .await
+            .expect("push");
+    }
+    let all = s.history_since(&key, 0).await.expect("read");
+    let seqs: Vec<u64> = all.iter().map(|(seq, _)| *seq).collect();
+    assert_eq!(
+        seqs,
+        vec![3, 4, 5, 6, 7],
+        "bounded to the newest 5, in order"
+    );
+    assert_eq!(all[0].1, b"cmd-3");
+    let since = s.history_since(&key, 5).await.expect("read");
+    assert_eq!(
+        since.iter().map(|(q, _)| *q).collect::<Vec<_>>(),
+        vec![6, 7]
+    );
+    assert!(s.history_since(&key, 7).await.expect("read").is_empty());
+    assert!(s
+        .history_since("force_overlay:{other}", 0)
+        .await
+        .expect("read")
+        .is_empty());
+    s.history_push(
+        "force_overlay:{short}",
+        1,
+        b"x",
+        5,
+        Duration::from_millis(200),
+    )
+    .await
+    .expect("push");
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert!(
+        s.history_since("force_overlay:{short}", 0)
+            .await
+            .expect("read")
+            .is_empty(),
+        "expired"
+    );
+}
 
 async fn kv_set_get_ttl_and_single_use(backend: Backend) {
     let Some((s, _b)) = shared_for(backend, 100).await else {

@@ -1,6 +1,8 @@
 //! The durable store's conformance story, run on SQLite and PostgreSQL.
 
-use blockremote::store::{AuditSource, NewAuditEntry};
+use blockremote::store::{
+    AuditSource, NewAuditEntry, NewRefreshToken, NewSession, Revocation, RotateOutcome,
+};
 use uuid::Uuid;
 
 use crate::helpers::{store_for, Backend};
@@ -11,7 +13,101 @@ crate::on_both_backends!(
     audit_rows_round_trip_newest_first,
     audit_rows_are_append_only_in_the_database,
     billing_event_ids_are_unique_forever,
+    rotation_tells_a_spent_token_from_a_revoked_family,
+    reinserting_a_retired_key_makes_it_current_again,
 );
+
+fn token(n: u8) -> NewRefreshToken {
+    let now = blockremote::store::now_micros();
+    NewRefreshToken {
+        token_sha256: vec![n; 32],
+        jti: Uuid::new_v4(),
+        issued_at: now,
+        expires_at: now + chrono::Duration::days(1),
+    }
+}
+
+async fn rotation_tells_a_spent_token_from_a_revoked_family(backend: Backend) {
+    let Some((store, _raw, _b)) = store_for(backend).await else {
+        return;
+    };
+    store.migrate().await.expect("migrate");
+    let user = store
+        .create_user("zed@example.com", "hash")
+        .await
+        .expect("user");
+    let family = Uuid::now_v7();
+    store
+        .start_session(NewSession {
+            user_id: user.id,
+            device_id: "device_0001".into(),
+            fingerprint_sha256: vec![9; 32],
+            platform: "ios".into(),
+            family_id: family,
+            token: token(1),
+        })
+        .await
+        .expect("session");
+    assert_eq!(
+        store
+            .rotate_refresh(&[1; 32], family, token(2))
+            .await
+            .expect("cas"),
+        RotateOutcome::Rotated
+    );
+    assert_eq!(
+        store
+            .rotate_refresh(&[1; 32], family, token(3))
+            .await
+            .expect("cas"),
+        RotateOutcome::AlreadyUsed
+    );
+    store
+        .revoke_device(Revocation {
+            device_id: "device_0001".into(),
+            reason: "logout".into(),
+            device_status: None,
+            audit: None,
+            event: None,
+        })
+        .await
+        .expect("revoke");
+    assert_eq!(
+        store
+            .rotate_refresh(&[2; 32], family, token(4))
+            .await
+            .expect("cas"),
+        RotateOutcome::FamilyInactive
+    );
+    let record = store
+        .refresh_record(&[2; 32])
+        .await
+        .expect("read")
+        .expect("exists");
+    assert!(!record.used && !record.family_active);
+}
+
+async fn reinserting_a_retired_key_makes_it_current_again(backend: Backend) {
+    let Some((store, _raw, _b)) = store_for(backend).await else {
+        return;
+    };
+    store.migrate().await.expect("migrate");
+    let a = blockremote::auth::keys::generate_es256().expect("key");
+    let b = blockremote::auth::keys::generate_es256().expect("key");
+    store.insert_signing_key(a.clone(), true).await.expect("a");
+    store.insert_signing_key(b.clone(), true).await.expect("b");
+    store
+        .insert_signing_key(a.clone(), true)
+        .await
+        .expect("a again (PEM rollback)");
+    let keys = store.signing_keys().await.expect("keys");
+    let live: Vec<&str> = keys
+        .iter()
+        .filter(|k| k.retired_at.is_none())
+        .map(|k| k.kid.as_str())
+        .collect();
+    assert_eq!(live, vec![a.kid.as_str()]);
+}
 
 async fn migrations_are_idempotent_and_seed_the_plans(backend: Backend) {
     let Some((store, _raw, _b)) = store_for(backend).await else {

@@ -1,0 +1,264 @@
+//! `/v1/admin/devices/*` and `/v1/admin/kill-switch/global`: operator
+//! control of devices through the kill-switch.
+//!
+//! A lock changes the device's status (API calls refused with 403
+//! `device_locked` until unlocked) and sends the command to the device;
+//! unlock makes it active again and sends `UNLOCK`. Every command is audited.
+
+use axum::{
+    extract::{Path, State},
+    http::StatusCode,
+    Json as JsonResponse,
+};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use super::{json::Json, validate};
+use crate::{
+    app::AppState,
+    auth::extract::{AdminAuth, ClientIp},
+    error::{codes, ApiError, Problem},
+    realtime::{self, Action, DeviceCommand},
+    state::keys,
+    store::{AuditSource, DeviceStatus, NewAuditEntry},
+};
+
+/// The device-control routes.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(post_lock))
+        .routes(routes!(post_unlock))
+        .routes(routes!(get_device))
+        .routes(routes!(post_global))
+}
+
+/// A lock request.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LockRequest {
+    /// `CRITICAL_LOCK`, `IMMEDIATE_QUARANTINE` or `FORCE_OVERLAY` (`UNLOCK` has its own route).
+    pub action: Action,
+    /// A reason code, 1–64 characters of `[a-z0-9_.:-]`.
+    #[schema(example = "fraud_team_request")]
+    pub reason: String,
+}
+
+/// An unlock request (the body is optional).
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UnlockRequest {
+    /// A reason code (default `operator_unlock`).
+    pub reason: Option<String>,
+}
+
+/// A device as operators see it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeviceView {
+    /// Device id.
+    pub device_id: String,
+    /// Owner.
+    pub user_id: uuid::Uuid,
+    /// `android` or `ios`.
+    pub platform: String,
+    /// `active`, `locked`, `quarantined` or `revoked`.
+    pub status: String,
+    /// True unless the status is `active`.
+    pub locked: bool,
+    /// `unknown`, `verified` or `failed`.
+    pub attestation_state: String,
+    /// Attestation failures since the last success.
+    pub attestation_failures: u32,
+    /// The last command sent to the device.
+    pub last_command: Option<DeviceCommand>,
+}
+
+fn reason_code(raw: &str) -> Result<(), ApiError> {
+    let ok = (1..=64).contains(&raw.len())
+        && raw.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'.' | b':' | b'-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid_field(
+            "reason",
+            "must be 1–64 characters of a-z, 0-9, _ . : -",
+        ))
+    }
+}
+
+fn not_found() -> ApiError {
+    ApiError::Client {
+        status: StatusCode::NOT_FOUND,
+        code: codes::DEVICE_NOT_FOUND,
+        detail: "No device has this id.",
+    }
+}
+
+async fn audit(
+    state: &AppState,
+    device_id: Option<&str>,
+    user_id: Option<uuid::Uuid>,
+    command: &DeviceCommand,
+    ip: ClientIp,
+) -> Result<(), ApiError> {
+    state
+        .store
+        .append_audit(NewAuditEntry {
+            user_id,
+            device_id: device_id.map(str::to_owned),
+            jti: None,
+            ip: crate::auth::Auth::ip_prefix(ip.0),
+            user_agent: None,
+            source: AuditSource::Http,
+            threat_score: None,
+            decision_reason: Some(command.reason.clone()),
+            attestation_state: None,
+            action_taken: command.action.as_str().to_owned(),
+        })
+        .await?;
+    Ok(())
+}
+
+/// Locks a device and sends it the command.
+#[utoipa::path(post, path = "/v1/admin/devices/{device_id}/lock", tag = "admin", request_body = LockRequest,
+    params(("device_id" = String, Path, description = "The device")),
+    security(("admin_key" = [])),
+    responses(
+        (status = 200, description = "Locked; the command that was sent", body = DeviceCommand),
+        (status = 404, description = "`device_not_found`", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`validation_failed`", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn post_lock(
+    State(state): State<AppState>,
+    _admin: AdminAuth,
+    ip: ClientIp,
+    Path(device_id): Path<String>,
+    Json(body): Json<LockRequest>,
+) -> Result<JsonResponse<DeviceCommand>, ApiError> {
+    validate::device_id(&device_id)?;
+    reason_code(&body.reason)?;
+    let status = match body.action {
+        Action::CriticalLock | Action::ForceOverlay => DeviceStatus::Locked,
+        Action::ImmediateQuarantine => DeviceStatus::Quarantined,
+        Action::Unlock => {
+            return Err(ApiError::invalid_field(
+                "action",
+                "use POST /v1/admin/devices/{device_id}/unlock to unlock",
+            ))
+        }
+    };
+    let device = state
+        .store
+        .device(&device_id)
+        .await?
+        .ok_or_else(not_found)?;
+    state.store.set_device_status(&device_id, status).await?;
+    state.auth.devices.invalidate(&device_id).await;
+    let command =
+        realtime::issue(state.shared.as_ref(), &device_id, body.action, &body.reason).await?;
+    audit(&state, Some(&device_id), Some(device.user_id), &command, ip).await?;
+    Ok(JsonResponse(command))
+}
+
+/// Unlocks a device and sends it `UNLOCK`.
+#[utoipa::path(post, path = "/v1/admin/devices/{device_id}/unlock", tag = "admin", request_body(content = Option<UnlockRequest>),
+    params(("device_id" = String, Path, description = "The device")),
+    security(("admin_key" = [])),
+    responses(
+        (status = 200, description = "Unlocked; the command that was sent", body = DeviceCommand),
+        (status = 404, description = "`device_not_found`", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn post_unlock(
+    State(state): State<AppState>,
+    _admin: AdminAuth,
+    ip: ClientIp,
+    Path(device_id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<JsonResponse<DeviceCommand>, ApiError> {
+    validate::device_id(&device_id)?;
+    // The body is optional: empty means the default reason.
+    let request: UnlockRequest = if body.is_empty() {
+        UnlockRequest::default()
+    } else {
+        super::json::parse(&body)?
+    };
+    let reason = request
+        .reason
+        .unwrap_or_else(|| "operator_unlock".to_owned());
+    reason_code(&reason)?;
+    let device = state
+        .store
+        .device(&device_id)
+        .await?
+        .ok_or_else(not_found)?;
+    state
+        .store
+        .set_device_status(&device_id, DeviceStatus::Active)
+        .await?;
+    state
+        .shared
+        .delete(&keys::revoked_device(&device_id))
+        .await?;
+    state.auth.devices.invalidate(&device_id).await;
+    let command =
+        realtime::issue(state.shared.as_ref(), &device_id, Action::Unlock, &reason).await?;
+    audit(&state, Some(&device_id), Some(device.user_id), &command, ip).await?;
+    Ok(JsonResponse(command))
+}
+
+/// A device's status, lock state and last command.
+#[utoipa::path(get, path = "/v1/admin/devices/{device_id}", tag = "admin",
+    params(("device_id" = String, Path, description = "The device")),
+    security(("admin_key" = [])),
+    responses(
+        (status = 200, description = "The device", body = DeviceView),
+        (status = 404, description = "`device_not_found`", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn get_device(
+    State(state): State<AppState>,
+    _admin: AdminAuth,
+    Path(device_id): Path<String>,
+) -> Result<JsonResponse<DeviceView>, ApiError> {
+    validate::device_id(&device_id)?;
+    let device = state
+        .store
+        .device(&device_id)
+        .await?
+        .ok_or_else(not_found)?;
+    let last_command = state
+        .shared
+        .history_since(&keys::force_overlay(&device_id), 0)
+        .await?
+        .last()
+        .and_then(|(_, payload)| serde_json::from_slice(payload).ok());
+    Ok(JsonResponse(DeviceView {
+        device_id: device.id,
+        user_id: device.user_id,
+        platform: device.platform,
+        status: device.status.as_str().to_owned(),
+        locked: device.status != DeviceStatus::Active,
+        attestation_state: device.attestation_state,
+        attestation_failures: device.attestation_failures,
+        last_command,
+    }))
+}
+
+/// Sends a command to every connected device, on every instance.
+#[utoipa::path(post, path = "/v1/admin/kill-switch/global", tag = "admin", request_body = LockRequest,
+    security(("admin_key" = [])),
+    responses(
+        (status = 202, description = "Fanning out; each device gets its own sequence number", body = DeviceCommand),
+    ))]
+pub async fn post_global(
+    State(state): State<AppState>,
+    _admin: AdminAuth,
+    ip: ClientIp,
+    Json(body): Json<LockRequest>,
+) -> Result<(StatusCode, JsonResponse<DeviceCommand>), ApiError> {
+    reason_code(&body.reason)?;
+    let command = realtime::issue_global(state.shared.as_ref(), body.action, &body.reason).await?;
+    audit(&state, None, None, &command, ip).await?;
+    Ok((StatusCode::ACCEPTED, JsonResponse(command)))
+}

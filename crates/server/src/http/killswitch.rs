@@ -1,0 +1,166 @@
+//! `GET /v1/security/kill-switch`: the WebSocket handshake.
+//!
+//! Checks, in order: no `?token=` (400 `token_in_query` — a token in a URL
+//! ends up in proxy logs); an `Origin`, when sent, on the allow-list (403
+//! `origin_not_allowed`); the per-address handshake rate (429); credentials
+//! from `Authorization: Bearer` or `Sec-WebSocket-Protocol: blockremote.v1,
+//! bearer.<jwt>` (then `blockremote.v1` is selected); `X-Device-Id`, when
+//! sent, equal to the token's device; room under the connection cap (503
+//! `too_many_connections`). Socket buffers are sized for many idle sockets.
+
+use axum::{
+    extract::{
+        ws::{rejection::WebSocketUpgradeRejection, WebSocketUpgrade},
+        Query, State,
+    },
+    http::{header, HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+};
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use crate::{
+    app::AppState,
+    auth::extract::{authenticate, ClientIp, DeviceGate, DEVICE_ID_HEADER},
+    error::{codes, ApiError, Problem},
+    realtime::socket,
+    state::keys,
+};
+
+/// The subprotocol of this API.
+pub const SUBPROTOCOL: &str = "blockremote.v1";
+/// Bytes read from the socket at a time; clients only send small acks.
+const READ_BUFFER: usize = 4 * 1024;
+/// Largest message accepted from a client.
+const MAX_MESSAGE: usize = 4 * 1024;
+
+/// The kill-switch route.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(get_kill_switch))
+}
+
+fn bearer_from_protocols(headers: &HeaderMap) -> (Option<String>, bool) {
+    let mut token = None;
+    let mut offers_v1 = false;
+    for value in headers.get_all(header::SEC_WEBSOCKET_PROTOCOL) {
+        for item in value.to_str().unwrap_or_default().split(',') {
+            let item = item.trim();
+            if item == SUBPROTOCOL {
+                offers_v1 = true;
+            } else if let Some(jwt) = item.strip_prefix("bearer.") {
+                token = Some(jwt.to_owned());
+            }
+        }
+    }
+    (token, offers_v1)
+}
+
+/// Opens the kill-switch socket. Messages: see API.md, "Kill-switch (real time)".
+#[utoipa::path(get, path = "/v1/security/kill-switch", tag = "kill-switch",
+    params(
+        ("X-Device-Id" = Option<String>, Header, description = "When sent, must equal the token's device"),
+        ("Sec-WebSocket-Protocol" = Option<String>, Header, description = "`blockremote.v1, bearer.<jwt>` (browsers); native apps send Authorization instead"),
+    ),
+    security(("device_jwt" = [])),
+    responses(
+        (status = 101, description = "Switching protocols; the server sends `state` first"),
+        (status = 400, description = "`token_in_query`, or not a WebSocket handshake", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`invalid_token`, `device_mismatch` or `device_revoked`", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`origin_not_allowed`", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited` (handshakes per address)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`too_many_connections`", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn get_kill_switch(
+    State(state): State<AppState>,
+    Query(query): Query<std::collections::HashMap<String, String>>,
+    ip: ClientIp,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    if query.contains_key("token") || query.contains_key("access_token") {
+        return Err(ApiError::Client {
+            status: StatusCode::BAD_REQUEST,
+            code: codes::TOKEN_IN_QUERY,
+            detail: "Send the token in the Authorization header or the Sec-WebSocket-Protocol header, never in the URL.",
+        });
+    }
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let allowed = origin.to_str().is_ok_and(|o| {
+            state
+                .config
+                .allowed_origins
+                .iter()
+                .any(|a| a == o || a == "*")
+        });
+        if !allowed {
+            return Err(ApiError::forbidden(
+                codes::ORIGIN_NOT_ALLOWED,
+                "This origin may not open the kill-switch socket.",
+            ));
+        }
+    }
+    if let Some(ip) = ip.0 {
+        let scope = crate::auth::client_ip::hmac(state.auth.ip_key(), ip);
+        let bucket = state
+            .shared
+            .take_tokens(
+                &keys::ws_handshake_limit(&scope),
+                state.config.ws_handshakes_per_minute,
+                std::time::Duration::from_secs(60),
+                1,
+            )
+            .await?;
+        if !bucket.allowed {
+            return Err(ApiError::RateLimited {
+                retry_after: bucket.retry_after,
+            });
+        }
+    }
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, token) = v.split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then(|| token.trim().to_owned())
+        });
+    let (protocol_token, offers_v1) = bearer_from_protocols(&headers);
+    let token = authorization.or(protocol_token).ok_or_else(|| {
+        ApiError::unauthorized(
+            codes::INVALID_TOKEN,
+            "The access token is missing, invalid or expired.",
+        )
+    })?;
+    let header_device = headers.get(DEVICE_ID_HEADER).and_then(|v| v.to_str().ok());
+    let (device, _) = authenticate(
+        &state,
+        &token,
+        header_device,
+        false,
+        DeviceGate::AllowLocked,
+    )
+    .await?;
+    let upgrade = match upgrade {
+        Ok(upgrade) => upgrade,
+        Err(rejection) => return Ok(rejection.into_response()),
+    };
+    let Some((registration, commands)) = state.hub.register(&device.device_id) else {
+        return Err(ApiError::Client {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: codes::TOO_MANY_CONNECTIONS,
+            detail: "The server holds as many sockets as it allows; retry later.",
+        });
+    };
+    let upgrade = upgrade
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(0)
+        .max_message_size(MAX_MESSAGE)
+        .max_frame_size(MAX_MESSAGE);
+    let upgrade = if offers_v1 {
+        upgrade.protocols([SUBPROTOCOL])
+    } else {
+        upgrade
+    };
+    Ok(upgrade
+        .on_upgrade(move |socket| socket::serve(socket, state, device, registration, commands)))
+}

@@ -1,0 +1,577 @@
+//! The kill-switch WebSocket, with a standard client, on both backends.
+
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use tokio_tungstenite::{
+    tungstenite::{self, client::IntoClientRequest, protocol::frame::coding::CloseCode, Message},
+    MaybeTlsStream, WebSocketStream,
+};
+
+use crate::helpers::{spawn_app_with, Backend, TestApp};
+
+crate::on_both_backends!(
+    handshakes_are_refused_as_the_contract_says,
+    state_comes_first_then_commands_and_locks_bite,
+    subprotocol_credentials_select_blockremote_v1,
+    missed_commands_are_resent_and_resume_replays_in_order,
+    refresh_reuse_reaches_the_socket,
+    global_kill_switch_reaches_every_device,
+    shutdown_sends_close_frames,
+    handshake_rate_and_connection_cap,
+);
+
+type Socket = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
+const ADMIN: &str = "kill-switch-admin-key-0123456789abcdef";
+
+struct Device {
+    id: String,
+    access: String,
+    refresh: String,
+}
+
+async fn device(app: &TestApp, email: &str, id: &str) -> Device {
+    let response = app
+        .post_json(
+            "/v1/auth/register",
+            &json!({"email": email, "password": "correct horse battery", "device_id": id,
+                "device_fingerprint": format!("fp-{id}"), "platform": "android"}),
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let body: Value = response.json().await.expect("json");
+    Device {
+        id: id.to_owned(),
+        access: body["access_token"].as_str().expect("token").to_owned(),
+        refresh: body["refresh_token"].as_str().expect("refresh").to_owned(),
+    }
+}
+
+fn ws_url(app: &TestApp, query: &str) -> String {
+    format!(
+        "{}/v1/security/kill-switch{query}",
+        app.address.replace("http://", "ws://")
+    )
+}
+
+/// Connects; on refusal returns the HTTP status and problem code.
+async fn connect(
+    app: &TestApp,
+    query: &str,
+    headers: &[(&str, String)],
+) -> Result<(Socket, tungstenite::handshake::client::Response), (u16, String)> {
+    let mut request = ws_url(app, query).into_client_request().expect("request");
+    for (name, value) in headers {
+        request.headers_mut().insert(
+            http::HeaderName::from_bytes(name.as_bytes()).expect("name"),
+            value.parse().expect("value"),
+        );
+    }
+    match tokio_tungstenite::connect_async(request).await {
+        Ok(ok) => Ok(ok),
+        Err(tungstenite::Error::Http(response)) => {
+            let status = response.status().as_u16();
+            let body: Value = response
+                .body()
+                .as_deref()
+                .and_then(|b| serde_json::from_slice(b).ok())
+                .unwrap_or(Value::Null);
+            Err((status, body["code"].as_str().unwrap_or_default().to_owned()))
+        }
+        Err(other) => panic!("unexpected handshake error: {other}"),
+    }
+}
+
+async fn open(app: &TestApp, device: &Device) -> Socket {
+    connect(
+        app,
+        "",
+        &[("authorization", format!("Bearer {}", device.access))],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("handshake refused: {e:?}"))
+    .0
+}
+
+async fn next_json(socket: &mut Socket) -> Value {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(3), socket.next())
+            .await
+            .expect("a message in time")
+            .expect("socket open")
+            .expect("no error");
+        match message {
+            Message::Text(text) => return serde_json::from_str(&text).expect("JSON"),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("unexpected frame {other:?}"),
+        }
+    }
+}
+
+async fn nothing_more(socket: &mut Socket) {
+    if let Ok(Some(Ok(Message::Text(text)))) =
+        tokio::time::timeout(Duration::from_millis(300), socket.next()).await
+    {
+        panic!("unexpected message {text}");
+    }
+}
+
+async fn admin(app: &TestApp, path: &str, body: Value) -> reqwest::Response {
+    app.client
+        .post(format!("{}{path}", app.address))
+        .bearer_auth(ADMIN)
+        .json(&body)
+        .send()
+        .await
+        .expect("request")
+}
+
+async fn lock(app: &TestApp, device: &str, action: &str) -> Value {
+    let r = admin(
+        app,
+        &format!("/v1/admin/devices/{device}/lock"),
+        json!({"action": action, "reason": "fraud_team"}),
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    r.json().await.expect("json")
+}
+
+async fn unlock(app: &TestApp, device: &str) -> Value {
+    let r = admin(
+        app,
+        &format!("/v1/admin/devices/{device}/unlock"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    r.json().await.expect("json")
+}
+
+async fn with_admin(backend: Backend) -> Option<TestApp> {
+    spawn_app_with(backend, |c| {
+        c.admin_token = Some(ADMIN.to_owned().into());
+        c.allowed_origins = vec!["https://app.example.com".into()];
+    })
+    .await
+}
+
+async fn handshakes_are_refused_as_the_contract_says(backend: Backend) {
+    let Some(app) = with_admin(backend).await else {
+        return;
+    };
+    let d = device(&app, "ana@example.com", "device_0001").await;
+    let bearer = ("authorization", format!("Bearer {}", d.access));
+
+    let in_query = connect(&app, &format!("?token={}", d.access), &[])
+        .await
+        .err();
+    assert_eq!(in_query, Some((400, "token_in_query".into())));
+    let in_query_too = connect(&app, "?token=x", std::slice::from_ref(&bearer))
+        .await
+        .err();
+    assert_eq!(
+        in_query_too,
+        Some((400, "token_in_query".into())),
+        "refused even with a header"
+    );
+
+    let evil = connect(
+        &app,
+        "",
+        &[bearer.clone(), ("origin", "https://evil.example".into())],
+    )
+    .await
+    .err();
+    assert_eq!(evil, Some((403, "origin_not_allowed".into())));
+    assert!(connect(
+        &app,
+        "",
+        &[bearer.clone(), ("origin", "https://app.example.com".into())]
+    )
+    .await
+    .is_ok());
+
+    assert_eq!(
+        connect(&app, "", &[]).await.err(),
+        Some((401, "invalid_token".into()))
+    );
+    let mismatch = connect(
+        &app,
+        "",
+        &[bearer.clone(), ("x-device-id", "device_0002".into())],
+    )
+    .await
+    .err();
+    assert_eq!(mismatch, Some((401, "device_mismatch".into())));
+    assert!(
+        connect(&app, "", &[bearer.clone(), ("x-device-id", d.id.clone())])
+            .await
+            .is_ok()
+    );
+
+    // Not a WebSocket handshake at all.
+    let plain = app
+        .client
+        .get(ws_url(&app, "").replace("ws://", "http://"))
+        .bearer_auth(&d.access)
+        .send()
+        .await
+        .expect("request");
+    assert!(plain.status().is_client_error(), "{}", plain.status());
+    assert_eq!(plain.headers()["content-type"], "application/problem+json");
+
+    // A revoked device may not connect.
+    let body = json!({"refresh_token": d.refresh, "device_id": d.id, "device_fingerprint": "fp-device_0001"});
+    assert_eq!(
+        app.post_json("/v1/auth/refresh", &body).await.status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        app.post_json("/v1/auth/refresh", &body).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        connect(&app, "", &[bearer]).await.err(),
+        Some((401, "device_revoked".into()))
+    );
+}
+
+async fn state_comes_first_then_commands_and_locks_bite(backend: Backend) {
+    let Some(app) = with_admin(backend).await else {
+        return;
+    };
+    let d = device(&app, "bea@example.com", "device_0001").await;
+    let mut socket = open(&app, &d).await;
+    assert_eq!(
+        next_json(&mut socket).await,
+        json!({"type": "state", "locked": false, "action": null, "seq": 0})
+    );
+
+    let issued = lock(&app, &d.id, "CRITICAL_LOCK").await;
+    let command = next_json(&mut socket).await;
+    assert_eq!(command["type"], "command");
+    assert_eq!(command["action"], "CRITICAL_LOCK");
+    assert_eq!(command["reason"], "fraud_team");
+    assert_eq!(command["seq"], 1);
+    assert_eq!(command["id"], issued["id"]);
+    assert!(command["issued_at"].as_str().expect("time").ends_with('Z'));
+    socket
+        .send(Message::Text(
+            json!({"type": "ack", "id": command["id"]})
+                .to_string()
+                .into(),
+        ))
+        .await
+        .expect("ack");
+
+    // The lock bites on the API at once.
+    let api = app
+        .device_post("/v1/attestation/nonce", &d.access, Some(&d.id), None)
+        .await;
+    assert_eq!(api.status(), StatusCode::FORBIDDEN);
+    let view: Value = app
+        .client
+        .get(format!("{}/v1/admin/devices/{}", app.address, d.id))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        (view["status"].as_str(), view["locked"].as_bool()),
+        (Some("locked"), Some(true))
+    );
+    assert_eq!(view["last_command"]["action"], "CRITICAL_LOCK");
+
+    // A locked device can still connect, and learns its state first.
+    let mut second = open(&app, &d).await;
+    assert_eq!(
+        next_json(&mut second).await,
+        json!({"type": "state", "locked": true, "action": "CRITICAL_LOCK", "seq": 1})
+    );
+    nothing_more(&mut second).await;
+
+    unlock(&app, &d.id).await;
+    for s in [&mut socket, &mut second] {
+        let unlocked = next_json(s).await;
+        assert_eq!(
+            (unlocked["action"].as_str(), unlocked["seq"].as_u64()),
+            (Some("UNLOCK"), Some(2))
+        );
+    }
+    let api = app
+        .device_post("/v1/attestation/nonce", &d.access, Some(&d.id), None)
+        .await;
+    assert_eq!(
+        api.status(),
+        StatusCode::CREATED,
+        "usable again after unlock"
+    );
+
+    // Every command was audited.
+    let user = app
+        .state
+        .store
+        .device(&d.id)
+        .await
+        .expect("device")
+        .expect("exists")
+        .user_id;
+    let audit = app
+        .state
+        .store
+        .audit_for_user(user, 10)
+        .await
+        .expect("audit");
+    let actions: Vec<&str> = audit.iter().map(|r| r.action_taken.as_str()).collect();
+    assert!(
+        actions.contains(&"CRITICAL_LOCK") && actions.contains(&"UNLOCK"),
+        "{actions:?}"
+    );
+
+    // Admin errors.
+    let missing = admin(
+        &app,
+        "/v1/admin/devices/device_9999/lock",
+        json!({"action": "CRITICAL_LOCK", "reason": "x"}),
+    )
+    .await;
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+    let bad = admin(
+        &app,
+        &format!("/v1/admin/devices/{}/lock", d.id),
+        json!({"action": "EXPLODE", "reason": "x"}),
+    )
+    .await;
+    assert_eq!(bad.status(), StatusCode::UNPROCESSABLE_ENTITY);
+}
+
+async fn subprotocol_credentials_select_blockremote_v1(backend: Backend) {
+    let Some(app) = with_admin(backend).await else {
+        return;
+    };
+    let d = device(&app, "cy@example.com", "device_0001").await;
+    let (mut socket, response) = connect(
+        &app,
+        "",
+        &[(
+            "sec-websocket-protocol",
+            format!("blockremote.v1, bearer.{}", d.access),
+        )],
+    )
+    .await
+    .expect("accepted");
+    assert_eq!(
+        response.headers()["sec-websocket-protocol"],
+        "blockremote.v1"
+    );
+    assert_eq!(next_json(&mut socket).await["type"], "state");
+}
+
+async fn missed_commands_are_resent_and_resume_replays_in_order(backend: Backend) {
+    let Some(app) = with_admin(backend).await else {
+        return;
+    };
+    let d = device(&app, "dee@example.com", "device_0001").await;
+    // Three commands while the device is offline.
+    lock(&app, &d.id, "FORCE_OVERLAY").await;
+    unlock(&app, &d.id).await;
+    lock(&app, &d.id, "IMMEDIATE_QUARANTINE").await;
+
+    let mut socket = open(&app, &d).await;
+    let state = next_json(&mut socket).await;
+    assert_eq!(
+        state,
+        json!({"type": "state", "locked": true, "action": "IMMEDIATE_QUARANTINE", "seq": 3})
+    );
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let c = next_json(&mut socket).await;
+        seen.push((
+            c["seq"].as_u64().expect("seq"),
+            c["action"].as_str().expect("action").to_owned(),
+        ));
+        if c["seq"] == 3 {
+            socket
+                .send(Message::Text(
+                    json!({"type": "ack", "id": c["id"]}).to_string().into(),
+                ))
+                .await
+                .expect("ack");
+        }
+    }
+    assert_eq!(
+        seen,
+        vec![
+            (1, "FORCE_OVERLAY".into()),
+            (2, "UNLOCK".into()),
+            (3, "IMMEDIATE_QUARANTINE".into())
+        ]
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(socket);
+
+    // Everything acked: a reconnect gets the state only…
+    let mut again = open(&app, &d).await;
+    assert_eq!(next_json(&mut again).await["seq"], 3);
+    nothing_more(&mut again).await;
+    // …and an explicit resume replays from the client's own position, in order.
+    again
+        .send(Message::Text(
+            json!({"type": "resume", "since_seq": 1}).to_string().into(),
+        ))
+        .await
+        .expect("resume");
+    let replay: Vec<u64> = [next_json(&mut again).await, next_json(&mut again).await]
+        .iter()
+        .map(|c| c["seq"].as_u64().expect("seq"))
+        .collect();
+    assert_eq!(replay, vec![2, 3]);
+    nothing_more(&mut again).await;
+}
+
+async fn refresh_reuse_reaches_the_socket(backend: Backend) {
+    let Some(app) = with_admin(backend).await else {
+        return;
+    };
+    let d = device(&app, "eli@example.com", "device_0001").await;
+    let mut socket = open(&app, &d).await;
+    next_json(&mut socket).await;
+    let body = json!({"refresh_token": d.refresh, "device_id": "device_0001", "device_fingerprint": "fp-device_0001"});
+    assert_eq!(
+        app.post_json("/v1/auth/refresh", &body).await.status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        app.post_json("/v1/auth/refresh", &body).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let command = next_json(&mut socket).await;
+    assert_eq!(
+        (command["action"].as_str(), command["reason"].as_str()),
+        (Some("CRITICAL_LOCK"), Some("refresh_token_reuse"))
+    );
+}
+
+async fn global_kill_switch_reaches_every_device(backend: Backend) {
+    let Some(app) = with_admin(backend).await else {
+        return;
+    };
+    let a = device(&app, "fox@example.com", "device_0001").await;
+    let b = device(&app, "gil@example.com", "device_0002").await;
+    lock(&app, &a.id, "FORCE_OVERLAY").await; // a's sequence is ahead of b's
+    let mut sa = open(&app, &a).await;
+    let mut sb = open(&app, &b).await;
+    next_json(&mut sa).await;
+    next_json(&mut sa).await; // the unacked FORCE_OVERLAY
+    next_json(&mut sb).await;
+    let r = admin(
+        &app,
+        "/v1/admin/kill-switch/global",
+        json!({"action": "FORCE_OVERLAY", "reason": "incident_42"}),
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let ca = next_json(&mut sa).await;
+    let cb = next_json(&mut sb).await;
+    assert_eq!(
+        (
+            ca["action"].as_str(),
+            ca["reason"].as_str(),
+            ca["seq"].as_u64()
+        ),
+        (Some("FORCE_OVERLAY"), Some("incident_42"), Some(2))
+    );
+    assert_eq!(
+        (cb["action"].as_str(), cb["seq"].as_u64()),
+        (Some("FORCE_OVERLAY"), Some(1))
+    );
+}
+
+async fn shutdown_sends_close_frames(backend: Backend) {
+    let Some(app) = with_admin(backend).await else {
+        return;
+    };
+    let d = device(&app, "hal@example.com", "device_0001").await;
+    let mut socket = open(&app, &d).await;
+    next_json(&mut socket).await;
+    let stopping = tokio::spawn(app.stop());
+    let frame = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Close(frame))) => return frame,
+                Some(Ok(_)) => continue,
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("closed in time");
+    assert_eq!(frame.expect("close frame").code, CloseCode::Away);
+    tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .expect("stopped")
+        .expect("join")
+        .expect("clean");
+}
+
+async fn handshake_rate_and_connection_cap(backend: Backend) {
+    let Some(app) = spawn_app_with(backend, |c| {
+        c.ws_handshakes_per_minute = 3;
+        c.ws_max_connections = 2;
+    })
+    .await
+    else {
+        return;
+    };
+    let d = device(&app, "ivy@example.com", "device_0001").await;
+    let bearer = ("authorization", format!("Bearer {}", d.access));
+    let first = connect(&app, "", std::slice::from_ref(&bearer))
+        .await
+        .expect("1");
+    let second = connect(&app, "", std::slice::from_ref(&bearer))
+        .await
+        .expect("2");
+    assert_eq!(
+        connect(&app, "", std::slice::from_ref(&bearer)).await.err(),
+        Some((503, "too_many_connections".into()))
+    );
+    drop((first, second));
+    assert_eq!(
+        connect(&app, "", &[bearer]).await.err(),
+        Some((429, "rate_limited".into())),
+        "4th handshake this minute"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_via_one_instance_reaches_a_socket_on_another_exactly_once() {
+    let Some(first) = with_admin(Backend::Production).await else {
+        return;
+    };
+    let mut config = (*first.state.config).clone();
+    config.listen = "127.0.0.1:0".parse().expect("addr");
+    let second = crate::helpers::start(
+        blockremote::app::Application::build(config, true)
+            .await
+            .expect("second instance"),
+        crate::helpers::Backing::new(Backend::Embedded)
+            .await
+            .expect("placeholder"),
+    );
+    let d = device(&first, "jo@example.com", "device_0001").await;
+    let mut socket = open(&second, &d).await;
+    next_json(&mut socket).await;
+    lock(&first, &d.id, "CRITICAL_LOCK").await;
+    let command = next_json(&mut socket).await;
+    assert_eq!(
+        (command["action"].as_str(), command["seq"].as_u64()),
+        (Some("CRITICAL_LOCK"), Some(1))
+    );
+    nothing_more(&mut socket).await;
+}

@@ -7,7 +7,7 @@
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 use tracing_subscriber::{fmt, prelude::*, EnvFilter};
@@ -83,6 +83,16 @@ pub struct Metrics {
     pub http_requests: Family<HttpLabels, Counter>,
     /// `http_request_duration_seconds{method,route,status}`.
     pub http_duration: HistogramFamily<HttpLabels>,
+    /// `killswitch_connected_sockets`: sockets open on this instance.
+    pub ws_connected: Gauge,
+    /// `killswitch_handshake_duration_seconds`: from request to the socket's first message.
+    pub ws_handshake: Histogram,
+    /// `killswitch_delivery_latency_seconds`: from a command's issue to its write on a socket.
+    pub ws_delivery: Histogram,
+    /// `killswitch_commands_delivered_total`.
+    pub ws_delivered: Counter,
+    /// `killswitch_acks_total`.
+    pub ws_acks: Counter,
 }
 
 impl Default for Metrics {
@@ -108,10 +118,45 @@ impl Metrics {
             "HTTP request latency in seconds, by method, route and status",
             http_duration.clone(),
         );
+        let ws_connected = Gauge::default();
+        registry.register(
+            "killswitch_connected_sockets",
+            "Kill-switch sockets open on this instance",
+            ws_connected.clone(),
+        );
+        let ws_handshake = latency_histogram();
+        registry.register(
+            "killswitch_handshake_duration_seconds",
+            "Kill-switch handshake latency, from request to the first message sent",
+            ws_handshake.clone(),
+        );
+        let ws_delivery = latency_histogram();
+        registry.register(
+            "killswitch_delivery_latency_seconds",
+            "Latency from a command's issue to its write on a socket",
+            ws_delivery.clone(),
+        );
+        let ws_delivered = Counter::default();
+        registry.register(
+            "killswitch_commands_delivered",
+            "Kill-switch commands written to sockets",
+            ws_delivered.clone(),
+        );
+        let ws_acks = Counter::default();
+        registry.register(
+            "killswitch_acks",
+            "Kill-switch commands acknowledged by devices",
+            ws_acks.clone(),
+        );
         Self {
             registry,
             http_requests,
             http_duration,
+            ws_connected,
+            ws_handshake,
+            ws_delivery,
+            ws_delivered,
+            ws_acks,
         }
     }
 

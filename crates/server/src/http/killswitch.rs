@@ -30,6 +30,8 @@ use crate::{
 pub const SUBPROTOCOL: &str = "blockremote.v1";
 /// Bytes read from the socket at a time; clients only send small acks.
 const READ_BUFFER: usize = 4 * 1024;
+/// Longest a handshake may take on the server before it is refused.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Largest message accepted from a client.
 const MAX_MESSAGE: usize = 4 * 1024;
 
@@ -75,6 +77,30 @@ pub async fn get_kill_switch(
     ip: ClientIp,
     headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let started = std::time::Instant::now();
+    // The whole handshake (checks, token, device lookup) must finish in time.
+    tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        handshake(state, query, ip, headers, upgrade, started),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(ApiError::Client {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: codes::SERVICE_UNAVAILABLE,
+            detail: "The handshake took too long.",
+        })
+    })
+}
+
+async fn handshake(
+    state: AppState,
+    query: std::collections::HashMap<String, String>,
+    ip: ClientIp,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    started: std::time::Instant,
 ) -> Result<Response, ApiError> {
     if query.contains_key("token") || query.contains_key("access_token") {
         return Err(ApiError::Client {
@@ -161,6 +187,7 @@ pub async fn get_kill_switch(
     } else {
         upgrade
     };
-    Ok(upgrade
-        .on_upgrade(move |socket| socket::serve(socket, state, device, registration, commands)))
+    Ok(upgrade.on_upgrade(move |socket| {
+        socket::serve(socket, state, device, registration, commands, started)
+    }))
 }

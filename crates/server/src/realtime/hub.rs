@@ -17,6 +17,9 @@ use tokio::sync::mpsc;
 use super::DeviceCommand;
 use crate::state::{keys, SharedState, StateResult};
 
+/// Devices whose global command is sequenced and stored per round trip.
+pub const FAN_OUT_BATCH: usize = 1000;
+
 /// Messages queued per socket before live copies are dropped (history covers them).
 pub const SOCKET_QUEUE: usize = 16;
 
@@ -29,6 +32,8 @@ pub struct Outbound {
     pub seq: u64,
     /// The JSON message.
     pub wire: String,
+    /// When the command was issued (RFC 3339), for the delivery-latency metric.
+    pub issued_at: String,
 }
 
 impl From<&DeviceCommand> for Outbound {
@@ -37,6 +42,7 @@ impl From<&DeviceCommand> for Outbound {
             id: command.id,
             seq: command.seq,
             wire: command.to_wire(),
+            issued_at: command.issued_at.clone(),
         }
     }
 }
@@ -146,29 +152,47 @@ impl Hub {
     }
 
     /// A global command: record one per locally connected device (each with
-    /// its own sequence number) and write it, many devices at a time.
+    /// its own sequence number, allocated and stored in batches of
+    /// [`FAN_OUT_BATCH`] — two round trips per batch on Redis) and write it.
     async fn fan_out(self: Arc<Self>, shared: Arc<dyn SharedState>, global: DeviceCommand) {
-        use futures::StreamExt;
         let started = std::time::Instant::now();
         let devices = self.connected_devices();
-        let count = devices.len();
-        futures::stream::iter(devices)
-            .for_each_concurrent(256, |device_id| {
-                let shared = shared.clone();
-                let hub = self.clone();
-                let reason = global.reason.clone();
-                async move {
-                    match super::record(shared.as_ref(), &device_id, global.action, &reason).await {
-                        Ok(command) => hub.deliver(&command),
-                        Err(e) => {
-                            tracing::warn!(error = %e, device_id, "global command not recorded")
-                        }
+        for batch in devices.chunks(FAN_OUT_BATCH) {
+            let keys: Vec<(String, String)> = batch
+                .iter()
+                .map(|d| (keys::command_seq(d), keys::force_overlay(d)))
+                .collect();
+            let commands: Vec<DeviceCommand> = batch
+                .iter()
+                .map(|device_id| DeviceCommand {
+                    id: uuid::Uuid::now_v7(),
+                    device_id: device_id.clone(),
+                    seq: 0,
+                    action: global.action,
+                    reason: global.reason.clone(),
+                    issued_at: global.issued_at.clone(),
+                })
+                .collect();
+            let payload = |i: usize, seq: u64| {
+                let mut command = commands[i].clone();
+                command.seq = seq;
+                serde_json::to_vec(&command).unwrap_or_default()
+            };
+            match shared
+                .sequence_and_push(&keys, &payload, super::HISTORY_LEN, super::HISTORY_TTL)
+                .await
+            {
+                Ok(seqs) => {
+                    for (mut command, seq) in commands.into_iter().zip(seqs) {
+                        command.seq = seq;
+                        self.deliver(&command);
                     }
                 }
-            })
-            .await;
+                Err(e) => tracing::warn!(error = %e, "global command batch not recorded"),
+            }
+        }
         tracing::info!(
-            devices = count,
+            devices = devices.len(),
             elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
             action = global.action.as_str(),
             "global kill-switch command fanned out"

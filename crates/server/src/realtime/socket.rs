@@ -69,6 +69,13 @@ impl Connection {
             return true;
         }
         self.written = out.seq;
+        if let Ok(issued) = chrono::DateTime::parse_from_rfc3339(&out.issued_at) {
+            let age = chrono::Utc::now().signed_duration_since(issued);
+            if let Ok(age) = age.to_std() {
+                self.state.metrics.ws_delivery.observe(age.as_secs_f64());
+            }
+        }
+        self.state.metrics.ws_delivered.inc();
         self.recent.push_back((out.id, out.seq));
         if self.recent.len() > REMEMBERED {
             self.recent.pop_front();
@@ -141,13 +148,20 @@ impl Connection {
             return;
         };
         self.acks += 1;
-        let key = keys::command_acked(&self.device.device_id);
-        if counter(&self.state, &key).await < seq {
-            let _ = self
-                .state
-                .shared
-                .set(&key, seq.to_string().as_bytes(), Some(super::HISTORY_TTL))
-                .await;
+        self.state.metrics.ws_acks.inc();
+        // One atomic raise-to per ack: the position only moves forward even
+        // if acks arrive out of order or on two sockets of the device.
+        if let Err(e) = self
+            .state
+            .shared
+            .set_max(
+                &keys::command_acked(&self.device.device_id),
+                seq,
+                super::HISTORY_TTL,
+            )
+            .await
+        {
+            tracing::warn!(error = %e, "ack position not saved; the command may be sent again");
         }
     }
 }
@@ -159,8 +173,10 @@ pub async fn serve(
     device: DeviceAuth,
     registration: Registration,
     mut commands: mpsc::Receiver<Arc<Outbound>>,
+    handshake_started: std::time::Instant,
 ) {
     let started = Instant::now();
+    state.metrics.ws_connected.inc();
     let shutdown = state.shutdown.clone();
     let mut conn = Connection {
         socket,
@@ -173,11 +189,17 @@ pub async fn serve(
     };
     let reason;
     let acked = counter(&conn.state, &keys::command_acked(&conn.device.device_id)).await;
-    if !conn.send_state().await || !conn.replay(acked).await {
+    let state_sent = conn.send_state().await;
+    conn.state
+        .metrics
+        .ws_handshake
+        .observe(handshake_started.elapsed().as_secs_f64());
+    if !state_sent || !conn.replay(acked).await {
         reason = "send_failed";
     } else {
         let mut ping = tokio::time::interval(PING_EVERY);
         ping.tick().await;
+
         let mut last_heard = Instant::now();
         loop {
             tokio::select! {
@@ -249,6 +271,7 @@ pub async fn serve(
         }
     }
     drop(registration);
+    conn.state.metrics.ws_connected.dec();
     tracing::info!(
         device_id = %conn.device.device_id,
         user_id = %conn.device.user_id,

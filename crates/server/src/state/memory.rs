@@ -211,6 +211,30 @@ impl SharedState for MemoryState {
         Ok(next)
     }
 
+    async fn set_max(&self, key: &str, value: u64, ttl: Duration) -> StateResult<u64> {
+        let now = Instant::now();
+        let mut entry = self.kv.entry(key.to_owned()).or_insert_with(|| Entry {
+            value: b"0".to_vec(),
+            expires_at: Some(now + ttl),
+        });
+        let current: u64 = if entry.live(now) {
+            std::str::from_utf8(&entry.value)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0)
+        } else {
+            0
+        };
+        let stored = current.max(value);
+        *entry = Entry {
+            value: stored.to_string().into_bytes(),
+            expires_at: Some(now + ttl),
+        };
+        drop(entry);
+        self.after_write();
+        Ok(stored)
+    }
+
     async fn ttl(&self, key: &str) -> StateResult<Option<Duration>> {
         let now = Instant::now();
         Ok(self
@@ -265,6 +289,23 @@ impl SharedState for MemoryState {
         }
         entry.1 = now + ttl;
         Ok(())
+    }
+
+    async fn sequence_and_push(
+        &self,
+        entries: &[(String, String)],
+        make_payload: &(dyn Fn(usize, u64) -> Vec<u8> + Send + Sync),
+        max_len: usize,
+        ttl: Duration,
+    ) -> StateResult<Vec<u64>> {
+        let mut seqs = Vec::with_capacity(entries.len());
+        for (i, (counter, history)) in entries.iter().enumerate() {
+            let seq = u64::try_from(self.incr(counter, 1, ttl).await?).unwrap_or_default();
+            self.history_push(history, seq, &make_payload(i, seq), max_len, ttl)
+                .await?;
+            seqs.push(seq);
+        }
+        Ok(seqs)
     }
 
     async fn history_since(&self, key: &str, since: u64) -> StateResult<Vec<(u64, Vec<u8>)>> {

@@ -114,6 +114,9 @@ pub trait SharedState: Send + Sync + 'static {
     /// Adds `by` to the integer at `key` (0 if absent) and returns the new
     /// value; a key created by this call expires after `ttl`.
     async fn incr(&self, key: &str, by: i64, ttl: Duration) -> StateResult<i64>;
+    /// Raises the integer at `key` to `value` if it is lower (or absent), in
+    /// one atomic step, and (re)sets its TTL; returns the value now stored.
+    async fn set_max(&self, key: &str, value: u64, ttl: Duration) -> StateResult<u64>;
     /// Time left before `key` expires; `None` when absent or without TTL.
     async fn ttl(&self, key: &str) -> StateResult<Option<Duration>>;
 
@@ -138,6 +141,18 @@ pub trait SharedState: Send + Sync + 'static {
         max_len: usize,
         ttl: Duration,
     ) -> StateResult<()>;
+    /// For each key, [`incr`](Self::incr) by one then
+    /// [`history_push`](Self::history_push) the payload made from the new
+    /// position — in one round trip per batch on Redis. Used to give many
+    /// devices their next command at once (global kill-switch).
+    async fn sequence_and_push(
+        &self,
+        entries: &[(String, String)],
+        make_payload: &(dyn Fn(usize, u64) -> Vec<u8> + Send + Sync),
+        max_len: usize,
+        ttl: Duration,
+    ) -> StateResult<Vec<u64>>;
+
     /// The entries of the history at `key` with position greater than
     /// `since`, in order.
     async fn history_since(&self, key: &str, since: u64) -> StateResult<Vec<(u64, Vec<u8>)>>;

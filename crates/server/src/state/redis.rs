@@ -85,6 +85,15 @@ end
 return v
 ";
 
+/// Raise-to. KEYS[1] = key; ARGV = value, ttl (ms). Returns the stored value.
+const SET_MAX_LUA: &str = r"
+local current = tonumber(redis.call('GET', KEYS[1])) or 0
+local value = tonumber(ARGV[1])
+if value > current then current = value end
+redis.call('SET', KEYS[1], current, 'PX', ARGV[2])
+return current
+";
+
 fn unavailable(err: RedisError) -> StateError {
     StateError::Unavailable(err.to_string())
 }
@@ -102,6 +111,7 @@ pub struct RedisState {
     token_bucket: Script,
     enqueue: Script,
     incr: Script,
+    set_max: Script,
 }
 
 impl RedisState {
@@ -132,6 +142,7 @@ impl RedisState {
             token_bucket: Script::new(TOKEN_BUCKET_LUA),
             enqueue: Script::new(ENQUEUE_LUA),
             incr: Script::new(INCR_LUA),
+            set_max: Script::new(SET_MAX_LUA),
         })
     }
 
@@ -234,6 +245,17 @@ impl SharedState for RedisState {
             })
     }
 
+    async fn set_max(&self, key: &str, value: u64, ttl: Duration) -> StateResult<u64> {
+        let mut conn = self.conn.clone();
+        self.set_max
+            .key(self.key(key))
+            .arg(value)
+            .arg(millis(ttl))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)
+    }
+
     async fn ttl(&self, key: &str) -> StateResult<Option<Duration>> {
         let mut conn = self.conn.clone();
         let ms: i64 = redis::cmd("PTTL")
@@ -300,6 +322,51 @@ impl SharedState for RedisState {
             .query_async::<()>(&mut conn)
             .await
             .map_err(unavailable)
+    }
+
+    async fn sequence_and_push(
+        &self,
+        entries: &[(String, String)],
+        make_payload: &(dyn Fn(usize, u64) -> Vec<u8> + Send + Sync),
+        max_len: usize,
+        ttl: Duration,
+    ) -> StateResult<Vec<u64>> {
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn.clone();
+        // Round trip 1: every counter at once (INCR, and a TTL refresh).
+        let mut incrs = redis::pipe();
+        for (counter, _) in entries {
+            let key = self.key(counter);
+            incrs.cmd("INCR").arg(&key);
+            incrs.cmd("PEXPIRE").arg(&key).arg(millis(ttl)).ignore();
+        }
+        let seqs: Vec<u64> = incrs.query_async(&mut conn).await.map_err(unavailable)?;
+        // Round trip 2: every history entry at once.
+        let keep = i64::try_from(max_len.max(1)).unwrap_or(i64::MAX);
+        let mut pushes = redis::pipe();
+        for (i, ((_, history), seq)) in entries.iter().zip(&seqs).enumerate() {
+            let key = self.key(history);
+            pushes
+                .cmd("ZADD")
+                .arg(&key)
+                .arg(*seq)
+                .arg(make_payload(i, *seq))
+                .ignore();
+            pushes
+                .cmd("ZREMRANGEBYRANK")
+                .arg(&key)
+                .arg(0)
+                .arg(-(keep + 1))
+                .ignore();
+            pushes.cmd("PEXPIRE").arg(&key).arg(millis(ttl)).ignore();
+        }
+        pushes
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(seqs)
     }
 
     async fn history_since(&self, key: &str, since: u64) -> StateResult<Vec<(u64, Vec<u8>)>> {

@@ -313,6 +313,26 @@ async fn state_comes_first_then_commands_and_locks_bite(backend: Backend) {
         "usable again after unlock"
     );
 
+    // Metrics saw the sockets, deliveries and the ack.
+    let metrics = app.get("/metrics").await.text().await.expect("text");
+    assert!(
+        metrics.contains("killswitch_connected_sockets 2"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("killswitch_acks_total 1"), "{metrics}");
+    assert!(
+        metrics.contains("killswitch_commands_delivered_total 3"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("killswitch_delivery_latency_seconds_count 3"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("killswitch_handshake_duration_seconds_count 2"),
+        "{metrics}"
+    );
+
     // Every command was audited.
     let user = app
         .state

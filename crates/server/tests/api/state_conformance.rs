@@ -140,6 +140,30 @@ async fn incr_counts_and_expires(backend: Backend) {
         "window restarted"
     );
 
+    assert_eq!(
+        s.set_max("metrics:max", 5, Duration::from_secs(60))
+            .await
+            .expect("max"),
+        5
+    );
+    assert_eq!(
+        s.set_max("metrics:max", 3, Duration::from_secs(60))
+            .await
+            .expect("max"),
+        5,
+        "never lowered"
+    );
+    assert_eq!(
+        s.set_max("metrics:max", 9, Duration::from_secs(60))
+            .await
+            .expect("max"),
+        9
+    );
+    assert_eq!(
+        s.get("metrics:max").await.expect("get").as_deref(),
+        Some(&b"9"[..])
+    );
+
     s.set("metrics:text", b"abc", None).await.expect("set");
     assert!(matches!(
         s.incr("metrics:text", 1, Duration::from_secs(1)).await,

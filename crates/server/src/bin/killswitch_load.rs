@@ -44,6 +44,9 @@ struct Args {
     /// PID of the socket server, to read its memory (Linux).
     #[arg(long)]
     server_pid: Option<u32>,
+    /// Do not ack commands (isolates the server's fan-out cost from ack traffic).
+    #[arg(long)]
+    no_ack: bool,
     /// Requests in flight while minting sessions and opening sockets.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
@@ -130,6 +133,7 @@ async fn main() -> anyhow::Result<()> {
             let url = format!("{ws_base}/v1/security/kill-switch");
             let token = token.clone();
             let seen = seen_tx.clone();
+            let ack = !args.no_ack;
             async move {
                 let mut request = url.into_client_request()?;
                 request
@@ -143,9 +147,12 @@ async fn main() -> anyhow::Result<()> {
                         if let Message::Text(text) = message {
                             let now = Instant::now();
                             if let Ok(command) = serde_json::from_str::<Value>(&text) {
-                                let ack = json!({"type": "ack", "id": command["id"]}).to_string();
+                                let ack_message =
+                                    json!({"type": "ack", "id": command["id"]}).to_string();
                                 let _ = seen.send((i, command, now));
-                                let _ = socket.send(Message::Text(ack.into())).await;
+                                if ack {
+                                    let _ = socket.send(Message::Text(ack_message.into())).await;
+                                }
                             }
                         }
                     }

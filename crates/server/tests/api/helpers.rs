@@ -435,3 +435,18 @@ impl TestApp {
         request.send().await.expect("request")
     }
 }
+
+/// Another server on the same database and shared state as `first` (a
+/// second replica); only meaningful on the production backend.
+pub async fn second_instance(first: &TestApp) -> TestApp {
+    let mut config = (*first.state.config).clone();
+    config.listen = "127.0.0.1:0".parse().expect("addr");
+    let app = Application::build(config, true)
+        .await
+        .expect("second instance builds");
+    // The backends belong to `first`; this placeholder only keeps a temp dir.
+    let placeholder = Backing::new(Backend::Embedded)
+        .await
+        .expect("embedded backing");
+    start(app, placeholder)
+}

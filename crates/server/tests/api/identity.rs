@@ -809,6 +809,13 @@ async fn admin_keys_mint_sessions(backend: Backend) {
         .expect("lookup"));
 }
 
+async fn with_attestation(backend: Backend) -> Option<TestApp> {
+    spawn_app_with(backend, |c| {
+        c.attestation_test_secret = Some(SECRET.to_owned().into())
+    })
+    .await
+}
+
 fn test_token(nonce: &str, device: &str, app_ok: &str, device_ok: &str) -> String {
     encode(
         &Header::new(Algorithm::HS256),
@@ -852,11 +859,7 @@ async fn verify(
 }
 
 async fn attestation_nonces_are_single_use_and_device_bound(backend: Backend) {
-    let Some(app) = spawn_app_with(backend, |c| {
-        c.attestation_test_secret = Some(SECRET.to_owned().into())
-    })
-    .await
-    else {
+    let Some(app) = with_attestation(backend).await else {
         return;
     };
     let a = register(&app, "ned@example.com", "device_0001").await;
@@ -995,11 +998,7 @@ async fn attestation_nonces_are_single_use_and_device_bound(backend: Backend) {
 }
 
 async fn repeated_attestation_failures_quarantine_the_device(backend: Backend) {
-    let Some(app) = spawn_app_with(backend, |c| {
-        c.attestation_test_secret = Some(SECRET.to_owned().into())
-    })
-    .await
-    else {
+    let Some(app) = with_attestation(backend).await else {
         return;
     };
     let mut commands = app
@@ -1079,15 +1078,7 @@ async fn a_revocation_on_one_instance_is_enforced_by_another_at_once() {
     let Some(first) = spawn_app(Backend::Production).await else {
         return;
     };
-    let mut config = (*first.state.config).clone();
-    config.listen = "127.0.0.1:0".parse().expect("addr");
-    let second_app = blockremote::app::Application::build(config, true)
-        .await
-        .expect("second instance");
-    let backing = crate::helpers::Backing::new(Backend::Embedded)
-        .await
-        .expect("placeholder");
-    let second = crate::helpers::start(second_app, backing);
+    let second = crate::helpers::second_instance(&first).await;
 
     let s = register(&first, "rae@example.com", "device_0001").await;
     // Warm the second instance's device-status cache.
@@ -1153,11 +1144,7 @@ async fn refreshes_are_rate_limited_per_device(backend: Backend) {
 }
 
 async fn a_device_cannot_be_taken_over_by_knowing_its_id(backend: Backend) {
-    let Some(app) = spawn_app_with(backend, |c| {
-        c.attestation_test_secret = Some(SECRET.to_owned().into())
-    })
-    .await
-    else {
+    let Some(app) = with_attestation(backend).await else {
         return;
     };
     let victim = register(&app, "uma@example.com", "device_0001").await;

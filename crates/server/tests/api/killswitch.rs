@@ -574,16 +574,7 @@ async fn a_lock_via_one_instance_reaches_a_socket_on_another_exactly_once() {
     let Some(first) = with_admin(Backend::Production).await else {
         return;
     };
-    let mut config = (*first.state.config).clone();
-    config.listen = "127.0.0.1:0".parse().expect("addr");
-    let second = crate::helpers::start(
-        blockremote::app::Application::build(config, true)
-            .await
-            .expect("second instance"),
-        crate::helpers::Backing::new(Backend::Embedded)
-            .await
-            .expect("placeholder"),
-    );
+    let second = crate::helpers::second_instance(&first).await;
     let d = device(&first, "jo@example.com", "device_0001").await;
     let mut socket = open(&second, &d).await;
     next_json(&mut socket).await;

@@ -18,7 +18,9 @@ use super::DeviceCommand;
 use crate::state::{keys, SharedState, StateResult};
 
 /// Devices whose global command is sequenced and stored per round trip.
-pub const FAN_OUT_BATCH: usize = 1000;
+pub const FAN_OUT_BATCH: usize = 500;
+/// Batches of a global fan-out in flight at once.
+pub const FAN_OUT_PARALLEL: usize = 4;
 
 /// Messages queued per socket before live copies are dropped (history covers them).
 pub const SOCKET_QUEUE: usize = 16;
@@ -155,48 +157,63 @@ impl Hub {
     /// its own sequence number, allocated and stored in batches of
     /// [`FAN_OUT_BATCH`] — two round trips per batch on Redis) and write it.
     async fn fan_out(self: Arc<Self>, shared: Arc<dyn SharedState>, global: DeviceCommand) {
+        use futures::StreamExt;
         let started = std::time::Instant::now();
         let devices = self.connected_devices();
-        for batch in devices.chunks(FAN_OUT_BATCH) {
-            let keys: Vec<(String, String)> = batch
-                .iter()
-                .map(|d| (keys::command_seq(d), keys::force_overlay(d)))
-                .collect();
-            let commands: Vec<DeviceCommand> = batch
-                .iter()
-                .map(|device_id| DeviceCommand {
-                    id: uuid::Uuid::now_v7(),
-                    device_id: device_id.clone(),
-                    seq: 0,
-                    action: global.action,
-                    reason: global.reason.clone(),
-                    issued_at: global.issued_at.clone(),
-                })
-                .collect();
-            let payload = |i: usize, seq: u64| {
-                let mut command = commands[i].clone();
-                command.seq = seq;
-                serde_json::to_vec(&command).unwrap_or_default()
-            };
-            match shared
-                .sequence_and_push(&keys, &payload, super::HISTORY_LEN, super::HISTORY_TTL)
-                .await
-            {
-                Ok(seqs) => {
-                    for (mut command, seq) in commands.into_iter().zip(seqs) {
-                        command.seq = seq;
-                        self.deliver(&command);
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "global command batch not recorded"),
-            }
-        }
+        // Batches overlap, so Redis round trips of one hide behind the
+        // serialisation and socket hand-off of another.
+        futures::stream::iter(devices.chunks(FAN_OUT_BATCH))
+            .for_each_concurrent(FAN_OUT_PARALLEL, |batch| {
+                let (hub, shared, global) = (self.clone(), shared.clone(), &global);
+                async move { hub.fan_out_batch(shared.as_ref(), global, batch).await }
+            })
+            .await;
         tracing::info!(
             devices = devices.len(),
             elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
             action = global.action.as_str(),
             "global kill-switch command fanned out"
         );
+    }
+
+    async fn fan_out_batch(
+        &self,
+        shared: &dyn SharedState,
+        global: &DeviceCommand,
+        batch: &[String],
+    ) {
+        let keys: Vec<(String, String)> = batch
+            .iter()
+            .map(|d| (keys::command_seq(d), keys::force_overlay(d)))
+            .collect();
+        let mut commands: Vec<DeviceCommand> = batch
+            .iter()
+            .map(|device_id| DeviceCommand {
+                id: uuid::Uuid::now_v7(),
+                device_id: device_id.clone(),
+                seq: 0,
+                action: global.action,
+                reason: global.reason.clone(),
+                issued_at: global.issued_at.clone(),
+            })
+            .collect();
+        let payload = |i: usize, seq: u64| {
+            let mut command = commands[i].clone();
+            command.seq = seq;
+            serde_json::to_vec(&command).unwrap_or_default()
+        };
+        let seqs = shared
+            .sequence_and_push(&keys, &payload, super::HISTORY_LEN, super::HISTORY_TTL)
+            .await;
+        match seqs {
+            Ok(seqs) => {
+                for (command, seq) in commands.iter_mut().zip(seqs) {
+                    command.seq = seq;
+                    self.deliver(command);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "global command batch not recorded"),
+        }
     }
 
     /// Sockets open on this instance.

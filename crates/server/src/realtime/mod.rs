@@ -77,15 +77,27 @@ pub struct DeviceCommand {
 impl DeviceCommand {
     /// The message the device receives.
     pub fn to_wire(&self) -> String {
-        serde_json::json!({
-            "type": "command",
-            "id": self.id,
-            "seq": self.seq,
-            "action": self.action,
-            "reason": self.reason,
-            "issued_at": self.issued_at,
+        /// Typed, so serialising does not build an intermediate JSON map
+        /// (this runs once per device in a global fan-out).
+        #[derive(Serialize)]
+        struct Wire<'a> {
+            #[serde(rename = "type")]
+            kind: &'static str,
+            id: Uuid,
+            seq: u64,
+            action: Action,
+            reason: &'a str,
+            issued_at: &'a str,
+        }
+        serde_json::to_string(&Wire {
+            kind: "command",
+            id: self.id,
+            seq: self.seq,
+            action: self.action,
+            reason: &self.reason,
+            issued_at: &self.issued_at,
         })
-        .to_string()
+        .unwrap_or_default()
     }
 }
 

@@ -1,4 +1,5 @@
-//! `/v1/admin/*` routes available so far: server-to-server sign-in.
+//! `POST /v1/admin/sessions`: server-to-server sign-in. (Device control and
+//! the global kill-switch are in `devices.rs`.)
 
 use axum::{extract::State, http::StatusCode, Json as JsonResponse};
 use serde::Deserialize;

@@ -46,6 +46,15 @@ pub struct Credentials {
 }
 
 impl Credentials {
+    /// Checks every field (422 naming the first bad one); returns the
+    /// normalised (lower-cased) email.
+    fn validate(&self) -> Result<String, ApiError> {
+        let email = validate::email(&self.email)?;
+        validate::password(&self.password)?;
+        validate::device(&self.device_id, &self.device_fingerprint, &self.platform)?;
+        Ok(email)
+    }
+
     fn binding(&self) -> DeviceBinding<'_> {
         DeviceBinding {
             device_id: &self.device_id,
@@ -90,9 +99,7 @@ pub async fn post_register(
     headers: axum::http::HeaderMap,
     Json(mut body): Json<Credentials>,
 ) -> Result<(StatusCode, JsonResponse<SessionTokens>), ApiError> {
-    let email = validate::email(&body.email)?;
-    validate::password(&body.password)?;
-    validate::device(&body.device_id, &body.device_fingerprint, &body.platform)?;
+    let email = body.validate()?;
     sessions::ensure_device_usable(&state, &body.device_id).await?;
     let hash = passwords::hash(std::mem::take(&mut body.password)).await?;
     let user = match state.store.create_user(&email, &hash).await {
@@ -131,9 +138,7 @@ pub async fn post_login(
     headers: axum::http::HeaderMap,
     Json(mut body): Json<Credentials>,
 ) -> Result<JsonResponse<SessionTokens>, ApiError> {
-    let email = validate::email(&body.email)?;
-    validate::password(&body.password)?;
-    validate::device(&body.device_id, &body.device_fingerprint, &body.platform)?;
+    let email = body.validate()?;
     let origin = origin(ip, &headers);
     let user = state.store.user_by_email(&email).await?;
     let ok = passwords::verify(

@@ -232,7 +232,7 @@ pub async fn get_device(
         .history_since(&keys::force_overlay(&device_id), 0)
         .await?
         .last()
-        .and_then(|(_, payload)| serde_json::from_slice(payload).ok());
+        .and_then(|(seq, payload)| crate::realtime::DeviceCommand::from_history(*seq, payload));
     Ok(JsonResponse(DeviceView {
         device_id: device.id,
         user_id: device.user_id,

@@ -14,13 +14,13 @@ use std::sync::{
 use dashmap::DashMap;
 use tokio::sync::mpsc;
 
-use super::DeviceCommand;
+use super::{acks::AckWriter, DeviceCommand};
 use crate::state::{keys, SharedState, StateResult};
 
 /// Devices whose global command is sequenced and stored per round trip.
-pub const FAN_OUT_BATCH: usize = 500;
+pub const FAN_OUT_BATCH: usize = 250;
 /// Batches of a global fan-out in flight at once.
-pub const FAN_OUT_PARALLEL: usize = 4;
+pub const FAN_OUT_PARALLEL: usize = 8;
 
 /// Messages queued per socket before live copies are dropped (history covers them).
 pub const SOCKET_QUEUE: usize = 16;
@@ -32,10 +32,10 @@ pub struct Outbound {
     pub id: uuid::Uuid,
     /// The device's sequence number.
     pub seq: u64,
-    /// The JSON message.
-    pub wire: String,
-    /// When the command was issued (RFC 3339), for the delivery-latency metric.
-    pub issued_at: String,
+    /// The JSON message, shared (not copied) by every socket it is written to.
+    pub wire: axum::extract::ws::Utf8Bytes,
+    /// When the command was issued, for the delivery-latency metric.
+    pub issued_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl From<&DeviceCommand> for Outbound {
@@ -43,8 +43,10 @@ impl From<&DeviceCommand> for Outbound {
         Self {
             id: command.id,
             seq: command.seq,
-            wire: command.to_wire(),
-            issued_at: command.issued_at.clone(),
+            wire: command.to_wire().into(),
+            issued_at: chrono::DateTime::parse_from_rfc3339(&command.issued_at)
+                .ok()
+                .map(|t| t.to_utc()),
         }
     }
 }
@@ -58,6 +60,7 @@ struct Slot {
 /// The registry (see the module docs).
 pub struct Hub {
     sockets: DashMap<String, Vec<Slot>>,
+    acks: AckWriter,
     connections: AtomicUsize,
     max_connections: usize,
     next_id: AtomicU64,
@@ -94,6 +97,7 @@ impl Hub {
     ) -> StateResult<Arc<Self>> {
         let hub = Arc::new(Self {
             sockets: DashMap::new(),
+            acks: AckWriter::start(shared.clone()),
             connections: AtomicUsize::new(0),
             max_connections,
             next_id: AtomicU64::new(1),
@@ -155,7 +159,7 @@ impl Hub {
 
     /// A global command: record one per locally connected device (each with
     /// its own sequence number, allocated and stored in batches of
-    /// [`FAN_OUT_BATCH`] — two round trips per batch on Redis) and write it.
+    /// [`FAN_OUT_BATCH`] — one script call per batch on Redis) and write it.
     async fn fan_out(self: Arc<Self>, shared: Arc<dyn SharedState>, global: DeviceCommand) {
         use futures::StreamExt;
         let started = std::time::Instant::now();
@@ -197,13 +201,13 @@ impl Hub {
                 issued_at: global.issued_at.clone(),
             })
             .collect();
-        let payload = |i: usize, seq: u64| {
-            let mut command = commands[i].clone();
-            command.seq = seq;
-            serde_json::to_vec(&command).unwrap_or_default()
-        };
+        // Stored without a sequence number: the history position is one.
+        let payloads: Vec<Vec<u8>> = commands
+            .iter()
+            .map(|c| serde_json::to_vec(c).unwrap_or_default())
+            .collect();
         let seqs = shared
-            .sequence_and_push(&keys, &payload, super::HISTORY_LEN, super::HISTORY_TTL)
+            .sequence_and_push(&keys, &payloads, super::HISTORY_LEN, super::HISTORY_TTL)
             .await;
         match seqs {
             Ok(seqs) => {
@@ -214,6 +218,11 @@ impl Hub {
             }
             Err(e) => tracing::warn!(error = %e, "global command batch not recorded"),
         }
+    }
+
+    /// Where sockets save their ack positions.
+    pub fn acks(&self) -> &AckWriter {
+        &self.acks
     }
 
     /// Sockets open on this instance.

@@ -16,6 +16,7 @@
 //! may also ask `resume` from its own `since_seq`. A command missed while a
 //! pub/sub connection was down is therefore still delivered.
 
+pub mod acks;
 pub mod hub;
 pub mod socket;
 
@@ -64,7 +65,10 @@ pub struct DeviceCommand {
     pub id: Uuid,
     /// Target device.
     pub device_id: String,
-    /// The device's sequence number for this command (increasing).
+    /// The device's sequence number for this command (increasing). Entries
+    /// of a global command are stored without it: the history position is
+    /// the sequence number (see [`DeviceCommand::from_history`]).
+    #[serde(default)]
     pub seq: u64,
     /// What to do.
     pub action: Action,
@@ -75,6 +79,13 @@ pub struct DeviceCommand {
 }
 
 impl DeviceCommand {
+    /// A command read back from a device's history at position `seq`.
+    pub fn from_history(seq: u64, payload: &[u8]) -> Option<Self> {
+        let mut command: Self = serde_json::from_slice(payload).ok()?;
+        command.seq = seq;
+        Some(command)
+    }
+
     /// The message the device receives.
     pub fn to_wire(&self) -> String {
         /// Typed, so serialising does not build an intermediate JSON map

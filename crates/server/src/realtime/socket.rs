@@ -69,7 +69,7 @@ impl Connection {
             return true;
         }
         self.written = out.seq;
-        if let Ok(issued) = chrono::DateTime::parse_from_rfc3339(&out.issued_at) {
+        if let Some(issued) = out.issued_at {
             let age = chrono::Utc::now().signed_duration_since(issued);
             if let Ok(age) = age.to_std() {
                 self.state.metrics.ws_delivery.observe(age.as_secs_f64());
@@ -81,7 +81,10 @@ impl Connection {
             self.recent.pop_front();
         }
         self.delivered += 1;
-        self.send(out.wire.clone()).await
+        self.socket
+            .send(Message::Text(out.wire.clone()))
+            .await
+            .is_ok()
     }
 
     /// Writes every command in history after `since`.
@@ -98,8 +101,8 @@ impl Connection {
                 return true;
             }
         };
-        for (_, payload) in history {
-            if let Ok(command) = serde_json::from_slice::<DeviceCommand>(&payload) {
+        for (seq, payload) in history {
+            if let Some(command) = DeviceCommand::from_history(seq, &payload) {
                 if !self.write_command(&Outbound::from(&command)).await {
                     return false;
                 }
@@ -128,7 +131,7 @@ impl Connection {
                 .await
                 .ok()
                 .and_then(|h| h.last().cloned())
-                .and_then(|(_, p)| serde_json::from_slice::<DeviceCommand>(&p).ok())
+                .and_then(|(seq, p)| DeviceCommand::from_history(seq, &p))
                 .map(|c| c.action)
                 .filter(|a| *a != super::Action::Unlock)
         } else {
@@ -149,20 +152,9 @@ impl Connection {
         };
         self.acks += 1;
         self.state.metrics.ws_acks.inc();
-        // One atomic raise-to per ack: the position only moves forward even
-        // if acks arrive out of order or on two sockets of the device.
-        if let Err(e) = self
-            .state
-            .shared
-            .set_max(
-                &keys::command_acked(&self.device.device_id),
-                seq,
-                super::HISTORY_TTL,
-            )
-            .await
-        {
-            tracing::warn!(error = %e, "ack position not saved; the command may be sent again");
-        }
+        // The position only moves forward even if acks arrive out of order
+        // or on two sockets of the device; saved in batches (see `acks`).
+        self.state.hub.acks().ack(&self.device.device_id, seq).await;
     }
 }
 

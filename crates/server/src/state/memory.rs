@@ -20,8 +20,8 @@ use tokio::{
 };
 
 use super::{
-    bucket_step, BucketDecision, Job, QueueConsumer, SharedState, StateError, StateResult,
-    Subscription,
+    bucket_resize, bucket_step, BucketDecision, Job, QueueConsumer, SharedState, StateError,
+    StateResult, Subscription,
 };
 
 const SWEEP_EVERY: u64 = 4096;
@@ -40,6 +40,8 @@ impl Entry {
 
 struct Bucket {
     tokens: f64,
+    /// The capacity of the last take (a plan change resizes the bucket).
+    capacity: u32,
     updated: Instant,
     /// When the bucket is full again (and so can be forgotten).
     full_at: Instant,
@@ -254,12 +256,15 @@ impl SharedState for MemoryState {
         let now = Instant::now();
         let mut bucket = self.buckets.entry(key.to_owned()).or_insert(Bucket {
             tokens: f64::from(capacity),
+            capacity,
             updated: now,
             full_at: now,
         });
         let elapsed = now.saturating_duration_since(bucket.updated);
-        let (level, decision) = bucket_step(bucket.tokens, elapsed, capacity, period, cost);
+        let tokens = bucket_resize(bucket.tokens, bucket.capacity, capacity);
+        let (level, decision) = bucket_step(tokens, elapsed, capacity, period, cost);
         bucket.tokens = level;
+        bucket.capacity = capacity;
         bucket.updated = now;
         bucket.full_at = now + decision.reset_after;
         drop(bucket);
@@ -294,14 +299,14 @@ impl SharedState for MemoryState {
     async fn sequence_and_push(
         &self,
         entries: &[(String, String)],
-        make_payload: &(dyn Fn(usize, u64) -> Vec<u8> + Send + Sync),
+        payloads: &[Vec<u8>],
         max_len: usize,
         ttl: Duration,
     ) -> StateResult<Vec<u64>> {
         let mut seqs = Vec::with_capacity(entries.len());
-        for (i, (counter, history)) in entries.iter().enumerate() {
+        for ((counter, history), payload) in entries.iter().zip(payloads) {
             let seq = u64::try_from(self.incr(counter, 1, ttl).await?).unwrap_or_default();
-            self.history_push(history, seq, &make_payload(i, seq), max_len, ttl)
+            self.history_push(history, seq, payload, max_len, ttl)
                 .await?;
             seqs.push(seq);
         }

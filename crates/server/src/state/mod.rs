@@ -117,6 +117,14 @@ pub trait SharedState: Send + Sync + 'static {
     /// Raises the integer at `key` to `value` if it is lower (or absent), in
     /// one atomic step, and (re)sets its TTL; returns the value now stored.
     async fn set_max(&self, key: &str, value: u64, ttl: Duration) -> StateResult<u64>;
+    /// [`set_max`](Self::set_max) for many keys at once (one round trip on
+    /// Redis). Used to save bursts of kill-switch acks.
+    async fn set_max_many(&self, entries: &[(String, u64)], ttl: Duration) -> StateResult<()> {
+        for (key, value) in entries {
+            self.set_max(key, *value, ttl).await?;
+        }
+        Ok(())
+    }
     /// Time left before `key` expires; `None` when absent or without TTL.
     async fn ttl(&self, key: &str) -> StateResult<Option<Duration>>;
 
@@ -141,14 +149,16 @@ pub trait SharedState: Send + Sync + 'static {
         max_len: usize,
         ttl: Duration,
     ) -> StateResult<()>;
-    /// For each key, [`incr`](Self::incr) by one then
-    /// [`history_push`](Self::history_push) the payload made from the new
-    /// position — in one round trip per batch on Redis. Used to give many
-    /// devices their next command at once (global kill-switch).
+    /// For each `(counter, history)` pair, [`incr`](Self::incr) the counter
+    /// by one and [`history_push`](Self::history_push) `payloads[i]` at the
+    /// new position; returns the positions. One round trip on Redis (one
+    /// script). Payloads must not depend on the position (readers take it
+    /// from [`history_since`](Self::history_since)) and must be unique per
+    /// history. Used to give many devices their next command at once.
     async fn sequence_and_push(
         &self,
         entries: &[(String, String)],
-        make_payload: &(dyn Fn(usize, u64) -> Vec<u8> + Send + Sync),
+        payloads: &[Vec<u8>],
         max_len: usize,
         ttl: Duration,
     ) -> StateResult<Vec<u64>>;
@@ -168,6 +178,17 @@ pub trait SharedState: Send + Sync + 'static {
     async fn queue_len(&self, queue: &str) -> StateResult<u64>;
     /// A consumer named `name` for `queue` (names must be unique per process).
     async fn consumer(&self, queue: &str, name: &str) -> StateResult<Box<dyn QueueConsumer>>;
+}
+
+/// A bucket whose capacity changed since its last take (the plan changed):
+/// a raise credits the difference at once, so an upgrade takes effect on the
+/// next request; a cut leaves the level to be clamped by [`bucket_step`].
+pub fn bucket_resize(tokens: f64, previous_capacity: u32, capacity: u32) -> f64 {
+    if capacity > previous_capacity {
+        tokens + f64::from(capacity - previous_capacity)
+    } else {
+        tokens
+    }
 }
 
 /// The token-bucket arithmetic shared by the in-process backend and the
@@ -235,7 +256,36 @@ mod tests {
         assert_eq!(refused.retry_after.as_millis(), 400);
     }
 
+    #[test]
+    fn a_raised_capacity_is_credited_and_a_cut_one_clamps() {
+        // An exhausted trial bucket (120) upgraded to 1200 allows 1080 at once.
+        let upgraded = bucket_resize(0.0, 120, 1200);
+        let (_, d) = bucket_step(upgraded, Duration::ZERO, 1200, MINUTE, 1);
+        assert!(d.allowed);
+        assert_eq!(d.remaining, 1079);
+        // A full paid bucket downgraded to trial holds at most 120.
+        let downgraded = bucket_resize(1200.0, 1200, 120);
+        let (level, d) = bucket_step(downgraded, Duration::ZERO, 120, MINUTE, 1);
+        assert_eq!(d.remaining, 119);
+        assert!(level <= 120.0);
+    }
+
     proptest! {
+        #[test]
+        fn a_resized_bucket_stays_within_its_new_capacity(
+            start in 0.0f64..2000.0,
+            from in 1u32..2000,
+            to in 1u32..2000,
+        ) {
+            let start = start.min(f64::from(from));
+            let resized = bucket_resize(start, from, to);
+            let (level, d) = bucket_step(resized, Duration::ZERO, to, MINUTE, 1);
+            prop_assert!(level <= f64::from(to));
+            prop_assert!(d.remaining <= to);
+            // Never less than before a raise, never more than `to`.
+            if to >= from { prop_assert!(resized >= start); }
+        }
+
         #[test]
         fn level_stays_within_bounds(
             start in 0.0f64..2000.0,

@@ -38,18 +38,23 @@ const MAX_BLOCK: Duration = Duration::from_secs(10);
 
 /// Atomic token bucket. KEYS[1] = bucket; ARGV = capacity, period (ms), cost.
 /// Returns {allowed, whole tokens left, ms until full, ms until `cost` available}.
+/// A capacity raised since the last take credits the difference at once
+/// (see `state::bucket_resize`).
 const TOKEN_BUCKET_LUA: &str = r"
 local capacity = tonumber(ARGV[1])
 local rate = capacity / tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'at', 'cap')
 local tokens = tonumber(state[1])
 local at = tonumber(state[2])
+local previous = tonumber(state[3])
 if tokens == nil or at == nil then
   tokens = capacity
   at = now
+elseif previous ~= nil and capacity > previous then
+  tokens = tokens + (capacity - previous)
 end
 local elapsed = now - at
 if elapsed < 0 then elapsed = 0 end
@@ -63,7 +68,7 @@ else
   retry = math.ceil((cost - tokens) / rate)
 end
 local reset = math.ceil((capacity - tokens) / rate)
-redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'at', string.format('%.17g', now))
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'at', string.format('%.17g', now), 'cap', capacity)
 redis.call('PEXPIRE', KEYS[1], reset + 1000)
 return {allowed, math.floor(tokens), reset, retry}
 ";
@@ -94,6 +99,38 @@ redis.call('SET', KEYS[1], current, 'PX', ARGV[2])
 return current
 ";
 
+/// [`SET_MAX_LUA`] over many keys. KEYS = counters; ARGV = their values, then the TTL (ms).
+/// (All keys share the instance's prefix; Redis Cluster would need hash tags.)
+const SET_MAX_MANY_LUA: &str = r"
+local ttl = ARGV[#ARGV]
+for i, key in ipairs(KEYS) do
+  local current = tonumber(redis.call('GET', key)) or 0
+  local value = tonumber(ARGV[i])
+  if value > current then current = value end
+  redis.call('SET', key, current, 'PX', ttl)
+end
+return #KEYS
+";
+
+/// Next position and history entry for many devices. KEYS = counter,
+/// history pairs; ARGV = max history length, TTL (ms), then one payload per
+/// pair. Returns the positions.
+const SEQUENCE_AND_PUSH_LUA: &str = r"
+local keep = tonumber(ARGV[1])
+local ttl = ARGV[2]
+local seqs = {}
+for i = 1, #KEYS / 2 do
+  local counter, history = KEYS[2 * i - 1], KEYS[2 * i]
+  local seq = redis.call('INCR', counter)
+  redis.call('PEXPIRE', counter, ttl)
+  redis.call('ZADD', history, seq, ARGV[i + 2])
+  redis.call('ZREMRANGEBYRANK', history, 0, -(keep + 1))
+  redis.call('PEXPIRE', history, ttl)
+  seqs[i] = seq
+end
+return seqs
+";
+
 fn unavailable(err: RedisError) -> StateError {
     StateError::Unavailable(err.to_string())
 }
@@ -112,6 +149,8 @@ pub struct RedisState {
     enqueue: Script,
     incr: Script,
     set_max: Script,
+    set_max_many: Script,
+    sequence_and_push: Script,
 }
 
 impl RedisState {
@@ -143,6 +182,8 @@ impl RedisState {
             enqueue: Script::new(ENQUEUE_LUA),
             incr: Script::new(INCR_LUA),
             set_max: Script::new(SET_MAX_LUA),
+            set_max_many: Script::new(SET_MAX_MANY_LUA),
+            sequence_and_push: Script::new(SEQUENCE_AND_PUSH_LUA),
         })
     }
 
@@ -256,6 +297,26 @@ impl SharedState for RedisState {
             .map_err(unavailable)
     }
 
+    async fn set_max_many(&self, entries: &[(String, u64)], ttl: Duration) -> StateResult<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        let mut invocation = self.set_max_many.prepare_invoke();
+        for (key, _) in entries {
+            invocation.key(self.key(key));
+        }
+        for (_, value) in entries {
+            invocation.arg(*value);
+        }
+        invocation.arg(millis(ttl));
+        invocation
+            .invoke_async::<i64>(&mut conn)
+            .await
+            .map(drop)
+            .map_err(unavailable)
+    }
+
     async fn ttl(&self, key: &str) -> StateResult<Option<Duration>> {
         let mut conn = self.conn.clone();
         let ms: i64 = redis::cmd("PTTL")
@@ -327,46 +388,27 @@ impl SharedState for RedisState {
     async fn sequence_and_push(
         &self,
         entries: &[(String, String)],
-        make_payload: &(dyn Fn(usize, u64) -> Vec<u8> + Send + Sync),
+        payloads: &[Vec<u8>],
         max_len: usize,
         ttl: Duration,
     ) -> StateResult<Vec<u64>> {
+        let entries = &entries[..entries.len().min(payloads.len())];
         if entries.is_empty() {
             return Ok(Vec::new());
         }
         let mut conn = self.conn.clone();
-        // Round trip 1: every counter at once (INCR, and a TTL refresh).
-        let mut incrs = redis::pipe();
-        for (counter, _) in entries {
-            let key = self.key(counter);
-            incrs.cmd("INCR").arg(&key);
-            incrs.cmd("PEXPIRE").arg(&key).arg(millis(ttl)).ignore();
+        let mut invocation = self.sequence_and_push.prepare_invoke();
+        for (counter, history) in entries {
+            invocation.key(self.key(counter)).key(self.key(history));
         }
-        let seqs: Vec<u64> = incrs.query_async(&mut conn).await.map_err(unavailable)?;
-        // Round trip 2: every history entry at once.
-        let keep = i64::try_from(max_len.max(1)).unwrap_or(i64::MAX);
-        let mut pushes = redis::pipe();
-        for (i, ((_, history), seq)) in entries.iter().zip(&seqs).enumerate() {
-            let key = self.key(history);
-            pushes
-                .cmd("ZADD")
-                .arg(&key)
-                .arg(*seq)
-                .arg(make_payload(i, *seq))
-                .ignore();
-            pushes
-                .cmd("ZREMRANGEBYRANK")
-                .arg(&key)
-                .arg(0)
-                .arg(-(keep + 1))
-                .ignore();
-            pushes.cmd("PEXPIRE").arg(&key).arg(millis(ttl)).ignore();
+        invocation.arg(max_len.max(1)).arg(millis(ttl));
+        for payload in payloads.iter().take(entries.len()) {
+            invocation.arg(payload.as_slice());
         }
-        pushes
-            .query_async::<()>(&mut conn)
+        invocation
+            .invoke_async(&mut conn)
             .await
-            .map_err(unavailable)?;
-        Ok(seqs)
+            .map_err(unavailable)
     }
 
     async fn history_since(&self, key: &str, since: u64) -> StateResult<Vec<(u64, Vec<u8>)>> {

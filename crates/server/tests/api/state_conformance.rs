@@ -16,7 +16,90 @@ crate::on_both_backends!(
     queue_is_bounded,
     queue_fetch_waits_then_returns_empty,
     history_is_ordered_bounded_and_read_from_a_position,
+    sequence_and_push_continues_each_device_and_raise_to_many_only_rises,
+    token_bucket_credits_a_raised_capacity_and_clamps_a_cut_one,
 );
+
+async fn sequence_and_push_continues_each_device_and_raise_to_many_only_rises(backend: Backend) {
+    let Some((s, _b)) = shared_for(backend, 10).await else {
+        return;
+    };
+    let ttl = Duration::from_secs(60);
+    // Device a already has two commands; b has none.
+    for _ in 0..2 {
+        s.incr(&keys::command_seq("a"), 1, ttl).await.expect("incr");
+    }
+    let entries = vec![
+        (keys::command_seq("a"), keys::force_overlay("a")),
+        (keys::command_seq("b"), keys::force_overlay("b")),
+    ];
+    let payloads = vec![b"for-a".to_vec(), b"for-b".to_vec()];
+    let seqs = s
+        .sequence_and_push(&entries, &payloads, 100, ttl)
+        .await
+        .expect("sequence");
+    assert_eq!(seqs, vec![3, 1]);
+    assert_eq!(
+        s.history_since(&keys::force_overlay("a"), 0)
+            .await
+            .expect("read"),
+        vec![(3, b"for-a".to_vec())]
+    );
+    assert_eq!(
+        s.history_since(&keys::force_overlay("b"), 0)
+            .await
+            .expect("read"),
+        vec![(1, b"for-b".to_vec())]
+    );
+    let read = |key: String| {
+        let s = s.clone();
+        async move {
+            s.get(&key)
+                .await
+                .expect("get")
+                .map(|v| String::from_utf8(v).expect("utf-8"))
+        }
+    };
+    s.set_max_many(&[("ack:a".into(), 5), ("ack:b".into(), 2)], ttl)
+        .await
+        .expect("raise");
+    s.set_max_many(&[("ack:a".into(), 4), ("ack:b".into(), 9)], ttl)
+        .await
+        .expect("raise");
+    assert_eq!(read("ack:a".into()).await.as_deref(), Some("5"));
+    assert_eq!(read("ack:b".into()).await.as_deref(), Some("9"));
+}
+
+async fn token_bucket_credits_a_raised_capacity_and_clamps_a_cut_one(backend: Backend) {
+    let Some((s, _b)) = shared_for(backend, 10).await else {
+        return;
+    };
+    let minute = Duration::from_secs(60);
+    let key = keys::rate_limit("dev-resize");
+    for _ in 0..120 {
+        assert!(
+            s.take_tokens(&key, 120, minute, 1)
+                .await
+                .expect("take")
+                .allowed
+        );
+    }
+    assert!(
+        !s.take_tokens(&key, 120, minute, 1)
+            .await
+            .expect("take")
+            .allowed
+    );
+    // Upgrade: the extra 1080 are there at once.
+    let d = s.take_tokens(&key, 1200, minute, 1).await.expect("take");
+    assert!(d.allowed);
+    assert!((1078..=1080).contains(&d.remaining), "{d:?}");
+    // Downgrade: at most the new capacity.
+    let d = s.take_tokens(&key, 120, minute, 1).await.expect("take");
+    assert!(d.allowed);
+    assert_eq!(d.limit, 120);
+    assert!(d.remaining <= 119, "{d:?}");
+}
 
 async fn history_is_ordered_bounded_and_read_from_a_position(backend: Backend) {
     let Some((s, _b)) = shared_for(backend, 10).await else {

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     auth::Auth,
+    billing::plans::PlanCache,
     config::Config,
     realtime::hub::Hub,
     state::{self, SharedState},
@@ -44,6 +45,8 @@ pub struct AppState {
     pub auth: Arc<Auth>,
     /// This instance's kill-switch sockets.
     pub hub: Arc<Hub>,
+    /// Each user's plan (rate limits), invalidated by billing webhooks.
+    pub plans: Arc<PlanCache>,
     /// Cancelled when the process begins to shut down (sockets then close).
     pub shutdown: CancellationToken,
 }
@@ -76,6 +79,9 @@ impl AppState {
         let hub = Hub::start(shared.clone(), config.ws_max_connections)
             .await
             .map_err(|e| StartupError::Workers(e.to_string()))?;
+        let plans = PlanCache::start(shared.clone())
+            .await
+            .map_err(|e| StartupError::Workers(e.to_string()))?;
         Ok(Self {
             config: Arc::new(config),
             store,
@@ -83,6 +89,7 @@ impl AppState {
             metrics: Arc::new(Metrics::new()),
             auth: Arc::new(auth),
             hub,
+            plans: Arc::new(plans),
             shutdown: CancellationToken::new(),
         })
     }

@@ -129,6 +129,8 @@ pub struct Config {
     pub admin_token: Option<SecretString>,
     /// Billing webhook secrets (`BLOCKREMOTE_WEBHOOK_SECRETS`, comma-separated).
     pub webhook_secrets: Vec<SecretString>,
+    /// CIDRs the billing webhook accepts calls from (`BLOCKREMOTE_WEBHOOK_ALLOWED_IPS`; empty = any).
+    pub webhook_allowed_ips: Vec<IpNet>,
     /// WebSocket `Origin` allow-list (`BLOCKREMOTE_ALLOWED_ORIGINS`, comma-separated).
     pub allowed_origins: Vec<String>,
     /// Browser origins allowed by CORS (`BLOCKREMOTE_CORS_ORIGINS`, comma-separated; empty = none).
@@ -210,6 +212,7 @@ impl std::fmt::Debug for Config {
             .field("allowed_origins", &self.allowed_origins)
             .field("cors_origins", &self.cors_origins)
             .field("trusted_proxies", &self.trusted_proxies)
+            .field("webhook_allowed_ips", &self.webhook_allowed_ips)
             .field(
                 "attestation_test_secret",
                 &set(&self.attestation_test_secret),
@@ -252,6 +255,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("BLOCKREMOTE_AUTO_MIGRATE", "auto_migrate"),
     ("BLOCKREMOTE_ADMIN_TOKEN", "admin_token"),
     ("BLOCKREMOTE_WEBHOOK_SECRETS", "webhook_secrets"),
+    ("BLOCKREMOTE_WEBHOOK_ALLOWED_IPS", "webhook_allowed_ips"),
     ("BLOCKREMOTE_ALLOWED_ORIGINS", "allowed_origins"),
     ("BLOCKREMOTE_CORS_ORIGINS", "cors_origins"),
     ("BLOCKREMOTE_TRUSTED_PROXIES", "trusted_proxies"),
@@ -395,6 +399,11 @@ impl Config {
             .map(|s| parse_cidr(&s))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| invalid(name_of(values, "trusted_proxies"), e))?;
+        let webhook_allowed_ips = list("webhook_allowed_ips")
+            .into_iter()
+            .map(|s| parse_cidr(&s))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid(name_of(values, "webhook_allowed_ips"), e))?;
         let allowed_origins = validate_origins(values, "allowed_origins", list("allowed_origins"))?;
         let cors_origins = validate_origins(values, "cors_origins", list("cors_origins"))?;
 
@@ -511,6 +520,7 @@ impl Config {
                 .into_iter()
                 .map(SecretString::from)
                 .collect(),
+            webhook_allowed_ips,
             allowed_origins,
             cors_origins,
             trusted_proxies,

@@ -82,6 +82,16 @@ pub mod codes {
     pub const DEVICE_NOT_FOUND: &str = "device_not_found";
     /// The device id is bound to another account and the fingerprint differs.
     pub const DEVICE_IN_USE: &str = "device_in_use";
+    /// A billing webhook whose signature matches no configured secret.
+    pub const INVALID_SIGNATURE: &str = "invalid_signature";
+    /// A correctly signed billing webhook more than 300 s from now.
+    pub const TIMESTAMP_OUT_OF_TOLERANCE: &str = "timestamp_out_of_tolerance";
+    /// A billing event id already processed with a different payload.
+    pub const EVENT_CONFLICT: &str = "event_conflict";
+    /// The billing webhook is closed: no secret is configured.
+    pub const WEBHOOK_NOT_CONFIGURED: &str = "webhook_not_configured";
+    /// The caller's address is not on the billing webhook's allow-list.
+    pub const IP_NOT_ALLOWED: &str = "ip_not_allowed";
 
     /// Every code above, for documentation checks.
     pub const ALL: &[&str] = &[
@@ -115,6 +125,11 @@ pub mod codes {
         TOO_MANY_CONNECTIONS,
         DEVICE_NOT_FOUND,
         DEVICE_IN_USE,
+        INVALID_SIGNATURE,
+        TIMESTAMP_OUT_OF_TOLERANCE,
+        EVENT_CONFLICT,
+        WEBHOOK_NOT_CONFIGURED,
+        IP_NOT_ALLOWED,
     ];
 }
 

@@ -2,7 +2,8 @@
 //!
 //! * [`DeviceAuth`] — `Authorization: Bearer <jwt>` plus `X-Device-Id`: the
 //!   token verifies, the header equals its `did`, and the device is still
-//!   active and bound to the token's user.
+//!   active and bound to the token's user; then one token is taken from the
+//!   device's plan bucket (`billing::limits`).
 //! * [`AdminAuth`] — `Authorization: Bearer <admin key>`: the bootstrap key or
 //!   a key created with `blockremote admin-key create`, compared by hash.
 //! * [`ClientIp`] — the client's address, through trusted proxies only.
@@ -18,6 +19,7 @@ use uuid::Uuid;
 use super::{client_ip, sha256, tokens};
 use crate::{
     app::AppState,
+    billing::limits::{self, RateLimitSlot},
     error::{codes, ApiError},
     store::DeviceStatus,
 };
@@ -148,6 +150,13 @@ impl FromRequestParts<AppState> for DeviceAuth {
             .and_then(|v| v.to_str().ok());
         let (auth, _) =
             authenticate(state, token, header_device, true, DeviceGate::ActiveOnly).await?;
+        limits::take(
+            state,
+            parts.extensions.get::<RateLimitSlot>(),
+            auth.user_id,
+            &auth.device_id,
+        )
+        .await?;
         Ok(auth)
     }
 }

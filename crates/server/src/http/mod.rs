@@ -12,6 +12,7 @@
 pub mod admin;
 pub mod attestation;
 pub mod auth;
+pub mod billing;
 pub mod devices;
 pub mod docs;
 pub mod health;
@@ -62,6 +63,7 @@ use crate::{
     tags(
         (name = "auth", description = "Device-bound sessions and the JWKS"),
         (name = "attestation", description = "Single-use nonces and attestation verdicts"),
+        (name = "billing", description = "Signed billing webhooks and the caller's subscription; per-plan rate limits"),
         (name = "kill-switch", description = "Real-time commands to devices over a WebSocket"),
         (name = "admin", description = "Operator API (admin API key)"),
         (name = "operations", description = "Health, metrics and this document"),
@@ -106,6 +108,7 @@ pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(auth::router())
         .merge(jwks::router())
         .merge(attestation::router())
+        .merge(billing::router())
         .merge(killswitch::router())
         .merge(admin::router())
         .merge(devices::router())
@@ -135,6 +138,7 @@ pub fn app_with(state: AppState, extra: Router<AppState>) -> Router {
     // innermost first; each converts its response with `IntoResponse`.
     let mut router = router
         .fallback(not_found)
+        .layer(axum::middleware::from_fn(crate::billing::limits::headers))
         .layer(Extension(docs::RenderedDocs::new(&doc)))
         .layer(DefaultBodyLimit::max(json::BODY_LIMIT))
         .layer(RequestBodyLimitLayer::new(json::BODY_LIMIT))

@@ -11,6 +11,7 @@
 //! `migrations/postgres`), embedded in the binary. Both must pass the same
 //! conformance story (`tests/api/store_conformance.rs`).
 
+mod billing;
 mod identity;
 mod postgres;
 mod sqlite;
@@ -24,6 +25,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+pub use billing::{BillingEvent, BillingOutcome, Subscription, SubscriptionStatus};
 pub use identity::{
     AttestationOutcome, Device, DeviceStatus, NewEvent, NewRefreshToken, NewSession, RefreshRecord,
     Revocation, RotateOutcome, SigningKeyRecord, User, UserStatus,
@@ -238,6 +240,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// The plan the user is on: their subscription's when active, else `trial`.
     async fn plan_for_user(&self, user_id: Uuid) -> StoreResult<Plan>;
+
+    /// Records a billing webhook event and, unless an event with a later
+    /// `created` was applied already, applies its subscription change with
+    /// its audit row and business event — all in one transaction. An event id
+    /// already recorded changes nothing (see [`BillingOutcome`]).
+    async fn apply_billing_event(&self, event: BillingEvent) -> StoreResult<BillingOutcome>;
+    /// The user's subscription row, if they ever had one.
+    async fn subscription(&self, user_id: Uuid) -> StoreResult<Option<Subscription>>;
 
     /// Creates a user; [`StoreError::Conflict`] when the email is taken.
     async fn create_user(&self, email: &str, password_hash: &str) -> StoreResult<User>;

@@ -13,9 +13,10 @@ use sqlx::{
 use uuid::Uuid;
 
 use super::{
-    now_micros, AttestationOutcome, AuditEntry, AuditSource, Device, DeviceStatus, NewAuditEntry,
-    NewEvent, NewRefreshToken, NewSession, Plan, RefreshRecord, Revocation, RotateOutcome,
-    SigningKeyRecord, Store, StoreError, StoreResult, User, UserStatus,
+    now_micros, AttestationOutcome, AuditEntry, AuditSource, BillingEvent, BillingOutcome, Device,
+    DeviceStatus, NewAuditEntry, NewEvent, NewRefreshToken, NewSession, Plan, RefreshRecord,
+    Revocation, RotateOutcome, SigningKeyRecord, Store, StoreError, StoreResult, Subscription,
+    SubscriptionStatus, User, UserStatus,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -156,6 +157,87 @@ impl Store for PostgresStore {
                 .unsigned_abs(),
             refresh_ttl_seconds: row.try_get::<i32, _>("refresh_ttl_seconds")?.unsigned_abs(),
         })
+    }
+
+    async fn apply_billing_event(&self, event: BillingEvent) -> StoreResult<BillingOutcome> {
+        let now = now_micros();
+        let mut tx = self.pool.begin().await?;
+        let recorded = sqlx::query(
+            "INSERT INTO billing_events (event_id, type, signature, payload_sha256, created, processed_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (event_id) DO NOTHING",
+        )
+        .bind(&event.event_id)
+        .bind(&event.event_type)
+        .bind(&event.signature)
+        .bind(&event.payload_sha256)
+        .bind(event.subscription.last_event_created)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        if recorded.rows_affected() == 0 {
+            let stored: String =
+                sqlx::query_scalar("SELECT payload_sha256 FROM billing_events WHERE event_id = $1")
+                    .bind(&event.event_id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            return Ok(if stored == event.payload_sha256 {
+                BillingOutcome::Duplicate
+            } else {
+                BillingOutcome::Conflict
+            });
+        }
+        let sub = &event.subscription;
+        // The WHERE keeps an older event from rolling a newer change back.
+        let applied = sqlx::query(
+            "INSERT INTO subscriptions (user_id, plan, status, current_period_end, last_event_created, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (user_id) DO UPDATE SET plan = excluded.plan, status = excluded.status, \
+             current_period_end = excluded.current_period_end, \
+             last_event_created = excluded.last_event_created, updated_at = excluded.updated_at \
+             WHERE subscriptions.last_event_created <= excluded.last_event_created",
+        )
+        .bind(sub.user_id)
+        .bind(&sub.plan)
+        .bind(sub.status.as_str())
+        .bind(sub.current_period_end)
+        .bind(sub.last_event_created)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        let outcome = if applied.rows_affected() == 1 {
+            insert_audit(&mut tx, event.audit).await?;
+            insert_event(&mut tx, &event.event).await?;
+            BillingOutcome::Applied
+        } else {
+            BillingOutcome::Stale
+        };
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    async fn subscription(&self, user_id: Uuid) -> StoreResult<Option<Subscription>> {
+        let row = sqlx::query(
+            "SELECT plan, status, current_period_end, last_event_created FROM subscriptions WHERE user_id = $1",
+        )
+        .bind(user_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| {
+            let status: String = row.try_get("status")?;
+
+            Ok(Subscription {
+                user_id,
+                plan: row.try_get("plan")?,
+                status: SubscriptionStatus::parse(&status).ok_or_else(|| {
+                    StoreError::Other(sqlx::Error::Decode(
+                        format!("unknown status {status}").into(),
+                    ))
+                })?,
+                current_period_end: row.try_get("current_period_end")?,
+                last_event_created: row.try_get("last_event_created")?,
+            })
+        })
+        .transpose()
     }
 
     #[tracing::instrument(skip_all, name = "store.create_user")]

@@ -253,6 +253,8 @@ async fn openapi_describes_exactly_the_served_routes(backend: Backend) {
             "/v1/auth/logout",
             "/v1/auth/refresh",
             "/v1/auth/register",
+            "/v1/billing/subscription",
+            "/v1/billing/webhook",
             "/v1/security/kill-switch",
         ]
     );

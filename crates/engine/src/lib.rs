@@ -5,6 +5,17 @@
 //! clock and spawns nothing: the server feeds it data and acts on its verdict.
 //! Keeping it pure is what lets it be property-tested and benchmarked alone.
 
+pub mod device;
+pub mod features;
+pub mod heartbeat;
+pub mod score;
+pub mod sim;
+pub mod stats;
+
+pub use device::DeviceState;
+pub use heartbeat::Heartbeat;
+pub use score::{assess, Assessment, Attestation, Decision, IntelHits, Level, PlanTier, Situation};
+
 /// Weights of the component risks in the global risk (API.md, "Signals and trust").
 pub mod weights {
     /// Accelerometer component weight.

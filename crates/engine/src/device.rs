@@ -1,0 +1,156 @@
+//! What the engine remembers about one device between heartbeats.
+//!
+//! Baselines (exponential moving averages and deviations) and a circular
+//! buffer of the last [`RING`] readings of each sensor feature let a device
+//! be judged against its own history; the evidence window turns single
+//! noisy heartbeats into nothing and sustained anomalies into a decision.
+//! Heartbeats judged suspicious do not teach the baselines, so an attack
+//! cannot become the device's "normal".
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    features::Features,
+    score::EVIDENCE_WINDOW,
+    stats::{Ema, PageHinkley, Ring},
+};
+
+/// Readings kept per sensor feature.
+pub const RING: usize = 100;
+/// Window fingerprints remembered for replay detection.
+const WINDOWS: usize = 64;
+/// Smoothing of the baselines.
+const ALPHA: f64 = 0.1;
+
+/// Per-device state (see the module docs). Serializable so that every
+/// worker can load and store it in shared state.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DeviceState {
+    /// Heartbeats scored.
+    pub heartbeats: u64,
+    /// The last sequence number scored.
+    pub last_seq: u64,
+    /// Trust history.
+    pub trust: Ema,
+    /// Upload-rate baseline (bytes/s).
+    pub upload: Ema,
+    /// The last window's upload z-score (a spike must be sustained).
+    pub last_upload_z: f64,
+    /// Motion baseline while touching (m/s²).
+    pub touch_motion: Ema,
+    /// Gyroscope-energy baseline (rad/s).
+    pub gyro: Ema,
+    /// Drift of motion-under-touch below its baseline.
+    drift: PageHinkley,
+    /// Last readings of accelerometer motion.
+    pub accel_ring: Ring<RING>,
+    /// Last readings of gyroscope energy.
+    pub gyro_ring: Ring<RING>,
+    /// Last readings of upload rate.
+    pub upload_ring: Ring<RING>,
+    /// Below-threshold flags of the last heartbeats (bit 0 = newest).
+    evidence: u32,
+    /// Trust of the last heartbeats, newest last.
+    recent_trust: Vec<f64>,
+    /// Fingerprints of recent accelerometer windows.
+    windows: Vec<u64>,
+}
+
+impl DeviceState {
+    /// True when this device already sent a window with fingerprint `fp`.
+    pub fn seen_window(&self, fp: u64) -> bool {
+        self.windows.contains(&fp)
+    }
+
+    /// Records whether this heartbeat was below the threshold; returns how
+    /// many of the last [`EVIDENCE_WINDOW`] were (this one included).
+    pub fn record_evidence(&mut self, below: bool) -> u32 {
+        let mask = (1u32 << EVIDENCE_WINDOW) - 1;
+        self.evidence = ((self.evidence << 1) | u32::from(below)) & mask;
+        self.evidence.count_ones()
+    }
+
+    /// The lowest trust among the recent heartbeats (100 when none).
+    pub fn recent_min_trust(&self) -> f64 {
+        self.recent_trust.iter().copied().fold(100.0, f64::min)
+    }
+
+    /// True when motion under touch dropped abruptly below the device's own
+    /// baseline (Page–Hinkley on the normalised shortfall).
+    pub fn drift_observed(&mut self, f: &Features) -> bool {
+        if self.touch_motion.n < 10 {
+            return false;
+        }
+        let shortfall =
+            (self.touch_motion.mean - f.accel_motion) / self.touch_motion.std().max(0.01);
+        self.drift.update(shortfall.clamp(-10.0, 10.0), 0.5, 8.0)
+    }
+
+    /// How far `rate` (bytes/s) is above the device's usual upload, in
+    /// robust deviations: median and MAD of its last readings, with floors
+    /// (half the median, 2 KB/s) so a device that barely uploads is not
+    /// alarmed by a few kilobytes. Before 3 readings: against 2 KB/s.
+    pub fn upload_z(&self, rate: f64) -> f64 {
+        let values = self.upload_ring.values();
+        if values.len() < 3 {
+            return (rate - 2_000.0) / 4_000.0;
+        }
+        let median = median(values);
+        let deviations: Vec<f64> = values.iter().map(|v| (v - median).abs()).collect();
+        let spread = (1.4826 * median_of(deviations))
+            .max(median * 0.5)
+            .max(2_000.0);
+        (rate - median) / spread
+    }
+
+    /// Folds the heartbeat in.
+    pub fn learn(&mut self, f: &Features, trust: f64, suspicious: bool, replayed: bool) {
+        self.heartbeats = self.heartbeats.saturating_add(1);
+        self.trust.update(trust, ALPHA);
+        self.recent_trust.push(trust);
+        if self.recent_trust.len() > EVIDENCE_WINDOW as usize {
+            self.recent_trust.remove(0);
+        }
+        if let Some(rate) = f.upload_rate {
+            self.last_upload_z = self.upload_z(rate);
+        }
+        if let Some(fp) = f.fingerprint {
+            if !replayed {
+                if self.windows.len() >= WINDOWS {
+                    self.windows.remove(0);
+                }
+                self.windows.push(fp);
+            }
+        }
+        if suspicious {
+            return; // an anomaly does not teach the baselines
+        }
+        if f.accel_samples > 0 {
+            self.accel_ring.push(f.accel_motion);
+            if f.touch_downs > 0 {
+                self.touch_motion.update(f.accel_motion, ALPHA);
+            }
+        }
+        if f.gyro_samples > 0 {
+            self.gyro_ring.push(f.gyro_energy);
+            self.gyro.update(f.gyro_energy, ALPHA);
+        }
+        if let Some(rate) = f.upload_rate {
+            self.upload_ring.push(rate);
+            self.upload.update(rate, ALPHA);
+        }
+    }
+}
+
+fn median(values: &[f64]) -> f64 {
+    median_of(values.to_vec())
+}
+
+fn median_of(mut values: Vec<f64>) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    let mid = values.len() / 2;
+    let (_, m, _) = values.select_nth_unstable_by(mid, f64::total_cmp);
+    *m
+}

@@ -1,0 +1,629 @@
+//! Features of one heartbeat window, each grounded in what a hand, a table,
+//! a trojan or an emulator does to the sensors (THREAT-MODEL.md).
+//!
+//! * **Motion** — the spread of the acceleration magnitude about its mean
+//!   (gravity removed): a phone in a hand never drops below physiological
+//!   tremor; one on a table shows only sensor noise.
+//! * **High-frequency energy** — RMS of sample-to-sample changes: tremor and
+//!   sensor noise live here. Real sensors are never silent; exactly zero is
+//!   a flatline (emulator, injected constants).
+//! * **Cleanliness** — second differences over first differences. Noise
+//!   makes it ≈ 2 (white noise: √(6/2)·…); a perfect sine sampled finely
+//!   makes it ≪ 1. Synthetic "motion" is too smooth.
+//! * **Gravity drift** — the angle gravity turns between the window's halves:
+//!   posture changes in a hand, none on a table.
+//! * **Touch ↔ motion coupling** — a finger landing on a real phone leaves an
+//!   accelerometer/gyroscope impulse within tens of milliseconds; an injected
+//!   touch leaves none. Measured as the energy of sample-to-sample changes
+//!   in the 80 ms after touches against the energy elsewhere in the window.
+//! * **Touch statistics** — normalised Shannon entropy of pressure, contact
+//!   size, dwell and inter-touch intervals; rhythm regularity (coefficient of
+//!   variation of intervals); straightness of multi-point gestures.
+//! * **Upload rate** — bytes sent per second, judged later against the
+//!   device's own baseline.
+//! * **Window fingerprint** — a hash of the accelerometer window relative to
+//!   its first sample (so a replay shifted by a constant offset matches too).
+
+use std::hash::{Hash, Hasher};
+
+use crate::{
+    heartbeat::{Heartbeat, Sample, Touch, TouchAction},
+    stats::{coefficient_of_variation, mean_std, normalized_entropy},
+};
+
+/// After a touch lands, how long its motion impulse may take to show (ms).
+pub const IMPULSE_WINDOW_MS: f64 = 80.0;
+
+/// The features of one window.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Features {
+    /// Accelerometer samples in the window.
+    pub accel_samples: usize,
+    /// Std of |a| about its mean (m/s²).
+    pub accel_motion: f64,
+    /// RMS of consecutive |a| changes (m/s²).
+    pub accel_hf: f64,
+    /// Second-difference over first-difference energy of |a| (≈2 noise, ≪1 synthetic-smooth).
+    pub accel_roughness: f64,
+    /// Share of consecutive accelerometer samples exactly equal.
+    pub accel_repeats: f64,
+    /// Angle gravity turned between the window halves (rad).
+    pub gravity_drift: f64,
+    /// Gyroscope samples in the window.
+    pub gyro_samples: usize,
+    /// RMS of the gyroscope magnitude (rad/s).
+    pub gyro_energy: f64,
+    /// Share of consecutive gyroscope samples exactly equal.
+    pub gyro_repeats: f64,
+    /// Touch-down events (taps and gesture starts).
+    pub touch_downs: usize,
+    /// All touch events.
+    pub touch_events: usize,
+    /// Touch ↔ motion coupling in [0, 1] (1 when no downs; see `touch_coupling`).
+    pub touch_coupling: f64,
+    /// Mean normalised entropy of pressure and contact size over all events.
+    pub touch_surface_entropy: f64,
+    /// Mean normalised entropy of dwell times and of intervals between downs.
+    pub touch_timing_entropy: f64,
+    /// Std of pressure over all events.
+    pub pressure_std: f64,
+    /// Std of contact size over all events.
+    pub size_std: f64,
+    /// Coefficient of variation of the intervals between downs.
+    pub rhythm_cv: f64,
+    /// Mean straightness (chord / path) of gestures with 3+ points (0 when none).
+    pub straightness: f64,
+    /// Gestures with 3+ points.
+    pub gestures: usize,
+    /// Upload rate (bytes/s), when the window carried network counters.
+    pub upload_rate: Option<f64>,
+    /// Offset-invariant hash of the accelerometer window (8+ samples, not flat).
+    pub fingerprint: Option<u64>,
+}
+
+fn repeats(samples: &[Sample]) -> f64 {
+    if samples.len() < 2 {
+        return 0.0;
+    }
+    let same = samples
+        .windows(2)
+        .filter(|w| w[0].x == w[1].x && w[0].y == w[1].y && w[0].z == w[1].z)
+        .count();
+    same as f64 / (samples.len() - 1) as f64
+}
+
+/// RMS of first and second differences of `series`.
+fn difference_energies(series: &[f64]) -> (f64, f64) {
+    let n1 = series.len().saturating_sub(1);
+    let n2 = series.len().saturating_sub(2);
+    if n1 == 0 {
+        return (0.0, 0.0);
+    }
+    let d1: f64 = series
+        .windows(2)
+        .map(|w| (w[1] - w[0]).powi(2))
+        .sum::<f64>()
+        / n1 as f64;
+    let d2 = if n2 == 0 {
+        0.0
+    } else {
+        series
+            .windows(3)
+            .map(|w| (w[2] - 2.0 * w[1] + w[0]).powi(2))
+            .sum::<f64>()
+            / n2 as f64
+    };
+    (d1.sqrt(), d2.sqrt())
+}
+
+fn mean_direction(samples: &[Sample]) -> Option<[f64; 3]> {
+    if samples.is_empty() {
+        return None;
+    }
+    let n = samples.len() as f64;
+    let (x, y, z) = samples
+        .iter()
+        .fold((0.0, 0.0, 0.0), |(x, y, z), s| (x + s.x, y + s.y, z + s.z));
+    let norm = (x * x + y * y + z * z).sqrt();
+    (norm > 1e-9).then(|| [x / n / (norm / n), y / n / (norm / n), z / n / (norm / n)])
+}
+
+fn gravity_drift(samples: &[Sample]) -> f64 {
+    let half = samples.len() / 2;
+    match (
+        mean_direction(&samples[..half]),
+        mean_direction(&samples[half..]),
+    ) {
+        (Some(a), Some(b)) => {
+            let dot = (a[0] * b[0] + a[1] * b[1] + a[2] * b[2]).clamp(-1.0, 1.0);
+            dot.acos()
+        }
+        _ => 0.0,
+    }
+}
+
+/// Energy of consecutive changes of `mags` inside the 80 ms after each
+/// touch-down, over the energy of changes elsewhere in the window. A finger
+/// landing on a real phone makes this ≫ 1; injected touches leave ≈ 1.
+/// `None` when either side has too few samples to tell.
+fn impulse_ratio(times: &[f64], mags: &[f64], downs: &[f64]) -> Option<f64> {
+    let (mut inside, mut n_in, mut outside, mut n_out) = (0.0, 0usize, 0.0, 0usize);
+    for i in 1..mags.len() {
+        let d = (mags[i] - mags[i - 1]).powi(2);
+        let t = times[i];
+        if downs
+            .iter()
+            .any(|&down| t >= down && t <= down + IMPULSE_WINDOW_MS)
+        {
+            inside += d;
+            n_in += 1;
+        } else {
+            outside += d;
+            n_out += 1;
+        }
+    }
+    if n_in < 2 || n_out < 4 {
+        return None;
+    }
+    let outside = (outside / n_out as f64).max(1e-12);
+    Some((inside / n_in as f64) / outside)
+}
+
+/// Touch ↔ motion coupling in [0, 1]: 0 when the motion after touches is
+/// no different from the rest of the window, 1 when it clearly stands out
+/// (energy ratio ≥ 3 on either sensor). 1 when there are no touch-downs;
+/// 0.5 when the sensors cannot tell.
+fn touch_coupling(heartbeat: &Heartbeat) -> f64 {
+    let downs: Vec<f64> = heartbeat
+        .touches
+        .iter()
+        .filter(|t| t.action == TouchAction::Down)
+        .map(|t| t.t)
+        .collect();
+    if downs.is_empty() {
+        return 1.0;
+    }
+    let ratio = |samples: &[Sample]| {
+        let times: Vec<f64> = samples.iter().map(|s| s.t).collect();
+        let mags: Vec<f64> = samples.iter().map(Sample::magnitude).collect();
+        impulse_ratio(&times, &mags, &downs)
+    };
+    let best = match (ratio(&heartbeat.accelerometer), ratio(&heartbeat.gyroscope)) {
+        (Some(a), Some(g)) => a.max(g),
+        (Some(r), None) | (None, Some(r)) => r,
+        (None, None) => return 0.5,
+    };
+    ((best - 1.5) / 1.5).clamp(0.0, 1.0)
+}
+
+fn straightness(touches: &[Touch]) -> (f64, usize) {
+    let mut total = 0.0;
+    let mut gestures = 0;
+    let mut points: Vec<(f64, f64)> = Vec::new();
+    let mut flush = |points: &mut Vec<(f64, f64)>| {
+        if points.len() >= 3 {
+            let path: f64 = points
+                .windows(2)
+                .map(|w| ((w[1].0 - w[0].0).powi(2) + (w[1].1 - w[0].1).powi(2)).sqrt())
+                .sum();
+            let (first, last) = (points[0], points[points.len() - 1]);
+            let chord = ((last.0 - first.0).powi(2) + (last.1 - first.1).powi(2)).sqrt();
+            if path > 1e-6 {
+                total += (chord / path).min(1.0);
+                gestures += 1;
+            }
+        }
+        points.clear();
+    };
+    for touch in touches {
+        match touch.action {
+            TouchAction::Down => {
+                flush(&mut points);
+                points.push((touch.x, touch.y));
+            }
+            TouchAction::Move => points.push((touch.x, touch.y)),
+            TouchAction::Up => {
+                points.push((touch.x, touch.y));
+                flush(&mut points);
+            }
+        }
+    }
+    flush(&mut points);
+    if gestures == 0 {
+        (0.0, 0)
+    } else {
+        (total / gestures as f64, gestures)
+    }
+}
+
+fn dwell_times(touches: &[Touch]) -> Vec<f64> {
+    let mut dwell = Vec::new();
+    let mut down_at = None;
+    for touch in touches {
+        match touch.action {
+            TouchAction::Down => down_at = Some(touch.t),
+            TouchAction::Up => {
+                if let Some(start) = down_at.take() {
+                    dwell.push(touch.t - start);
+                }
+            }
+            TouchAction::Move => {}
+        }
+    }
+    dwell
+}
+
+fn fingerprint(samples: &[Sample]) -> Option<u64> {
+    let first = samples.first()?;
+    if samples.len() < 8 {
+        return None;
+    }
+    // Quantised relative to the first sample, so a replay shifted by a
+    // constant offset (or re-timed from zero) hashes the same.
+    let q = |v: f64| (v * 1e4).round() as i64;
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for s in samples {
+        (q(s.x - first.x), q(s.y - first.y), q(s.z - first.z)).hash(&mut hasher);
+    }
+    Some(hasher.finish())
+}
+
+/// Extracts the features of one heartbeat.
+pub fn extract(heartbeat: &Heartbeat) -> Features {
+    let accel = &heartbeat.accelerometer;
+    let gyro = &heartbeat.gyroscope;
+    let mags: Vec<f64> = accel.iter().map(Sample::magnitude).collect();
+    let (_, accel_motion) = mean_std(mags.iter().copied());
+    let (d1, d2) = difference_energies(&mags);
+    let accel_hf = d1 / std::f64::consts::SQRT_2;
+    let accel_roughness = if d1 > 1e-12 { d2 / d1 } else { 0.0 };
+    let gyro_mags: Vec<f64> = gyro.iter().map(Sample::magnitude).collect();
+    let gyro_energy = if gyro_mags.is_empty() {
+        0.0
+    } else {
+        (gyro_mags.iter().map(|m| m * m).sum::<f64>() / gyro_mags.len() as f64).sqrt()
+    };
+    let touches = &heartbeat.touches;
+    let downs: Vec<f64> = touches
+        .iter()
+        .filter(|t| t.action == TouchAction::Down)
+        .map(|t| t.t)
+        .collect();
+    let intervals: Vec<f64> = downs.windows(2).map(|w| w[1] - w[0]).collect();
+    let pressure_entropy = normalized_entropy(touches.iter().map(|t| t.pressure), 0.0, 1.0, 16);
+    let size_entropy = normalized_entropy(touches.iter().map(|t| t.size), 0.0, 0.2, 16);
+    let (_, pressure_std) = mean_std(touches.iter().map(|t| t.pressure));
+    let (_, size_std) = mean_std(touches.iter().map(|t| t.size));
+    let (straightness, gestures) = straightness(touches);
+    let repeats_accel = repeats(accel);
+    Features {
+        accel_samples: accel.len(),
+        accel_motion,
+        accel_hf,
+        accel_roughness,
+        accel_repeats: repeats_accel,
+        gravity_drift: gravity_drift(accel),
+        gyro_samples: gyro.len(),
+        gyro_energy,
+        gyro_repeats: repeats(gyro),
+        touch_downs: downs.len(),
+        touch_events: touches.len(),
+        touch_coupling: touch_coupling(heartbeat),
+        touch_surface_entropy: (pressure_entropy + size_entropy) / 2.0,
+        touch_timing_entropy: (normalized_entropy(
+            dwell_times(touches).into_iter(),
+            0.0,
+            400.0,
+            16,
+        ) + normalized_entropy(intervals.iter().copied(), 0.0, 2000.0, 16))
+            / 2.0,
+        pressure_std,
+        size_std,
+        rhythm_cv: coefficient_of_variation(intervals.iter().copied()),
+        straightness,
+        gestures,
+        upload_rate: heartbeat.network.map(|n| n.upload_rate()),
+        fingerprint: if repeats_accel > 0.9 {
+            None
+        } else {
+            fingerprint(accel)
+        },
+    }
+}
+
+/// How machine-generated a domain name looks (0 = a word, 1 = random), from
+/// the entropy of its longest label's characters and its digit and
+/// consonant-run share — algorithmically generated domains are long,
+/// high-entropy and vowel-poor.
+pub fn dga_score(domain: &str) -> f64 {
+    let label = domain
+        .trim_end_matches('.')
+        .split('.')
+        .max_by_key(|l| l.len())
+        .unwrap_or("");
+    let chars: Vec<char> = label.to_ascii_lowercase().chars().collect();
+    if chars.len() < 8 {
+        return 0.0;
+    }
+    let mut counts = std::collections::HashMap::new();
+    for c in &chars {
+        *counts.entry(*c).or_insert(0u32) += 1;
+    }
+    let n = chars.len() as f64;
+    let entropy: f64 = counts
+        .values()
+        .map(|&c| {
+            let p = f64::from(c) / n;
+            -p * p.log2()
+        })
+        .sum();
+    let digits = chars.iter().filter(|c| c.is_ascii_digit()).count() as f64 / n;
+    let mut longest_run = 0usize;
+    let mut run = 0usize;
+    for c in &chars {
+        if c.is_ascii_alphabetic() && !"aeiou".contains(*c) {
+            run += 1;
+            longest_run = longest_run.max(run);
+        } else {
+            run = 0;
+        }
+    }
+    let entropy_part = ((entropy - 2.8) / 1.0).clamp(0.0, 1.0);
+    let run_part = ((longest_run as f64 - 2.0) / 3.0).clamp(0.0, 1.0);
+    let length_part = ((n - 10.0) / 10.0).clamp(0.0, 1.0);
+    (0.45 * entropy_part + 0.25 * run_part + 0.15 * digits.min(1.0) * 2.0 + 0.15 * length_part)
+        .clamp(0.0, 1.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::heartbeat::Network;
+    use proptest::prelude::*;
+
+    fn still(n: usize, noise: f64, seed: u64) -> Vec<Sample> {
+        let mut rng = seed;
+        let mut next = || {
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((rng >> 11) as f64 / (1u64 << 53) as f64 - 0.5) * 2.0 * noise
+        };
+        (0..n)
+            .map(|i| Sample {
+                t: i as f64 * 20.0,
+                x: 0.1 + next(),
+                y: 0.2 + next(),
+                z: 9.8 + next(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_flat_window_has_no_motion_and_full_repeats() {
+        let hb = Heartbeat {
+            accelerometer: (0..50)
+                .map(|i| Sample {
+                    t: f64::from(i) * 20.0,
+                    x: 0.0,
+                    y: 0.0,
+                    z: 9.81,
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let f = extract(&hb);
+        assert_eq!(f.accel_motion, 0.0);
+        assert_eq!(f.accel_repeats, 1.0);
+        assert_eq!(f.fingerprint, None);
+    }
+
+    #[test]
+    fn noise_is_rough_and_a_fine_sine_is_smooth() {
+        let noisy = extract(&Heartbeat {
+            accelerometer: still(100, 0.01, 7),
+            ..Default::default()
+        });
+        assert!(noisy.accel_roughness > 1.2, "{}", noisy.accel_roughness);
+        let sine: Vec<Sample> = (0..100)
+            .map(|i| {
+                let t = f64::from(i) * 10.0;
+                Sample {
+                    t,
+                    x: 0.0,
+                    y: 0.0,
+                    z: 9.81 + 0.3 * (t / 1000.0 * std::f64::consts::TAU * 2.0).sin(),
+                }
+            })
+            .collect();
+        let smooth = extract(&Heartbeat {
+            accelerometer: sine,
+            ..Default::default()
+        });
+        assert!(smooth.accel_roughness < 0.2, "{}", smooth.accel_roughness);
+    }
+
+    #[test]
+    fn a_tap_impulse_couples_and_an_injected_touch_does_not() {
+        let mut accel = still(100, 0.004, 3);
+        // A real tap at t = 500 ms: a sharp bump two samples later.
+        accel[26].z += 0.25;
+        let tap = |t: f64| Touch {
+            t,
+            x: 0.5,
+            y: 0.5,
+            pressure: 0.5,
+            size: 0.05,
+            action: TouchAction::Down,
+        };
+        let real = Heartbeat {
+            accelerometer: accel,
+            touches: vec![tap(500.0)],
+            ..Default::default()
+        };
+        assert_eq!(extract(&real).touch_coupling, 1.0);
+        let injected = Heartbeat {
+            accelerometer: still(100, 0.004, 3),
+            touches: vec![tap(500.0)],
+            ..Default::default()
+        };
+        assert_eq!(extract(&injected).touch_coupling, 0.0);
+    }
+
+    #[test]
+    fn a_replay_with_an_offset_has_the_same_fingerprint() {
+        let a = still(64, 0.02, 11);
+        let shifted: Vec<Sample> = a
+            .iter()
+            .map(|s| Sample {
+                t: s.t + 5000.0,
+                x: s.x + 0.5,
+                y: s.y,
+                z: s.z - 0.25,
+            })
+            .collect();
+        let fa = extract(&Heartbeat {
+            accelerometer: a,
+            ..Default::default()
+        })
+        .fingerprint;
+        let fb = extract(&Heartbeat {
+            accelerometer: shifted,
+            ..Default::default()
+        })
+        .fingerprint;
+        assert!(fa.is_some());
+        assert_eq!(fa, fb);
+        let other = extract(&Heartbeat {
+            accelerometer: still(64, 0.02, 12),
+            ..Default::default()
+        })
+        .fingerprint;
+        assert_ne!(fa, other);
+    }
+
+    #[test]
+    fn straight_machine_swipes_and_regular_rhythm_show() {
+        let mut touches = Vec::new();
+        for k in 0..5 {
+            let t0 = f64::from(k) * 300.0;
+            touches.push(Touch {
+                t: t0,
+                x: 0.2,
+                y: 0.8,
+                pressure: 1.0,
+                size: 0.05,
+                action: TouchAction::Down,
+            });
+            for j in 1..5 {
+                touches.push(Touch {
+                    t: t0 + f64::from(j) * 16.0,
+                    x: 0.2 + 0.1 * f64::from(j),
+                    y: 0.8 - 0.1 * f64::from(j),
+                    pressure: 1.0,
+                    size: 0.05,
+                    action: TouchAction::Move,
+                });
+            }
+            touches.push(Touch {
+                t: t0 + 90.0,
+                x: 0.7,
+                y: 0.3,
+                pressure: 1.0,
+                size: 0.05,
+                action: TouchAction::Up,
+            });
+        }
+        let f = extract(&Heartbeat {
+            touches,
+            ..Default::default()
+        });
+        assert_eq!(f.touch_downs, 5);
+        assert!(f.straightness > 0.999);
+        assert!(f.rhythm_cv < 1e-9);
+        assert_eq!(f.pressure_std, 0.0);
+        assert_eq!(f.touch_surface_entropy, 0.0);
+        assert_eq!(f.touch_timing_entropy, 0.0);
+    }
+
+    #[test]
+    fn upload_rate_comes_from_the_counters() {
+        let f = extract(&Heartbeat {
+            network: Some(Network {
+                tx_bytes: 10_000,
+                rx_bytes: 0,
+                interval_ms: 2000,
+            }),
+            ..Default::default()
+        });
+        assert_eq!(f.upload_rate, Some(5000.0));
+    }
+
+    #[test]
+    fn generated_domains_score_high_and_words_low() {
+        assert!(
+            dga_score("xj4k9qpz7w2mvb8n.biz") > 0.6,
+            "{}",
+            dga_score("xj4k9qpz7w2mvb8n.biz")
+        );
+        assert!(dga_score("api.mybank.com") < 0.2);
+        assert!(
+            dga_score("googleusercontent.com") < 0.5,
+            "{}",
+            dga_score("googleusercontent.com")
+        );
+    }
+
+    fn arb_sample() -> impl Strategy<Value = Sample> {
+        (
+            0.0f64..5000.0,
+            -100.0f64..100.0,
+            -100.0f64..100.0,
+            -100.0f64..100.0,
+        )
+            .prop_map(|(t, x, y, z)| Sample { t, x, y, z })
+    }
+
+    fn arb_touch() -> impl Strategy<Value = Touch> {
+        (
+            0.0f64..5000.0,
+            0.0f64..1.0,
+            0.0f64..1.0,
+            0.0f64..1.0,
+            0.0f64..1.0,
+            0u8..3,
+        )
+            .prop_map(|(t, x, y, pressure, size, a)| Touch {
+                t,
+                x,
+                y,
+                pressure,
+                size,
+                action: [TouchAction::Down, TouchAction::Move, TouchAction::Up][usize::from(a)],
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn features_are_finite_and_in_range(
+            accel in proptest::collection::vec(arb_sample(), 0..80),
+            gyro in proptest::collection::vec(arb_sample(), 0..80),
+            touches in proptest::collection::vec(arb_touch(), 0..30),
+        ) {
+            let f = extract(&Heartbeat { accelerometer: accel, gyroscope: gyro, touches, ..Default::default() });
+            for v in [f.accel_motion, f.accel_hf, f.accel_roughness, f.gravity_drift, f.gyro_energy, f.rhythm_cv] {
+                prop_assert!(v.is_finite() && v >= 0.0);
+            }
+            for v in [f.accel_repeats, f.gyro_repeats, f.touch_coupling, f.touch_surface_entropy, f.touch_timing_entropy, f.straightness] {
+                prop_assert!((0.0..=1.0).contains(&v), "{v}");
+            }
+            prop_assert!(f.gravity_drift <= std::f64::consts::PI + 1e-9);
+        }
+
+        #[test]
+        fn dga_score_is_in_unit_interval(domain in "\\PC{0,80}") {
+            let s = dga_score(&domain);
+            prop_assert!((0.0..=1.0).contains(&s));
+        }
+    }
+}

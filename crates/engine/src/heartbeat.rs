@@ -1,0 +1,138 @@
+//! One heartbeat: a window of sensor samples, touches, network counters and
+//! context, as the device sends it (API.md "Signals and trust").
+//!
+//! These are plain data. Validation of limits and ranges is the server's
+//! job at ingestion; the engine still never panics or returns NaN on odd
+//! input (empty windows, repeated timestamps).
+
+use serde::{Deserialize, Serialize};
+
+/// `[t_ms, x, y, z]`: milliseconds from the window start, then the three
+/// axes (m/s² with gravity for the accelerometer, rad/s for the gyroscope).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(from = "[f64; 4]", into = "[f64; 4]")]
+pub struct Sample {
+    /// Milliseconds from the window start.
+    pub t: f64,
+    /// X axis.
+    pub x: f64,
+    /// Y axis.
+    pub y: f64,
+    /// Z axis.
+    pub z: f64,
+}
+
+impl From<[f64; 4]> for Sample {
+    fn from([t, x, y, z]: [f64; 4]) -> Self {
+        Self { t, x, y, z }
+    }
+}
+
+impl From<Sample> for [f64; 4] {
+    fn from(s: Sample) -> Self {
+        [s.t, s.x, s.y, s.z]
+    }
+}
+
+impl Sample {
+    /// Euclidean norm of the three axes.
+    pub fn magnitude(&self) -> f64 {
+        (self.x * self.x + self.y * self.y + self.z * self.z).sqrt()
+    }
+}
+
+/// What a touch event is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TouchAction {
+    /// Finger down.
+    Down,
+    /// Finger moved.
+    Move,
+    /// Finger up.
+    Up,
+}
+
+/// One touch event.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Touch {
+    /// Milliseconds from the window start.
+    pub t: f64,
+    /// Normalised screen x in [0, 1].
+    pub x: f64,
+    /// Normalised screen y in [0, 1].
+    pub y: f64,
+    /// Reported pressure in [0, 1].
+    pub pressure: f64,
+    /// Reported contact size in [0, 1].
+    pub size: f64,
+    /// Down, move or up.
+    pub action: TouchAction,
+}
+
+/// Network counters over the window.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Network {
+    /// Bytes sent.
+    pub tx_bytes: u64,
+    /// Bytes received.
+    pub rx_bytes: u64,
+    /// Window length in milliseconds.
+    pub interval_ms: u64,
+}
+
+impl Network {
+    /// Upload rate in bytes per second (0 for an empty interval).
+    pub fn upload_rate(&self) -> f64 {
+        if self.interval_ms == 0 {
+            0.0
+        } else {
+            self.tx_bytes as f64 * 1000.0 / self.interval_ms as f64
+        }
+    }
+}
+
+/// What the app knows about its surroundings.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Context {
+    /// The screen is being captured or mirrored.
+    #[serde(default)]
+    pub screen_capture: bool,
+    /// Enabled accessibility services (package names).
+    #[serde(default)]
+    pub accessibility_services: Vec<String>,
+    /// The installer of the app (e.g. `com.android.vending`), if known.
+    #[serde(default)]
+    pub installer: Option<String>,
+    /// Hashes of installed apps the client reports.
+    #[serde(default)]
+    pub app_hashes: Vec<String>,
+    /// Domains recently resolved.
+    #[serde(default)]
+    pub dns: Vec<String>,
+}
+
+/// One heartbeat window.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// Per-device sequence number.
+    pub seq: u64,
+    /// Accelerometer samples.
+    #[serde(default)]
+    pub accelerometer: Vec<Sample>,
+    /// Gyroscope samples.
+    #[serde(default)]
+    pub gyroscope: Vec<Sample>,
+    /// Touch events.
+    #[serde(default)]
+    pub touches: Vec<Touch>,
+    /// Network counters.
+    #[serde(default)]
+    pub network: Option<Network>,
+    /// Context.
+    #[serde(default)]
+    pub context: Context,
+}

@@ -1,0 +1,559 @@
+//! From features to component risks, a trust score and a decision.
+//!
+//! Each component answers one physical question:
+//!
+//! * **accelerometer** — are touches arriving on a phone that does not move
+//!   with them? Risk = the share of touches with no motion impulse, weighted
+//!   up as the phone gets stiller (a hand-held phone moves anyway; a phone on
+//!   a table being tapped by a finger still jolts). With no touches, a still
+//!   phone is fine; a flatlined or mathematically smooth stream is not.
+//! * **gyroscope** — the same question about rotation, and flatlines.
+//! * **touch_entropy** — do the touches look machine-made: constant pressure
+//!   and contact size, metronome rhythm, ruler-straight swipes?
+//! * **network_spike** — is the device uploading far above its own baseline
+//!   (a screen being streamed), or reporting screen capture?
+//!
+//! `global_risk` weighs them 0.4/0.3/0.15/0.15. The trust score is
+//! `100·(1 − global_risk)` less penalties for failed attestation, sideloaded
+//! accessibility services and algorithmically generated domains; a
+//! blacklisted app, domain or address, or a replayed window, is a hard fact:
+//! trust 0 and an immediate `CRITICAL_LOCK`. Otherwise a lock needs evidence:
+//! at least [`EVIDENCE_NEEDED`] of the last [`EVIDENCE_WINDOW`] heartbeats
+//! below the device's threshold, so one noisy window never locks anyone.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    device::DeviceState,
+    features::{dga_score, Features},
+    heartbeat::Heartbeat,
+    Components,
+};
+
+/// Heartbeats below the threshold needed (within the window) to lock.
+pub const EVIDENCE_NEEDED: u32 = 3;
+/// The recent heartbeats considered for evidence.
+pub const EVIDENCE_WINDOW: u32 = 5;
+/// Base trust threshold (0–100): below it a heartbeat counts as evidence.
+pub const BASE_THRESHOLD: f64 = 40.0;
+
+/// Installers that are app stores.
+const STORE_INSTALLERS: &[&str] = &[
+    "com.android.vending",
+    "com.apple.appstore",
+    "com.huawei.appmarket",
+    "com.sec.android.app.samsungapps",
+    "com.amazon.venezia",
+];
+
+/// The device's attestation state, as the server knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Attestation {
+    /// Never attested.
+    #[default]
+    Unknown,
+    /// Last verdict passed.
+    Verified,
+    /// Last verdict failed.
+    Failed,
+}
+
+/// The customer's plan: evaluation accounts get a slightly stricter line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PlanTier {
+    /// `trial`.
+    #[default]
+    Trial,
+    /// `paid_basic` or `paid`.
+    Paid,
+}
+
+/// What the server's threat intelligence found in this heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct IntelHits {
+    /// An app hash on the blacklist.
+    pub app: bool,
+    /// A resolved domain on the blacklist.
+    pub domain: bool,
+    /// The client address on the blacklist.
+    pub ip: bool,
+    /// This window's fingerprint was already seen from another device.
+    pub window_seen_elsewhere: bool,
+}
+
+/// Everything besides the heartbeat that the score depends on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Situation {
+    /// Attestation state.
+    pub attestation: Attestation,
+    /// Plan tier.
+    pub plan: PlanTier,
+    /// Threat-intelligence hits.
+    pub intel: IntelHits,
+}
+
+/// What to do about the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Decision {
+    /// Nothing.
+    Allow,
+    /// Cover the app until the user proves presence.
+    ForceOverlay,
+    /// Lock the app.
+    CriticalLock,
+}
+
+/// Trust level bands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Level {
+    /// Trust ≥ 70.
+    Trusted,
+    /// Between the threshold and 70.
+    Suspicious,
+    /// Below the threshold.
+    Critical,
+}
+
+/// The verdict on one heartbeat.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Assessment {
+    /// Component risks.
+    pub components: ComponentsView,
+    /// Weighted risk.
+    pub global_risk: f64,
+    /// 0–100.
+    pub trust_score: u8,
+    /// The device's threshold now (0–100).
+    pub threshold: u8,
+    /// Band.
+    pub level: Level,
+    /// Stable reason codes, most important first.
+    pub reasons: Vec<&'static str>,
+    /// What to do.
+    pub decision: Decision,
+}
+
+/// Serializable mirror of [`Components`].
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct ComponentsView {
+    /// Accelerometer risk.
+    pub accelerometer: f64,
+    /// Gyroscope risk.
+    pub gyroscope: f64,
+    /// Touch-entropy risk.
+    pub touch_entropy: f64,
+    /// Network-spike risk.
+    pub network_spike: f64,
+}
+
+impl From<Components> for ComponentsView {
+    fn from(c: Components) -> Self {
+        let r = |v: f64| (v.clamp(0.0, 1.0) * 1000.0).round() / 1000.0;
+        Self {
+            accelerometer: r(c.accelerometer),
+            gyroscope: r(c.gyroscope),
+            touch_entropy: r(c.touch_entropy),
+            network_spike: r(c.network_spike),
+        }
+    }
+}
+
+/// 1 at or below `still`, 0 at or above `moving`, linear between.
+fn stillness(value: f64, still: f64, moving: f64) -> f64 {
+    ((moving - value) / (moving - still)).clamp(0.0, 1.0)
+}
+
+/// Touch evidence grows with the number of touch-downs (one tap proves little).
+fn touch_weight(downs: usize) -> f64 {
+    match downs {
+        0 => 0.0,
+        1 => 0.5,
+        2 => 0.8,
+        _ => 1.0,
+    }
+}
+
+fn accelerometer_risk(f: &Features, reasons: &mut Vec<&'static str>) -> f64 {
+    if f.accel_samples == 0 {
+        // Every phone has an accelerometer; touches without one are scripted.
+        reasons.push("sensors_missing");
+        return if f.touch_downs > 0 { 1.0 } else { 0.5 };
+    }
+    if f.accel_samples >= 8 && (f.accel_repeats > 0.9 || f.accel_hf == 0.0) {
+        reasons.push("sensor_flatline");
+        return 0.95;
+    }
+    let mut risk: f64 = 0.0;
+    if f.accel_samples >= 16 && f.accel_roughness < 0.25 && f.accel_hf > 0.0 {
+        // Real sensors carry white noise; a stream this smooth was computed.
+        reasons.push("synthetic_motion");
+        risk = 0.85;
+    }
+    if f.touch_downs > 0 {
+        // Sensor noise alone is ≲ 0.02 m/s²; a hand adds tremor above that.
+        let still = stillness(f.accel_motion, 0.02, 0.045);
+        let uncoupled = 1.0 - f.touch_coupling;
+        // A moving phone hides tap impulses: uncoupled touches then weigh little.
+        let touch_risk = uncoupled * (0.35 + 0.65 * still) * touch_weight(f.touch_downs);
+        if touch_risk >= 0.5 {
+            reasons.push("touch_without_motion");
+        }
+        risk = risk.max(touch_risk);
+    }
+    risk
+}
+
+fn gyroscope_risk(f: &Features, reasons: &mut Vec<&'static str>) -> f64 {
+    if f.gyro_samples == 0 {
+        // Some cheap phones lack a gyroscope: weaker evidence than no accelerometer.
+        return if f.touch_downs > 0 { 0.8 } else { 0.3 };
+    }
+    if f.gyro_samples >= 8 && f.gyro_repeats > 0.9 {
+        if !reasons.contains(&"sensor_flatline") {
+            reasons.push("sensor_flatline");
+        }
+        return 0.95;
+    }
+    if f.touch_downs == 0 {
+        return 0.0;
+    }
+    // Gyroscope noise is a few mrad/s; a hand is never below ~0.02 rad/s.
+    let still = stillness(f.gyro_energy, 0.008, 0.02);
+    let uncoupled = 1.0 - f.touch_coupling;
+    uncoupled * (0.35 + 0.65 * still) * touch_weight(f.touch_downs)
+}
+
+fn touch_entropy_risk(f: &Features, reasons: &mut Vec<&'static str>) -> f64 {
+    if f.touch_events < 4 {
+        return 0.0;
+    }
+    // Constant pressure/size is the strongest tell of injected input.
+    let uniform_surface = if f.pressure_std < 0.005 && f.size_std < 0.001 {
+        1.0
+    } else {
+        (1.0 - f.touch_surface_entropy / 0.5).clamp(0.0, 1.0)
+    };
+    let regular_rhythm = if f.touch_downs >= 4 {
+        stillness(f.rhythm_cv, 0.03, 0.2).max(stillness(f.touch_timing_entropy, 0.1, 0.4))
+    } else {
+        0.0
+    };
+    let ruler_straight = if f.gestures >= 2 {
+        stillness(1.0 - f.straightness, 0.0005, 0.02)
+    } else {
+        0.0
+    };
+    let risk = (0.5 * uniform_surface + 0.3 * regular_rhythm + 0.2 * ruler_straight)
+        .max(uniform_surface * 0.8);
+    if risk >= 0.5 {
+        reasons.push("synthetic_touch");
+    }
+    risk
+}
+
+fn network_risk(
+    f: &Features,
+    hb: &Heartbeat,
+    state: &DeviceState,
+    reasons: &mut Vec<&'static str>,
+) -> f64 {
+    let mut risk: f64 = 0.0;
+    if let Some(rate) = f.upload_rate {
+        // Against the device's own robust baseline (median and MAD of its
+        // last readings), so one genuine burst does not become "normal".
+        let z = state.upload_z(rate);
+        let spike = ((z - 3.0) / 4.0).clamp(0.0, 1.0);
+        // Sustained: the previous window was high too.
+        let sustained = if state.last_upload_z > 3.0 { 1.0 } else { 0.7 };
+        risk = spike * sustained;
+        if risk >= 0.5 {
+            reasons.push("network_upload_spike");
+        }
+    }
+    if hb.context.screen_capture {
+        reasons.push("screen_capture_active");
+        risk = risk.max(0.9);
+    }
+    risk
+}
+
+fn threshold(state: &DeviceState, situation: &Situation) -> f64 {
+    let mut t = BASE_THRESHOLD;
+    // A long, clean history earns a little slack; a poor one costs.
+    if state.heartbeats >= 50 && state.trust.mean >= 85.0 {
+        t -= 5.0;
+    }
+    if state.heartbeats >= 5 && state.trust.mean < 50.0 {
+        t += 10.0;
+    }
+    match situation.attestation {
+        Attestation::Verified => t -= 5.0,
+        Attestation::Unknown => {}
+        Attestation::Failed => t += 15.0,
+    }
+    if situation.plan == PlanTier::Trial {
+        t += 5.0;
+    }
+    t.clamp(20.0, 70.0)
+}
+
+/// Scores `heartbeat` for the device in `state`, then folds it into the
+/// state (baselines, evidence). Pure: the same inputs give the same output.
+pub fn assess(state: &mut DeviceState, heartbeat: &Heartbeat, situation: &Situation) -> Assessment {
+    let f = crate::features::extract(heartbeat);
+    let mut reasons = Vec::new();
+    let mut hard_fact = false;
+
+    if situation.intel.app {
+        reasons.push("blacklisted_app");
+        hard_fact = true;
+    }
+    if situation.intel.domain {
+        reasons.push("blacklisted_domain");
+        hard_fact = true;
+    }
+    if situation.intel.ip {
+        reasons.push("blacklisted_ip");
+        hard_fact = true;
+    }
+    let replayed = situation.intel.window_seen_elsewhere
+        || f.fingerprint.is_some_and(|fp| state.seen_window(fp));
+    if replayed {
+        reasons.push("replayed_window");
+        hard_fact = true;
+    }
+
+    let components = Components {
+        accelerometer: accelerometer_risk(&f, &mut reasons),
+        gyroscope: gyroscope_risk(&f, &mut reasons),
+        touch_entropy: touch_entropy_risk(&f, &mut reasons),
+        network_spike: network_risk(&f, heartbeat, state, &mut reasons),
+    };
+    let global_risk = components.global_risk();
+    let mut trust = 100.0 * (1.0 - global_risk);
+
+    if situation.attestation == Attestation::Failed {
+        reasons.push("attestation_failed");
+        trust -= 25.0;
+    }
+    let sideloaded = heartbeat
+        .context
+        .installer
+        .as_deref()
+        .is_some_and(|i| !STORE_INSTALLERS.contains(&i));
+    if sideloaded && !heartbeat.context.accessibility_services.is_empty() {
+        reasons.push("sideloaded_accessibility");
+        trust -= 20.0;
+    }
+    if heartbeat.context.dns.iter().any(|d| dga_score(d) >= 0.6) {
+        reasons.push("dga_domain");
+        trust -= 10.0;
+    }
+    // Drift: the device's motion under touch fell abruptly below its own norm.
+    if f.touch_downs > 0 && state.drift_observed(&f) {
+        reasons.push("behavior_drift");
+        trust -= 5.0;
+    }
+    if hard_fact {
+        trust = 0.0;
+    }
+    let trust = trust.clamp(0.0, 100.0);
+    let threshold = threshold(state, situation);
+    let below = trust < threshold;
+
+    let evidence = state.record_evidence(below);
+    let decision = if hard_fact {
+        Decision::CriticalLock
+    } else if evidence >= EVIDENCE_NEEDED {
+        if state.recent_min_trust().min(trust) < threshold / 2.0 {
+            Decision::CriticalLock
+        } else {
+            Decision::ForceOverlay
+        }
+    } else {
+        Decision::Allow
+    };
+    state.learn(&f, trust, below, replayed);
+    let level = if below {
+        Level::Critical
+    } else if trust < 70.0 {
+        Level::Suspicious
+    } else {
+        Level::Trusted
+    };
+    Assessment {
+        components: components.into(),
+        global_risk: (global_risk * 1000.0).round() / 1000.0,
+        trust_score: trust.round() as u8,
+        threshold: threshold.round() as u8,
+        level,
+        reasons,
+        decision,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        heartbeat::{Sample, Touch, TouchAction},
+        sim::{session, Class},
+    };
+    use proptest::prelude::*;
+
+    fn paid() -> Situation {
+        Situation {
+            plan: PlanTier::Paid,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn one_anomalous_heartbeat_never_locks() {
+        let s = session(Class::RemoteControlObvious, 3, 12);
+        let start = s.attack_start.expect("attack");
+        let mut state = DeviceState::default();
+        for hb in &s.heartbeats[..start] {
+            assess(&mut state, hb, &paid());
+        }
+        let first = assess(&mut state, &s.heartbeats[start], &paid());
+        assert!(first.trust_score < first.threshold, "{first:?}");
+        assert_eq!(
+            first.decision,
+            Decision::Allow,
+            "evidence needs more than one window"
+        );
+        let second = assess(&mut state, &s.heartbeats[start + 1], &paid());
+        assert_eq!(second.decision, Decision::Allow);
+        let third = assess(&mut state, &s.heartbeats[start + 2], &paid());
+        assert_ne!(third.decision, Decision::Allow);
+        assert!(
+            third.reasons.contains(&"touch_without_motion"),
+            "{:?}",
+            third.reasons
+        );
+        assert!(third.reasons.contains(&"screen_capture_active"));
+    }
+
+    #[test]
+    fn hard_facts_lock_at_once() {
+        let s = session(Class::HeldInHand, 5, 3);
+        let mut state = DeviceState::default();
+        let blacklisted = Situation {
+            intel: IntelHits {
+                app: true,
+                ..Default::default()
+            },
+            ..paid()
+        };
+        let a = assess(&mut state, &s.heartbeats[0], &blacklisted);
+        assert_eq!((a.trust_score, a.decision), (0, Decision::CriticalLock));
+        assert_eq!(a.reasons[0], "blacklisted_app");
+        // The same window again is a replay.
+        let mut state = DeviceState::default();
+        assess(&mut state, &s.heartbeats[1], &paid());
+        let again = assess(&mut state, &s.heartbeats[1], &paid());
+        assert_eq!(again.decision, Decision::CriticalLock);
+        assert!(again.reasons.contains(&"replayed_window"));
+    }
+
+    #[test]
+    fn a_still_phone_without_touches_is_fine_and_attestation_moves_the_line() {
+        let s = session(Class::OnTable, 9, 10);
+        let mut state = DeviceState::default();
+        for hb in s.heartbeats.iter().filter(|h| h.touches.is_empty()) {
+            let a = assess(&mut state, hb, &paid());
+            assert!(a.trust_score >= 90, "{a:?}");
+            assert_eq!(a.level, Level::Trusted);
+        }
+        let verified = threshold(
+            &state,
+            &Situation {
+                attestation: Attestation::Verified,
+                ..paid()
+            },
+        );
+        let failed = threshold(
+            &state,
+            &Situation {
+                attestation: Attestation::Failed,
+                ..paid()
+            },
+        );
+        let trial = threshold(&state, &Situation::default());
+        assert!(verified < threshold(&state, &paid()));
+        assert!(failed > trial && trial > verified);
+    }
+
+    fn arb_heartbeat() -> impl Strategy<Value = Heartbeat> {
+        let sample = (
+            0.0f64..3000.0,
+            -80.0f64..80.0,
+            -80.0f64..80.0,
+            -80.0f64..80.0,
+        )
+            .prop_map(|(t, x, y, z)| Sample { t, x, y, z });
+        let touch = (
+            0.0f64..3000.0,
+            0.0f64..1.0,
+            0.0f64..1.0,
+            0.0f64..1.0,
+            0.0f64..1.0,
+            0u8..3,
+        )
+            .prop_map(|(t, x, y, pressure, size, a)| Touch {
+                t,
+                x,
+                y,
+                pressure,
+                size,
+                action: [TouchAction::Down, TouchAction::Move, TouchAction::Up][usize::from(a)],
+            });
+        (
+            proptest::collection::vec(sample.clone(), 0..60),
+            proptest::collection::vec(sample, 0..60),
+            proptest::collection::vec(touch, 0..20),
+            proptest::option::of((0u64..10_000_000, 0u64..10_000)),
+            any::<bool>(),
+        )
+            .prop_map(|(mut accelerometer, gyroscope, touches, net, capture)| {
+                accelerometer.sort_by(|a, b| a.t.total_cmp(&b.t));
+                Heartbeat {
+                    seq: 1,
+                    accelerometer,
+                    gyroscope,
+                    touches,
+                    network: net.map(|(tx, ms)| crate::heartbeat::Network {
+                        tx_bytes: tx,
+                        rx_bytes: 0,
+                        interval_ms: ms,
+                    }),
+                    context: crate::heartbeat::Context {
+                        screen_capture: capture,
+                        ..Default::default()
+                    },
+                }
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn any_heartbeat_scores_within_range(hbs in proptest::collection::vec(arb_heartbeat(), 1..6)) {
+            let mut state = DeviceState::default();
+            for hb in &hbs {
+                let a = assess(&mut state, hb, &paid());
+                prop_assert!(a.trust_score <= 100);
+                prop_assert!((0.0..=1.0).contains(&a.global_risk));
+                for c in [a.components.accelerometer, a.components.gyroscope, a.components.touch_entropy, a.components.network_spike] {
+                    prop_assert!((0.0..=1.0).contains(&c));
+                }
+                prop_assert!((20..=70).contains(&a.threshold));
+            }
+            prop_assert_eq!(state.heartbeats, hbs.len() as u64);
+        }
+    }
+}

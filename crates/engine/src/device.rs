@@ -28,8 +28,13 @@ const ALPHA: f64 = 0.1;
 pub struct DeviceState {
     /// Heartbeats scored.
     pub heartbeats: u64,
-    /// The last sequence number scored.
+    /// The highest sequence number scored.
     pub last_seq: u64,
+    /// Which of the 64 sequence numbers up to `last_seq` were scored
+    /// (bit i = `last_seq - i`), so a heartbeat overtaken in the queue is
+    /// still scored once and a redelivered one is not scored twice.
+    #[serde(default)]
+    scored_mask: u64,
     /// Trust history.
     pub trust: Ema,
     /// Upload-rate baseline (bytes/s).
@@ -84,6 +89,39 @@ impl DeviceState {
         let shortfall =
             (self.touch_motion.mean - f.accel_motion) / self.touch_motion.std().max(0.01);
         self.drift.update(shortfall.clamp(-10.0, 10.0), 0.5, 8.0)
+    }
+
+    /// True when heartbeat `seq` was already scored (or is too old to tell:
+    /// more than 64 behind the newest).
+    pub fn already_scored(&self, seq: u64) -> bool {
+        if seq > self.last_seq {
+            return false;
+        }
+        let behind = self.last_seq - seq;
+        behind >= 64 || self.scored_mask & (1u64 << behind) != 0
+    }
+
+    /// Records that heartbeat `seq` was scored.
+    pub fn mark_scored(&mut self, seq: u64) {
+        if seq > self.last_seq {
+            let shift = seq - self.last_seq;
+            self.scored_mask = if shift >= 64 {
+                0
+            } else {
+                self.scored_mask << shift
+            };
+            self.last_seq = seq;
+            self.scored_mask |= 1;
+        } else if self.last_seq - seq < 64 {
+            self.scored_mask |= 1u64 << (self.last_seq - seq);
+        }
+    }
+
+    /// Forgets the recent evidence (an operator unlocked the device);
+    /// baselines and replay fingerprints stay.
+    pub fn clear_evidence(&mut self) {
+        self.evidence = 0;
+        self.recent_trust.clear();
     }
 
     /// How far `rate` (bytes/s) is above the device's usual upload, in
@@ -153,4 +191,36 @@ fn median_of(mut values: Vec<f64>) -> f64 {
     let mid = values.len() / 2;
     let (_, m, _) = values.select_nth_unstable_by(mid, f64::total_cmp);
     *m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn overtaken_heartbeats_are_scored_once() {
+        let mut d = DeviceState::default();
+        d.mark_scored(1);
+        d.mark_scored(3);
+        assert!(!d.already_scored(2), "overtaken, not yet scored");
+        d.mark_scored(2);
+        assert!(d.already_scored(2) && d.already_scored(3) && d.already_scored(1));
+        assert!(!d.already_scored(4));
+        d.mark_scored(100);
+        assert!(d.already_scored(3), "too old to tell counts as scored");
+        assert_eq!(d.last_seq, 100);
+    }
+
+    proptest! {
+        #[test]
+        fn every_seq_marked_reads_as_scored(seqs in proptest::collection::vec(1u64..200, 1..100)) {
+            let mut d = DeviceState::default();
+            for &s in &seqs {
+                d.mark_scored(s);
+                prop_assert!(d.already_scored(s));
+            }
+            prop_assert_eq!(d.last_seq, *seqs.iter().max().expect("non-empty"));
+        }
+    }
 }

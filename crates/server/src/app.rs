@@ -24,7 +24,11 @@ use crate::{
     billing::plans::PlanCache,
     config::Config,
     realtime::hub::Hub,
-    state::{self, SharedState},
+    signals::{
+        intel::ThreatIntel,
+        scoring::{Breaker, HeartbeatScorer},
+    },
+    state::{self, keys, SharedState},
     store::{self, Store, StoreError},
     telemetry::Metrics,
     workers::{self, WorkerOptions, WorkerPool},
@@ -47,6 +51,10 @@ pub struct AppState {
     pub hub: Arc<Hub>,
     /// Each user's plan (rate limits), invalidated by billing webhooks.
     pub plans: Arc<PlanCache>,
+    /// Blacklisted app hashes, domains and addresses.
+    pub intel: Arc<ThreatIntel>,
+    /// Whether heartbeat scoring is inline (workers behind).
+    pub breaker: Arc<Breaker>,
     /// Cancelled when the process begins to shut down (sockets then close).
     pub shutdown: CancellationToken,
 }
@@ -82,6 +90,9 @@ impl AppState {
         let plans = PlanCache::start(shared.clone())
             .await
             .map_err(|e| StartupError::Workers(e.to_string()))?;
+        let intel = ThreatIntel::start(store.clone(), shared.clone())
+            .await
+            .map_err(|e| StartupError::Workers(e.to_string()))?;
         Ok(Self {
             config: Arc::new(config),
             store,
@@ -90,6 +101,8 @@ impl AppState {
             auth: Arc::new(auth),
             hub,
             plans: Arc::new(plans),
+            intel,
+            breaker: Arc::default(),
             shutdown: CancellationToken::new(),
         })
     }
@@ -121,7 +134,10 @@ impl AppState {
 
     /// The queue handlers this build has. Later features register theirs here.
     pub fn job_handlers(&self) -> Vec<(String, Arc<dyn workers::JobHandler>)> {
-        Vec::new()
+        vec![(
+            keys::HEARTBEAT_QUEUE.to_owned(),
+            Arc::new(HeartbeatScorer::new(self.clone())),
+        )]
     }
 }
 
@@ -226,6 +242,7 @@ impl Application {
         let grace = state.config.shutdown_grace;
         let stop = CancellationToken::new();
         state.spawn_key_reloader(stop.child_token());
+        crate::signals::scoring::spawn_breaker_watch(state.clone());
         let pool = if state.is_embedded() {
             Some(start_workers(&state, "embedded", stop.child_token()).await?)
         } else {

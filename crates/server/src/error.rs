@@ -92,6 +92,10 @@ pub mod codes {
     pub const WEBHOOK_NOT_CONFIGURED: &str = "webhook_not_configured";
     /// The caller's address is not on the billing webhook's allow-list.
     pub const IP_NOT_ALLOWED: &str = "ip_not_allowed";
+    /// A heartbeat whose `seq` is not above the last one accepted.
+    pub const REPLAY: &str = "replay";
+    /// The work queue is full and inline scoring failed too.
+    pub const QUEUE_FULL: &str = "queue_full";
 
     /// Every code above, for documentation checks.
     pub const ALL: &[&str] = &[
@@ -130,6 +134,8 @@ pub mod codes {
         EVENT_CONFLICT,
         WEBHOOK_NOT_CONFIGURED,
         IP_NOT_ALLOWED,
+        REPLAY,
+        QUEUE_FULL,
     ];
 }
 

@@ -11,6 +11,7 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod realtime;
+pub mod signals;
 pub mod state;
 pub mod store;
 pub mod telemetry;

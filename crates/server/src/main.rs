@@ -53,6 +53,22 @@ enum Command {
         #[command(subcommand)]
         command: AdminKeyCommand,
     },
+    /// Threat intelligence (blacklisted app hashes, domains, IPs/CIDRs).
+    Intel {
+        #[command(subcommand)]
+        command: IntelCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum IntelCommand {
+    /// Apply a change from a JSON file shaped like the body of
+    /// `POST /v1/admin/threat-intel`: `{"add": {"app_hashes": [], "domains": [],
+    /// "ips": []}, "remove": {…}, "reason": "…"}`. Running servers reload at once.
+    Import {
+        /// The JSON file.
+        file: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -185,6 +201,39 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             store.close().await;
             // Printed once, to stdout only; it is not logged and cannot be shown again.
             println!("{key}");
+            Ok(())
+        }
+        Command::Intel {
+            command: IntelCommand::Import { file },
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            let change: blockremote::http::intel::IntelChange = serde_json::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let add = blockremote::http::intel::flatten(&change.add, "add")
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let remove = blockremote::http::intel::flatten(&change.remove, "remove")
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let store = open_store(&config).await?;
+            store.migrate().await?;
+            let changed = store
+                .update_threat_intel(&add, &remove, change.reason.as_deref())
+                .await?;
+            store.close().await;
+            // Tell running servers (Redis only: an embedded server reloads within 30 s).
+            if config.redis_url.is_some() {
+                let shared = blockremote::state::connect(&config).await?;
+                shared
+                    .publish(blockremote::signals::intel::CHANGED_CHANNEL, b"1")
+                    .await?;
+            }
+            println!("{changed}");
+            tracing::info!(
+                added = add.len(),
+                removed = remove.len(),
+                changed,
+                "threat intelligence imported"
+            );
             Ok(())
         }
         Command::Openapi => Ok(()),

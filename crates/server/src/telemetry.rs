@@ -93,6 +93,22 @@ pub struct Metrics {
     pub ws_delivered: Counter,
     /// `killswitch_acks_total`.
     pub ws_acks: Counter,
+    /// `signals_heartbeats_accepted_total`: heartbeats taken (queued or scored inline).
+    pub signals_accepted: Counter,
+    /// `signals_replays_total`: heartbeats refused as replays.
+    pub signals_replays: Counter,
+    /// `signals_heartbeats_scored_total`.
+    pub signals_scored: Counter,
+    /// `signals_engine_locks_total`: devices locked by the engine.
+    pub signals_locks: Counter,
+    /// `signals_scoring_duration_seconds`: one heartbeat, lock to report.
+    pub signals_scoring_seconds: Histogram,
+    /// `signals_queue_backlog`: heartbeats waiting or pending.
+    pub signals_backlog: Gauge,
+    /// `signals_degraded`: 1 while ingestion scores inline.
+    pub signals_degraded: Gauge,
+    /// `signals_degraded_heartbeats_total`: heartbeats scored inline.
+    pub signals_degraded_heartbeats: Counter,
 }
 
 impl Default for Metrics {
@@ -148,7 +164,63 @@ impl Metrics {
             "Kill-switch commands acknowledged by devices",
             ws_acks.clone(),
         );
+        let signals_accepted = Counter::default();
+        registry.register(
+            "signals_heartbeats_accepted",
+            "Heartbeats accepted (queued, or scored inline when degraded)",
+            signals_accepted.clone(),
+        );
+        let signals_replays = Counter::default();
+        registry.register(
+            "signals_replays",
+            "Heartbeats refused because their seq was not new",
+            signals_replays.clone(),
+        );
+        let signals_scored = Counter::default();
+        registry.register(
+            "signals_heartbeats_scored",
+            "Heartbeats scored by the engine",
+            signals_scored.clone(),
+        );
+        let signals_locks = Counter::default();
+        registry.register(
+            "signals_engine_locks",
+            "Devices locked by an engine decision",
+            signals_locks.clone(),
+        );
+        let signals_scoring_seconds = latency_histogram();
+        registry.register(
+            "signals_scoring_duration_seconds",
+            "Time to score one heartbeat, state load to report",
+            signals_scoring_seconds.clone(),
+        );
+        let signals_backlog = Gauge::default();
+        registry.register(
+            "signals_queue_backlog",
+            "Heartbeats waiting or pending in the queue",
+            signals_backlog.clone(),
+        );
+        let signals_degraded = Gauge::default();
+        registry.register(
+            "signals_degraded",
+            "1 while ingestion scores inline because the workers are behind",
+            signals_degraded.clone(),
+        );
+        let signals_degraded_heartbeats = Counter::default();
+        registry.register(
+            "signals_degraded_heartbeats",
+            "Heartbeats scored inline in degraded mode",
+            signals_degraded_heartbeats.clone(),
+        );
         Self {
+            signals_accepted,
+            signals_replays,
+            signals_scored,
+            signals_locks,
+            signals_scoring_seconds,
+            signals_backlog,
+            signals_degraded,
+            signals_degraded_heartbeats,
             registry,
             http_requests,
             http_duration,

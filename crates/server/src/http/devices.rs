@@ -71,6 +71,10 @@ pub struct DeviceView {
     pub attestation_failures: u32,
     /// The last command sent to the device.
     pub last_command: Option<DeviceCommand>,
+    /// The engine's latest trust report.
+    pub trust: crate::signals::report::TrustReport,
+    /// When the device last sent a heartbeat that was scored.
+    pub last_seen: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 fn reason_code(raw: &str) -> Result<(), ApiError> {
@@ -202,6 +206,10 @@ pub async fn post_unlock(
         .delete(&keys::revoked_device(&device_id))
         .await?;
     state.auth.devices.invalidate(&device_id).await;
+    // The engine forgets the evidence behind the lock (not the baselines).
+    crate::signals::scoring::clear_evidence(&state, &device_id)
+        .await
+        .map_err(ApiError::Internal)?;
     let command =
         realtime::issue(state.shared.as_ref(), &device_id, Action::Unlock, &reason).await?;
     audit(&state, Some(&device_id), Some(device.user_id), &command, ip).await?;
@@ -233,6 +241,7 @@ pub async fn get_device(
         .await?
         .last()
         .and_then(|(seq, payload)| crate::realtime::DeviceCommand::from_history(*seq, payload));
+    let trust = super::signals::report_for(&state, &device.id).await?;
     Ok(JsonResponse(DeviceView {
         device_id: device.id,
         user_id: device.user_id,
@@ -242,6 +251,8 @@ pub async fn get_device(
         attestation_state: device.attestation_state,
         attestation_failures: device.attestation_failures,
         last_command,
+        last_seen: trust.updated_at,
+        trust,
     }))
 }
 

@@ -31,6 +31,23 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let RawJson(bytes) = RawJson::from_request(req, state).await?;
+        parse(&bytes).map(Json)
+    }
+}
+
+/// The raw bytes of a JSON body (content type and size checked), for
+/// handlers that keep the bytes (a queue job, a signature check).
+#[derive(Debug, Clone, Default)]
+pub struct RawJson(pub Bytes);
+
+impl<S> FromRequest<S> for RawJson
+where
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let is_json = req
             .headers()
             .get(header::CONTENT_TYPE)
@@ -51,7 +68,7 @@ where
                 ApiError::InvalidBody("The request body could not be read.".into())
             }
         })?;
-        parse(&bytes).map(Json)
+        Ok(Self(bytes))
     }
 }
 

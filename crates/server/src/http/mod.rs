@@ -16,11 +16,13 @@ pub mod billing;
 pub mod devices;
 pub mod docs;
 pub mod health;
+pub mod intel;
 pub mod json;
 pub mod jwks;
 pub mod killswitch;
 pub mod metrics;
 pub mod middleware;
+pub mod signals;
 pub mod validate;
 
 use std::time::Duration;
@@ -64,6 +66,7 @@ use crate::{
         (name = "auth", description = "Device-bound sessions and the JWKS"),
         (name = "attestation", description = "Single-use nonces and attestation verdicts"),
         (name = "billing", description = "Signed billing webhooks and the caller's subscription; per-plan rate limits"),
+        (name = "signals", description = "Heartbeat ingestion and the device's trust report"),
         (name = "kill-switch", description = "Real-time commands to devices over a WebSocket"),
         (name = "admin", description = "Operator API (admin API key)"),
         (name = "operations", description = "Health, metrics and this document"),
@@ -109,6 +112,8 @@ pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(jwks::router())
         .merge(attestation::router())
         .merge(billing::router())
+        .merge(signals::router())
+        .merge(intel::router())
         .merge(killswitch::router())
         .merge(admin::router())
         .merge(devices::router())

@@ -52,6 +52,27 @@ pub fn signal_state(device_id: &str) -> String {
     format!("sig:{{{device_id}}}")
 }
 
+/// The last heartbeat `seq` accepted from a device: `sig:seq:{device}`.
+pub fn heartbeat_seq(device_id: &str) -> String {
+    format!("sig:seq:{{{device_id}}}")
+}
+
+/// The device's latest trust report: `sig:report:{device}`.
+pub fn trust_report(device_id: &str) -> String {
+    format!("sig:report:{{{device_id}}}")
+}
+
+/// Held while one worker updates a device's scoring state: `sig:lock:{device}`.
+pub fn scoring_lock(device_id: &str) -> String {
+    format!("sig:lock:{{{device_id}}}")
+}
+
+/// Which device first sent an accelerometer window (replays across devices):
+/// `sig:fp:{hash}`.
+pub fn window_fingerprint(hash: u64) -> String {
+    format!("sig:fp:{hash:016x}")
+}
+
 /// The heartbeat work queue (a Redis Stream): `sig:queue:heartbeats`.
 pub const HEARTBEAT_QUEUE: &str = "sig:queue:heartbeats";
 

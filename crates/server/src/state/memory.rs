@@ -213,6 +213,32 @@ impl SharedState for MemoryState {
         Ok(next)
     }
 
+    async fn advance(&self, key: &str, value: u64, ttl: Duration) -> StateResult<bool> {
+        let now = Instant::now();
+        let mut entry = self.kv.entry(key.to_owned()).or_insert_with(|| Entry {
+            value: b"0".to_vec(),
+            expires_at: Some(now + ttl),
+        });
+        let current: u64 = if entry.live(now) {
+            std::str::from_utf8(&entry.value)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0)
+        } else {
+            0
+        };
+        let advanced = value > current;
+        if advanced {
+            *entry = Entry {
+                value: value.to_string().into_bytes(),
+                expires_at: Some(now + ttl),
+            };
+        }
+        drop(entry);
+        self.after_write();
+        Ok(advanced)
+    }
+
     async fn set_max(&self, key: &str, value: u64, ttl: Duration) -> StateResult<u64> {
         let now = Instant::now();
         let mut entry = self.kv.entry(key.to_owned()).or_insert_with(|| Entry {

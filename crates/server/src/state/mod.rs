@@ -117,6 +117,10 @@ pub trait SharedState: Send + Sync + 'static {
     /// Raises the integer at `key` to `value` if it is lower (or absent), in
     /// one atomic step, and (re)sets its TTL; returns the value now stored.
     async fn set_max(&self, key: &str, value: u64, ttl: Duration) -> StateResult<u64>;
+    /// Stores `value` at `key` only if it is greater than the integer there
+    /// (0 if absent); true when it was stored. Atomic: of concurrent calls
+    /// with the same value exactly one wins (heartbeat `seq` replay checks).
+    async fn advance(&self, key: &str, value: u64, ttl: Duration) -> StateResult<bool>;
     /// [`set_max`](Self::set_max) for many keys at once (one round trip on
     /// Redis). Used to save bursts of kill-switch acks.
     async fn set_max_many(&self, entries: &[(String, u64)], ttl: Duration) -> StateResult<()> {

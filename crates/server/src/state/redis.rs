@@ -131,6 +131,16 @@ end
 return seqs
 ";
 
+/// Store ARGV[1] at KEYS[1] only if greater than what is there; 1 if stored.
+const ADVANCE_LUA: &str = r"
+local current = tonumber(redis.call('GET', KEYS[1])) or 0
+if tonumber(ARGV[1]) > current then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+";
+
 fn unavailable(err: RedisError) -> StateError {
     StateError::Unavailable(err.to_string())
 }
@@ -150,6 +160,7 @@ pub struct RedisState {
     incr: Script,
     set_max: Script,
     set_max_many: Script,
+    advance: Script,
     sequence_and_push: Script,
 }
 
@@ -183,6 +194,7 @@ impl RedisState {
             incr: Script::new(INCR_LUA),
             set_max: Script::new(SET_MAX_LUA),
             set_max_many: Script::new(SET_MAX_MANY_LUA),
+            advance: Script::new(ADVANCE_LUA),
             sequence_and_push: Script::new(SEQUENCE_AND_PUSH_LUA),
         })
     }
@@ -295,6 +307,19 @@ impl SharedState for RedisState {
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)
+    }
+
+    async fn advance(&self, key: &str, value: u64, ttl: Duration) -> StateResult<bool> {
+        let mut conn = self.conn.clone();
+        let stored: i64 = self
+            .advance
+            .key(self.key(key))
+            .arg(value)
+            .arg(millis(ttl))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(stored == 1)
     }
 
     async fn set_max_many(&self, entries: &[(String, u64)], ttl: Duration) -> StateResult<()> {

@@ -249,6 +249,18 @@ pub trait Store: Send + Sync + 'static {
     /// The user's subscription row, if they ever had one.
     async fn subscription(&self, user_id: Uuid) -> StoreResult<Option<Subscription>>;
 
+    /// Every threat-intelligence entry: `(kind, value)`, kind being
+    /// `app_hash`, `domain` or `ip` (an address or CIDR).
+    async fn threat_intel(&self) -> StoreResult<Vec<(String, String)>>;
+    /// Adds and removes threat-intelligence entries in one transaction;
+    /// returns how many rows changed.
+    async fn update_threat_intel(
+        &self,
+        add: &[(String, String)],
+        remove: &[(String, String)],
+        reason: Option<&str>,
+    ) -> StoreResult<u64>;
+
     /// Creates a user; [`StoreError::Conflict`] when the email is taken.
     async fn create_user(&self, email: &str, password_hash: &str) -> StoreResult<User>;
     /// The user with this (lower-cased) email.

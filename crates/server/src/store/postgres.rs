@@ -240,6 +240,47 @@ impl Store for PostgresStore {
         .transpose()
     }
 
+    async fn threat_intel(&self) -> StoreResult<Vec<(String, String)>> {
+        let rows = sqlx::query("SELECT kind, value FROM threat_intel ORDER BY kind, value")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("kind")?, r.try_get("value")?)))
+            .collect()
+    }
+
+    async fn update_threat_intel(
+        &self,
+        add: &[(String, String)],
+        remove: &[(String, String)],
+        reason: Option<&str>,
+    ) -> StoreResult<u64> {
+        let mut tx = self.pool.begin().await?;
+        let mut changed = 0;
+        for (kind, value) in add {
+            changed += sqlx::query(
+                "INSERT INTO threat_intel (kind, value, reason) VALUES ($1, $2, $3) \
+                 ON CONFLICT (kind, value) DO NOTHING",
+            )
+            .bind(kind)
+            .bind(value)
+            .bind(reason)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
+        for (kind, value) in remove {
+            changed += sqlx::query("DELETE FROM threat_intel WHERE kind = $1 AND value = $2")
+                .bind(kind)
+                .bind(value)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(changed)
+    }
+
     #[tracing::instrument(skip_all, name = "store.create_user")]
     async fn create_user(&self, email: &str, password_hash: &str) -> StoreResult<User> {
         let id = Uuid::now_v7();

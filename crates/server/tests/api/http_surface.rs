@@ -247,6 +247,7 @@ async fn openapi_describes_exactly_the_served_routes(backend: Backend) {
             "/v1/admin/devices/{device_id}/unlock",
             "/v1/admin/kill-switch/global",
             "/v1/admin/sessions",
+            "/v1/admin/threat-intel",
             "/v1/attestation/nonce",
             "/v1/attestation/verify",
             "/v1/auth/login",
@@ -256,6 +257,8 @@ async fn openapi_describes_exactly_the_served_routes(backend: Backend) {
             "/v1/billing/subscription",
             "/v1/billing/webhook",
             "/v1/security/kill-switch",
+            "/v1/security/trust-score",
+            "/v1/signals/heartbeat",
         ]
     );
     assert!(doc["components"]["schemas"]["Problem"].is_object());

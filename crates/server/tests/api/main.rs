@@ -7,6 +7,7 @@ mod identity;
 mod killswitch;
 mod lifecycle;
 mod proxy;
+mod signals;
 mod state_conformance;
 mod store_conformance;
 mod workers;

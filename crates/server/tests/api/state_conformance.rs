@@ -18,7 +18,40 @@ crate::on_both_backends!(
     history_is_ordered_bounded_and_read_from_a_position,
     sequence_and_push_continues_each_device_and_raise_to_many_only_rises,
     token_bucket_credits_a_raised_capacity_and_clamps_a_cut_one,
+    advance_stores_only_greater_values_and_one_concurrent_caller_wins,
 );
+
+async fn advance_stores_only_greater_values_and_one_concurrent_caller_wins(backend: Backend) {
+    let Some((s, b)) = shared_for(backend, 10).await else {
+        return;
+    };
+    let ttl = Duration::from_secs(60);
+    assert!(s.advance("seq:a", 5, ttl).await.expect("advance"));
+    assert!(
+        !s.advance("seq:a", 5, ttl).await.expect("advance"),
+        "equal is a replay"
+    );
+    assert!(
+        !s.advance("seq:a", 3, ttl).await.expect("advance"),
+        "older is a replay"
+    );
+    assert!(s.advance("seq:a", 6, ttl).await.expect("advance"));
+    // Two callers racing on the same value (two instances on Redis, two
+    // tasks in process): exactly one wins.
+    let other = match backend {
+        Backend::Production => second_shared(&b, 10).await,
+        Backend::Embedded => s.clone(),
+    };
+    let mut wins = 0;
+    for round in 10..30u64 {
+        let (x, y) = tokio::join!(
+            s.advance("seq:b", round, ttl),
+            other.advance("seq:b", round, ttl)
+        );
+        wins += u32::from(x.expect("a")) + u32::from(y.expect("b"));
+    }
+    assert_eq!(wins, 20);
+}
 
 async fn sequence_and_push_continues_each_device_and_raise_to_many_only_rises(backend: Backend) {
     let Some((s, _b)) = shared_for(backend, 10).await else {

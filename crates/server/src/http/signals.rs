@@ -1,0 +1,193 @@
+//! `POST /v1/signals/heartbeat` and `GET /v1/security/trust-score`.
+//!
+//! Ingestion validates, rate-limits (the device's plan bucket, through
+//! `DeviceAuth`), refuses replays and enqueues: a 202 means the heartbeat is
+//! on the queue. When the circuit breaker says the workers are behind — or
+//! the queue refuses the job — it scores inline instead and the answer (and
+//! the report) says `degraded: true`. Either way nothing accepted is lost.
+
+use axum::{extract::State, http::StatusCode, Json as JsonResponse};
+use serde::Serialize;
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use super::json;
+use crate::{
+    app::AppState,
+    auth::extract::{ClientIp, DeviceAuth},
+    error::{codes, ApiError, Problem},
+    signals::{
+        ingest::{encode_job, HeartbeatBody},
+        report::TrustReport,
+        scoring,
+    },
+    state::{keys, StateError},
+    store::DeviceStatus,
+};
+
+/// The signal routes.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(post_heartbeat))
+        .routes(routes!(get_trust_score))
+}
+
+/// A heartbeat taken.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Accepted {
+    /// Always true.
+    pub accepted: bool,
+    /// The heartbeat's `seq`.
+    pub seq: u64,
+    /// Present and true when it was scored inline because the workers are behind.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub degraded: bool,
+}
+
+/// Accepts a heartbeat for scoring.
+#[utoipa::path(post, path = "/v1/signals/heartbeat", tag = "signals",
+    request_body = HeartbeatBody,
+    params(("X-Device-Id" = String, Header, description = "The device the token is bound to")),
+    security(("device_jwt" = [])),
+    responses(
+        (status = 202, description = "Queued for scoring (headers `RateLimit-*`)", body = Accepted),
+        (status = 400, description = "`invalid_body`", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`invalid_token`, `device_mismatch` or `device_revoked`", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`device_locked`", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`replay`: `seq` not above the last accepted (recorded, never scored)", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`payload_too_large`", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "`unsupported_media_type`", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`validation_failed` (field named)", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited`", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`queue_full`", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn post_heartbeat(
+    State(state): State<AppState>,
+    device: DeviceAuth,
+    ip: ClientIp,
+    json::RawJson(body): json::RawJson,
+) -> Result<(StatusCode, JsonResponse<Accepted>), ApiError> {
+    let heartbeat: HeartbeatBody = json::parse(&body)?;
+    heartbeat.validate().map_err(|e| ApiError::Validation {
+        field: e.field,
+        message: e.message.to_owned(),
+    })?;
+    let seq = heartbeat.seq;
+    if !state
+        .shared
+        .advance(
+            &keys::heartbeat_seq(&device.device_id),
+            seq,
+            scoring::STATE_TTL,
+        )
+        .await?
+    {
+        state.metrics.signals_replays.inc();
+        state
+            .store
+            .record_event(state.auth.event(
+                "signals:replay",
+                Some(device.user_id),
+                Some(&device.device_id),
+                ip.0,
+                serde_json::json!({"seq": seq}),
+            ))
+            .await?;
+        return Err(ApiError::conflict(
+            codes::REPLAY,
+            "This heartbeat's seq is not above the last one accepted.",
+        ));
+    }
+    let ip_listed = state.intel.ip_listed(ip.0);
+    state.metrics.signals_accepted.inc();
+    if !state.breaker.degraded() {
+        let job = encode_job(&device.device_id, device.user_id, ip_listed, &body);
+        match state.shared.enqueue(keys::HEARTBEAT_QUEUE, &job).await {
+            Ok(_) => {
+                return Ok((
+                    StatusCode::ACCEPTED,
+                    JsonResponse(Accepted {
+                        accepted: true,
+                        seq,
+                        degraded: false,
+                    }),
+                ))
+            }
+            Err(StateError::QueueFull(_)) => {
+                state.breaker.trip();
+                tracing::warn!("heartbeat queue full: scoring inline (degraded)");
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    // Degraded: score here, now.
+    state.metrics.signals_degraded_heartbeats.inc();
+    scoring::score(
+        &state,
+        &device.device_id,
+        device.user_id,
+        heartbeat.into_heartbeat(),
+        ip_listed,
+        true,
+    )
+    .await
+    .map_err(|e| {
+        tracing::error!(error = %e, "inline scoring failed");
+        ApiError::Client {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: codes::QUEUE_FULL,
+            detail: "The heartbeat could not be taken now; retry.",
+        }
+    })?;
+    Ok((
+        StatusCode::ACCEPTED,
+        JsonResponse(Accepted {
+            accepted: true,
+            seq,
+            degraded: true,
+        }),
+    ))
+}
+
+/// The calling device's trust report.
+#[utoipa::path(get, path = "/v1/security/trust-score", tag = "signals",
+    params(("X-Device-Id" = String, Header, description = "The device the token is bound to")),
+    security(("device_jwt" = [])),
+    responses(
+        (status = 200, description = "The trust report; `heartbeats: 0` and a neutral score before any data", body = TrustReport),
+        (status = 401, description = "`invalid_token`, `device_mismatch` or `device_revoked`", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`device_locked`", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited`", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn get_trust_score(
+    State(state): State<AppState>,
+    device: DeviceAuth,
+) -> Result<JsonResponse<TrustReport>, ApiError> {
+    report_for(&state, &device.device_id)
+        .await
+        .map(JsonResponse)
+}
+
+/// The stored report of `device_id`, or the neutral one.
+pub async fn report_for(state: &AppState, device_id: &str) -> Result<TrustReport, ApiError> {
+    let stored = scoring::load_report(state, device_id)
+        .await
+        .map_err(ApiError::Internal)?;
+    let device = state.store.device(device_id).await?;
+    let locked = device
+        .as_ref()
+        .is_some_and(|d| d.status != DeviceStatus::Active);
+    Ok(match stored {
+        Some(mut report) => {
+            report.locked = locked;
+            report
+        }
+        None => TrustReport::neutral(
+            device_id,
+            device
+                .as_ref()
+                .map_or("unknown", |d| d.attestation_state.as_str()),
+            locked,
+        ),
+    })
+}

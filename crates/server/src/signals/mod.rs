@@ -1,0 +1,17 @@
+//! Signals: heartbeat ingestion, scoring workers and the trust report.
+//!
+//! * [`ingest`] — the heartbeat body, its validation, replay detection by
+//!   `seq`, and the queue job (the validated raw body, never re-encoded).
+//! * [`scoring`] — the worker's job handler: load the device's engine state,
+//!   assess, store the report, and act on a lock decision (device status,
+//!   kill-switch command, audit row).
+//! * [`report`] — the trust report as API.md defines it.
+//! * [`intel`] — blacklisted app hashes, domains and addresses.
+//!
+//! Nothing is scored on the request path unless the circuit breaker says
+//! the workers are behind (see [`scoring::Breaker`]).
+
+pub mod ingest;
+pub mod intel;
+pub mod report;
+pub mod scoring;

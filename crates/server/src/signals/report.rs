@@ -1,0 +1,122 @@
+//! The trust report (`GET /v1/security/trust-score`), as stored after each
+//! scored heartbeat.
+
+use blockremote_engine::{score::ComponentsView, Assessment, Level};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Component risks, each in [0, 1].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ComponentRisks {
+    /// Accelerometer: touches without motion, flatlines, synthetic motion.
+    pub accelerometer: f64,
+    /// Gyroscope.
+    pub gyroscope: f64,
+    /// Machine-like touches.
+    pub touch_entropy: f64,
+    /// Upload spikes and screen capture.
+    pub network_spike: f64,
+}
+
+impl From<ComponentsView> for ComponentRisks {
+    fn from(c: ComponentsView) -> Self {
+        Self {
+            accelerometer: c.accelerometer,
+            gyroscope: c.gyroscope,
+            touch_entropy: c.touch_entropy,
+            network_spike: c.network_spike,
+        }
+    }
+}
+
+/// A device's trust report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TrustReport {
+    /// The device.
+    pub device_id: String,
+    /// 0–100, 100 = fully trusted.
+    #[schema(example = 87)]
+    pub trust_score: u8,
+    /// `trusted`, `suspicious` or `critical`.
+    #[schema(example = "trusted")]
+    pub level: String,
+    /// Component risks.
+    pub components: ComponentRisks,
+    /// `0.4·accelerometer + 0.3·gyroscope + 0.15·touch_entropy + 0.15·network_spike`.
+    #[schema(example = 0.1)]
+    pub global_risk: f64,
+    /// The device's lock threshold (trust below it counts as evidence).
+    #[schema(example = 35)]
+    pub threshold: u8,
+    /// `unknown`, `verified` or `failed`.
+    #[schema(example = "verified")]
+    pub attestation: String,
+    /// Stable reason codes of the last assessment.
+    pub reasons: Vec<String>,
+    /// Whether the device is locked.
+    pub locked: bool,
+    /// The last heartbeat was scored inline by the simplified scorer
+    /// because the workers were behind.
+    pub degraded: bool,
+    /// Heartbeats scored so far.
+    pub heartbeats: u64,
+    /// The last heartbeat `seq` scored.
+    pub last_seq: u64,
+    /// When the report was computed.
+    pub updated_at: Option<DateTime<Utc>>,
+}
+
+impl TrustReport {
+    /// The report of a device with no data yet: no evidence of risk.
+    pub fn neutral(device_id: &str, attestation: &str, locked: bool) -> Self {
+        Self {
+            device_id: device_id.to_owned(),
+            trust_score: 100,
+            level: "trusted".into(),
+            components: ComponentRisks::default(),
+            global_risk: 0.0,
+            threshold: blockremote_engine::score::BASE_THRESHOLD as u8,
+            attestation: attestation.to_owned(),
+            reasons: Vec::new(),
+            locked,
+            degraded: false,
+            heartbeats: 0,
+            last_seq: 0,
+            updated_at: None,
+        }
+    }
+
+    /// The report after `assessment`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_assessment(
+        device_id: &str,
+        assessment: &Assessment,
+        attestation: &str,
+        locked: bool,
+        degraded: bool,
+        heartbeats: u64,
+        last_seq: u64,
+    ) -> Self {
+        Self {
+            device_id: device_id.to_owned(),
+            trust_score: assessment.trust_score,
+            level: match assessment.level {
+                Level::Trusted => "trusted",
+                Level::Suspicious => "suspicious",
+                Level::Critical => "critical",
+            }
+            .into(),
+            components: assessment.components.into(),
+            global_risk: assessment.global_risk,
+            threshold: assessment.threshold,
+            attestation: attestation.to_owned(),
+            reasons: assessment.reasons.iter().map(|r| (*r).to_owned()).collect(),
+            locked,
+            degraded,
+            heartbeats,
+            last_seq,
+            updated_at: Some(Utc::now()),
+        }
+    }
+}

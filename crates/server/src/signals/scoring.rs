@@ -1,0 +1,423 @@
+//! Scoring a heartbeat: the worker's job, and the acts a lock decision
+//! triggers.
+//!
+//! Per device, scoring is a read-modify-write of the engine state in shared
+//! state (`sig:{device}`), so every worker can pick up any device. A short
+//! per-device lock serialises two workers that got heartbeats of the same
+//! device; the state remembers which recent `seq`s were scored, so a
+//! redelivery changes nothing (at-least-once queue, idempotent effect) and a
+//! heartbeat overtaken by a later one is still scored once.
+//!
+//! A lock decision, on a device still active: status `locked` (its API calls
+//! are refused at once on every instance), the kill-switch command
+//! (`FORCE_OVERLAY` or `CRITICAL_LOCK`) published to its sockets, and an
+//! audit row with the threat score, reasons, attestation state and action.
+
+use std::{
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use blockremote_engine::{
+    assess, Attestation, Decision, DeviceState, Heartbeat, IntelHits, PlanTier, Situation,
+};
+use uuid::Uuid;
+
+use super::{
+    ingest::{decode_job, HeartbeatBody},
+    report::TrustReport,
+};
+use crate::{
+    app::AppState,
+    realtime::{self, Action},
+    state::{keys, Job},
+    store::{AuditSource, DeviceStatus, NewAuditEntry},
+    workers::JobHandler,
+};
+
+/// How long engine state and reports are kept without heartbeats.
+pub const STATE_TTL: Duration = Duration::from_secs(30 * 86_400);
+/// How long the per-device scoring lock lives if its holder dies.
+const LOCK_TTL: Duration = Duration::from_secs(5);
+/// How long a worker waits for another worker's lock on the same device.
+const LOCK_WAIT: Duration = Duration::from_secs(2);
+/// How long a window fingerprint is remembered across devices.
+const FINGERPRINT_TTL: Duration = Duration::from_secs(86_400);
+
+/// The heartbeat queue's job handler.
+pub struct HeartbeatScorer {
+    state: AppState,
+}
+
+impl HeartbeatScorer {
+    /// A handler scoring with `state`'s store and shared state.
+    pub fn new(state: AppState) -> Self {
+        Self { state }
+    }
+}
+
+#[async_trait]
+impl JobHandler for HeartbeatScorer {
+    async fn handle(&self, job: &Job) -> anyhow::Result<()> {
+        // A job that cannot be decoded never will be: log and drop it
+        // rather than retry it forever (ingestion only enqueues valid ones).
+        let Some((header, body)) = decode_job(&job.payload) else {
+            tracing::error!(job = %job.id, "undecodable heartbeat job dropped");
+            return Ok(());
+        };
+        let body: HeartbeatBody = match serde_json::from_slice(body) {
+            Ok(body) => body,
+            Err(e) => {
+                tracing::error!(job = %job.id, error = %e, "unparsable heartbeat job dropped");
+                return Ok(());
+            }
+        };
+        score(
+            &self.state,
+            header.device_id,
+            header.user_id,
+            body.into_heartbeat(),
+            header.ip_listed,
+            false,
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+/// Whether the heartbeat queue is behind: ingestion then scores inline.
+/// Degraded above [`Breaker::HIGH`] of the queue's capacity, recovered
+/// below [`Breaker::LOW`] (hysteresis, so it does not flap).
+#[derive(Debug, Default)]
+pub struct Breaker {
+    degraded: AtomicBool,
+}
+
+impl Breaker {
+    /// Share of the queue's capacity at which scoring goes inline.
+    pub const HIGH: f64 = 0.5;
+    /// Share below which it goes back to the workers.
+    pub const LOW: f64 = 0.1;
+
+    /// Whether ingestion should score inline now.
+    pub fn degraded(&self) -> bool {
+        self.degraded.load(Ordering::Relaxed)
+    }
+
+    /// Updates the state from the queue's backlog; returns true when it changed.
+    pub fn observe(&self, backlog: u64, capacity: usize) -> bool {
+        let share = backlog as f64 / capacity.max(1) as f64;
+        let was = self.degraded();
+        let now = if was {
+            share > Self::LOW
+        } else {
+            share >= Self::HIGH
+        };
+        self.degraded.store(now, Ordering::Relaxed);
+        now != was
+    }
+
+    /// Forces degraded mode (the queue refused a job).
+    pub fn trip(&self) {
+        self.degraded.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Watches the queue's backlog every 250 ms until `state.shutdown`.
+pub fn spawn_breaker_watch(state: AppState) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tokio::select! {
+                () = state.shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let Ok(backlog) = state.shared.queue_len(keys::HEARTBEAT_QUEUE).await else {
+                continue;
+            };
+            state
+                .metrics
+                .signals_backlog
+                .set(i64::try_from(backlog).unwrap_or(i64::MAX));
+            if state.breaker.observe(backlog, state.config.queue_capacity) {
+                let degraded = state.breaker.degraded();
+                state.metrics.signals_degraded.set(i64::from(degraded));
+                if degraded {
+                    tracing::warn!(
+                        backlog,
+                        "heartbeat workers behind: scoring inline (degraded)"
+                    );
+                } else {
+                    tracing::info!(
+                        backlog,
+                        "heartbeat workers caught up: scoring back on the queue"
+                    );
+                }
+            }
+        }
+    });
+}
+
+struct ScoringLock<'a> {
+    state: &'a AppState,
+    key: String,
+    token: String,
+}
+
+impl ScoringLock<'_> {
+    async fn release(self) {
+        // Only our own lock: a lock that expired and was re-taken is not ours.
+        if let Ok(Some(holder)) = self.state.shared.get(&self.key).await {
+            if holder == self.token.as_bytes() {
+                let _ = self.state.shared.delete(&self.key).await;
+            }
+        }
+    }
+}
+
+async fn lock<'a>(state: &'a AppState, device_id: &str) -> anyhow::Result<ScoringLock<'a>> {
+    let key = keys::scoring_lock(device_id);
+    let token = Uuid::new_v4().simple().to_string();
+    let deadline = tokio::time::Instant::now() + LOCK_WAIT;
+    loop {
+        if state
+            .shared
+            .set_nx(&key, token.as_bytes(), Some(LOCK_TTL))
+            .await?
+        {
+            return Ok(ScoringLock { state, key, token });
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("device {device_id} is being scored elsewhere; retry later");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// The engine state of a device (fresh when none is stored).
+pub async fn load_state(state: &AppState, device_id: &str) -> anyhow::Result<DeviceState> {
+    Ok(
+        match state.shared.get(&keys::signal_state(device_id)).await? {
+            Some(raw) => serde_json::from_slice(&raw).unwrap_or_default(),
+            None => DeviceState::default(),
+        },
+    )
+}
+
+async fn save_state(state: &AppState, device_id: &str, engine: &DeviceState) -> anyhow::Result<()> {
+    state
+        .shared
+        .set(
+            &keys::signal_state(device_id),
+            &serde_json::to_vec(engine)?,
+            Some(STATE_TTL),
+        )
+        .await?;
+    Ok(())
+}
+
+/// The stored trust report of a device, if it has one.
+pub async fn load_report(state: &AppState, device_id: &str) -> anyhow::Result<Option<TrustReport>> {
+    Ok(state
+        .shared
+        .get(&keys::trust_report(device_id))
+        .await?
+        .and_then(|raw| serde_json::from_slice(&raw).ok()))
+}
+
+fn attestation_of(raw: &str) -> Attestation {
+    match raw {
+        "verified" => Attestation::Verified,
+        "failed" => Attestation::Failed,
+        _ => Attestation::Unknown,
+    }
+}
+
+/// True when this window was first sent by another device (replayed across
+/// devices). The first sender claims the fingerprint for a day.
+async fn seen_elsewhere(
+    state: &AppState,
+    device_id: &str,
+    heartbeat: &Heartbeat,
+) -> anyhow::Result<bool> {
+    let Some(fp) = blockremote_engine::features::extract(heartbeat).fingerprint else {
+        return Ok(false);
+    };
+    let key = keys::window_fingerprint(fp);
+    if state
+        .shared
+        .set_nx(&key, device_id.as_bytes(), Some(FINGERPRINT_TTL))
+        .await?
+    {
+        return Ok(false);
+    }
+    Ok(state
+        .shared
+        .get(&key)
+        .await?
+        .is_some_and(|first| first != device_id.as_bytes()))
+}
+
+/// Scores one heartbeat of `device_id` and acts on the decision; returns
+/// the new report. `degraded`: scored inline by ingestion because the
+/// workers are behind — the cross-device replay check is skipped (it costs
+/// two more round trips); everything else is the same engine.
+pub async fn score(
+    state: &AppState,
+    device_id: &str,
+    user_id: Uuid,
+    heartbeat: Heartbeat,
+    ip_listed: bool,
+    degraded: bool,
+) -> anyhow::Result<TrustReport> {
+    let started = std::time::Instant::now();
+    let guard = lock(state, device_id).await?;
+    let result = score_locked(state, device_id, user_id, heartbeat, ip_listed, degraded).await;
+    guard.release().await;
+    state
+        .metrics
+        .signals_scoring_seconds
+        .observe(started.elapsed().as_secs_f64());
+    result
+}
+
+async fn score_locked(
+    state: &AppState,
+    device_id: &str,
+    user_id: Uuid,
+    heartbeat: Heartbeat,
+    ip_listed: bool,
+    degraded: bool,
+) -> anyhow::Result<TrustReport> {
+    let mut engine = load_state(state, device_id).await?;
+    if engine.already_scored(heartbeat.seq) {
+        // Redelivered by the at-least-once queue: already counted.
+        return Ok(load_report(state, device_id)
+            .await?
+            .unwrap_or_else(|| TrustReport::neutral(device_id, "unknown", false)));
+    }
+    let Some(device) = state.store.device(device_id).await? else {
+        anyhow::bail!("heartbeat for unknown device {device_id}");
+    };
+    let plan = state.plans.get(state.store.as_ref(), user_id).await?;
+    let mut intel: IntelHits = state.intel.hits(&heartbeat.context, ip_listed);
+    intel.window_seen_elsewhere = !degraded && seen_elsewhere(state, device_id, &heartbeat).await?;
+    let situation = Situation {
+        attestation: attestation_of(&device.attestation_state),
+        plan: if plan.name == "trial" {
+            PlanTier::Trial
+        } else {
+            PlanTier::Paid
+        },
+        intel,
+    };
+    let seq = heartbeat.seq;
+    let assessment = assess(&mut engine, &heartbeat, &situation);
+    engine.mark_scored(seq);
+    save_state(state, device_id, &engine).await?;
+    state.metrics.signals_scored.inc();
+
+    let mut locked = device.status != DeviceStatus::Active;
+    if assessment.decision != Decision::Allow && !locked {
+        act(
+            state,
+            device_id,
+            user_id,
+            &device.attestation_state,
+            &assessment,
+        )
+        .await?;
+        locked = true;
+    }
+    let report = TrustReport::from_assessment(
+        device_id,
+        &assessment,
+        &device.attestation_state,
+        locked,
+        degraded,
+        engine.heartbeats,
+        engine.last_seq,
+    );
+    state
+        .shared
+        .set(
+            &keys::trust_report(device_id),
+            &serde_json::to_vec(&report)?,
+            Some(STATE_TTL),
+        )
+        .await?;
+    Ok(report)
+}
+
+async fn act(
+    state: &AppState,
+    device_id: &str,
+    user_id: Uuid,
+    attestation: &str,
+    assessment: &blockremote_engine::Assessment,
+) -> anyhow::Result<()> {
+    let action = match assessment.decision {
+        Decision::CriticalLock => Action::CriticalLock,
+        _ => Action::ForceOverlay,
+    };
+    let reason = assessment
+        .reasons
+        .first()
+        .copied()
+        .unwrap_or("risk_threshold");
+    state
+        .store
+        .set_device_status(device_id, DeviceStatus::Locked)
+        .await?;
+    state.auth.devices.invalidate(device_id).await;
+    let command = realtime::issue(state.shared.as_ref(), device_id, action, reason).await?;
+    state
+        .store
+        .append_audit(NewAuditEntry {
+            user_id: Some(user_id),
+            device_id: Some(device_id.to_owned()),
+            jti: None,
+            ip: None,
+            user_agent: None,
+            source: AuditSource::Worker,
+            threat_score: Some(100.0 - f64::from(assessment.trust_score)),
+            decision_reason: Some(assessment.reasons.join(",")),
+            attestation_state: Some(attestation.to_owned()),
+            action_taken: command.action.as_str().to_owned(),
+        })
+        .await?;
+    state
+        .store
+        .record_event(state.auth.event(
+            "device:locked",
+            Some(user_id),
+            Some(device_id),
+            None,
+            serde_json::json!({
+                "source": "engine",
+                "action": command.action.as_str(),
+                "trust_score": assessment.trust_score,
+                "threshold": assessment.threshold,
+                "reasons": assessment.reasons,
+            }),
+        ))
+        .await?;
+    state.metrics.signals_locks.inc();
+    tracing::warn!(
+        device_id,
+        trust_score = assessment.trust_score,
+        reasons = ?assessment.reasons,
+        action = command.action.as_str(),
+        "engine locked a device"
+    );
+    Ok(())
+}
+
+/// Forgets the evidence that led to a lock (an operator unlocked the
+/// device), keeping the device's baselines.
+pub async fn clear_evidence(state: &AppState, device_id: &str) -> anyhow::Result<()> {
+    let mut engine = load_state(state, device_id).await?;
+    engine.clear_evidence();
+    save_state(state, device_id, &engine).await
+}

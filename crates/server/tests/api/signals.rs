@@ -1,0 +1,508 @@
+//! Signals end to end on real servers: ingestion limits and replays, the
+//! scoring workers (in-process on the embedded default, a worker pool on
+//! Postgres + Redis), engine locks reaching the device, threat
+//! intelligence, cross-device replays and the circuit breaker.
+
+use std::time::Duration;
+
+use blockremote::{app::start_workers, workers::WorkerPool};
+use blockremote_engine::{
+    heartbeat::Heartbeat,
+    sim::{session, Class},
+};
+use futures::StreamExt;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::{eventually, spawn_app_with, Backend, TestApp};
+
+crate::on_both_backends!(
+    heartbeats_are_validated_and_replays_refused,
+    scored_heartbeats_show_in_the_trust_report,
+    remote_control_is_locked_and_the_device_told,
+    genuine_use_is_never_locked,
+    blacklisted_apps_lock_at_once_and_intel_can_be_removed,
+    a_window_replayed_from_another_device_locks_it,
+    the_breaker_scores_inline_when_the_queue_is_behind,
+);
+
+const ADMIN: &str = "signals-admin-key-0123456789abcdef0123";
+
+struct App {
+    app: TestApp,
+    _workers: Option<(CancellationToken, WorkerPool)>,
+}
+
+impl std::ops::Deref for App {
+    type Target = TestApp;
+    fn deref(&self) -> &TestApp {
+        &self.app
+    }
+}
+
+/// A server, plus a worker pool when production runs none in `serve`.
+async fn app(backend: Backend) -> Option<App> {
+    let app = spawn_app_with(backend, |c| {
+        c.admin_token = Some(ADMIN.to_owned().into());
+    })
+    .await?;
+    let workers = if backend == Backend::Production {
+        let stop = CancellationToken::new();
+        let pool = start_workers(&app.state, "test-worker", stop.clone())
+            .await
+            .expect("workers start");
+        Some((stop, pool))
+    } else {
+        None
+    };
+    Some(App {
+        app,
+        _workers: workers,
+    })
+}
+
+struct Device {
+    id: String,
+    access: String,
+}
+
+async fn register(app: &TestApp, email: &str, id: &str) -> Device {
+    let response = app
+        .post_json(
+            "/v1/auth/register",
+            &json!({"email": email, "password": "correct horse battery", "device_id": id,
+                "device_fingerprint": format!("fp-{id}"), "platform": "android"}),
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let body: Value = response.json().await.expect("json");
+    Device {
+        id: id.to_owned(),
+        access: body["access_token"].as_str().expect("token").to_owned(),
+    }
+}
+
+fn body_of(hb: &Heartbeat) -> Value {
+    let mut body = serde_json::to_value(hb).expect("json");
+    body["sent_at"] = json!(chrono::Utc::now().to_rfc3339());
+    body
+}
+
+async fn send(app: &TestApp, d: &Device, body: &Value) -> reqwest::Response {
+    app.device_post("/v1/signals/heartbeat", &d.access, Some(&d.id), Some(body))
+        .await
+}
+
+async fn trust(app: &TestApp, d: &Device) -> Value {
+    let r = app
+        .client
+        .get(format!("{}/v1/security/trust-score", app.address))
+        .bearer_auth(&d.access)
+        .header("x-device-id", &d.id)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), StatusCode::OK);
+    r.json().await.expect("json")
+}
+
+async fn admin_device(app: &TestApp, id: &str) -> Value {
+    app.client
+        .get(format!("{}/v1/admin/devices/{id}", app.address))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("json")
+}
+
+/// True once the device is locked and the report of the heartbeat that
+/// locked it is stored (the lock is applied just before the report).
+async fn locked(app: &TestApp, id: &str) -> bool {
+    eventually(Duration::from_secs(5), || async {
+        let view = admin_device(app, id).await;
+        view["status"] == "locked" && view["trust"]["heartbeats"].as_u64() >= Some(1)
+    })
+    .await
+}
+
+async fn heartbeats_are_validated_and_replays_refused(backend: Backend) {
+    let Some(app) = app(backend).await else {
+        return;
+    };
+    let d = register(&app, "ingest@example.com", "device_sig_01").await;
+    let s = session(Class::HeldInHand, 1, 3);
+    let first = body_of(&s.heartbeats[0]);
+    let r = send(&app, &d, &first).await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    assert!(r.headers().contains_key("ratelimit-remaining"));
+    assert_eq!(
+        r.json::<Value>().await.expect("json"),
+        json!({"accepted": true, "seq": 1})
+    );
+
+    // The same seq again, and an older one: replays, recorded not scored.
+    for _ in 0..2 {
+        let r = send(&app, &d, &first).await;
+        assert_eq!(r.status(), StatusCode::CONFLICT);
+        assert_eq!(r.json::<Value>().await.expect("json")["code"], "replay");
+    }
+    let replays = app
+        .state
+        .store
+        .events_of_type("signals:replay", 10)
+        .await
+        .expect("events");
+    assert_eq!(replays.len(), 2);
+
+    let field_of = |r: Value| r["field"].as_str().unwrap_or_default().to_owned();
+    let mut bad = body_of(&s.heartbeats[1]);
+    bad["accelerometer"][1][0] = json!(-5);
+    let r = send(&app, &d, &bad).await;
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(field_of(r.json().await.expect("json")), "accelerometer[1]");
+    let mut bad = body_of(&s.heartbeats[1]);
+    bad["gyroscope"] = json!((0..257)
+        .map(|i| json!([i, 0.0, 0.0, 0.0]))
+        .collect::<Vec<_>>());
+    let r = send(&app, &d, &bad).await;
+    assert_eq!(field_of(r.json().await.expect("json")), "gyroscope");
+    let mut bad = body_of(&s.heartbeats[1]);
+    bad["context"]["rooted"] = json!(true);
+    let r = send(&app, &d, &bad).await;
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(field_of(r.json().await.expect("json")).contains("rooted"));
+    let mut bad = body_of(&s.heartbeats[1]);
+    bad["accelerometer"][0][1] = json!(1e300);
+    assert_eq!(
+        send(&app, &d, &bad).await.status(),
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+    // Not JSON.
+    let r = app
+        .client
+        .post(format!("{}/v1/signals/heartbeat", app.address))
+        .bearer_auth(&d.access)
+        .header("x-device-id", &d.id)
+        .body("seq=2")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    // A refused body does not spend its seq.
+    assert_eq!(
+        send(&app, &d, &body_of(&s.heartbeats[1])).await.status(),
+        StatusCode::ACCEPTED
+    );
+}
+
+async fn scored_heartbeats_show_in_the_trust_report(backend: Backend) {
+    let Some(app) = app(backend).await else {
+        return;
+    };
+    let d = register(&app, "report@example.com", "device_sig_02").await;
+    let before = trust(&app, &d).await;
+    assert_eq!(before["heartbeats"], 0);
+    assert_eq!(before["trust_score"], 100);
+    assert_eq!(before["device_id"], d.id.as_str());
+    let s = session(Class::OnTable, 2, 4);
+    for hb in &s.heartbeats {
+        assert_eq!(
+            send(&app, &d, &body_of(hb)).await.status(),
+            StatusCode::ACCEPTED
+        );
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            trust(&app, &d).await["last_seq"] == 4
+        })
+        .await,
+        "all four scored"
+    );
+    let report = trust(&app, &d).await;
+    assert_eq!(report["heartbeats"], 4);
+    assert_eq!(report["level"], "trusted");
+    assert_eq!(report["locked"], false);
+    assert_eq!(report["degraded"], false);
+    assert!(
+        report["global_risk"].as_f64().expect("risk") < 0.3,
+        "{report}"
+    );
+    for key in [
+        "accelerometer",
+        "gyroscope",
+        "touch_entropy",
+        "network_spike",
+    ] {
+        assert!(report["components"][key].is_number(), "{key}");
+    }
+    assert_eq!(admin_device(&app, &d.id).await["trust"]["heartbeats"], 4);
+}
+
+async fn remote_control_is_locked_and_the_device_told(backend: Backend) {
+    let Some(app) = app(backend).await else {
+        return;
+    };
+    let d = register(&app, "victim@example.com", "device_sig_03").await;
+    let mut request = format!(
+        "{}/v1/security/kill-switch",
+        app.address.replace("http://", "ws://")
+    )
+    .into_client_request()
+    .expect("request");
+    request.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", d.access).parse().expect("header"),
+    );
+    let (mut socket, _) = tokio_tungstenite::connect_async(request)
+        .await
+        .expect("socket");
+    let s = session(Class::RemoteControlSubtle, 3, 20);
+    let start = s.attack_start.expect("attack");
+    let mut sent = 0;
+    for hb in &s.heartbeats {
+        let r = send(&app, &d, &body_of(hb)).await;
+        if r.status() == StatusCode::FORBIDDEN {
+            break; // locked: the device's API calls are refused
+        }
+        assert_eq!(r.status(), StatusCode::ACCEPTED);
+        sent += 1;
+        // Let each be scored before the next, as a phone's 2 s cadence would.
+        let seq = hb.seq;
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                let r = app
+                    .client
+                    .get(format!("{}/v1/security/trust-score", app.address))
+                    .bearer_auth(&d.access)
+                    .header("x-device-id", &d.id)
+                    .send()
+                    .await
+                    .expect("request");
+                // 403 device_locked: the engine already acted.
+                r.status() == StatusCode::FORBIDDEN
+                    || r.json::<Value>().await.expect("json")["last_seq"].as_u64() >= Some(seq)
+            })
+            .await
+        );
+    }
+    assert!(locked(&app, &d.id).await, "locked after {sent} heartbeats");
+    assert!(
+        sent <= start + 5,
+        "within 5 heartbeats of the attack: sent {sent}, attack from {start}"
+    );
+    // The socket got state, then the engine's command.
+    let mut command = Value::Null;
+    for _ in 0..5 {
+        let message = tokio::time::timeout(Duration::from_secs(3), socket.next())
+            .await
+            .expect("message")
+            .expect("open")
+            .expect("ok");
+        if let Message::Text(text) = message {
+            let v: Value = serde_json::from_str(&text).expect("json");
+            if v["type"] == "command" {
+                command = v;
+                break;
+            }
+        }
+    }
+    assert!(
+        ["FORCE_OVERLAY", "CRITICAL_LOCK"].contains(&command["action"].as_str().unwrap_or("")),
+        "{command}"
+    );
+    // Audited with the engine's verdict.
+    let user = app
+        .state
+        .store
+        .device(&d.id)
+        .await
+        .expect("device")
+        .expect("some")
+        .user_id;
+    let rows = app
+        .state
+        .store
+        .audit_for_user(user, 20)
+        .await
+        .expect("audit");
+    let row = rows
+        .iter()
+        .find(|r| r.action_taken == command["action"])
+        .expect("audit row");
+    assert!(row.threat_score.expect("score") > 50.0);
+    assert!(
+        row.decision_reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("touch_without_motion"),
+        "{row:?}"
+    );
+    assert_eq!(row.attestation_state.as_deref(), Some("unknown"));
+    assert_eq!(format!("{:?}", row.source), "Worker");
+}
+
+async fn genuine_use_is_never_locked(backend: Backend) {
+    let Some(app) = app(backend).await else {
+        return;
+    };
+    for (i, class) in [Class::HeldInHand, Class::Walking].into_iter().enumerate() {
+        let d = register(
+            &app,
+            &format!("owner{i}@example.com"),
+            &format!("device_sig_1{i}"),
+        )
+        .await;
+        let s = session(class, 40 + i as u64, 12);
+        for hb in &s.heartbeats {
+            assert_eq!(
+                send(&app, &d, &body_of(hb)).await.status(),
+                StatusCode::ACCEPTED
+            );
+        }
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                trust(&app, &d).await["last_seq"] == 12
+            })
+            .await
+        );
+        assert_eq!(admin_device(&app, &d.id).await["status"], "active");
+    }
+}
+
+async fn blacklisted_apps_lock_at_once_and_intel_can_be_removed(backend: Backend) {
+    let Some(app) = app(backend).await else {
+        return;
+    };
+    let intel = |body: Value| {
+        let app = &app;
+        async move {
+            app.client
+                .post(format!("{}/v1/admin/threat-intel", app.address))
+                .bearer_auth(ADMIN)
+                .json(&body)
+                .send()
+                .await
+                .expect("request")
+        }
+    };
+    let r = intel(json!({"add": {"app_hashes": ["9F2C1E0B7A6D5C4B"], "domains": ["evil.example"], "ips": ["203.0.113.0/24"]}})).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.json::<Value>().await.expect("json")["changed"], 3);
+    let r = intel(json!({"add": {"domains": ["not a domain"]}})).await;
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        r.json::<Value>().await.expect("json")["field"],
+        "add.domains[0]"
+    );
+
+    let d = register(&app, "malware@example.com", "device_sig_20").await;
+    let mut hb = session(Class::HeldInHand, 5, 1).heartbeats.remove(0);
+    hb.context.app_hashes = vec!["9f2c1e0b7a6d5c4b".into()];
+    assert_eq!(
+        send(&app, &d, &body_of(&hb)).await.status(),
+        StatusCode::ACCEPTED
+    );
+    assert!(
+        locked(&app, &d.id).await,
+        "a blacklisted app locks on the first heartbeat"
+    );
+    let view = admin_device(&app, &d.id).await;
+    assert_eq!(view["last_command"]["action"], "CRITICAL_LOCK");
+    assert_eq!(view["trust"]["trust_score"], 0);
+    assert_eq!(view["trust"]["reasons"][0], "blacklisted_app");
+
+    // A subdomain of a listed domain hits too.
+    let d2 = register(&app, "dns@example.com", "device_sig_21").await;
+    let mut hb = session(Class::HeldInHand, 6, 1).heartbeats.remove(0);
+    hb.context.dns = vec!["cdn.evil.example".into()];
+    send(&app, &d2, &body_of(&hb)).await;
+    assert!(locked(&app, &d2.id).await);
+
+    // Removed entries stop hitting.
+    let r =
+        intel(json!({"remove": {"app_hashes": ["9f2c1e0b7a6d5c4b"], "domains": ["evil.example"]}}))
+            .await;
+    assert_eq!(r.json::<Value>().await.expect("json")["changed"], 2);
+    let d3 = register(&app, "clean@example.com", "device_sig_22").await;
+    let mut hb = session(Class::OnTable, 7, 1).heartbeats.remove(0);
+    hb.context.app_hashes = vec!["9f2c1e0b7a6d5c4b".into()];
+    send(&app, &d3, &body_of(&hb)).await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            trust(&app, &d3).await["heartbeats"] == 1
+        })
+        .await
+    );
+    assert_eq!(admin_device(&app, &d3.id).await["status"], "active");
+}
+
+async fn a_window_replayed_from_another_device_locks_it(backend: Backend) {
+    let Some(app) = app(backend).await else {
+        return;
+    };
+    let a = register(&app, "original@example.com", "device_sig_30").await;
+    let b = register(&app, "copycat@example.com", "device_sig_31").await;
+    let hb = session(Class::HeldInHand, 8, 1).heartbeats.remove(0);
+    send(&app, &a, &body_of(&hb)).await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            trust(&app, &a).await["heartbeats"] == 1
+        })
+        .await
+    );
+    send(&app, &b, &body_of(&hb)).await;
+    assert!(locked(&app, &b.id).await, "the copy is a replay");
+    assert_eq!(
+        admin_device(&app, &b.id).await["trust"]["reasons"][0],
+        "replayed_window"
+    );
+    assert_eq!(
+        admin_device(&app, &a.id).await["status"],
+        "active",
+        "the original is not blamed"
+    );
+}
+
+async fn the_breaker_scores_inline_when_the_queue_is_behind(backend: Backend) {
+    let Some(app) = app(backend).await else {
+        return;
+    };
+    let d = register(&app, "breaker@example.com", "device_sig_40").await;
+    let s = session(Class::OnTable, 9, 2);
+    app.state.breaker.trip();
+    let r = send(&app, &d, &body_of(&s.heartbeats[0])).await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    assert_eq!(
+        r.json::<Value>().await.expect("json"),
+        json!({"accepted": true, "seq": 1, "degraded": true})
+    );
+    // Scored before the answer: the report is there at once, marked degraded.
+    let report = trust(&app, &d).await;
+    assert_eq!(
+        (report["heartbeats"].as_u64(), report["degraded"].as_bool()),
+        (Some(1), Some(true))
+    );
+    let metrics = app.get("/metrics").await.text().await.expect("text");
+    assert!(
+        metrics.contains("signals_degraded_heartbeats_total 1"),
+        "{metrics}"
+    );
+    // With an empty queue the watcher recovers by itself.
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            !app.state.breaker.degraded()
+        })
+        .await,
+        "recovered"
+    );
+    let r = send(&app, &d, &body_of(&s.heartbeats[1])).await;
+    assert_eq!(
+        r.json::<Value>().await.expect("json"),
+        json!({"accepted": true, "seq": 2})
+    );
+}

@@ -299,7 +299,7 @@ fn machine_touches(rng: &mut Rng, jittered: bool) -> Vec<Touch> {
             });
         }
         t += if jittered {
-            period + rng.range(-120.0, 250.0)
+            dwell + rng.range(80.0, 300.0)
         } else {
             period
         };
@@ -653,6 +653,28 @@ mod tests {
         assert!((3..=14).contains(&start));
         assert_eq!(a.heartbeats[0].seq, 1);
         assert!(session(Class::Walking, 1, 5).attack_start.is_none());
+    }
+
+    #[test]
+    fn every_class_produces_ordered_windows_within_the_contract_limits() {
+        for class in Class::ALL {
+            for seed in 0..20 {
+                for hb in session(class, seed, 15).heartbeats {
+                    assert!(hb.accelerometer.len() <= 256 && hb.gyroscope.len() <= 256);
+                    assert!(hb.touches.len() <= 64, "{}", class.name());
+                    assert!(hb.accelerometer.windows(2).all(|w| w[0].t <= w[1].t));
+                    assert!(
+                        hb.touches.windows(2).all(|w| w[0].t <= w[1].t),
+                        "{} seed {seed}",
+                        class.name()
+                    );
+                    assert!(hb
+                        .touches
+                        .iter()
+                        .all(|t| (0.0..=1.0).contains(&t.x) && (0.0..=1.0).contains(&t.y)));
+                }
+            }
+        }
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod error;
 pub mod http;
 pub mod realtime;
 pub mod signals;
+pub mod simulate;
 pub mod state;
 pub mod store;
 pub mod telemetry;

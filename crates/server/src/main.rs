@@ -53,6 +53,28 @@ enum Command {
         #[command(subcommand)]
         command: AdminKeyCommand,
     },
+    /// Drive synthetic device sessions (genuine and attacks) through a
+    /// running server's API and report detection per class.
+    Simulate {
+        /// The server.
+        #[arg(long, default_value = "http://127.0.0.1:8000")]
+        url: String,
+        /// Admin API key (mints one device session per simulated device).
+        #[arg(long, env = "BLOCKREMOTE_ADMIN_TOKEN", hide_env_values = true)]
+        admin_key: String,
+        /// Sessions per class.
+        #[arg(long, default_value_t = 20)]
+        sessions: usize,
+        /// Heartbeats per session.
+        #[arg(long, default_value_t = 25)]
+        length: usize,
+        /// Corpus seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Sessions in flight at once.
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+    },
     /// Threat intelligence (blacklisted app hashes, domains, IPs/CIDRs).
     Intel {
         #[command(subcommand)]
@@ -235,6 +257,24 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 "threat intelligence imported"
             );
             Ok(())
+        }
+        Command::Simulate {
+            url,
+            admin_key,
+            sessions,
+            length,
+            seed,
+            concurrency,
+        } => {
+            blockremote::simulate::run(blockremote::simulate::SimulateOptions {
+                url,
+                admin_key,
+                sessions,
+                length,
+                seed,
+                concurrency,
+            })
+            .await
         }
         Command::Openapi => Ok(()),
     }

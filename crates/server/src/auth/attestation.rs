@@ -156,6 +156,8 @@ async fn record(
             state.config.attestation_max_failures,
         )
         .await?;
+    // Workers read the verdict from the device cache: drop it everywhere.
+    state.auth.devices.invalidate(&device.device_id).await;
     let kind = if verified {
         "attestation:verified"
     } else {

@@ -32,6 +32,39 @@ pub struct DeviceState {
     pub status: DeviceStatus,
     /// The user the device is bound to now.
     pub user_id: Uuid,
+    /// The last attestation verdict (the scoring workers read it per heartbeat).
+    pub attestation: Attestation,
+}
+
+/// A device's last attestation verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attestation {
+    /// Never attested.
+    Unknown,
+    /// Passed.
+    Verified,
+    /// Failed.
+    Failed,
+}
+
+impl Attestation {
+    /// Parses the stored spelling (anything else is `Unknown`).
+    pub fn parse(raw: &str) -> Self {
+        match raw {
+            "verified" => Self::Verified,
+            "failed" => Self::Failed,
+            _ => Self::Unknown,
+        }
+    }
+
+    /// The stored spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unknown => "unknown",
+            Self::Verified => "verified",
+            Self::Failed => "failed",
+        }
+    }
 }
 
 /// The cache (see the module docs).
@@ -69,6 +102,7 @@ impl DeviceStatusCache {
         let state = store.device(device_id).await?.map(|d| DeviceState {
             status: d.status,
             user_id: d.user_id,
+            attestation: Attestation::parse(&d.attestation_state),
         });
         if self.entries.len() >= MAX_ENTRIES {
             self.entries.retain(|_, (_, at)| at.elapsed() < CACHE_TTL);

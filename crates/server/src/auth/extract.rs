@@ -90,14 +90,22 @@ pub async fn authenticate(
     header_required: bool,
     gate: DeviceGate,
 ) -> Result<(DeviceAuth, DeviceStatus), ApiError> {
-    let mut keys = state.auth.keys.current();
-    if let Some(kid) = tokens::unknown_kid(&keys, token) {
-        if state.auth.keys.learn(state.store.as_ref(), &kid).await {
-            keys = state.auth.keys.current();
+    let now = chrono::Utc::now().timestamp();
+    let claims = match state.auth.verified.get(token, now) {
+        Some(claims) => claims,
+        None => {
+            let mut keys = state.auth.keys.current();
+            if let Some(kid) = tokens::unknown_kid(&keys, token) {
+                if state.auth.keys.learn(state.store.as_ref(), &kid).await {
+                    keys = state.auth.keys.current();
+                }
+            }
+            let claims = tokens::verify(&keys, &state.auth.issuer, &state.auth.audience, token)
+                .map_err(|_| invalid_token())?;
+            state.auth.verified.insert(token, &claims, now);
+            claims
         }
-    }
-    let claims = tokens::verify(&keys, &state.auth.issuer, &state.auth.audience, token)
-        .map_err(|_| invalid_token())?;
+    };
     let matches = match header_device {
         Some(device) => device == claims.did,
         None => !header_required,

@@ -13,6 +13,7 @@ pub mod keys;
 pub mod passwords;
 pub mod sessions;
 pub mod tokens;
+pub mod verified;
 
 use std::{net::IpAddr, sync::Arc, time::Duration};
 
@@ -48,6 +49,8 @@ pub struct Auth {
     pub keys: KeyRing,
     /// Device status, cached briefly and invalidated across instances.
     pub devices: DeviceStatusCache,
+    /// Tokens whose signature and claims were already verified.
+    pub verified: verified::VerifiedTokens,
     ip_key: Vec<u8>,
     admin_bootstrap: Option<[u8; 32]>,
     /// `iss` of issued tokens.
@@ -93,6 +96,7 @@ impl Auth {
         Ok(Self {
             keys,
             devices: DeviceStatusCache::start(shared).await?,
+            verified: verified::VerifiedTokens::default(),
             ip_key,
             admin_bootstrap: config
                 .admin_token

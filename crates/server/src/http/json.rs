@@ -74,6 +74,11 @@ where
 
 /// Parses `bytes` as `T`, classifying failures as the contract asks.
 pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    // The fast path: most bodies are valid. Only a failure pays for the
+    // path-tracking parse that names the offending field.
+    if let Ok(value) = serde_json::from_slice(bytes) {
+        return Ok(value);
+    }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value: T = serde_path_to_error::deserialize(&mut de).map_err(classify)?;
     // Trailing bytes after the value make the body malformed too.

@@ -99,9 +99,12 @@ pub async fn post_heartbeat(
         ));
     }
     let ip_listed = state.intel.ip_listed(ip.0);
+    let heartbeat = heartbeat.into_heartbeat();
     state.metrics.signals_accepted.inc();
     if !state.breaker.degraded() {
-        let job = encode_job(&device.device_id, device.user_id, ip_listed, &body);
+        let encoded =
+            postcard::to_allocvec(&heartbeat).map_err(|e| ApiError::Internal(e.into()))?;
+        let job = encode_job(&device.device_id, device.user_id, ip_listed, &encoded);
         match state.shared.enqueue(keys::HEARTBEAT_QUEUE, &job).await {
             Ok(_) => {
                 return Ok((
@@ -126,7 +129,7 @@ pub async fn post_heartbeat(
         &state,
         &device.device_id,
         device.user_id,
-        heartbeat.into_heartbeat(),
+        heartbeat,
         ip_listed,
         true,
     )

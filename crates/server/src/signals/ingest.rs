@@ -6,9 +6,10 @@
 //! generous physical bounds (16 g, 2000 °/s) so no real phone is refused
 //! and no absurd value reaches the engine.
 //!
-//! The queue job is the validated raw body behind a small header (device
-//! and user ids): the worker parses it again instead of the request path
-//! re-encoding it.
+//! The queue job is the validated heartbeat in a compact binary encoding
+//! (postcard) behind a small text header (device, user, address verdict):
+//! encoding it costs a few microseconds, while parsing 8 KB of JSON again in
+//! the worker cost tens.
 
 use blockremote_engine::heartbeat::{Context, Heartbeat, Network, Sample, Touch};
 use chrono::{DateTime, Utc};
@@ -197,7 +198,7 @@ pub struct JobHeader<'a> {
     pub ip_listed: bool,
 }
 
-/// Encodes a queue job: `device_id \n user_id \n flag \n raw body`.
+/// Encodes a queue job: `device_id \n user_id \n flag \n payload`.
 pub fn encode_job(device_id: &str, user_id: Uuid, ip_listed: bool, body: &[u8]) -> Vec<u8> {
     let mut job = Vec::with_capacity(device_id.len() + 40 + body.len());
     job.extend_from_slice(device_id.as_bytes());

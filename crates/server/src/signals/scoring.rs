@@ -24,10 +24,7 @@ use blockremote_engine::{
 };
 use uuid::Uuid;
 
-use super::{
-    ingest::{decode_job, HeartbeatBody},
-    report::TrustReport,
-};
+use super::{ingest::decode_job, report::TrustReport};
 use crate::{
     app::AppState,
     realtime::{self, Action},
@@ -66,8 +63,8 @@ impl JobHandler for HeartbeatScorer {
             tracing::error!(job = %job.id, "undecodable heartbeat job dropped");
             return Ok(());
         };
-        let body: HeartbeatBody = match serde_json::from_slice(body) {
-            Ok(body) => body,
+        let heartbeat: Heartbeat = match postcard::from_bytes(body) {
+            Ok(heartbeat) => heartbeat,
             Err(e) => {
                 tracing::error!(job = %job.id, error = %e, "unparsable heartbeat job dropped");
                 return Ok(());
@@ -77,7 +74,7 @@ impl JobHandler for HeartbeatScorer {
             &self.state,
             header.device_id,
             header.user_id,
-            body.into_heartbeat(),
+            heartbeat,
             header.ip_listed,
             false,
         )
@@ -199,7 +196,8 @@ async fn lock<'a>(state: &'a AppState, device_id: &str) -> anyhow::Result<Scorin
 pub async fn load_state(state: &AppState, device_id: &str) -> anyhow::Result<DeviceState> {
     Ok(
         match state.shared.get(&keys::signal_state(device_id)).await? {
-            Some(raw) => serde_json::from_slice(&raw).unwrap_or_default(),
+            // A state from an older encoding starts afresh.
+            Some(raw) => postcard::from_bytes(&raw).unwrap_or_default(),
             None => DeviceState::default(),
         },
     )
@@ -210,7 +208,7 @@ async fn save_state(state: &AppState, device_id: &str, engine: &DeviceState) -> 
         .shared
         .set(
             &keys::signal_state(device_id),
-            &serde_json::to_vec(engine)?,
+            &postcard::to_allocvec(engine)?,
             Some(STATE_TTL),
         )
         .await?;
@@ -297,14 +295,21 @@ async fn score_locked(
             .await?
             .unwrap_or_else(|| TrustReport::neutral(device_id, "unknown", false)));
     }
-    let Some(device) = state.store.device(device_id).await? else {
+    // The device cache (status, attestation), invalidated on every change.
+    let Some(device) = state
+        .auth
+        .devices
+        .get(state.store.as_ref(), device_id)
+        .await?
+    else {
         anyhow::bail!("heartbeat for unknown device {device_id}");
     };
+    let attestation = device.attestation.as_str();
     let plan = state.plans.get(state.store.as_ref(), user_id).await?;
     let mut intel: IntelHits = state.intel.hits(&heartbeat.context, ip_listed);
     intel.window_seen_elsewhere = !degraded && seen_elsewhere(state, device_id, &heartbeat).await?;
     let situation = Situation {
-        attestation: attestation_of(&device.attestation_state),
+        attestation: attestation_of(attestation),
         plan: if plan.name == "trial" {
             PlanTier::Trial
         } else {
@@ -320,20 +325,13 @@ async fn score_locked(
 
     let mut locked = device.status != DeviceStatus::Active;
     if assessment.decision != Decision::Allow && !locked {
-        act(
-            state,
-            device_id,
-            user_id,
-            &device.attestation_state,
-            &assessment,
-        )
-        .await?;
+        act(state, device_id, user_id, attestation, &assessment).await?;
         locked = true;
     }
     let report = TrustReport::from_assessment(
         device_id,
         &assessment,
-        &device.attestation_state,
+        attestation,
         locked,
         degraded,
         engine.heartbeats,

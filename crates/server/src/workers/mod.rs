@@ -14,6 +14,7 @@
 use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
+use futures::StreamExt;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -33,6 +34,9 @@ pub struct WorkerOptions {
     pub concurrency: usize,
     /// Jobs fetched per round trip.
     pub batch: usize,
+    /// Jobs of a batch handled at once by one consumer (handlers wait on
+    /// I/O — shared state, the store — far more than on the CPU).
+    pub parallel: usize,
     /// How long a fetch waits for work before looping.
     pub poll: Duration,
     /// A pending job idle this long is presumed abandoned and reclaimed.
@@ -46,6 +50,7 @@ impl Default for WorkerOptions {
         Self {
             concurrency: 2,
             batch: 64,
+            parallel: 32,
             poll: Duration::from_secs(1),
             reclaim_idle: Duration::from_secs(30),
             reclaim_every: Duration::from_secs(5),
@@ -151,15 +156,22 @@ async fn run_consumer(
                 continue;
             }
         };
-        let mut done = Vec::with_capacity(jobs.len());
-        for job in &jobs {
-            match handler.handle(job).await {
-                Ok(()) => done.push(job.id.clone()),
-                Err(e) => {
-                    tracing::warn!(job = %job.id, error = format!("{e:#}"), "job failed; left pending for retry")
+        let handled = futures::stream::iter(jobs)
+            .map(|job| {
+                let handler = handler.clone();
+                async move {
+                    match handler.handle(&job).await {
+                        Ok(()) => Some(job.id.clone()),
+                        Err(e) => {
+                            tracing::warn!(job = %job.id, error = format!("{e:#}"), "job failed; left pending for retry");
+                            None
+                        }
+                    }
                 }
-            }
-        }
+            })
+            .buffer_unordered(options.parallel.max(1))
+            .collect::<Vec<Option<String>>>();
+        let done: Vec<String> = handled.await.into_iter().flatten().collect();
         if let Err(e) = consumer.ack(&done).await {
             // Not fatal: the jobs stay pending and are reclaimed and handled
             // again, which idempotent handlers tolerate.

@@ -95,6 +95,7 @@ async fn every_job_is_handled_despite_failures_and_dead_consumers(backend: Backe
         WorkerOptions {
             concurrency: 2,
             batch: 8,
+            parallel: 4,
             poll: Duration::from_millis(100),
             reclaim_idle: Duration::from_millis(300),
             reclaim_every: Duration::from_millis(100),

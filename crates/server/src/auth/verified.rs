@@ -1,0 +1,86 @@
+//! Access tokens already verified, so a device's requests do not each pay
+//! for an ES256/RS256 signature check.
+//!
+//! Only a token that passed full verification is remembered, keyed by its
+//! exact text, with its claims; a hit is valid until the token's `exp`
+//! (plus the same clock-skew leeway verification allows). Device binding,
+//! device status and rate limits are still checked on every request — this
+//! caches the signature and claim checks only. Bounded: when full, expired
+//! entries are swept, and if that is not enough the cache is cleared.
+
+use dashmap::DashMap;
+
+use super::tokens::{Claims, LEEWAY_SECONDS};
+
+/// Entries kept at most.
+const MAX_ENTRIES: usize = 100_000;
+
+/// The cache (see the module docs).
+#[derive(Debug, Default)]
+pub struct VerifiedTokens {
+    entries: DashMap<Box<str>, Claims>,
+}
+
+impl VerifiedTokens {
+    /// The claims of `token` if it was verified and has not expired at `now`.
+    pub fn get(&self, token: &str, now: i64) -> Option<Claims> {
+        let hit = self.entries.get(token)?;
+        if now <= hit.exp.saturating_add(LEEWAY_SECONDS as i64) {
+            Some(hit.clone())
+        } else {
+            drop(hit);
+            self.entries.remove(token);
+            None
+        }
+    }
+
+    /// Remembers a token that just passed verification.
+    pub fn insert(&self, token: &str, claims: &Claims, now: i64) {
+        if self.entries.len() >= MAX_ENTRIES {
+            let leeway = LEEWAY_SECONDS as i64;
+            self.entries
+                .retain(|_, c| now <= c.exp.saturating_add(leeway));
+            if self.entries.len() >= MAX_ENTRIES {
+                self.entries.clear();
+            }
+        }
+        self.entries.insert(token.into(), claims.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uuid::Uuid;
+
+    fn claims(exp: i64) -> Claims {
+        Claims {
+            iss: "i".into(),
+            aud: "a".into(),
+            sub: Uuid::nil(),
+            did: "device_0001".into(),
+            jti: Uuid::nil(),
+            iat: 0,
+            nbf: 0,
+            exp,
+        }
+    }
+
+    #[test]
+    fn hits_until_expiry_plus_leeway_only_for_the_exact_token() {
+        let cache = VerifiedTokens::default();
+        cache.insert("tok.en.one", &claims(1000), 900);
+        assert!(cache.get("tok.en.one", 1000).is_some());
+        assert!(cache
+            .get("tok.en.one", 1000 + LEEWAY_SECONDS as i64)
+            .is_some());
+        assert!(cache.get("tok.en.onE", 1000).is_none());
+        assert!(cache
+            .get("tok.en.one", 1001 + LEEWAY_SECONDS as i64)
+            .is_none());
+        assert!(
+            cache.get("tok.en.one", 900).is_none(),
+            "an expired entry is dropped"
+        );
+    }
+}

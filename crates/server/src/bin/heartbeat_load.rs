@@ -1,0 +1,242 @@
+//! `heartbeat-load`: ingestion throughput and latency under load.
+//!
+//! Registers one user, upgrades it to the `paid` plan with a signed billing
+//! webhook (1 200 requests/min per device), mints `--devices` device
+//! sessions through the admin API, then keeps `--connections` requests in
+//! flight, each device sending realistic ~8 KB heartbeats (100
+//! accelerometer + 100 gyroscope samples, touches, network, context) with
+//! increasing `seq`, for `--seconds`. Reports heartbeats/s, latency
+//! percentiles and every non-202 status. See docs/BENCHMARKS.md.
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+use blockremote_engine::sim::{session, Class};
+use clap::Parser;
+use hmac::{Hmac, Mac};
+use serde_json::{json, Value};
+use sha2::Sha256;
+
+#[derive(Debug, Parser)]
+#[command(about = "Heartbeat ingestion load: throughput and latency")]
+struct Args {
+    /// The server.
+    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    url: String,
+    /// Admin API key.
+    #[arg(long, env = "BLOCKREMOTE_ADMIN_TOKEN", hide_env_values = true)]
+    admin_key: String,
+    /// A billing webhook secret the server accepts (to put the user on `paid`).
+    #[arg(long, env = "BLOCKREMOTE_WEBHOOK_SECRETS", hide_env_values = true)]
+    webhook_secret: String,
+    /// Devices sending.
+    #[arg(long, default_value_t = 2000)]
+    devices: usize,
+    /// Requests in flight.
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// Duration of the measured run.
+    #[arg(long, default_value_t = 20)]
+    seconds: u64,
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    f64::from(sorted[rank.min(sorted.len() - 1)]) / 1000.0
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let secret = args
+        .webhook_secret
+        .split(',')
+        .next()
+        .context("a webhook secret")?
+        .to_owned();
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(args.connections)
+        .build()?;
+    let run = &uuid::Uuid::new_v4().simple().to_string()[..10];
+    let r = http
+        .post(format!("{}/v1/auth/register", args.url))
+        .json(&json!({"email": format!("load-{run}@example.com"), "password": "load-test-password",
+            "device_id": format!("hl{run}owner"), "device_fingerprint": "load", "platform": "android"}))
+        .send()
+        .await?;
+    if !r.status().is_success() {
+        bail!("register failed: {}", r.text().await?);
+    }
+    let user_id = r.json::<Value>().await?["user_id"]
+        .as_str()
+        .context("user_id")?
+        .to_owned();
+    // Upgrade to paid with a signed webhook.
+    let now = chrono::Utc::now().timestamp();
+    let event =
+        json!({"id": format!("evt_load_{run}"), "type": "subscription.activated", "created": now,
+        "data": {"user_id": user_id, "plan": "paid"}})
+        .to_string();
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret.as_bytes())?;
+    mac.update(format!("{now}.{event}").as_bytes());
+    let signature = hex::encode(mac.finalize().into_bytes());
+    let r = http
+        .post(format!("{}/v1/billing/webhook", args.url))
+        .header("content-type", "application/json")
+        .header("x-signature", format!("t={now},v1={signature}"))
+        .body(event)
+        .send()
+        .await?;
+    if !r.status().is_success() {
+        bail!("upgrade webhook failed: {}", r.text().await?);
+    }
+
+    // Sessions.
+    use futures::StreamExt;
+    let tokens: Vec<(String, String)> = futures::stream::iter(0..args.devices)
+        .map(|i| {
+            let (http, url, key, user) = (http.clone(), args.url.clone(), args.admin_key.clone(), user_id.clone());
+            let device = format!("hl{run}d{i}");
+            async move {
+                let r = http
+                    .post(format!("{url}/v1/admin/sessions"))
+                    .bearer_auth(key)
+                    .json(&json!({"user_id": user, "device_id": device, "device_fingerprint": "load", "platform": "android"}))
+                    .send()
+                    .await?;
+                if !r.status().is_success() {
+                    bail!("session mint failed: {}", r.text().await?);
+                }
+                let token = r.json::<Value>().await?["access_token"].as_str().context("token")?.to_owned();
+                Ok::<_, anyhow::Error>((device, token))
+            }
+        })
+        .buffered(64)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()?;
+
+    // Bodies: realistic windows (values to 4 decimals, as phones send),
+    // each request made unique — the engine locks replayed windows — by
+    // splicing `seq` and a first accelerometer sample that encodes the
+    // device and the seq in front of a pre-serialised remainder.
+    let bodies: Arc<Vec<String>> = Arc::new(
+        (0..32u64)
+            .map(|i| {
+                let mut hb = session(Class::HeldInHand, i, 1).heartbeats.remove(0);
+                hb.accelerometer.truncate(100);
+                hb.gyroscope.truncate(100);
+                let r = |v: f64| (v * 1e4).round() / 1e4;
+                for s in hb.accelerometer.iter_mut().chain(hb.gyroscope.iter_mut()) {
+                    (s.t, s.x, s.y, s.z) = (r(s.t), r(s.x), r(s.y), r(s.z));
+                }
+                for t in &mut hb.touches {
+                    (t.t, t.x, t.y, t.pressure, t.size) =
+                        (r(t.t), r(t.x), r(t.y), r(t.pressure), r(t.size));
+                }
+                hb.accelerometer.remove(0);
+                let mut v = serde_json::to_value(&hb).expect("json");
+                v.as_object_mut().expect("object").remove("seq");
+                v["sent_at"] = json!(chrono::Utc::now().to_rfc3339());
+                let text = v.to_string();
+                // `{"accelerometer":[` is first (keys sorted); keep what follows.
+                text.strip_prefix("{\"accelerometer\":[")
+                    .expect("accelerometer first")
+                    .to_owned()
+            })
+            .collect(),
+    );
+    let size = bodies.iter().map(String::len).sum::<usize>() / bodies.len();
+    println!(
+        "{} devices on plan paid, heartbeats of ~{} bytes, {} in flight, {} s",
+        tokens.len(),
+        size + 40,
+        args.connections,
+        args.seconds
+    );
+
+    let tokens = Arc::new(tokens);
+    let stop = Arc::new(AtomicBool::new(false));
+    let next_device = Arc::new(AtomicU64::new(0));
+    let seqs: Arc<Vec<AtomicU64>> =
+        Arc::new((0..tokens.len()).map(|_| AtomicU64::new(0)).collect());
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..args.connections {
+        let (http, url, tokens, bodies, stop, next_device, seqs) = (
+            http.clone(),
+            args.url.clone(),
+            tokens.clone(),
+            bodies.clone(),
+            stop.clone(),
+            next_device.clone(),
+            seqs.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut latencies: Vec<u32> = Vec::new();
+            let mut statuses: std::collections::BTreeMap<u16, u64> = Default::default();
+            while !stop.load(Ordering::Relaxed) {
+                let i = (next_device.fetch_add(1, Ordering::Relaxed) as usize) % tokens.len();
+                let (device, token) = &tokens[i];
+                let seq = seqs[i].fetch_add(1, Ordering::Relaxed) + 1;
+                let body = format!(
+                    "{{\"seq\":{seq},\"accelerometer\":[[0,{:.3},{:.3},9.8],{}",
+                    0.1 + i as f64 * 1e-3,
+                    0.2 + (seq % 100_000) as f64 * 1e-3,
+                    bodies[(seq as usize) % bodies.len()]
+                );
+                let t0 = Instant::now();
+                let response = http
+                    .post(format!("{url}/v1/signals/heartbeat"))
+                    .bearer_auth(token)
+                    .header("x-device-id", device)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await;
+                let micros = u32::try_from(t0.elapsed().as_micros()).unwrap_or(u32::MAX);
+                let status = response.map(|r| r.status().as_u16()).unwrap_or(0);
+                *statuses.entry(status).or_default() += 1;
+                if status == 202 {
+                    latencies.push(micros);
+                }
+            }
+            (latencies, statuses)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(args.seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut latencies = Vec::new();
+    let mut statuses: std::collections::BTreeMap<u16, u64> = Default::default();
+    for task in tasks {
+        let (l, s) = task.await?;
+        latencies.extend(l);
+        for (k, v) in s {
+            *statuses.entry(k).or_default() += v;
+        }
+    }
+    latencies.sort_unstable();
+    println!(
+        "accepted {} heartbeats in {:.1} s: {:.0}/s; latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; statuses {:?}",
+        latencies.len(),
+        elapsed,
+        latencies.len() as f64 / elapsed,
+        percentile(&latencies, 50.0),
+        percentile(&latencies, 99.0),
+        percentile(&latencies, 100.0),
+        statuses
+    );
+    Ok(())
+}

@@ -489,6 +489,36 @@ mod tests {
         assert!(failed > trial && trial > verified);
     }
 
+    #[test]
+    fn sideloaded_accessibility_and_generated_domains_cost_trust() {
+        let s = session(Class::OnTable, 13, 2);
+        let mut state = DeviceState::default();
+        let clean = assess(&mut state, &s.heartbeats[0], &paid());
+        let mut risky = s.heartbeats[1].clone();
+        risky.context.installer = Some("com.example.sideloader".into());
+        risky.context.accessibility_services = vec!["com.remote.helper/.Service".into()];
+        risky.context.dns = vec!["xj4k9qpz7w2mvb8n.biz".into()];
+        let a = assess(&mut state, &risky, &paid());
+        assert!(
+            a.reasons.contains(&"sideloaded_accessibility"),
+            "{:?}",
+            a.reasons
+        );
+        assert!(a.reasons.contains(&"dga_domain"));
+        assert!(
+            a.trust_score + 25 <= clean.trust_score,
+            "{} vs {}",
+            a.trust_score,
+            clean.trust_score
+        );
+        // Store-installed with accessibility services is not penalised.
+        let mut store = s.heartbeats[1].clone();
+        store.context.accessibility_services = vec!["com.google.android.marvin.talkback".into()];
+        store.seq = 3;
+        let b = assess(&mut DeviceState::default(), &store, &paid());
+        assert!(!b.reasons.contains(&"sideloaded_accessibility"));
+    }
+
     fn arb_heartbeat() -> impl Strategy<Value = Heartbeat> {
         let sample = (
             0.0f64..3000.0,

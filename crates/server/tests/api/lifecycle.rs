@@ -19,6 +19,7 @@ use crate::helpers::{Backend, Backing};
 crate::on_both_backends!(
     serve_is_ready_with_seeded_plans_and_drains_on_sigterm,
     migrate_command_applies_the_schema,
+    intel_import_applies_a_file_and_names_a_bad_entry,
 );
 
 const BIN: &str = env!("CARGO_BIN_EXE_blockremote");
@@ -101,7 +102,17 @@ fn listening_addr(line: &str) -> String {
 }
 
 async fn plans_in(backing: &Backing, backend: Backend) -> Vec<(String, u32)> {
-    let store: Box<dyn Store> = match backend {
+    let store = store_of(backing, backend).await;
+    let plans = store.plans().await.expect("plans table exists");
+    store.close().await;
+    plans
+        .into_iter()
+        .map(|p| (p.name, p.rate_limit_per_minute))
+        .collect()
+}
+
+async fn store_of(backing: &Backing, backend: Backend) -> Box<dyn Store> {
+    match backend {
         Backend::Embedded => Box::new(
             SqliteStore::connect(
                 &format!(
@@ -123,13 +134,59 @@ async fn plans_in(backing: &Backing, backend: Backend) -> Vec<(String, u32)> {
             .await
             .expect("postgres"),
         ),
+    }
+}
+
+async fn intel_import_applies_a_file_and_names_a_bad_entry(backend: Backend) {
+    let Some(backing) = Backing::new(backend).await else {
+        return;
     };
-    let plans = store.plans().await.expect("plans table exists");
+    let file = backing.dir.path().join("intel.json");
+    std::fs::write(
+        &file,
+        r#"{"add": {"app_hashes": ["9F2C1E0B7A6D5C4B"], "domains": ["Evil.Example."], "ips": ["203.0.113.9/24"]}, "reason": "feed"}"#,
+    )
+    .expect("write");
+    let path = file.display().to_string();
+    let output = command(&backing.env(), &["intel", "import", &path])
+        .output()
+        .await
+        .expect("run");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "3\n");
+    let store = store_of(&backing, backend).await;
+    let mut entries = store.threat_intel().await.expect("intel");
+    entries.sort();
+    assert_eq!(
+        entries,
+        vec![
+            ("app_hash".to_owned(), "9f2c1e0b7a6d5c4b".to_owned()),
+            ("domain".to_owned(), "evil.example".to_owned()),
+            ("ip".to_owned(), "203.0.113.0/24".to_owned()),
+        ],
+        "normalised"
+    );
     store.close().await;
-    plans
-        .into_iter()
-        .map(|p| (p.name, p.rate_limit_per_minute))
-        .collect()
+    // Importing again changes nothing.
+    let again = command(&backing.env(), &["intel", "import", &path])
+        .output()
+        .await
+        .expect("run");
+    assert_eq!(String::from_utf8_lossy(&again.stdout), "0\n");
+    // A bad entry: one stderr line naming it, exit 1, nothing applied.
+    std::fs::write(&file, r#"{"add": {"ips": ["10.0.0.0/8", "not-an-ip"]}}"#).expect("write");
+    let bad = command(&backing.env(), &["intel", "import", &path])
+        .output()
+        .await
+        .expect("run");
+    assert_eq!(bad.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains("add.ips[1]"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
 }
 
 fn seeded() -> Vec<(String, u32)> {

@@ -378,7 +378,10 @@ pub fn dga_score(domain: &str) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::heartbeat::Network;
+    use crate::heartbeat::{
+        strategies::{arb_sample, arb_touch},
+        Network,
+    };
     use proptest::prelude::*;
 
     fn still(n: usize, noise: f64, seed: u64) -> Vec<Sample> {
@@ -572,35 +575,6 @@ mod tests {
             "{}",
             dga_score("googleusercontent.com")
         );
-    }
-
-    fn arb_sample() -> impl Strategy<Value = Sample> {
-        (
-            0.0f64..5000.0,
-            -100.0f64..100.0,
-            -100.0f64..100.0,
-            -100.0f64..100.0,
-        )
-            .prop_map(|(t, x, y, z)| Sample { t, x, y, z })
-    }
-
-    fn arb_touch() -> impl Strategy<Value = Touch> {
-        (
-            0.0f64..5000.0,
-            0.0f64..1.0,
-            0.0f64..1.0,
-            0.0f64..1.0,
-            0.0f64..1.0,
-            0u8..3,
-        )
-            .prop_map(|(t, x, y, pressure, size, a)| Touch {
-                t,
-                x,
-                y,
-                pressure,
-                size,
-                action: [TouchAction::Down, TouchAction::Move, TouchAction::Up][usize::from(a)],
-            })
     }
 
     proptest! {

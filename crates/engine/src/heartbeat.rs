@@ -136,3 +136,41 @@ pub struct Heartbeat {
     #[serde(default)]
     pub context: Context,
 }
+
+/// Property-test strategies for heartbeat parts, shared by the crate's tests.
+#[cfg(test)]
+pub(crate) mod strategies {
+    use super::{Sample, Touch, TouchAction};
+    use proptest::prelude::*;
+
+    /// Any sample within ±100 on each axis and 0–5 s.
+    pub fn arb_sample() -> impl Strategy<Value = Sample> + Clone {
+        (
+            0.0f64..5000.0,
+            -100.0f64..100.0,
+            -100.0f64..100.0,
+            -100.0f64..100.0,
+        )
+            .prop_map(|(t, x, y, z)| Sample { t, x, y, z })
+    }
+
+    /// Any touch with unit-range coordinates, pressure and size.
+    pub fn arb_touch() -> impl Strategy<Value = Touch> + Clone {
+        (
+            0.0f64..5000.0,
+            0.0f64..1.0,
+            0.0f64..1.0,
+            0.0f64..1.0,
+            0.0f64..1.0,
+            0u8..3,
+        )
+            .prop_map(|(t, x, y, pressure, size, a)| Touch {
+                t,
+                x,
+                y,
+                pressure,
+                size,
+                action: [TouchAction::Down, TouchAction::Move, TouchAction::Up][usize::from(a)],
+            })
+    }
+}

@@ -400,7 +400,7 @@ pub fn assess(state: &mut DeviceState, heartbeat: &Heartbeat, situation: &Situat
 mod tests {
     use super::*;
     use crate::{
-        heartbeat::{Sample, Touch, TouchAction},
+        heartbeat::strategies::{arb_sample, arb_touch},
         sim::{session, Class},
     };
     use proptest::prelude::*;
@@ -520,29 +520,8 @@ mod tests {
     }
 
     fn arb_heartbeat() -> impl Strategy<Value = Heartbeat> {
-        let sample = (
-            0.0f64..3000.0,
-            -80.0f64..80.0,
-            -80.0f64..80.0,
-            -80.0f64..80.0,
-        )
-            .prop_map(|(t, x, y, z)| Sample { t, x, y, z });
-        let touch = (
-            0.0f64..3000.0,
-            0.0f64..1.0,
-            0.0f64..1.0,
-            0.0f64..1.0,
-            0.0f64..1.0,
-            0u8..3,
-        )
-            .prop_map(|(t, x, y, pressure, size, a)| Touch {
-                t,
-                x,
-                y,
-                pressure,
-                size,
-                action: [TouchAction::Down, TouchAction::Move, TouchAction::Up][usize::from(a)],
-            });
+        let sample = arb_sample();
+        let touch = arb_touch();
         (
             proptest::collection::vec(sample.clone(), 0..60),
             proptest::collection::vec(sample, 0..60),

@@ -72,6 +72,34 @@ pub struct MemoryState {
 }
 
 impl MemoryState {
+    /// Raises the integer at `key` to `value` if lower (0 when absent or
+    /// expired), refreshing the TTL when it is written or when `always_touch`;
+    /// returns the value found before.
+    fn raise_to(&self, key: &str, value: u64, ttl: Duration, always_touch: bool) -> u64 {
+        let now = Instant::now();
+        let mut entry = self.kv.entry(key.to_owned()).or_insert_with(|| Entry {
+            value: b"0".to_vec(),
+            expires_at: Some(now + ttl),
+        });
+        let current: u64 = if entry.live(now) {
+            std::str::from_utf8(&entry.value)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0)
+        } else {
+            0
+        };
+        if value > current || always_touch {
+            *entry = Entry {
+                value: current.max(value).to_string().into_bytes(),
+                expires_at: Some(now + ttl),
+            };
+        }
+        drop(entry);
+        self.after_write();
+        current
+    }
+
     /// An empty state whose queues hold at most `queue_capacity` jobs each.
     pub fn new(queue_capacity: usize) -> Self {
         Self {
@@ -214,53 +242,11 @@ impl SharedState for MemoryState {
     }
 
     async fn advance(&self, key: &str, value: u64, ttl: Duration) -> StateResult<bool> {
-        let now = Instant::now();
-        let mut entry = self.kv.entry(key.to_owned()).or_insert_with(|| Entry {
-            value: b"0".to_vec(),
-            expires_at: Some(now + ttl),
-        });
-        let current: u64 = if entry.live(now) {
-            std::str::from_utf8(&entry.value)
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0)
-        } else {
-            0
-        };
-        let advanced = value > current;
-        if advanced {
-            *entry = Entry {
-                value: value.to_string().into_bytes(),
-                expires_at: Some(now + ttl),
-            };
-        }
-        drop(entry);
-        self.after_write();
-        Ok(advanced)
+        Ok(self.raise_to(key, value, ttl, false) < value)
     }
 
     async fn set_max(&self, key: &str, value: u64, ttl: Duration) -> StateResult<u64> {
-        let now = Instant::now();
-        let mut entry = self.kv.entry(key.to_owned()).or_insert_with(|| Entry {
-            value: b"0".to_vec(),
-            expires_at: Some(now + ttl),
-        });
-        let current: u64 = if entry.live(now) {
-            std::str::from_utf8(&entry.value)
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0)
-        } else {
-            0
-        };
-        let stored = current.max(value);
-        *entry = Entry {
-            value: stored.to_string().into_bytes(),
-            expires_at: Some(now + ttl),
-        };
-        drop(entry);
-        self.after_write();
-        Ok(stored)
+        Ok(self.raise_to(key, value, ttl, true).max(value))
     }
 
     async fn ttl(&self, key: &str) -> StateResult<Option<Duration>> {

@@ -93,15 +93,7 @@ struct Device {
 }
 
 async fn register(app: &TestApp, email: &str, device_id: &str) -> Device {
-    let response = app
-        .post_json(
-            "/v1/auth/register",
-            &json!({"email": email, "password": "correct horse battery", "device_id": device_id,
-                "device_fingerprint": format!("fp-{device_id}"), "platform": "ios"}),
-        )
-        .await;
-    assert_eq!(response.status(), StatusCode::CREATED);
-    let body: Value = response.json().await.expect("json");
+    let body = crate::helpers::register(app, email, device_id).await;
     Device {
         user_id: body["user_id"].as_str().expect("user").to_owned(),
         device_id: device_id.to_owned(),

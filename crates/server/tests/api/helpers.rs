@@ -436,6 +436,21 @@ impl TestApp {
     }
 }
 
+/// Registers `email` with a fresh device `device_id` and returns the
+/// 201 body (`user_id`, `access_token`, `refresh_token`, …).
+pub async fn register(app: &TestApp, email: &str, device_id: &str) -> serde_json::Value {
+    let response = app
+        .post_json(
+            "/v1/auth/register",
+            &serde_json::json!({"email": email, "password": "correct horse battery",
+                "device_id": device_id, "device_fingerprint": format!("fp-{device_id}"),
+                "platform": "android"}),
+        )
+        .await;
+    assert_eq!(response.status(), reqwest::StatusCode::CREATED);
+    response.json().await.expect("json")
+}
+
 /// Another server on the same database and shared state as `first` (a
 /// second replica); only meaningful on the production backend.
 pub async fn second_instance(first: &TestApp) -> TestApp {

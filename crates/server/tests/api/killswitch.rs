@@ -33,15 +33,7 @@ struct Device {
 }
 
 async fn device(app: &TestApp, email: &str, id: &str) -> Device {
-    let response = app
-        .post_json(
-            "/v1/auth/register",
-            &json!({"email": email, "password": "correct horse battery", "device_id": id,
-                "device_fingerprint": format!("fp-{id}"), "platform": "android"}),
-        )
-        .await;
-    assert_eq!(response.status(), StatusCode::CREATED);
-    let body: Value = response.json().await.expect("json");
+    let body = crate::helpers::register(app, email, id).await;
     Device {
         id: id.to_owned(),
         access: body["access_token"].as_str().expect("token").to_owned(),

@@ -243,6 +243,7 @@ impl Application {
         let stop = CancellationToken::new();
         state.spawn_key_reloader(stop.child_token());
         crate::signals::scoring::spawn_breaker_watch(state.clone());
+        crate::retention::spawn(state.clone());
         let pool = if state.is_embedded() {
             Some(start_workers(&state, "embedded", stop.child_token()).await?)
         } else {

@@ -174,6 +174,9 @@ pub struct Config {
     pub ws_max_connections: usize,
     /// Kill-switch handshakes per client address per minute (`BLOCKREMOTE_WS_HANDSHAKES_PER_MINUTE`, default 60).
     pub ws_handshakes_per_minute: u32,
+    /// Business events older than this are deleted (`BLOCKREMOTE_EVENT_RETENTION_DAYS`,
+    /// 1–3650, default 90). Audit rows are kept.
+    pub event_retention: Duration,
 }
 
 /// How log lines are written.
@@ -275,6 +278,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
         "shutdown_grace_seconds",
     ),
     ("BLOCKREMOTE_QUEUE_CAPACITY", "queue_capacity"),
+    ("BLOCKREMOTE_EVENT_RETENTION_DAYS", "event_retention_days"),
     ("BLOCKREMOTE_LOG_FORMAT", "log_format"),
     (
         "BLOCKREMOTE_ACCESS_TOKEN_TTL_SECONDS",
@@ -495,6 +499,16 @@ impl Config {
         Ok(Self {
             ws_max_connections: parse_num(values, "ws_max_connections", 100_000usize)?,
             ws_handshakes_per_minute: parse_num(values, "ws_handshakes_per_minute", 60u32)?.max(1),
+            event_retention: {
+                let days: u64 = parse_num(values, "event_retention_days", 90u64)?;
+                if !(1..=3650).contains(&days) {
+                    return Err(invalid(
+                        name_of(values, "event_retention_days"),
+                        "must be within 1–3650 days",
+                    ));
+                }
+                Duration::from_secs(days * 86_400)
+            },
             jwt_algorithm,
             access_token_ttl: Duration::from_secs(access_ttl),
             jwt_private_key,

@@ -11,6 +11,7 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod realtime;
+pub mod retention;
 pub mod signals;
 pub mod simulate;
 pub mod state;

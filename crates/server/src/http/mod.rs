@@ -11,6 +11,7 @@
 
 pub mod admin;
 pub mod attestation;
+pub mod audit;
 pub mod auth;
 pub mod billing;
 pub mod devices;
@@ -69,6 +70,7 @@ use crate::{
         (name = "signals", description = "Heartbeat ingestion and the device's trust report"),
         (name = "kill-switch", description = "Real-time commands to devices over a WebSocket"),
         (name = "admin", description = "Operator API (admin API key)"),
+        (name = "audit", description = "The append-only audit trail"),
         (name = "operations", description = "Health, metrics and this document"),
     )
 )]
@@ -114,6 +116,7 @@ pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(billing::router())
         .merge(signals::router())
         .merge(intel::router())
+        .merge(audit::router())
         .merge(killswitch::router())
         .merge(admin::router())
         .merge(devices::router())

@@ -158,6 +158,19 @@ pub struct NewAuditEntry {
     pub action_taken: String,
 }
 
+/// Which audit rows to list (every set field must match).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditFilter {
+    /// Rows about this user.
+    pub user_id: Option<Uuid>,
+    /// Rows about this device.
+    pub device_id: Option<String>,
+    /// Rows with this `action_taken`.
+    pub action: Option<String>,
+    /// Rows strictly older than this `(created_at, id)` (the page cursor).
+    pub before: Option<(DateTime<Utc>, Uuid)>,
+}
+
 /// A stored audit row.
 #[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct AuditEntry {
@@ -238,6 +251,9 @@ pub trait Store: Send + Sync + 'static {
     /// The newest audit rows about `user_id`, newest first.
     async fn audit_for_user(&self, user_id: Uuid, limit: u32) -> StoreResult<Vec<AuditEntry>>;
 
+    /// Audit rows matching `filter`, newest first, at most `limit`.
+    async fn audit_page(&self, filter: &AuditFilter, limit: u32) -> StoreResult<Vec<AuditEntry>>;
+
     /// The plan the user is on: their subscription's when active, else `trial`.
     async fn plan_for_user(&self, user_id: Uuid) -> StoreResult<Plan>;
 
@@ -300,6 +316,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Records a business event.
     async fn record_event(&self, event: NewEvent) -> StoreResult<()>;
+    /// Deletes up to `batch` business events created before `cutoff`;
+    /// returns how many. Audit rows are never touched.
+    async fn delete_events_before(&self, cutoff: DateTime<Utc>, batch: u32) -> StoreResult<u64>;
     /// Business events of a type, newest first (tests and the admin API).
     async fn events_of_type(&self, event_type: &str, limit: u32) -> StoreResult<Vec<NewEvent>>;
 

@@ -13,10 +13,10 @@ use sqlx::{
 use uuid::Uuid;
 
 use super::{
-    now_micros, AttestationOutcome, AuditEntry, AuditSource, BillingEvent, BillingOutcome, Device,
-    DeviceStatus, NewAuditEntry, NewEvent, NewRefreshToken, NewSession, Plan, RefreshRecord,
-    Revocation, RotateOutcome, SigningKeyRecord, Store, StoreError, StoreResult, Subscription,
-    SubscriptionStatus, User, UserStatus,
+    now_micros, AttestationOutcome, AuditEntry, AuditFilter, AuditSource, BillingEvent,
+    BillingOutcome, Device, DeviceStatus, NewAuditEntry, NewEvent, NewRefreshToken, NewSession,
+    Plan, RefreshRecord, Revocation, RotateOutcome, SigningKeyRecord, Store, StoreError,
+    StoreResult, Subscription, SubscriptionStatus, User, UserStatus,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -140,6 +140,41 @@ impl Store for PostgresStore {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(Self::audit_from_row).collect()
+    }
+
+    async fn audit_page(&self, filter: &AuditFilter, limit: u32) -> StoreResult<Vec<AuditEntry>> {
+        let (before_at, before_id) = filter.before.unzip();
+        let rows = sqlx::query(
+            "SELECT * FROM audit_logs WHERE ($1::uuid IS NULL OR user_id = $1) \
+             AND ($2::text IS NULL OR device_id = $2) AND ($3::text IS NULL OR action_taken = $3) \
+             AND ($4::timestamptz IS NULL OR (created_at, id) < ($4, $5::uuid)) \
+             ORDER BY created_at DESC, id DESC LIMIT $6",
+        )
+        .bind(filter.user_id)
+        .bind(&filter.device_id)
+        .bind(&filter.action)
+        .bind(before_at)
+        .bind(before_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(Self::audit_from_row).collect()
+    }
+
+    async fn delete_events_before(
+        &self,
+        cutoff: chrono::DateTime<chrono::Utc>,
+        batch: u32,
+    ) -> StoreResult<u64> {
+        Ok(sqlx::query(
+            "DELETE FROM business_events WHERE id IN \
+             (SELECT id FROM business_events WHERE created_at < $1 LIMIT $2)",
+        )
+        .bind(cutoff)
+        .bind(i64::from(batch))
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
     }
 
     async fn plan_for_user(&self, user_id: Uuid) -> StoreResult<Plan> {

@@ -250,6 +250,7 @@ async fn openapi_describes_exactly_the_served_routes(backend: Backend) {
             "/v1/admin/threat-intel",
             "/v1/attestation/nonce",
             "/v1/attestation/verify",
+            "/v1/audit/logs",
             "/v1/auth/login",
             "/v1/auth/logout",
             "/v1/auth/refresh",

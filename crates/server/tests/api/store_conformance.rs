@@ -15,6 +15,7 @@ crate::on_both_backends!(
     billing_event_ids_are_unique_forever,
     rotation_tells_a_spent_token_from_a_revoked_family,
     reinserting_a_retired_key_makes_it_current_again,
+    retention_deletes_old_events_and_never_audit_rows,
 );
 
 fn token(n: u8) -> NewRefreshToken {
@@ -303,4 +304,74 @@ async fn billing_event_ids_are_unique_forever(backend: Backend) {
     raw.execute(insert).await.expect("first insert");
     let again = raw.execute(insert).await;
     assert!(again.is_err(), "a second event with the same id is refused");
+}
+
+async fn retention_deletes_old_events_and_never_audit_rows(backend: Backend) {
+    let Some((store, _sql, _b)) = store_for(backend).await else {
+        return;
+    };
+    store.migrate().await.expect("migrate");
+    for kind in ["create:user", "login:failed"] {
+        store
+            .record_event(blockremote::store::NewEvent {
+                event_type: kind.into(),
+                user_id: None,
+                device_id: None,
+                ip_prefix: Some("192.0.2.0/24".into()),
+                ip_hmac: None,
+                metadata: serde_json::json!({}),
+            })
+            .await
+            .expect("event");
+    }
+    store
+        .append_audit(blockremote::store::NewAuditEntry {
+            user_id: None,
+            device_id: None,
+            jti: None,
+            ip: None,
+            user_agent: None,
+            source: blockremote::store::AuditSource::Worker,
+            threat_score: None,
+            decision_reason: None,
+            attestation_state: None,
+            action_taken: "retention_probe".into(),
+        })
+        .await
+        .expect("audit");
+    // Nothing is older than a day yet.
+    let kept =
+        blockremote::retention::run_once(store.as_ref(), std::time::Duration::from_secs(86_400))
+            .await
+            .expect("retention");
+    assert_eq!(kept, 0);
+    // Everything is older than "now + 1 s": both events go, in batches of one.
+    let cutoff = chrono::Utc::now() + chrono::Duration::seconds(1);
+    assert_eq!(
+        store.delete_events_before(cutoff, 1).await.expect("delete"),
+        1
+    );
+    assert_eq!(
+        store
+            .delete_events_before(cutoff, 10)
+            .await
+            .expect("delete"),
+        1
+    );
+    assert!(store
+        .events_of_type("create:user", 10)
+        .await
+        .expect("events")
+        .is_empty());
+    let audit = store
+        .audit_page(
+            &blockremote::store::AuditFilter {
+                action: Some("retention_probe".into()),
+                ..Default::default()
+            },
+            10,
+        )
+        .await
+        .expect("audit");
+    assert_eq!(audit.len(), 1, "audit rows are kept");
 }

@@ -169,6 +169,11 @@ pub async fn open(
         .await?;
     // The device may have moved between users: drop every cached view of it.
     state.auth.devices.invalidate(device_id).await;
+    // A new session (a reinstall, a new sign-in) starts heartbeat `seq`s afresh.
+    state
+        .shared
+        .delete(&crate::state::keys::heartbeat_seq(device_id))
+        .await?;
     let access_token = issue_access(state, user.id, device_id, jti)?;
     let event = state.auth.event(
         "create:session",

@@ -129,6 +129,21 @@ pub async fn post_webhook(
     })?;
 
     let event: WebhookEvent = json::parse(&body)?;
+    // A processed id answers before any other check: a replay stays a
+    // `duplicate` forever, even if its user or plan has since gone.
+    let payload_sha256 = hex::encode(crate::auth::sha256(&body));
+    if let Some(stored) = state.store.billing_event_hash(&event.id).await? {
+        return if stored == payload_sha256 {
+            Ok(JsonResponse(WebhookResult {
+                status: "duplicate",
+            }))
+        } else {
+            Err(ApiError::conflict(
+                codes::EVENT_CONFLICT,
+                "This event id was already processed with a different payload.",
+            ))
+        };
+    }
     let status = event
         .validate()
         .map_err(|InvalidField(field)| ApiError::invalid_field(field, "is not valid"))?;
@@ -159,7 +174,7 @@ pub async fn post_webhook(
         event_id: event.id.clone(),
         event_type: event.event_type.as_str().to_owned(),
         signature: verified.signature,
-        payload_sha256: hex::encode(crate::auth::sha256(&body)),
+        payload_sha256,
         subscription: Subscription {
             user_id,
             plan: event.data.plan.clone(),

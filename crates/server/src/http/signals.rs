@@ -73,15 +73,12 @@ pub async fn post_heartbeat(
         message: e.message.to_owned(),
     })?;
     let seq = heartbeat.seq;
-    if !state
+    let seq_key = keys::heartbeat_seq(&device.device_id);
+    let Some(previous) = state
         .shared
-        .advance(
-            &keys::heartbeat_seq(&device.device_id),
-            seq,
-            scoring::STATE_TTL,
-        )
+        .advance(&seq_key, seq, scoring::STATE_TTL)
         .await?
-    {
+    else {
         state.metrics.signals_replays.inc();
         state
             .store
@@ -97,7 +94,18 @@ pub async fn post_heartbeat(
             codes::REPLAY,
             "This heartbeat's seq is not above the last one accepted.",
         ));
-    }
+    };
+    // From here a failure gives the seq back, so the client's retry is not
+    // taken for a replay.
+    let give_back = || async {
+        if let Err(e) = state
+            .shared
+            .retreat(&seq_key, seq, previous, scoring::STATE_TTL)
+            .await
+        {
+            tracing::warn!(error = %e, "heartbeat seq not given back after a failure");
+        }
+    };
     let ip_listed = state.intel.ip_listed(ip.0);
     let heartbeat = heartbeat.into_heartbeat();
     state.metrics.signals_accepted.inc();
@@ -120,12 +128,15 @@ pub async fn post_heartbeat(
                 state.breaker.trip();
                 tracing::warn!("heartbeat queue full: scoring inline (degraded)");
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                give_back().await;
+                return Err(e.into());
+            }
         }
     }
     // Degraded: score here, now.
     state.metrics.signals_degraded_heartbeats.inc();
-    scoring::score(
+    let scored = scoring::score(
         &state,
         &device.device_id,
         device.user_id,
@@ -133,15 +144,16 @@ pub async fn post_heartbeat(
         ip_listed,
         true,
     )
-    .await
-    .map_err(|e| {
+    .await;
+    if let Err(e) = scored {
         tracing::error!(error = %e, "inline scoring failed");
-        ApiError::Client {
+        give_back().await;
+        return Err(ApiError::Client {
             status: StatusCode::SERVICE_UNAVAILABLE,
             code: codes::QUEUE_FULL,
             detail: "The heartbeat could not be taken now; retry.",
-        }
-    })?;
+        });
+    }
     Ok((
         StatusCode::ACCEPTED,
         JsonResponse(Accepted {

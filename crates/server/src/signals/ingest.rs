@@ -17,6 +17,8 @@ use serde::Deserialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+/// Largest `seq` (2^53: exact in every JSON and Lua number).
+pub const MAX_SEQ: u64 = 1 << 53;
 /// Samples per sensor per heartbeat.
 pub const MAX_SAMPLES: usize = 256;
 /// Touch events per heartbeat.
@@ -113,8 +115,8 @@ fn check_samples(name: &str, samples: &[Sample], bound: f64) -> Result<(), Inval
 impl HeartbeatBody {
     /// Checks every limit the types cannot.
     pub fn validate(&self) -> Result<(), Invalid> {
-        if self.seq == 0 {
-            return Err(invalid("seq", "must be at least 1"));
+        if self.seq == 0 || self.seq > MAX_SEQ {
+            return Err(invalid("seq", "must be within 1–2^53"));
         }
         check_samples("accelerometer", &self.accelerometer, MAX_ACCEL)?;
         check_samples("gyroscope", &self.gyroscope, MAX_GYRO)?;

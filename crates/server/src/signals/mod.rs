@@ -1,7 +1,7 @@
 //! Signals: heartbeat ingestion, scoring workers and the trust report.
 //!
-//! * [`ingest`] — the heartbeat body, its validation, replay detection by
-//!   `seq`, and the queue job (the validated raw body, never re-encoded).
+//! * [`ingest`] — the heartbeat body, its validation, and the queue job (the
+//!   validated heartbeat in compact binary, so workers parse no JSON).
 //! * [`scoring`] — the worker's job handler: load the device's engine state,
 //!   assess, store the report, and act on a lock decision (device status,
 //!   kill-switch command, audit row).

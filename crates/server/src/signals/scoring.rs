@@ -164,11 +164,15 @@ struct ScoringLock<'a> {
 
 impl ScoringLock<'_> {
     async fn release(self) {
-        // Only our own lock: a lock that expired and was re-taken is not ours.
-        if let Ok(Some(holder)) = self.state.shared.get(&self.key).await {
-            if holder == self.token.as_bytes() {
-                let _ = self.state.shared.delete(&self.key).await;
-            }
+        // Only our own lock (one atomic compare-and-delete): a lock that
+        // expired and was taken by another worker is not ours to drop.
+        if let Err(e) = self
+            .state
+            .shared
+            .delete_if(&self.key, self.token.as_bytes())
+            .await
+        {
+            tracing::warn!(error = %e, "scoring lock not released; it expires by itself");
         }
     }
 }
@@ -177,6 +181,7 @@ async fn lock<'a>(state: &'a AppState, device_id: &str) -> anyhow::Result<Scorin
     let key = keys::scoring_lock(device_id);
     let token = Uuid::new_v4().simple().to_string();
     let deadline = tokio::time::Instant::now() + LOCK_WAIT;
+    let mut pause = Duration::from_millis(1);
     loop {
         if state
             .shared
@@ -188,7 +193,8 @@ async fn lock<'a>(state: &'a AppState, device_id: &str) -> anyhow::Result<Scorin
         if tokio::time::Instant::now() > deadline {
             anyhow::bail!("device {device_id} is being scored elsewhere; retry later");
         }
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
     }
 }
 
@@ -320,9 +326,10 @@ async fn score_locked(
     let seq = heartbeat.seq;
     let assessment = assess(&mut engine, &heartbeat, &situation);
     engine.mark_scored(seq);
-    save_state(state, device_id, &engine).await?;
-    state.metrics.signals_scored.inc();
 
+    // Act first, save last: if acting fails the job is retried from the old
+    // state (the same decision again), instead of being acked as scored
+    // with the lock half done.
     let mut locked = device.status != DeviceStatus::Active;
     if assessment.decision != Decision::Allow && !locked {
         act(state, device_id, user_id, attestation, &assessment).await?;
@@ -345,6 +352,8 @@ async fn score_locked(
             Some(STATE_TTL),
         )
         .await?;
+    save_state(state, device_id, &engine).await?;
+    state.metrics.signals_scored.inc();
     Ok(report)
 }
 
@@ -415,7 +424,15 @@ async fn act(
 /// Forgets the evidence that led to a lock (an operator unlocked the
 /// device), keeping the device's baselines.
 pub async fn clear_evidence(state: &AppState, device_id: &str) -> anyhow::Result<()> {
-    let mut engine = load_state(state, device_id).await?;
-    engine.clear_evidence();
-    save_state(state, device_id, &engine).await
+    // Under the scoring lock, so a worker scoring at the same moment cannot
+    // write the old evidence back.
+    let guard = lock(state, device_id).await?;
+    let result = async {
+        let mut engine = load_state(state, device_id).await?;
+        engine.clear_evidence();
+        save_state(state, device_id, &engine).await
+    }
+    .await;
+    guard.release().await;
+    result
 }

@@ -3,9 +3,12 @@
 //! Namespaces (DESIGN.md): `session:` `refresh:` `revoked:` `metrics:` `sig:`
 //! `nonce:` `force_overlay:` `rl:`. Per-device keys wrap the device id in
 //! braces — `rl:{device}` — which in Redis Cluster is a *hash tag*: every key
-//! of one device lands in the same slot, so multi-key scripts stay legal when
-//! the deployment grows to a cluster. Device ids are `[A-Za-z0-9_-]{8,64}`
-//! (validated at the edge), so they can never contain a brace themselves.
+//! of one device lands in the same slot, so a script over one device's keys
+//! stays legal in a cluster. Two scripts span many devices on purpose —
+//! saving a burst of acks and sequencing a global command — and would need
+//! splitting per slot before running on Redis Cluster (today: one Redis or a
+//! primary with replicas). Device ids are `[A-Za-z0-9_-]{8,64}` (validated at
+//! the edge), so they can never contain a brace themselves.
 
 /// Token bucket of a device: `rl:{device}`.
 pub fn rate_limit(device_id: &str) -> String {

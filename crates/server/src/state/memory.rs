@@ -241,8 +241,38 @@ impl SharedState for MemoryState {
         Ok(next)
     }
 
-    async fn advance(&self, key: &str, value: u64, ttl: Duration) -> StateResult<bool> {
-        Ok(self.raise_to(key, value, ttl, false) < value)
+    async fn advance(&self, key: &str, value: u64, ttl: Duration) -> StateResult<Option<u64>> {
+        let previous = self.raise_to(key, value, ttl, false);
+        Ok((previous < value).then_some(previous))
+    }
+
+    async fn retreat(
+        &self,
+        key: &str,
+        value: u64,
+        previous: u64,
+        ttl: Duration,
+    ) -> StateResult<bool> {
+        let now = Instant::now();
+        let Some(mut entry) = self.kv.get_mut(key) else {
+            return Ok(false);
+        };
+        let holds = entry.live(now) && entry.value == value.to_string().into_bytes();
+        if holds {
+            *entry = Entry {
+                value: previous.to_string().into_bytes(),
+                expires_at: Some(now + ttl),
+            };
+        }
+        Ok(holds)
+    }
+
+    async fn delete_if(&self, key: &str, value: &[u8]) -> StateResult<bool> {
+        let now = Instant::now();
+        Ok(self
+            .kv
+            .remove_if(key, |_, entry| entry.live(now) && entry.value == value)
+            .is_some())
     }
 
     async fn set_max(&self, key: &str, value: u64, ttl: Duration) -> StateResult<u64> {

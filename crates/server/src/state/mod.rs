@@ -118,9 +118,23 @@ pub trait SharedState: Send + Sync + 'static {
     /// one atomic step, and (re)sets its TTL; returns the value now stored.
     async fn set_max(&self, key: &str, value: u64, ttl: Duration) -> StateResult<u64>;
     /// Stores `value` at `key` only if it is greater than the integer there
-    /// (0 if absent); true when it was stored. Atomic: of concurrent calls
-    /// with the same value exactly one wins (heartbeat `seq` replay checks).
-    async fn advance(&self, key: &str, value: u64, ttl: Duration) -> StateResult<bool>;
+    /// (0 if absent); returns the previous value when it was stored, `None`
+    /// when not. Atomic: of concurrent calls with the same value exactly one
+    /// wins (heartbeat `seq` replay checks).
+    async fn advance(&self, key: &str, value: u64, ttl: Duration) -> StateResult<Option<u64>>;
+    /// Puts the integer at `key` back to `previous` if it still holds
+    /// `value` (undoes an [`advance`](Self::advance) whose work then
+    /// failed); true when it did. Atomic.
+    async fn retreat(
+        &self,
+        key: &str,
+        value: u64,
+        previous: u64,
+        ttl: Duration,
+    ) -> StateResult<bool>;
+    /// Deletes `key` only if it holds `value` (releasing a lock this holder
+    /// owns, never one taken since by someone else); true when deleted. Atomic.
+    async fn delete_if(&self, key: &str, value: &[u8]) -> StateResult<bool>;
     /// [`set_max`](Self::set_max) for many keys at once (one round trip on
     /// Redis). Used to save bursts of kill-switch acks.
     async fn set_max_many(&self, entries: &[(String, u64)], ttl: Duration) -> StateResult<()> {

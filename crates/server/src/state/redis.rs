@@ -131,12 +131,31 @@ end
 return seqs
 ";
 
-/// Store ARGV[1] at KEYS[1] only if greater than what is there; 1 if stored.
+/// Store ARGV[1] at KEYS[1] only if greater than what is there; returns the
+/// previous value when stored, -1 when not. (Values stay below 2^53, where
+/// Lua numbers are exact: ingestion caps `seq`.)
 const ADVANCE_LUA: &str = r"
 local current = tonumber(redis.call('GET', KEYS[1])) or 0
 if tonumber(ARGV[1]) > current then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return current
+end
+return -1
+";
+
+/// Set KEYS[1] back to ARGV[2] if it holds ARGV[1]; 1 if it did.
+const RETREAT_LUA: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
   return 1
+end
+return 0
+";
+
+/// Delete KEYS[1] if it holds ARGV[1]; 1 if deleted.
+const DELETE_IF_LUA: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
 end
 return 0
 ";
@@ -161,6 +180,8 @@ pub struct RedisState {
     set_max: Script,
     set_max_many: Script,
     advance: Script,
+    retreat: Script,
+    delete_if: Script,
     sequence_and_push: Script,
 }
 
@@ -195,6 +216,8 @@ impl RedisState {
             set_max: Script::new(SET_MAX_LUA),
             set_max_many: Script::new(SET_MAX_MANY_LUA),
             advance: Script::new(ADVANCE_LUA),
+            retreat: Script::new(RETREAT_LUA),
+            delete_if: Script::new(DELETE_IF_LUA),
             sequence_and_push: Script::new(SEQUENCE_AND_PUSH_LUA),
         })
     }
@@ -309,9 +332,9 @@ impl SharedState for RedisState {
             .map_err(unavailable)
     }
 
-    async fn advance(&self, key: &str, value: u64, ttl: Duration) -> StateResult<bool> {
+    async fn advance(&self, key: &str, value: u64, ttl: Duration) -> StateResult<Option<u64>> {
         let mut conn = self.conn.clone();
-        let stored: i64 = self
+        let previous: i64 = self
             .advance
             .key(self.key(key))
             .arg(value)
@@ -319,7 +342,39 @@ impl SharedState for RedisState {
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        Ok(stored == 1)
+        Ok(u64::try_from(previous).ok())
+    }
+
+    async fn retreat(
+        &self,
+        key: &str,
+        value: u64,
+        previous: u64,
+        ttl: Duration,
+    ) -> StateResult<bool> {
+        let mut conn = self.conn.clone();
+        let done: i64 = self
+            .retreat
+            .key(self.key(key))
+            .arg(value)
+            .arg(previous)
+            .arg(millis(ttl))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(done == 1)
+    }
+
+    async fn delete_if(&self, key: &str, value: &[u8]) -> StateResult<bool> {
+        let mut conn = self.conn.clone();
+        let done: i64 = self
+            .delete_if
+            .key(self.key(key))
+            .arg(value)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(done == 1)
     }
 
     async fn set_max_many(&self, entries: &[(String, u64)], ttl: Duration) -> StateResult<()> {

@@ -262,6 +262,8 @@ pub trait Store: Send + Sync + 'static {
     /// its audit row and business event — all in one transaction. An event id
     /// already recorded changes nothing (see [`BillingOutcome`]).
     async fn apply_billing_event(&self, event: BillingEvent) -> StoreResult<BillingOutcome>;
+    /// The payload hash recorded for a billing event id, if it was processed.
+    async fn billing_event_hash(&self, event_id: &str) -> StoreResult<Option<String>>;
     /// The user's subscription row, if they ever had one.
     async fn subscription(&self, user_id: Uuid) -> StoreResult<Option<Subscription>>;
 

@@ -274,6 +274,15 @@ impl Store for SqliteStore {
         Ok(outcome)
     }
 
+    async fn billing_event_hash(&self, event_id: &str) -> StoreResult<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT payload_sha256 FROM billing_events WHERE event_id = $1")
+                .bind(event_id)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
     async fn subscription(&self, user_id: Uuid) -> StoreResult<Option<Subscription>> {
         let row = sqlx::query(
             "SELECT plan, status, current_period_end, last_event_created FROM subscriptions WHERE user_id = $1",

@@ -190,6 +190,33 @@ async fn heartbeats_are_validated_and_replays_refused(backend: Backend) {
         send(&app, &d, &body_of(&s.heartbeats[1])).await.status(),
         StatusCode::ACCEPTED
     );
+    // A new session for the device (a reinstall) starts seq afresh.
+    let r = app
+        .post_json(
+            "/v1/auth/login",
+            &json!({"email": "ingest@example.com", "password": "correct horse battery",
+                "device_id": d.id, "device_fingerprint": format!("fp-{}", d.id), "platform": "android"}),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let fresh = Device {
+        id: d.id.clone(),
+        access: r.json::<Value>().await.expect("json")["access_token"]
+            .as_str()
+            .expect("token")
+            .to_owned(),
+    };
+    let r = send(&app, &fresh, &first).await;
+    assert_eq!(
+        r.status(),
+        StatusCode::ACCEPTED,
+        "seq 1 again after a new session"
+    );
+    // seq beyond 2^53 is refused (Lua and JSON numbers are exact up to there).
+    let mut huge = body_of(&s.heartbeats[2]);
+    huge["seq"] = json!(u64::MAX);
+    let r = send(&app, &fresh, &huge).await;
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
 }
 
 async fn scored_heartbeats_show_in_the_trust_report(backend: Backend) {

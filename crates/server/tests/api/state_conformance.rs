@@ -26,16 +26,23 @@ async fn advance_stores_only_greater_values_and_one_concurrent_caller_wins(backe
         return;
     };
     let ttl = Duration::from_secs(60);
-    assert!(s.advance("seq:a", 5, ttl).await.expect("advance"));
-    assert!(
-        !s.advance("seq:a", 5, ttl).await.expect("advance"),
-        "equal is a replay"
-    );
-    assert!(
-        !s.advance("seq:a", 3, ttl).await.expect("advance"),
-        "older is a replay"
-    );
-    assert!(s.advance("seq:a", 6, ttl).await.expect("advance"));
+    let advance = |v: u64| {
+        let s = s.clone();
+        async move { s.advance("seq:a", v, ttl).await.expect("advance") }
+    };
+    assert_eq!(advance(5).await, Some(0));
+    assert_eq!(advance(5).await, None, "equal is a replay");
+    assert_eq!(advance(3).await, None, "older is a replay");
+    assert_eq!(advance(6).await, Some(5));
+    // Undo the last advance (its work failed): only while it still holds 6.
+    assert!(!s.retreat("seq:a", 7, 5, ttl).await.expect("retreat"));
+    assert!(s.retreat("seq:a", 6, 5, ttl).await.expect("retreat"));
+    assert_eq!(advance(6).await, Some(5), "6 is free again");
+    // Compare-and-delete.
+    s.set("lock:x", b"mine", Some(ttl)).await.expect("set");
+    assert!(!s.delete_if("lock:x", b"theirs").await.expect("delete_if"));
+    assert!(s.delete_if("lock:x", b"mine").await.expect("delete_if"));
+    assert!(s.get("lock:x").await.expect("get").is_none());
     // Two callers racing on the same value (two instances on Redis, two
     // tasks in process): exactly one wins.
     let other = match backend {
@@ -48,7 +55,7 @@ async fn advance_stores_only_greater_values_and_one_concurrent_caller_wins(backe
             s.advance("seq:b", round, ttl),
             other.advance("seq:b", round, ttl)
         );
-        wins += u32::from(x.expect("a")) + u32::from(y.expect("b"));
+        wins += u32::from(x.expect("a").is_some()) + u32::from(y.expect("b").is_some());
     }
     assert_eq!(wins, 20);
 }

@@ -75,11 +75,23 @@ enum Command {
         #[arg(long, default_value_t = 32)]
         concurrency: usize,
     },
+    /// The audit trail.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Threat intelligence (blacklisted app hashes, domains, IPs/CIDRs).
     Intel {
         #[command(subcommand)]
         command: IntelCommand,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Recompute the audit trail's hash chain; exit 1 naming the first
+    /// edited, removed or inserted row.
+    Verify,
 }
 
 #[derive(Debug, Subcommand)]
@@ -257,6 +269,27 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 "threat intelligence imported"
             );
             Ok(())
+        }
+        Command::Audit {
+            command: AuditCommand::Verify,
+        } => {
+            let store = open_store(&config).await?;
+            let verdict = blockremote::store::verify_audit_chain(store.as_ref()).await?;
+            store.close().await;
+            match verdict {
+                Ok(rows) => {
+                    println!("audit chain intact: {rows} rows");
+                    Ok(())
+                }
+                Err(blockremote::store::audit_chain::ChainBreak::Edited { seq }) => {
+                    anyhow::bail!("audit chain broken: row {seq} was edited")
+                }
+                Err(blockremote::store::audit_chain::ChainBreak::Unlinked { seq }) => {
+                    anyhow::bail!(
+                        "audit chain broken before row {seq}: a row was removed or inserted"
+                    )
+                }
+            }
         }
         Command::Simulate {
             url,

@@ -78,7 +78,12 @@ pub async fn take(
     {
         Ok(decision) => decision,
         Err(e) => {
-            tracing::warn!(error = %e, "rate limiter unavailable; request let through");
+            // At most one line per second, however many requests pass.
+            static LAST_LOGGED: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+            let now = chrono::Utc::now().timestamp();
+            if LAST_LOGGED.swap(now, std::sync::atomic::Ordering::Relaxed) != now {
+                tracing::warn!(error = %e, "rate limiter unavailable; requests let through");
+            }
             return Ok(());
         }
     };

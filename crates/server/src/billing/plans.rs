@@ -6,7 +6,13 @@
 //! its entry, so an upgrade or downgrade applies on the next request
 //! wherever it lands (the TTL bounds the damage of a lost message).
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use dashmap::DashMap;
 use tokio::time::Instant;
@@ -27,6 +33,9 @@ pub const INVALIDATION_CHANNEL: &str = "billing:plan_changed";
 /// The cache (see the module docs).
 pub struct PlanCache {
     entries: Arc<DashMap<Uuid, (Plan, Instant)>>,
+    /// Bumped by every invalidation: a plan read from the store while an
+    /// invalidation happened may be the old one, and is not cached.
+    epoch: Arc<AtomicU64>,
     shared: Arc<dyn SharedState>,
 }
 
@@ -34,11 +43,13 @@ impl PlanCache {
     /// Creates the cache and subscribes to invalidations.
     pub async fn start(shared: Arc<dyn SharedState>) -> StateResult<Self> {
         let entries: Arc<DashMap<Uuid, (Plan, Instant)>> = Arc::default();
+        let epoch = Arc::new(AtomicU64::new(0));
         let mut invalidations = shared.subscribe(INVALIDATION_CHANNEL).await?;
-        let weak = Arc::downgrade(&entries);
+        let (weak, epoch_of_task) = (Arc::downgrade(&entries), epoch.clone());
         tokio::spawn(async move {
             while let Some(message) = invalidations.recv().await {
                 let Some(entries) = weak.upgrade() else { break };
+                epoch_of_task.fetch_add(1, Ordering::SeqCst);
                 if let Some(user_id) = std::str::from_utf8(&message)
                     .ok()
                     .and_then(|s| Uuid::parse_str(s).ok())
@@ -47,7 +58,11 @@ impl PlanCache {
                 }
             }
         });
-        Ok(Self { entries, shared })
+        Ok(Self {
+            entries,
+            epoch,
+            shared,
+        })
     }
 
     /// The plan whose limits apply to `user_id` now.
@@ -57,7 +72,13 @@ impl PlanCache {
                 return Ok(entry.0.clone());
             }
         }
+        let epoch = self.epoch.load(Ordering::SeqCst);
         let plan = store.plan_for_user(user_id).await?;
+        if self.epoch.load(Ordering::SeqCst) != epoch {
+            // A plan changed while we read: ours may predate it. Use it for
+            // this request only (the change's own invalidation already ran).
+            return Ok(plan);
+        }
         if self.entries.len() >= MAX_ENTRIES {
             self.entries.retain(|_, (_, at)| at.elapsed() < CACHE_TTL);
         }
@@ -67,6 +88,7 @@ impl PlanCache {
 
     /// Drops `user_id`'s plan here and on every other instance.
     pub async fn invalidate(&self, user_id: Uuid) -> StateResult<()> {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
         self.entries.remove(&user_id);
         self.shared
             .publish(INVALIDATION_CHANNEL, user_id.to_string().as_bytes())

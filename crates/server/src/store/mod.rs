@@ -11,6 +11,7 @@
 //! `migrations/postgres`), embedded in the binary. Both must pass the same
 //! conformance story (`tests/api/store_conformance.rs`).
 
+pub mod audit_chain;
 mod billing;
 mod identity;
 mod postgres;
@@ -225,6 +226,24 @@ pub fn now_micros() -> DateTime<Utc> {
     DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now)
 }
 
+/// Recomputes the whole audit chain: `Ok(Ok(rows))` when intact, `Ok(Err(…))`
+/// naming the first broken row.
+pub async fn verify_audit_chain(
+    store: &dyn Store,
+) -> StoreResult<Result<u64, audit_chain::ChainBreak>> {
+    let (mut prev, mut prev_seq) = (audit_chain::GENESIS.to_owned(), 0i64);
+    loop {
+        let rows = store.audit_chain(prev_seq, 1000).await?;
+        if rows.is_empty() {
+            return Ok(Ok(u64::try_from(prev_seq).unwrap_or(0)));
+        }
+        match audit_chain::check(&rows, prev, prev_seq) {
+            Ok((hash, seq)) => (prev, prev_seq) = (hash, seq),
+            Err(broken) => return Ok(Err(broken)),
+        }
+    }
+}
+
 /// The durable store. Every method is one transaction (or one statement).
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -251,6 +270,12 @@ pub trait Store: Send + Sync + 'static {
     /// The newest audit rows about `user_id`, newest first.
     async fn audit_for_user(&self, user_id: Uuid, limit: u32) -> StoreResult<Vec<AuditEntry>>;
 
+    /// Chained audit rows with `seq` greater than `after`, in order, at most `limit`.
+    async fn audit_chain(
+        &self,
+        after: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<audit_chain::ChainedRow>>;
     /// Audit rows matching `filter`, newest first, at most `limit`.
     async fn audit_page(&self, filter: &AuditFilter, limit: u32) -> StoreResult<Vec<AuditEntry>>;
 

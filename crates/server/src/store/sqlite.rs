@@ -18,10 +18,10 @@ use sqlx::{
 use uuid::Uuid;
 
 use super::{
-    now_micros, AttestationOutcome, AuditEntry, AuditFilter, AuditSource, BillingEvent,
-    BillingOutcome, Device, DeviceStatus, NewAuditEntry, NewEvent, NewRefreshToken, NewSession,
-    Plan, RefreshRecord, Revocation, RotateOutcome, SigningKeyRecord, Store, StoreError,
-    StoreResult, Subscription, SubscriptionStatus, User, UserStatus,
+    audit_chain, now_micros, AttestationOutcome, AuditEntry, AuditFilter, AuditSource,
+    BillingEvent, BillingOutcome, Device, DeviceStatus, NewAuditEntry, NewEvent, NewRefreshToken,
+    NewSession, Plan, RefreshRecord, Revocation, RotateOutcome, SigningKeyRecord, Store,
+    StoreError, StoreResult, Subscription, SubscriptionStatus, User, UserStatus,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -157,8 +157,33 @@ impl Store for SqliteStore {
 
     #[tracing::instrument(skip_all, name = "store.append_audit", fields(action = %entry.action_taken))]
     async fn append_audit(&self, entry: NewAuditEntry) -> StoreResult<AuditEntry> {
-        let mut conn = self.pool.acquire().await?;
-        insert_audit(&mut conn, entry).await
+        // IMMEDIATE: take the write lock before reading the chain's last link.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let stored = insert_audit(&mut tx, entry).await?;
+        tx.commit().await?;
+        Ok(stored)
+    }
+
+    async fn audit_chain(
+        &self,
+        after: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<audit_chain::ChainedRow>> {
+        let rows = sqlx::query("SELECT * FROM audit_logs WHERE seq > $1 ORDER BY seq LIMIT $2")
+            .bind(after)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(audit_chain::ChainedRow {
+                    seq: row.try_get("seq")?,
+                    prev_hash: row.try_get("prev_hash")?,
+                    row_hash: row.try_get("row_hash")?,
+                    entry: Self::audit_from_row(row)?,
+                })
+            })
+            .collect()
     }
 
     async fn audit_for_user(&self, user_id: Uuid, limit: u32) -> StoreResult<Vec<AuditEntry>> {
@@ -776,28 +801,40 @@ async fn insert_audit(
     conn: &mut SqliteConnection,
     entry: NewAuditEntry,
 ) -> StoreResult<AuditEntry> {
-    let id = Uuid::now_v7();
-    let created_at = now_micros();
+    // Callers hold the write lock (a transaction that already wrote, or
+    // BEGIN IMMEDIATE), so the last link cannot move under us.
+    let last: Option<(i64, String)> = sqlx::query_as(
+        "SELECT seq, row_hash FROM audit_logs WHERE seq IS NOT NULL ORDER BY seq DESC LIMIT 1",
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    let (seq, prev_hash) = last.map_or((1, audit_chain::GENESIS.to_owned()), |(s, h)| (s + 1, h));
+    let stored = AuditEntry::from_new(entry, Uuid::now_v7(), now_micros());
+    let row_hash = audit_chain::row_hash(&prev_hash, seq, &stored);
     sqlx::query(
         "INSERT INTO audit_logs (id, user_id, device_id, jti, ip, user_agent, source, \
-         threat_score, decision_reason, attestation_state, action_taken, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+         threat_score, decision_reason, attestation_state, action_taken, created_at, \
+         seq, prev_hash, row_hash) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
     )
-    .bind(id.to_string())
-    .bind(entry.user_id.map(|u| u.to_string()))
-    .bind(&entry.device_id)
-    .bind(&entry.jti)
-    .bind(&entry.ip)
-    .bind(&entry.user_agent)
-    .bind(entry.source.as_str())
-    .bind(entry.threat_score)
-    .bind(&entry.decision_reason)
-    .bind(&entry.attestation_state)
-    .bind(&entry.action_taken)
-    .bind(ts(created_at))
+    .bind(stored.id.to_string())
+    .bind(stored.user_id.map(|u| u.to_string()))
+    .bind(&stored.device_id)
+    .bind(&stored.jti)
+    .bind(&stored.ip)
+    .bind(&stored.user_agent)
+    .bind(stored.source.as_str())
+    .bind(stored.threat_score)
+    .bind(&stored.decision_reason)
+    .bind(&stored.attestation_state)
+    .bind(&stored.action_taken)
+    .bind(ts(stored.created_at))
+    .bind(seq)
+    .bind(&prev_hash)
+    .bind(&row_hash)
     .execute(conn)
     .await?;
-    Ok(AuditEntry::from_new(entry, id, created_at))
+    Ok(stored)
 }
 
 async fn insert_event(conn: &mut SqliteConnection, event: &NewEvent) -> StoreResult<()> {

@@ -20,6 +20,7 @@ crate::on_both_backends!(
     serve_is_ready_with_seeded_plans_and_drains_on_sigterm,
     migrate_command_applies_the_schema,
     intel_import_applies_a_file_and_names_a_bad_entry,
+    audit_verify_reports_an_intact_chain,
 );
 
 const BIN: &str = env!("CARGO_BIN_EXE_blockremote");
@@ -451,4 +452,47 @@ async fn worker_process_runs_and_drains_on_sigterm() {
     let (mut worker, _) = Running::start(&backing.env(), &["worker"], "worker running").await;
     worker.signal("TERM");
     assert!(worker.wait(Duration::from_secs(10)).await.success());
+}
+
+async fn audit_verify_reports_an_intact_chain(backend: Backend) {
+    let Some(backing) = Backing::new(backend).await else {
+        return;
+    };
+    let migrate = command(&backing.env(), &["migrate"])
+        .output()
+        .await
+        .expect("run");
+    assert!(migrate.status.success());
+    let store = store_of(&backing, backend).await;
+    for _ in 0..3 {
+        store
+            .append_audit(blockremote::store::NewAuditEntry {
+                user_id: None,
+                device_id: None,
+                jti: None,
+                ip: None,
+                user_agent: None,
+                source: blockremote::store::AuditSource::Worker,
+                threat_score: None,
+                decision_reason: None,
+                attestation_state: None,
+                action_taken: "probe".into(),
+            })
+            .await
+            .expect("audit");
+    }
+    store.close().await;
+    let output = command(&backing.env(), &["audit", "verify"])
+        .output()
+        .await
+        .expect("run");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "audit chain intact: 3 rows\n"
+    );
 }

@@ -16,6 +16,7 @@ crate::on_both_backends!(
     rotation_tells_a_spent_token_from_a_revoked_family,
     reinserting_a_retired_key_makes_it_current_again,
     retention_deletes_old_events_and_never_audit_rows,
+    audit_chain_verifies_and_names_an_edited_or_removed_row,
 );
 
 fn token(n: u8) -> NewRefreshToken {
@@ -374,4 +375,93 @@ async fn retention_deletes_old_events_and_never_audit_rows(backend: Backend) {
         .await
         .expect("audit");
     assert_eq!(audit.len(), 1, "audit rows are kept");
+}
+
+async fn audit_chain_verifies_and_names_an_edited_or_removed_row(backend: Backend) {
+    use blockremote::store::{audit_chain::ChainBreak, verify_audit_chain};
+    let Some((store, sql, _b)) = store_for(backend).await else {
+        return;
+    };
+    store.migrate().await.expect("migrate");
+    for i in 0..4 {
+        store
+            .append_audit(blockremote::store::NewAuditEntry {
+                user_id: None,
+                device_id: Some(format!("device_chain_{i}")),
+                jti: None,
+                ip: Some("192.0.2.0/24".into()),
+                user_agent: None,
+                source: blockremote::store::AuditSource::Http,
+                threat_score: Some(12.5 * f64::from(i)),
+                decision_reason: Some("fraud_team".into()),
+                attestation_state: None,
+                action_taken: "FORCE_OVERLAY".into(),
+            })
+            .await
+            .expect("audit");
+    }
+    assert_eq!(
+        verify_audit_chain(store.as_ref()).await.expect("verify"),
+        Ok(4)
+    );
+    // Concurrent appends still form one chain.
+    let appends = (0..8).map(|i| {
+        let store = store.clone();
+        async move {
+            store
+                .append_audit(blockremote::store::NewAuditEntry {
+                    user_id: None,
+                    device_id: None,
+                    jti: None,
+                    ip: None,
+                    user_agent: None,
+                    source: blockremote::store::AuditSource::Worker,
+                    threat_score: None,
+                    decision_reason: None,
+                    attestation_state: None,
+                    action_taken: format!("concurrent_{i}"),
+                })
+                .await
+                .expect("audit")
+        }
+    });
+    futures::future::join_all(appends).await;
+    assert_eq!(
+        verify_audit_chain(store.as_ref()).await.expect("verify"),
+        Ok(12)
+    );
+
+    // Someone with database access edits a row (after disabling the guard).
+    let disable = match backend {
+        Backend::Embedded => "DROP TRIGGER audit_logs_no_update",
+        Backend::Production => "ALTER TABLE audit_logs DISABLE TRIGGER audit_logs_no_update",
+    };
+    sql.execute(disable).await.expect("disable guard");
+    sql.execute("UPDATE audit_logs SET action_taken = 'UNLOCK' WHERE seq = 2")
+        .await
+        .expect("tamper");
+    assert_eq!(
+        verify_audit_chain(store.as_ref()).await.expect("verify"),
+        Err(ChainBreak::Edited { seq: 2 })
+    );
+    sql.execute("UPDATE audit_logs SET action_taken = 'FORCE_OVERLAY' WHERE seq = 2")
+        .await
+        .expect("restore");
+    assert_eq!(
+        verify_audit_chain(store.as_ref()).await.expect("verify"),
+        Ok(12)
+    );
+    // Or removes one.
+    let disable_delete = match backend {
+        Backend::Embedded => "DROP TRIGGER audit_logs_no_delete",
+        Backend::Production => "ALTER TABLE audit_logs DISABLE TRIGGER audit_logs_no_delete",
+    };
+    sql.execute(disable_delete).await.expect("disable guard");
+    sql.execute("DELETE FROM audit_logs WHERE seq = 3")
+        .await
+        .expect("tamper");
+    assert_eq!(
+        verify_audit_chain(store.as_ref()).await.expect("verify"),
+        Err(ChainBreak::Unlinked { seq: 4 })
+    );
 }

@@ -85,10 +85,16 @@ impl FromRequestParts<AppState> for Reader {
 }
 
 fn encode_cursor(row: &AuditEntry) -> String {
-    B64.encode(format!("{}|{}", row.created_at.to_rfc3339(), row.id))
+    cursor_at(row.created_at, row.id)
 }
 
-fn decode_cursor(raw: &str) -> Option<(DateTime<Utc>, Uuid)> {
+/// An opaque page cursor for the position `(at, id)`.
+pub fn cursor_at(at: DateTime<Utc>, id: Uuid) -> String {
+    B64.encode(format!("{}|{}", at.to_rfc3339(), id))
+}
+
+/// The position a cursor made by [`cursor_at`] names.
+pub fn decode_cursor(raw: &str) -> Option<(DateTime<Utc>, Uuid)> {
     let text = String::from_utf8(B64.decode(raw).ok()?).ok()?;
     let (at, id) = text.split_once('|')?;
     Some((

@@ -16,6 +16,7 @@ pub mod auth;
 pub mod billing;
 pub mod devices;
 pub mod docs;
+pub mod events;
 pub mod health;
 pub mod intel;
 pub mod json;
@@ -117,6 +118,7 @@ pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(signals::router())
         .merge(intel::router())
         .merge(audit::router())
+        .merge(events::router())
         .merge(killswitch::router())
         .merge(admin::router())
         .merge(devices::router())

@@ -159,6 +159,29 @@ pub struct NewAuditEntry {
     pub action_taken: String,
 }
 
+/// A stored business event.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct StoredEvent {
+    /// Event id (UUID v7).
+    pub id: Uuid,
+    /// `create:user`, `refresh:reuse`, …
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// The user concerned.
+    pub user_id: Option<Uuid>,
+    /// The device concerned.
+    pub device_id: Option<String>,
+    /// IPv4 /24 or IPv6 /48 of the client.
+    pub ip_prefix: Option<String>,
+    /// Keyed HMAC of the client address (never the address).
+    pub ip_hmac: Option<String>,
+    /// Type-specific metadata.
+    #[schema(value_type = Object)]
+    pub metadata: serde_json::Value,
+    /// When it was recorded.
+    pub created_at: DateTime<Utc>,
+}
+
 /// Which audit rows to list (every set field must match).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AuditFilter {
@@ -346,6 +369,14 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes up to `batch` business events created before `cutoff`;
     /// returns how many. Audit rows are never touched.
     async fn delete_events_before(&self, cutoff: DateTime<Utc>, batch: u32) -> StoreResult<u64>;
+    /// Business events (of `event_type` when given) strictly older than
+    /// `before`, newest first, at most `limit`.
+    async fn events_page(
+        &self,
+        event_type: Option<&str>,
+        before: Option<(DateTime<Utc>, Uuid)>,
+        limit: u32,
+    ) -> StoreResult<Vec<StoredEvent>>;
     /// Business events of a type, newest first (tests and the admin API).
     async fn events_of_type(&self, event_type: &str, limit: u32) -> StoreResult<Vec<NewEvent>>;
 

@@ -16,7 +16,7 @@ use super::{
     audit_chain, now_micros, AttestationOutcome, AuditEntry, AuditFilter, AuditSource,
     BillingEvent, BillingOutcome, Device, DeviceStatus, NewAuditEntry, NewEvent, NewRefreshToken,
     NewSession, Plan, RefreshRecord, Revocation, RotateOutcome, SigningKeyRecord, Store,
-    StoreError, StoreResult, Subscription, SubscriptionStatus, User, UserStatus,
+    StoreError, StoreResult, StoredEvent, Subscription, SubscriptionStatus, User, UserStatus,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -199,6 +199,40 @@ impl Store for PostgresStore {
         .execute(&self.pool)
         .await?
         .rows_affected())
+    }
+
+    async fn events_page(
+        &self,
+        event_type: Option<&str>,
+        before: Option<(chrono::DateTime<chrono::Utc>, Uuid)>,
+        limit: u32,
+    ) -> StoreResult<Vec<StoredEvent>> {
+        let (before_at, before_id) = before.unzip();
+        let rows = sqlx::query(
+            "SELECT * FROM business_events WHERE ($1::text IS NULL OR type = $1) \
+             AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3::uuid)) \
+             ORDER BY created_at DESC, id DESC LIMIT $4",
+        )
+        .bind(event_type)
+        .bind(before_at)
+        .bind(before_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(StoredEvent {
+                    id: row.try_get("id")?,
+                    event_type: row.try_get("type")?,
+                    user_id: row.try_get("user_id")?,
+                    device_id: row.try_get("device_id")?,
+                    ip_prefix: row.try_get("ip_prefix")?,
+                    ip_hmac: row.try_get("ip_hmac")?,
+                    metadata: row.try_get("metadata")?,
+                    created_at: row.try_get("created_at")?,
+                })
+            })
+            .collect()
     }
 
     async fn plan_for_user(&self, user_id: Uuid) -> StoreResult<Plan> {

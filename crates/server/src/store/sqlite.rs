@@ -21,7 +21,7 @@ use super::{
     audit_chain, now_micros, AttestationOutcome, AuditEntry, AuditFilter, AuditSource,
     BillingEvent, BillingOutcome, Device, DeviceStatus, NewAuditEntry, NewEvent, NewRefreshToken,
     NewSession, Plan, RefreshRecord, Revocation, RotateOutcome, SigningKeyRecord, Store,
-    StoreError, StoreResult, Subscription, SubscriptionStatus, User, UserStatus,
+    StoreError, StoreResult, StoredEvent, Subscription, SubscriptionStatus, User, UserStatus,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -226,6 +226,43 @@ impl Store for SqliteStore {
         .execute(&self.pool)
         .await?
         .rows_affected())
+    }
+
+    async fn events_page(
+        &self,
+        event_type: Option<&str>,
+        before: Option<(DateTime<Utc>, Uuid)>,
+        limit: u32,
+    ) -> StoreResult<Vec<StoredEvent>> {
+        let (before_at, before_id) = before.unzip();
+        let rows = sqlx::query(
+            "SELECT * FROM business_events WHERE ($1 IS NULL OR type = $1) \
+             AND ($2 IS NULL OR created_at < $2 OR (created_at = $2 AND id < $3)) \
+             ORDER BY created_at DESC, id DESC LIMIT $4",
+        )
+        .bind(event_type)
+        .bind(before_at.map(ts))
+        .bind(before_id.map(|u| u.to_string()))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let user: Option<String> = row.try_get("user_id")?;
+                let metadata: String = row.try_get("metadata")?;
+                Ok(StoredEvent {
+                    id: parse_uuid(&row.try_get::<String, _>("id")?)?,
+                    event_type: row.try_get("type")?,
+                    user_id: user.as_deref().map(parse_uuid).transpose()?,
+                    device_id: row.try_get("device_id")?,
+                    ip_prefix: row.try_get("ip_prefix")?,
+                    ip_hmac: row.try_get("ip_hmac")?,
+                    metadata: serde_json::from_str(&metadata)
+                        .map_err(|e| StoreError::Other(sqlx::Error::Decode(Box::new(e))))?,
+                    created_at: parse_ts(&row.try_get::<String, _>("created_at")?)?,
+                })
+            })
+            .collect()
     }
 
     async fn plan_for_user(&self, user_id: Uuid) -> StoreResult<Plan> {

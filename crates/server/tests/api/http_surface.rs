@@ -245,6 +245,7 @@ async fn openapi_describes_exactly_the_served_routes(backend: Backend) {
             "/v1/admin/devices/{device_id}",
             "/v1/admin/devices/{device_id}/lock",
             "/v1/admin/devices/{device_id}/unlock",
+            "/v1/admin/events",
             "/v1/admin/kill-switch/global",
             "/v1/admin/sessions",
             "/v1/admin/threat-intel",

@@ -1,0 +1,92 @@
+//! `GET /v1/admin/events`: business events, newest first, by cursor.
+//!
+//! Events carry the client's IP prefix and a keyed HMAC of its address,
+//! never the address itself.
+
+use axum::{
+    extract::{Query, State},
+    Json as JsonResponse,
+};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use super::audit::{cursor_at, decode_cursor};
+use crate::{
+    app::AppState,
+    auth::extract::AdminAuth,
+    error::{ApiError, Problem},
+    store::StoredEvent,
+};
+
+/// The events route.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(get_events))
+}
+
+/// Query parameters.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct EventsQuery {
+    /// Only events of this type (e.g. `create:user`).
+    #[serde(rename = "type")]
+    #[param(rename = "type")]
+    pub event_type: Option<String>,
+    /// Events per page, 1–200 (default 50).
+    pub limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+/// One page.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EventsPage {
+    /// Events, newest first.
+    pub items: Vec<StoredEvent>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// Lists business events.
+#[utoipa::path(get, path = "/v1/admin/events", tag = "admin",
+    params(EventsQuery),
+    security(("admin_key" = [])),
+    responses(
+        (status = 200, description = "A page of events, newest first", body = EventsPage),
+        (status = 401, description = "`invalid_admin_key`", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`validation_failed` (`limit`, `cursor`, or an unknown parameter)", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn get_events(
+    State(state): State<AppState>,
+    _admin: AdminAuth,
+    query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<JsonResponse<EventsPage>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::Validation {
+        field: "query".into(),
+        message: e.body_text(),
+    })?;
+    let limit = query.limit.unwrap_or(50);
+    if !(1..=200).contains(&limit) {
+        return Err(ApiError::invalid_field("limit", "must be within 1–200"));
+    }
+    let before =
+        match query.cursor.as_deref() {
+            None => None,
+            Some(raw) => Some(decode_cursor(raw).ok_or_else(|| {
+                ApiError::invalid_field("cursor", "is not a cursor this API issued")
+            })?),
+        };
+    let mut items = state
+        .store
+        .events_page(query.event_type.as_deref(), before, limit + 1)
+        .await?;
+    let more = items.len() > limit as usize;
+    items.truncate(limit as usize);
+    let next_cursor = if more {
+        items.last().map(|e| cursor_at(e.created_at, e.id))
+    } else {
+        None
+    };
+    Ok(JsonResponse(EventsPage { items, next_cursor }))
+}

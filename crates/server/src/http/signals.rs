@@ -108,13 +108,13 @@ pub async fn post_heartbeat(
     };
     let ip_listed = state.intel.ip_listed(ip.0);
     let heartbeat = heartbeat.into_heartbeat();
-    state.metrics.signals_accepted.inc();
     if !state.breaker.degraded() {
         let encoded =
             postcard::to_allocvec(&heartbeat).map_err(|e| ApiError::Internal(e.into()))?;
         let job = encode_job(&device.device_id, device.user_id, ip_listed, &encoded);
         match state.shared.enqueue(keys::HEARTBEAT_QUEUE, &job).await {
             Ok(_) => {
+                state.metrics.signals_accepted.inc();
                 return Ok((
                     StatusCode::ACCEPTED,
                     JsonResponse(Accepted {
@@ -154,6 +154,7 @@ pub async fn post_heartbeat(
             detail: "The heartbeat could not be taken now; retry.",
         });
     }
+    state.metrics.signals_accepted.inc();
     Ok((
         StatusCode::ACCEPTED,
         JsonResponse(Accepted {

@@ -122,7 +122,7 @@ pub async fn post_heartbeat(
                         seq,
                         degraded: false,
                     }),
-                ))
+                ));
             }
             Err(StateError::QueueFull(_)) => {
                 state.breaker.trip();

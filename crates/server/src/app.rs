@@ -55,6 +55,8 @@ pub struct AppState {
     pub intel: Arc<ThreatIntel>,
     /// Whether heartbeat scoring is inline (workers behind).
     pub breaker: Arc<Breaker>,
+    /// The abuse firewall's rules.
+    pub firewall: Arc<crate::firewall::Rules>,
     /// Cancelled when the process begins to shut down (sockets then close).
     pub shutdown: CancellationToken,
 }
@@ -93,6 +95,9 @@ impl AppState {
         let intel = ThreatIntel::start(store.clone(), shared.clone())
             .await
             .map_err(|e| StartupError::Workers(e.to_string()))?;
+        let firewall = crate::firewall::Rules::start(store.clone(), shared.clone())
+            .await
+            .map_err(|e| StartupError::Workers(e.to_string()))?;
         Ok(Self {
             config: Arc::new(config),
             store,
@@ -103,6 +108,7 @@ impl AppState {
             plans: Arc::new(plans),
             intel,
             breaker: Arc::default(),
+            firewall,
             shutdown: CancellationToken::new(),
         })
     }

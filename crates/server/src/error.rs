@@ -96,6 +96,12 @@ pub mod codes {
     pub const REPLAY: &str = "replay";
     /// The work queue is full and inline scoring failed too.
     pub const QUEUE_FULL: &str = "queue_full";
+    /// No firewall rule has this name.
+    pub const RULE_NOT_FOUND: &str = "rule_not_found";
+    /// No firewall decision has this id.
+    pub const DECISION_NOT_FOUND: &str = "decision_not_found";
+    /// The firewall decision was already undone.
+    pub const ALREADY_UNDONE: &str = "already_undone";
 
     /// Every code above, for documentation checks.
     pub const ALL: &[&str] = &[
@@ -136,6 +142,9 @@ pub mod codes {
         IP_NOT_ALLOWED,
         REPLAY,
         QUEUE_FULL,
+        RULE_NOT_FOUND,
+        DECISION_NOT_FOUND,
+        ALREADY_UNDONE,
     ];
 }
 

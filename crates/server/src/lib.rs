@@ -9,6 +9,7 @@ pub mod auth;
 pub mod billing;
 pub mod config;
 pub mod error;
+pub mod firewall;
 pub mod http;
 pub mod realtime;
 pub mod retention;

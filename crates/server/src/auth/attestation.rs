@@ -171,6 +171,18 @@ async fn record(
         serde_json::json!({"reason": reason, "failures": outcome.failures}),
     );
     state.store.record_event(event).await?;
+    if !verified {
+        crate::firewall::check(
+            state,
+            "attestation:failed",
+            crate::firewall::Subject {
+                ip,
+                user_id: Some(device.user_id),
+                device_id: Some(&device.device_id),
+            },
+        )
+        .await?;
+    }
     if outcome.quarantined {
         tracing::warn!(device_id = %device.device_id, failures = outcome.failures, "device quarantined");
         state

@@ -148,6 +148,16 @@ pub async fn open(
             ));
         }
     }
+    crate::firewall::check(
+        state,
+        "create:session",
+        crate::firewall::Subject {
+            ip: origin.ip,
+            user_id: Some(user.id),
+            device_id: Some(device_id),
+        },
+    )
+    .await?;
     let refresh_token = random_token("brt_");
     let jti = Uuid::new_v4();
     let family_id = Uuid::now_v7();

@@ -100,6 +100,16 @@ pub async fn post_register(
     Json(mut body): Json<Credentials>,
 ) -> Result<(StatusCode, JsonResponse<SessionTokens>), ApiError> {
     let email = body.validate()?;
+    crate::firewall::check(
+        &state,
+        "create:user",
+        crate::firewall::Subject {
+            ip: origin(ip, &headers).ip,
+            user_id: None,
+            device_id: Some(&body.device_id),
+        },
+    )
+    .await?;
     sessions::ensure_device_usable(&state, &body.device_id).await?;
     let hash = passwords::hash(std::mem::take(&mut body.password)).await?;
     let user = match state.store.create_user(&email, &hash).await {
@@ -149,9 +159,20 @@ pub async fn post_login(
     let user = match user {
         Some(user) if ok => user,
         other => {
+            let user_id = other.as_ref().map(|u| u.id);
+            crate::firewall::check(
+                &state,
+                "login:failed",
+                crate::firewall::Subject {
+                    ip: origin.ip,
+                    user_id,
+                    device_id: Some(&body.device_id),
+                },
+            )
+            .await?;
             let event = state.auth.event(
                 "login:failed",
-                other.map(|u| u.id),
+                user_id,
                 Some(&body.device_id),
                 origin.ip,
                 serde_json::json!({"reason": "invalid_credentials"}),

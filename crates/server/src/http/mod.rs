@@ -17,6 +17,7 @@ pub mod billing;
 pub mod devices;
 pub mod docs;
 pub mod events;
+pub mod firewall;
 pub mod health;
 pub mod intel;
 pub mod json;
@@ -119,6 +120,7 @@ pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(intel::router())
         .merge(audit::router())
         .merge(events::router())
+        .merge(firewall::router())
         .merge(killswitch::router())
         .merge(admin::router())
         .merge(devices::router())

@@ -13,6 +13,8 @@
 
 pub mod audit_chain;
 mod billing;
+pub mod event_schema;
+mod firewall;
 mod identity;
 mod postgres;
 mod sqlite;
@@ -27,6 +29,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 pub use billing::{BillingEvent, BillingOutcome, Subscription, SubscriptionStatus};
+pub use firewall::{FirewallDecision, FirewallRule, NewDecision, RuleUpdate};
 pub use identity::{
     AttestationOutcome, Device, DeviceStatus, NewEvent, NewRefreshToken, NewSession, RefreshRecord,
     Revocation, RotateOutcome, SigningKeyRecord, User, UserStatus,
@@ -326,6 +329,42 @@ pub trait Store: Send + Sync + 'static {
         remove: &[(String, String)],
         reason: Option<&str>,
     ) -> StoreResult<u64>;
+
+    /// Every firewall rule, by name.
+    async fn firewall_rules(&self) -> StoreResult<Vec<FirewallRule>>;
+    /// Applies `update` to rule `name` and bumps its version; `None` when no such rule.
+    async fn update_firewall_rule(
+        &self,
+        name: &str,
+        update: &RuleUpdate,
+    ) -> StoreResult<Option<FirewallRule>>;
+    /// Users and devices named by `event_type` events whose `scope` column
+    /// equals `key`, recorded since `since`.
+    async fn scope_members(
+        &self,
+        event_type: &str,
+        scope: &str,
+        key: &str,
+        since: DateTime<Utc>,
+    ) -> StoreResult<(Vec<Uuid>, Vec<String>)>;
+    /// Records a decision and its `firewall:block` event; when `apply`,
+    /// also blocks its users (revoking their sessions) and quarantines its
+    /// devices — one transaction.
+    async fn record_firewall_decision(
+        &self,
+        decision: NewDecision,
+        apply: bool,
+    ) -> StoreResult<FirewallDecision>;
+    /// The newest decisions.
+    async fn firewall_decisions(&self, limit: u32) -> StoreResult<Vec<FirewallDecision>>;
+    /// Undoes decision `id` exactly once: its users active again, its
+    /// devices active, and `event` recorded. `None` when unknown; `Some(false)`
+    /// (with the decision) when it was already undone.
+    async fn undo_firewall_decision(
+        &self,
+        id: Uuid,
+        event: NewEvent,
+    ) -> StoreResult<Option<(FirewallDecision, bool)>>;
 
     /// Creates a user; [`StoreError::Conflict`] when the email is taken.
     async fn create_user(&self, email: &str, password_hash: &str) -> StoreResult<User>;

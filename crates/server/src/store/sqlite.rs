@@ -19,9 +19,10 @@ use uuid::Uuid;
 
 use super::{
     audit_chain, now_micros, AttestationOutcome, AuditEntry, AuditFilter, AuditSource,
-    BillingEvent, BillingOutcome, Device, DeviceStatus, NewAuditEntry, NewEvent, NewRefreshToken,
-    NewSession, Plan, RefreshRecord, Revocation, RotateOutcome, SigningKeyRecord, Store,
-    StoreError, StoreResult, StoredEvent, Subscription, SubscriptionStatus, User, UserStatus,
+    BillingEvent, BillingOutcome, Device, DeviceStatus, FirewallDecision, FirewallRule,
+    NewAuditEntry, NewDecision, NewEvent, NewRefreshToken, NewSession, Plan, RefreshRecord,
+    Revocation, RotateOutcome, RuleUpdate, SigningKeyRecord, Store, StoreError, StoreResult,
+    StoredEvent, Subscription, SubscriptionStatus, User, UserStatus,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -409,6 +410,206 @@ impl Store for SqliteStore {
         }
         tx.commit().await?;
         Ok(changed)
+    }
+
+    async fn firewall_rules(&self) -> StoreResult<Vec<FirewallRule>> {
+        let rows = sqlx::query("SELECT * FROM firewall_rules ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(rule_from_row).collect()
+    }
+
+    async fn update_firewall_rule(
+        &self,
+        name: &str,
+        update: &RuleUpdate,
+    ) -> StoreResult<Option<FirewallRule>> {
+        let row = sqlx::query(
+            "UPDATE firewall_rules SET threshold = COALESCE($2, threshold), \
+             window_seconds = COALESCE($3, window_seconds), lookback_seconds = COALESCE($4, lookback_seconds), \
+             mode = COALESCE($5, mode), side_effect = COALESCE($6, side_effect), \
+             version = version + 1, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE name = $1 RETURNING *",
+        )
+        .bind(name)
+        .bind(update.threshold.map(i64::from))
+        .bind(update.window_seconds.map(i64::from))
+        .bind(update.lookback_seconds.map(i64::from))
+        .bind(&update.mode)
+        .bind(&update.side_effect)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(rule_from_row).transpose()
+    }
+
+    async fn scope_members(
+        &self,
+        event_type: &str,
+        scope: &str,
+        key: &str,
+        since: DateTime<Utc>,
+    ) -> StoreResult<(Vec<Uuid>, Vec<String>)> {
+        let column = scope_column(scope)?;
+        let rows = sqlx::query(&format!(
+            "SELECT DISTINCT user_id, device_id FROM business_events \
+             WHERE type = $1 AND {column} = $2 AND created_at >= $3"
+        ))
+        .bind(event_type)
+        .bind(key)
+        .bind(ts(since))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut users = Vec::new();
+        let mut devices = Vec::new();
+        for row in &rows {
+            if let Some(user) = row
+                .try_get::<Option<String>, _>("user_id")?
+                .as_deref()
+                .map(parse_uuid)
+                .transpose()?
+            {
+                if !users.contains(&user) {
+                    users.push(user);
+                }
+            }
+            if let Some(device) = row.try_get::<Option<String>, _>("device_id")? {
+                if !devices.contains(&device) {
+                    devices.push(device);
+                }
+            }
+        }
+        Ok((users, devices))
+    }
+
+    async fn record_firewall_decision(
+        &self,
+        decision: NewDecision,
+        apply: bool,
+    ) -> StoreResult<FirewallDecision> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let now = ts(now_micros());
+        if apply {
+            for user in &decision.users {
+                sqlx::query("UPDATE users SET status = 'blocked', updated_at = $2 WHERE id = $1")
+                    .bind(user.to_string())
+                    .bind(&now)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(
+                    "UPDATE refresh_families SET status = 'revoked', revoke_reason = 'firewall', revoked_at = $2 \
+                     WHERE user_id = $1 AND status = 'active'",
+                )
+                .bind(user.to_string())
+                .bind(&now)
+                .execute(&mut *tx)
+                .await?;
+            }
+            for device in &decision.devices {
+                sqlx::query(
+                    "UPDATE devices SET status = 'quarantined', updated_at = $2 WHERE id = $1",
+                )
+                .bind(device)
+                .bind(&now)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        let id = Uuid::now_v7();
+        let rule = &decision.rule;
+        sqlx::query(
+            "INSERT INTO firewall_decisions (id, rule_name, rule_version, mode, side_effect, threshold, \
+             window_seconds, lookback_seconds, scope, scope_key, affected_user_ids, affected_device_ids, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+        )
+        .bind(id.to_string())
+        .bind(&rule.name)
+        .bind(i64::from(rule.version))
+        .bind(&rule.mode)
+        .bind(&rule.side_effect)
+        .bind(i64::from(rule.threshold))
+        .bind(i64::from(rule.window_seconds))
+        .bind(i64::from(rule.lookback_seconds))
+        .bind(&rule.scope)
+        .bind(&decision.scope_key)
+        .bind(serde_json::json!(decision.users).to_string())
+        .bind(serde_json::json!(decision.devices).to_string())
+        .bind(&now)
+        .execute(&mut *tx)
+        .await?;
+        let mut event = decision.event.clone();
+        event.metadata["decision_id"] = serde_json::json!(id);
+        insert_event(&mut tx, &event).await?;
+        tx.commit().await?;
+        Ok(FirewallDecision {
+            id,
+            rule_name: rule.name.clone(),
+            rule_version: rule.version,
+            mode: rule.mode.clone(),
+            side_effect: rule.side_effect.clone(),
+            threshold: rule.threshold,
+            window_seconds: rule.window_seconds,
+            lookback_seconds: rule.lookback_seconds,
+            scope: rule.scope.clone(),
+            scope_key: decision.scope_key,
+            affected_users: decision.users,
+            affected_devices: decision.devices,
+            created_at: parse_ts(&now)?,
+            undone_at: None,
+        })
+    }
+
+    async fn firewall_decisions(&self, limit: u32) -> StoreResult<Vec<FirewallDecision>> {
+        let rows = sqlx::query(
+            "SELECT * FROM firewall_decisions ORDER BY created_at DESC, id DESC LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(decision_from_row).collect()
+    }
+
+    async fn undo_firewall_decision(
+        &self,
+        id: Uuid,
+        event: NewEvent,
+    ) -> StoreResult<Option<(FirewallDecision, bool)>> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let now = ts(now_micros());
+        let Some(row) = sqlx::query("SELECT * FROM firewall_decisions WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_optional(&mut *tx)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let mut decision = decision_from_row(&row)?;
+        if decision.undone_at.is_some() {
+            return Ok(Some((decision, false)));
+        }
+        sqlx::query("UPDATE firewall_decisions SET undone_at = $2 WHERE id = $1")
+            .bind(id.to_string())
+            .bind(&now)
+            .execute(&mut *tx)
+            .await?;
+        if decision.mode == "enforce" {
+            for user in &decision.affected_users {
+                sqlx::query("UPDATE users SET status = 'active', updated_at = $2 WHERE id = $1")
+                    .bind(user.to_string())
+                    .bind(&now)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            for device in &decision.affected_devices {
+                sqlx::query("UPDATE devices SET status = 'active', updated_at = $2 WHERE id = $1")
+                    .bind(device)
+                    .bind(&now)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        insert_event(&mut tx, &event).await?;
+        tx.commit().await?;
+        decision.undone_at = Some(parse_ts(&now)?);
+        Ok(Some((decision, true)))
     }
 
     #[tracing::instrument(skip_all, name = "store.create_user")]
@@ -875,6 +1076,8 @@ async fn insert_audit(
 }
 
 async fn insert_event(conn: &mut SqliteConnection, event: &NewEvent) -> StoreResult<()> {
+    super::event_schema::validate(&event.event_type, &event.metadata)
+        .map_err(|e| StoreError::Other(sqlx::Error::Protocol(e)))?;
     sqlx::query(
         "INSERT INTO business_events (id, type, user_id, device_id, ip_prefix, ip_hmac, metadata, created_at) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -890,4 +1093,56 @@ async fn insert_event(conn: &mut SqliteConnection, event: &NewEvent) -> StoreRes
     .execute(conn)
     .await?;
     Ok(())
+}
+
+fn scope_column(scope: &str) -> StoreResult<&'static str> {
+    match scope {
+        "ip" => Ok("ip_hmac"),
+        "ip_prefix" => Ok("ip_prefix"),
+        "user" => Ok("user_id"),
+        "device" => Ok("device_id"),
+        other => Err(StoreError::Other(sqlx::Error::Protocol(format!(
+            "unknown scope {other}"
+        )))),
+    }
+}
+
+fn rule_from_row(row: &SqliteRow) -> StoreResult<FirewallRule> {
+    let n =
+        |c: &str| -> StoreResult<u32> { Ok(u32::try_from(row.try_get::<i32, _>(c)?).unwrap_or(0)) };
+    Ok(FirewallRule {
+        name: row.try_get("name")?,
+        event_type: row.try_get("event_type")?,
+        scope: row.try_get("scope")?,
+        threshold: n("threshold")?,
+        window_seconds: n("window_seconds")?,
+        lookback_seconds: n("lookback_seconds")?,
+        side_effect: row.try_get("side_effect")?,
+        mode: row.try_get("mode")?,
+        version: n("version")?,
+    })
+}
+
+fn decision_from_row(row: &SqliteRow) -> StoreResult<FirewallDecision> {
+    let n =
+        |c: &str| -> StoreResult<u32> { Ok(u32::try_from(row.try_get::<i32, _>(c)?).unwrap_or(0)) };
+    let users: String = row.try_get("affected_user_ids")?;
+    let devices: String = row.try_get("affected_device_ids")?;
+    let undone: Option<String> = row.try_get("undone_at")?;
+    Ok(FirewallDecision {
+        id: parse_uuid(&row.try_get::<String, _>("id")?)?,
+        rule_name: row.try_get("rule_name")?,
+        rule_version: n("rule_version")?,
+        mode: row.try_get("mode")?,
+        side_effect: row.try_get("side_effect")?,
+        threshold: n("threshold")?,
+        window_seconds: n("window_seconds")?,
+        lookback_seconds: n("lookback_seconds")?,
+        scope: row.try_get("scope")?,
+        scope_key: row.try_get("scope_key")?,
+        affected_users: serde_json::from_str(&users).unwrap_or_default(),
+        affected_devices: serde_json::from_str(&devices).unwrap_or_default(),
+        created_at: parse_ts(&row.try_get::<String, _>("created_at")?)?,
+        undone_at: undone.as_deref().map(parse_ts).transpose()?,
+    })
 }

@@ -312,7 +312,13 @@ async fn retention_deletes_old_events_and_never_audit_rows(backend: Backend) {
         return;
     };
     store.migrate().await.expect("migrate");
-    for kind in ["create:user", "login:failed"] {
+    for (kind, metadata) in [
+        ("create:user", serde_json::json!({"platform": "ios"})),
+        (
+            "login:failed",
+            serde_json::json!({"reason": "invalid_credentials"}),
+        ),
+    ] {
         store
             .record_event(blockremote::store::NewEvent {
                 event_type: kind.into(),
@@ -320,7 +326,7 @@ async fn retention_deletes_old_events_and_never_audit_rows(backend: Backend) {
                 device_id: None,
                 ip_prefix: Some("192.0.2.0/24".into()),
                 ip_hmac: None,
-                metadata: serde_json::json!({}),
+                metadata,
             })
             .await
             .expect("event");
@@ -340,6 +346,18 @@ async fn retention_deletes_old_events_and_never_audit_rows(backend: Backend) {
         })
         .await
         .expect("audit");
+    // A malformed event is refused on write.
+    let malformed = store
+        .record_event(blockremote::store::NewEvent {
+            event_type: "create:user".into(),
+            user_id: None,
+            device_id: None,
+            ip_prefix: None,
+            ip_hmac: None,
+            metadata: serde_json::json!({"platform": "ios", "ip": "192.0.2.7"}),
+        })
+        .await;
+    assert!(malformed.is_err(), "metadata outside the schema is refused");
     // Nothing is older than a day yet.
     let kept =
         blockremote::retention::run_once(store.as_ref(), std::time::Duration::from_secs(86_400))

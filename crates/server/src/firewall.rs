@@ -1,0 +1,327 @@
+//! The abuse firewall: rules over business events, as data.
+//!
+//! Rules live in the database; every instance caches them and reloads when
+//! one changes (pub/sub on [`CHANGED_CHANNEL`], and every [`RELOAD_EVERY`]
+//! in case a message is lost). A sensitive action asks [`check`] before it
+//! proceeds: each rule counting that action's event type counts one more for
+//! the caller's scope (exact IP by keyed HMAC, IP prefix, user or device) in
+//! a shared, atomic counter per window. Past the threshold, the first time in
+//! a window, the rule's side effect runs — block the users (and revoke the
+//! sessions) or quarantine the devices the scope created within the
+//! look-back, with the matching kill-switch command — and a decision is
+//! recorded with the rule as it was, the anonymised scope and every affected
+//! id, so an operator can undo it in one call. While the scope stays over the
+//! threshold the action gets the same generic 429 `rate_limited` a plain
+//! rate limit gives: nothing about rules, thresholds or counts. In `simulate`
+//! mode the decision is recorded and nothing is blocked.
+
+use std::{
+    net::IpAddr,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use uuid::Uuid;
+
+use crate::{
+    app::AppState,
+    auth::client_ip,
+    error::ApiError,
+    realtime::{self, Action},
+    state::SharedState,
+    store::{FirewallDecision, FirewallRule, NewDecision, Store, StoreResult},
+};
+
+/// Pub/sub channel announcing a rule change.
+pub const CHANGED_CHANNEL: &str = "firewall:rules_changed";
+/// Reload period without announcements.
+pub const RELOAD_EVERY: Duration = Duration::from_secs(3);
+/// How long an undone decision's scope is exempt, so the same burst does
+/// not re-block at once.
+pub const UNDO_ALLOW_FOR: Duration = Duration::from_secs(600);
+
+/// Who is acting, as the firewall sees it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Subject<'a> {
+    /// The client address (only its HMAC or prefix is ever kept).
+    pub ip: Option<IpAddr>,
+    /// The user, when known.
+    pub user_id: Option<Uuid>,
+    /// The device, when known.
+    pub device_id: Option<&'a str>,
+}
+
+/// The cached rules.
+#[derive(Debug, Default)]
+pub struct Rules {
+    rules: RwLock<Vec<FirewallRule>>,
+}
+
+impl Rules {
+    /// Loads the rules and keeps them fresh.
+    pub async fn start(
+        store: Arc<dyn Store>,
+        shared: Arc<dyn SharedState>,
+    ) -> anyhow::Result<Arc<Self>> {
+        let rules = Arc::new(Self::default());
+        rules.reload(store.as_ref()).await?;
+        let mut changes = shared.subscribe(CHANGED_CHANNEL).await?;
+        let weak = Arc::downgrade(&rules);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(RELOAD_EVERY);
+            loop {
+                tokio::select! {
+                    message = changes.recv() => if message.is_none() { break },
+                    _ = tick.tick() => {}
+                }
+                let Some(rules) = weak.upgrade() else { break };
+                if let Err(e) = rules.reload(store.as_ref()).await {
+                    tracing::warn!(error = %e, "firewall rules not reloaded");
+                }
+            }
+        });
+        Ok(rules)
+    }
+
+    /// Replaces the cache with the store's rules.
+    pub async fn reload(&self, store: &dyn Store) -> StoreResult<()> {
+        let fresh = store.firewall_rules().await?;
+        if let Ok(mut rules) = self.rules.write() {
+            *rules = fresh;
+        }
+        Ok(())
+    }
+
+    fn for_event(&self, event_type: &str) -> Vec<FirewallRule> {
+        self.rules
+            .read()
+            .map(|rules| {
+                rules
+                    .iter()
+                    .filter(|r| r.event_type == event_type && r.mode != "off")
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// The anonymised key of `subject` in `scope` (never an address).
+fn scope_key(state: &AppState, scope: &str, subject: &Subject<'_>) -> Option<String> {
+    match scope {
+        "ip" => subject
+            .ip
+            .map(|ip| client_ip::hmac(state.auth.ip_key(), ip)),
+        "ip_prefix" => subject.ip.map(client_ip::prefix),
+        "user" => subject.user_id.map(|u| u.to_string()),
+        "device" => subject.device_id.map(str::to_owned),
+        _ => None,
+    }
+}
+
+fn counter_key(rule: &FirewallRule, key: &str) -> String {
+    format!("fw:{}:v{}:{key}", rule.name, rule.version)
+}
+
+fn allow_key(rule: &str, key: &str) -> String {
+    format!("fw:allow:{rule}:{key}")
+}
+
+/// The generic refusal (the same a plain rate limit gives).
+fn refusal(window: Duration) -> ApiError {
+    ApiError::RateLimited {
+        retry_after: window.min(Duration::from_secs(3600)),
+    }
+}
+
+/// Counts `event_type` for `subject` against every rule on it; `Err(429)`
+/// when an enforcing rule's threshold is passed (see the module docs).
+pub async fn check(
+    state: &AppState,
+    event_type: &str,
+    subject: Subject<'_>,
+) -> Result<(), ApiError> {
+    for rule in state.firewall.for_event(event_type) {
+        let Some(key) = scope_key(state, &rule.scope, &subject) else {
+            continue;
+        };
+        if state
+            .shared
+            .get(&allow_key(&rule.name, &key))
+            .await?
+            .is_some()
+        {
+            continue;
+        }
+        let window = Duration::from_secs(u64::from(rule.window_seconds));
+        let count = state
+            .shared
+            .incr(&counter_key(&rule, &key), 1, window)
+            .await?;
+        let threshold = i64::from(rule.threshold);
+        if count <= threshold {
+            continue;
+        }
+        if count == threshold + 1 {
+            // The first request past the threshold in this window decides.
+            if let Err(e) = decide(state, &rule, &key).await {
+                tracing::error!(error = %e, rule = %rule.name, "firewall decision failed");
+            }
+        }
+        if rule.mode == "enforce" {
+            return Err(refusal(window));
+        }
+    }
+    Ok(())
+}
+
+async fn decide(
+    state: &AppState,
+    rule: &FirewallRule,
+    key: &str,
+) -> anyhow::Result<FirewallDecision> {
+    let since = chrono::Utc::now()
+        - chrono::Duration::seconds(i64::from(rule.lookback_seconds.max(rule.window_seconds)));
+    let (users, devices) = match rule.side_effect.as_str() {
+        "block_users" => {
+            let (users, _) = state
+                .store
+                .scope_members("create:user", &rule.scope, key, since)
+                .await?;
+            (users, Vec::new())
+        }
+        "quarantine_devices" => {
+            let devices = if rule.scope == "device" {
+                vec![key.to_owned()]
+            } else {
+                state
+                    .store
+                    .scope_members("create:session", &rule.scope, key, since)
+                    .await?
+                    .1
+            };
+            (Vec::new(), devices)
+        }
+        _ => (Vec::new(), Vec::new()),
+    };
+    let enforce = rule.mode == "enforce";
+    let event = state.auth.event(
+        "firewall:block",
+        None,
+        None,
+        None,
+        serde_json::json!({
+            "rule": rule.name, "version": rule.version, "mode": rule.mode,
+            "side_effect": rule.side_effect, "threshold": rule.threshold,
+            "window_seconds": rule.window_seconds, "lookback_seconds": rule.lookback_seconds,
+            "scope": rule.scope, "scope_key": key, "users": users, "devices": devices,
+        }),
+    );
+    let decision = state
+        .store
+        .record_firewall_decision(
+            NewDecision {
+                rule: rule.clone(),
+                scope_key: key.to_owned(),
+                users,
+                devices,
+                event,
+            },
+            enforce,
+        )
+        .await?;
+    audit(
+        state,
+        &decision,
+        &format!("firewall:{}:{}", rule.mode, rule.side_effect),
+    )
+    .await?;
+    if enforce {
+        for device in &decision.affected_devices {
+            state.auth.devices.invalidate(device).await;
+            realtime::issue(
+                state.shared.as_ref(),
+                device,
+                Action::ImmediateQuarantine,
+                "abuse_firewall",
+            )
+            .await?;
+        }
+    }
+    tracing::warn!(
+        rule = %rule.name,
+        mode = %rule.mode,
+        users = decision.affected_users.len(),
+        devices = decision.affected_devices.len(),
+        decision = %decision.id,
+        "firewall decision"
+    );
+    Ok(decision)
+}
+
+/// One audit row per decision and per undo: the rule and the counts, never
+/// the scope's address.
+async fn audit(state: &AppState, decision: &FirewallDecision, action: &str) -> anyhow::Result<()> {
+    state
+        .store
+        .append_audit(crate::store::NewAuditEntry {
+            user_id: None,
+            device_id: None,
+            jti: None,
+            ip: None,
+            user_agent: None,
+            source: crate::store::AuditSource::Http,
+            threat_score: None,
+            decision_reason: Some(format!(
+                "{} v{} decision {} ({} users, {} devices)",
+                decision.rule_name,
+                decision.rule_version,
+                decision.id,
+                decision.affected_users.len(),
+                decision.affected_devices.len()
+            )),
+            attestation_state: None,
+            action_taken: action.to_owned(),
+        })
+        .await?;
+    Ok(())
+}
+
+/// Undoes a decision (see [`Store::undo_firewall_decision`]), tells its
+/// devices `UNLOCK`, and exempts its scope for [`UNDO_ALLOW_FOR`].
+pub async fn undo(state: &AppState, id: Uuid) -> anyhow::Result<Option<(FirewallDecision, bool)>> {
+    let event = state.auth.event(
+        "firewall:undo",
+        None,
+        None,
+        None,
+        serde_json::json!({"decision_id": id}),
+    );
+    let Some((decision, undone)) = state.store.undo_firewall_decision(id, event).await? else {
+        return Ok(None);
+    };
+    if undone {
+        audit(state, &decision, "firewall:undo").await?;
+        state
+            .shared
+            .set(
+                &allow_key(&decision.rule_name, &decision.scope_key),
+                b"1",
+                Some(UNDO_ALLOW_FOR),
+            )
+            .await?;
+        if decision.mode == "enforce" {
+            for device in &decision.affected_devices {
+                state.auth.devices.invalidate(device).await;
+                realtime::issue(
+                    state.shared.as_ref(),
+                    device,
+                    Action::Unlock,
+                    "firewall_undo",
+                )
+                .await?;
+            }
+        }
+    }
+    Ok(Some((decision, undone)))
+}

@@ -1,0 +1,361 @@
+//! The abuse firewall end to end, on both backends: a burst of
+//! registrations from one address blocks the users it created, answers a
+//! generic 429, spares other addresses, and is undone exactly; simulate mode
+//! records without blocking; a rule changed on one instance is enforced by
+//! another; the raw address is stored nowhere.
+
+use std::time::Duration;
+
+use blockremote::config::DatabaseConfig;
+use reqwest::StatusCode;
+use secrecy::ExposeSecret;
+use serde_json::{json, Value};
+
+use crate::helpers::{eventually, second_instance, spawn_app_with, Backend, TestApp};
+
+crate::on_both_backends!(
+    a_burst_of_registrations_blocks_its_users_and_undo_restores_them,
+    simulate_mode_records_and_blocks_nothing,
+);
+
+const ADMIN: &str = "firewall-admin-key-0123456789abcdef01234";
+const ATTACKER: &str = "198.51.100.77";
+const OTHER: &str = "203.0.113.5";
+
+async fn app(backend: Backend) -> Option<TestApp> {
+    spawn_app_with(backend, |c| {
+        c.admin_token = Some(ADMIN.to_owned().into());
+        c.trusted_proxies = vec!["127.0.0.1/32".parse().expect("cidr")];
+    })
+    .await
+}
+
+async fn admin(
+    app: &TestApp,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> reqwest::Response {
+    let mut request = app
+        .client
+        .request(method, format!("{}{path}", app.address))
+        .bearer_auth(ADMIN);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    request.send().await.expect("request")
+}
+
+async fn set_rule(app: &TestApp, body: Value) -> Value {
+    let r = admin(
+        app,
+        reqwest::Method::PUT,
+        "/v1/admin/firewall/rules/create_user_per_ip",
+        Some(body),
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    r.json().await.expect("json")
+}
+
+fn credentials(i: &str) -> Value {
+    json!({"email": format!("user{i}@example.com"), "password": "correct horse battery",
+        "device_id": format!("device_fw_{i}"), "device_fingerprint": format!("fp-{i}"), "platform": "android"})
+}
+
+async fn from(app: &TestApp, ip: &str, path: &str, body: &Value) -> reqwest::Response {
+    app.client
+        .post(format!("{}{path}", app.address))
+        .header("x-forwarded-for", ip)
+        .json(body)
+        .send()
+        .await
+        .expect("request")
+}
+
+/// Every byte the database holds, as text (files on SQLite, rows on PostgreSQL).
+async fn database_text(app: &TestApp) -> String {
+    match &app.state.config.database {
+        DatabaseConfig::Sqlite { .. } => {
+            let mut text = String::new();
+            for entry in std::fs::read_dir(&app.state.config.data_dir).expect("dir") {
+                let path = entry.expect("entry").path();
+                if path
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("blockremote.db"))
+                {
+                    text.push_str(&String::from_utf8_lossy(
+                        &std::fs::read(&path).expect("read"),
+                    ));
+                }
+            }
+            assert!(text.len() > 1000, "the database files were read");
+            text
+        }
+        DatabaseConfig::Postgres { url } => {
+            let pool = sqlx::PgPool::connect(url.expose_secret())
+                .await
+                .expect("connect");
+            let tables: Vec<String> = sqlx::query_scalar(
+                "SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'public'",
+            )
+            .fetch_all(&pool)
+            .await
+            .expect("tables");
+            let mut text = String::new();
+            for table in tables {
+                let rows: Vec<String> =
+                    sqlx::query_scalar(&format!("SELECT t::text FROM \"{table}\" t"))
+                        .fetch_all(&pool)
+                        .await
+                        .expect("rows");
+                text.push_str(&rows.join("\n"));
+            }
+            assert!(text.contains("create:user"), "the tables were read");
+            text
+        }
+    }
+}
+
+async fn a_burst_of_registrations_blocks_its_users_and_undo_restores_them(backend: Backend) {
+    let Some(app) = app(backend).await else {
+        return;
+    };
+    let rule = set_rule(&app, json!({"threshold": 5})).await;
+    assert_eq!(
+        (rule["threshold"].as_u64(), rule["version"].as_u64()),
+        (Some(5), Some(2))
+    );
+
+    let mut users = Vec::new();
+    for i in 0..5 {
+        let r = from(
+            &app,
+            ATTACKER,
+            "/v1/auth/register",
+            &credentials(&format!("a{i}")),
+        )
+        .await;
+        assert_eq!(r.status(), StatusCode::CREATED, "registration {i}");
+        users.push(r.json::<Value>().await.expect("json")["user_id"].clone());
+    }
+    // The sixth: a generic 429, nothing about the rule.
+    let r = from(&app, ATTACKER, "/v1/auth/register", &credentials("a5")).await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(r.headers().contains_key("retry-after"));
+    let problem = r.text().await.expect("text");
+    assert!(problem.contains("rate_limited"));
+    for secret in ["create_user", "threshold", "rule", "firewall", "5"] {
+        assert!(
+            !problem.to_lowercase().contains(secret) || secret == "5" && !problem.contains(" 5 "),
+            "{problem}"
+        );
+    }
+    // The five are blocked.
+    for i in 0..5 {
+        let r = from(
+            &app,
+            ATTACKER,
+            "/v1/auth/login",
+            &credentials(&format!("a{i}")),
+        )
+        .await;
+        assert_eq!(r.status(), StatusCode::FORBIDDEN, "user {i} blocked");
+        assert_eq!(
+            r.json::<Value>().await.expect("json")["code"],
+            "account_blocked"
+        );
+    }
+    // Another address is not.
+    let r = from(&app, OTHER, "/v1/auth/register", &credentials("b0")).await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+
+    // The decision: the rule as it was, the anonymised scope, every id.
+    let r = admin(
+        &app,
+        reqwest::Method::GET,
+        "/v1/admin/firewall/decisions",
+        None,
+    )
+    .await;
+    let decisions: Value = r.json().await.expect("json");
+    let items = decisions["items"].as_array().expect("items");
+    assert_eq!(items.len(), 1, "{decisions}");
+    let d = &items[0];
+    assert_eq!(d["rule_name"], "create_user_per_ip");
+    assert_eq!(
+        (d["rule_version"].as_u64(), d["threshold"].as_u64()),
+        (Some(2), Some(5))
+    );
+    assert_eq!(d["mode"], "enforce");
+    assert_eq!(d["scope"], "ip");
+    let mut affected: Vec<Value> = d["affected_users"].as_array().expect("users").clone();
+    affected.sort_by_key(|v| v.to_string());
+    users.sort_by_key(|v| v.to_string());
+    assert_eq!(affected, users);
+    assert!(!d["scope_key"].as_str().expect("key").contains(ATTACKER));
+
+    // Undo: exactly those users come back, once.
+    let id = d["id"].as_str().expect("id");
+    let r = admin(
+        &app,
+        reqwest::Method::POST,
+        &format!("/v1/admin/firewall/decisions/{id}/undo"),
+        None,
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    for i in 0..5 {
+        let r = from(
+            &app,
+            ATTACKER,
+            "/v1/auth/login",
+            &credentials(&format!("a{i}")),
+        )
+        .await;
+        assert_eq!(r.status(), StatusCode::OK, "user {i} restored");
+    }
+    let r = admin(
+        &app,
+        reqwest::Method::POST,
+        &format!("/v1/admin/firewall/decisions/{id}/undo"),
+        None,
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    assert_eq!(
+        r.json::<Value>().await.expect("json")["code"],
+        "already_undone"
+    );
+    // The scope is briefly exempt: the same burst does not re-block at once.
+    let r = from(&app, ATTACKER, "/v1/auth/register", &credentials("a6")).await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    for kind in ["firewall:block", "firewall:undo"] {
+        assert_eq!(
+            app.state
+                .store
+                .events_of_type(kind, 10)
+                .await
+                .expect("events")
+                .len(),
+            1,
+            "{kind}"
+        );
+    }
+
+    // The raw address is stored nowhere.
+    let dump = database_text(&app).await;
+    assert!(
+        !dump.contains(ATTACKER),
+        "the attacker's address leaked into the database"
+    );
+    assert!(!dump.contains(OTHER));
+    assert!(dump.contains("198.51.100.0/24"), "the prefix is kept");
+
+    // A rule changed on one instance is enforced by another within 5 s.
+    if backend == Backend::Production {
+        let second = second_instance(&app).await;
+        set_rule(&app, json!({"threshold": 1, "window_seconds": 60})).await;
+        let mut n = 0;
+        let enforced = eventually(Duration::from_secs(5), || {
+            n += 1;
+            let second = &second;
+            let body = credentials(&format!("c{n}"));
+            async move {
+                from(second, "192.0.2.99", "/v1/auth/register", &body)
+                    .await
+                    .status()
+                    == StatusCode::TOO_MANY_REQUESTS
+            }
+        })
+        .await;
+        assert!(enforced, "instance B enforces A's rule change");
+    }
+}
+
+async fn simulate_mode_records_and_blocks_nothing(backend: Backend) {
+    let Some(app) = app(backend).await else {
+        return;
+    };
+    let rule = set_rule(&app, json!({"threshold": 2, "mode": "simulate"})).await;
+    assert_eq!(rule["mode"], "simulate");
+    for i in 0..4 {
+        let r = from(
+            &app,
+            ATTACKER,
+            "/v1/auth/register",
+            &credentials(&format!("s{i}")),
+        )
+        .await;
+        assert_eq!(
+            r.status(),
+            StatusCode::CREATED,
+            "simulate blocks nothing ({i})"
+        );
+    }
+    let decisions: Value = admin(
+        &app,
+        reqwest::Method::GET,
+        "/v1/admin/firewall/decisions",
+        None,
+    )
+    .await
+    .json()
+    .await
+    .expect("json");
+    let items = decisions["items"].as_array().expect("items");
+    assert_eq!(items.len(), 1, "one decision per window: {decisions}");
+    assert_eq!(items[0]["mode"], "simulate");
+    assert_eq!(
+        items[0]["affected_users"].as_array().expect("users").len(),
+        2,
+        "would have blocked the two"
+    );
+    for i in 0..2 {
+        let r = from(
+            &app,
+            ATTACKER,
+            "/v1/auth/login",
+            &credentials(&format!("s{i}")),
+        )
+        .await;
+        assert_eq!(r.status(), StatusCode::OK, "nobody blocked");
+    }
+    // Bad rule changes are named; unknown rules are 404.
+    let r = admin(
+        &app,
+        reqwest::Method::PUT,
+        "/v1/admin/firewall/rules/create_user_per_ip",
+        Some(json!({"mode": "panic"})),
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(r.json::<Value>().await.expect("json")["field"], "mode");
+    let r = admin(
+        &app,
+        reqwest::Method::PUT,
+        "/v1/admin/firewall/rules/nope",
+        Some(json!({"threshold": 3})),
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let rules: Value = admin(&app, reqwest::Method::GET, "/v1/admin/firewall/rules", None)
+        .await
+        .json()
+        .await
+        .expect("json");
+    let names: Vec<&str> = rules["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|r| r["name"].as_str().expect("name"))
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            "attestation_failed_per_device",
+            "create_user_per_ip",
+            "login_failed_per_ip"
+        ]
+    );
+}

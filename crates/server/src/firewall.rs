@@ -6,9 +6,10 @@
 //! proceeds: each rule counting that action's event type counts one more for
 //! the caller's scope (exact IP by keyed HMAC, IP prefix, user or device) in
 //! a shared, atomic counter per window. Past the threshold, the first time in
-//! a window, the rule's side effect runs — block the users (and revoke the
-//! sessions) or quarantine the devices the scope created within the
-//! look-back, with the matching kill-switch command — and a decision is
+//! a window, the rule's side effect runs — block the users (revoking their
+//! sessions, and taking their devices out of service with `CRITICAL_LOCK`)
+//! or quarantine the devices (`IMMEDIATE_QUARANTINE`) the scope created
+//! within the look-back — and a decision is
 //! recorded with the rule as it was, the anonymised scope and every affected
 //! id, so an operator can undo it in one call. While the scope stays over the
 //! threshold the action gets the same generic 429 `rate_limited` a plain
@@ -183,12 +184,13 @@ async fn decide(
     let since = chrono::Utc::now()
         - chrono::Duration::seconds(i64::from(rule.lookback_seconds.max(rule.window_seconds)));
     let (users, devices) = match rule.side_effect.as_str() {
+        // The users the scope created, and the devices they registered with
+        // (locked too, so the block bites before their access tokens expire).
         "block_users" => {
-            let (users, _) = state
+            state
                 .store
                 .scope_members("create:user", &rule.scope, key, since)
-                .await?;
-            (users, Vec::new())
+                .await?
         }
         "quarantine_devices" => {
             let devices = if rule.scope == "device" {
@@ -239,13 +241,12 @@ async fn decide(
     if enforce {
         for device in &decision.affected_devices {
             state.auth.devices.invalidate(device).await;
-            realtime::issue(
-                state.shared.as_ref(),
-                device,
-                Action::ImmediateQuarantine,
-                "abuse_firewall",
-            )
-            .await?;
+            let action = if rule.side_effect == "block_users" {
+                Action::CriticalLock
+            } else {
+                Action::ImmediateQuarantine
+            };
+            realtime::issue(state.shared.as_ref(), device, action, "abuse_firewall").await?;
         }
     }
     tracing::warn!(

@@ -166,6 +166,19 @@ async fn a_burst_of_registrations_blocks_its_users_and_undo_restores_them(backen
             "account_blocked"
         );
     }
+    // Their devices are out of service too (quarantined, told CRITICAL_LOCK).
+    let device: Value = admin(
+        &app,
+        reqwest::Method::GET,
+        "/v1/admin/devices/device_fw_a0",
+        None,
+    )
+    .await
+    .json()
+    .await
+    .expect("json");
+    assert_eq!(device["status"], "quarantined");
+    assert_eq!(device["last_command"]["action"], "CRITICAL_LOCK");
     // Another address is not.
     let r = from(&app, OTHER, "/v1/auth/register", &credentials("b0")).await;
     assert_eq!(r.status(), StatusCode::CREATED);

@@ -30,7 +30,10 @@ use crate::{
     error::ApiError,
     realtime::{self, Action},
     state::SharedState,
-    store::{FirewallDecision, FirewallRule, NewDecision, Store, StoreResult},
+    store::{
+        reload::{keep_fresh, Reload},
+        FirewallDecision, FirewallRule, NewDecision, Store, StoreResult,
+    },
 };
 
 /// Pub/sub channel announcing a rule change.
@@ -65,32 +68,20 @@ impl Rules {
         shared: Arc<dyn SharedState>,
     ) -> anyhow::Result<Arc<Self>> {
         let rules = Arc::new(Self::default());
-        rules.reload(store.as_ref()).await?;
-        let mut changes = shared.subscribe(CHANGED_CHANNEL).await?;
-        let weak = Arc::downgrade(&rules);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(RELOAD_EVERY);
-            loop {
-                tokio::select! {
-                    message = changes.recv() => if message.is_none() { break },
-                    _ = tick.tick() => {}
-                }
-                let Some(rules) = weak.upgrade() else { break };
-                if let Err(e) = rules.reload(store.as_ref()).await {
-                    tracing::warn!(error = %e, "firewall rules not reloaded");
-                }
-            }
-        });
+        keep_fresh(
+            &rules,
+            store,
+            shared.as_ref(),
+            CHANGED_CHANNEL,
+            RELOAD_EVERY,
+        )
+        .await?;
         Ok(rules)
     }
 
     /// Replaces the cache with the store's rules.
     pub async fn reload(&self, store: &dyn Store) -> StoreResult<()> {
-        let fresh = store.firewall_rules().await?;
-        if let Ok(mut rules) = self.rules.write() {
-            *rules = fresh;
-        }
-        Ok(())
+        Reload::reload(self, store).await
     }
 
     fn for_event(&self, event_type: &str) -> Vec<FirewallRule> {
@@ -104,6 +95,17 @@ impl Rules {
                     .collect()
             })
             .unwrap_or_default()
+    }
+}
+
+#[async_trait::async_trait]
+impl Reload for Rules {
+    async fn reload(&self, store: &dyn Store) -> StoreResult<()> {
+        let fresh = store.firewall_rules().await?;
+        if let Ok(mut rules) = self.rules.write() {
+            *rules = fresh;
+        }
+        Ok(())
     }
 }
 

@@ -29,10 +29,6 @@ pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(get_audit_logs))
 }
 
-/// Rows per page unless `limit` says otherwise, and at most.
-const DEFAULT_LIMIT: u32 = 50;
-const MAX_LIMIT: u32 = 200;
-
 /// Query parameters.
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -117,14 +113,8 @@ pub async fn get_audit_logs(
     reader: Reader,
     query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<JsonResponse<AuditPage>, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::Validation {
-        field: "query".into(),
-        message: e.body_text(),
-    })?;
-    let limit = query.limit.unwrap_or(DEFAULT_LIMIT);
-    if !(1..=MAX_LIMIT).contains(&limit) {
-        return Err(ApiError::invalid_field("limit", "must be within 1–200"));
-    }
+    let query = super::json::query(query)?;
+    let limit = super::json::page_limit(query.limit)?;
     let before =
         match query.cursor.as_deref() {
             None => None,

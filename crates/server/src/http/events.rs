@@ -62,14 +62,8 @@ pub async fn get_events(
     _admin: AdminAuth,
     query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<JsonResponse<EventsPage>, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::Validation {
-        field: "query".into(),
-        message: e.body_text(),
-    })?;
-    let limit = query.limit.unwrap_or(50);
-    if !(1..=200).contains(&limit) {
-        return Err(ApiError::invalid_field("limit", "must be within 1–200"));
-    }
+    let query = super::json::query(query)?;
+    let limit = super::json::page_limit(query.limit)?;
     let before =
         match query.cursor.as_deref() {
             None => None,

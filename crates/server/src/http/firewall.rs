@@ -162,14 +162,8 @@ pub async fn get_decisions(
     _admin: AdminAuth,
     query: Result<Query<DecisionsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<JsonResponse<DecisionList>, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::Validation {
-        field: "query".into(),
-        message: e.body_text(),
-    })?;
-    let limit = query.limit.unwrap_or(50);
-    if !(1..=200).contains(&limit) {
-        return Err(ApiError::invalid_field("limit", "must be within 1–200"));
-    }
+    let query = super::json::query(query)?;
+    let limit = super::json::page_limit(query.limit)?;
     Ok(JsonResponse(DecisionList {
         items: state.store.firewall_decisions(limit).await?,
     }))

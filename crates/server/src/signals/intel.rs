@@ -22,7 +22,10 @@ use ipnet::IpNet;
 
 use crate::{
     state::SharedState,
-    store::{Store, StoreResult},
+    store::{
+        reload::{keep_fresh, Reload},
+        Store, StoreResult,
+    },
 };
 
 /// Pub/sub channel announcing a change to the lists.
@@ -88,48 +91,20 @@ impl ThreatIntel {
         shared: Arc<dyn SharedState>,
     ) -> anyhow::Result<Arc<Self>> {
         let intel = Arc::new(Self::default());
-        intel.reload(store.as_ref()).await?;
-        let mut changes = shared.subscribe(CHANGED_CHANNEL).await?;
-        let weak = Arc::downgrade(&intel);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(RELOAD_EVERY);
-            loop {
-                tokio::select! {
-                    message = changes.recv() => if message.is_none() { break },
-                    _ = tick.tick() => {}
-                }
-                let Some(intel) = weak.upgrade() else { break };
-                if let Err(e) = intel.reload(store.as_ref()).await {
-                    tracing::warn!(error = %e, "threat intelligence not reloaded");
-                }
-            }
-        });
+        keep_fresh(
+            &intel,
+            store,
+            shared.as_ref(),
+            CHANGED_CHANNEL,
+            RELOAD_EVERY,
+        )
+        .await?;
         Ok(intel)
     }
 
     /// Replaces the lists with the store's.
     pub async fn reload(&self, store: &dyn Store) -> StoreResult<()> {
-        let mut lists = Lists::default();
-        for (kind, value) in store.threat_intel().await? {
-            match kind.as_str() {
-                "app_hash" => {
-                    lists.app_hashes.insert(value);
-                }
-                "domain" => {
-                    lists.domains.insert(value);
-                }
-                "ip" => {
-                    if let Ok(net) = value.parse() {
-                        lists.nets.push(net);
-                    }
-                }
-                _ => {}
-            }
-        }
-        if let Ok(mut current) = self.lists.write() {
-            *current = lists;
-        }
-        Ok(())
+        Reload::reload(self, store).await
     }
 
     /// True when `ip` is on the blacklist.
@@ -170,6 +145,33 @@ impl ThreatIntel {
             ip: ip_hit,
             window_seen_elsewhere: false,
         }
+    }
+}
+
+#[async_trait::async_trait]
+impl Reload for ThreatIntel {
+    async fn reload(&self, store: &dyn Store) -> StoreResult<()> {
+        let mut lists = Lists::default();
+        for (kind, value) in store.threat_intel().await? {
+            match kind.as_str() {
+                "app_hash" => {
+                    lists.app_hashes.insert(value);
+                }
+                "domain" => {
+                    lists.domains.insert(value);
+                }
+                "ip" => {
+                    if let Ok(net) = value.parse() {
+                        lists.nets.push(net);
+                    }
+                }
+                _ => {}
+            }
+        }
+        if let Ok(mut current) = self.lists.write() {
+            *current = lists;
+        }
+        Ok(())
     }
 }
 

@@ -17,6 +17,7 @@ pub mod event_schema;
 mod firewall;
 mod identity;
 mod postgres;
+pub mod reload;
 mod sqlite;
 
 use std::{sync::Arc, time::Duration};

@@ -280,6 +280,16 @@ async fn state_comes_first_then_commands_and_locks_bite(backend: Backend) {
     );
     assert_eq!(view["last_command"]["action"], "CRITICAL_LOCK");
 
+    // The ack is saved asynchronously (in batches); a socket opened before
+    // it lands would rightly get the command again (at-least-once).
+    let acked = blockremote::state::keys::command_acked(&d.id);
+    assert!(
+        crate::helpers::eventually(Duration::from_secs(3), || async {
+            app.state.shared.get(&acked).await.expect("get").as_deref() == Some(&b"1"[..])
+        })
+        .await,
+        "ack saved"
+    );
     // A locked device can still connect, and learns its state first.
     let mut second = open(&app, &d).await;
     assert_eq!(
@@ -425,7 +435,15 @@ async fn missed_commands_are_resent_and_resume_replays_in_order(backend: Backend
             (3, "IMMEDIATE_QUARANTINE".into())
         ]
     );
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Acks are saved asynchronously: wait until this one landed.
+    let acked = blockremote::state::keys::command_acked(&d.id);
+    assert!(
+        crate::helpers::eventually(Duration::from_secs(3), || async {
+            app.state.shared.get(&acked).await.expect("get").as_deref() == Some(&b"3"[..])
+        })
+        .await,
+        "ack saved"
+    );
     drop(socket);
 
     // Everything acked: a reconnect gets the state only…

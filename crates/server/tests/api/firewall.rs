@@ -16,6 +16,7 @@ use crate::helpers::{eventually, second_instance, spawn_app_with, Backend, TestA
 crate::on_both_backends!(
     a_burst_of_registrations_blocks_its_users_and_undo_restores_them,
     simulate_mode_records_and_blocks_nothing,
+    failed_logins_attestations_and_session_mints_ask_the_firewall,
 );
 
 const ADMIN: &str = "firewall-admin-key-0123456789abcdef01234";
@@ -26,8 +27,29 @@ async fn app(backend: Backend) -> Option<TestApp> {
     spawn_app_with(backend, |c| {
         c.admin_token = Some(ADMIN.to_owned().into());
         c.trusted_proxies = vec!["127.0.0.1/32".parse().expect("cidr")];
+        c.attestation_test_secret = Some("firewall-attestation-secret".to_owned().into());
+        // The attestation module's own quarantine stays out of the way.
+        c.attestation_max_failures = 100;
     })
     .await
+}
+
+/// Runs `sql` on the app's database (a rule that the API cannot create).
+async fn execute(app: &TestApp, sql: &str) {
+    match &app.state.config.database {
+        DatabaseConfig::Sqlite { url } => {
+            let pool = sqlx::SqlitePool::connect(url.expose_secret())
+                .await
+                .expect("connect");
+            sqlx::query(sql).execute(&pool).await.expect("sql");
+        }
+        DatabaseConfig::Postgres { url } => {
+            let pool = sqlx::PgPool::connect(url.expose_secret())
+                .await
+                .expect("connect");
+            sqlx::query(sql).execute(&pool).await.expect("sql");
+        }
+    }
 }
 
 async fn admin(
@@ -371,4 +393,126 @@ async fn simulate_mode_records_and_blocks_nothing(backend: Backend) {
             "login_failed_per_ip"
         ]
     );
+}
+
+async fn failed_logins_attestations_and_session_mints_ask_the_firewall(backend: Backend) {
+    let Some(app) = app(backend).await else {
+        return;
+    };
+    let r = from(&app, ATTACKER, "/v1/auth/register", &credentials("l0")).await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let session: Value = r.json().await.expect("json");
+
+    // Failed logins: past the threshold, the generic 429 instead of 401.
+    let r = admin(
+        &app,
+        reqwest::Method::PUT,
+        "/v1/admin/firewall/rules/login_failed_per_ip",
+        Some(json!({"threshold": 2})),
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let mut wrong = credentials("l0");
+    wrong["password"] = json!("not the password at all");
+    for expected in [
+        StatusCode::UNAUTHORIZED,
+        StatusCode::UNAUTHORIZED,
+        StatusCode::TOO_MANY_REQUESTS,
+    ] {
+        assert_eq!(
+            from(&app, ATTACKER, "/v1/auth/login", &wrong)
+                .await
+                .status(),
+            expected
+        );
+    }
+    assert_eq!(
+        from(&app, OTHER, "/v1/auth/login", &wrong).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+
+    // Failed attestations: the device is quarantined on the rule's threshold.
+    let r = admin(
+        &app,
+        reqwest::Method::PUT,
+        "/v1/admin/firewall/rules/attestation_failed_per_device",
+        Some(json!({"threshold": 1})),
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let bogus = json!({"nonce": "never-issued", "provider": "test", "token": "x"});
+    let attest = || {
+        app.device_post(
+            "/v1/attestation/verify",
+            session["access_token"].as_str().expect("token"),
+            Some("device_fw_l0"),
+            Some(&bogus),
+        )
+    };
+    assert_eq!(
+        attest().await.status(),
+        StatusCode::CONFLICT,
+        "first failure: its own answer"
+    );
+    assert_eq!(
+        attest().await.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "second: the firewall"
+    );
+    let decisions: Value = admin(
+        &app,
+        reqwest::Method::GET,
+        "/v1/admin/firewall/decisions",
+        None,
+    )
+    .await
+    .json()
+    .await
+    .expect("json");
+    let quarantine = decisions["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .find(|d| d["rule_name"] == "attestation_failed_per_device")
+        .expect("decision")
+        .clone();
+    assert_eq!(quarantine["affected_devices"], json!(["device_fw_l0"]));
+    let device: Value = admin(
+        &app,
+        reqwest::Method::GET,
+        "/v1/admin/devices/device_fw_l0",
+        None,
+    )
+    .await
+    .json()
+    .await
+    .expect("json");
+    assert_eq!(device["status"], "quarantined");
+    assert_eq!(device["last_command"]["action"], "IMMEDIATE_QUARANTINE");
+
+    // Session mints: no default rule counts them, but one in the table does.
+    execute(
+        &app,
+        "INSERT INTO firewall_rules (name, event_type, scope, threshold, window_seconds, lookback_seconds, side_effect, mode) \
+         VALUES ('create_session_per_device', 'create:session', 'device', 1, 3600, 0, 'throttle', 'enforce')",
+    )
+    .await;
+    app.state
+        .firewall
+        .reload(app.state.store.as_ref())
+        .await
+        .expect("reload");
+    let mint = || {
+        admin(
+            &app,
+            reqwest::Method::POST,
+            "/v1/admin/sessions",
+            Some(
+                json!({"user_id": session["user_id"], "device_id": "device_fw_m0",
+                "device_fingerprint": "fp-m0", "platform": "android"}),
+            ),
+        )
+    };
+    assert_eq!(mint().await.status(), StatusCode::CREATED);
+    assert_eq!(mint().await.status(), StatusCode::TOO_MANY_REQUESTS);
 }

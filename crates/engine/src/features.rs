@@ -253,6 +253,21 @@ fn dwell_times(touches: &[Touch]) -> Vec<f64> {
     dwell
 }
 
+/// The fingerprint of the window's accelerometer samples, as
+/// [`Features::fingerprint`] reports it (none for short or flat windows) —
+/// without computing the other features.
+pub fn window_fingerprint(heartbeat: &Heartbeat) -> Option<u64> {
+    fingerprint_unless_flat(&heartbeat.accelerometer, repeats(&heartbeat.accelerometer))
+}
+
+fn fingerprint_unless_flat(samples: &[Sample], repeats: f64) -> Option<u64> {
+    if repeats > 0.9 {
+        None
+    } else {
+        fingerprint(samples)
+    }
+}
+
 fn fingerprint(samples: &[Sample]) -> Option<u64> {
     let first = samples.first()?;
     if samples.len() < 8 {
@@ -323,11 +338,7 @@ pub fn extract(heartbeat: &Heartbeat) -> Features {
         straightness,
         gestures,
         upload_rate: heartbeat.network.map(|n| n.upload_rate()),
-        fingerprint: if repeats_accel > 0.9 {
-            None
-        } else {
-            fingerprint(accel)
-        },
+        fingerprint: fingerprint_unless_flat(accel, repeats_accel),
     }
 }
 
@@ -497,6 +508,11 @@ mod tests {
         .fingerprint;
         assert!(fa.is_some());
         assert_eq!(fa, fb);
+        let same = window_fingerprint(&Heartbeat {
+            accelerometer: still(64, 0.02, 11),
+            ..Default::default()
+        });
+        assert_eq!(same, fa, "the standalone fingerprint matches extract's");
         let other = extract(&Heartbeat {
             accelerometer: still(64, 0.02, 12),
             ..Default::default()

@@ -10,13 +10,12 @@ use axum::{
     http::request::Parts,
     Json as JsonResponse,
 };
-use base64::{engine::general_purpose::URL_SAFE_NO_PAD as B64, Engine as _};
-use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
+use super::paging;
 use crate::{
     app::AppState,
     auth::extract::{bearer, AdminAuth, DeviceAuth},
@@ -80,25 +79,6 @@ impl FromRequestParts<AppState> for Reader {
     }
 }
 
-fn encode_cursor(row: &AuditEntry) -> String {
-    cursor_at(row.created_at, row.id)
-}
-
-/// An opaque page cursor for the position `(at, id)`.
-pub fn cursor_at(at: DateTime<Utc>, id: Uuid) -> String {
-    B64.encode(format!("{}|{}", at.to_rfc3339(), id))
-}
-
-/// The position a cursor made by [`cursor_at`] names.
-pub fn decode_cursor(raw: &str) -> Option<(DateTime<Utc>, Uuid)> {
-    let text = String::from_utf8(B64.decode(raw).ok()?).ok()?;
-    let (at, id) = text.split_once('|')?;
-    Some((
-        DateTime::parse_from_rfc3339(at).ok()?.to_utc(),
-        Uuid::parse_str(id).ok()?,
-    ))
-}
-
 /// Lists audit rows.
 #[utoipa::path(get, path = "/v1/audit/logs", tag = "audit",
     params(AuditQuery, ("X-Device-Id" = Option<String>, Header, description = "With a device token: the device it is bound to")),
@@ -113,15 +93,9 @@ pub async fn get_audit_logs(
     reader: Reader,
     query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<JsonResponse<AuditPage>, ApiError> {
-    let query = super::json::query(query)?;
-    let limit = super::json::page_limit(query.limit)?;
-    let before =
-        match query.cursor.as_deref() {
-            None => None,
-            Some(raw) => Some(decode_cursor(raw).ok_or_else(|| {
-                ApiError::invalid_field("cursor", "is not a cursor this API issued")
-            })?),
-        };
+    let query = paging::query(query)?;
+    let limit = paging::limit(query.limit)?;
+    let before = paging::position(query.cursor.as_deref())?;
     let mut filter = AuditFilter {
         user_id: query.user_id,
         device_id: query.device_id,
@@ -138,38 +112,7 @@ pub async fn get_audit_logs(
         }
         filter.user_id = Some(device.user_id);
     }
-    // One row more than asked tells whether another page exists.
-    let mut items = state.store.audit_page(&filter, limit + 1).await?;
-    let more = items.len() > limit as usize;
-    items.truncate(limit as usize);
-    let next_cursor = if more {
-        items.last().map(encode_cursor)
-    } else {
-        None
-    };
+    let rows = state.store.audit_page(&filter, limit + 1).await?;
+    let (items, next_cursor) = paging::page(rows, limit, |r| (r.created_at, r.id));
     Ok(JsonResponse(AuditPage { items, next_cursor }))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    proptest! {
-        #[test]
-        fn arbitrary_cursors_never_panic(raw in "\\PC{0,200}") {
-            let _ = decode_cursor(&raw);
-        }
-    }
-
-    #[test]
-    fn cursors_round_trip() {
-        let at = DateTime::parse_from_rfc3339("2026-11-23T10:00:00.123456Z")
-            .expect("time")
-            .to_utc();
-        let id = Uuid::now_v7();
-        let raw = B64.encode(format!("{}|{}", at.to_rfc3339(), id));
-        assert_eq!(decode_cursor(&raw), Some((at, id)));
-        assert_eq!(decode_cursor("bm9wZQ"), None);
-    }
 }

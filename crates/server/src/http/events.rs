@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::audit::{cursor_at, decode_cursor};
+use super::paging;
 use crate::{
     app::AppState,
     auth::extract::AdminAuth,
@@ -62,25 +62,13 @@ pub async fn get_events(
     _admin: AdminAuth,
     query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<JsonResponse<EventsPage>, ApiError> {
-    let query = super::json::query(query)?;
-    let limit = super::json::page_limit(query.limit)?;
-    let before =
-        match query.cursor.as_deref() {
-            None => None,
-            Some(raw) => Some(decode_cursor(raw).ok_or_else(|| {
-                ApiError::invalid_field("cursor", "is not a cursor this API issued")
-            })?),
-        };
-    let mut items = state
+    let query = paging::query(query)?;
+    let limit = paging::limit(query.limit)?;
+    let before = paging::position(query.cursor.as_deref())?;
+    let events = state
         .store
         .events_page(query.event_type.as_deref(), before, limit + 1)
         .await?;
-    let more = items.len() > limit as usize;
-    items.truncate(limit as usize);
-    let next_cursor = if more {
-        items.last().map(|e| cursor_at(e.created_at, e.id))
-    } else {
-        None
-    };
+    let (items, next_cursor) = paging::page(events, limit, |e| (e.created_at, e.id));
     Ok(JsonResponse(EventsPage { items, next_cursor }))
 }

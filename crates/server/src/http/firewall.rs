@@ -162,8 +162,8 @@ pub async fn get_decisions(
     _admin: AdminAuth,
     query: Result<Query<DecisionsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<JsonResponse<DecisionList>, ApiError> {
-    let query = super::json::query(query)?;
-    let limit = super::json::page_limit(query.limit)?;
+    let query = super::paging::query(query)?;
+    let limit = super::paging::limit(query.limit)?;
     Ok(JsonResponse(DecisionList {
         items: state.store.firewall_decisions(limit).await?,
     }))

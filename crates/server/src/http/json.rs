@@ -154,27 +154,6 @@ fn strip_position(message: &str) -> String {
     }
 }
 
-/// Query parameters parsed strictly: a malformed or unknown parameter is
-/// 422 `validation_failed` naming `query`.
-pub fn query<T>(
-    query: Result<axum::extract::Query<T>, axum::extract::rejection::QueryRejection>,
-) -> Result<T, ApiError> {
-    query.map(|q| q.0).map_err(|e| ApiError::Validation {
-        field: "query".into(),
-        message: e.body_text(),
-    })
-}
-
-/// A page size: `limit` within 1–200, 50 when absent.
-pub fn page_limit(limit: Option<u32>) -> Result<u32, ApiError> {
-    let limit = limit.unwrap_or(50);
-    if (1..=200).contains(&limit) {
-        Ok(limit)
-    } else {
-        Err(ApiError::invalid_field("limit", "must be within 1–200"))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -25,6 +25,7 @@ pub mod jwks;
 pub mod killswitch;
 pub mod metrics;
 pub mod middleware;
+pub mod paging;
 pub mod signals;
 pub mod validate;
 

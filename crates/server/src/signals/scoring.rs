@@ -27,6 +27,7 @@ use uuid::Uuid;
 use super::{ingest::decode_job, report::TrustReport};
 use crate::{
     app::AppState,
+    auth::device_status::Attestation as CachedAttestation,
     realtime::{self, Action},
     state::{keys, Job},
     store::{AuditSource, DeviceStatus, NewAuditEntry},
@@ -230,11 +231,11 @@ pub async fn load_report(state: &AppState, device_id: &str) -> anyhow::Result<Op
         .and_then(|raw| serde_json::from_slice(&raw).ok()))
 }
 
-fn attestation_of(raw: &str) -> Attestation {
-    match raw {
-        "verified" => Attestation::Verified,
-        "failed" => Attestation::Failed,
-        _ => Attestation::Unknown,
+fn attestation_of(cached: CachedAttestation) -> Attestation {
+    match cached {
+        CachedAttestation::Verified => Attestation::Verified,
+        CachedAttestation::Failed => Attestation::Failed,
+        CachedAttestation::Unknown => Attestation::Unknown,
     }
 }
 
@@ -245,7 +246,7 @@ async fn seen_elsewhere(
     device_id: &str,
     heartbeat: &Heartbeat,
 ) -> anyhow::Result<bool> {
-    let Some(fp) = blockremote_engine::features::extract(heartbeat).fingerprint else {
+    let Some(fp) = blockremote_engine::features::window_fingerprint(heartbeat) else {
         return Ok(false);
     };
     let key = keys::window_fingerprint(fp);
@@ -315,7 +316,7 @@ async fn score_locked(
     let mut intel: IntelHits = state.intel.hits(&heartbeat.context, ip_listed);
     intel.window_seen_elsewhere = !degraded && seen_elsewhere(state, device_id, &heartbeat).await?;
     let situation = Situation {
-        attestation: attestation_of(attestation),
+        attestation: attestation_of(device.attestation),
         plan: if plan.name == "trial" {
             PlanTier::Trial
         } else {

@@ -417,8 +417,22 @@ pub trait Store: Send + Sync + 'static {
         before: Option<(DateTime<Utc>, Uuid)>,
         limit: u32,
     ) -> StoreResult<Vec<StoredEvent>>;
-    /// Business events of a type, newest first (tests and the admin API).
-    async fn events_of_type(&self, event_type: &str, limit: u32) -> StoreResult<Vec<NewEvent>>;
+    /// Business events of a type, newest first (tests and checks).
+    async fn events_of_type(&self, event_type: &str, limit: u32) -> StoreResult<Vec<NewEvent>> {
+        Ok(self
+            .events_page(Some(event_type), None, limit)
+            .await?
+            .into_iter()
+            .map(|e| NewEvent {
+                event_type: e.event_type,
+                user_id: e.user_id,
+                device_id: e.device_id,
+                ip_prefix: e.ip_prefix,
+                ip_hmac: e.ip_hmac,
+                metadata: e.metadata,
+            })
+            .collect())
+    }
 
     /// Every signing key, oldest first.
     async fn signing_keys(&self) -> StoreResult<Vec<SigningKeyRecord>>;

@@ -871,32 +871,6 @@ impl Store for SqliteStore {
         insert_event(&mut conn, &event).await
     }
 
-    async fn events_of_type(&self, event_type: &str, limit: u32) -> StoreResult<Vec<NewEvent>> {
-        let rows = sqlx::query(
-            "SELECT type, user_id, device_id, ip_prefix, ip_hmac, metadata FROM business_events \
-             WHERE type = $1 ORDER BY created_at DESC, id DESC LIMIT $2",
-        )
-        .bind(event_type)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                let user_id: Option<String> = row.try_get("user_id")?;
-                let metadata: String = row.try_get("metadata")?;
-                Ok(NewEvent {
-                    event_type: row.try_get("type")?,
-                    user_id: user_id.as_deref().map(parse_uuid).transpose()?,
-                    device_id: row.try_get("device_id")?,
-                    ip_prefix: row.try_get("ip_prefix")?,
-                    ip_hmac: row.try_get("ip_hmac")?,
-                    metadata: serde_json::from_str(&metadata)
-                        .map_err(|e| StoreError::Other(sqlx::Error::Decode(Box::new(e))))?,
-                })
-            })
-            .collect()
-    }
-
     async fn signing_keys(&self) -> StoreResult<Vec<SigningKeyRecord>> {
         let rows = sqlx::query(
             "SELECT kid, alg, private_der, public_jwk, created_at, retired_at FROM signing_keys \

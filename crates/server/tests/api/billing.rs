@@ -153,6 +153,19 @@ async fn both_signature_schemes_and_rotated_secrets_are_accepted(backend: Backen
         (status, &reply),
         (StatusCode::OK, &json!({"status": "processed"}))
     );
+    // The event is recorded with the SHA-256 of the exact body.
+    let stored = app
+        .state
+        .store
+        .billing_event_hash("evt_a1")
+        .await
+        .expect("lookup");
+    assert_eq!(
+        stored,
+        Some(hex::encode(<Sha256 as sha2::Digest>::digest(
+            body.as_bytes()
+        )))
+    );
     let after = subscription_json(&app, &d).await;
     assert_eq!(after["plan"], "paid_basic");
     assert_eq!(after["status"], "active");

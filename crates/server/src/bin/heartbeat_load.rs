@@ -9,6 +9,8 @@
 //! percentiles and every non-202 status. See docs/BENCHMARKS.md.
 
 use std::{
+    collections::BTreeMap,
+    io::Write as _,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
@@ -22,6 +24,10 @@ use clap::Parser;
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
 use sha2::Sha256;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
 
 #[derive(Debug, Parser)]
 #[command(about = "Heartbeat ingestion load: throughput and latency")]
@@ -44,6 +50,137 @@ struct Args {
     /// Duration of the measured run.
     #[arg(long, default_value_t = 20)]
     seconds: u64,
+    /// Threads driving the connections (one single-threaded runtime each).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+}
+
+/// What every connection of the measured run shares.
+#[derive(Clone)]
+struct Shared {
+    addr: String,
+    tokens: Arc<Vec<(String, String)>>,
+    bodies: Arc<Vec<String>>,
+    stop: Arc<AtomicBool>,
+    next_device: Arc<AtomicU64>,
+    seqs: Arc<Vec<AtomicU64>>,
+}
+
+/// Latencies of the 202s (µs) and a count of every status (0: I/O error).
+#[derive(Default)]
+struct Tally {
+    latencies: Vec<u32>,
+    statuses: BTreeMap<u16, u64>,
+}
+
+impl Tally {
+    fn merge(&mut self, other: Tally) {
+        self.latencies.extend(other.latencies);
+        for (k, v) in other.statuses {
+            *self.statuses.entry(k).or_default() += v;
+        }
+    }
+}
+
+/// One keep-alive connection sending heartbeats until told to stop.
+async fn connection(shared: Shared) -> anyhow::Result<Tally> {
+    let mut tally = Tally::default();
+    let mut stream = None;
+    let mut request = Vec::with_capacity(8 * 1024);
+    let mut response = Vec::with_capacity(1024);
+    while !shared.stop.load(Ordering::Relaxed) {
+        let i = (shared.next_device.fetch_add(1, Ordering::Relaxed) as usize) % shared.tokens.len();
+        let (device, token) = &shared.tokens[i];
+        let seq = shared.seqs[i].fetch_add(1, Ordering::Relaxed) + 1;
+        let body = format!(
+            "{{\"seq\":{seq},\"accelerometer\":[[0,{:.3},{:.3},9.8],{}",
+            0.1 + i as f64 * 1e-3,
+            0.2 + (seq % 100_000) as f64 * 1e-3,
+            shared.bodies[(seq as usize) % shared.bodies.len()]
+        );
+        request.clear();
+        write!(
+            request,
+            "POST /v1/signals/heartbeat HTTP/1.1\r\nhost: {}\r\nauthorization: Bearer {token}\r\n\
+             x-device-id: {device}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            shared.addr,
+            body.len()
+        )?;
+        request.extend_from_slice(body.as_bytes());
+        let t0 = Instant::now();
+        if stream.is_none() {
+            let s = TcpStream::connect(&shared.addr).await?;
+            s.set_nodelay(true)?;
+            stream = Some(s);
+        }
+        let Some(s) = stream.as_mut() else { continue };
+        let status = match exchange(s, &request, &mut response).await {
+            Ok((status, keep_alive)) => {
+                if !keep_alive {
+                    stream = None;
+                }
+                status
+            }
+            Err(_) => {
+                stream = None;
+                0
+            }
+        };
+        let micros = u32::try_from(t0.elapsed().as_micros()).unwrap_or(u32::MAX);
+        *tally.statuses.entry(status).or_default() += 1;
+        if status == 202 {
+            tally.latencies.push(micros);
+        }
+    }
+    Ok(tally)
+}
+
+/// Writes `request` and reads one response; its status and whether the
+/// connection stays open.
+async fn exchange(
+    stream: &mut TcpStream,
+    request: &[u8],
+    buf: &mut Vec<u8>,
+) -> anyhow::Result<(u16, bool)> {
+    stream.write_all(request).await?;
+    buf.clear();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            bail!("connection closed");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+    };
+    let head = std::str::from_utf8(&buf[..head_end])?;
+    let status: u16 = head
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .context("a status line")?;
+    let mut length = 0usize;
+    let mut keep_alive = true;
+    for line in head.split("\r\n").skip(1) {
+        if let Some((name, value)) = line.split_once(':') {
+            let value = value.trim();
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value.parse()?;
+            } else if name.eq_ignore_ascii_case("connection") && value.eq_ignore_ascii_case("close")
+            {
+                keep_alive = false;
+            }
+        }
+    }
+    while buf.len() < head_end + length {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            bail!("connection closed");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Ok((status, keep_alive))
 }
 
 fn percentile(sorted: &[u32], p: f64) -> f64 {
@@ -166,67 +303,65 @@ async fn main() -> anyhow::Result<()> {
         args.seconds
     );
 
+    // The measured run: raw HTTP/1.1 keep-alive connections, like wrk, so
+    // the tool spends as little of the two cores as it can (no HTTP client
+    // stack, request bytes assembled into one reused buffer). `--threads`
+    // single-threaded runtimes share the connections.
+    let target = url::Url::parse(&args.url)?;
+    let addr = format!(
+        "{}:{}",
+        target.host_str().context("a host in --url")?,
+        target.port_or_known_default().context("a port in --url")?
+    );
     let tokens = Arc::new(tokens);
     let stop = Arc::new(AtomicBool::new(false));
     let next_device = Arc::new(AtomicU64::new(0));
     let seqs: Arc<Vec<AtomicU64>> =
         Arc::new((0..tokens.len()).map(|_| AtomicU64::new(0)).collect());
     let started = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..args.connections {
-        let (http, url, tokens, bodies, stop, next_device, seqs) = (
-            http.clone(),
-            args.url.clone(),
-            tokens.clone(),
-            bodies.clone(),
-            stop.clone(),
-            next_device.clone(),
-            seqs.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            let mut latencies: Vec<u32> = Vec::new();
-            let mut statuses: std::collections::BTreeMap<u16, u64> = Default::default();
-            while !stop.load(Ordering::Relaxed) {
-                let i = (next_device.fetch_add(1, Ordering::Relaxed) as usize) % tokens.len();
-                let (device, token) = &tokens[i];
-                let seq = seqs[i].fetch_add(1, Ordering::Relaxed) + 1;
-                let body = format!(
-                    "{{\"seq\":{seq},\"accelerometer\":[[0,{:.3},{:.3},9.8],{}",
-                    0.1 + i as f64 * 1e-3,
-                    0.2 + (seq % 100_000) as f64 * 1e-3,
-                    bodies[(seq as usize) % bodies.len()]
-                );
-                let t0 = Instant::now();
-                let response = http
-                    .post(format!("{url}/v1/signals/heartbeat"))
-                    .bearer_auth(token)
-                    .header("x-device-id", device)
-                    .header("content-type", "application/json")
-                    .body(body)
-                    .send()
-                    .await;
-                let micros = u32::try_from(t0.elapsed().as_micros()).unwrap_or(u32::MAX);
-                let status = response.map(|r| r.status().as_u16()).unwrap_or(0);
-                *statuses.entry(status).or_default() += 1;
-                if status == 202 {
-                    latencies.push(micros);
+    let threads = args.threads.clamp(1, args.connections.max(1));
+    let mut handles = Vec::new();
+    for t in 0..threads {
+        let connections = args.connections / threads + usize::from(t < args.connections % threads);
+        let shared = Shared {
+            addr: addr.clone(),
+            tokens: tokens.clone(),
+            bodies: bodies.clone(),
+            stop: stop.clone(),
+            next_device: next_device.clone(),
+            seqs: seqs.clone(),
+        };
+        handles.push(std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async move {
+                let mut set = tokio::task::JoinSet::new();
+                for _ in 0..connections {
+                    set.spawn(connection(shared.clone()));
                 }
-            }
-            (latencies, statuses)
+                let mut out = Tally::default();
+                while let Some(result) = set.join_next().await {
+                    out.merge(result??);
+                }
+                Ok::<_, anyhow::Error>(out)
+            })
         }));
     }
     tokio::time::sleep(Duration::from_secs(args.seconds)).await;
     stop.store(true, Ordering::Relaxed);
     let elapsed = started.elapsed().as_secs_f64();
-    let mut latencies = Vec::new();
-    let mut statuses: std::collections::BTreeMap<u16, u64> = Default::default();
-    for task in tasks {
-        let (l, s) = task.await?;
-        latencies.extend(l);
-        for (k, v) in s {
-            *statuses.entry(k).or_default() += v;
-        }
+    let mut tally = Tally::default();
+    for handle in handles {
+        let result = tokio::task::spawn_blocking(move || handle.join())
+            .await?
+            .map_err(|_| anyhow::anyhow!("a load thread panicked"))?;
+        tally.merge(result?);
     }
+    let Tally {
+        mut latencies,
+        statuses,
+    } = tally;
     latencies.sort_unstable();
     println!(
         "accepted {} heartbeats in {:.1} s: {:.0}/s; latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; statuses {:?}",

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Heartbeat ingestion benchmark: accepted heartbeats/s and latency.
+# Usage: scripts/bench-heartbeat.sh [embedded|production|both] [SECONDS]
+# (1) the embedded default: one `serve` (SQLite, in-process queue and
+# workers); (2) PostgreSQL + Redis: one `serve` and one `worker`. Needs the
+# local PostgreSQL/Redis of the CI machine for (2). Results: docs/BENCHMARKS.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WHICH=${1:-both}
+SECONDS_RUN=${2:-20}
+cargo build --release --bin blockremote --bin heartbeat-load >/dev/null
+BIN=target/release
+KEY=bench-admin-key-0123456789abcdef0123456789
+SECRET=whsec_bench_0123456789abcdef
+export BLOCKREMOTE_ADMIN_TOKEN=$KEY BLOCKREMOTE_WEBHOOK_SECRETS=$SECRET RUST_LOG=warn
+WORK=$(mktemp -d)
+DB=br_hb_bench_$(date +%s)
+cleanup() {
+  kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"
+  if [ "$WHICH" != embedded ]; then
+    psql -q -h 127.0.0.1 -U postgres -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" || true
+    redis-cli --scan --pattern "bench:$DB:*" | xargs -r redis-cli del >/dev/null || true
+  fi
+}
+trap cleanup EXIT
+wait_ready() { for _ in $(seq 1 100); do curl -sf "$1/health/ready" >/dev/null && return 0; sleep 0.1; done; echo "not ready: $1" >&2; return 1; }
+# CPU seconds (user + system) a process has used so far.
+cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$1/stat"; }
+# Runs the load tool and prints the CPU the given processes spent during it.
+load() {
+  local url=$1; shift
+  local before=() pid i=0
+  for pid in "$@"; do before+=("$(cpu "$pid")"); done
+  $BIN/heartbeat-load --url "$url" --devices 2000 --connections 64 --seconds "$SECONDS_RUN" | tee "$WORK/load.out"
+  for pid in "$@"; do
+    echo "cpu of pid $pid during the run (setup included): $(echo "$(cpu "$pid") - ${before[$i]}" | bc) s"
+    i=$((i + 1))
+  done
+}
+metric() { curl -s "$1/metrics" | grep -E "^signals_(heartbeats_accepted|heartbeats_scored|degraded|queue_backlog)" || true; }
+
+if [ "$WHICH" != production ]; then
+  echo "== embedded default, $SECONDS_RUN s"
+  BLOCKREMOTE_DATA_DIR=$WORK/embedded BLOCKREMOTE_LISTEN=127.0.0.1:18200 $BIN/blockremote serve >"$WORK/embedded.log" 2>&1 &
+  PID=$!
+  wait_ready http://127.0.0.1:18200
+  load http://127.0.0.1:18200 $PID
+  sleep 2; metric http://127.0.0.1:18200
+  kill -TERM $PID; wait $PID || true
+fi
+
+if [ "$WHICH" != embedded ]; then
+  echo "== PostgreSQL + Redis, one serve + one worker, $SECONDS_RUN s"
+  psql -q -h 127.0.0.1 -U postgres -c "CREATE DATABASE $DB"
+  export DATABASE_URL=postgres://postgres@127.0.0.1:5432/$DB REDIS_URL=redis://127.0.0.1:6379 BLOCKREMOTE_REDIS_PREFIX=bench:$DB:
+  $BIN/blockremote migrate >/dev/null
+  BLOCKREMOTE_DATA_DIR=$WORK/p BLOCKREMOTE_LISTEN=127.0.0.1:18201 $BIN/blockremote serve >"$WORK/p.log" 2>&1 &
+  PID=$!
+  wait_ready http://127.0.0.1:18201
+  BLOCKREMOTE_DATA_DIR=$WORK/w $BIN/blockremote worker >"$WORK/w.log" 2>&1 &
+  WORKER=$!
+  load http://127.0.0.1:18201 $PID $WORKER $(pgrep -x redis-server | head -1)
+  sleep 3; metric http://127.0.0.1:18201
+fi

@@ -34,9 +34,22 @@ use crate::{
     workers::{self, WorkerOptions, WorkerPool},
 };
 
-/// Cheap, cloneable handles shared by every handler and worker.
+/// What every handler and worker shares, behind one `Arc`: a request
+/// clones the state several times (extractors, middleware), and one
+/// reference count is cheaper than eleven (docs/BENCHMARKS.md).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<AppHandles>);
+
+impl std::ops::Deref for AppState {
+    type Target = AppHandles;
+
+    fn deref(&self) -> &AppHandles {
+        &self.0
+    }
+}
+
+/// The handles inside [`AppState`].
+pub struct AppHandles {
     /// The validated configuration.
     pub config: Arc<Config>,
     /// The durable store.
@@ -98,7 +111,7 @@ impl AppState {
         let firewall = crate::firewall::Rules::start(store.clone(), shared.clone())
             .await
             .map_err(|e| StartupError::Workers(e.to_string()))?;
-        Ok(Self {
+        Ok(Self(Arc::new(AppHandles {
             config: Arc::new(config),
             store,
             shared,
@@ -110,7 +123,7 @@ impl AppState {
             breaker: Arc::default(),
             firewall,
             shutdown: CancellationToken::new(),
-        })
+        })))
     }
 
     /// Reloads the signing keys every `key_reload_interval` until `stop`, so

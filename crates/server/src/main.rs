@@ -13,6 +13,12 @@ use blockremote::{
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+// mimalloc: thread-local free lists instead of glibc's locked arenas. Under
+// heartbeat load glibc's malloc and its arena lock were ~17% of the server's
+// CPU (docs/BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "blockremote",

@@ -21,7 +21,7 @@ use crate::{
         report::TrustReport,
         scoring,
     },
-    state::{keys, StateError},
+    state::{keys, Advanced},
     store::DeviceStatus,
 };
 
@@ -74,26 +74,53 @@ pub async fn post_heartbeat(
     })?;
     let seq = heartbeat.seq;
     let seq_key = keys::heartbeat_seq(&device.device_id);
-    let Some(previous) = state
-        .shared
-        .advance(&seq_key, seq, scoring::STATE_TTL)
-        .await?
-    else {
-        state.metrics.signals_replays.inc();
-        state
-            .store
-            .record_event(state.auth.event(
-                "signals:replay",
-                Some(device.user_id),
-                Some(&device.device_id),
-                ip.0,
-                serde_json::json!({"seq": seq}),
-            ))
-            .await?;
-        return Err(ApiError::conflict(
-            codes::REPLAY,
-            "This heartbeat's seq is not above the last one accepted.",
-        ));
+    let ip_listed = state.intel.ip_listed(ip.0);
+    let heartbeat = heartbeat.into_heartbeat();
+    let previous = if state.breaker.degraded() {
+        // The workers are behind: take the seq, then score below.
+        match state
+            .shared
+            .advance(&seq_key, seq, scoring::STATE_TTL)
+            .await?
+        {
+            Some(previous) => previous,
+            None => return Err(replay(&state, &device, ip, seq).await),
+        }
+    } else {
+        // The seq check and the enqueue are one step (one round trip on
+        // Redis): a 202 means the heartbeat is on the queue.
+        let encoded =
+            postcard::to_allocvec(&heartbeat).map_err(|e| ApiError::Internal(e.into()))?;
+        let job = encode_job(&device.device_id, device.user_id, ip_listed, &encoded);
+        match state
+            .shared
+            .advance_and_enqueue(
+                &seq_key,
+                seq,
+                scoring::STATE_TTL,
+                keys::HEARTBEAT_QUEUE,
+                &job,
+            )
+            .await?
+        {
+            Advanced::Stale => return Err(replay(&state, &device, ip, seq).await),
+            Advanced::Queued { .. } => {
+                state.metrics.signals_accepted.inc();
+                return Ok((
+                    StatusCode::ACCEPTED,
+                    JsonResponse(Accepted {
+                        accepted: true,
+                        seq,
+                        degraded: false,
+                    }),
+                ));
+            }
+            Advanced::QueueFull { previous } => {
+                state.breaker.trip();
+                tracing::warn!("heartbeat queue full: scoring inline (degraded)");
+                previous
+            }
+        }
     };
     // From here a failure gives the seq back, so the client's retry is not
     // taken for a replay.
@@ -106,34 +133,6 @@ pub async fn post_heartbeat(
             tracing::warn!(error = %e, "heartbeat seq not given back after a failure");
         }
     };
-    let ip_listed = state.intel.ip_listed(ip.0);
-    let heartbeat = heartbeat.into_heartbeat();
-    if !state.breaker.degraded() {
-        let encoded =
-            postcard::to_allocvec(&heartbeat).map_err(|e| ApiError::Internal(e.into()))?;
-        let job = encode_job(&device.device_id, device.user_id, ip_listed, &encoded);
-        match state.shared.enqueue(keys::HEARTBEAT_QUEUE, &job).await {
-            Ok(_) => {
-                state.metrics.signals_accepted.inc();
-                return Ok((
-                    StatusCode::ACCEPTED,
-                    JsonResponse(Accepted {
-                        accepted: true,
-                        seq,
-                        degraded: false,
-                    }),
-                ));
-            }
-            Err(StateError::QueueFull(_)) => {
-                state.breaker.trip();
-                tracing::warn!("heartbeat queue full: scoring inline (degraded)");
-            }
-            Err(e) => {
-                give_back().await;
-                return Err(e.into());
-            }
-        }
-    }
     // Degraded: score here, now.
     state.metrics.signals_degraded_heartbeats.inc();
     let scored = scoring::score(
@@ -163,6 +162,28 @@ pub async fn post_heartbeat(
             degraded: true,
         }),
     ))
+}
+
+/// Records a replayed heartbeat (never scored) and builds its 409.
+async fn replay(state: &AppState, device: &DeviceAuth, ip: ClientIp, seq: u64) -> ApiError {
+    state.metrics.signals_replays.inc();
+    let recorded = state
+        .store
+        .record_event(state.auth.event(
+            "signals:replay",
+            Some(device.user_id),
+            Some(&device.device_id),
+            ip.0,
+            serde_json::json!({"seq": seq}),
+        ))
+        .await;
+    if let Err(e) = recorded {
+        return e.into();
+    }
+    ApiError::conflict(
+        codes::REPLAY,
+        "This heartbeat's seq is not above the last one accepted.",
+    )
 }
 
 /// The calling device's trust report.

@@ -38,6 +38,9 @@ use crate::{
 pub const STATE_TTL: Duration = Duration::from_secs(30 * 86_400);
 /// How long the per-device scoring lock lives if its holder dies.
 const LOCK_TTL: Duration = Duration::from_secs(5);
+/// Held this much less than [`LOCK_TTL`], the lock is surely still ours
+/// (clocks of the worker and Redis may drift apart that much).
+const LOCK_DRIFT_MARGIN: Duration = Duration::from_secs(1);
 /// How long a worker waits for another worker's lock on the same device.
 const LOCK_WAIT: Duration = Duration::from_secs(2);
 /// How long a window fingerprint is remembered across devices.
@@ -157,13 +160,18 @@ pub fn spawn_breaker_watch(state: AppState) {
     });
 }
 
+/// A device's scoring lock, held, with the engine state read under it.
 struct ScoringLock<'a> {
     state: &'a AppState,
     key: String,
     token: String,
+    /// When the lock was asked for: its TTL runs from no earlier.
+    asked_at: std::time::Instant,
+    engine: DeviceState,
 }
 
 impl ScoringLock<'_> {
+    /// Releases the lock without writing (a failure: the job is retried).
     async fn release(self) {
         // Only our own lock (one atomic compare-and-delete): a lock that
         // expired and was taken by another worker is not ours to drop.
@@ -176,20 +184,68 @@ impl ScoringLock<'_> {
             tracing::warn!(error = %e, "scoring lock not released; it expires by itself");
         }
     }
+
+    /// Saves the engine state (and the report, when given), then releases
+    /// the lock — one round trip on Redis.
+    async fn commit(
+        self,
+        device_id: &str,
+        engine: &DeviceState,
+        report: Option<&TrustReport>,
+    ) -> anyhow::Result<()> {
+        let state_key = keys::signal_state(device_id);
+        let state_bytes = postcard::to_allocvec(engine)?;
+        let report_key = keys::trust_report(device_id);
+        let report_bytes = report.map(serde_json::to_vec).transpose()?;
+        let mut entries: Vec<(&str, &[u8], Option<Duration>)> = Vec::with_capacity(2);
+        if let Some(bytes) = &report_bytes {
+            entries.push((&report_key, bytes, Some(STATE_TTL)));
+        }
+        entries.push((&state_key, &state_bytes, Some(STATE_TTL)));
+        let released = self
+            .state
+            .shared
+            .set_many_and_unlock(
+                &entries,
+                &self.key,
+                self.token.as_bytes(),
+                self.asked_at.elapsed() < LOCK_TTL - LOCK_DRIFT_MARGIN,
+            )
+            .await?;
+        if !released {
+            tracing::warn!(device_id, "scoring lock expired before the state was saved");
+        }
+        Ok(())
+    }
 }
 
+/// Takes the device's scoring lock and reads its engine state under it
+/// (one round trip on Redis), waiting up to [`LOCK_WAIT`] for another
+/// worker's lock.
 async fn lock<'a>(state: &'a AppState, device_id: &str) -> anyhow::Result<ScoringLock<'a>> {
     let key = keys::scoring_lock(device_id);
+    let state_key = keys::signal_state(device_id);
     let token = Uuid::new_v4().simple().to_string();
     let deadline = tokio::time::Instant::now() + LOCK_WAIT;
     let mut pause = Duration::from_millis(1);
     loop {
-        if state
+        let asked_at = std::time::Instant::now();
+        if let Some(raw) = state
             .shared
-            .set_nx(&key, token.as_bytes(), Some(LOCK_TTL))
+            .lock_and_get(&key, token.as_bytes(), LOCK_TTL, &state_key)
             .await?
         {
-            return Ok(ScoringLock { state, key, token });
+            // A state from an older encoding starts afresh.
+            let engine = raw
+                .and_then(|raw| postcard::from_bytes(&raw).ok())
+                .unwrap_or_default();
+            return Ok(ScoringLock {
+                state,
+                key,
+                token,
+                asked_at,
+                engine,
+            });
         }
         if tokio::time::Instant::now() > deadline {
             anyhow::bail!("device {device_id} is being scored elsewhere; retry later");
@@ -197,29 +253,6 @@ async fn lock<'a>(state: &'a AppState, device_id: &str) -> anyhow::Result<Scorin
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(50));
     }
-}
-
-/// The engine state of a device (fresh when none is stored).
-pub async fn load_state(state: &AppState, device_id: &str) -> anyhow::Result<DeviceState> {
-    Ok(
-        match state.shared.get(&keys::signal_state(device_id)).await? {
-            // A state from an older encoding starts afresh.
-            Some(raw) => postcard::from_bytes(&raw).unwrap_or_default(),
-            None => DeviceState::default(),
-        },
-    )
-}
-
-async fn save_state(state: &AppState, device_id: &str, engine: &DeviceState) -> anyhow::Result<()> {
-    state
-        .shared
-        .set(
-            &keys::signal_state(device_id),
-            &postcard::to_allocvec(engine)?,
-            Some(STATE_TTL),
-        )
-        .await?;
-    Ok(())
 }
 
 /// The stored trust report of a device, if it has one.
@@ -249,19 +282,15 @@ async fn seen_elsewhere(
     let Some(fp) = blockremote_engine::features::window_fingerprint(heartbeat) else {
         return Ok(false);
     };
-    let key = keys::window_fingerprint(fp);
-    if state
+    let holder = state
         .shared
-        .set_nx(&key, device_id.as_bytes(), Some(FINGERPRINT_TTL))
-        .await?
-    {
-        return Ok(false);
-    }
-    Ok(state
-        .shared
-        .get(&key)
-        .await?
-        .is_some_and(|first| first != device_id.as_bytes()))
+        .claim(
+            &keys::window_fingerprint(fp),
+            device_id.as_bytes(),
+            FINGERPRINT_TTL,
+        )
+        .await?;
+    Ok(holder.is_some_and(|first| first != device_id.as_bytes()))
 }
 
 /// Scores one heartbeat of `device_id` and acts on the decision; returns
@@ -277,9 +306,36 @@ pub async fn score(
     degraded: bool,
 ) -> anyhow::Result<TrustReport> {
     let started = std::time::Instant::now();
-    let guard = lock(state, device_id).await?;
-    let result = score_locked(state, device_id, user_id, heartbeat, ip_listed, degraded).await;
-    guard.release().await;
+    let mut guard = lock(state, device_id).await?;
+    let mut engine = std::mem::take(&mut guard.engine);
+    let result = score_locked(
+        state,
+        device_id,
+        user_id,
+        heartbeat,
+        ip_listed,
+        degraded,
+        &mut engine,
+    )
+    .await;
+    let result = match result {
+        Ok(Some(report)) => {
+            guard.commit(device_id, &engine, Some(&report)).await?;
+            state.metrics.signals_scored.inc();
+            Ok(report)
+        }
+        Ok(None) => {
+            // Redelivered by the at-least-once queue: already counted.
+            guard.release().await;
+            Ok(load_report(state, device_id)
+                .await?
+                .unwrap_or_else(|| TrustReport::neutral(device_id, "unknown", false)))
+        }
+        Err(e) => {
+            guard.release().await;
+            Err(e)
+        }
+    };
     state
         .metrics
         .signals_scoring_seconds
@@ -287,6 +343,7 @@ pub async fn score(
     result
 }
 
+/// Scores under the lock; `None` when this `seq` was already scored.
 async fn score_locked(
     state: &AppState,
     device_id: &str,
@@ -294,13 +351,10 @@ async fn score_locked(
     heartbeat: Heartbeat,
     ip_listed: bool,
     degraded: bool,
-) -> anyhow::Result<TrustReport> {
-    let mut engine = load_state(state, device_id).await?;
+    engine: &mut DeviceState,
+) -> anyhow::Result<Option<TrustReport>> {
     if engine.already_scored(heartbeat.seq) {
-        // Redelivered by the at-least-once queue: already counted.
-        return Ok(load_report(state, device_id)
-            .await?
-            .unwrap_or_else(|| TrustReport::neutral(device_id, "unknown", false)));
+        return Ok(None);
     }
     // The device cache (status, attestation), invalidated on every change.
     let Some(device) = state
@@ -325,12 +379,12 @@ async fn score_locked(
         intel,
     };
     let seq = heartbeat.seq;
-    let assessment = assess(&mut engine, &heartbeat, &situation);
+    let assessment = assess(engine, &heartbeat, &situation);
     engine.mark_scored(seq);
 
-    // Act first, save last: if acting fails the job is retried from the old
-    // state (the same decision again), instead of being acked as scored
-    // with the lock half done.
+    // Act first, save last (the caller commits): if acting fails the job is
+    // retried from the old state (the same decision again), instead of
+    // being acked as scored with the lock half done.
     let mut locked = device.status != DeviceStatus::Active;
     if assessment.decision != Decision::Allow && !locked {
         act(state, device_id, user_id, attestation, &assessment).await?;
@@ -345,17 +399,7 @@ async fn score_locked(
         engine.heartbeats,
         engine.last_seq,
     );
-    state
-        .shared
-        .set(
-            &keys::trust_report(device_id),
-            &serde_json::to_vec(&report)?,
-            Some(STATE_TTL),
-        )
-        .await?;
-    save_state(state, device_id, &engine).await?;
-    state.metrics.signals_scored.inc();
-    Ok(report)
+    Ok(Some(report))
 }
 
 async fn act(
@@ -427,13 +471,8 @@ async fn act(
 pub async fn clear_evidence(state: &AppState, device_id: &str) -> anyhow::Result<()> {
     // Under the scoring lock, so a worker scoring at the same moment cannot
     // write the old evidence back.
-    let guard = lock(state, device_id).await?;
-    let result = async {
-        let mut engine = load_state(state, device_id).await?;
-        engine.clear_evidence();
-        save_state(state, device_id, &engine).await
-    }
-    .await;
-    guard.release().await;
-    result
+    let mut guard = lock(state, device_id).await?;
+    let mut engine = std::mem::take(&mut guard.engine);
+    engine.clear_evidence();
+    guard.commit(device_id, &engine, None).await
 }

@@ -267,6 +267,27 @@ impl SharedState for MemoryState {
         Ok(holds)
     }
 
+    async fn claim(&self, key: &str, value: &[u8], ttl: Duration) -> StateResult<Option<Vec<u8>>> {
+        let now = Instant::now();
+        let fresh = || Entry {
+            value: value.to_vec(),
+            expires_at: Some(now + ttl),
+        };
+        let holder = match self.kv.entry(key.to_owned()) {
+            dashmap::mapref::entry::Entry::Occupied(mut e) if !e.get().live(now) => {
+                e.insert(fresh());
+                None
+            }
+            dashmap::mapref::entry::Entry::Occupied(e) => Some(e.get().value.clone()),
+            dashmap::mapref::entry::Entry::Vacant(e) => {
+                e.insert(fresh());
+                None
+            }
+        };
+        self.after_write();
+        Ok(holder)
+    }
+
     async fn delete_if(&self, key: &str, value: &[u8]) -> StateResult<bool> {
         let now = Instant::now();
         Ok(self

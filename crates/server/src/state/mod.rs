@@ -92,6 +92,23 @@ pub trait QueueConsumer: Send {
     async fn reclaim(&mut self, min_idle: Duration, max: usize) -> StateResult<Vec<Job>>;
 }
 
+/// What [`SharedState::advance_and_enqueue`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Advanced {
+    /// The value was not above the one stored: nothing changed.
+    Stale,
+    /// Advanced from `previous`, and the payload is on the queue.
+    Queued {
+        /// The value before.
+        previous: u64,
+    },
+    /// Advanced from `previous`, but the queue is at capacity: not queued.
+    QueueFull {
+        /// The value before.
+        previous: u64,
+    },
+}
+
 /// Fast shared state: key/value with TTL, token buckets, pub/sub and work queues.
 #[async_trait]
 pub trait SharedState: Send + Sync + 'static {
@@ -142,6 +159,71 @@ pub trait SharedState: Send + Sync + 'static {
             self.set_max(key, *value, ttl).await?;
         }
         Ok(())
+    }
+    /// Takes the lock at `lock` with `token` (like [`set_nx`](Self::set_nx)
+    /// with `ttl`) and, when it was free, reads `key` under it: `None` when
+    /// the lock is held by someone else, else `Some` of the value read. One
+    /// round trip on Redis.
+    async fn lock_and_get(
+        &self,
+        lock: &str,
+        token: &[u8],
+        ttl: Duration,
+        key: &str,
+    ) -> StateResult<Option<Option<Vec<u8>>>> {
+        if !self.set_nx(lock, token, Some(ttl)).await? {
+            return Ok(None);
+        }
+        Ok(Some(self.get(key).await?))
+    }
+    /// Writes every `(key, value, ttl)`, then releases the lock at `lock` if
+    /// it still holds `token` (as [`delete_if`](Self::delete_if)); true when
+    /// it did. The writes land whether or not the lock was still held: the
+    /// caller's lock TTL must outlast its work. `within_ttl`: the caller
+    /// knows its lock cannot have expired yet (less than its TTL, minus a
+    /// margin for clock drift, has passed since it asked for it), so a
+    /// backend may release it with a plain delete. One round trip on Redis.
+    async fn set_many_and_unlock(
+        &self,
+        entries: &[(&str, &[u8], Option<Duration>)],
+        lock: &str,
+        token: &[u8],
+        within_ttl: bool,
+    ) -> StateResult<bool> {
+        let _ = within_ttl;
+        for (key, value, ttl) in entries {
+            self.set(key, value, *ttl).await?;
+        }
+        self.delete_if(lock, token).await
+    }
+    /// Sets `key` to `value` if absent and returns `None`; else returns the
+    /// value already there (the first claimant of a fingerprint). Atomic.
+    async fn claim(&self, key: &str, value: &[u8], ttl: Duration) -> StateResult<Option<Vec<u8>>>;
+    /// [`advance`](Self::advance) the integer at `key` to `value`, then — when
+    /// it advanced — [`enqueue`](Self::enqueue) `payload` on `queue`. One
+    /// round trip on Redis (one script). A full queue leaves the value
+    /// advanced and says so ([`Advanced::QueueFull`]), so the caller can do
+    /// the work itself.
+    async fn advance_and_enqueue(
+        &self,
+        key: &str,
+        value: u64,
+        ttl: Duration,
+        queue: &str,
+        payload: &[u8],
+    ) -> StateResult<Advanced> {
+        let Some(previous) = self.advance(key, value, ttl).await? else {
+            return Ok(Advanced::Stale);
+        };
+        match self.enqueue(queue, payload).await {
+            Ok(_) => Ok(Advanced::Queued { previous }),
+            Err(StateError::QueueFull(_)) => Ok(Advanced::QueueFull { previous }),
+            Err(e) => {
+                // Give the value back: the caller's retry must not be stale.
+                let _ = self.retreat(key, value, previous, ttl).await;
+                Err(e)
+            }
+        }
     }
     /// Time left before `key` expires; `None` when absent or without TTL.
     async fn ttl(&self, key: &str) -> StateResult<Option<Duration>>;

@@ -27,7 +27,8 @@ use redis::{
 use tokio::sync::mpsc;
 
 use super::{
-    BucketDecision, Job, QueueConsumer, SharedState, StateError, StateResult, Subscription,
+    Advanced, BucketDecision, Job, QueueConsumer, SharedState, StateError, StateResult,
+    Subscription,
 };
 
 /// The consumer group every worker joins.
@@ -160,6 +161,21 @@ end
 return 0
 ";
 
+/// [`ADVANCE_LUA`] then [`ENQUEUE_LUA`]. KEYS = counter, stream; ARGV =
+/// value, TTL (ms), capacity, payload. Returns {previous or -1, id or false}.
+/// (Two keys: Redis Cluster would need them in one slot.)
+const ADVANCE_AND_ENQUEUE_LUA: &str = r"
+local current = tonumber(redis.call('GET', KEYS[1])) or 0
+if tonumber(ARGV[1]) <= current then
+  return {-1, false}
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if redis.call('XLEN', KEYS[2]) >= tonumber(ARGV[3]) then
+  return {current, false}
+end
+return {current, redis.call('XADD', KEYS[2], '*', 'p', ARGV[4])}
+";
+
 fn unavailable(err: RedisError) -> StateError {
     StateError::Unavailable(err.to_string())
 }
@@ -183,6 +199,7 @@ pub struct RedisState {
     retreat: Script,
     delete_if: Script,
     sequence_and_push: Script,
+    advance_and_enqueue: Script,
 }
 
 impl RedisState {
@@ -219,6 +236,7 @@ impl RedisState {
             retreat: Script::new(RETREAT_LUA),
             delete_if: Script::new(DELETE_IF_LUA),
             sequence_and_push: Script::new(SEQUENCE_AND_PUSH_LUA),
+            advance_and_enqueue: Script::new(ADVANCE_AND_ENQUEUE_LUA),
         })
     }
 
@@ -375,6 +393,111 @@ impl SharedState for RedisState {
             .await
             .map_err(unavailable)?;
         Ok(done == 1)
+    }
+
+    // The three below are plain commands pipelined in one round trip, not
+    // scripts: on Redis a script call costs several times a plain command
+    // (docs/BENCHMARKS.md), and none of them needs one.
+
+    async fn lock_and_get(
+        &self,
+        lock: &str,
+        token: &[u8],
+        ttl: Duration,
+        key: &str,
+    ) -> StateResult<Option<Option<Vec<u8>>>> {
+        let mut conn = self.conn.clone();
+        // The read is wasted when the lock is held elsewhere; the caller
+        // then discards it (and it never sees a value read without the lock).
+        let (locked, value): (Option<String>, Option<Vec<u8>>) = redis::pipe()
+            .cmd("SET")
+            .arg(self.key(lock))
+            .arg(token)
+            .arg("NX")
+            .arg("PX")
+            .arg(millis(ttl))
+            .cmd("GET")
+            .arg(self.key(key))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(locked.map(|_| value))
+    }
+
+    async fn set_many_and_unlock(
+        &self,
+        entries: &[(&str, &[u8], Option<Duration>)],
+        lock: &str,
+        token: &[u8],
+        within_ttl: bool,
+    ) -> StateResult<bool> {
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        for (key, value, ttl) in entries {
+            pipe.cmd("SET").arg(self.key(key)).arg(*value);
+            if let Some(ms) = ttl_millis(*ttl) {
+                pipe.arg("PX").arg(ms);
+            }
+            pipe.ignore();
+        }
+        if within_ttl {
+            // Still ours for certain: a plain delete, in the same round trip.
+            pipe.cmd("DEL").arg(self.key(lock));
+            let (deleted,): (u64,) = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+            return Ok(deleted == 1);
+        }
+        // It may have expired and been taken since: only a compare-and-delete.
+        pipe.query_async::<()>(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        self.delete_if(lock, token).await
+    }
+
+    async fn claim(&self, key: &str, value: &[u8], ttl: Duration) -> StateResult<Option<Vec<u8>>> {
+        let mut conn = self.conn.clone();
+        // Not one atomic step, and it need not be: if the holder's key
+        // expires between the two commands, the GET finds nothing and the
+        // caller is told no one else holds it — which is then true.
+        let (claimed, holder): (Option<String>, Option<Vec<u8>>) = redis::pipe()
+            .cmd("SET")
+            .arg(self.key(key))
+            .arg(value)
+            .arg("NX")
+            .arg("PX")
+            .arg(millis(ttl))
+            .cmd("GET")
+            .arg(self.key(key))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(if claimed.is_some() { None } else { holder })
+    }
+
+    async fn advance_and_enqueue(
+        &self,
+        key: &str,
+        value: u64,
+        ttl: Duration,
+        queue: &str,
+        payload: &[u8],
+    ) -> StateResult<Advanced> {
+        let mut conn = self.conn.clone();
+        let (previous, id): (i64, Option<String>) = self
+            .advance_and_enqueue
+            .key(self.key(key))
+            .key(self.key(queue))
+            .arg(value)
+            .arg(millis(ttl))
+            .arg(self.queue_capacity)
+            .arg(payload)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(match (u64::try_from(previous), id) {
+            (Err(_), _) => Advanced::Stale,
+            (Ok(previous), Some(_)) => Advanced::Queued { previous },
+            (Ok(previous), None) => Advanced::QueueFull { previous },
+        })
     }
 
     async fn set_max_many(&self, entries: &[(String, u64)], ttl: Duration) -> StateResult<()> {

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use blockremote::state::{keys, StateError};
+use blockremote::state::{keys, Advanced, StateError};
 
 use crate::helpers::{second_shared, shared_for, Backend};
 
@@ -19,7 +19,145 @@ crate::on_both_backends!(
     sequence_and_push_continues_each_device_and_raise_to_many_only_rises,
     token_bucket_credits_a_raised_capacity_and_clamps_a_cut_one,
     advance_stores_only_greater_values_and_one_concurrent_caller_wins,
+    advance_and_enqueue_queues_only_fresh_values_and_reports_a_full_queue,
+    lock_and_get_reads_under_the_lock_and_commit_writes_then_unlocks,
+    claim_keeps_the_first_holder,
 );
+
+async fn advance_and_enqueue_queues_only_fresh_values_and_reports_a_full_queue(backend: Backend) {
+    let Some((s, _b)) = shared_for(backend, 2).await else {
+        return;
+    };
+    let ttl = Duration::from_secs(60);
+    let q = "sig:queue:advance";
+    let send = |v: u64, payload: &'static [u8]| {
+        let s = s.clone();
+        async move {
+            s.advance_and_enqueue("seq:q", v, ttl, q, payload)
+                .await
+                .expect("advance_and_enqueue")
+        }
+    };
+    assert_eq!(send(1, b"one").await, Advanced::Queued { previous: 0 });
+    assert_eq!(send(1, b"again").await, Advanced::Stale);
+    assert_eq!(send(3, b"three").await, Advanced::Queued { previous: 1 });
+    // Full: the value still advances (the caller scores inline), the job is not queued.
+    assert_eq!(send(4, b"four").await, Advanced::QueueFull { previous: 3 });
+    assert_eq!(send(4, b"four").await, Advanced::Stale);
+    assert_eq!(s.queue_len(q).await.expect("len"), 2);
+    let mut c = s.consumer(q, "w").await.expect("consumer");
+    let jobs = c
+        .fetch(10, Duration::from_millis(200))
+        .await
+        .expect("fetch");
+    let payloads: Vec<&[u8]> = jobs.iter().map(|j| j.payload.as_slice()).collect();
+    assert_eq!(payloads, vec![&b"one"[..], &b"three"[..]]);
+}
+
+async fn lock_and_get_reads_under_the_lock_and_commit_writes_then_unlocks(backend: Backend) {
+    let Some((s, _b)) = shared_for(backend, 10).await else {
+        return;
+    };
+    let ttl = Duration::from_secs(60);
+    assert_eq!(
+        s.lock_and_get("lock:d", b"t1", ttl, "state:d")
+            .await
+            .expect("lock"),
+        Some(None),
+        "free lock, no state yet"
+    );
+    assert_eq!(
+        s.lock_and_get("lock:d", b"t2", ttl, "state:d")
+            .await
+            .expect("lock"),
+        None,
+        "held by t1"
+    );
+    // Commit by a holder whose lock was lost: the writes land, the lock is not taken from its owner.
+    assert!(!s
+        .set_many_and_unlock(&[("state:d", b"v0", Some(ttl))], "lock:d", b"t2", false)
+        .await
+        .expect("commit"));
+    assert_eq!(
+        s.get("state:d").await.expect("get"),
+        Some(b"v0".to_vec()),
+        "written anyway"
+    );
+    assert!(s
+        .set_many_and_unlock(
+            &[("report:d", b"r1", Some(ttl)), ("state:d", b"v1", None)],
+            "lock:d",
+            b"t1",
+            true
+        )
+        .await
+        .expect("commit"));
+    assert_eq!(s.get("report:d").await.expect("get"), Some(b"r1".to_vec()));
+    assert!(s.ttl("report:d").await.expect("ttl").is_some());
+    assert_eq!(s.ttl("state:d").await.expect("ttl"), None, "no TTL asked");
+    assert_eq!(
+        s.lock_and_get("lock:d", b"t2", ttl, "state:d")
+            .await
+            .expect("lock"),
+        Some(Some(b"v1".to_vec())),
+        "released, and the state read under the new lock"
+    );
+    // The lock expires by itself.
+    assert_eq!(
+        s.lock_and_get("lock:e", b"t1", Duration::from_millis(50), "state:e")
+            .await
+            .expect("lock"),
+        Some(None)
+    );
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    assert!(s
+        .lock_and_get("lock:e", b"t2", ttl, "state:e")
+        .await
+        .expect("lock")
+        .is_some());
+    // t1 comes back late: without the within-TTL promise it cannot free t2's lock.
+    assert!(!s
+        .set_many_and_unlock(&[], "lock:e", b"t1", false)
+        .await
+        .expect("commit"));
+    assert!(s
+        .lock_and_get("lock:e", b"t3", ttl, "state:e")
+        .await
+        .expect("lock")
+        .is_none());
+}
+
+async fn claim_keeps_the_first_holder(backend: Backend) {
+    let Some((s, _b)) = shared_for(backend, 10).await else {
+        return;
+    };
+    let ttl = Duration::from_secs(60);
+    assert_eq!(
+        s.claim("fp:1", b"device-a", ttl).await.expect("claim"),
+        None
+    );
+    assert_eq!(
+        s.claim("fp:1", b"device-b", ttl).await.expect("claim"),
+        Some(b"device-a".to_vec())
+    );
+    assert_eq!(
+        s.claim("fp:1", b"device-a", ttl).await.expect("claim"),
+        Some(b"device-a".to_vec())
+    );
+    assert!(s.ttl("fp:1").await.expect("ttl").is_some());
+    assert_eq!(
+        s.claim("fp:2", b"x", Duration::from_millis(50))
+            .await
+            .expect("claim"),
+        None
+    );
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    assert_eq!(
+        s.claim("fp:2", b"y", ttl).await.expect("claim"),
+        None,
+        "expired"
+    );
+}
 
 async fn advance_stores_only_greater_values_and_one_concurrent_caller_wins(backend: Backend) {
     let Some((s, b)) = shared_for(backend, 10).await else {

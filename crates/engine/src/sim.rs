@@ -595,6 +595,23 @@ impl ClassReport {
 /// Heartbeats after an attack starts within which it must be locked.
 pub const DETECTION_BUDGET: usize = 5;
 
+/// One heartbeat of `class` as the load tools send it: 100 accelerometer
+/// and 100 gyroscope samples, every value rounded to 4 decimals as phones
+/// report them (~7 KB of JSON).
+pub fn load_heartbeat(class: Class, seed: u64) -> Heartbeat {
+    let mut hb = session(class, seed, 1).heartbeats.remove(0);
+    hb.accelerometer.truncate(100);
+    hb.gyroscope.truncate(100);
+    let r = |v: f64| (v * 1e4).round() / 1e4;
+    for s in hb.accelerometer.iter_mut().chain(hb.gyroscope.iter_mut()) {
+        (s.t, s.x, s.y, s.z) = (r(s.t), r(s.x), r(s.y), r(s.z));
+    }
+    for t in &mut hb.touches {
+        (t.t, t.x, t.y, t.pressure, t.size) = (r(t.t), r(t.x), r(t.y), r(t.pressure), r(t.size));
+    }
+    hb
+}
+
 /// Runs `session` through the engine (in process, with a store-installed,
 /// unattested device on a paid plan) and returns the index of the first
 /// lock decision, if any.
@@ -643,6 +660,22 @@ pub fn evaluate(per_class: usize, length: usize, seed: u64) -> Vec<(Class, Class
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn load_heartbeats_are_full_windows_at_phone_precision() {
+        let hb = load_heartbeat(Class::HeldInHand, 3);
+        assert_eq!((hb.accelerometer.len(), hb.gyroscope.len()), (100, 100));
+        let values = hb
+            .accelerometer
+            .iter()
+            .chain(&hb.gyroscope)
+            .flat_map(|s| [s.t, s.x, s.y, s.z]);
+        for v in values {
+            assert!(((v * 1e4).round() / 1e4 - v).abs() < 1e-12, "{v}");
+        }
+        let json = serde_json::to_string(&hb).expect("json");
+        assert!((6_000..9_000).contains(&json.len()), "{}", json.len());
+    }
 
     #[test]
     fn sessions_are_deterministic_and_attacks_start_after_a_genuine_prefix() {

@@ -7,20 +7,11 @@
 //! Results: docs/BENCHMARKS.md.
 
 use blockremote::signals::ingest::HeartbeatBody;
-use blockremote_engine::sim::{session, Class};
+use blockremote_engine::sim::{load_heartbeat, Class};
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 
 fn body() -> Vec<u8> {
-    let mut hb = session(Class::HeldInHand, 7, 1).heartbeats.remove(0);
-    hb.accelerometer.truncate(100);
-    hb.gyroscope.truncate(100);
-    let r = |v: f64| (v * 1e4).round() / 1e4;
-    for s in hb.accelerometer.iter_mut().chain(hb.gyroscope.iter_mut()) {
-        (s.t, s.x, s.y, s.z) = (r(s.t), r(s.x), r(s.y), r(s.z));
-    }
-    for t in &mut hb.touches {
-        (t.t, t.x, t.y, t.pressure, t.size) = (r(t.t), r(t.x), r(t.y), r(t.pressure), r(t.size));
-    }
+    let hb = load_heartbeat(Class::HeldInHand, 7);
     let mut v = serde_json::to_value(&hb).expect("json");
     v["sent_at"] = serde_json::json!("2026-11-23T12:00:00.000Z");
     serde_json::to_vec(&v).expect("json")

@@ -19,7 +19,7 @@ use std::{
 };
 
 use anyhow::{bail, Context};
-use blockremote_engine::sim::{session, Class};
+use blockremote_engine::sim::{load_heartbeat, Class};
 use clap::Parser;
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
@@ -271,17 +271,7 @@ async fn main() -> anyhow::Result<()> {
     let bodies: Arc<Vec<String>> = Arc::new(
         (0..32u64)
             .map(|i| {
-                let mut hb = session(Class::HeldInHand, i, 1).heartbeats.remove(0);
-                hb.accelerometer.truncate(100);
-                hb.gyroscope.truncate(100);
-                let r = |v: f64| (v * 1e4).round() / 1e4;
-                for s in hb.accelerometer.iter_mut().chain(hb.gyroscope.iter_mut()) {
-                    (s.t, s.x, s.y, s.z) = (r(s.t), r(s.x), r(s.y), r(s.z));
-                }
-                for t in &mut hb.touches {
-                    (t.t, t.x, t.y, t.pressure, t.size) =
-                        (r(t.t), r(t.x), r(t.y), r(t.pressure), r(t.size));
-                }
+                let mut hb = load_heartbeat(Class::HeldInHand, i);
                 hb.accelerometer.remove(0);
                 let mut v = serde_json::to_value(&hb).expect("json");
                 v.as_object_mut().expect("object").remove("seq");

@@ -4,10 +4,11 @@
 //! `nonce:` `force_overlay:` `rl:`. Per-device keys wrap the device id in
 //! braces — `rl:{device}` — which in Redis Cluster is a *hash tag*: every key
 //! of one device lands in the same slot, so a script over one device's keys
-//! stays legal in a cluster. Two scripts span many devices on purpose —
-//! saving a burst of acks and sequencing a global command — and would need
-//! splitting per slot before running on Redis Cluster (today: one Redis or a
-//! primary with replicas). Device ids are `[A-Za-z0-9_-]{8,64}` (validated at
+//! stays legal in a cluster. Three scripts span keys of several slots on
+//! purpose — saving a burst of acks, sequencing a global command, and
+//! taking a heartbeat's `seq` together with its place on the queue — and
+//! would need splitting per slot before running on Redis Cluster (today: one
+//! Redis or a primary with replicas). Device ids are `[A-Za-z0-9_-]{8,64}` (validated at
 //! the edge), so they can never contain a brace themselves.
 
 /// Token bucket of a device: `rl:{device}`.

@@ -244,6 +244,31 @@ impl RedisState {
         format!("{}{}", self.prefix, key)
     }
 
+    /// `SET set_key value NX PX ttl` then `GET get_key`, pipelined in one
+    /// round trip: whether the SET happened, and what the GET read.
+    async fn set_nx_then_get(
+        &self,
+        set_key: &str,
+        value: &[u8],
+        ttl: Duration,
+        get_key: &str,
+    ) -> StateResult<(bool, Option<Vec<u8>>)> {
+        let mut conn = self.conn.clone();
+        let (set, read): (Option<String>, Option<Vec<u8>>) = redis::pipe()
+            .cmd("SET")
+            .arg(self.key(set_key))
+            .arg(value)
+            .arg("NX")
+            .arg("PX")
+            .arg(millis(ttl))
+            .cmd("GET")
+            .arg(self.key(get_key))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok((set.is_some(), read))
+    }
+
     async fn dedicated_connection(&self) -> StateResult<MultiplexedConnection> {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(RESPONSE_TIMEOUT)
@@ -406,22 +431,10 @@ impl SharedState for RedisState {
         ttl: Duration,
         key: &str,
     ) -> StateResult<Option<Option<Vec<u8>>>> {
-        let mut conn = self.conn.clone();
         // The read is wasted when the lock is held elsewhere; the caller
         // then discards it (and it never sees a value read without the lock).
-        let (locked, value): (Option<String>, Option<Vec<u8>>) = redis::pipe()
-            .cmd("SET")
-            .arg(self.key(lock))
-            .arg(token)
-            .arg("NX")
-            .arg("PX")
-            .arg(millis(ttl))
-            .cmd("GET")
-            .arg(self.key(key))
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        Ok(locked.map(|_| value))
+        let (locked, value) = self.set_nx_then_get(lock, token, ttl, key).await?;
+        Ok(locked.then_some(value))
     }
 
     async fn set_many_and_unlock(
@@ -454,23 +467,11 @@ impl SharedState for RedisState {
     }
 
     async fn claim(&self, key: &str, value: &[u8], ttl: Duration) -> StateResult<Option<Vec<u8>>> {
-        let mut conn = self.conn.clone();
         // Not one atomic step, and it need not be: if the holder's key
         // expires between the two commands, the GET finds nothing and the
         // caller is told no one else holds it — which is then true.
-        let (claimed, holder): (Option<String>, Option<Vec<u8>>) = redis::pipe()
-            .cmd("SET")
-            .arg(self.key(key))
-            .arg(value)
-            .arg("NX")
-            .arg("PX")
-            .arg(millis(ttl))
-            .cmd("GET")
-            .arg(self.key(key))
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        Ok(if claimed.is_some() { None } else { holder })
+        let (claimed, holder) = self.set_nx_then_get(key, value, ttl, key).await?;
+        Ok(if claimed { None } else { holder })
     }
 
     async fn advance_and_enqueue(

@@ -1,8 +1,9 @@
 //! Cost of reading one ~7 KB heartbeat body at ingestion.
 //!
 //! The body the load tool sends (100 accelerometer + 100 gyroscope samples
-//! to 4 decimals, touches, network, context), read by the request parser
-//! (`http::json::parse`) and validated, then encoded as the queue job
+//! to 4 decimals, touches, network, context), read by the reference request
+//! parser (`http::json::parse`) and by the fast reader ingestion uses
+//! (`signals::reader`), then read, validated and encoded as the queue job
 //! (postcard). `cargo bench -p blockremote-server --bench ingest`.
 //! Results: docs/BENCHMARKS.md.
 
@@ -24,6 +25,9 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             blockremote::http::json::parse::<HeartbeatBody>(black_box(&body)).expect("parses")
         })
+    });
+    c.bench_function("heartbeat body: fast reader", |b| {
+        b.iter(|| blockremote::signals::reader::read(black_box(&body)).expect("fast path"))
     });
     c.bench_function("heartbeat body: parse, validate, encode the job", |b| {
         b.iter(|| {

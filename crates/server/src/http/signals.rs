@@ -18,6 +18,7 @@ use crate::{
     error::{codes, ApiError, Problem},
     signals::{
         ingest::{encode_job, HeartbeatBody},
+        reader,
         report::TrustReport,
         scoring,
     },
@@ -67,7 +68,12 @@ pub async fn post_heartbeat(
     ip: ClientIp,
     json::RawJson(body): json::RawJson,
 ) -> Result<(StatusCode, JsonResponse<Accepted>), ApiError> {
-    let heartbeat: HeartbeatBody = json::parse(&body)?;
+    // The fast reader takes what devices send; anything else goes to the
+    // reference parser, which decides and names the offending field.
+    let heartbeat: HeartbeatBody = match reader::read(&body) {
+        Some(heartbeat) => heartbeat,
+        None => json::parse(&body)?,
+    };
     heartbeat.validate().map_err(|e| ApiError::Validation {
         field: e.field,
         message: e.message.to_owned(),

@@ -5,6 +5,7 @@
 //! * [`scoring`] — the worker's job handler: load the device's engine state,
 //!   assess, store the report, and act on a lock decision (device status,
 //!   kill-switch command, audit row).
+//! * [`reader`] — the fast path for reading a heartbeat body.
 //! * [`report`] — the trust report as API.md defines it.
 //! * [`intel`] — blacklisted app hashes, domains and addresses.
 //!
@@ -13,5 +14,6 @@
 
 pub mod ingest;
 pub mod intel;
+pub mod reader;
 pub mod report;
 pub mod scoring;

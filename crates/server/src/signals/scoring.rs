@@ -319,17 +319,22 @@ pub async fn score(
     )
     .await;
     let result = match result {
-        Ok(Some(report)) => {
-            guard.commit(device_id, &engine, Some(&report)).await?;
-            state.metrics.signals_scored.inc();
-            Ok(report)
-        }
+        // A failed commit leaves the lock to expire by itself (the store
+        // that refused the write would refuse the release too). The job is
+        // retried; if the state did land, the retry finds its seq scored.
+        Ok(Some(report)) => guard
+            .commit(device_id, &engine, Some(&report))
+            .await
+            .map(|()| {
+                state.metrics.signals_scored.inc();
+                report
+            }),
         Ok(None) => {
             // Redelivered by the at-least-once queue: already counted.
             guard.release().await;
-            Ok(load_report(state, device_id)
-                .await?
-                .unwrap_or_else(|| TrustReport::neutral(device_id, "unknown", false)))
+            load_report(state, device_id).await.map(|report| {
+                report.unwrap_or_else(|| TrustReport::neutral(device_id, "unknown", false))
+            })
         }
         Err(e) => {
             guard.release().await;

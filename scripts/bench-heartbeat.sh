@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Heartbeat ingestion benchmark: accepted heartbeats/s and latency.
 # Usage: scripts/bench-heartbeat.sh [embedded|production|both] [SECONDS]
+# SERVER_BIN=path runs another build of `blockremote` (e.g. an older commit's)
+# under the same load tool, for before/after comparisons.
 # (1) the embedded default: one `serve` (SQLite, in-process queue and
 # workers); (2) PostgreSQL + Redis: one `serve` and one `worker`. Needs the
 # local PostgreSQL/Redis of the CI machine for (2). Results: docs/BENCHMARKS.md.
@@ -10,6 +12,7 @@ WHICH=${1:-both}
 SECONDS_RUN=${2:-20}
 cargo build --release --bin blockremote --bin heartbeat-load >/dev/null
 BIN=target/release
+SERVER=${SERVER_BIN:-$BIN/blockremote}
 KEY=bench-admin-key-0123456789abcdef0123456789
 SECRET=whsec_bench_0123456789abcdef
 export BLOCKREMOTE_ADMIN_TOKEN=$KEY BLOCKREMOTE_WEBHOOK_SECRETS=$SECRET RUST_LOG=warn
@@ -41,7 +44,7 @@ metric() { curl -s "$1/metrics" | grep -E "^signals_(heartbeats_accepted|heartbe
 
 if [ "$WHICH" != production ]; then
   echo "== embedded default, $SECONDS_RUN s"
-  BLOCKREMOTE_DATA_DIR=$WORK/embedded BLOCKREMOTE_LISTEN=127.0.0.1:18200 $BIN/blockremote serve >"$WORK/embedded.log" 2>&1 &
+  BLOCKREMOTE_DATA_DIR=$WORK/embedded BLOCKREMOTE_LISTEN=127.0.0.1:18200 $SERVER serve >"$WORK/embedded.log" 2>&1 &
   PID=$!
   wait_ready http://127.0.0.1:18200
   load http://127.0.0.1:18200 $PID
@@ -53,11 +56,11 @@ if [ "$WHICH" != embedded ]; then
   echo "== PostgreSQL + Redis, one serve + one worker, $SECONDS_RUN s"
   psql -q -h 127.0.0.1 -U postgres -c "CREATE DATABASE $DB"
   export DATABASE_URL=postgres://postgres@127.0.0.1:5432/$DB REDIS_URL=redis://127.0.0.1:6379 BLOCKREMOTE_REDIS_PREFIX=bench:$DB:
-  $BIN/blockremote migrate >/dev/null
-  BLOCKREMOTE_DATA_DIR=$WORK/p BLOCKREMOTE_LISTEN=127.0.0.1:18201 $BIN/blockremote serve >"$WORK/p.log" 2>&1 &
+  $SERVER migrate >/dev/null
+  BLOCKREMOTE_DATA_DIR=$WORK/p BLOCKREMOTE_LISTEN=127.0.0.1:18201 $SERVER serve >"$WORK/p.log" 2>&1 &
   PID=$!
   wait_ready http://127.0.0.1:18201
-  BLOCKREMOTE_DATA_DIR=$WORK/w $BIN/blockremote worker >"$WORK/w.log" 2>&1 &
+  BLOCKREMOTE_DATA_DIR=$WORK/w $SERVER worker >"$WORK/w.log" 2>&1 &
   WORKER=$!
   load http://127.0.0.1:18201 $PID $WORKER $(pgrep -x redis-server | head -1)
   sleep 3; metric http://127.0.0.1:18201

@@ -197,7 +197,8 @@ pub trait SharedState: Send + Sync + 'static {
         self.delete_if(lock, token).await
     }
     /// Sets `key` to `value` if absent and returns `None`; else returns the
-    /// value already there (the first claimant of a fingerprint). Atomic.
+    /// value already there (the first claimant of a fingerprint). Of
+    /// concurrent claims exactly one gets `None`.
     async fn claim(&self, key: &str, value: &[u8], ttl: Duration) -> StateResult<Option<Vec<u8>>>;
     /// [`advance`](Self::advance) the integer at `key` to `value`, then — when
     /// it advanced — [`enqueue`](Self::enqueue) `payload` on `queue`. One

@@ -165,6 +165,8 @@ struct ScoringLock<'a> {
     state: &'a AppState,
     key: String,
     token: String,
+    /// Where the engine state lives (read under the lock, saved by `commit`).
+    state_key: String,
     /// When the lock was asked for: its TTL runs from no earlier.
     asked_at: std::time::Instant,
     engine: DeviceState,
@@ -193,15 +195,17 @@ impl ScoringLock<'_> {
         engine: &DeviceState,
         report: Option<&TrustReport>,
     ) -> anyhow::Result<()> {
-        let state_key = keys::signal_state(device_id);
         let state_bytes = postcard::to_allocvec(engine)?;
-        let report_key = keys::trust_report(device_id);
-        let report_bytes = report.map(serde_json::to_vec).transpose()?;
+        let report = report
+            .map(|r| {
+                Ok::<_, serde_json::Error>((keys::trust_report(device_id), serde_json::to_vec(r)?))
+            })
+            .transpose()?;
         let mut entries: Vec<(&str, &[u8], Option<Duration>)> = Vec::with_capacity(2);
-        if let Some(bytes) = &report_bytes {
-            entries.push((&report_key, bytes, Some(STATE_TTL)));
+        if let Some((key, bytes)) = &report {
+            entries.push((key, bytes, Some(STATE_TTL)));
         }
-        entries.push((&state_key, &state_bytes, Some(STATE_TTL)));
+        entries.push((&self.state_key, &state_bytes, Some(STATE_TTL)));
         let released = self
             .state
             .shared
@@ -243,6 +247,7 @@ async fn lock<'a>(state: &'a AppState, device_id: &str) -> anyhow::Result<Scorin
                 state,
                 key,
                 token,
+                state_key,
                 asked_at,
                 engine,
             });

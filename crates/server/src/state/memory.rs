@@ -1,7 +1,10 @@
 //! In-process shared state for the embedded default (a single instance).
 //!
-//! Expired keys are dropped lazily on read and swept in bulk every few
-//! thousand writes, so memory stays bounded without a background task.
+//! Expired keys are dropped lazily on read and swept in bulk, so memory
+//! stays bounded without a background task. A sweep visits every entry, so
+//! it waits for as many writes as there were entries left by the last one
+//! (at least [`SWEEP_EVERY`]): constant work per write however many keys
+//! live — a day of window fingerprints is millions of them.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -24,6 +27,7 @@ use super::{
     StateResult, Subscription,
 };
 
+/// The fewest writes between two sweeps.
 const SWEEP_EVERY: u64 = 4096;
 const CHANNEL_CAPACITY: usize = 1024;
 
@@ -68,6 +72,8 @@ pub struct MemoryState {
     queues: DashMap<String, Arc<Queue>>,
     queue_capacity: usize,
     writes: AtomicU64,
+    /// The write count at which the next sweep runs (`u64::MAX` while one runs).
+    next_sweep: AtomicU64,
     next_job: AtomicU64,
 }
 
@@ -110,16 +116,31 @@ impl MemoryState {
             queues: DashMap::new(),
             queue_capacity: queue_capacity.max(1),
             writes: AtomicU64::new(0),
+            next_sweep: AtomicU64::new(SWEEP_EVERY),
             next_job: AtomicU64::new(1),
         }
     }
 
     fn after_write(&self) {
-        if self.writes.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
-            let now = Instant::now();
-            self.kv.retain(|_, e| e.live(now));
-            self.buckets.retain(|_, b| b.full_at > now);
+        let writes = self.writes.fetch_add(1, Ordering::Relaxed) + 1;
+        let due = self.next_sweep.load(Ordering::Relaxed);
+        // Whoever moves the mark sweeps; the others go on.
+        if writes < due
+            || self
+                .next_sweep
+                .compare_exchange(due, u64::MAX, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
         }
+        let now = Instant::now();
+        self.kv.retain(|_, e| e.live(now));
+        self.buckets.retain(|_, b| b.full_at > now);
+        let left = (self.kv.len() + self.buckets.len()) as u64;
+        self.next_sweep.store(
+            writes.saturating_add(left.max(SWEEP_EVERY)),
+            Ordering::Relaxed,
+        );
     }
 
     fn live_entry(&self, key: &str) -> bool {
@@ -527,5 +548,46 @@ impl QueueConsumer for MemoryConsumer {
             }
         }
         Ok(jobs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn expired_keys_are_swept_by_later_writes() {
+        let state = MemoryState::new(16);
+        for i in 0..100 {
+            let key = format!("short:{i}");
+            state
+                .set(&key, b"v", Some(Duration::from_millis(1)))
+                .await
+                .expect("set");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(state.kv.len(), 100, "nothing read them: still there");
+        for _ in 0..SWEEP_EVERY {
+            state.set("kept", b"v", None).await.expect("set");
+        }
+        assert_eq!(state.kv.len(), 1, "swept, and only the live key is left");
+    }
+
+    #[tokio::test]
+    async fn sweeps_wait_for_as_many_writes_as_entries_are_left() {
+        let state = MemoryState::new(16);
+        let live = 3 * SWEEP_EVERY;
+        for i in 0..live {
+            state
+                .set(&format!("live:{i}"), b"v", None)
+                .await
+                .expect("set");
+        }
+        // The sweeps so far found 4096 and 8192 live entries, so the next
+        // is due 8192 writes after the second one, not 4096.
+        let writes = state.writes.load(Ordering::Relaxed);
+        let due = state.next_sweep.load(Ordering::Relaxed);
+        assert_eq!(writes, live);
+        assert_eq!(due, 2 * SWEEP_EVERY + 2 * SWEEP_EVERY);
     }
 }

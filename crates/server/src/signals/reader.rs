@@ -314,6 +314,24 @@ mod tests {
 
     proptest! {
         #[test]
+        fn long_numbers_are_read_as_the_reference_reads_them_or_left_to_it(
+            int in "-?(0|[1-9][0-9]{0,20})",
+            frac in proptest::option::of("[0-9]{1,24}"),
+            space in "[ ]?",
+        ) {
+            let number = match frac { Some(f) => format!("{int}.{f}"), None => int };
+            let text = format!(r#"{{"seq":1,"sent_at":"2026-11-23T12:00:00Z","gyroscope":[[0,0,0,{number}{space}]]}}"#);
+            let digits = number.bytes().filter(u8::is_ascii_digit).count();
+            match read(text.as_bytes()) {
+                Some(fast) => {
+                    prop_assert!(digits <= 15, "{}", text);
+                    prop_assert_eq!(Some(fast.into_heartbeat()), reference(text.as_bytes()));
+                }
+                None => prop_assert!(digits > 15, "{}", text),
+            }
+        }
+
+        #[test]
         fn whatever_it_accepts_the_reference_reads_the_same(
             class in 0..CLASSES.len(),
             seed in 0..1000u64,

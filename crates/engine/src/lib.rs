@@ -5,6 +5,7 @@
 //! clock and spawns nothing: the server feeds it data and acts on its verdict.
 //! Keeping it pure is what lets it be property-tested and benchmarked alone.
 
+pub mod compact;
 pub mod device;
 pub mod features;
 pub mod heartbeat;

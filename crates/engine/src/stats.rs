@@ -152,6 +152,7 @@ impl PageHinkley {
 /// A fixed ring of the last `N` values of one feature.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Ring<const N: usize> {
+    #[serde(with = "crate::compact::f64s")]
     values: Vec<f64>,
     next: usize,
 }

@@ -7,7 +7,7 @@
 //! (postcard). `cargo bench -p blockremote-server --bench ingest`.
 //! Results: docs/BENCHMARKS.md.
 
-use blockremote::signals::ingest::HeartbeatBody;
+use blockremote::signals::ingest::{encode_job, HeartbeatBody};
 use blockremote_engine::sim::{load_heartbeat, Class};
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 
@@ -29,14 +29,17 @@ fn bench(c: &mut Criterion) {
     c.bench_function("heartbeat body: fast reader", |b| {
         b.iter(|| blockremote::signals::reader::read(black_box(&body)).expect("fast path"))
     });
-    c.bench_function("heartbeat body: parse, validate, encode the job", |b| {
-        b.iter(|| {
-            let hb =
-                blockremote::http::json::parse::<HeartbeatBody>(black_box(&body)).expect("parses");
-            hb.validate().expect("valid");
-            postcard::to_allocvec(&hb.into_heartbeat()).expect("encodes")
-        })
-    });
+    c.bench_function(
+        "heartbeat body: fast reader, validate, encode the job",
+        |b| {
+            let user = uuid::Uuid::now_v7();
+            b.iter(|| {
+                let hb = blockremote::signals::reader::read(black_box(&body)).expect("fast path");
+                hb.validate().expect("valid");
+                encode_job("device_0001", user, false, &hb.into_heartbeat()).expect("encodes")
+            })
+        },
+    );
 }
 
 criterion_group!(benches, bench);

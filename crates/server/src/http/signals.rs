@@ -95,9 +95,8 @@ pub async fn post_heartbeat(
     } else {
         // The seq check and the enqueue are one step (one round trip on
         // Redis): a 202 means the heartbeat is on the queue.
-        let encoded =
-            postcard::to_allocvec(&heartbeat).map_err(|e| ApiError::Internal(e.into()))?;
-        let job = encode_job(&device.device_id, device.user_id, ip_listed, &encoded);
+        let job = encode_job(&device.device_id, device.user_id, ip_listed, &heartbeat)
+            .map_err(|e| ApiError::Internal(e.into()))?;
         match state
             .shared
             .advance_and_enqueue(

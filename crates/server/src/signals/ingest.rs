@@ -7,13 +7,16 @@
 //! and no absurd value reaches the engine.
 //!
 //! The queue job is the validated heartbeat in a compact binary encoding
-//! (postcard) behind a small text header (device, user, address verdict):
-//! encoding it costs a few microseconds, while parsing 8 KB of JSON again in
-//! the worker cost tens.
+//! (postcard, the sample arrays as one byte string each — see
+//! `blockremote_engine::compact`) behind a small text header (device, user,
+//! address verdict): encoding it costs a few microseconds, while parsing
+//! 8 KB of JSON again in the worker cost tens. The header says which body
+//! encoding follows, so a job queued by an older replica during an upgrade
+//! is still read, never misread.
 
 use blockremote_engine::heartbeat::{Context, Heartbeat, Network, Sample, Touch};
 use chrono::{DateTime, Utc};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -200,37 +203,82 @@ pub struct JobHeader<'a> {
     pub ip_listed: bool,
 }
 
-/// Encodes a queue job: `device_id \n user_id \n flag \n payload`.
-pub fn encode_job(device_id: &str, user_id: Uuid, ip_listed: bool, body: &[u8]) -> Vec<u8> {
-    let mut job = Vec::with_capacity(device_id.len() + 40 + body.len());
+/// Encodes a queue job: `device_id \n user_id \n flags \n body`, where
+/// `flags` is `c1` or `c0` (compact body; address listed or not) and `body`
+/// the heartbeat in postcard.
+pub fn encode_job(
+    device_id: &str,
+    user_id: Uuid,
+    ip_listed: bool,
+    heartbeat: &Heartbeat,
+) -> Result<Vec<u8>, postcard::Error> {
+    let mut job = Vec::with_capacity(device_id.len() + 48 + heartbeat_size_hint(heartbeat));
     job.extend_from_slice(device_id.as_bytes());
     job.push(b'\n');
-    job.extend_from_slice(user_id.to_string().as_bytes());
+    job.extend_from_slice(
+        user_id
+            .as_hyphenated()
+            .encode_lower(&mut Uuid::encode_buffer())
+            .as_bytes(),
+    );
     job.push(b'\n');
-    job.push(if ip_listed { b'1' } else { b'0' });
+    job.extend_from_slice(if ip_listed { b"c1" } else { b"c0" });
     job.push(b'\n');
-    job.extend_from_slice(body);
-    job
+    postcard::to_extend(heartbeat, job)
 }
 
-/// Decodes a queue job made by [`encode_job`].
-pub fn decode_job(job: &[u8]) -> Option<(JobHeader<'_>, &[u8])> {
+/// Bytes of a heartbeat's body, roughly (the samples dominate).
+fn heartbeat_size_hint(heartbeat: &Heartbeat) -> usize {
+    (heartbeat.accelerometer.len() + heartbeat.gyroscope.len()) * 32
+        + heartbeat.touches.len() * 48
+        + 256
+}
+
+/// The body as written before the sample arrays became byte strings (flags
+/// `1`/`0`): the plain derive of [`Heartbeat`], field for field.
+#[derive(Serialize, Deserialize)]
+struct LegacyBody {
+    seq: u64,
+    accelerometer: Vec<Sample>,
+    gyroscope: Vec<Sample>,
+    touches: Vec<Touch>,
+    network: Option<Network>,
+    context: Context,
+}
+
+/// Decodes a queue job made by [`encode_job`] (or by an older replica).
+pub fn decode_job(job: &[u8]) -> Option<(JobHeader<'_>, Heartbeat)> {
     let mut parts = job.splitn(4, |&b| b == b'\n');
     let device_id = std::str::from_utf8(parts.next()?).ok()?;
     let user_id = Uuid::parse_str(std::str::from_utf8(parts.next()?).ok()?).ok()?;
-    let ip_listed = match parts.next()? {
-        b"1" => true,
-        b"0" => false,
+    let (ip_listed, compact) = match parts.next()? {
+        b"c1" => (true, true),
+        b"c0" => (false, true),
+        b"1" => (true, false),
+        b"0" => (false, false),
         _ => return None,
     };
     let body = parts.next()?;
+    let heartbeat = if compact {
+        postcard::from_bytes(body).ok()?
+    } else {
+        let old: LegacyBody = postcard::from_bytes(body).ok()?;
+        Heartbeat {
+            seq: old.seq,
+            accelerometer: old.accelerometer,
+            gyroscope: old.gyroscope,
+            touches: old.touches,
+            network: old.network,
+            context: old.context,
+        }
+    };
     Some((
         JobHeader {
             device_id,
             user_id,
             ip_listed,
         },
-        body,
+        heartbeat,
     ))
 }
 
@@ -300,11 +348,18 @@ mod tests {
         .is_err());
     }
 
+    fn heartbeat() -> Heartbeat {
+        serde_json::from_str::<HeartbeatBody>(BODY)
+            .expect("parses")
+            .into_heartbeat()
+    }
+
     #[test]
     fn jobs_round_trip() {
         let user = Uuid::now_v7();
-        let job = encode_job("device_0001", user, true, b"{\"a\":\n1}");
-        let (header, body) = decode_job(&job).expect("decodes");
+        let hb = heartbeat();
+        let job = encode_job("device_0001", user, true, &hb).expect("encodes");
+        let (header, back) = decode_job(&job).expect("decodes");
         assert_eq!(
             header,
             JobHeader {
@@ -313,8 +368,31 @@ mod tests {
                 ip_listed: true
             }
         );
-        assert_eq!(body, &b"{\"a\":\n1}"[..]);
+        assert_eq!(back, hb);
         assert_eq!(decode_job(b"no newline"), None);
+        assert_eq!(decode_job(&job[..job.len() - 1]), None, "truncated");
+    }
+
+    #[test]
+    fn jobs_queued_by_an_older_replica_are_still_read() {
+        let user = Uuid::now_v7();
+        let hb = heartbeat();
+        let old = LegacyBody {
+            seq: hb.seq,
+            accelerometer: hb.accelerometer.clone(),
+            gyroscope: hb.gyroscope.clone(),
+            touches: hb.touches.clone(),
+            network: hb.network,
+            context: hb.context.clone(),
+        };
+        let body = postcard::to_allocvec(&old).expect("encodes");
+        let job = [format!("device_0001\n{user}\n0\n").as_bytes(), &body].concat();
+        let (header, back) = decode_job(&job).expect("decodes");
+        assert!(!header.ip_listed);
+        assert_eq!(back, hb);
+        // The two body encodings differ: the flags decide, nothing guesses.
+        let relabelled = [format!("device_0001\n{user}\nc0\n").as_bytes(), &body].concat();
+        assert_ne!(decode_job(&relabelled).map(|(_, back)| back), Some(hb));
     }
 
     proptest! {

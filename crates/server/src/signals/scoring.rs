@@ -63,16 +63,9 @@ impl JobHandler for HeartbeatScorer {
     async fn handle(&self, job: &Job) -> anyhow::Result<()> {
         // A job that cannot be decoded never will be: log and drop it
         // rather than retry it forever (ingestion only enqueues valid ones).
-        let Some((header, body)) = decode_job(&job.payload) else {
+        let Some((header, heartbeat)) = decode_job(&job.payload) else {
             tracing::error!(job = %job.id, "undecodable heartbeat job dropped");
             return Ok(());
-        };
-        let heartbeat: Heartbeat = match postcard::from_bytes(body) {
-            Ok(heartbeat) => heartbeat,
-            Err(e) => {
-                tracing::error!(job = %job.id, error = %e, "unparsable heartbeat job dropped");
-                return Ok(());
-            }
         };
         score(
             &self.state,

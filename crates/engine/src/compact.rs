@@ -4,8 +4,8 @@
 //! values. Through serde's derived impls a binary format (postcard, for the
 //! queue jobs and the stored state) writes and reads them one call per
 //! number, which showed up in profiles of the server. These `with` modules
-//! write them as one byte string of little-endian `f64`s instead — one copy
-//! each way. Human-readable formats (JSON, what devices send) keep the
+//! write them as one byte string of little-endian `f64`s instead: bulk
+//! copies, no per-number calls. Human-readable formats (JSON, what devices send) keep the
 //! ordinary form, so the wire contract is untouched.
 
 use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
@@ -44,18 +44,24 @@ impl<'de> de::Visitor<'de> for BytesVisitor {
     }
 }
 
-fn read_f64s<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f64>, D::Error> {
+/// The byte string, refused unless it holds whole groups of `width` `f64`s.
+fn read_bytes<'de, D: Deserializer<'de>>(
+    d: D,
+    width: usize,
+) -> Result<std::borrow::Cow<'de, [u8]>, D::Error> {
     let bytes = d.deserialize_bytes(BytesVisitor)?;
-    if bytes.len() % 8 != 0 {
+    if bytes.len() % (8 * width) != 0 {
         return Err(de::Error::invalid_length(
             bytes.len(),
-            &"a multiple of 8 bytes",
+            &"whole groups of little-endian f64s",
         ));
     }
-    Ok(bytes
-        .chunks_exact(8)
-        .map(|c| f64::from_le_bytes(c.try_into().unwrap_or_default()))
-        .collect())
+    Ok(bytes)
+}
+
+/// The `i`-th little-endian `f64` of `chunk`.
+fn f64_at(chunk: &[u8], i: usize) -> f64 {
+    f64::from_le_bytes(chunk[8 * i..8 * i + 8].try_into().unwrap_or_default())
 }
 
 fn write_f64s<S: Serializer>(
@@ -87,7 +93,8 @@ pub mod f64s {
         if d.is_human_readable() {
             return Vec::deserialize(d);
         }
-        read_f64s(d)
+        let bytes = read_bytes(d, 1)?;
+        Ok(bytes.chunks_exact(8).map(|c| f64_at(c, 0)).collect())
     }
 }
 
@@ -109,20 +116,14 @@ pub mod samples {
         if d.is_human_readable() {
             return Vec::deserialize(d);
         }
-        let values = read_f64s(d)?;
-        if values.len() % 4 != 0 {
-            return Err(de::Error::invalid_length(
-                values.len(),
-                &"four values per sample",
-            ));
-        }
-        Ok(values
-            .chunks_exact(4)
+        let bytes = read_bytes(d, 4)?;
+        Ok(bytes
+            .chunks_exact(32)
             .map(|c| Sample {
-                t: c[0],
-                x: c[1],
-                y: c[2],
-                z: c[3],
+                t: f64_at(c, 0),
+                x: f64_at(c, 1),
+                y: f64_at(c, 2),
+                z: f64_at(c, 3),
             })
             .collect())
     }

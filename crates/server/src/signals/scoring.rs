@@ -8,12 +8,17 @@
 //! redelivery changes nothing (at-least-once queue, idempotent effect) and a
 //! heartbeat overtaken by a later one is still scored once.
 //!
+//! A worker scores a fetched batch with round trips shared by the batch
+//! ([`score_batch`]): on Redis the cost of a heartbeat is mostly the round
+//! trips around it, not the engine (docs/BENCHMARKS.md).
+//!
 //! A lock decision, on a device still active: status `locked` (its API calls
 //! are refused at once on every instance), the kill-switch command
 //! (`FORCE_OVERLAY` or `CRITICAL_LOCK`) published to its sockets, and an
 //! audit row with the threat score, reasons, attestation state and action.
 
 use std::{
+    collections::HashMap,
     sync::atomic::{AtomicBool, Ordering},
     time::Duration,
 };
@@ -22,14 +27,18 @@ use async_trait::async_trait;
 use blockremote_engine::{
     assess, Attestation, Decision, DeviceState, Heartbeat, IntelHits, PlanTier, Situation,
 };
+use futures::StreamExt;
 use uuid::Uuid;
 
-use super::{ingest::decode_job, report::TrustReport};
+use super::{
+    ingest::{decode_job, JobHeader},
+    report::TrustReport,
+};
 use crate::{
     app::AppState,
     auth::device_status::Attestation as CachedAttestation,
     realtime::{self, Action},
-    state::{keys, Job},
+    state::{keys, Commit, Job},
     store::{AuditSource, DeviceStatus, NewAuditEntry},
     workers::JobHandler,
 };
@@ -77,6 +86,10 @@ impl JobHandler for HeartbeatScorer {
         )
         .await?;
         Ok(())
+    }
+
+    async fn handle_batch(&self, jobs: Vec<Job>, parallel: usize) -> Vec<String> {
+        score_batch(&self.state, jobs, parallel).await
     }
 }
 
@@ -306,16 +319,27 @@ pub async fn score(
     let started = std::time::Instant::now();
     let mut guard = lock(state, device_id).await?;
     let mut engine = std::mem::take(&mut guard.engine);
-    let result = score_locked(
-        state,
-        device_id,
-        user_id,
-        heartbeat,
-        ip_listed,
-        degraded,
-        &mut engine,
-    )
-    .await;
+    let seen = if degraded {
+        Ok(false)
+    } else {
+        seen_elsewhere(state, device_id, &heartbeat).await
+    };
+    let result = match seen {
+        Ok(seen) => {
+            score_locked(
+                state,
+                device_id,
+                user_id,
+                heartbeat,
+                ip_listed,
+                degraded,
+                seen,
+                &mut engine,
+            )
+            .await
+        }
+        Err(e) => Err(e),
+    };
     let result = match result {
         // A failed commit leaves the lock to expire by itself (the store
         // that refused the write would refuse the release too). The job is
@@ -346,7 +370,278 @@ pub async fn score(
     result
 }
 
+/// The heartbeats of one device in a batch, in queue order.
+struct DeviceJobs<'a> {
+    device_id: &'a str,
+    jobs: Vec<(&'a Job, JobHeader<'a>, Heartbeat)>,
+}
+
+/// Scores a fetched batch with round trips shared by the whole batch: the
+/// scoring locks and engine states of all its devices in one, their window
+/// fingerprints in one, every save and release in one — instead of three
+/// per heartbeat. A device whose lock is held elsewhere is scored on its
+/// own afterwards (waiting for the lock). Returns the ids of the jobs
+/// handled; a device whose scoring or save fails leaves its jobs pending.
+async fn score_batch(state: &AppState, jobs: Vec<Job>, parallel: usize) -> Vec<String> {
+    let started = std::time::Instant::now();
+    let mut done = Vec::with_capacity(jobs.len());
+    let mut devices: Vec<DeviceJobs<'_>> = Vec::new();
+    let mut slot: HashMap<&str, usize> = HashMap::new();
+    for job in &jobs {
+        // A job that cannot be decoded never will be: log and drop it.
+        let Some((header, heartbeat)) = decode_job(&job.payload) else {
+            tracing::error!(job = %job.id, "undecodable heartbeat job dropped");
+            done.push(job.id.clone());
+            continue;
+        };
+        let i = *slot.entry(header.device_id).or_insert_with(|| {
+            devices.push(DeviceJobs {
+                device_id: header.device_id,
+                jobs: Vec::new(),
+            });
+            devices.len() - 1
+        });
+        devices[i].jobs.push((job, header, heartbeat));
+    }
+    if devices.is_empty() {
+        return done;
+    }
+
+    // 1. Every device's lock and engine state.
+    let locks: Vec<(String, String, String)> = devices
+        .iter()
+        .map(|d| {
+            (
+                keys::scoring_lock(d.device_id),
+                Uuid::new_v4().simple().to_string(),
+                keys::signal_state(d.device_id),
+            )
+        })
+        .collect();
+    let requests: Vec<(&str, &[u8], &str)> = locks
+        .iter()
+        .map(|(lock, token, key)| (lock.as_str(), token.as_bytes(), key.as_str()))
+        .collect();
+    let asked_at = std::time::Instant::now();
+    let read = match state.shared.lock_and_get_many(&requests, LOCK_TTL).await {
+        Ok(read) => read,
+        Err(e) => {
+            // Locks that were taken expire by themselves; all stays pending.
+            tracing::warn!(error = %e, "scoring locks not taken; batch left pending");
+            return done;
+        }
+    };
+    let mut held = Vec::new();
+    let mut contended = Vec::new();
+    for ((device, raw), lock) in devices.into_iter().zip(read).zip(&locks) {
+        match raw {
+            Some(raw) => {
+                // A state from an older encoding starts afresh.
+                let engine: DeviceState = raw
+                    .and_then(|raw| postcard::from_bytes(&raw).ok())
+                    .unwrap_or_default();
+                held.push((device, engine, lock));
+            }
+            None => contended.push(device),
+        }
+    }
+
+    // 2. The window fingerprints of every heartbeat under a lock: seen
+    //    elsewhere when another device claimed it first.
+    let senders: Vec<(&str, Option<String>)> = held
+        .iter()
+        .flat_map(|(device, _, _)| &device.jobs)
+        .map(|(_, header, heartbeat)| {
+            let fp = blockremote_engine::features::window_fingerprint(heartbeat);
+            (header.device_id, fp.map(keys::window_fingerprint))
+        })
+        .collect();
+    let claims: Vec<(&str, &[u8])> = senders
+        .iter()
+        .filter_map(|(device_id, fp)| fp.as_deref().map(|fp| (fp, device_id.as_bytes())))
+        .collect();
+    let mut holders = match state.shared.claim_many(&claims, FINGERPRINT_TTL).await {
+        Ok(holders) => holders.into_iter(),
+        Err(e) => {
+            tracing::warn!(error = %e, "window fingerprints not claimed; batch left pending");
+            let locks: Vec<_> = held.iter().map(|(_, _, lock)| *lock).collect();
+            release_locks(state, &locks).await;
+            return done;
+        }
+    };
+    let mut seen = senders.iter().map(|(device_id, fp)| {
+        fp.is_some()
+            && holders
+                .next()
+                .flatten()
+                .is_some_and(|first| first != device_id.as_bytes())
+    });
+
+    // 3. Score each device's heartbeats in order, devices side by side.
+    let mut work = Vec::with_capacity(held.len());
+    for (device, mut engine, lock) in held {
+        let seen: Vec<bool> = device
+            .jobs
+            .iter()
+            .map(|_| seen.next().unwrap_or(false))
+            .collect();
+        work.push(async move {
+            let mut report = None;
+            let mut scored = 0u64;
+            let mut failure = None;
+            let device_id = device.device_id;
+            let mut ids = Vec::with_capacity(device.jobs.len());
+            for ((job, header, heartbeat), seen) in device.jobs.into_iter().zip(seen) {
+                ids.push(job.id.clone());
+                match score_locked(
+                    state,
+                    device_id,
+                    header.user_id,
+                    heartbeat,
+                    header.ip_listed,
+                    false,
+                    seen,
+                    &mut engine,
+                )
+                .await
+                {
+                    Ok(Some(r)) => {
+                        report = Some(r);
+                        scored += 1;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
+                }
+            }
+            (device_id, engine, lock, ids, report, scored, failure)
+        });
+    }
+    let outcomes: Vec<_> = futures::stream::iter(work)
+        .buffer_unordered(parallel.max(1))
+        .collect()
+        .await;
+
+    // 4. Save every state and report and release every lock together.
+    let mut saves = Vec::with_capacity(outcomes.len());
+    let mut failed = Vec::new();
+    for (device_id, engine, lock, ids, report, scored, failure) in outcomes {
+        if let Some(e) = failure {
+            tracing::warn!(
+                device_id,
+                error = format!("{e:#}"),
+                "scoring failed; jobs left pending for retry"
+            );
+            failed.push(lock);
+            continue;
+        }
+        let state_bytes = match postcard::to_allocvec(&engine) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                tracing::error!(device_id, error = %e, "engine state not encoded");
+                failed.push(lock);
+                continue;
+            }
+        };
+        let report = report
+            .and_then(|r| serde_json::to_vec(&r).ok())
+            .map(|bytes| (keys::trust_report(device_id), bytes));
+        saves.push((lock, ids, scored, state_bytes, report));
+    }
+    release_locks(state, &failed).await;
+    let within_ttl = asked_at.elapsed() < LOCK_TTL - LOCK_DRIFT_MARGIN;
+    let commits: Vec<Commit<'_>> = saves
+        .iter()
+        .map(
+            |((lock, token, state_key), _, scored, state_bytes, report)| {
+                let mut entries: Vec<(&str, &[u8], Option<Duration>)> = Vec::with_capacity(2);
+                if *scored > 0 {
+                    if let Some((key, bytes)) = report {
+                        entries.push((key.as_str(), bytes.as_slice(), Some(STATE_TTL)));
+                    }
+                    entries.push((state_key.as_str(), state_bytes.as_slice(), Some(STATE_TTL)));
+                }
+                Commit {
+                    entries,
+                    lock: lock.as_str(),
+                    token: token.as_bytes(),
+                    within_ttl,
+                }
+            },
+        )
+        .collect();
+    match state.shared.commit_many(&commits).await {
+        Ok(released) => {
+            if released.iter().any(|r| !r) {
+                tracing::warn!("scoring lock expired before the state was saved");
+            }
+            let elapsed = started.elapsed().as_secs_f64();
+            for (_, ids, scored, _, _) in saves {
+                state.metrics.signals_scored.inc_by(scored);
+                for _ in 0..scored {
+                    state.metrics.signals_scoring_seconds.observe(elapsed);
+                }
+                done.extend(ids);
+            }
+        }
+        Err(e) => {
+            // The locks expire by themselves; the jobs are retried and find
+            // their seqs scored if the writes did land.
+            tracing::warn!(error = %e, "scored states not saved; jobs left pending for retry");
+        }
+    }
+
+    // 5. Devices another worker was scoring: one by one, waiting for the lock.
+    let contended: Vec<_> = contended
+        .into_iter()
+        .map(|device| score_waiting(state, device))
+        .collect();
+    let contended: Vec<Vec<String>> = futures::stream::iter(contended)
+        .buffer_unordered(parallel.max(1))
+        .collect()
+        .await;
+    done.extend(contended.into_iter().flatten());
+    done
+}
+
+/// Scores a device's heartbeats one by one through [`score`] (which waits
+/// for its lock); the ids of those scored. A failure stops there: the
+/// device's later heartbeats wait for the retry too.
+async fn score_waiting(state: &AppState, device: DeviceJobs<'_>) -> Vec<String> {
+    let mut ids = Vec::with_capacity(device.jobs.len());
+    for (job, header, heartbeat) in device.jobs {
+        let scored = score(
+            state,
+            header.device_id,
+            header.user_id,
+            heartbeat,
+            header.ip_listed,
+            false,
+        )
+        .await;
+        if let Err(e) = scored {
+            tracing::warn!(job = %job.id, error = format!("{e:#}"), "job failed; left pending for retry");
+            break;
+        }
+        ids.push(job.id.clone());
+    }
+    ids
+}
+
+/// Releases the locks of a batch that is given up (nothing written).
+async fn release_locks(state: &AppState, locks: &[&(String, String, String)]) {
+    for (lock, token, _) in locks {
+        if let Err(e) = state.shared.delete_if(lock, token.as_bytes()).await {
+            tracing::warn!(error = %e, "scoring lock not released; it expires by itself");
+        }
+    }
+}
+
 /// Scores under the lock; `None` when this `seq` was already scored.
+/// `seen_elsewhere`: the window was first sent by another device.
+#[allow(clippy::too_many_arguments)]
 async fn score_locked(
     state: &AppState,
     device_id: &str,
@@ -354,6 +649,7 @@ async fn score_locked(
     heartbeat: Heartbeat,
     ip_listed: bool,
     degraded: bool,
+    seen_elsewhere: bool,
     engine: &mut DeviceState,
 ) -> anyhow::Result<Option<TrustReport>> {
     if engine.already_scored(heartbeat.seq) {
@@ -371,7 +667,7 @@ async fn score_locked(
     let attestation = device.attestation.as_str();
     let plan = state.plans.get(state.store.as_ref(), user_id).await?;
     let mut intel: IntelHits = state.intel.hits(&heartbeat.context, ip_listed);
-    intel.window_seen_elsewhere = !degraded && seen_elsewhere(state, device_id, &heartbeat).await?;
+    intel.window_seen_elsewhere = seen_elsewhere;
     let situation = Situation {
         attestation: attestation_of(device.attestation),
         plan: if plan.name == "trial" {

@@ -92,6 +92,20 @@ pub trait QueueConsumer: Send {
     async fn reclaim(&mut self, min_idle: Duration, max: usize) -> StateResult<Vec<Job>>;
 }
 
+/// One holder's writes and lock release, for [`SharedState::commit_many`]
+/// (the arguments of [`SharedState::set_many_and_unlock`]).
+#[derive(Debug, Clone)]
+pub struct Commit<'a> {
+    /// `(key, value, ttl)` to write.
+    pub entries: Vec<(&'a str, &'a [u8], Option<Duration>)>,
+    /// The lock to release.
+    pub lock: &'a str,
+    /// The holder's token.
+    pub token: &'a [u8],
+    /// The lock cannot have expired yet.
+    pub within_ttl: bool,
+}
+
 /// What [`SharedState::advance_and_enqueue`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Advanced {
@@ -195,6 +209,47 @@ pub trait SharedState: Send + Sync + 'static {
             self.set(key, value, *ttl).await?;
         }
         self.delete_if(lock, token).await
+    }
+    /// [`lock_and_get`](Self::lock_and_get) for many `(lock, token, key)` at
+    /// once, with one `ttl`: one answer per request, in order. One round trip
+    /// on Redis (a worker takes the locks of a whole batch together).
+    async fn lock_and_get_many(
+        &self,
+        requests: &[(&str, &[u8], &str)],
+        ttl: Duration,
+    ) -> StateResult<Vec<Option<Option<Vec<u8>>>>> {
+        let mut answers = Vec::with_capacity(requests.len());
+        for (lock, token, key) in requests {
+            answers.push(self.lock_and_get(lock, token, ttl, key).await?);
+        }
+        Ok(answers)
+    }
+    /// [`set_many_and_unlock`](Self::set_many_and_unlock) for many holders at
+    /// once: whether each lock was released, in order. One round trip on
+    /// Redis for the holders within their TTL.
+    async fn commit_many(&self, commits: &[Commit<'_>]) -> StateResult<Vec<bool>> {
+        let mut released = Vec::with_capacity(commits.len());
+        for c in commits {
+            released.push(
+                self.set_many_and_unlock(&c.entries, c.lock, c.token, c.within_ttl)
+                    .await?,
+            );
+        }
+        Ok(released)
+    }
+    /// [`claim`](Self::claim) for many `(key, value)` at once, with one
+    /// `ttl`, in order (an earlier claim of the same key is seen by a later
+    /// one). One round trip on Redis.
+    async fn claim_many(
+        &self,
+        claims: &[(&str, &[u8])],
+        ttl: Duration,
+    ) -> StateResult<Vec<Option<Vec<u8>>>> {
+        let mut holders = Vec::with_capacity(claims.len());
+        for (key, value) in claims {
+            holders.push(self.claim(key, value, ttl).await?);
+        }
+        Ok(holders)
     }
     /// Sets `key` to `value` if absent and returns `None`; else returns the
     /// value already there (the first claimant of a fingerprint). Of

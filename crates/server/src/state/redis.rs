@@ -27,7 +27,7 @@ use redis::{
 use tokio::sync::mpsc;
 
 use super::{
-    Advanced, BucketDecision, Job, QueueConsumer, SharedState, StateError, StateResult,
+    Advanced, BucketDecision, Commit, Job, QueueConsumer, SharedState, StateError, StateResult,
     Subscription,
 };
 
@@ -269,6 +269,23 @@ impl RedisState {
         Ok((set.is_some(), read))
     }
 
+    /// Runs `pipe` and checks it answered `expected` replies (those not ignored).
+    async fn query_values(
+        &self,
+        pipe: &redis::Pipeline,
+        expected: usize,
+    ) -> StateResult<Vec<redis::Value>> {
+        let mut conn = self.conn.clone();
+        let replies: Vec<redis::Value> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+        if replies.len() != expected {
+            return Err(StateError::Corrupt(format!(
+                "pipeline answered {} replies, expected {expected}",
+                replies.len()
+            )));
+        }
+        Ok(replies)
+    }
+
     async fn dedicated_connection(&self) -> StateResult<MultiplexedConnection> {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(RESPONSE_TIMEOUT)
@@ -277,6 +294,26 @@ impl RedisState {
             .get_multiplexed_async_connection_with_config(&config)
             .await
             .map_err(unavailable)
+    }
+}
+
+/// Replies taken two by two (a `SET NX` and the `GET` after it).
+fn pairs(replies: Vec<redis::Value>) -> impl Iterator<Item = (redis::Value, redis::Value)> {
+    let mut replies = replies.into_iter();
+    std::iter::from_fn(move || Some((replies.next()?, replies.next()?)))
+}
+
+/// Whether a `SET ... NX` reply says the key was set.
+fn set_happened(reply: &redis::Value) -> bool {
+    !matches!(reply, redis::Value::Nil)
+}
+
+/// A `GET` reply: the value, or `None` when absent.
+fn bytes(reply: redis::Value) -> StateResult<Option<Vec<u8>>> {
+    match reply {
+        redis::Value::Nil => Ok(None),
+        redis::Value::BulkString(b) => Ok(Some(b)),
+        other => Err(StateError::Corrupt(format!("unexpected reply {other:?}"))),
     }
 }
 
@@ -464,6 +501,93 @@ impl SharedState for RedisState {
             .await
             .map_err(unavailable)?;
         self.delete_if(lock, token).await
+    }
+
+    async fn lock_and_get_many(
+        &self,
+        requests: &[(&str, &[u8], &str)],
+        ttl: Duration,
+    ) -> StateResult<Vec<Option<Option<Vec<u8>>>>> {
+        if requests.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for (lock, token, key) in requests {
+            pipe.cmd("SET")
+                .arg(self.key(lock))
+                .arg(*token)
+                .arg("NX")
+                .arg("PX")
+                .arg(millis(ttl));
+            pipe.cmd("GET").arg(self.key(key));
+        }
+        let replies = self.query_values(&pipe, 2 * requests.len()).await?;
+        pairs(replies)
+            .map(|(set, read)| set_happened(&set).then(|| bytes(read)).transpose())
+            .collect()
+    }
+
+    async fn commit_many(&self, commits: &[Commit<'_>]) -> StateResult<Vec<bool>> {
+        if commits.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for c in commits {
+            for (key, value, ttl) in &c.entries {
+                pipe.cmd("SET").arg(self.key(key)).arg(*value);
+                if let Some(ms) = ttl_millis(*ttl) {
+                    pipe.arg("PX").arg(ms);
+                }
+                pipe.ignore();
+            }
+            if c.within_ttl {
+                pipe.cmd("DEL").arg(self.key(c.lock));
+            }
+        }
+        let within = commits.iter().filter(|c| c.within_ttl).count();
+        let replies = self.query_values(&pipe, within).await?;
+        let mut deleted = replies.iter();
+        let mut released = Vec::with_capacity(commits.len());
+        for c in commits {
+            released.push(if c.within_ttl {
+                matches!(deleted.next(), Some(redis::Value::Int(1)))
+            } else {
+                // It may have expired and been taken since: compare-and-delete.
+                self.delete_if(c.lock, c.token).await?
+            });
+        }
+        Ok(released)
+    }
+
+    async fn claim_many(
+        &self,
+        claims: &[(&str, &[u8])],
+        ttl: Duration,
+    ) -> StateResult<Vec<Option<Vec<u8>>>> {
+        if claims.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for (key, value) in claims {
+            let key = self.key(key);
+            pipe.cmd("SET")
+                .arg(&key)
+                .arg(*value)
+                .arg("NX")
+                .arg("PX")
+                .arg(millis(ttl));
+            pipe.cmd("GET").arg(key);
+        }
+        let replies = self.query_values(&pipe, 2 * claims.len()).await?;
+        pairs(replies)
+            .map(|(set, read)| {
+                if set_happened(&set) {
+                    Ok(None)
+                } else {
+                    bytes(read)
+                }
+            })
+            .collect()
     }
 
     async fn claim(&self, key: &str, value: &[u8], ttl: Duration) -> StateResult<Option<Vec<u8>>> {

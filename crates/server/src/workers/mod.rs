@@ -3,7 +3,7 @@
 //! A [`WorkerPool`] runs one consumer task per (queue, slot). Each task loops:
 //! every [`WorkerOptions::reclaim_every`] it takes over jobs left pending by a consumer that
 //! died (idle longer than [`WorkerOptions::reclaim_idle`]), then fetches new
-//! jobs, hands each to its [`JobHandler`] and acks those handled. A handler
+//! jobs, hands the batch to its [`JobHandler`] and acks those handled. A handler
 //! error leaves the job pending, so it is retried after the idle threshold —
 //! at-least-once, which is why handlers must be idempotent.
 //!
@@ -20,11 +20,42 @@ use tokio_util::sync::CancellationToken;
 
 use crate::state::{Job, QueueConsumer, SharedState};
 
-/// Handles one job. Must be idempotent: a job can be delivered more than once.
+/// Handles jobs. Must be idempotent: a job can be delivered more than once.
 #[async_trait]
 pub trait JobHandler: Send + Sync + 'static {
     /// Handles `job`; an error leaves it pending for a retry.
     async fn handle(&self, job: &Job) -> anyhow::Result<()>;
+
+    /// Handles a fetched batch and returns the ids of the jobs handled (the
+    /// others stay pending for a retry). By default each job goes to
+    /// [`handle`](Self::handle), up to `parallel` at once; a handler
+    /// overrides this to share round trips across the batch.
+    async fn handle_batch(&self, jobs: Vec<Job>, parallel: usize) -> Vec<String> {
+        handle_each(self, jobs, parallel).await
+    }
+}
+
+/// Runs [`JobHandler::handle`] on each job, up to `parallel` at once; the
+/// ids of those handled.
+pub async fn handle_each<H: JobHandler + ?Sized>(
+    handler: &H,
+    jobs: Vec<Job>,
+    parallel: usize,
+) -> Vec<String> {
+    futures::stream::iter(jobs)
+        .map(|job| async move {
+            match handler.handle(&job).await {
+                Ok(()) => Some(job.id),
+                Err(e) => {
+                    tracing::warn!(job = %job.id, error = format!("{e:#}"), "job failed; left pending for retry");
+                    None
+                }
+            }
+        })
+        .buffer_unordered(parallel.max(1))
+        .filter_map(std::future::ready)
+        .collect()
+        .await
 }
 
 /// Tuning of a worker pool.
@@ -156,22 +187,7 @@ async fn run_consumer(
                 continue;
             }
         };
-        let handled = futures::stream::iter(jobs)
-            .map(|job| {
-                let handler = handler.clone();
-                async move {
-                    match handler.handle(&job).await {
-                        Ok(()) => Some(job.id.clone()),
-                        Err(e) => {
-                            tracing::warn!(job = %job.id, error = format!("{e:#}"), "job failed; left pending for retry");
-                            None
-                        }
-                    }
-                }
-            })
-            .buffer_unordered(options.parallel.max(1))
-            .collect::<Vec<Option<String>>>();
-        let done: Vec<String> = handled.await.into_iter().flatten().collect();
+        let done = handler.handle_batch(jobs, options.parallel).await;
         if let Err(e) = consumer.ack(&done).await {
             // Not fatal: the jobs stay pending and are reclaimed and handled
             // again, which idempotent handlers tolerate.

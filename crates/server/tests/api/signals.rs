@@ -26,6 +26,7 @@ crate::on_both_backends!(
     blacklisted_apps_lock_at_once_and_intel_can_be_removed,
     a_window_replayed_from_another_device_locks_it,
     the_breaker_scores_inline_when_the_queue_is_behind,
+    a_device_scored_elsewhere_is_scored_once_its_lock_is_free,
 );
 
 const ADMIN: &str = "signals-admin-key-0123456789abcdef0123";
@@ -523,5 +524,50 @@ async fn the_breaker_scores_inline_when_the_queue_is_behind(backend: Backend) {
     assert_eq!(
         r.json::<Value>().await.expect("json"),
         json!({"accepted": true, "seq": 2})
+    );
+}
+
+async fn a_device_scored_elsewhere_is_scored_once_its_lock_is_free(backend: Backend) {
+    let Some(app) = app(backend).await else {
+        return;
+    };
+    let busy = register(&app, "busy@example.com", "device_sig_50").await;
+    let free = register(&app, "free@example.com", "device_sig_51").await;
+    // Another worker holds `busy`'s scoring lock for a moment: the batch
+    // scores `free` at once and `busy` when the lock is gone.
+    assert!(app
+        .state
+        .shared
+        .set_nx(
+            &blockremote::state::keys::scoring_lock(&busy.id),
+            b"another-worker",
+            Some(Duration::from_millis(700)),
+        )
+        .await
+        .expect("lock"));
+    // Each its own windows (the same window from two devices is a replay).
+    let sessions = [
+        session(Class::OnTable, 11, 3),
+        session(Class::OnTable, 12, 3),
+    ];
+    for i in 0..3 {
+        for (d, s) in [&busy, &free].into_iter().zip(&sessions) {
+            let r = send(&app, d, &body_of(&s.heartbeats[i])).await;
+            assert_eq!(r.status(), StatusCode::ACCEPTED);
+        }
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            trust(&app, &free).await["heartbeats"] == 3
+                && trust(&app, &busy).await["heartbeats"] == 3
+        })
+        .await,
+        "both devices scored"
+    );
+    assert_eq!(trust(&app, &busy).await["last_seq"], 3);
+    let metrics = app.get("/metrics").await.text().await.expect("text");
+    assert!(
+        metrics.contains("signals_heartbeats_scored_total 6"),
+        "each scored once: {metrics}"
     );
 }

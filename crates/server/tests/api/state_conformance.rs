@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use blockremote::state::{keys, Advanced, StateError};
+use blockremote::state::{keys, Advanced, Commit, StateError};
 
 use crate::helpers::{second_shared, shared_for, Backend};
 
@@ -22,6 +22,7 @@ crate::on_both_backends!(
     advance_and_enqueue_queues_only_fresh_values_and_reports_a_full_queue,
     lock_and_get_reads_under_the_lock_and_commit_writes_then_unlocks,
     claim_keeps_the_first_holder,
+    batched_locks_claims_and_commits_match_the_single_calls,
 );
 
 async fn advance_and_enqueue_queues_only_fresh_values_and_reports_a_full_queue(backend: Backend) {
@@ -663,4 +664,128 @@ async fn queue_fetch_waits_then_returns_empty(backend: Backend) {
     let jobs = c.fetch(5, Duration::from_secs(3)).await.expect("fetch");
     assert_eq!(jobs.len(), 1);
     assert_eq!(jobs[0].payload, b"late");
+}
+
+async fn batched_locks_claims_and_commits_match_the_single_calls(backend: Backend) {
+    let Some((s, _b)) = shared_for(backend, 10).await else {
+        return;
+    };
+    let ttl = Duration::from_secs(60);
+    s.set("state:b", b"old-b", None).await.expect("set");
+    assert_eq!(
+        s.lock_and_get("lock:c", b"other", ttl, "state:c")
+            .await
+            .expect("lock"),
+        Some(None),
+        "c is held by another worker"
+    );
+    let read = s
+        .lock_and_get_many(
+            &[
+                ("lock:a", b"ta", "state:a"),
+                ("lock:b", b"tb", "state:b"),
+                ("lock:c", b"tc", "state:c"),
+            ],
+            ttl,
+        )
+        .await
+        .expect("lock many");
+    assert_eq!(
+        read,
+        vec![Some(None), Some(Some(b"old-b".to_vec())), None],
+        "a free and empty, b free with its state, c held"
+    );
+    assert_eq!(
+        s.lock_and_get("lock:a", b"late", ttl, "state:a")
+            .await
+            .expect("lock"),
+        None,
+        "a is now held"
+    );
+
+    // Claims in one call see each other, in order, and the holders before them.
+    assert_eq!(s.claim("fp:x", b"dev-0", ttl).await.expect("claim"), None);
+    let holders = s
+        .claim_many(
+            &[("fp:x", b"dev-1"), ("fp:y", b"dev-1"), ("fp:y", b"dev-2")],
+            ttl,
+        )
+        .await
+        .expect("claim many");
+    assert_eq!(
+        holders,
+        vec![Some(b"dev-0".to_vec()), None, Some(b"dev-1".to_vec())]
+    );
+    assert!(s.ttl("fp:y").await.expect("ttl").is_some());
+    assert!(s.claim_many(&[], ttl).await.expect("none").is_empty());
+
+    // Commits: writes land, own locks are released, a lost lock is not taken
+    // from its new holder.
+    let released = s
+        .commit_many(&[
+            Commit {
+                entries: vec![("state:a", b"new-a", Some(ttl)), ("report:a", b"r-a", None)],
+                lock: "lock:a",
+                token: b"ta",
+                within_ttl: true,
+            },
+            Commit {
+                entries: vec![],
+                lock: "lock:b",
+                token: b"tb",
+                within_ttl: false,
+            },
+            Commit {
+                entries: vec![("state:c", b"late-c", Some(ttl))],
+                lock: "lock:c",
+                token: b"tc",
+                within_ttl: false,
+            },
+        ])
+        .await
+        .expect("commit many");
+    assert_eq!(released, vec![true, true, false]);
+    assert_eq!(
+        s.get("state:a").await.expect("get"),
+        Some(b"new-a".to_vec())
+    );
+    assert_eq!(s.get("report:a").await.expect("get"), Some(b"r-a".to_vec()));
+    assert!(s.ttl("state:a").await.expect("ttl").is_some());
+    assert_eq!(s.ttl("report:a").await.expect("ttl"), None, "no TTL asked");
+    assert_eq!(
+        s.get("state:b").await.expect("get"),
+        Some(b"old-b".to_vec()),
+        "nothing written for b"
+    );
+    assert_eq!(
+        s.get("state:c").await.expect("get"),
+        Some(b"late-c".to_vec()),
+        "written anyway"
+    );
+    let again = s
+        .lock_and_get_many(
+            &[
+                ("lock:a", b"t2", "state:a"),
+                ("lock:b", b"t2", "state:b"),
+                ("lock:c", b"t2", "state:c"),
+            ],
+            ttl,
+        )
+        .await
+        .expect("lock many");
+    assert_eq!(
+        again,
+        vec![
+            Some(Some(b"new-a".to_vec())),
+            Some(Some(b"old-b".to_vec())),
+            None
+        ],
+        "a and b released, c still held by its owner"
+    );
+    assert!(s
+        .lock_and_get_many(&[], ttl)
+        .await
+        .expect("none")
+        .is_empty());
+    assert!(s.commit_many(&[]).await.expect("none").is_empty());
 }

@@ -169,6 +169,53 @@ impl FromRequestParts<AppState> for DeviceAuth {
     }
 }
 
+/// A device authenticated as by [`DeviceAuth`], whose rate-limit token the
+/// handler takes itself — with its own work, in one round trip on Redis
+/// (heartbeat ingestion) — or through [`take_token`](Self::take_token).
+/// The handler must do one or the other on every path.
+#[derive(Clone)]
+pub struct MeteredLater {
+    /// The device.
+    pub device: DeviceAuth,
+    slot: Option<RateLimitSlot>,
+}
+
+impl MeteredLater {
+    /// Takes the token as [`DeviceAuth`] does; `Err(429)` when refused.
+    pub async fn take_token(&self, state: &AppState) -> Result<(), ApiError> {
+        limits::take(
+            state,
+            self.slot.as_ref(),
+            self.device.user_id,
+            &self.device.device_id,
+        )
+        .await
+    }
+
+    /// Records a decision taken by the handler's own call; `Err(429)` when refused.
+    pub fn record(&self, decision: crate::state::BucketDecision) -> Result<(), ApiError> {
+        limits::record(self.slot.as_ref(), decision)
+    }
+}
+
+impl FromRequestParts<AppState> for MeteredLater {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = bearer(parts).ok_or_else(invalid_token)?;
+        let header_device = parts
+            .headers
+            .get(DEVICE_ID_HEADER)
+            .and_then(|v| v.to_str().ok());
+        let (device, _) =
+            authenticate(state, token, header_device, true, DeviceGate::ActiveOnly).await?;
+        Ok(Self {
+            device,
+            slot: parts.extensions.get::<RateLimitSlot>().cloned(),
+        })
+    }
+}
+
 /// An authenticated operator (admin API key).
 #[derive(Debug, Clone, Copy)]
 pub struct AdminAuth;

@@ -4,7 +4,8 @@
 //! (trial 120, paid_basic 600, paid 1200 per minute), refilled continuously
 //! and shared by every instance (`rl:{device}`; one Lua script on Redis).
 //! [`DeviceAuth`](crate::auth::extract::DeviceAuth) takes one token after
-//! authenticating; the decision is left in the request's [`RateLimitSlot`]
+//! authenticating (heartbeat ingestion takes it in the same round trip as
+//! its own work, through [`MeteredLater`](crate::auth::extract::MeteredLater)); the decision is left in the request's [`RateLimitSlot`]
 //! and [`headers`] writes `RateLimit-Limit`, `RateLimit-Remaining` and
 //! `RateLimit-Reset` (seconds until the bucket is full) on the response,
 //! refused or not. A refusal is 429 `rate_limited` with `Retry-After`.
@@ -29,7 +30,7 @@ use axum::{
 use crate::{
     app::AppState,
     error::ApiError,
-    state::{keys, BucketDecision},
+    state::{keys, BucketDecision, Take},
 };
 
 /// Every plan's bucket refills its capacity over this period.
@@ -58,6 +59,22 @@ impl RateLimitSlot {
     }
 }
 
+/// The take of one token from the device's bucket, at its user's plan
+/// capacity.
+pub async fn one_token<'a>(
+    state: &AppState,
+    user_id: uuid::Uuid,
+    bucket_key: &'a str,
+) -> Result<Take<'a>, ApiError> {
+    let plan = state.plans.get(state.store.as_ref(), user_id).await?;
+    Ok(Take {
+        key: bucket_key,
+        capacity: plan.rate_limit_per_minute,
+        period: PERIOD,
+        cost: 1,
+    })
+}
+
 /// Takes one token from the device's bucket; `Err(429)` when it is empty.
 pub async fn take(
     state: &AppState,
@@ -65,15 +82,11 @@ pub async fn take(
     user_id: uuid::Uuid,
     device_id: &str,
 ) -> Result<(), ApiError> {
-    let plan = state.plans.get(state.store.as_ref(), user_id).await?;
+    let key = keys::rate_limit(device_id);
+    let take = one_token(state, user_id, &key).await?;
     let decision = match state
         .shared
-        .take_tokens(
-            &keys::rate_limit(device_id),
-            plan.rate_limit_per_minute,
-            PERIOD,
-            1,
-        )
+        .take_tokens(take.key, take.capacity, take.period, take.cost)
         .await
     {
         Ok(decision) => decision,
@@ -87,6 +100,11 @@ pub async fn take(
             return Ok(());
         }
     };
+    record(slot, decision)
+}
+
+/// Leaves `decision` for the response headers; `Err(429)` when it refused.
+pub fn record(slot: Option<&RateLimitSlot>, decision: BucketDecision) -> Result<(), ApiError> {
     if let Some(slot) = slot {
         slot.put(decision);
     }

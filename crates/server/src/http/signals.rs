@@ -1,8 +1,9 @@
 //! `POST /v1/signals/heartbeat` and `GET /v1/security/trust-score`.
 //!
-//! Ingestion validates, rate-limits (the device's plan bucket, through
-//! `DeviceAuth`), refuses replays and enqueues: a 202 means the heartbeat is
-//! on the queue. When the circuit breaker says the workers are behind — or
+//! Ingestion authenticates ([`MeteredLater`]: as `DeviceAuth`, but the
+//! rate-limit token is taken here), validates, then takes the token from the
+//! device's plan bucket, refuses replays and enqueues — on Redis one script,
+//! one round trip: a 202 means the heartbeat is on the queue. When the circuit breaker says the workers are behind — or
 //! the queue refuses the job — it scores inline instead and the answer (and
 //! the report) says `degraded: true`. Either way nothing accepted is lost.
 
@@ -14,7 +15,8 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use super::json;
 use crate::{
     app::AppState,
-    auth::extract::{ClientIp, DeviceAuth},
+    auth::extract::{ClientIp, DeviceAuth, MeteredLater},
+    billing::limits,
     error::{codes, ApiError, Problem},
     signals::{
         ingest::{encode_job, HeartbeatBody},
@@ -64,51 +66,75 @@ pub struct Accepted {
     ))]
 pub async fn post_heartbeat(
     State(state): State<AppState>,
-    device: DeviceAuth,
+    metered: MeteredLater,
     ip: ClientIp,
-    json::RawJson(body): json::RawJson,
+    body: Result<json::RawJson, ApiError>,
 ) -> Result<(StatusCode, JsonResponse<Accepted>), ApiError> {
+    let device = &metered.device;
     // The fast reader takes what devices send; anything else goes to the
     // reference parser, which decides and names the offending field.
-    let heartbeat: HeartbeatBody = match reader::read(&body) {
-        Some(heartbeat) => heartbeat,
-        None => json::parse(&body)?,
+    let heartbeat = body.and_then(|json::RawJson(body)| {
+        let heartbeat: HeartbeatBody = match reader::read(&body) {
+            Some(heartbeat) => heartbeat,
+            None => json::parse(&body)?,
+        };
+        heartbeat.validate().map_err(|e| ApiError::Validation {
+            field: e.field,
+            message: e.message.to_owned(),
+        })?;
+        Ok(heartbeat)
+    });
+    let heartbeat = match heartbeat {
+        Ok(heartbeat) => heartbeat,
+        Err(e) => {
+            // A refused body still costs a token, and an empty bucket
+            // answers 429 first, as on every device route.
+            metered.take_token(&state).await?;
+            return Err(e);
+        }
     };
-    heartbeat.validate().map_err(|e| ApiError::Validation {
-        field: e.field,
-        message: e.message.to_owned(),
-    })?;
     let seq = heartbeat.seq;
     let seq_key = keys::heartbeat_seq(&device.device_id);
     let ip_listed = state.intel.ip_listed(ip.0);
     let heartbeat = heartbeat.into_heartbeat();
     let previous = if state.breaker.degraded() {
-        // The workers are behind: take the seq, then score below.
+        // The workers are behind: take the token and the seq, then score below.
+        metered.take_token(&state).await?;
         match state
             .shared
             .advance(&seq_key, seq, scoring::STATE_TTL)
             .await?
         {
             Some(previous) => previous,
-            None => return Err(replay(&state, &device, ip, seq).await),
+            None => return Err(replay(&state, device, ip, seq).await),
         }
     } else {
-        // The seq check and the enqueue are one step (one round trip on
-        // Redis): a 202 means the heartbeat is on the queue.
+        // The rate-limit token, the seq check and the enqueue are one step
+        // (one round trip on Redis): a 202 means the heartbeat is on the queue.
         let job = encode_job(&device.device_id, device.user_id, ip_listed, &heartbeat)
             .map_err(|e| ApiError::Internal(e.into()))?;
-        match state
+        let bucket_key = keys::rate_limit(&device.device_id);
+        let take = limits::one_token(&state, device.user_id, &bucket_key).await?;
+        let admitted = state
             .shared
-            .advance_and_enqueue(
+            .take_then_advance_and_enqueue(
+                take,
                 &seq_key,
                 seq,
                 scoring::STATE_TTL,
                 keys::HEARTBEAT_QUEUE,
                 &job,
             )
-            .await?
-        {
-            Advanced::Stale => return Err(replay(&state, &device, ip, seq).await),
+            .await?;
+        metered.record(admitted.bucket)?;
+        let Some(advanced) = admitted.advanced else {
+            // The bucket refused (and `record` answered so).
+            return Err(ApiError::RateLimited {
+                retry_after: admitted.bucket.retry_after,
+            });
+        };
+        match advanced {
+            Advanced::Stale => return Err(replay(&state, device, ip, seq).await),
             Advanced::Queued { .. } => {
                 state.metrics.signals_accepted.inc();
                 return Ok((

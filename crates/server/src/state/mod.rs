@@ -68,6 +68,28 @@ pub struct BucketDecision {
     pub retry_after: Duration,
 }
 
+/// A token-bucket take: the arguments of [`SharedState::take_tokens`].
+#[derive(Debug, Clone, Copy)]
+pub struct Take<'a> {
+    /// The bucket.
+    pub key: &'a str,
+    /// Its capacity.
+    pub capacity: u32,
+    /// The period over which it refills its capacity.
+    pub period: Duration,
+    /// Tokens to take.
+    pub cost: u32,
+}
+
+/// What [`SharedState::take_then_advance_and_enqueue`] did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Admitted {
+    /// The bucket's verdict.
+    pub bucket: BucketDecision,
+    /// What the advance and enqueue did; `None` when the bucket refused.
+    pub advanced: Option<Advanced>,
+}
+
 /// A job taken from a work queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Job {
@@ -293,6 +315,39 @@ pub trait SharedState: Send + Sync + 'static {
         period: Duration,
         cost: u32,
     ) -> StateResult<BucketDecision>;
+
+    /// [`take_tokens`](Self::take_tokens) from `bucket`, then — only when
+    /// the bucket allowed it — [`advance_and_enqueue`](Self::advance_and_enqueue).
+    /// Heartbeat ingestion in one round trip on Redis (one script) instead
+    /// of two. `Admitted::advanced` is `None` when the bucket refused (nothing
+    /// else was done).
+    #[allow(clippy::too_many_arguments)]
+    async fn take_then_advance_and_enqueue(
+        &self,
+        bucket: Take<'_>,
+        key: &str,
+        value: u64,
+        ttl: Duration,
+        queue: &str,
+        payload: &[u8],
+    ) -> StateResult<Admitted> {
+        let decision = self
+            .take_tokens(bucket.key, bucket.capacity, bucket.period, bucket.cost)
+            .await?;
+        if !decision.allowed {
+            return Ok(Admitted {
+                bucket: decision,
+                advanced: None,
+            });
+        }
+        let advanced = self
+            .advance_and_enqueue(key, value, ttl, queue, payload)
+            .await?;
+        Ok(Admitted {
+            bucket: decision,
+            advanced: Some(advanced),
+        })
+    }
 
     /// Adds `payload` at position `seq` to the bounded history at `key`,
     /// dropping the oldest entries past `max_len`; the history expires after

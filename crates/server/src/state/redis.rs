@@ -27,8 +27,8 @@ use redis::{
 use tokio::sync::mpsc;
 
 use super::{
-    Advanced, BucketDecision, Commit, Job, QueueConsumer, SharedState, StateError, StateResult,
-    Subscription,
+    Admitted, Advanced, BucketDecision, Commit, Job, QueueConsumer, SharedState, StateError,
+    StateResult, Subscription, Take,
 };
 
 /// The consumer group every worker joins.
@@ -176,6 +176,55 @@ end
 return {current, redis.call('XADD', KEYS[2], '*', 'p', ARGV[4])}
 ";
 
+/// [`TOKEN_BUCKET_LUA`], then — when it allowed — [`ADVANCE_AND_ENQUEUE_LUA`].
+/// KEYS = bucket, counter, stream; ARGV = capacity, period (ms), cost,
+/// value, TTL (ms), queue capacity, payload. Returns {allowed, whole tokens
+/// left, ms until full, ms until `cost` available, previous or -1 (-2 when
+/// refused), id or false}. (Three keys: Redis Cluster would need them in one slot.)
+const TAKE_ADVANCE_AND_ENQUEUE_LUA: &str = r"
+local capacity = tonumber(ARGV[1])
+local rate = capacity / tonumber(ARGV[2])
+local cost = tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'at', 'cap')
+local tokens = tonumber(state[1])
+local at = tonumber(state[2])
+local previous = tonumber(state[3])
+if tokens == nil or at == nil then
+  tokens = capacity
+  at = now
+elseif previous ~= nil and capacity > previous then
+  tokens = tokens + (capacity - previous)
+end
+local elapsed = now - at
+if elapsed < 0 then elapsed = 0 end
+tokens = math.min(capacity, tokens + elapsed * rate)
+local allowed = 0
+local retry = 0
+if tokens >= cost then
+  tokens = tokens - cost
+  allowed = 1
+else
+  retry = math.ceil((cost - tokens) / rate)
+end
+local reset = math.ceil((capacity - tokens) / rate)
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'at', string.format('%.17g', now), 'cap', capacity)
+redis.call('PEXPIRE', KEYS[1], reset + 1000)
+if allowed == 0 then
+  return {allowed, math.floor(tokens), reset, retry, -2, false}
+end
+local current = tonumber(redis.call('GET', KEYS[2])) or 0
+if tonumber(ARGV[4]) <= current then
+  return {allowed, math.floor(tokens), reset, retry, -1, false}
+end
+redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[5])
+if redis.call('XLEN', KEYS[3]) >= tonumber(ARGV[6]) then
+  return {allowed, math.floor(tokens), reset, retry, current, false}
+end
+return {allowed, math.floor(tokens), reset, retry, current, redis.call('XADD', KEYS[3], '*', 'p', ARGV[7])}
+";
+
 fn unavailable(err: RedisError) -> StateError {
     StateError::Unavailable(err.to_string())
 }
@@ -200,6 +249,7 @@ pub struct RedisState {
     delete_if: Script,
     sequence_and_push: Script,
     advance_and_enqueue: Script,
+    take_advance_and_enqueue: Script,
 }
 
 impl RedisState {
@@ -237,6 +287,7 @@ impl RedisState {
             delete_if: Script::new(DELETE_IF_LUA),
             sequence_and_push: Script::new(SEQUENCE_AND_PUSH_LUA),
             advance_and_enqueue: Script::new(ADVANCE_AND_ENQUEUE_LUA),
+            take_advance_and_enqueue: Script::new(TAKE_ADVANCE_AND_ENQUEUE_LUA),
         })
     }
 
@@ -622,6 +673,58 @@ impl SharedState for RedisState {
             (Err(_), _) => Advanced::Stale,
             (Ok(previous), Some(_)) => Advanced::Queued { previous },
             (Ok(previous), None) => Advanced::QueueFull { previous },
+        })
+    }
+
+    async fn take_then_advance_and_enqueue(
+        &self,
+        bucket: Take<'_>,
+        key: &str,
+        value: u64,
+        ttl: Duration,
+        queue: &str,
+        payload: &[u8],
+    ) -> StateResult<Admitted> {
+        let mut conn = self.conn.clone();
+        let (allowed, remaining, reset_ms, retry_ms, previous, id): (
+            i64,
+            i64,
+            u64,
+            u64,
+            i64,
+            Option<String>,
+        ) = self
+            .take_advance_and_enqueue
+            .key(self.key(bucket.key))
+            .key(self.key(key))
+            .key(self.key(queue))
+            .arg(bucket.capacity)
+            .arg(millis(bucket.period))
+            .arg(bucket.cost)
+            .arg(value)
+            .arg(millis(ttl))
+            .arg(self.queue_capacity)
+            .arg(payload)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let decision = BucketDecision {
+            allowed: allowed == 1,
+            limit: bucket.capacity,
+            remaining: u32::try_from(remaining.max(0)).unwrap_or(bucket.capacity),
+            reset_after: Duration::from_millis(reset_ms),
+            retry_after: Duration::from_millis(retry_ms),
+        };
+        let advanced = decision
+            .allowed
+            .then(|| match (u64::try_from(previous), id) {
+                (Err(_), _) => Advanced::Stale,
+                (Ok(previous), Some(_)) => Advanced::Queued { previous },
+                (Ok(previous), None) => Advanced::QueueFull { previous },
+            });
+        Ok(Admitted {
+            bucket: decision,
+            advanced,
         })
     }
 

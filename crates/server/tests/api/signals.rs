@@ -27,6 +27,7 @@ crate::on_both_backends!(
     a_window_replayed_from_another_device_locks_it,
     the_breaker_scores_inline_when_the_queue_is_behind,
     a_device_scored_elsewhere_is_scored_once_its_lock_is_free,
+    heartbeats_spend_the_plan_bucket_and_a_refused_one_keeps_its_seq,
 );
 
 const ADMIN: &str = "signals-admin-key-0123456789abcdef0123";
@@ -569,5 +570,66 @@ async fn a_device_scored_elsewhere_is_scored_once_its_lock_is_free(backend: Back
     assert!(
         metrics.contains("signals_heartbeats_scored_total 6"),
         "each scored once: {metrics}"
+    );
+}
+
+async fn heartbeats_spend_the_plan_bucket_and_a_refused_one_keeps_its_seq(backend: Backend) {
+    let Some(app) = app(backend).await else {
+        return;
+    };
+    // A trial user: 120 tokens, refilled at 2 per second.
+    let d = register(&app, "bucket@example.com", "device_sig_60").await;
+    let hb = body_of(&session(Class::OnTable, 13, 1).heartbeats[0]);
+    let first = send(&app, &d, &hb).await;
+    assert_eq!(first.status(), StatusCode::ACCEPTED);
+    assert_eq!(first.headers()["ratelimit-limit"], "120");
+    assert_eq!(first.headers()["ratelimit-remaining"], "119");
+    // Refused bodies spend tokens too: drain the bucket with them (it
+    // refills by one every 500 ms meanwhile).
+    let mut invalid = hb.clone();
+    invalid["seq"] = json!(-1);
+    let drain = || async {
+        for _ in 0..200 {
+            let r = send(&app, &d, &invalid).await;
+            match r.status() {
+                StatusCode::TOO_MANY_REQUESTS => {
+                    assert!(r.headers().contains_key("retry-after"));
+                    assert_eq!(r.headers()["ratelimit-remaining"], "0");
+                    return;
+                }
+                status => assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY),
+            }
+        }
+        panic!("the bucket never emptied");
+    };
+    // Empty: a valid heartbeat is refused too, and its seq is not spent. (If
+    // a token came back between the two requests it is taken; try the next.)
+    let mut refused_seq = None;
+    for seq in 2..5 {
+        drain().await;
+        let mut next = hb.clone();
+        next["seq"] = json!(seq);
+        match send(&app, &d, &next).await.status() {
+            StatusCode::TOO_MANY_REQUESTS => {
+                refused_seq = Some((seq, next));
+                break;
+            }
+            status => assert_eq!(status, StatusCode::ACCEPTED),
+        }
+    }
+    let (seq, next) = refused_seq.expect("a heartbeat refused by the empty bucket");
+    // A token later, the refused heartbeat is taken.
+    let retried = eventually(Duration::from_secs(3), || async {
+        send(&app, &d, &next).await.status() == StatusCode::ACCEPTED
+    })
+    .await;
+    assert!(retried, "seq {seq} accepted once the bucket refilled");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            // The admin view: the device's own bucket is empty.
+            admin_device(&app, &d.id).await["trust"]["last_seq"] == seq
+        })
+        .await,
+        "the retried heartbeat scored"
     );
 }

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use blockremote::state::{keys, Advanced, Commit, StateError};
+use blockremote::state::{keys, Advanced, Commit, StateError, Take};
 
 use crate::helpers::{second_shared, shared_for, Backend};
 
@@ -23,6 +23,7 @@ crate::on_both_backends!(
     lock_and_get_reads_under_the_lock_and_commit_writes_then_unlocks,
     claim_keeps_the_first_holder,
     batched_locks_claims_and_commits_match_the_single_calls,
+    take_then_advance_and_enqueue_does_nothing_more_when_the_bucket_refuses,
 );
 
 async fn advance_and_enqueue_queues_only_fresh_values_and_reports_a_full_queue(backend: Backend) {
@@ -788,4 +789,45 @@ async fn batched_locks_claims_and_commits_match_the_single_calls(backend: Backen
         .expect("none")
         .is_empty());
     assert!(s.commit_many(&[]).await.expect("none").is_empty());
+}
+
+async fn take_then_advance_and_enqueue_does_nothing_more_when_the_bucket_refuses(backend: Backend) {
+    let Some((s, _b)) = shared_for(backend, 10).await else {
+        return;
+    };
+    let ttl = Duration::from_secs(60);
+    let q = "sig:queue:admit";
+    let bucket = Take {
+        key: "rl:admit",
+        capacity: 2,
+        period: Duration::from_secs(60),
+        cost: 1,
+    };
+    let admit = |v: u64, payload: &'static [u8]| {
+        let s = s.clone();
+        async move {
+            s.take_then_advance_and_enqueue(bucket, "seq:admit", v, ttl, q, payload)
+                .await
+                .expect("admit")
+        }
+    };
+    let first = admit(1, b"one").await;
+    assert!(first.bucket.allowed);
+    assert_eq!((first.bucket.limit, first.bucket.remaining), (2, 1));
+    assert_eq!(first.advanced, Some(Advanced::Queued { previous: 0 }));
+    // A replay still costs its token.
+    let replay = admit(1, b"again").await;
+    assert_eq!(replay.bucket.remaining, 0);
+    assert_eq!(replay.advanced, Some(Advanced::Stale));
+    // Refused: neither the seq nor the queue moves.
+    let refused = admit(2, b"two").await;
+    assert!(!refused.bucket.allowed);
+    assert!(refused.bucket.retry_after > Duration::ZERO);
+    assert_eq!(refused.advanced, None);
+    assert_eq!(s.queue_len(q).await.expect("len"), 1);
+    assert_eq!(
+        s.advance("seq:admit", 2, ttl).await.expect("advance"),
+        Some(1),
+        "the refused heartbeat's seq is still free"
+    );
 }

@@ -972,12 +972,15 @@ struct RedisConsumer {
     name: String,
 }
 
-fn job_of(entry: StreamId) -> Option<Job> {
-    let payload: Vec<u8> = entry.get("p")?;
-    Some(Job {
-        id: entry.id,
-        payload,
-    })
+/// The job of a stream entry; its payload is moved out of the reply, not copied.
+fn job_of(mut entry: StreamId) -> Option<Job> {
+    match entry.map.remove("p")? {
+        redis::Value::BulkString(payload) => Some(Job {
+            id: entry.id,
+            payload,
+        }),
+        _ => None,
+    }
 }
 
 #[async_trait]

@@ -4,6 +4,8 @@
 //!   token verifies, the header equals its `did`, and the device is still
 //!   active and bound to the token's user; then one token is taken from the
 //!   device's plan bucket (`billing::limits`).
+//! * [`MeteredLater`] — the same authentication, leaving the token to the
+//!   handler (heartbeat ingestion takes it with its own work).
 //! * [`AdminAuth`] — `Authorization: Bearer <admin key>`: the bootstrap key or
 //!   a key created with `blockremote admin-key create`, compared by hash.
 //! * [`ClientIp`] — the client's address, through trusted proxies only.
@@ -151,21 +153,9 @@ impl FromRequestParts<AppState> for DeviceAuth {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let token = bearer(parts).ok_or_else(invalid_token)?;
-        let header_device = parts
-            .headers
-            .get(DEVICE_ID_HEADER)
-            .and_then(|v| v.to_str().ok());
-        let (auth, _) =
-            authenticate(state, token, header_device, true, DeviceGate::ActiveOnly).await?;
-        limits::take(
-            state,
-            parts.extensions.get::<RateLimitSlot>(),
-            auth.user_id,
-            &auth.device_id,
-        )
-        .await?;
-        Ok(auth)
+        let metered = MeteredLater::from_request_parts(parts, state).await?;
+        metered.take_token(state).await?;
+        Ok(metered.device)
     }
 }
 

@@ -4,8 +4,10 @@
 //! (trial 120, paid_basic 600, paid 1200 per minute), refilled continuously
 //! and shared by every instance (`rl:{device}`; one Lua script on Redis).
 //! [`DeviceAuth`](crate::auth::extract::DeviceAuth) takes one token after
-//! authenticating (heartbeat ingestion takes it in the same round trip as
-//! its own work, through [`MeteredLater`](crate::auth::extract::MeteredLater)); the decision is left in the request's [`RateLimitSlot`]
+//! authenticating (heartbeat ingestion, through
+//! [`MeteredLater`](crate::auth::extract::MeteredLater), takes it in the
+//! same round trip as its own work when the body is valid and the workers
+//! keep up, and on its own otherwise); the decision is left in the request's [`RateLimitSlot`]
 //! and [`headers`] writes `RateLimit-Limit`, `RateLimit-Remaining` and
 //! `RateLimit-Reset` (seconds until the bucket is full) on the response,
 //! refused or not. A refusal is 429 `rate_limited` with `Retry-After`.

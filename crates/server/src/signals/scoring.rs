@@ -448,11 +448,14 @@ async fn score_batch(state: &AppState, jobs: Vec<Job>, parallel: usize) -> Vec<S
 
     // 2. The window fingerprints of every heartbeat under a lock: seen
     //    elsewhere when another device claimed it first.
+    //    (Not for redeliveries of heartbeats already scored.)
     let senders: Vec<(&str, Option<String>)> = held
         .iter()
-        .flat_map(|(device, _, _)| &device.jobs)
-        .map(|(_, header, heartbeat)| {
-            let fp = blockremote_engine::features::window_fingerprint(heartbeat);
+        .flat_map(|(device, engine, _)| device.jobs.iter().map(move |job| (job, engine)))
+        .map(|((_, header, heartbeat), engine)| {
+            let fp = (!engine.already_scored(heartbeat.seq))
+                .then(|| blockremote_engine::features::window_fingerprint(heartbeat))
+                .flatten();
             (header.device_id, fp.map(keys::window_fingerprint))
         })
         .collect();
@@ -550,8 +553,19 @@ async fn score_batch(state: &AppState, jobs: Vec<Job>, parallel: usize) -> Vec<S
             .map(|bytes| (keys::trust_report(device_id), bytes));
         saves.push((lock, ids, scored, state_bytes, report));
     }
+    // Every lock of the batch was asked for at `asked_at`. Past its TTL
+    // (less a margin for clock drift) a lock may have gone to another worker,
+    // whose save this one must not overwrite: save nothing, release what is
+    // still ours, and let the jobs be retried from the saved states.
+    if asked_at.elapsed() >= LOCK_TTL - LOCK_DRIFT_MARGIN {
+        tracing::warn!(
+            "batch scored too slowly to save under its locks; jobs left pending for retry"
+        );
+        failed.extend(saves.iter().map(|(lock, ..)| *lock));
+        release_locks(state, &failed).await;
+        return done;
+    }
     release_locks(state, &failed).await;
-    let within_ttl = asked_at.elapsed() < LOCK_TTL - LOCK_DRIFT_MARGIN;
     let commits: Vec<Commit<'_>> = saves
         .iter()
         .map(
@@ -567,7 +581,8 @@ async fn score_batch(state: &AppState, jobs: Vec<Job>, parallel: usize) -> Vec<S
                     entries,
                     lock: lock.as_str(),
                     token: token.as_bytes(),
-                    within_ttl,
+                    // Checked above: a plain delete releases them.
+                    within_ttl: true,
                 }
             },
         )

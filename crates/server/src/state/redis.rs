@@ -37,11 +37,14 @@ const CHANNEL_CAPACITY: usize = 1024;
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
 const MAX_BLOCK: Duration = Duration::from_secs(10);
 
-/// Atomic token bucket. KEYS[1] = bucket; ARGV = capacity, period (ms), cost.
-/// Returns {allowed, whole tokens left, ms until full, ms until `cost` available}.
-/// A capacity raised since the last take credits the difference at once
-/// (see `state::bucket_resize`).
-const TOKEN_BUCKET_LUA: &str = r"
+/// The token bucket's take, shared by the scripts below: KEYS[1] = bucket;
+/// ARGV[1..3] = capacity, period (ms), cost. Leaves `allowed` (0 or 1),
+/// `tokens`, `reset` (ms until full) and `retry` (ms until `cost` is
+/// available) in locals. A capacity raised since the last take credits the
+/// difference at once (see `state::bucket_resize`).
+macro_rules! token_bucket_take_lua {
+    () => {
+        r"
 local capacity = tonumber(ARGV[1])
 local rate = capacity / tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
@@ -71,8 +74,16 @@ end
 local reset = math.ceil((capacity - tokens) / rate)
 redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'at', string.format('%.17g', now), 'cap', capacity)
 redis.call('PEXPIRE', KEYS[1], reset + 1000)
-return {allowed, math.floor(tokens), reset, retry}
-";
+"
+    };
+}
+
+/// Atomic token bucket. KEYS[1] = bucket; ARGV = capacity, period (ms), cost.
+/// Returns {allowed, whole tokens left, ms until full, ms until `cost` available}.
+const TOKEN_BUCKET_LUA: &str = concat!(
+    token_bucket_take_lua!(),
+    "return {allowed, math.floor(tokens), reset, retry}\n"
+);
 
 /// Bounded enqueue. KEYS[1] = stream; ARGV = capacity, payload.
 const ENQUEUE_LUA: &str = r"
@@ -181,36 +192,9 @@ return {current, redis.call('XADD', KEYS[2], '*', 'p', ARGV[4])}
 /// value, TTL (ms), queue capacity, payload. Returns {allowed, whole tokens
 /// left, ms until full, ms until `cost` available, previous or -1 (-2 when
 /// refused), id or false}. (Three keys: Redis Cluster would need them in one slot.)
-const TAKE_ADVANCE_AND_ENQUEUE_LUA: &str = r"
-local capacity = tonumber(ARGV[1])
-local rate = capacity / tonumber(ARGV[2])
-local cost = tonumber(ARGV[3])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local state = redis.call('HMGET', KEYS[1], 'tokens', 'at', 'cap')
-local tokens = tonumber(state[1])
-local at = tonumber(state[2])
-local previous = tonumber(state[3])
-if tokens == nil or at == nil then
-  tokens = capacity
-  at = now
-elseif previous ~= nil and capacity > previous then
-  tokens = tokens + (capacity - previous)
-end
-local elapsed = now - at
-if elapsed < 0 then elapsed = 0 end
-tokens = math.min(capacity, tokens + elapsed * rate)
-local allowed = 0
-local retry = 0
-if tokens >= cost then
-  tokens = tokens - cost
-  allowed = 1
-else
-  retry = math.ceil((cost - tokens) / rate)
-end
-local reset = math.ceil((capacity - tokens) / rate)
-redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'at', string.format('%.17g', now), 'cap', capacity)
-redis.call('PEXPIRE', KEYS[1], reset + 1000)
+const TAKE_ADVANCE_AND_ENQUEUE_LUA: &str = concat!(
+    token_bucket_take_lua!(),
+    r"
 if allowed == 0 then
   return {allowed, math.floor(tokens), reset, retry, -2, false}
 end
@@ -223,7 +207,8 @@ if redis.call('XLEN', KEYS[3]) >= tonumber(ARGV[6]) then
   return {allowed, math.floor(tokens), reset, retry, current, false}
 end
 return {allowed, math.floor(tokens), reset, retry, current, redis.call('XADD', KEYS[3], '*', 'p', ARGV[7])}
-";
+"
+);
 
 fn unavailable(err: RedisError) -> StateError {
     StateError::Unavailable(err.to_string())

@@ -280,8 +280,34 @@ impl RedisState {
         format!("{}{}", self.prefix, key)
     }
 
-    /// `SET set_key value NX PX ttl` then `GET get_key`, pipelined in one
-    /// round trip: whether the SET happened, and what the GET read.
+    /// `SET set_key value NX PX ttl` then `GET get_key`, for each
+    /// `(set_key, value, get_key)`, pipelined in one round trip: whether
+    /// each SET happened, and what each GET read.
+    async fn set_nx_then_get_many(
+        &self,
+        ops: &[(&str, &[u8], &str)],
+        ttl: Duration,
+    ) -> StateResult<Vec<(bool, Option<Vec<u8>>)>> {
+        if ops.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for (set_key, value, get_key) in ops {
+            pipe.cmd("SET")
+                .arg(self.key(set_key))
+                .arg(*value)
+                .arg("NX")
+                .arg("PX")
+                .arg(millis(ttl));
+            pipe.cmd("GET").arg(self.key(get_key));
+        }
+        let replies = self.query_values(&pipe, 2 * ops.len()).await?;
+        pairs(replies)
+            .map(|(set, read)| Ok((set_happened(&set), bytes(read)?)))
+            .collect()
+    }
+
+    /// [`set_nx_then_get_many`](Self::set_nx_then_get_many) for one.
     async fn set_nx_then_get(
         &self,
         set_key: &str,
@@ -289,20 +315,12 @@ impl RedisState {
         ttl: Duration,
         get_key: &str,
     ) -> StateResult<(bool, Option<Vec<u8>>)> {
-        let mut conn = self.conn.clone();
-        let (set, read): (Option<String>, Option<Vec<u8>>) = redis::pipe()
-            .cmd("SET")
-            .arg(self.key(set_key))
-            .arg(value)
-            .arg("NX")
-            .arg("PX")
-            .arg(millis(ttl))
-            .cmd("GET")
-            .arg(self.key(get_key))
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        Ok((set.is_some(), read))
+        let mut answers = self
+            .set_nx_then_get_many(&[(set_key, value, get_key)], ttl)
+            .await?;
+        answers
+            .pop()
+            .ok_or_else(|| StateError::Corrupt("a pipeline answered nothing".into()))
     }
 
     /// Runs `pipe` and checks it answered `expected` replies (those not ignored).
@@ -544,23 +562,12 @@ impl SharedState for RedisState {
         requests: &[(&str, &[u8], &str)],
         ttl: Duration,
     ) -> StateResult<Vec<Option<Option<Vec<u8>>>>> {
-        if requests.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut pipe = redis::pipe();
-        for (lock, token, key) in requests {
-            pipe.cmd("SET")
-                .arg(self.key(lock))
-                .arg(*token)
-                .arg("NX")
-                .arg("PX")
-                .arg(millis(ttl));
-            pipe.cmd("GET").arg(self.key(key));
-        }
-        let replies = self.query_values(&pipe, 2 * requests.len()).await?;
-        pairs(replies)
-            .map(|(set, read)| set_happened(&set).then(|| bytes(read)).transpose())
-            .collect()
+        // A value read without the lock is discarded, never returned.
+        let answers = self.set_nx_then_get_many(requests, ttl).await?;
+        Ok(answers
+            .into_iter()
+            .map(|(locked, value)| locked.then_some(value))
+            .collect())
     }
 
     async fn commit_many(&self, commits: &[Commit<'_>]) -> StateResult<Vec<bool>> {
@@ -600,30 +607,16 @@ impl SharedState for RedisState {
         claims: &[(&str, &[u8])],
         ttl: Duration,
     ) -> StateResult<Vec<Option<Vec<u8>>>> {
-        if claims.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut pipe = redis::pipe();
-        for (key, value) in claims {
-            let key = self.key(key);
-            pipe.cmd("SET")
-                .arg(&key)
-                .arg(*value)
-                .arg("NX")
-                .arg("PX")
-                .arg(millis(ttl));
-            pipe.cmd("GET").arg(key);
-        }
-        let replies = self.query_values(&pipe, 2 * claims.len()).await?;
-        pairs(replies)
-            .map(|(set, read)| {
-                if set_happened(&set) {
-                    Ok(None)
-                } else {
-                    bytes(read)
-                }
-            })
-            .collect()
+        // As `claim`: each SET NX, then a GET of the same key.
+        let ops: Vec<(&str, &[u8], &str)> = claims
+            .iter()
+            .map(|(key, value)| (*key, *value, *key))
+            .collect();
+        let answers = self.set_nx_then_get_many(&ops, ttl).await?;
+        Ok(answers
+            .into_iter()
+            .map(|(claimed, holder)| if claimed { None } else { holder })
+            .collect())
     }
 
     async fn claim(&self, key: &str, value: &[u8], ttl: Duration) -> StateResult<Option<Vec<u8>>> {

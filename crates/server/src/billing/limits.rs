@@ -15,7 +15,9 @@
 //! If the shared state cannot be reached the request is let through (and
 //! logged): the limiter protects capacity, and refusing every request while
 //! Redis is down would turn its outage into a full one. Readiness reports
-//! the outage.
+//! the outage. (Heartbeat ingestion is the exception: its token comes in
+//! the same step as the enqueue, which cannot happen without the shared
+//! state either, so it answers 503 then.)
 
 use std::{
     sync::{Arc, Mutex},

@@ -351,6 +351,29 @@ impl RedisState {
     }
 }
 
+/// The outcome of the advance-and-enqueue scripts: the previous value (or
+/// -1 when not above it) and the stream id (or nil when the queue is full).
+fn advanced_of(previous: i64, id: Option<String>) -> Advanced {
+    match (u64::try_from(previous), id) {
+        (Err(_), _) => Advanced::Stale,
+        (Ok(previous), Some(_)) => Advanced::Queued { previous },
+        (Ok(previous), None) => Advanced::QueueFull { previous },
+    }
+}
+
+/// The token-bucket scripts' reply: {allowed, whole tokens left, ms until
+/// full, ms until the cost is available}.
+fn bucket_decision(capacity: u32, reply: (i64, i64, u64, u64)) -> BucketDecision {
+    let (allowed, remaining, reset_ms, retry_ms) = reply;
+    BucketDecision {
+        allowed: allowed == 1,
+        limit: capacity,
+        remaining: u32::try_from(remaining.max(0)).unwrap_or(capacity),
+        reset_after: Duration::from_millis(reset_ms),
+        retry_after: Duration::from_millis(retry_ms),
+    }
+}
+
 /// Replies taken two by two (a `SET NX` and the `GET` after it).
 fn pairs(replies: Vec<redis::Value>) -> impl Iterator<Item = (redis::Value, redis::Value)> {
     let mut replies = replies.into_iter();
@@ -647,11 +670,7 @@ impl SharedState for RedisState {
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        Ok(match (u64::try_from(previous), id) {
-            (Err(_), _) => Advanced::Stale,
-            (Ok(previous), Some(_)) => Advanced::Queued { previous },
-            (Ok(previous), None) => Advanced::QueueFull { previous },
-        })
+        Ok(advanced_of(previous, id))
     }
 
     async fn take_then_advance_and_enqueue(
@@ -686,20 +705,8 @@ impl SharedState for RedisState {
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        let decision = BucketDecision {
-            allowed: allowed == 1,
-            limit: bucket.capacity,
-            remaining: u32::try_from(remaining.max(0)).unwrap_or(bucket.capacity),
-            reset_after: Duration::from_millis(reset_ms),
-            retry_after: Duration::from_millis(retry_ms),
-        };
-        let advanced = decision
-            .allowed
-            .then(|| match (u64::try_from(previous), id) {
-                (Err(_), _) => Advanced::Stale,
-                (Ok(previous), Some(_)) => Advanced::Queued { previous },
-                (Ok(previous), None) => Advanced::QueueFull { previous },
-            });
+        let decision = bucket_decision(bucket.capacity, (allowed, remaining, reset_ms, retry_ms));
+        let advanced = decision.allowed.then(|| advanced_of(previous, id));
         Ok(Admitted {
             bucket: decision,
             advanced,
@@ -753,13 +760,10 @@ impl SharedState for RedisState {
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        Ok(BucketDecision {
-            allowed: allowed == 1,
-            limit: capacity,
-            remaining: u32::try_from(remaining.max(0)).unwrap_or(capacity),
-            reset_after: Duration::from_millis(reset_ms),
-            retry_after: Duration::from_millis(retry_ms),
-        })
+        Ok(bucket_decision(
+            capacity,
+            (allowed, remaining, reset_ms, retry_ms),
+        ))
     }
 
     async fn history_push(

@@ -345,16 +345,25 @@ async fn remote_control_is_locked_and_the_device_told(backend: Backend) {
         .expect("device")
         .expect("some")
         .user_id;
-    let rows = app
-        .state
-        .store
-        .audit_for_user(user, 20)
-        .await
-        .expect("audit");
-    let row = rows
-        .iter()
-        .find(|r| r.action_taken == command["action"])
-        .expect("audit row");
+    // The command goes out first (it is the kill-switch); the audit row
+    // follows it within moments.
+    let audited = || async {
+        app.state
+            .store
+            .audit_for_user(user, 20)
+            .await
+            .expect("audit")
+            .into_iter()
+            .find(|r| r.action_taken == command["action"])
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            audited().await.is_some()
+        })
+        .await,
+        "audit row"
+    );
+    let row = audited().await.expect("audit row");
     assert!(row.threat_score.expect("score") > 50.0);
     assert!(
         row.decision_reason

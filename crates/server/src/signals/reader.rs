@@ -160,86 +160,105 @@ impl<'a> Cursor<'a> {
         }
     }
 
-    /// `[[t, x, y, z], ...]`.
+    /// `[[t, x, y, z], ...]`: the hot loop (nine tenths of the bytes), on a
+    /// local index so the compiler keeps it in a register.
     fn samples(&mut self) -> Option<Vec<Sample>> {
-        self.expect(b'[')?;
+        let bytes = self.bytes;
+        let mut i = self.at;
+        if bytes.get(i) != Some(&b'[') {
+            return None;
+        }
         let mut samples = Vec::with_capacity(128);
-        self.skip_whitespace();
-        if self.eat(b']') {
+        i = skip_whitespace(bytes, i + 1);
+        if bytes.get(i) == Some(&b']') {
+            self.at = i + 1;
             return Some(samples);
         }
         loop {
-            self.skip_whitespace();
-            self.expect(b'[')?;
+            if bytes.get(i) != Some(&b'[') {
+                return None;
+            }
             let mut values = [0.0; 4];
-            for (i, value) in values.iter_mut().enumerate() {
-                self.skip_whitespace();
-                *value = self.number()?;
-                self.skip_whitespace();
-                self.expect(if i == 3 { b']' } else { b',' })?;
+            for (k, value) in values.iter_mut().enumerate() {
+                let (v, next) = number(bytes, skip_whitespace(bytes, i + 1))?;
+                *value = v;
+                i = skip_whitespace(bytes, next);
+                if bytes.get(i) != Some(if k == 3 { &b']' } else { &b',' }) {
+                    return None;
+                }
             }
             let [t, x, y, z] = values;
             samples.push(Sample { t, x, y, z });
-            self.skip_whitespace();
-            if self.eat(b']') {
-                return Some(samples);
+            i = skip_whitespace(bytes, i + 1);
+            match bytes.get(i) {
+                Some(b']') => {
+                    self.at = i + 1;
+                    return Some(samples);
+                }
+                Some(b',') => i = skip_whitespace(bytes, i + 1),
+                _ => return None,
             }
-            self.expect(b',')?;
         }
     }
+}
 
-    /// Consumes digits into `mantissa` (while it cannot overflow); returns
-    /// how many there were.
-    fn digits(&mut self, mantissa: &mut u64) -> u32 {
-        let mut n = 0;
-        while let Some(d @ b'0'..=b'9') = self.peek() {
-            if *mantissa < 1_000_000_000_000_000_000 / 10 {
-                *mantissa = *mantissa * 10 + u64::from(d - b'0');
-            }
-            n += 1;
-            self.at += 1;
-        }
-        n
+/// The index of the first non-whitespace byte at or after `i`.
+#[inline(always)]
+fn skip_whitespace(bytes: &[u8], mut i: usize) -> usize {
+    while let Some(b' ' | b'\t' | b'\n' | b'\r') = bytes.get(i) {
+        i += 1;
     }
+    i
+}
 
-    /// A finite JSON number whose value is exactly what `serde_json` reads:
-    /// at most 15 significant digits with a power of ten within ±22, so one
-    /// correctly rounded multiply or divide gives it. Others: `None`.
-    fn number(&mut self) -> Option<f64> {
-        let negative = self.eat(b'-');
-        let mut mantissa = 0u64;
-        let mut count = match self.peek()? {
-            b'0' => {
-                self.at += 1;
-                1
-            }
-            b'1'..=b'9' => self.digits(&mut mantissa),
-            _ => return None,
-        };
-        let mut exponent: i32 = 0;
-        if self.eat(b'.') {
-            let fraction = self.digits(&mut mantissa);
-            if fraction == 0 {
-                return None;
-            }
-            count += fraction;
-            exponent = -i32::try_from(fraction).ok()?;
+/// Digits from `i` into `mantissa` (which wraps past 19 digits: such a
+/// number is refused anyway); returns the index after them.
+#[inline(always)]
+fn digits(bytes: &[u8], mut i: usize, mantissa: &mut u64) -> usize {
+    while let Some(&b) = bytes.get(i) {
+        let d = b.wrapping_sub(b'0');
+        if d > 9 {
+            break;
         }
-        if matches!(self.peek(), Some(b'e' | b'E')) {
-            // Rare in sensor data: leave it to the reference parser.
+        *mantissa = mantissa.wrapping_mul(10).wrapping_add(u64::from(d));
+        i += 1;
+    }
+    i
+}
+
+/// A finite JSON number at `i` whose value is exactly what `serde_json`
+/// reads — at most 15 significant digits with a power of ten within ±22, so
+/// one correctly rounded division gives it — and the index after it.
+/// Others: `None`.
+#[inline(always)]
+fn number(bytes: &[u8], mut i: usize) -> Option<(f64, usize)> {
+    let negative = bytes.get(i) == Some(&b'-');
+    i += usize::from(negative);
+    let start = i;
+    let mut mantissa = 0u64;
+    match bytes.get(i)? {
+        b'0' => i += 1,
+        b'1'..=b'9' => i = digits(bytes, i, &mut mantissa),
+        _ => return None,
+    }
+    let mut count = i - start;
+    let mut fraction = 0;
+    if bytes.get(i) == Some(&b'.') {
+        let from = i + 1;
+        i = digits(bytes, from, &mut mantissa);
+        fraction = i - from;
+        if fraction == 0 {
             return None;
         }
-        if count > 15 || exponent < -22 {
-            return None;
-        }
-        let m = mantissa as f64;
-        let value = if exponent < 0 {
-            m / POW10[exponent.unsigned_abs() as usize]
-        } else {
-            m
-        };
-        Some(if negative { -value } else { value })
+        count += fraction;
     }
+    if matches!(bytes.get(i), Some(b'e' | b'E')) || count > 15 {
+        // Exponents are rare in sensor data: left to the reference parser.
+        return None;
+    }
+    let m = mantissa as f64;
+    let value = if fraction > 0 { m / POW10[fraction] } else { m };
+    Some((if negative { -value } else { value }, i))
 }
 
 #[cfg(test)]

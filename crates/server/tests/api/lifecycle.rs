@@ -42,6 +42,8 @@ fn command(env: &[(&str, String)], args: &[&str]) -> Command {
 struct Running {
     child: Child,
     logs: Arc<Mutex<Vec<String>>>,
+    /// The task reading the log lines; done once the process's stdout closes.
+    reader: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Running {
@@ -52,7 +54,7 @@ impl Running {
         let logs = Arc::new(Mutex::new(Vec::new()));
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let sink = logs.clone();
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             let mut lines = BufReader::new(stdout).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 sink.lock().expect("lock").push(line.clone());
@@ -66,7 +68,14 @@ impl Running {
                 .expect("the process announced itself in time")
                 .expect("the process is still running");
             if line.contains(ready_message) {
-                return (Self { child, logs }, line);
+                return (
+                    Self {
+                        child,
+                        logs,
+                        reader: Some(reader),
+                    },
+                    line,
+                );
             }
         }
     }
@@ -81,11 +90,20 @@ impl Running {
         assert!(status.success());
     }
 
+    /// Waits for the process to exit, then for its last log lines to be read
+    /// (they may still be in the pipe when it exits).
     async fn wait(&mut self, limit: Duration) -> ExitStatus {
-        tokio::time::timeout(limit, self.child.wait())
+        let status = tokio::time::timeout(limit, self.child.wait())
             .await
             .expect("exited within the limit")
-            .expect("wait")
+            .expect("wait");
+        if let Some(reader) = self.reader.take() {
+            tokio::time::timeout(Duration::from_secs(5), reader)
+                .await
+                .expect("stdout closed after exit")
+                .expect("the log reader ended cleanly");
+        }
+        status
     }
 
     fn logged(&self, needle: &str) -> bool {
@@ -283,6 +301,7 @@ async fn with_nothing_configured_serve_is_ready_and_sigint_drains() {
     let mut server = Running {
         child,
         logs: Arc::default(),
+        reader: None,
     };
     server.signal("INT");
     assert!(server.wait(Duration::from_secs(10)).await.success());

@@ -109,9 +109,7 @@ impl<'a> Cursor<'a> {
     }
 
     fn skip_whitespace(&mut self) {
-        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.peek() {
-            self.at += 1;
-        }
+        self.at = skip_whitespace(self.bytes, self.at);
     }
 
     /// A key of plain letters and underscores (no escapes).

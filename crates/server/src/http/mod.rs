@@ -35,6 +35,7 @@ use axum::{
     extract::DefaultBodyLimit, http::StatusCode, response::IntoResponse, Extension, Router,
 };
 use http::{header, HeaderName, HeaderValue, Method};
+use tower::ServiceBuilder;
 use tower_http::{
     catch_panic::CatchPanicLayer,
     cors::{AllowOrigin, CorsLayer},
@@ -147,52 +148,53 @@ pub fn app_with(state: AppState, extra: Router<AppState>) -> Router {
     let (router, doc) = routes();
     let router = router.merge(extra);
     let config = state.config.clone();
-    // `Router::layer` wraps what is already there, so the layers are added
-    // innermost first; each converts its response with `IntoResponse`.
-    let mut router = router
-        .fallback(not_found)
-        .layer(axum::middleware::from_fn(crate::billing::limits::headers))
-        .layer(Extension(docs::RenderedDocs::new(&doc)))
-        .layer(DefaultBodyLimit::max(json::BODY_LIMIT))
-        .layer(RequestBodyLimitLayer::new(json::BODY_LIMIT))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::SERVICE_UNAVAILABLE,
-            config.request_timeout,
-        ))
-        .layer(CatchPanicLayer::custom(|_| {
-            // The panic message stays out of the response; the request-context
-            // layer renders the opaque 500.
-            tracing::error!("handler panicked");
-            StatusCode::INTERNAL_SERVER_ERROR.into_response()
-        }));
-    if let Some(cors) = cors(&config) {
-        router = router.layer(cors);
-    }
-    if let Some(hsts) = hsts(&config) {
-        router = router.layer(hsts);
-    }
-    router
-        .layer(SetResponseHeaderLayer::if_not_present(
-            header::CACHE_CONTROL,
-            HeaderValue::from_static("no-store"),
+    // One `Router::layer` call with the whole stack, outermost first: axum
+    // boxes a route once per `layer` call and clones every box on every
+    // request, so a stack added layer by layer cost an allocation per layer
+    // per request. Inside the stack the request body becomes axum's `Body`
+    // again below the size limit, and every response is an axum `Response`.
+    let layers = ServiceBuilder::new()
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            middleware::request_context,
         ))
         .layer(SetResponseHeaderLayer::overriding(
-            header::REFERRER_POLICY,
-            HeaderValue::from_static("no-referrer"),
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
         ))
         .layer(SetResponseHeaderLayer::overriding(
             header::X_FRAME_OPTIONS,
             HeaderValue::from_static("DENY"),
         ))
         .layer(SetResponseHeaderLayer::overriding(
-            header::X_CONTENT_TYPE_OPTIONS,
-            HeaderValue::from_static("nosniff"),
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("no-referrer"),
         ))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            middleware::request_context,
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
         ))
-        .with_state(state)
+        .option_layer(hsts(&config))
+        .option_layer(cors(&config))
+        .map_response(IntoResponse::into_response)
+        .layer(CatchPanicLayer::custom(|_| {
+            // The panic message stays out of the response; the request-context
+            // layer renders the opaque 500.
+            tracing::error!("handler panicked");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }))
+        .map_response(IntoResponse::into_response)
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            config.request_timeout,
+        ))
+        .map_response(IntoResponse::into_response)
+        .layer(RequestBodyLimitLayer::new(json::BODY_LIMIT))
+        .map_request(|req: http::Request<_>| req.map(axum::body::Body::new))
+        .layer(DefaultBodyLimit::max(json::BODY_LIMIT))
+        .layer(Extension(docs::RenderedDocs::new(&doc)))
+        .layer(axum::middleware::from_fn(crate::billing::limits::headers));
+    router.fallback(not_found).layer(layers).with_state(state)
 }
 
 async fn not_found() -> ApiError {

@@ -121,10 +121,10 @@ pub struct Heartbeat {
     /// Per-device sequence number.
     pub seq: u64,
     /// Accelerometer samples.
-    #[serde(default, with = "crate::compact::samples")]
+    #[serde(default, with = "crate::compact::decimal_samples")]
     pub accelerometer: Vec<Sample>,
     /// Gyroscope samples.
-    #[serde(default, with = "crate::compact::samples")]
+    #[serde(default, with = "crate::compact::decimal_samples")]
     pub gyroscope: Vec<Sample>,
     /// Touch events.
     #[serde(default)]

@@ -4,10 +4,11 @@
 //! to 4 decimals, touches, network, context), read by the reference request
 //! parser (`http::json::parse`) and by the fast reader ingestion uses
 //! (`signals::reader`), then read, validated and encoded as the queue job
-//! (postcard). `cargo bench -p blockremote-server --bench ingest`.
+//! (postcard) in both job encodings, and the worker's decoding of each.
+//! `cargo bench -p blockremote-server --bench ingest`.
 //! Results: docs/BENCHMARKS.md.
 
-use blockremote::signals::ingest::{encode_job, HeartbeatBody};
+use blockremote::signals::ingest::{decode_job, encode_job, HeartbeatBody, JobEncoding};
 use blockremote_engine::sim::{load_heartbeat, Class};
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 
@@ -29,17 +30,32 @@ fn bench(c: &mut Criterion) {
     c.bench_function("heartbeat body: fast reader", |b| {
         b.iter(|| blockremote::signals::reader::read(black_box(&body)).expect("fast path"))
     });
-    c.bench_function(
-        "heartbeat body: fast reader, validate, encode the job",
-        |b| {
-            let user = uuid::Uuid::now_v7();
-            b.iter(|| {
-                let hb = blockremote::signals::reader::read(black_box(&body)).expect("fast path");
-                hb.validate().expect("valid");
-                encode_job("device_0001", user, false, &hb.into_heartbeat()).expect("encodes")
-            })
-        },
-    );
+    let user = uuid::Uuid::now_v7();
+    for (name, encoding) in [("small", JobEncoding::Small), ("fast", JobEncoding::Fast)] {
+        c.bench_function(
+            &format!("heartbeat body: fast reader, validate, encode the job ({name})"),
+            |b| {
+                b.iter(|| {
+                    let hb =
+                        blockremote::signals::reader::read(black_box(&body)).expect("fast path");
+                    hb.validate().expect("valid");
+                    encode_job("device_0001", user, false, &hb.into_heartbeat(), encoding)
+                        .expect("encodes")
+                })
+            },
+        );
+        let hb = blockremote::signals::reader::read(&body).expect("fast path");
+        let job = encode_job("device_0001", user, false, &hb.into_heartbeat(), encoding)
+            .expect("encodes");
+        println!(
+            "{name} job: {} bytes for a body of {}",
+            job.len(),
+            body.len()
+        );
+        c.bench_function(&format!("heartbeat job: decode ({name})"), |b| {
+            b.iter(|| decode_job(black_box(&job)).expect("decodes"))
+        });
+    }
 }
 
 criterion_group!(benches, bench);

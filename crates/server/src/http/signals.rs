@@ -19,7 +19,7 @@ use crate::{
     billing::limits,
     error::{codes, ApiError, Problem},
     signals::{
-        ingest::{encode_job, HeartbeatBody},
+        ingest::{encode_job, HeartbeatBody, JobEncoding},
         reader,
         report::TrustReport,
         scoring,
@@ -111,8 +111,19 @@ pub async fn post_heartbeat(
     } else {
         // The rate-limit token, the seq check and the enqueue are one step
         // (one round trip on Redis): a 202 means the heartbeat is on the queue.
-        let job = encode_job(&device.device_id, device.user_id, ip_listed, &heartbeat)
-            .map_err(|e| ApiError::Internal(e.into()))?;
+        let encoding = if state.shared.queue_is_remote() {
+            JobEncoding::Small
+        } else {
+            JobEncoding::Fast
+        };
+        let job = encode_job(
+            &device.device_id,
+            device.user_id,
+            ip_listed,
+            &heartbeat,
+            encoding,
+        )
+        .map_err(|e| ApiError::Internal(e.into()))?;
         let bucket_key = keys::rate_limit(&device.device_id);
         let take = limits::one_token(&state, device.user_id, &bucket_key).await?;
         let admitted = state

@@ -472,6 +472,10 @@ impl SharedState for MemoryState {
         Ok((inner.ready.len() + inner.pending.len()) as u64)
     }
 
+    fn queue_is_remote(&self) -> bool {
+        false
+    }
+
     async fn consumer(&self, queue: &str, name: &str) -> StateResult<Box<dyn QueueConsumer>> {
         Ok(Box::new(MemoryConsumer {
             queue: self.queue(queue),

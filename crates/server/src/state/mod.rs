@@ -387,6 +387,11 @@ pub trait SharedState: Send + Sync + 'static {
     async fn enqueue(&self, queue: &str, payload: &[u8]) -> StateResult<String>;
     /// Jobs waiting or pending in `queue` (its backlog).
     async fn queue_len(&self, queue: &str) -> StateResult<u64>;
+    /// Whether queued jobs leave this process (over the network to a
+    /// server): then their size costs more than the CPU to make them small.
+    fn queue_is_remote(&self) -> bool {
+        true
+    }
     /// A consumer named `name` for `queue` (names must be unique per process).
     async fn consumer(&self, queue: &str, name: &str) -> StateResult<Box<dyn QueueConsumer>>;
 }

@@ -458,7 +458,7 @@ impl SharedState for MemoryState {
             let id = format!("{}-0", self.next_job.fetch_add(1, Ordering::Relaxed));
             inner.ready.push_back(Job {
                 id: id.clone(),
-                payload: payload.to_vec(),
+                payload: bytes::Bytes::copy_from_slice(payload),
             });
             id
         };

@@ -95,8 +95,9 @@ pub struct Admitted {
 pub struct Job {
     /// Backend-assigned id, used to ack.
     pub id: String,
-    /// The payload as enqueued.
-    pub payload: Vec<u8>,
+    /// The payload as enqueued (shared: the in-process queue keeps a job
+    /// pending while its consumer works on it, without a copy).
+    pub payload: bytes::Bytes,
 }
 
 /// A stream of messages from one pub/sub channel. Dropping it unsubscribes.

@@ -959,7 +959,7 @@ fn job_of(mut entry: StreamId) -> Option<Job> {
     match entry.map.remove("p")? {
         redis::Value::BulkString(payload) => Some(Job {
             id: entry.id,
-            payload,
+            payload: payload.into(),
         }),
         _ => None,
     }

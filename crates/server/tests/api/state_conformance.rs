@@ -52,7 +52,7 @@ async fn advance_and_enqueue_queues_only_fresh_values_and_reports_a_full_queue(b
         .fetch(10, Duration::from_millis(200))
         .await
         .expect("fetch");
-    let payloads: Vec<&[u8]> = jobs.iter().map(|j| j.payload.as_slice()).collect();
+    let payloads: Vec<&[u8]> = jobs.iter().map(|j| &j.payload[..]).collect();
     assert_eq!(payloads, vec![&b"one"[..], &b"three"[..]]);
 }
 
@@ -664,7 +664,7 @@ async fn queue_fetch_waits_then_returns_empty(backend: Backend) {
     });
     let jobs = c.fetch(5, Duration::from_secs(3)).await.expect("fetch");
     assert_eq!(jobs.len(), 1);
-    assert_eq!(jobs[0].payload, b"late");
+    assert_eq!(jobs[0].payload, &b"late"[..]);
 }
 
 async fn batched_locks_claims_and_commits_match_the_single_calls(backend: Backend) {

@@ -29,12 +29,20 @@ trap cleanup EXIT
 wait_ready() { for _ in $(seq 1 100); do curl -sf "$1/health/ready" >/dev/null && return 0; sleep 0.1; done; echo "not ready: $1" >&2; return 1; }
 # CPU seconds (user + system) a process has used so far.
 cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$1/stat"; }
-# Runs the load tool and prints the CPU the given processes spent during it.
+# Runs the load tool and prints the CPU the given processes spent during it,
+# and the queue backlog sampled every second: a backlog that keeps growing
+# means the workers score slower than ingestion accepts (not sustainable).
 load() {
   local url=$1; shift
   local before=() pid i=0
   for pid in "$@"; do before+=("$(cpu "$pid")"); done
+  ( while sleep 1; do
+      curl -s -m 1 "$url/metrics" | awk '/^signals_queue_backlog /{printf "%s ", $2}'
+    done > "$WORK/backlog" ) &
+  local sampler=$!
   $BIN/heartbeat-load --url "$url" --devices 2000 --connections 64 --seconds "$SECONDS_RUN" | tee "$WORK/load.out"
+  kill $sampler 2>/dev/null; wait $sampler 2>/dev/null || true
+  echo "queue backlog each second during the run: $(cat "$WORK/backlog")"
   for pid in "$@"; do
     echo "cpu of pid $pid during the run (setup included): $(echo "$(cpu "$pid") - ${before[$i]}" | bc) s"
     i=$((i + 1))

@@ -329,6 +329,9 @@ impl Application {
     }
 }
 
+/// Consumers per queue in a process whose queue is on Redis.
+const REMOTE_CONSUMERS: usize = 4;
+
 /// Starts the worker pool for this process's registered handlers.
 pub async fn start_workers(
     state: &AppState,
@@ -336,11 +339,22 @@ pub async fn start_workers(
     stop: CancellationToken,
 ) -> Result<WorkerPool, StartupError> {
     let instance = format!("{role}-{}", uuid::Uuid::new_v4().simple());
+    let defaults = WorkerOptions::default();
+    let options = if state.shared.queue_is_remote() {
+        // A batch on Redis spends most of its time waiting on round trips,
+        // not on the CPU: more batches in flight keep up with more traffic.
+        WorkerOptions {
+            concurrency: REMOTE_CONSUMERS,
+            ..defaults
+        }
+    } else {
+        defaults
+    };
     WorkerPool::start(
         state.shared.clone(),
         &instance,
         state.job_handlers(),
-        WorkerOptions::default(),
+        options,
         stop,
     )
     .await

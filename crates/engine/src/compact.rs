@@ -4,9 +4,11 @@
 //! values. Through serde's derived impls a binary format (postcard, for the
 //! queue jobs and the stored state) writes and reads them one call per
 //! number, which showed up in profiles of the server. These `with` modules
-//! write them as one byte string of little-endian `f64`s instead: bulk
-//! copies, no per-number calls. Human-readable formats (JSON, what devices send) keep the
-//! ordinary form, so the wire contract is untouched.
+//! write them as one byte string instead: of little-endian `f64`s (bulk
+//! copies, no per-number calls), or, for heartbeats that cross the network,
+//! of delta-coded scaled decimals ([`decimal_samples`]: a quarter of the
+//! size, exact bit for bit). Human-readable formats (JSON, what devices
+//! send) keep the ordinary form, so the wire contract is untouched.
 
 use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 
@@ -130,7 +132,8 @@ pub mod samples {
 }
 
 /// `#[serde(with = "compact::decimal_samples")]` for a `Vec<Sample>`: the
-/// binary form queue jobs use, about a fifth of [`samples`]' size.
+/// binary form of heartbeats in queue jobs on Redis, about a quarter of
+/// [`samples`]' size.
 ///
 /// Devices send sensor readings with a few decimals (`9.7812`), so each
 /// column (t, x, y, z) is stored as integers scaled by the smallest power of

@@ -219,7 +219,7 @@ pub enum JobEncoding {
 }
 
 /// The sample arrays as raw `f64`s, borrowed: what [`JobEncoding::Fast`]
-/// writes, read back as [`RawSamplesBody`] (the same postcard layout).
+/// writes, read back as a `BodyWith<RawSamples>` (the same postcard layout).
 #[derive(Serialize)]
 struct RawSamplesJob<'a> {
     seq: u64,
@@ -281,31 +281,44 @@ fn heartbeat_size_hint(heartbeat: &Heartbeat) -> usize {
         + 256
 }
 
-/// A [`JobEncoding::Fast`] body (flags `c1`/`c0`; also every job queued
-/// before the scaled decimals): each sample array one byte string of raw
-/// `f64`s.
+/// A body read by field: the heartbeat's fields in their order, the sample
+/// arrays in the form `S` gives them. Two forms besides the current one:
+/// [`RawSamples`] for [`JobEncoding::Fast`] bodies (flags `c1`/`c0`, also
+/// every job queued before the scaled decimals), and plain `Vec<Sample>` for
+/// bodies written before the sample arrays became byte strings (flags
+/// `1`/`0`: the plain derive of [`Heartbeat`], field for field).
 #[derive(Serialize, Deserialize)]
-struct RawSamplesBody {
+struct BodyWith<S> {
     seq: u64,
-    #[serde(with = "blockremote_engine::compact::samples")]
-    accelerometer: Vec<Sample>,
-    #[serde(with = "blockremote_engine::compact::samples")]
-    gyroscope: Vec<Sample>,
+    accelerometer: S,
+    gyroscope: S,
     touches: Vec<Touch>,
     network: Option<Network>,
     context: Context,
 }
 
-/// The body as written before the sample arrays became byte strings (flags
-/// `1`/`0`): the plain derive of [`Heartbeat`], field for field.
+/// Sample arrays as one byte string of raw `f64`s each.
 #[derive(Serialize, Deserialize)]
-struct LegacyBody {
-    seq: u64,
-    accelerometer: Vec<Sample>,
-    gyroscope: Vec<Sample>,
-    touches: Vec<Touch>,
-    network: Option<Network>,
-    context: Context,
+#[serde(transparent)]
+struct RawSamples(#[serde(with = "blockremote_engine::compact::samples")] Vec<Sample>);
+
+impl From<RawSamples> for Vec<Sample> {
+    fn from(samples: RawSamples) -> Self {
+        samples.0
+    }
+}
+
+impl<S: Into<Vec<Sample>>> From<BodyWith<S>> for Heartbeat {
+    fn from(body: BodyWith<S>) -> Self {
+        Heartbeat {
+            seq: body.seq,
+            accelerometer: body.accelerometer.into(),
+            gyroscope: body.gyroscope.into(),
+            touches: body.touches,
+            network: body.network,
+            context: body.context,
+        }
+    }
 }
 
 /// Decodes a queue job made by [`encode_job`] (or by an older replica).
@@ -322,28 +335,12 @@ pub fn decode_job(job: &[u8]) -> Option<(JobHeader<'_>, Heartbeat)> {
     let body = parts.next()?;
     let heartbeat = match &flags[..flags.len() - 1] {
         b"d" => postcard::from_bytes(body).ok()?,
-        b"c" => {
-            let old: RawSamplesBody = postcard::from_bytes(body).ok()?;
-            Heartbeat {
-                seq: old.seq,
-                accelerometer: old.accelerometer,
-                gyroscope: old.gyroscope,
-                touches: old.touches,
-                network: old.network,
-                context: old.context,
-            }
-        }
-        b"" => {
-            let old: LegacyBody = postcard::from_bytes(body).ok()?;
-            Heartbeat {
-                seq: old.seq,
-                accelerometer: old.accelerometer,
-                gyroscope: old.gyroscope,
-                touches: old.touches,
-                network: old.network,
-                context: old.context,
-            }
-        }
+        b"c" => postcard::from_bytes::<BodyWith<RawSamples>>(body)
+            .ok()?
+            .into(),
+        b"" => postcard::from_bytes::<BodyWith<Vec<Sample>>>(body)
+            .ok()?
+            .into(),
         _ => return None,
     };
     Some((
@@ -449,18 +446,23 @@ mod tests {
         assert_eq!(decode_job(b"no newline"), None);
     }
 
+    /// `hb` as a body of an older form.
+    fn older<S>(hb: &Heartbeat, samples: impl Fn(&[Sample]) -> S) -> BodyWith<S> {
+        BodyWith {
+            seq: hb.seq,
+            accelerometer: samples(&hb.accelerometer),
+            gyroscope: samples(&hb.gyroscope),
+            touches: hb.touches.clone(),
+            network: hb.network,
+            context: hb.context.clone(),
+        }
+    }
+
     #[test]
     fn jobs_queued_by_an_older_replica_are_still_read() {
         let user = Uuid::now_v7();
         let hb = heartbeat();
-        let old = LegacyBody {
-            seq: hb.seq,
-            accelerometer: hb.accelerometer.clone(),
-            gyroscope: hb.gyroscope.clone(),
-            touches: hb.touches.clone(),
-            network: hb.network,
-            context: hb.context.clone(),
-        };
+        let old = older(&hb, |samples| samples.to_vec());
         let body = postcard::to_allocvec(&old).expect("encodes");
         let job = [format!("device_0001\n{user}\n0\n").as_bytes(), &body].concat();
         let (header, back) = decode_job(&job).expect("decodes");
@@ -473,14 +475,7 @@ mod tests {
             Some(hb.clone())
         );
 
-        let raw_samples = RawSamplesBody {
-            seq: hb.seq,
-            accelerometer: hb.accelerometer.clone(),
-            gyroscope: hb.gyroscope.clone(),
-            touches: hb.touches.clone(),
-            network: hb.network,
-            context: hb.context.clone(),
-        };
+        let raw_samples = older(&hb, |samples| RawSamples(samples.to_vec()));
         let body = postcard::to_allocvec(&raw_samples).expect("encodes");
         let job = [format!("device_0001\n{user}\nc1\n").as_bytes(), &body].concat();
         // What this replica writes for the in-process queue is that layout.

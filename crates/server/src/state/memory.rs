@@ -580,7 +580,7 @@ impl QueueConsumer for MemoryConsumer {
 mod tests {
     use super::*;
 
-    async fn ids(jobs: StateResult<Vec<Job>>) -> Vec<Vec<u8>> {
+    fn ids(jobs: StateResult<Vec<Job>>) -> Vec<Vec<u8>> {
         jobs.expect("fetch")
             .into_iter()
             .map(|j| j.payload.to_vec())
@@ -596,7 +596,7 @@ mod tests {
         // the task runs once `fetch` awaits).
         let later = state.clone();
         tokio::spawn(async move { later.enqueue("q", b"b").await });
-        let jobs = ids(consumer.fetch(64, Duration::from_secs(1)).await).await;
+        let jobs = ids(consumer.fetch(64, Duration::from_secs(1)).await);
         assert_eq!(jobs, [b"a".to_vec(), b"b".to_vec()]);
     }
 
@@ -611,9 +611,9 @@ mod tests {
             tokio::task::yield_now().await;
             later.enqueue("q", b"b").await.expect("enqueue");
         });
-        let jobs = ids(consumer.fetch(64, Duration::from_secs(1)).await).await;
+        let jobs = ids(consumer.fetch(64, Duration::from_secs(1)).await);
         assert_eq!(jobs, [b"a".to_vec()], "not held back for b");
-        let jobs = ids(consumer.fetch(64, Duration::from_secs(1)).await).await;
+        let jobs = ids(consumer.fetch(64, Duration::from_secs(1)).await);
         assert_eq!(jobs, [b"b".to_vec()]);
     }
 

@@ -331,6 +331,8 @@ impl Application {
 
 /// Consumers per queue in a process whose queue is on Redis.
 const REMOTE_CONSUMERS: usize = 4;
+/// Jobs per fetch of such a consumer (in-process: the default 64).
+const REMOTE_BATCH: usize = 128;
 
 /// Starts the worker pool for this process's registered handlers.
 pub async fn start_workers(
@@ -342,9 +344,11 @@ pub async fn start_workers(
     let defaults = WorkerOptions::default();
     let options = if state.shared.queue_is_remote() {
         // A batch on Redis spends most of its time waiting on round trips,
-        // not on the CPU: more batches in flight keep up with more traffic.
+        // not on the CPU: more and larger batches in flight keep up with
+        // more traffic (docs/BENCHMARKS.md).
         WorkerOptions {
             concurrency: REMOTE_CONSUMERS,
+            batch: REMOTE_BATCH,
             ..defaults
         }
     } else {

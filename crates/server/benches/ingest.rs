@@ -13,7 +13,10 @@ use blockremote_engine::sim::{load_heartbeat, Class};
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 
 fn body() -> Vec<u8> {
-    let hb = load_heartbeat(Class::HeldInHand, 7);
+    // Seed 2: a window with touches (12 events: taps and a scroll), as most
+    // of the load tool's are (seed 7, used until 2026-11-30, had none).
+    let hb = load_heartbeat(Class::HeldInHand, 2);
+    assert_eq!(hb.touches.len(), 12, "the body has touches");
     let mut v = serde_json::to_value(&hb).expect("json");
     v["sent_at"] = serde_json::json!("2026-11-23T12:00:00.000Z");
     serde_json::to_vec(&v).expect("json")

@@ -4,8 +4,8 @@
 //! half of all the server's user-space instructions per heartbeat (callgrind,
 //! docs/BENCHMARKS.md): 800 numbers in 200 `[t, x, y, z]` arrays, each number
 //! a chain of visitor calls. This reader walks the top-level object itself,
-//! reads the two sample arrays in one tight pass, and hands every other
-//! member's text to `serde_json` as before.
+//! reads the two sample arrays in one tight pass and the touch events
+//! itself, and hands every other member's text to `serde_json` as before.
 //!
 //! It is only a fast path. Anything unusual — an escaped or unknown key, a
 //! duplicate, a missing field, a sample that is not four plain numbers, any
@@ -15,7 +15,7 @@
 //! accepts a body, the reference parser accepts it too and reads the same
 //! heartbeat.
 
-use blockremote_engine::heartbeat::Sample;
+use blockremote_engine::heartbeat::{Sample, Touch, TouchAction};
 
 use super::ingest::HeartbeatBody;
 
@@ -40,12 +40,12 @@ pub fn read(bytes: &[u8]) -> Option<HeartbeatBody> {
         match key {
             b"accelerometer" => set_once(&mut accelerometer, c.samples()?)?,
             b"gyroscope" => set_once(&mut gyroscope, c.samples()?)?,
+            b"touches" => set_once(&mut touches, c.touches()?)?,
             _ => {
                 let value = c.value()?;
                 match key {
                     b"seq" => set_once(&mut seq, serde_json::from_slice(value).ok()?)?,
                     b"sent_at" => set_once(&mut sent_at, serde_json::from_slice(value).ok()?)?,
-                    b"touches" => set_once(&mut touches, serde_json::from_slice(value).ok()?)?,
                     b"network" => set_once(&mut network, serde_json::from_slice(value).ok()?)?,
                     b"context" => set_once(&mut context, serde_json::from_slice(value).ok()?)?,
                     _ => return None,
@@ -200,6 +200,89 @@ impl<'a> Cursor<'a> {
     }
 }
 
+impl Cursor<'_> {
+    /// `[{"t": …, "x": …, "y": …, "pressure": …, "size": …, "action": "…"}, …]`,
+    /// every key exactly once, in any order. Read through serde's visitors,
+    /// ten touches cost about as much as the rest of the body besides the
+    /// samples (docs/BENCHMARKS.md).
+    fn touches(&mut self) -> Option<Vec<Touch>> {
+        self.expect(b'[')?;
+        let mut touches = Vec::new();
+        self.skip_whitespace();
+        if self.eat(b']') {
+            return Some(touches);
+        }
+        loop {
+            self.skip_whitespace();
+            touches.push(self.touch()?);
+            self.skip_whitespace();
+            if self.eat(b']') {
+                return Some(touches);
+            }
+            self.expect(b',')?;
+        }
+    }
+
+    fn touch(&mut self) -> Option<Touch> {
+        self.expect(b'{')?;
+        // t, x, y, pressure, size.
+        let mut numbers = [None; 5];
+        let mut action = None;
+        loop {
+            self.skip_whitespace();
+            let key = self.plain_key()?;
+            self.skip_whitespace();
+            self.expect(b':')?;
+            self.skip_whitespace();
+            if key == b"action" {
+                set_once(&mut action, self.action()?)?;
+            } else {
+                let slot = match key {
+                    b"t" => 0,
+                    b"x" => 1,
+                    b"y" => 2,
+                    b"pressure" => 3,
+                    b"size" => 4,
+                    _ => return None,
+                };
+                let (value, next) = number(self.bytes, self.at)?;
+                self.at = next;
+                set_once(&mut numbers[slot], value)?;
+            }
+            self.skip_whitespace();
+            if self.eat(b'}') {
+                break;
+            }
+            self.expect(b',')?;
+        }
+        let [t, x, y, pressure, size] = numbers;
+        Some(Touch {
+            t: t?,
+            x: x?,
+            y: y?,
+            pressure: pressure?,
+            size: size?,
+            action: action?,
+        })
+    }
+
+    /// `"down"`, `"move"` or `"up"`, unescaped.
+    fn action(&mut self) -> Option<TouchAction> {
+        let rest = self.bytes.get(self.at..)?;
+        let (action, len) = if rest.starts_with(b"\"down\"") {
+            (TouchAction::Down, 6)
+        } else if rest.starts_with(b"\"move\"") {
+            (TouchAction::Move, 6)
+        } else if rest.starts_with(b"\"up\"") {
+            (TouchAction::Up, 4)
+        } else {
+            return None;
+        };
+        self.at += len;
+        Some(action)
+    }
+}
+
 /// The index of the first non-whitespace byte at or after `i`.
 #[inline(always)]
 fn skip_whitespace(bytes: &[u8], mut i: usize) -> usize {
@@ -327,7 +410,35 @@ mod tests {
         ] {
             assert!(read(text.as_bytes()).is_none(), "{text}");
         }
+        let touch = r#"{"seq":1,"sent_at":"2026-11-23T12:00:00Z",
+            "touches":[{"t":0,"x":0.5,"y":0.5,"pressure":0.4,"size":0.03,"action":"down"}]}"#;
+        assert!(read(touch.as_bytes()).is_some());
+        for text in [
+            touch.replace(r#","action":"down""#, ""),      // missing
+            touch.replace(r#""t":0,"#, r#""t":0,"t":1,"#), // duplicate
+            touch.replace(r#""t":0,"#, r#""t":0,"z":1,"#), // unknown
+            touch.replace(r#""down""#, r#""d\u006fwn""#),  // escaped
+            touch.replace(r#""down""#, r#""hover""#),      // not an action
+            touch.replace(r#""x":0.5"#, r#""x":"0.5""#),   // wrong type
+            touch.replace(r#""x":0.5"#, r#""x":5e-1"#),    // exponent
+            touch.replace(r#""down"}"#, r#""down",}"#),    // trailing comma
+            touch.replace("}]}", "}"),                     // unterminated
+        ] {
+            assert!(read(text.as_bytes()).is_none(), "{text}");
+        }
     }
+
+    /// The keys of one touch event, by index into `TOUCH_KEYS`: all six once
+    /// in any order, or anything (missing, repeated, unknown).
+    fn touch_keys() -> impl Strategy<Value = Vec<usize>> {
+        prop_oneof![
+            Just((0..6).collect::<Vec<_>>()).prop_shuffle(),
+            proptest::collection::vec(0..TOUCH_KEYS.len(), 0..9),
+        ]
+    }
+
+    const TOUCH_KEYS: [&str; 8] = ["t", "x", "y", "pressure", "size", "action", "z", "T"];
+    const TOUCH_ACTIONS: [&str; 4] = [r#""down""#, r#""move""#, r#""up""#, r#""left""#];
 
     proptest! {
         #[test]
@@ -377,6 +488,46 @@ mod tests {
             // At most 15 digits: the fast path takes it.
             let fast = read(text.as_bytes()).expect("plain numbers take the fast path").into_heartbeat();
             prop_assert_eq!(Some(fast), reference(text.as_bytes()));
+        }
+
+        #[test]
+        fn touches_are_read_as_the_reference_reads_them(
+            touches in proptest::collection::vec(
+                (
+                    touch_keys(),
+                    proptest::collection::vec("-?(0|[1-9][0-9]{0,4})(\\.[0-9]{1,6})?", 5),
+                    0..TOUCH_ACTIONS.len(),
+                    "[ ]?",
+                ),
+                0..5,
+            ),
+        ) {
+            let mut well_formed = true;
+            let events: Vec<String> = touches
+                .iter()
+                .map(|(keys, numbers, action, space)| {
+                    let mut sorted = keys.clone();
+                    sorted.sort_unstable();
+                    well_formed &= sorted == [0, 1, 2, 3, 4, 5] && *action < 3;
+                    let members: Vec<String> = keys
+                        .iter()
+                        .map(|&k| match TOUCH_KEYS[k] {
+                            "action" => format!(r#""action":{space}{}"#, TOUCH_ACTIONS[*action]),
+                            key => format!(r#""{key}":{}{space}"#, numbers[k % 5]),
+                        })
+                        .collect();
+                    format!("{{{space}{}}}", members.join(","))
+                })
+                .collect();
+            let text = format!(
+                r#"{{"seq":1,"sent_at":"2026-11-23T12:00:00Z","touches":[{}]}}"#,
+                events.join(", ")
+            );
+            match read(text.as_bytes()) {
+                Some(fast) => prop_assert_eq!(Some(fast.into_heartbeat()), reference(text.as_bytes()), "{}", text),
+                // Plain numbers, every key once: the fast path takes it.
+                None => prop_assert!(!well_formed, "{}", text),
+            }
         }
 
         #[test]

@@ -32,11 +32,7 @@ pub fn read(bytes: &[u8]) -> Option<HeartbeatBody> {
     c.skip_whitespace();
     c.expect(b'{')?;
     loop {
-        c.skip_whitespace();
-        let key = c.plain_key()?;
-        c.skip_whitespace();
-        c.expect(b':')?;
-        c.skip_whitespace();
+        let key = c.member_key()?;
         match key {
             b"accelerometer" => set_once(&mut accelerometer, c.samples()?)?,
             b"gyroscope" => set_once(&mut gyroscope, c.samples()?)?,
@@ -110,6 +106,16 @@ impl<'a> Cursor<'a> {
 
     fn skip_whitespace(&mut self) {
         self.at = skip_whitespace(self.bytes, self.at);
+    }
+
+    /// `"key":` with the whitespace around it, up to the member's value.
+    fn member_key(&mut self) -> Option<&'a [u8]> {
+        self.skip_whitespace();
+        let key = self.plain_key()?;
+        self.skip_whitespace();
+        self.expect(b':')?;
+        self.skip_whitespace();
+        Some(key)
     }
 
     /// A key of plain letters and underscores (no escapes).
@@ -229,11 +235,7 @@ impl Cursor<'_> {
         let mut numbers = [None; 5];
         let mut action = None;
         loop {
-            self.skip_whitespace();
-            let key = self.plain_key()?;
-            self.skip_whitespace();
-            self.expect(b':')?;
-            self.skip_whitespace();
+            let key = self.member_key()?;
             if key == b"action" {
                 set_once(&mut action, self.action()?)?;
             } else {

@@ -109,6 +109,9 @@ pub struct Metrics {
     pub signals_degraded: Gauge,
     /// `signals_degraded_heartbeats_total`: heartbeats scored inline.
     pub signals_degraded_heartbeats: Counter,
+    /// `signals_heartbeats_dropped_total`: queued heartbeats of a device
+    /// that does not exist (nothing to score them for; not retried).
+    pub signals_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -212,6 +215,12 @@ impl Metrics {
             "Heartbeats scored inline in degraded mode",
             signals_degraded_heartbeats.clone(),
         );
+        let signals_dropped = Counter::default();
+        registry.register(
+            "signals_heartbeats_dropped",
+            "Queued heartbeats dropped because their device does not exist",
+            signals_dropped.clone(),
+        );
         Self {
             signals_accepted,
             signals_replays,
@@ -221,6 +230,7 @@ impl Metrics {
             signals_backlog,
             signals_degraded,
             signals_degraded_heartbeats,
+            signals_dropped,
             registry,
             http_requests,
             http_duration,

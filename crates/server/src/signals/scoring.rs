@@ -362,7 +362,8 @@ pub async fn score(
                 report
             }),
         Ok(None) => {
-            // Redelivered by the at-least-once queue: already counted.
+            // Redelivered by the at-least-once queue (already counted), or
+            // a device that does not exist (counted as dropped).
             guard.release().await;
             load_report(state, device_id).await.map(|report| {
                 report.unwrap_or_else(|| TrustReport::neutral(device_id, "unknown", false))
@@ -664,7 +665,8 @@ async fn release_locks(state: &AppState, locks: &[&(String, String, String)]) {
     }
 }
 
-/// Scores under the lock; `None` when this `seq` was already scored.
+/// Scores under the lock; `None` when this `seq` was already scored or
+/// its device does not exist.
 /// `seen_elsewhere`: the window was first sent by another device.
 #[allow(clippy::too_many_arguments)]
 async fn score_locked(
@@ -687,7 +689,16 @@ async fn score_locked(
         .get(state.store.as_ref(), device_id)
         .await?
     else {
-        anyhow::bail!("heartbeat for unknown device {device_id}");
+        // No such device: its job outlived the row (a database restored
+        // under a live queue). Retrying cannot help, so it is dropped —
+        // logged and counted — instead of being reclaimed forever.
+        tracing::warn!(
+            device_id,
+            seq = heartbeat.seq,
+            "heartbeat of an unknown device dropped"
+        );
+        state.metrics.signals_dropped.inc();
+        return Ok(None);
     };
     let attestation = device.attestation.as_str();
     let plan = state.plans.get(state.store.as_ref(), user_id).await?;

@@ -5,7 +5,12 @@
 
 use std::time::Duration;
 
-use blockremote::{app::start_workers, workers::WorkerPool};
+use blockremote::{
+    app::start_workers,
+    signals::ingest::{encode_job, JobEncoding},
+    state::keys,
+    workers::WorkerPool,
+};
 use blockremote_engine::{
     heartbeat::Heartbeat,
     sim::{session, Class},
@@ -28,6 +33,7 @@ crate::on_both_backends!(
     the_breaker_scores_inline_when_the_queue_is_behind,
     a_device_scored_elsewhere_is_scored_once_its_lock_is_free,
     heartbeats_spend_the_plan_bucket_and_a_refused_one_keeps_its_seq,
+    a_queued_heartbeat_of_an_unknown_device_is_dropped_not_retried,
 );
 
 const ADMIN: &str = "signals-admin-key-0123456789abcdef0123";
@@ -640,5 +646,56 @@ async fn heartbeats_spend_the_plan_bucket_and_a_refused_one_keeps_its_seq(backen
         })
         .await,
         "the retried heartbeat scored"
+    );
+}
+
+async fn a_queued_heartbeat_of_an_unknown_device_is_dropped_not_retried(backend: Backend) {
+    let Some(app) = app(backend).await else {
+        return;
+    };
+    let known = register(&app, "known@example.com", "device_sig_60").await;
+    let s = session(Class::OnTable, 14, 2);
+    // A job whose device has no row, as after a database restored under a
+    // live queue: nothing can ever score it.
+    let encoding = if app.state.shared.queue_is_remote() {
+        JobEncoding::Small
+    } else {
+        JobEncoding::Fast
+    };
+    let job = encode_job(
+        "device_sig_gone",
+        uuid::Uuid::now_v7(),
+        false,
+        &s.heartbeats[0],
+        encoding,
+    )
+    .expect("job");
+    app.state
+        .shared
+        .enqueue(keys::HEARTBEAT_QUEUE, &job)
+        .await
+        .expect("queued");
+    let r = send(&app, &known, &body_of(&s.heartbeats[1])).await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            trust(&app, &known).await["heartbeats"] == 1
+        })
+        .await,
+        "the known device scored"
+    );
+    // Dropped and acknowledged, not left pending to be reclaimed forever.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            app.state.shared.queue_len(keys::HEARTBEAT_QUEUE).await.ok() == Some(0)
+        })
+        .await,
+        "the queue empty"
+    );
+    let metrics = app.get("/metrics").await.text().await.expect("text");
+    assert!(
+        metrics.contains("signals_heartbeats_dropped_total 1")
+            && metrics.contains("signals_heartbeats_scored_total 1"),
+        "{metrics}"
     );
 }

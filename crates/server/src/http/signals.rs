@@ -111,11 +111,7 @@ pub async fn post_heartbeat(
     } else {
         // The rate-limit token, the seq check and the enqueue are one step
         // (one round trip on Redis): a 202 means the heartbeat is on the queue.
-        let encoding = if state.shared.queue_is_remote() {
-            JobEncoding::Small
-        } else {
-            JobEncoding::Fast
-        };
+        let encoding = JobEncoding::for_queue_of(state.shared.as_ref());
         let job = encode_job(
             &device.device_id,
             device.user_id,

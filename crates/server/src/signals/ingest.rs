@@ -218,6 +218,17 @@ pub enum JobEncoding {
     Fast,
 }
 
+impl JobEncoding {
+    /// The encoding for jobs queued in `shared`.
+    pub fn for_queue_of(shared: &dyn crate::state::SharedState) -> Self {
+        if shared.queue_is_remote() {
+            Self::Small
+        } else {
+            Self::Fast
+        }
+    }
+}
+
 /// The sample arrays as raw `f64`s, borrowed: what [`JobEncoding::Fast`]
 /// writes, read back as a `BodyWith<RawSamples>` (the same postcard layout).
 #[derive(Serialize)]

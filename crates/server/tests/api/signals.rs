@@ -657,17 +657,12 @@ async fn a_queued_heartbeat_of_an_unknown_device_is_dropped_not_retried(backend:
     let s = session(Class::OnTable, 14, 2);
     // A job whose device has no row, as after a database restored under a
     // live queue: nothing can ever score it.
-    let encoding = if app.state.shared.queue_is_remote() {
-        JobEncoding::Small
-    } else {
-        JobEncoding::Fast
-    };
     let job = encode_job(
         "device_sig_gone",
         uuid::Uuid::now_v7(),
         false,
         &s.heartbeats[0],
-        encoding,
+        JobEncoding::for_queue_of(app.state.shared.as_ref()),
     )
     .expect("job");
     app.state

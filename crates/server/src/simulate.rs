@@ -186,8 +186,42 @@ async fn run_session(
     Ok(outcome)
 }
 
+/// One class's results.
+#[derive(Debug, Clone)]
+pub struct ClassReport {
+    /// The class.
+    pub class: Class,
+    /// Sessions run.
+    pub sessions: usize,
+    /// Attacks: sessions locked within [`DETECTION_BUDGET`] heartbeats of
+    /// the attack's start. Genuine use: sessions ever locked.
+    pub hits: usize,
+    /// Attacks detected: heartbeats from the attack's start to the lock.
+    pub heartbeats_to_lock: Vec<usize>,
+    /// Attacks detected: milliseconds from the attack's first heartbeat to
+    /// the lock, sorted.
+    pub ms_to_lock: Vec<f64>,
+}
+
+/// An evaluation's results.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// Per class, in [`Class::ALL`] order.
+    pub classes: Vec<ClassReport>,
+    /// Heartbeats posted.
+    pub heartbeats: usize,
+    /// Wall time of the run.
+    pub elapsed: Duration,
+}
+
 /// Runs the evaluation and prints the report (Markdown table).
 pub async fn run(options: SimulateOptions) -> anyhow::Result<()> {
+    print!("{}", evaluate(&options).await?.to_markdown());
+    Ok(())
+}
+
+/// Runs every class's sessions through the API and tallies them.
+pub async fn evaluate(options: &SimulateOptions) -> anyhow::Result<Report> {
     let http = reqwest::Client::builder()
         .no_proxy()
         .timeout(Duration::from_secs(30))
@@ -220,7 +254,7 @@ pub async fn run(options: SimulateOptions) -> anyhow::Result<()> {
         .flat_map(|&c| (0..options.sessions).map(move |i| (c, i)))
         .collect();
     let outcomes: Vec<anyhow::Result<Outcome>> = futures::stream::iter(jobs)
-        .map(|(class, i)| run_session(&client, &options, &user_id, run, class, i))
+        .map(|(class, i)| run_session(&client, options, &user_id, run, class, i))
         .buffer_unordered(options.concurrency.max(1))
         .collect()
         .await;
@@ -229,62 +263,80 @@ pub async fn run(options: SimulateOptions) -> anyhow::Result<()> {
         .iter()
         .map(|o| o.locked_at.map_or(options.length, |i| i + 1))
         .sum();
-    println!(
-        "{} sessions, {} heartbeats in {:.1} s ({:.0} heartbeats/s, each waiting for its score)\n",
-        outcomes.len(),
+    let classes = Class::ALL
+        .iter()
+        .map(|&class| {
+            let of: Vec<&Outcome> = outcomes.iter().filter(|o| o.class == class).collect();
+            let hits: Vec<&Outcome> = of
+                .iter()
+                .copied()
+                .filter(|o| match (class.is_attack(), o.attack_start, o.locked_at) {
+                    (true, Some(start), Some(at)) => at >= start && at < start + DETECTION_BUDGET,
+                    (true, ..) => false,
+                    (false, _, locked_at) => locked_at.is_some(),
+                })
+                .collect();
+            let mut ms_to_lock: Vec<f64> = hits.iter().filter_map(|o| o.ms_to_lock).collect();
+            ms_to_lock.sort_by(f64::total_cmp);
+            ClassReport {
+                class,
+                sessions: of.len(),
+                hits: hits.len(),
+                heartbeats_to_lock: hits
+                    .iter()
+                    .filter_map(|o| Some(o.locked_at? + 1 - o.attack_start?))
+                    .collect(),
+                ms_to_lock,
+            }
+        })
+        .collect();
+    Ok(Report {
+        classes,
         heartbeats,
-        started.elapsed().as_secs_f64(),
-        heartbeats as f64 / started.elapsed().as_secs_f64()
-    );
-    println!("| class | sessions | locked | rate | heartbeats to lock (mean / max) | ms to lock (median) |");
-    println!("|---|---|---|---|---|---|");
-    for class in Class::ALL {
-        let of: Vec<&Outcome> = outcomes.iter().filter(|o| o.class == class).collect();
-        let (hits, label): (Vec<&Outcome>, &str) = if class.is_attack() {
-            (
-                of.iter()
-                    .copied()
-                    .filter(|o| match (o.attack_start, o.locked_at) {
-                        (Some(start), Some(at)) => at >= start && at < start + DETECTION_BUDGET,
-                        _ => false,
-                    })
-                    .collect(),
-                "detected within 5",
-            )
-        } else {
-            (
-                of.iter()
-                    .copied()
-                    .filter(|o| o.locked_at.is_some())
-                    .collect(),
-                "falsely locked",
-            )
-        };
-        let to_lock: Vec<usize> = hits
-            .iter()
-            .filter_map(|o| Some(o.locked_at? + 1 - o.attack_start?))
-            .collect();
-        let mut ms: Vec<f64> = hits.iter().filter_map(|o| o.ms_to_lock).collect();
-        ms.sort_by(f64::total_cmp);
-        let mean = if to_lock.is_empty() {
-            "—".to_owned()
-        } else {
-            format!(
-                "{:.2} / {}",
-                to_lock.iter().sum::<usize>() as f64 / to_lock.len() as f64,
-                to_lock.iter().max().unwrap_or(&0)
-            )
-        };
-        let median = ms
-            .get(ms.len() / 2)
-            .map_or("—".to_owned(), |m| format!("{m:.0}"));
-        println!(
-            "| {} | {} | {} {label} | {:.2}% | {mean} | {median} |",
-            class.name(),
-            of.len(),
-            hits.len(),
-            100.0 * hits.len() as f64 / of.len().max(1) as f64,
+        elapsed: started.elapsed(),
+    })
+}
+
+impl Report {
+    /// The summary line and the per-class Markdown table.
+    pub fn to_markdown(&self) -> String {
+        let secs = self.elapsed.as_secs_f64();
+        let sessions: usize = self.classes.iter().map(|c| c.sessions).sum();
+        let mut out = format!(
+            "{sessions} sessions, {} heartbeats in {secs:.1} s ({:.0} heartbeats/s, each waiting for its score)\n\n",
+            self.heartbeats,
+            self.heartbeats as f64 / secs
         );
+        out.push_str("| class | sessions | locked | rate | heartbeats to lock (mean / max) | ms to lock (median) |\n");
+        out.push_str("|---|---|---|---|---|---|\n");
+        for c in &self.classes {
+            let label = if c.class.is_attack() {
+                "detected within 5"
+            } else {
+                "falsely locked"
+            };
+            let to_lock = &c.heartbeats_to_lock;
+            let mean = if to_lock.is_empty() {
+                "—".to_owned()
+            } else {
+                format!(
+                    "{:.2} / {}",
+                    to_lock.iter().sum::<usize>() as f64 / to_lock.len() as f64,
+                    to_lock.iter().max().unwrap_or(&0)
+                )
+            };
+            let median = c
+                .ms_to_lock
+                .get(c.ms_to_lock.len() / 2)
+                .map_or("—".to_owned(), |m| format!("{m:.0}"));
+            out.push_str(&format!(
+                "| {} | {} | {} {label} | {:.2}% | {mean} | {median} |\n",
+                c.class.name(),
+                c.sessions,
+                c.hits,
+                100.0 * c.hits as f64 / c.sessions.max(1) as f64,
+            ));
+        }
+        out
     }
-    Ok(())
 }

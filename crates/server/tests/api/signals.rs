@@ -34,6 +34,7 @@ crate::on_both_backends!(
     a_device_scored_elsewhere_is_scored_once_its_lock_is_free,
     heartbeats_spend_the_plan_bucket_and_a_refused_one_keeps_its_seq,
     a_queued_heartbeat_of_an_unknown_device_is_dropped_not_retried,
+    the_simulator_locks_every_attack_and_no_genuine_session,
 );
 
 const ADMIN: &str = "signals-admin-key-0123456789abcdef0123";
@@ -692,5 +693,43 @@ async fn a_queued_heartbeat_of_an_unknown_device_is_dropped_not_retried(backend:
         metrics.contains("signals_heartbeats_dropped_total 1")
             && metrics.contains("signals_heartbeats_scored_total 1"),
         "{metrics}"
+    );
+}
+
+async fn the_simulator_locks_every_attack_and_no_genuine_session(backend: Backend) {
+    let Some(app) = app(backend).await else {
+        return;
+    };
+    // `blockremote simulate` against the real server: two sessions of every
+    // class, each attack starting after a genuine prefix.
+    let report = blockremote::simulate::evaluate(&blockremote::simulate::SimulateOptions {
+        url: app.address.clone(),
+        admin_key: ADMIN.to_owned(),
+        sessions: 2,
+        length: 14,
+        seed: 7,
+        concurrency: 8,
+    })
+    .await
+    .expect("the simulation runs");
+    assert_eq!(report.classes.len(), Class::ALL.len());
+    for c in &report.classes {
+        assert_eq!(c.sessions, 2, "{}", c.class.name());
+        if c.class.is_attack() {
+            assert_eq!(c.hits, 2, "{} detected within 5", c.class.name());
+            assert!(
+                c.heartbeats_to_lock.iter().all(|&n| (1..=5).contains(&n)),
+                "{}: {:?}",
+                c.class.name(),
+                c.heartbeats_to_lock
+            );
+        } else {
+            assert_eq!(c.hits, 0, "{} falsely locked", c.class.name());
+        }
+    }
+    let table = report.to_markdown();
+    assert!(
+        table.contains("| attack/replay | 2 | 2 detected within 5 | 100.00% |"),
+        "{table}"
     );
 }

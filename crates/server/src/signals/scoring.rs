@@ -819,6 +819,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_breaker_degrades_at_half_the_capacity_and_recovers_below_a_tenth() {
+        let breaker = Breaker::default();
+        assert!(!breaker.observe(499, 1000) && !breaker.degraded());
+        assert!(
+            breaker.observe(500, 1000) && breaker.degraded(),
+            "half: degraded"
+        );
+        // Between the two marks it stays as it is (no flapping).
+        assert!(!breaker.observe(300, 1000) && breaker.degraded());
+        assert!(!breaker.observe(101, 1000) && breaker.degraded());
+        assert!(
+            breaker.observe(100, 1000) && !breaker.degraded(),
+            "a tenth: recovered"
+        );
+        assert!(!breaker.observe(300, 1000) && !breaker.degraded());
+        // A queue that refused a job trips it whatever the backlog.
+        breaker.trip();
+        assert!(breaker.degraded());
+        assert!(breaker.observe(0, 1000) && !breaker.degraded());
+        // No capacity at all: any backlog is too much.
+        assert!(breaker.observe(1, 0) && breaker.degraded());
+    }
+
+    #[test]
     fn a_warm_engine_state_fits_the_buffer_it_is_encoded_into() {
         let mut engine = DeviceState::default();
         for hb in &session(Class::HeldInHand, 1, 150).heartbeats {

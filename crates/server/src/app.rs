@@ -25,8 +25,9 @@ use crate::{
     config::Config,
     realtime::hub::Hub,
     signals::{
+        breaker::{Breaker, ScoringMeter},
         intel::ThreatIntel,
-        scoring::{Breaker, HeartbeatScorer},
+        scoring::HeartbeatScorer,
     },
     state::{self, keys, SharedState},
     store::{self, Store, StoreError},
@@ -68,6 +69,8 @@ pub struct AppHandles {
     pub intel: Arc<ThreatIntel>,
     /// Whether heartbeat scoring is inline (workers behind).
     pub breaker: Arc<Breaker>,
+    /// This process's scoring times, published for every instance's breaker.
+    pub scoring_meter: Arc<ScoringMeter>,
     /// The abuse firewall's rules.
     pub firewall: Arc<crate::firewall::Rules>,
     /// Cancelled when the process begins to shut down (sockets then close).
@@ -121,6 +124,7 @@ impl AppState {
             plans: Arc::new(plans),
             intel,
             breaker: Arc::default(),
+            scoring_meter: Arc::default(),
             firewall,
             shutdown: CancellationToken::new(),
         })))
@@ -261,7 +265,7 @@ impl Application {
         let grace = state.config.shutdown_grace;
         let stop = CancellationToken::new();
         state.spawn_key_reloader(stop.child_token());
-        crate::signals::scoring::spawn_breaker_watch(state.clone());
+        crate::signals::breaker::spawn_breaker_watch(state.clone());
         crate::retention::spawn(state.clone());
         let pool = if state.is_embedded() {
             Some(start_workers(&state, "embedded", stop.child_token()).await?)
@@ -354,15 +358,22 @@ pub async fn start_workers(
     } else {
         defaults
     };
-    WorkerPool::start(
+    let pool = WorkerPool::start(
         state.shared.clone(),
         &instance,
         state.job_handlers(),
         options,
-        stop,
+        stop.clone(),
     )
     .await
-    .map_err(|e| StartupError::Workers(e.to_string()))
+    .map_err(|e| StartupError::Workers(e.to_string()))?;
+    // Every instance's circuit breaker reads what these workers report.
+    crate::signals::breaker::spawn_meter_publisher(
+        state.shared.clone(),
+        state.scoring_meter.clone(),
+        stop,
+    );
+    Ok(pool)
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).

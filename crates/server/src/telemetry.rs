@@ -5,6 +5,8 @@
 //! [`Metrics`] value owned by the application state — no global recorder — so
 //! several servers in one test process never mix their numbers.
 
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -105,6 +107,14 @@ pub struct Metrics {
     pub signals_scoring_seconds: Histogram,
     /// `signals_queue_backlog`: heartbeats waiting or pending.
     pub signals_backlog: Gauge,
+    /// `signals_queue_lag_seconds`: how long the oldest undelivered heartbeat waited.
+    pub signals_queue_lag: Gauge<f64, AtomicU64>,
+    /// `signals_workers_throughput`: heartbeats all workers scored in the
+    /// last complete second.
+    pub signals_workers_throughput: Gauge,
+    /// `signals_workers_scoring_p95_seconds`: the slowest worker's p95 in
+    /// that second.
+    pub signals_workers_p95: Gauge<f64, AtomicU64>,
     /// `signals_degraded`: 1 while ingestion scores inline.
     pub signals_degraded: Gauge,
     /// `signals_degraded_heartbeats_total`: heartbeats scored inline.
@@ -203,6 +213,24 @@ impl Metrics {
             "Heartbeats waiting or pending in the queue",
             signals_backlog.clone(),
         );
+        let signals_queue_lag = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "signals_queue_lag_seconds",
+            "How long the oldest heartbeat not yet handed to a worker has waited",
+            signals_queue_lag.clone(),
+        );
+        let signals_workers_throughput = Gauge::default();
+        registry.register(
+            "signals_workers_throughput",
+            "Heartbeats all scoring workers scored in the last complete second",
+            signals_workers_throughput.clone(),
+        );
+        let signals_workers_p95 = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "signals_workers_scoring_p95_seconds",
+            "The slowest scoring worker's 95th percentile time to score a heartbeat, last complete second",
+            signals_workers_p95.clone(),
+        );
         let signals_degraded = Gauge::default();
         registry.register(
             "signals_degraded",
@@ -228,6 +256,9 @@ impl Metrics {
             signals_locks,
             signals_scoring_seconds,
             signals_backlog,
+            signals_queue_lag,
+            signals_workers_throughput,
+            signals_workers_p95,
             signals_degraded,
             signals_degraded_heartbeats,
             signals_dropped,

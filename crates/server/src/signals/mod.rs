@@ -8,10 +8,13 @@
 //! * [`reader`] — the fast path for reading a heartbeat body.
 //! * [`report`] — the trust report as API.md defines it.
 //! * [`intel`] — blacklisted app hashes, domains and addresses.
+//! * [`breaker`] — the circuit breaker watching the workers, and the meter
+//!   through which workers report their throughput and scoring p95.
 //!
 //! Nothing is scored on the request path unless the circuit breaker says
-//! the workers are behind (see [`scoring::Breaker`]).
+//! the workers are behind (see [`breaker`]).
 
+pub mod breaker;
 pub mod ingest;
 pub mod intel;
 pub mod reader;

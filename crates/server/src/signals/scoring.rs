@@ -17,11 +17,7 @@
 //! (`FORCE_OVERLAY` or `CRITICAL_LOCK`) published to its sockets, and an
 //! audit row with the threat score, reasons, attestation state and action.
 
-use std::{
-    collections::HashMap,
-    sync::atomic::{AtomicBool, Ordering},
-    time::Duration,
-};
+use std::{collections::HashMap, time::Duration};
 
 use async_trait::async_trait;
 use blockremote_engine::{
@@ -91,79 +87,6 @@ impl JobHandler for HeartbeatScorer {
     async fn handle_batch(&self, jobs: Vec<Job>, parallel: usize) -> Vec<String> {
         score_batch(&self.state, jobs, parallel).await
     }
-}
-
-/// Whether the heartbeat queue is behind: ingestion then scores inline.
-/// Degraded above [`Breaker::HIGH`] of the queue's capacity, recovered
-/// below [`Breaker::LOW`] (hysteresis, so it does not flap).
-#[derive(Debug, Default)]
-pub struct Breaker {
-    degraded: AtomicBool,
-}
-
-impl Breaker {
-    /// Share of the queue's capacity at which scoring goes inline.
-    pub const HIGH: f64 = 0.5;
-    /// Share below which it goes back to the workers.
-    pub const LOW: f64 = 0.1;
-
-    /// Whether ingestion should score inline now.
-    pub fn degraded(&self) -> bool {
-        self.degraded.load(Ordering::Relaxed)
-    }
-
-    /// Updates the state from the queue's backlog; returns true when it changed.
-    pub fn observe(&self, backlog: u64, capacity: usize) -> bool {
-        let share = backlog as f64 / capacity.max(1) as f64;
-        let was = self.degraded();
-        let now = if was {
-            share > Self::LOW
-        } else {
-            share >= Self::HIGH
-        };
-        self.degraded.store(now, Ordering::Relaxed);
-        now != was
-    }
-
-    /// Forces degraded mode (the queue refused a job).
-    pub fn trip(&self) {
-        self.degraded.store(true, Ordering::Relaxed);
-    }
-}
-
-/// Watches the queue's backlog every 250 ms until `state.shutdown`.
-pub fn spawn_breaker_watch(state: AppState) {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_millis(250));
-        loop {
-            tokio::select! {
-                () = state.shutdown.cancelled() => break,
-                _ = tick.tick() => {}
-            }
-            let Ok(backlog) = state.shared.queue_len(keys::HEARTBEAT_QUEUE).await else {
-                continue;
-            };
-            state
-                .metrics
-                .signals_backlog
-                .set(i64::try_from(backlog).unwrap_or(i64::MAX));
-            if state.breaker.observe(backlog, state.config.queue_capacity) {
-                let degraded = state.breaker.degraded();
-                state.metrics.signals_degraded.set(i64::from(degraded));
-                if degraded {
-                    tracing::warn!(
-                        backlog,
-                        "heartbeat workers behind: scoring inline (degraded)"
-                    );
-                } else {
-                    tracing::info!(
-                        backlog,
-                        "heartbeat workers caught up: scoring back on the queue"
-                    );
-                }
-            }
-        }
-    });
 }
 
 /// A device's scoring lock, held, with the engine state read under it.
@@ -374,10 +297,14 @@ pub async fn score(
             Err(e)
         }
     };
+    let elapsed = started.elapsed();
     state
         .metrics
         .signals_scoring_seconds
-        .observe(started.elapsed().as_secs_f64());
+        .observe(elapsed.as_secs_f64());
+    if !degraded && result.is_ok() {
+        state.scoring_meter.record(elapsed, 1);
+    }
     result
 }
 
@@ -603,14 +530,22 @@ async fn score_batch(state: &AppState, jobs: Vec<Job>, parallel: usize) -> Vec<S
             if released.iter().any(|r| !r) {
                 tracing::warn!("scoring lock expired before the state was saved");
             }
-            let elapsed = started.elapsed().as_secs_f64();
+            let elapsed = started.elapsed();
+            let mut batch_scored = 0;
             for (_, ids, scored, _, _) in saves {
                 state.metrics.signals_scored.inc_by(scored);
                 for _ in 0..scored {
-                    state.metrics.signals_scoring_seconds.observe(elapsed);
+                    state
+                        .metrics
+                        .signals_scoring_seconds
+                        .observe(elapsed.as_secs_f64());
                 }
+                batch_scored += scored;
                 done.extend(ids);
             }
+            state
+                .scoring_meter
+                .record(elapsed, usize::try_from(batch_scored).unwrap_or(usize::MAX));
         }
         Err(e) => {
             // The locks expire by themselves; the jobs are retried and find
@@ -817,30 +752,6 @@ mod tests {
     use blockremote_engine::sim::{session, Class};
 
     use super::*;
-
-    #[test]
-    fn the_breaker_degrades_at_half_the_capacity_and_recovers_below_a_tenth() {
-        let breaker = Breaker::default();
-        assert!(!breaker.observe(499, 1000) && !breaker.degraded());
-        assert!(
-            breaker.observe(500, 1000) && breaker.degraded(),
-            "half: degraded"
-        );
-        // Between the two marks it stays as it is (no flapping).
-        assert!(!breaker.observe(300, 1000) && breaker.degraded());
-        assert!(!breaker.observe(101, 1000) && breaker.degraded());
-        assert!(
-            breaker.observe(100, 1000) && !breaker.degraded(),
-            "a tenth: recovered"
-        );
-        assert!(!breaker.observe(300, 1000) && !breaker.degraded());
-        // A queue that refused a job trips it whatever the backlog.
-        breaker.trip();
-        assert!(breaker.degraded());
-        assert!(breaker.observe(0, 1000) && !breaker.degraded());
-        // No capacity at all: any backlog is too much.
-        assert!(breaker.observe(1, 0) && breaker.degraded());
-    }
 
     #[test]
     fn a_warm_engine_state_fits_the_buffer_it_is_encoded_into() {

@@ -77,6 +77,18 @@ pub fn window_fingerprint(hash: u64) -> String {
     format!("sig:fp:{hash:016x}")
 }
 
+/// Heartbeats the scoring workers scored in a Unix second (every worker
+/// adds to it, zero too): `sig:health:scored:{second}`.
+pub fn workers_scored(second: u64) -> String {
+    format!("sig:health:scored:{second}")
+}
+
+/// The highest scoring p95 (µs) a worker reported for a Unix second:
+/// `sig:health:p95_us:{second}`.
+pub fn workers_p95(second: u64) -> String {
+    format!("sig:health:p95_us:{second}")
+}
+
 /// The heartbeat work queue (a Redis Stream): `sig:queue:heartbeats`.
 pub const HEARTBEAT_QUEUE: &str = "sig:queue:heartbeats";
 

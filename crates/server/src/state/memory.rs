@@ -23,8 +23,8 @@ use tokio::{
 };
 
 use super::{
-    bucket_resize, bucket_step, BucketDecision, Job, QueueConsumer, SharedState, StateError,
-    StateResult, Subscription,
+    bucket_resize, bucket_step, BucketDecision, Job, QueueConsumer, QueueStats, SharedState,
+    StateError, StateResult, Subscription,
 };
 
 /// The fewest writes between two sweeps.
@@ -53,7 +53,8 @@ struct Bucket {
 
 #[derive(Default)]
 struct QueueInner {
-    ready: VecDeque<Job>,
+    /// Jobs not yet delivered, with when each was enqueued.
+    ready: VecDeque<(Job, Instant)>,
     /// id → (job, consumer, delivered at)
     pending: HashMap<String, (Job, String, Instant)>,
 }
@@ -456,10 +457,13 @@ impl SharedState for MemoryState {
                 return Err(StateError::QueueFull(queue.to_owned()));
             }
             let id = format!("{}-0", self.next_job.fetch_add(1, Ordering::Relaxed));
-            inner.ready.push_back(Job {
-                id: id.clone(),
-                payload: bytes::Bytes::copy_from_slice(payload),
-            });
+            inner.ready.push_back((
+                Job {
+                    id: id.clone(),
+                    payload: bytes::Bytes::copy_from_slice(payload),
+                },
+                Instant::now(),
+            ));
             id
         };
         q.notify.notify_one();
@@ -470,6 +474,18 @@ impl SharedState for MemoryState {
         let q = self.queue(queue);
         let inner = lock(&q);
         Ok((inner.ready.len() + inner.pending.len()) as u64)
+    }
+
+    async fn queue_stats(&self, queue: &str) -> StateResult<QueueStats> {
+        let q = self.queue(queue);
+        let inner = lock(&q);
+        Ok(QueueStats {
+            len: (inner.ready.len() + inner.pending.len()) as u64,
+            oldest_wait: inner
+                .ready
+                .front()
+                .map_or(Duration::ZERO, |(_, at)| at.elapsed()),
+        })
     }
 
     fn queue_is_remote(&self) -> bool {
@@ -504,7 +520,7 @@ impl MemoryConsumer {
     fn take_ready(&self, max: usize) -> Vec<Job> {
         let mut inner = lock(&self.queue);
         let n = max.min(inner.ready.len());
-        let jobs: Vec<Job> = inner.ready.drain(..n).collect();
+        let jobs: Vec<Job> = inner.ready.drain(..n).map(|(job, _)| job).collect();
         let now = Instant::now();
         for job in &jobs {
             inner

@@ -27,8 +27,8 @@ use redis::{
 use tokio::sync::mpsc;
 
 use super::{
-    Admitted, Advanced, BucketDecision, Commit, Job, QueueConsumer, SharedState, StateError,
-    StateResult, Subscription, Take,
+    Admitted, Advanced, BucketDecision, Commit, Job, QueueConsumer, QueueStats, SharedState,
+    StateError, StateResult, Subscription, Take,
 };
 
 /// The consumer group every worker joins.
@@ -91,6 +91,40 @@ if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then
   return false
 end
 return redis.call('XADD', KEYS[1], '*', 'p', ARGV[2])
+";
+
+/// A queue's backlog and its lag. KEYS[1] = stream; ARGV[1] = consumer
+/// group. Returns {entries, ms the oldest entry not yet delivered to the
+/// group has waited} — entry ids are the Redis clock's milliseconds at
+/// `XADD`, compared with the same clock (`TIME`). Without the group (no
+/// worker ever started) every entry is undelivered.
+const QUEUE_STATS_LUA: &str = r"
+local len = redis.call('XLEN', KEYS[1])
+if len == 0 then
+  return {0, 0}
+end
+local last = '0-0'
+for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local name, delivered
+  for i = 1, #group, 2 do
+    if group[i] == 'name' then
+      name = group[i + 1]
+    elseif group[i] == 'last-delivered-id' then
+      delivered = group[i + 1]
+    end
+  end
+  if name == ARGV[1] then
+    last = delivered
+  end
+end
+local oldest = redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', 1)
+if #oldest == 0 then
+  return {len, 0}
+end
+local added = tonumber(string.match(oldest[1][1], '^(%d+)'))
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+return {len, math.max(0, ms - added)}
 ";
 
 /// `INCRBY` that sets the TTL only on the call that creates the key.
@@ -226,6 +260,7 @@ pub struct RedisState {
     queue_capacity: usize,
     token_bucket: Script,
     enqueue: Script,
+    queue_stats: Script,
     incr: Script,
     set_max: Script,
     set_max_many: Script,
@@ -264,6 +299,7 @@ impl RedisState {
             queue_capacity: queue_capacity.max(1),
             token_bucket: Script::new(TOKEN_BUCKET_LUA),
             enqueue: Script::new(ENQUEUE_LUA),
+            queue_stats: Script::new(QUEUE_STATS_LUA),
             incr: Script::new(INCR_LUA),
             set_max: Script::new(SET_MAX_LUA),
             set_max_many: Script::new(SET_MAX_MANY_LUA),
@@ -920,6 +956,21 @@ impl SharedState for RedisState {
             .query_async(&mut conn)
             .await
             .map_err(unavailable)
+    }
+
+    async fn queue_stats(&self, queue: &str) -> StateResult<QueueStats> {
+        let mut conn = self.conn.clone();
+        let (len, waited_ms): (u64, u64) = self
+            .queue_stats
+            .key(self.key(queue))
+            .arg(CONSUMER_GROUP)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(QueueStats {
+            len,
+            oldest_wait: Duration::from_millis(waited_ms),
+        })
     }
 
     async fn consumer(&self, queue: &str, name: &str) -> StateResult<Box<dyn QueueConsumer>> {

@@ -31,6 +31,7 @@ crate::on_both_backends!(
     blacklisted_apps_lock_at_once_and_intel_can_be_removed,
     a_window_replayed_from_another_device_locks_it,
     the_breaker_scores_inline_when_the_queue_is_behind,
+    the_breaker_watches_the_workers_scoring_p95_and_recovers_by_itself,
     a_device_scored_elsewhere_is_scored_once_its_lock_is_free,
     heartbeats_spend_the_plan_bucket_and_a_refused_one_keeps_its_seq,
     a_queued_heartbeat_of_an_unknown_device_is_dropped_not_retried,
@@ -542,6 +543,138 @@ async fn the_breaker_scores_inline_when_the_queue_is_behind(backend: Backend) {
         r.json::<Value>().await.expect("json"),
         json!({"accepted": true, "seq": 2})
     );
+}
+
+fn unix_second() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs()
+}
+
+async fn metrics_text(app: &TestApp) -> String {
+    app.get("/metrics").await.text().await.expect("text")
+}
+
+async fn the_breaker_watches_the_workers_scoring_p95_and_recovers_by_itself(backend: Backend) {
+    let Some(app) = app(backend).await else {
+        return;
+    };
+    let d = register(&app, "slowworkers@example.com", "device_sig_42").await;
+    let s = session(Class::HeldInHand, 9, 4);
+    // A worker elsewhere reports scoring p95s of 2 s for the seconds the
+    // breaker reads next (as worker processes do, through shared state).
+    let ttl = Duration::from_secs(60);
+    let now = unix_second();
+    for second in now - 2..now + 3 {
+        let shared = &app.state.shared;
+        shared
+            .set_max(&keys::workers_p95(second), 2_000_000, ttl)
+            .await
+            .expect("p95");
+        shared
+            .incr(&keys::workers_scored(second), 10, ttl)
+            .await
+            .expect("scored");
+    }
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            app.state.breaker.degraded()
+        })
+        .await,
+        "a scoring p95 of 2 s degrades"
+    );
+    let r = send(&app, &d, &body_of(&s.heartbeats[0])).await;
+    assert_eq!(
+        r.json::<Value>().await.expect("json"),
+        json!({"accepted": true, "seq": 1, "degraded": true})
+    );
+    assert_eq!(trust(&app, &d).await["heartbeats"], 1, "scored inline");
+    let metrics = metrics_text(&app).await;
+    assert!(
+        metrics.contains("signals_workers_scoring_p95_seconds 2.0")
+            && metrics.contains("signals_degraded 1"),
+        "{metrics}"
+    );
+    // Those seconds pass; the real workers score far faster: it recovers.
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            !app.state.breaker.degraded()
+        })
+        .await,
+        "recovered"
+    );
+    let r = send(&app, &d, &body_of(&s.heartbeats[1])).await;
+    assert_eq!(
+        r.json::<Value>().await.expect("json"),
+        json!({"accepted": true, "seq": 2})
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            trust(&app, &d).await["heartbeats"] == 2
+        })
+        .await,
+        "queued and scored by the workers"
+    );
+}
+
+/// Production only: on the embedded default the workers live in `serve`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_no_worker_is_alive_heartbeats_are_scored_inline() {
+    // A server without a worker pool, as a replica whose workers are down.
+    let Some(app) = spawn_app_with(Backend::Production, |c| {
+        c.admin_token = Some(ADMIN.to_owned().into());
+    })
+    .await
+    else {
+        return;
+    };
+    let d = register(&app, "noworkers@example.com", "device_sig_43").await;
+    let s = session(Class::OnTable, 9, 5);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            app.state.breaker.degraded()
+        })
+        .await,
+        "no worker reports: degraded after the start-up grace"
+    );
+    let r = send(&app, &d, &body_of(&s.heartbeats[0])).await;
+    assert_eq!(
+        r.json::<Value>().await.expect("json"),
+        json!({"accepted": true, "seq": 1, "degraded": true})
+    );
+    assert_eq!(trust(&app, &d).await["heartbeats"], 1, "scored inline");
+    // A worker starts: its reports put scoring back on the queue.
+    let stop = CancellationToken::new();
+    let _pool = start_workers(&app.state, "late-worker", stop.clone())
+        .await
+        .expect("workers start");
+    assert!(
+        eventually(Duration::from_secs(6), || async {
+            !app.state.breaker.degraded()
+        })
+        .await,
+        "recovered once a worker reports"
+    );
+    let r = send(&app, &d, &body_of(&s.heartbeats[1])).await;
+    assert_eq!(
+        r.json::<Value>().await.expect("json"),
+        json!({"accepted": true, "seq": 2})
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            trust(&app, &d).await["heartbeats"] == 2
+        })
+        .await,
+        "queued and scored by the worker"
+    );
+    assert!(
+        metrics_text(&app)
+            .await
+            .contains("signals_workers_throughput"),
+        "the throughput is exported"
+    );
+    stop.cancel();
 }
 
 async fn a_device_scored_elsewhere_is_scored_once_its_lock_is_free(backend: Backend) {

@@ -14,6 +14,7 @@ crate::on_both_backends!(
     pubsub_delivers_to_every_subscriber,
     queue_is_at_least_once_with_reclaim,
     queue_is_bounded,
+    queue_stats_report_the_backlog_and_the_oldest_undelivered_wait,
     queue_fetch_waits_then_returns_empty,
     history_is_ordered_bounded_and_read_from_a_position,
     sequence_and_push_continues_each_device_and_raise_to_many_only_rises,
@@ -547,6 +548,54 @@ async fn pubsub_delivers_to_every_subscriber(backend: Backend) {
             .await
             .is_err(),
         "another channel receives nothing"
+    );
+}
+
+async fn queue_stats_report_the_backlog_and_the_oldest_undelivered_wait(backend: Backend) {
+    let Some((s, _b)) = shared_for(backend, 100).await else {
+        return;
+    };
+    let q = "sig:queue:stats";
+    let stats = s.queue_stats(q).await.expect("stats");
+    assert_eq!((stats.len, stats.oldest_wait), (0, Duration::ZERO), "empty");
+    // Before any consumer exists, every entry is undelivered.
+    s.enqueue(q, b"first").await.expect("enqueue");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.enqueue(q, b"second").await.expect("enqueue");
+    let stats = s.queue_stats(q).await.expect("stats");
+    assert_eq!(stats.len, 2);
+    assert!(
+        stats.oldest_wait >= Duration::from_millis(250)
+            && stats.oldest_wait < Duration::from_secs(5),
+        "the first job's wait: {:?}",
+        stats.oldest_wait
+    );
+    // Once the first is delivered, the lag is the second's (younger).
+    let mut c = s.consumer(q, "w").await.expect("consumer");
+    let jobs = c.fetch(1, Duration::from_millis(200)).await.expect("fetch");
+    assert_eq!(jobs.len(), 1);
+    let stats = s.queue_stats(q).await.expect("stats");
+    assert_eq!(stats.len, 2, "a pending job is still backlog");
+    assert!(
+        stats.oldest_wait < Duration::from_millis(250),
+        "the second job's wait: {:?}",
+        stats.oldest_wait
+    );
+    // Everything delivered: no lag, though jobs are still pending.
+    let rest = c
+        .fetch(10, Duration::from_millis(200))
+        .await
+        .expect("fetch");
+    assert_eq!(rest.len(), 1);
+    let stats = s.queue_stats(q).await.expect("stats");
+    assert_eq!((stats.len, stats.oldest_wait), (2, Duration::ZERO));
+    let ids: Vec<String> = jobs.iter().chain(&rest).map(|j| j.id.clone()).collect();
+    c.ack(&ids).await.expect("ack");
+    let stats = s.queue_stats(q).await.expect("stats");
+    assert_eq!(
+        (stats.len, stats.oldest_wait),
+        (0, Duration::ZERO),
+        "drained"
     );
 }
 

@@ -48,7 +48,7 @@ load() {
     i=$((i + 1))
   done
 }
-metric() { curl -s "$1/metrics" | grep -E "^signals_(heartbeats_accepted|heartbeats_scored|degraded|queue_backlog)" || true; }
+metric() { curl -s "$1/metrics" | grep -E "^signals_(heartbeats_accepted|heartbeats_scored|degraded|queue_backlog|queue_lag|workers_)" || true; }
 
 if [ "$WHICH" != production ]; then
   echo "== embedded default, $SECONDS_RUN s"

@@ -285,12 +285,15 @@ fn record(state: &AppState, health: &Health) {
         .set(i64::try_from(health.queue.len).unwrap_or(i64::MAX));
     m.signals_queue_lag
         .set(health.queue.oldest_wait.as_secs_f64());
-    if let Workers::Reported { scored, p95 } = health.workers {
-        m.signals_workers_throughput
-            .set(i64::try_from(scored).unwrap_or(i64::MAX));
-        m.signals_workers_p95
-            .set(p95.unwrap_or_default().as_secs_f64());
-    }
+    let (scored, p95) = match health.workers {
+        Workers::Unknown => return,
+        Workers::Silent => (0, None),
+        Workers::Reported { scored, p95 } => (scored, p95),
+    };
+    m.signals_workers_throughput
+        .set(i64::try_from(scored).unwrap_or(i64::MAX));
+    m.signals_workers_p95
+        .set(p95.unwrap_or_default().as_secs_f64());
 }
 
 /// What the workers published for `second`.

@@ -545,6 +545,42 @@ async fn the_breaker_scores_inline_when_the_queue_is_behind(backend: Backend) {
     );
 }
 
+/// Waits up to `within` for the breaker to be `degraded` (or not).
+async fn breaker_is(app: &TestApp, degraded: bool, within: Duration) -> bool {
+    eventually(within, || async {
+        app.state.breaker.degraded() == degraded
+    })
+    .await
+}
+
+/// Sends the device's first heartbeat while degraded: answered
+/// `degraded: true` and scored before the answer.
+async fn first_is_scored_inline(app: &TestApp, d: &Device, hb: &Heartbeat) {
+    let r = send(app, d, &body_of(hb)).await;
+    assert_eq!(
+        r.json::<Value>().await.expect("json"),
+        json!({"accepted": true, "seq": 1, "degraded": true})
+    );
+    assert_eq!(trust(app, d).await["heartbeats"], 1, "scored inline");
+}
+
+/// Sends the device's second heartbeat once recovered: queued (no
+/// `degraded`), then scored by the workers.
+async fn second_is_queued_and_scored(app: &TestApp, d: &Device, hb: &Heartbeat) {
+    let r = send(app, d, &body_of(hb)).await;
+    assert_eq!(
+        r.json::<Value>().await.expect("json"),
+        json!({"accepted": true, "seq": 2})
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            trust(app, d).await["heartbeats"] == 2
+        })
+        .await,
+        "queued and scored by the workers"
+    );
+}
+
 fn unix_second() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -578,18 +614,10 @@ async fn the_breaker_watches_the_workers_scoring_p95_and_recovers_by_itself(back
             .expect("scored");
     }
     assert!(
-        eventually(Duration::from_secs(3), || async {
-            app.state.breaker.degraded()
-        })
-        .await,
+        breaker_is(&app, true, Duration::from_secs(3)).await,
         "a scoring p95 of 2 s degrades"
     );
-    let r = send(&app, &d, &body_of(&s.heartbeats[0])).await;
-    assert_eq!(
-        r.json::<Value>().await.expect("json"),
-        json!({"accepted": true, "seq": 1, "degraded": true})
-    );
-    assert_eq!(trust(&app, &d).await["heartbeats"], 1, "scored inline");
+    first_is_scored_inline(&app, &d, &s.heartbeats[0]).await;
     let metrics = metrics_text(&app).await;
     assert!(
         metrics.contains("signals_workers_scoring_p95_seconds 2.0")
@@ -598,24 +626,10 @@ async fn the_breaker_watches_the_workers_scoring_p95_and_recovers_by_itself(back
     );
     // Those seconds pass; the real workers score far faster: it recovers.
     assert!(
-        eventually(Duration::from_secs(10), || async {
-            !app.state.breaker.degraded()
-        })
-        .await,
+        breaker_is(&app, false, Duration::from_secs(10)).await,
         "recovered"
     );
-    let r = send(&app, &d, &body_of(&s.heartbeats[1])).await;
-    assert_eq!(
-        r.json::<Value>().await.expect("json"),
-        json!({"accepted": true, "seq": 2})
-    );
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            trust(&app, &d).await["heartbeats"] == 2
-        })
-        .await,
-        "queued and scored by the workers"
-    );
+    second_is_queued_and_scored(&app, &d, &s.heartbeats[1]).await;
 }
 
 /// Production only: on the embedded default the workers live in `serve`.
@@ -632,42 +646,20 @@ async fn while_no_worker_is_alive_heartbeats_are_scored_inline() {
     let d = register(&app, "noworkers@example.com", "device_sig_43").await;
     let s = session(Class::OnTable, 9, 5);
     assert!(
-        eventually(Duration::from_secs(10), || async {
-            app.state.breaker.degraded()
-        })
-        .await,
+        breaker_is(&app, true, Duration::from_secs(10)).await,
         "no worker reports: degraded after the start-up grace"
     );
-    let r = send(&app, &d, &body_of(&s.heartbeats[0])).await;
-    assert_eq!(
-        r.json::<Value>().await.expect("json"),
-        json!({"accepted": true, "seq": 1, "degraded": true})
-    );
-    assert_eq!(trust(&app, &d).await["heartbeats"], 1, "scored inline");
+    first_is_scored_inline(&app, &d, &s.heartbeats[0]).await;
     // A worker starts: its reports put scoring back on the queue.
     let stop = CancellationToken::new();
     let _pool = start_workers(&app.state, "late-worker", stop.clone())
         .await
         .expect("workers start");
     assert!(
-        eventually(Duration::from_secs(6), || async {
-            !app.state.breaker.degraded()
-        })
-        .await,
+        breaker_is(&app, false, Duration::from_secs(6)).await,
         "recovered once a worker reports"
     );
-    let r = send(&app, &d, &body_of(&s.heartbeats[1])).await;
-    assert_eq!(
-        r.json::<Value>().await.expect("json"),
-        json!({"accepted": true, "seq": 2})
-    );
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            trust(&app, &d).await["heartbeats"] == 2
-        })
-        .await,
-        "queued and scored by the worker"
-    );
+    second_is_queued_and_scored(&app, &d, &s.heartbeats[1]).await;
     assert!(
         metrics_text(&app)
             .await

@@ -10,11 +10,12 @@
 //! * **queue lag** — how long the oldest job not yet handed to a worker has
 //!   waited ([`QueueStats`]);
 //! * **throughput** — heartbeats the workers scored in the last complete
-//!   second: no worker reporting at all means nobody scores what is queued,
-//!   and a backlog the reported rate needs too long to drain means the
-//!   workers are falling behind before the lag shows it;
+//!   second: no worker reporting for three seconds means nobody scores what
+//!   is queued, and a backlog the reported rate needs too long to drain
+//!   means the workers are falling behind before the lag shows it;
 //! * **scoring p95** — the slowest worker's 95th percentile time to score a
-//!   heartbeat in that second.
+//!   heartbeat in that second (judged from 20 heartbeats: the percentile of
+//!   a handful is their maximum — one device waiting for its lock).
 //!
 //! Workers report through shared state, so every replica reads the same
 //! numbers: each worker process meters its batches ([`ScoringMeter`]) and,
@@ -48,6 +49,9 @@ const REPORT_TTL: Duration = Duration::from_secs(60);
 /// How long after the watch starts a silence from the workers counts (they
 /// may start after `serve`, and report a second after their first second).
 const SILENCE_GRACE: Duration = Duration::from_secs(4);
+/// Consecutive seconds without any worker's report that mean none is alive
+/// (one missed second is a publisher that ran late).
+const SILENT_SECONDS: u64 = 3;
 
 /// Why the breaker degraded: the first mark above its high threshold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,7 +61,7 @@ pub enum Trouble {
     Backlog,
     /// The oldest waiting job waited [`Breaker::LAG_HIGH`].
     QueueLag,
-    /// No worker reported scoring in the last complete second.
+    /// No worker reported scoring for [`SILENT_SECONDS`].
     NoWorkers,
     /// At the workers' reported rate the backlog takes [`Breaker::DRAIN_HIGH`] to drain.
     Throughput,
@@ -83,7 +87,7 @@ impl Trouble {
 pub enum Workers {
     /// Not known yet (the watch just started).
     Unknown,
-    /// No worker reported: none is alive.
+    /// No worker reported for [`SILENT_SECONDS`]: none is alive.
     Silent,
     /// Heartbeats scored, and the slowest worker's p95 (none scored: `None`).
     Reported {
@@ -121,7 +125,7 @@ impl Health {
             Workers::Reported { scored, p95 } => {
                 if self.drain_time(scored) >= Breaker::DRAIN_HIGH {
                     Some(Trouble::Throughput)
-                } else if p95 >= Some(Breaker::P95_HIGH) {
+                } else if scored >= Breaker::P95_MIN_SCORED && p95 >= Some(Breaker::P95_HIGH) {
                     Some(Trouble::ScoringP95)
                 } else {
                     None
@@ -139,7 +143,8 @@ impl Health {
             Workers::Silent => false,
             Workers::Reported { scored, p95 } => {
                 self.drain_time(scored) < Breaker::DRAIN_LOW
-                    && p95.is_none_or(|p| p < Breaker::P95_LOW)
+                    && (scored < Breaker::P95_MIN_SCORED
+                        || p95.is_none_or(|p| p < Breaker::P95_LOW))
             }
         };
         backlog_ok && self.queue.oldest_wait < Breaker::LAG_LOW && workers_ok
@@ -193,6 +198,8 @@ impl Breaker {
     pub const P95_HIGH: Duration = Duration::from_secs(1);
     /// Scoring p95 below which it may go back.
     pub const P95_LOW: Duration = Duration::from_millis(250);
+    /// Fewest heartbeats in a second whose p95 is judged.
+    pub const P95_MIN_SCORED: u64 = 20;
 
     /// Whether ingestion should score inline now.
     pub fn degraded(&self) -> bool {
@@ -299,6 +306,13 @@ fn record(state: &AppState, health: &Health) {
 /// What the workers published for `second`.
 async fn read_report(shared: &dyn SharedState, second: u64) -> anyhow::Result<Workers> {
     let Some(scored) = shared.get(&keys::workers_scored(second)).await? else {
+        // Silent only if the seconds before were too.
+        for earlier in 1..SILENT_SECONDS {
+            let key = keys::workers_scored(second.saturating_sub(earlier));
+            if shared.get(&key).await?.is_some() {
+                return Ok(Workers::Unknown);
+            }
+        }
         return Ok(Workers::Silent);
     };
     let scored = parse_u64(&scored)?;
@@ -524,6 +538,21 @@ mod tests {
         assert_eq!(b.observe(&health(0, 0, reported(500, Some(250)))), None);
         assert_eq!(
             b.observe(&health(0, 0, reported(500, Some(249)))),
+            Some(Change::Recovered)
+        );
+    }
+
+    #[test]
+    fn the_p95_of_a_handful_of_heartbeats_is_not_judged() {
+        let b = Breaker::default();
+        // One device that waited for its lock is not the workers' p95.
+        assert_eq!(b.observe(&health(0, 0, reported(19, Some(1_900)))), None);
+        assert_eq!(
+            b.observe(&health(0, 0, reported(20, Some(1_900)))),
+            Some(Change::Degraded(Trouble::ScoringP95))
+        );
+        assert_eq!(
+            b.observe(&health(0, 0, reported(3, Some(1_900)))),
             Some(Change::Recovered)
         );
     }

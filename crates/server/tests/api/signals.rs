@@ -609,7 +609,7 @@ async fn the_breaker_watches_the_workers_scoring_p95_and_recovers_by_itself(back
             .await
             .expect("p95");
         shared
-            .incr(&keys::workers_scored(second), 10, ttl)
+            .incr(&keys::workers_scored(second), 100, ttl)
             .await
             .expect("scored");
     }

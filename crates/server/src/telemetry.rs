@@ -57,6 +57,13 @@ pub fn init_logging(format: LogFormat, target: LogTarget) {
     drop(result);
 }
 
+/// Labels of a count by reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// The reason's stable name.
+    pub reason: &'static str,
+}
+
 /// Labels of the per-request metrics. `route` is the matched route template,
 /// never the raw path, so label cardinality stays bounded.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -117,6 +124,8 @@ pub struct Metrics {
     pub signals_workers_p95: Gauge<f64, AtomicU64>,
     /// `signals_degraded`: 1 while ingestion scores inline.
     pub signals_degraded: Gauge,
+    /// `signals_breaker_trips_total{reason}`: times the breaker degraded, by why.
+    pub signals_breaker_trips: Family<ReasonLabels, Counter>,
     /// `signals_degraded_heartbeats_total`: heartbeats scored inline.
     pub signals_degraded_heartbeats: Counter,
     /// `signals_heartbeats_dropped_total`: queued heartbeats of a device
@@ -237,6 +246,12 @@ impl Metrics {
             "1 while ingestion scores inline because the workers are behind",
             signals_degraded.clone(),
         );
+        let signals_breaker_trips = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "signals_breaker_trips",
+            "Times the circuit breaker degraded, by reason",
+            signals_breaker_trips.clone(),
+        );
         let signals_degraded_heartbeats = Counter::default();
         registry.register(
             "signals_degraded_heartbeats",
@@ -260,6 +275,7 @@ impl Metrics {
             signals_workers_throughput,
             signals_workers_p95,
             signals_degraded,
+            signals_breaker_trips,
             signals_degraded_heartbeats,
             signals_dropped,
             registry,

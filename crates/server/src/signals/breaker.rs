@@ -9,23 +9,32 @@
 //! * **backlog** — jobs waiting or pending, against the queue's capacity;
 //! * **queue lag** — how long the oldest job not yet handed to a worker has
 //!   waited ([`QueueStats`]);
-//! * **throughput** — heartbeats the workers scored in the last complete
-//!   second: no worker reporting for three seconds means nobody scores what
-//!   is queued, and a backlog the reported rate needs too long to drain
-//!   means the workers are falling behind before the lag shows it;
+//! * **throughput** — heartbeats the workers scored in the second before
+//!   last: no worker reporting for three seconds in a row means nobody
+//!   scores what is queued, and a backlog the reported rate needs too long
+//!   to drain means the workers are falling behind before the lag shows it;
 //! * **scoring p95** — the slowest worker's 95th percentile time to score a
-//!   heartbeat in that second (judged from 20 heartbeats: the percentile of
-//!   a handful is their maximum — one device waiting for its lock).
+//!   heartbeat in that second (a worker reports one only from 20 heartbeats:
+//!   the percentile of a handful is their maximum — one device waiting for
+//!   its lock).
 //!
 //! Workers report through shared state, so every replica reads the same
 //! numbers: each worker process meters its batches ([`ScoringMeter`]) and,
 //! at each second's end, adds its count to `sig:health:scored:{second}` and
 //! raises `sig:health:p95_us:{second}` to its p95 ([`spawn_meter_publisher`]).
-//! Seconds are wall-clock Unix seconds, so replicas and workers need clocks
-//! within a second of each other (NTP).
+//! Seconds are wall-clock Unix seconds: a worker whose clock is more than
+//! about a second behind a replica's reports too late to be judged, so
+//! replicas and workers need synchronised clocks (NTP).
 //!
-//! Any mark above its high threshold degrades; all of them below their low
-//! thresholds recovers (hysteresis, so it does not flap).
+//! Any mark at or above its high threshold degrades; all of them below
+//! their low thresholds recovers (hysteresis). The workers' reports are
+//! judged only for seconds after the breaker's last change: while degraded,
+//! ingestion queues nothing, so the seconds around a change describe the
+//! breaker's own effect, not the workers. Recovering needs such a fresh
+//! report — a replica whose workers are all gone stays degraded. Under
+//! lasting slowness the breaker goes back to the queue once the workers
+//! have drained it, and degrades again as soon as fresh reports show the
+//! slowness (a few seconds each way): it keeps probing the workers.
 
 use std::{
     sync::{
@@ -40,6 +49,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     app::AppState,
     state::{keys, QueueStats, SharedState},
+    telemetry::ReasonLabels,
 };
 
 /// How often the breaker looks and the meter publisher checks the clock.
@@ -53,11 +63,12 @@ const SILENCE_GRACE: Duration = Duration::from_secs(4);
 /// (one missed second is a publisher that ran late).
 const SILENT_SECONDS: u64 = 3;
 
-/// Why the breaker degraded: the first mark above its high threshold.
+/// Why the breaker degraded: the first mark at or above its high threshold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Trouble {
-    /// The backlog reached [`Breaker::BACKLOG_HIGH`] of the capacity (or the
-    /// queue refused a job).
+    /// The queue refused a job ([`Breaker::trip`]).
+    QueueFull,
+    /// The backlog reached [`Breaker::BACKLOG_HIGH`] of the capacity.
     Backlog,
     /// The oldest waiting job waited [`Breaker::LAG_HIGH`].
     QueueLag,
@@ -73,6 +84,7 @@ impl Trouble {
     /// The name logged.
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::QueueFull => "queue_full",
             Self::Backlog => "backlog",
             Self::QueueLag => "queue_lag",
             Self::NoWorkers => "no_workers",
@@ -82,10 +94,12 @@ impl Trouble {
     }
 }
 
-/// What the workers reported for the last complete second.
+/// What the workers reported for the second before last.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Workers {
-    /// Not known yet (the watch just started).
+    /// Not known: the watch just started, the report is not there yet or
+    /// could not be read, or the second is not after the breaker's last
+    /// change. Never evidence of trouble, nor of calm.
     Unknown,
     /// No worker reported for [`SILENT_SECONDS`]: none is alive.
     Silent,
@@ -125,7 +139,7 @@ impl Health {
             Workers::Reported { scored, p95 } => {
                 if self.drain_time(scored) >= Breaker::DRAIN_HIGH {
                     Some(Trouble::Throughput)
-                } else if scored >= Breaker::P95_MIN_SCORED && p95 >= Some(Breaker::P95_HIGH) {
+                } else if p95 >= Some(Breaker::P95_HIGH) {
                     Some(Trouble::ScoringP95)
                 } else {
                     None
@@ -139,12 +153,10 @@ impl Health {
         let backlog_ok =
             (self.queue.len as f64) < Breaker::BACKLOG_LOW * self.capacity.max(1) as f64;
         let workers_ok = match self.workers {
-            Workers::Unknown => true,
-            Workers::Silent => false,
+            Workers::Unknown | Workers::Silent => false,
             Workers::Reported { scored, p95 } => {
                 self.drain_time(scored) < Breaker::DRAIN_LOW
-                    && (scored < Breaker::P95_MIN_SCORED
-                        || p95.is_none_or(|p| p < Breaker::P95_LOW))
+                    && p95.is_none_or(|p| p < Breaker::P95_LOW)
             }
         };
         backlog_ok && self.queue.oldest_wait < Breaker::LAG_LOW && workers_ok
@@ -198,8 +210,6 @@ impl Breaker {
     pub const P95_HIGH: Duration = Duration::from_secs(1);
     /// Scoring p95 below which it may go back.
     pub const P95_LOW: Duration = Duration::from_millis(250);
-    /// Fewest heartbeats in a second whose p95 is judged.
-    pub const P95_MIN_SCORED: u64 = 20;
 
     /// Whether ingestion should score inline now.
     pub fn degraded(&self) -> bool {
@@ -220,7 +230,8 @@ impl Breaker {
         None
     }
 
-    /// Forces degraded mode (the queue refused a job).
+    /// Forces degraded mode (the queue refused a job); the watch logs and
+    /// counts it at its next look.
     pub fn trip(&self) {
         self.degraded.store(true, Ordering::Relaxed);
     }
@@ -229,60 +240,77 @@ impl Breaker {
 /// Watches the workers every 250 ms until `state.shutdown`.
 pub fn spawn_breaker_watch(state: AppState) {
     tokio::spawn(async move {
-        let started = tokio::time::Instant::now();
         let mut tick = tokio::time::interval(WATCH_EVERY);
-        // The second last read, and what the workers reported for it.
-        let mut read: Option<(u64, Workers)> = None;
+        let mut reports = ReportReader::new(unix_second());
+        let mut was_degraded = state.breaker.degraded();
         loop {
             tokio::select! {
                 () = state.shutdown.cancelled() => break,
                 _ = tick.tick() => {}
             }
+            let now = unix_second();
+            if state.breaker.degraded() && !was_degraded {
+                // Ingestion tripped it: the queue refused a job.
+                reports.changed(now);
+                announce(&state, Change::Degraded(Trouble::QueueFull), None, None);
+            }
             let Ok(queue) = state.shared.queue_stats(keys::HEARTBEAT_QUEUE).await else {
+                was_degraded = state.breaker.degraded();
                 continue;
             };
-            // The last second every worker has surely published.
-            let second = unix_second().saturating_sub(2);
-            let workers = match read {
-                Some((s, workers)) if s == second => workers,
-                _ => match read_report(state.shared.as_ref(), second).await {
-                    Ok(Workers::Silent) if started.elapsed() < SILENCE_GRACE => Workers::Unknown,
-                    Ok(workers) => {
-                        read = Some((second, workers));
-                        workers
-                    }
-                    Err(_) => Workers::Unknown,
-                },
-            };
+            let workers = reports.look(state.shared.as_ref(), now).await;
             let health = Health {
                 queue,
                 capacity: state.config.queue_capacity,
                 workers,
             };
             record(&state, &health);
-            match state.breaker.observe(&health) {
-                Some(Change::Degraded(trouble)) => {
-                    state.metrics.signals_degraded.set(1);
-                    tracing::warn!(
-                        reason = trouble.as_str(),
-                        backlog = queue.len,
-                        lag_ms = queue.oldest_wait.as_millis() as u64,
-                        workers = ?workers,
-                        "heartbeat workers behind: scoring inline (degraded)"
-                    );
-                }
-                Some(Change::Recovered) => {
-                    state.metrics.signals_degraded.set(0);
-                    tracing::info!(
-                        backlog = queue.len,
-                        workers = ?workers,
-                        "heartbeat workers caught up: scoring back on the queue"
-                    );
-                }
-                None => {}
+            if let Some(change) = state.breaker.observe(&health) {
+                reports.changed(now);
+                announce(&state, change, Some(&queue), Some(workers));
             }
+            was_degraded = state.breaker.degraded();
         }
     });
+}
+
+/// Logs a change and sets its metrics.
+fn announce(
+    state: &AppState,
+    change: Change,
+    queue: Option<&QueueStats>,
+    workers: Option<Workers>,
+) {
+    let backlog = queue.map(|q| q.len);
+    let lag_ms = queue.map(|q| u64::try_from(q.oldest_wait.as_millis()).unwrap_or(u64::MAX));
+    match change {
+        Change::Degraded(trouble) => {
+            state.metrics.signals_degraded.set(1);
+            state
+                .metrics
+                .signals_breaker_trips
+                .get_or_create(&ReasonLabels {
+                    reason: trouble.as_str(),
+                })
+                .inc();
+            tracing::warn!(
+                reason = trouble.as_str(),
+                backlog,
+                lag_ms,
+                workers = ?workers,
+                "heartbeat workers behind: scoring inline (degraded)"
+            );
+        }
+        Change::Recovered => {
+            state.metrics.signals_degraded.set(0);
+            tracing::info!(
+                backlog,
+                lag_ms,
+                workers = ?workers,
+                "heartbeat workers caught up: scoring back on the queue"
+            );
+        }
+    }
 }
 
 /// Sets the gauges of what the breaker saw.
@@ -303,10 +331,65 @@ fn record(state: &AppState, health: &Health) {
         .set(p95.unwrap_or_default().as_secs_f64());
 }
 
-/// What the workers published for `second`.
+/// Reads the workers' reports for the breaker: which second to read, what
+/// counts as silence, and which seconds are too close to its last change.
+struct ReportReader {
+    /// When the watch started (Unix second): silence before the grace is
+    /// no evidence.
+    started: u64,
+    /// Reports of this second and earlier are not judged.
+    changed: u64,
+    /// The last report read, by second (read once).
+    cached: Option<(u64, Workers)>,
+}
+
+impl ReportReader {
+    fn new(now: u64) -> Self {
+        Self {
+            started: now,
+            changed: now,
+            cached: None,
+        }
+    }
+
+    /// The breaker changed state in second `now`.
+    fn changed(&mut self, now: u64) {
+        self.changed = now;
+        self.cached = None;
+    }
+
+    /// What the workers reported for the second before last, seen at `now`.
+    async fn look(&mut self, shared: &dyn SharedState, now: u64) -> Workers {
+        let second = now.saturating_sub(2);
+        if second <= self.changed {
+            return Workers::Unknown;
+        }
+        if let Some((cached, workers)) = self.cached {
+            if cached == second {
+                return workers;
+            }
+        }
+        match read_report(shared, second).await {
+            Ok(Workers::Silent) if now < self.started + SILENCE_GRACE.as_secs() => Workers::Unknown,
+            Ok(workers @ Workers::Reported { .. }) => {
+                self.cached = Some((second, workers));
+                workers
+            }
+            // Silence or a report not there yet: read again next time (a
+            // publisher may be late).
+            Ok(workers) => workers,
+            Err(e) => {
+                tracing::debug!(error = %e, "workers' report not read");
+                Workers::Unknown
+            }
+        }
+    }
+}
+
+/// What the workers published for `second`: silent only if the seconds
+/// before were too.
 async fn read_report(shared: &dyn SharedState, second: u64) -> anyhow::Result<Workers> {
     let Some(scored) = shared.get(&keys::workers_scored(second)).await? else {
-        // Silent only if the seconds before were too.
         for earlier in 1..SILENT_SECONDS {
             let key = keys::workers_scored(second.saturating_sub(earlier));
             if shared.get(&key).await?.is_some() {
@@ -341,6 +424,10 @@ pub struct ScoringMeter {
 }
 
 impl ScoringMeter {
+    /// Fewest heartbeats in a second whose p95 is reported: the percentile
+    /// of a handful is their maximum (one device that waited for its lock).
+    pub const P95_MIN_SCORED: u64 = 20;
+
     /// Records that `scored` heartbeats took `elapsed` each (a batch shares
     /// its round trips, so each of its heartbeats waited the whole batch).
     pub fn record(&self, elapsed: Duration, scored: usize) {
@@ -351,12 +438,13 @@ impl ScoringMeter {
         self.lock().push((elapsed, scored));
     }
 
-    /// Heartbeats scored since the last call, and their 95th percentile.
+    /// Heartbeats scored since the last call, and their 95th percentile
+    /// (from [`Self::P95_MIN_SCORED`] heartbeats).
     pub fn take(&self) -> (u64, Option<Duration>) {
         let mut batches = std::mem::take(&mut *self.lock());
         let total: u64 = batches.iter().map(|&(_, n)| u64::from(n)).sum();
-        if total == 0 {
-            return (0, None);
+        if total < Self::P95_MIN_SCORED {
+            return (total, None);
         }
         batches.sort_unstable_by_key(|&(elapsed, _)| elapsed);
         // The smallest time at or under which 95% of the heartbeats were scored.
@@ -543,17 +631,63 @@ mod tests {
     }
 
     #[test]
-    fn the_p95_of_a_handful_of_heartbeats_is_not_judged() {
+    fn recovering_needs_a_report_unknown_is_not_calm() {
         let b = Breaker::default();
-        // One device that waited for its lock is not the workers' p95.
-        assert_eq!(b.observe(&health(0, 0, reported(19, Some(1_900)))), None);
+        b.trip();
+        assert_eq!(b.observe(&health(0, 0, Workers::Unknown)), None);
+        assert_eq!(b.observe(&health(0, 0, HEALTHY)), Some(Change::Recovered));
+    }
+
+    #[tokio::test]
+    async fn reports_are_fresh_silence_takes_three_seconds_and_a_change_sets_them_aside() {
+        use crate::state::MemoryState;
+        let shared = MemoryState::new(10);
+        let mut reader = ReportReader::new(100);
+        // The second the watch started in is not judged; the next is
+        // silent, but within the start-up grace.
+        assert_eq!(reader.look(&shared, 102).await, Workers::Unknown);
+        assert_eq!(reader.look(&shared, 103).await, Workers::Unknown);
+        // Seconds 100, 101 and 102 without a report: nobody is alive.
+        assert_eq!(reader.look(&shared, 104).await, Workers::Silent);
+        let ms = Duration::from_millis;
+        publish(&shared, 103, 40, Some(ms(3)))
+            .await
+            .expect("publish");
+        publish(&shared, 103, 2, Some(ms(9)))
+            .await
+            .expect("publish");
+        let both = Workers::Reported {
+            scored: 42,
+            p95: Some(ms(9)),
+        };
         assert_eq!(
-            b.observe(&health(0, 0, reported(20, Some(1_900)))),
-            Some(Change::Degraded(Trouble::ScoringP95))
+            reader.look(&shared, 105).await,
+            both,
+            "summed; the worst p95"
         );
+        // One second missed after a report is a late publisher, not silence.
+        assert_eq!(reader.look(&shared, 106).await, Workers::Unknown);
+        publish(&shared, 104, 5, None).await.expect("late publish");
         assert_eq!(
-            b.observe(&health(0, 0, reported(3, Some(1_900)))),
-            Some(Change::Recovered)
+            reader.look(&shared, 106).await,
+            Workers::Reported {
+                scored: 5,
+                p95: None
+            },
+            "read again once there"
+        );
+        // A change sets aside the seconds up to it.
+        publish(&shared, 105, 7, None).await.expect("publish");
+        reader.changed(107);
+        assert_eq!(reader.look(&shared, 107).await, Workers::Unknown);
+        assert_eq!(reader.look(&shared, 109).await, Workers::Unknown);
+        publish(&shared, 108, 11, None).await.expect("publish");
+        assert_eq!(
+            reader.look(&shared, 110).await,
+            Workers::Reported {
+                scored: 11,
+                p95: None
+            }
         );
     }
 
@@ -570,6 +704,10 @@ mod tests {
         meter.record(Duration::from_secs(9), 0);
         assert_eq!(meter.take(), (100, Some(Duration::from_millis(400))));
         assert_eq!(meter.take(), (0, None), "taken: a new second starts empty");
+        // A handful: counted, but their p95 is no one's.
+        meter.record(Duration::from_millis(1_900), 1);
+        meter.record(Duration::from_millis(3), 18);
+        assert_eq!(meter.take(), (19, None));
         // 95 fast of 100: the p95 is fast.
         meter.record(Duration::from_millis(3), 95);
         meter.record(Duration::from_millis(700), 5);

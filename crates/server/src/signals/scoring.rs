@@ -273,6 +273,7 @@ pub async fn score(
         }
         Err(e) => Err(e),
     };
+    let scored = matches!(result, Ok(Some(_)));
     let result = match result {
         // A failed commit leaves the lock to expire by itself (the store
         // that refused the write would refuse the release too). The job is
@@ -302,7 +303,8 @@ pub async fn score(
         .metrics
         .signals_scoring_seconds
         .observe(elapsed.as_secs_f64());
-    if !degraded && result.is_ok() {
+    // The workers' meter, as the batch path counts: heartbeats scored and saved.
+    if scored && !degraded && result.is_ok() {
         state.scoring_meter.record(elapsed, 1);
     }
     result

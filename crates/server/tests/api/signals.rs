@@ -530,13 +530,17 @@ async fn the_breaker_scores_inline_when_the_queue_is_behind(backend: Backend) {
         metrics.contains("signals_degraded_heartbeats_total 1"),
         "{metrics}"
     );
-    // With an empty queue the watcher recovers by itself.
+    // With an empty queue the watcher recovers by itself, once the workers
+    // report a second after the trip.
     assert!(
-        eventually(Duration::from_secs(3), || async {
-            !app.state.breaker.degraded()
-        })
-        .await,
+        breaker_is(&app, false, Duration::from_secs(8)).await,
         "recovered"
+    );
+    assert!(
+        metrics_text(&app)
+            .await
+            .contains(r#"signals_breaker_trips_total{reason="queue_full"} 1"#),
+        "the trip is counted with its reason"
     );
     let r = send(&app, &d, &body_of(&s.heartbeats[1])).await;
     assert_eq!(
@@ -602,7 +606,7 @@ async fn the_breaker_watches_the_workers_scoring_p95_and_recovers_by_itself(back
     // breaker reads next (as worker processes do, through shared state).
     let ttl = Duration::from_secs(60);
     let now = unix_second();
-    for second in now - 2..now + 3 {
+    for second in now - 2..now + 6 {
         let shared = &app.state.shared;
         shared
             .set_max(&keys::workers_p95(second), 2_000_000, ttl)
@@ -614,19 +618,20 @@ async fn the_breaker_watches_the_workers_scoring_p95_and_recovers_by_itself(back
             .expect("scored");
     }
     assert!(
-        breaker_is(&app, true, Duration::from_secs(3)).await,
+        breaker_is(&app, true, Duration::from_secs(6)).await,
         "a scoring p95 of 2 s degrades"
     );
     first_is_scored_inline(&app, &d, &s.heartbeats[0]).await;
     let metrics = metrics_text(&app).await;
     assert!(
         metrics.contains("signals_workers_scoring_p95_seconds 2.0")
-            && metrics.contains("signals_degraded 1"),
+            && metrics.contains("signals_degraded 1")
+            && metrics.contains(r#"signals_breaker_trips_total{reason="scoring_p95"} 1"#),
         "{metrics}"
     );
     // Those seconds pass; the real workers score far faster: it recovers.
     assert!(
-        breaker_is(&app, false, Duration::from_secs(10)).await,
+        breaker_is(&app, false, Duration::from_secs(15)).await,
         "recovered"
     );
     second_is_queued_and_scored(&app, &d, &s.heartbeats[1]).await;
@@ -663,8 +668,28 @@ async fn while_no_worker_is_alive_heartbeats_are_scored_inline() {
     assert!(
         metrics_text(&app)
             .await
-            .contains("signals_workers_throughput"),
-        "the throughput is exported"
+            .contains(r#"signals_breaker_trips_total{reason="no_workers"} 1"#),
+        "the trip is counted with its reason"
+    );
+    // The worker's report of the second it scored the heartbeat counts it.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            let now = unix_second();
+            for second in now - 4..=now {
+                let scored = app
+                    .state
+                    .shared
+                    .get(&keys::workers_scored(second))
+                    .await
+                    .expect("get");
+                if scored.as_deref() == Some(&b"1"[..]) {
+                    return true;
+                }
+            }
+            false
+        })
+        .await,
+        "the worker reported its heartbeat"
     );
     stop.cancel();
 }

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Heartbeat ingestion benchmark: accepted heartbeats/s and latency.
-# Usage: scripts/bench-heartbeat.sh [embedded|production|both] [SECONDS]
+# Usage: scripts/bench-heartbeat.sh [embedded|production|both|failover] [SECONDS]
+# `failover`: PostgreSQL + Redis under the same load, with the worker stopped
+# for the middle third of the run — the circuit breaker should score inline
+# while no worker is alive and go back to the queue once one reports.
 # SERVER_BIN=path runs another build of `blockremote` (e.g. an older commit's)
 # under the same load tool, for before/after comparisons.
 # (1) the embedded default: one `serve` (SQLite, in-process queue and
@@ -19,7 +22,9 @@ export BLOCKREMOTE_ADMIN_TOKEN=$KEY BLOCKREMOTE_WEBHOOK_SECRETS=$SECRET RUST_LOG
 WORK=$(mktemp -d)
 DB=br_hb_bench_$(date +%s)
 cleanup() {
-  kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"
+  kill $(jobs -p) 2>/dev/null || true
+  [ -f "$WORK/worker2.pid" ] && kill "$(cat "$WORK/worker2.pid")" 2>/dev/null || true
+  wait 2>/dev/null || true; rm -rf "$WORK"
   if [ "$WHICH" != embedded ]; then
     psql -q -h 127.0.0.1 -U postgres -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" || true
     redis-cli --scan --pattern "bench:$DB:*" | xargs -r redis-cli del >/dev/null || true
@@ -50,7 +55,7 @@ load() {
 }
 metric() { curl -s "$1/metrics" | grep -E "^signals_(heartbeats_accepted|heartbeats_scored|degraded|queue_backlog|queue_lag|workers_)" || true; }
 
-if [ "$WHICH" != production ]; then
+if [ "$WHICH" = embedded ] || [ "$WHICH" = both ]; then
   echo "== embedded default, $SECONDS_RUN s"
   BLOCKREMOTE_DATA_DIR=$WORK/embedded BLOCKREMOTE_LISTEN=127.0.0.1:18200 $SERVER serve >"$WORK/embedded.log" 2>&1 &
   PID=$!
@@ -61,7 +66,11 @@ if [ "$WHICH" != production ]; then
 fi
 
 if [ "$WHICH" != embedded ]; then
-  echo "== PostgreSQL + Redis, one serve + one worker, $SECONDS_RUN s"
+  if [ "$WHICH" = failover ]; then
+    echo "== PostgreSQL + Redis, one serve + one worker stopped for the middle third, $SECONDS_RUN s"
+  else
+    echo "== PostgreSQL + Redis, one serve + one worker, $SECONDS_RUN s"
+  fi
   psql -q -h 127.0.0.1 -U postgres -c "CREATE DATABASE $DB"
   export DATABASE_URL=postgres://postgres@127.0.0.1:5432/$DB REDIS_URL=redis://127.0.0.1:6379 BLOCKREMOTE_REDIS_PREFIX=bench:$DB:
   $SERVER migrate >/dev/null
@@ -70,6 +79,24 @@ if [ "$WHICH" != embedded ]; then
   wait_ready http://127.0.0.1:18201
   BLOCKREMOTE_DATA_DIR=$WORK/w $SERVER worker >"$WORK/w.log" 2>&1 &
   WORKER=$!
-  load http://127.0.0.1:18201 $PID $WORKER $(pgrep -x redis-server | head -1)
+  if [ "$WHICH" = failover ]; then
+    third=$((SECONDS_RUN / 3))
+    ( sleep "$third"; kill -TERM $WORKER; echo "-- worker stopped at ${third} s"
+      sleep "$third"
+      BLOCKREMOTE_DATA_DIR=$WORK/w2 $SERVER worker >"$WORK/w2.log" 2>&1 &
+      echo $! > "$WORK/worker2.pid"; echo "-- worker started again at $((2 * third)) s" ) &
+    # Each second: seconds since the start, degraded (0/1), backlog, heartbeats scored inline so far.
+    ( t=0; while sleep 1; do t=$((t + 1))
+        curl -s -m 1 http://127.0.0.1:18201/metrics | awk -v t=$t '
+          /^signals_degraded /{d=$2} /^signals_queue_backlog /{b=$2} /^signals_degraded_heartbeats_total /{h=$2}
+          END {printf "t=%ss degraded=%s backlog=%s inline=%s\n", t, d, b, h}'
+      done ) &
+    SAMPLER=$!
+    load http://127.0.0.1:18201 $PID
+    kill $SAMPLER 2>/dev/null || true
+  else
+    load http://127.0.0.1:18201 $PID $WORKER $(pgrep -x redis-server | head -1)
+  fi
   sleep 3; metric http://127.0.0.1:18201
+  curl -s http://127.0.0.1:18201/metrics | grep -E "^signals_breaker_trips_total" || true
 fi

@@ -9,7 +9,8 @@
 //!
 //! On the embedded default the pool runs inside `serve`; in production it is
 //! the `blockremote worker` process. Shutdown is cooperative: a task finishes
-//! the batch in hand, then stops; unacked jobs stay pending for the next owner.
+//! its fetch (at most [`WorkerOptions::poll`]) and the batch it brings, then
+//! stops; unacked jobs stay pending for the next owner.
 
 use std::{sync::Arc, time::Duration};
 
@@ -167,10 +168,10 @@ async fn run_consumer(
             last_reclaim = Some(tokio::time::Instant::now());
             consumer.reclaim(options.reclaim_idle, options.batch).await
         } else {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                batch = consumer.fetch(options.batch, options.poll) => batch,
-            }
+            // Not cut short by the shutdown: on Redis a blocked read may
+            // already have been handed entries, which a dropped read would
+            // leave pending for the reclaim. It ends within `poll`.
+            consumer.fetch(options.batch, options.poll).await
         };
         let jobs = match batch {
             Ok(jobs) => {

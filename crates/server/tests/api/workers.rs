@@ -15,7 +15,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::helpers::{eventually, shared_for, Backend};
 
-crate::on_both_backends!(every_job_is_handled_despite_failures_and_dead_consumers);
+crate::on_both_backends!(
+    every_job_is_handled_despite_failures_and_dead_consumers,
+    a_stopping_pool_handles_what_its_last_fetch_brings,
+);
 
 /// Counts deliveries per payload; fails the first delivery of `flaky`.
 #[derive(Default)]
@@ -126,4 +129,62 @@ async fn every_job_is_handled_despite_failures_and_dead_consumers(backend: Backe
         );
     }
     pool.stop(Duration::from_secs(3)).await;
+}
+
+async fn a_stopping_pool_handles_what_its_last_fetch_brings(backend: Backend) {
+    let Some((state, _b)) = shared_for(backend, 1000).await else {
+        return;
+    };
+    let queue = "sig:queue:stopping";
+    let recorder = Arc::new(Recorder::default());
+    let stop = CancellationToken::new();
+    let pool = WorkerPool::start(
+        state.clone(),
+        "stopping",
+        vec![(queue.to_owned(), recorder.clone() as Arc<dyn JobHandler>)],
+        WorkerOptions {
+            concurrency: 2,
+            poll: Duration::from_secs(2),
+            ..WorkerOptions::default()
+        },
+        stop.clone(),
+    )
+    .await
+    .expect("pool");
+    // Both consumers are waiting in a fetch when the stop comes; jobs then
+    // arrive before their wait ends. On Redis the server hands them to a
+    // blocked reader at once: a consumer that dropped its fetch on the stop
+    // would leave them pending for the reclaim (30 s by default).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.cancel();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for i in 0..5 {
+        state
+            .enqueue(queue, format!("late-{i}").as_bytes())
+            .await
+            .expect("enqueue");
+    }
+    pool.stop(Duration::from_secs(5)).await;
+    let handled = recorder.distinct();
+    assert!(handled >= 1, "the last fetches brought and handled jobs");
+    // Nothing stranded: what the stopped pool did not take is still
+    // waiting for the next consumer, and nothing is pending.
+    let mut next = state.consumer(queue, "next").await.expect("consumer");
+    let rest = next
+        .fetch(10, Duration::from_millis(200))
+        .await
+        .expect("fetch");
+    assert_eq!(
+        handled + rest.len(),
+        5,
+        "handled {handled}, waiting {}",
+        rest.len()
+    );
+    let ids: Vec<String> = rest.iter().map(|j| j.id.clone()).collect();
+    next.ack(&ids).await.expect("ack");
+    assert_eq!(
+        state.queue_len(queue).await.expect("len"),
+        0,
+        "nothing pending"
+    );
 }

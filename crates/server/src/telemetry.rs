@@ -117,7 +117,7 @@ pub struct Metrics {
     /// `signals_queue_lag_seconds`: how long the oldest undelivered heartbeat waited.
     pub signals_queue_lag: Gauge<f64, AtomicU64>,
     /// `signals_workers_throughput`: heartbeats all workers scored in the
-    /// last complete second.
+    /// second before last (the last one every worker has reported).
     pub signals_workers_throughput: Gauge,
     /// `signals_workers_scoring_p95_seconds`: the slowest worker's p95 in
     /// that second.
@@ -231,13 +231,13 @@ impl Metrics {
         let signals_workers_throughput = Gauge::default();
         registry.register(
             "signals_workers_throughput",
-            "Heartbeats all scoring workers scored in the last complete second",
+            "Heartbeats all scoring workers scored in the second before last",
             signals_workers_throughput.clone(),
         );
         let signals_workers_p95 = Gauge::<f64, AtomicU64>::default();
         registry.register(
             "signals_workers_scoring_p95_seconds",
-            "The slowest scoring worker's 95th percentile time to score a heartbeat, last complete second",
+            "The slowest scoring worker's 95th percentile time to score a heartbeat, second before last",
             signals_workers_p95.clone(),
         );
         let signals_degraded = Gauge::default();

@@ -470,12 +470,6 @@ impl SharedState for MemoryState {
         Ok(id)
     }
 
-    async fn queue_len(&self, queue: &str) -> StateResult<u64> {
-        let q = self.queue(queue);
-        let inner = lock(&q);
-        Ok((inner.ready.len() + inner.pending.len()) as u64)
-    }
-
     async fn queue_stats(&self, queue: &str) -> StateResult<QueueStats> {
         let q = self.queue(queue);
         let inner = lock(&q);

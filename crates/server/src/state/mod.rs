@@ -103,7 +103,7 @@ pub struct Job {
 /// A work queue's state, as the circuit breaker watches it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct QueueStats {
-    /// Jobs waiting or pending (its backlog, as [`SharedState::queue_len`]).
+    /// Jobs waiting or pending (its backlog).
     pub len: u64,
     /// How long the oldest job not yet handed to a consumer has waited
     /// (zero when none waits): the queue's lag.
@@ -396,10 +396,12 @@ pub trait SharedState: Send + Sync + 'static {
 
     /// Appends a job to `queue`; fails with [`StateError::QueueFull`] at capacity.
     async fn enqueue(&self, queue: &str, payload: &[u8]) -> StateResult<String>;
-    /// Jobs waiting or pending in `queue` (its backlog).
-    async fn queue_len(&self, queue: &str) -> StateResult<u64>;
     /// The backlog of `queue` and how long its oldest undelivered job has waited.
     async fn queue_stats(&self, queue: &str) -> StateResult<QueueStats>;
+    /// Jobs waiting or pending in `queue` (its backlog).
+    async fn queue_len(&self, queue: &str) -> StateResult<u64> {
+        Ok(self.queue_stats(queue).await?.len)
+    }
     /// Whether queued jobs leave this process (over the network to a
     /// server): then their size costs more than the CPU to make them small.
     fn queue_is_remote(&self) -> bool {

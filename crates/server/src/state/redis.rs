@@ -949,15 +949,6 @@ impl SharedState for RedisState {
         id.ok_or_else(|| StateError::QueueFull(queue.to_owned()))
     }
 
-    async fn queue_len(&self, queue: &str) -> StateResult<u64> {
-        let mut conn = self.conn.clone();
-        redis::cmd("XLEN")
-            .arg(self.key(queue))
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)
-    }
-
     async fn queue_stats(&self, queue: &str) -> StateResult<QueueStats> {
         let mut conn = self.conn.clone();
         let (len, waited_ms): (u64, u64) = self

@@ -537,9 +537,7 @@ async fn the_breaker_scores_inline_when_the_queue_is_behind(backend: Backend) {
         "recovered"
     );
     assert!(
-        metrics_text(&app)
-            .await
-            .contains(r#"signals_breaker_trips_total{reason="queue_full"} 1"#),
+        tripped_once_for(&app, "queue_full").await,
         "the trip is counted with its reason"
     );
     let r = send(&app, &d, &body_of(&s.heartbeats[1])).await;
@@ -596,6 +594,13 @@ async fn metrics_text(app: &TestApp) -> String {
     app.get("/metrics").await.text().await.expect("text")
 }
 
+/// Whether the breaker has degraded exactly once, for `reason`.
+async fn tripped_once_for(app: &TestApp, reason: &str) -> bool {
+    metrics_text(app).await.contains(&format!(
+        r#"signals_breaker_trips_total{{reason="{reason}"}} 1"#
+    ))
+}
+
 async fn the_breaker_watches_the_workers_scoring_p95_and_recovers_by_itself(backend: Backend) {
     let Some(app) = app(backend).await else {
         return;
@@ -626,7 +631,7 @@ async fn the_breaker_watches_the_workers_scoring_p95_and_recovers_by_itself(back
     assert!(
         metrics.contains("signals_workers_scoring_p95_seconds 2.0")
             && metrics.contains("signals_degraded 1")
-            && metrics.contains(r#"signals_breaker_trips_total{reason="scoring_p95"} 1"#),
+            && tripped_once_for(&app, "scoring_p95").await,
         "{metrics}"
     );
     // Those seconds pass; the real workers score far faster: it recovers.
@@ -666,9 +671,7 @@ async fn while_no_worker_is_alive_heartbeats_are_scored_inline() {
     );
     second_is_queued_and_scored(&app, &d, &s.heartbeats[1]).await;
     assert!(
-        metrics_text(&app)
-            .await
-            .contains(r#"signals_breaker_trips_total{reason="no_workers"} 1"#),
+        tripped_once_for(&app, "no_workers").await,
         "the trip is counted with its reason"
     );
     // The worker's report of the second it scored the heartbeat counts it.

@@ -20,9 +20,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    auth::Auth,
+    auth::{sessions::Sessions, Auth},
     billing::plans::PlanCache,
     config::Config,
+    firewall::Firewall,
     realtime::hub::Hub,
     signals::{
         breaker::{Breaker, ScoringMeter},
@@ -71,8 +72,10 @@ pub struct AppHandles {
     pub breaker: Arc<Breaker>,
     /// This process's scoring times, published for every instance's breaker.
     pub scoring_meter: Arc<ScoringMeter>,
-    /// The abuse firewall's rules.
-    pub firewall: Arc<crate::firewall::Rules>,
+    /// The abuse firewall.
+    pub firewall: Arc<Firewall>,
+    /// Device sessions: open, refresh, logout.
+    pub sessions: Arc<Sessions>,
     /// Cancelled when the process begins to shut down (sockets then close).
     pub shutdown: CancellationToken,
 }
@@ -111,21 +114,32 @@ impl AppState {
         let intel = ThreatIntel::start(store.clone(), shared.clone())
             .await
             .map_err(|e| StartupError::Workers(e.to_string()))?;
-        let firewall = crate::firewall::Rules::start(store.clone(), shared.clone())
-            .await
-            .map_err(|e| StartupError::Workers(e.to_string()))?;
+        let auth = Arc::new(auth);
+        let firewall = Arc::new(
+            Firewall::start(store.clone(), shared.clone(), auth.clone())
+                .await
+                .map_err(|e| StartupError::Workers(e.to_string()))?,
+        );
+        let sessions = Arc::new(Sessions::new(
+            store.clone(),
+            shared.clone(),
+            auth.clone(),
+            firewall.clone(),
+            config.refresh_per_minute,
+        ));
         Ok(Self(Arc::new(AppHandles {
             config: Arc::new(config),
             store,
             shared,
             metrics: Arc::new(Metrics::new()),
-            auth: Arc::new(auth),
+            auth,
             hub,
             plans: Arc::new(plans),
             intel,
             breaker: Arc::default(),
             scoring_meter: Arc::default(),
             firewall,
+            sessions,
             shutdown: CancellationToken::new(),
         })))
     }

@@ -2,7 +2,7 @@
 //!
 //! Rules live in the database; every instance caches them and reloads when
 //! one changes (pub/sub on [`CHANGED_CHANNEL`], and every [`RELOAD_EVERY`]
-//! in case a message is lost). A sensitive action asks [`check`] before it
+//! in case a message is lost). A sensitive action asks [`Firewall::check`] before it
 //! proceeds: each rule counting that action's event type counts one more for
 //! the caller's scope (exact IP by keyed HMAC, IP prefix, user or device) in
 //! a shared, atomic counter per window. Past the threshold, the first time in
@@ -25,14 +25,13 @@ use std::{
 use uuid::Uuid;
 
 use crate::{
-    app::AppState,
-    auth::client_ip,
-    error::ApiError,
+    auth::{client_ip, Auth},
     realtime::{self, Action},
-    state::SharedState,
+    state::{SharedState, StateError},
     store::{
         reload::{keep_fresh, Reload},
-        FirewallDecision, FirewallRule, NewDecision, Store, StoreResult,
+        FirewallDecision, FirewallRule, NewDecision, RuleMode, RuleScope, SideEffect, Store,
+        StoreError, StoreResult,
     },
 };
 
@@ -90,7 +89,7 @@ impl Rules {
             .map(|rules| {
                 rules
                     .iter()
-                    .filter(|r| r.event_type == event_type && r.mode != "off")
+                    .filter(|r| r.event_type == event_type && r.mode != RuleMode::Off)
                     .cloned()
                     .collect()
             })
@@ -109,17 +108,30 @@ impl Reload for Rules {
     }
 }
 
-/// The anonymised key of `subject` in `scope` (never an address).
-fn scope_key(state: &AppState, scope: &str, subject: &Subject<'_>) -> Option<String> {
-    match scope {
-        "ip" => subject
-            .ip
-            .map(|ip| client_ip::hmac(state.auth.ip_key(), ip)),
-        "ip_prefix" => subject.ip.map(client_ip::prefix),
-        "user" => subject.user_id.map(|u| u.to_string()),
-        "device" => subject.device_id.map(str::to_owned),
-        _ => None,
-    }
+/// Why the firewall refused an action, or could not decide.
+#[derive(Debug, thiserror::Error)]
+pub enum FirewallError {
+    /// An enforcing rule's threshold is passed: the generic 429, the same a
+    /// plain rate limit gives (nothing about rules, thresholds or counts).
+    #[error("refused for {retry_after:?}")]
+    Refused {
+        /// When the caller may try again.
+        retry_after: Duration,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Shared state failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+/// The abuse firewall: the cached rules and the handles their side effects use.
+pub struct Firewall {
+    rules: Arc<Rules>,
+    store: Arc<dyn Store>,
+    shared: Arc<dyn SharedState>,
+    auth: Arc<Auth>,
 }
 
 fn counter_key(rule: &FirewallRule, key: &str) -> String {
@@ -130,201 +142,220 @@ fn allow_key(rule: &str, key: &str) -> String {
     format!("fw:allow:{rule}:{key}")
 }
 
-/// The generic refusal (the same a plain rate limit gives).
-fn refusal(window: Duration) -> ApiError {
-    ApiError::RateLimited {
-        retry_after: window.min(Duration::from_secs(3600)),
+impl Firewall {
+    /// Loads the rules and keeps them fresh (see [`Rules::start`]).
+    pub async fn start(
+        store: Arc<dyn Store>,
+        shared: Arc<dyn SharedState>,
+        auth: Arc<Auth>,
+    ) -> anyhow::Result<Self> {
+        let rules = Rules::start(store.clone(), shared.clone()).await?;
+        Ok(Self {
+            rules,
+            store,
+            shared,
+            auth,
+        })
     }
-}
 
-/// Counts `event_type` for `subject` against every rule on it; `Err(429)`
-/// when an enforcing rule's threshold is passed (see the module docs).
-pub async fn check(
-    state: &AppState,
-    event_type: &str,
-    subject: Subject<'_>,
-) -> Result<(), ApiError> {
-    for rule in state.firewall.for_event(event_type) {
-        let Some(key) = scope_key(state, &rule.scope, &subject) else {
-            continue;
-        };
-        if state
-            .shared
-            .get(&allow_key(&rule.name, &key))
-            .await?
-            .is_some()
-        {
-            continue;
+    /// The cached rules (reloaded at once after an operator's change).
+    pub fn rules(&self) -> &Rules {
+        &self.rules
+    }
+
+    /// The anonymised key of `subject` in `scope` (never an address).
+    fn scope_key(&self, scope: RuleScope, subject: &Subject<'_>) -> Option<String> {
+        match scope {
+            RuleScope::Ip => subject.ip.map(|ip| client_ip::hmac(self.auth.ip_key(), ip)),
+            RuleScope::IpPrefix => subject.ip.map(client_ip::prefix),
+            RuleScope::User => subject.user_id.map(|u| u.to_string()),
+            RuleScope::Device => subject.device_id.map(str::to_owned),
         }
-        let window = Duration::from_secs(u64::from(rule.window_seconds));
-        let count = state
-            .shared
-            .incr(&counter_key(&rule, &key), 1, window)
-            .await?;
-        let threshold = i64::from(rule.threshold);
-        if count <= threshold {
-            continue;
-        }
-        if count == threshold + 1 {
-            // The first request past the threshold in this window decides.
-            if let Err(e) = decide(state, &rule, &key).await {
-                tracing::error!(error = %e, rule = %rule.name, "firewall decision failed");
+    }
+
+    /// Counts `event_type` for `subject` against every rule on it;
+    /// [`FirewallError::Refused`] when an enforcing rule's threshold is
+    /// passed (see the module docs).
+    pub async fn check(&self, event_type: &str, subject: Subject<'_>) -> Result<(), FirewallError> {
+        for rule in self.rules.for_event(event_type) {
+            let Some(key) = self.scope_key(rule.scope, &subject) else {
+                continue;
+            };
+            if self
+                .shared
+                .get(&allow_key(&rule.name, &key))
+                .await?
+                .is_some()
+            {
+                continue;
+            }
+            let window = Duration::from_secs(u64::from(rule.window_seconds));
+            let count = self
+                .shared
+                .incr(&counter_key(&rule, &key), 1, window)
+                .await?;
+            let threshold = i64::from(rule.threshold);
+            if count <= threshold {
+                continue;
+            }
+            if count == threshold + 1 {
+                // The first request past the threshold in this window decides.
+                if let Err(e) = self.decide(&rule, &key).await {
+                    tracing::error!(error = %e, rule = %rule.name, "firewall decision failed");
+                }
+            }
+            if rule.mode == RuleMode::Enforce {
+                return Err(FirewallError::Refused {
+                    retry_after: window.min(Duration::from_secs(3600)),
+                });
             }
         }
-        if rule.mode == "enforce" {
-            return Err(refusal(window));
-        }
+        Ok(())
     }
-    Ok(())
-}
 
-async fn decide(
-    state: &AppState,
-    rule: &FirewallRule,
-    key: &str,
-) -> anyhow::Result<FirewallDecision> {
-    let since = chrono::Utc::now()
-        - chrono::Duration::seconds(i64::from(rule.lookback_seconds.max(rule.window_seconds)));
-    let (users, devices) = match rule.side_effect.as_str() {
-        // The users the scope created, and the devices they registered with
-        // (locked too, so the block bites before their access tokens expire).
-        "block_users" => {
-            state
-                .store
-                .scope_members("create:user", &rule.scope, key, since)
-                .await?
-        }
-        "quarantine_devices" => {
-            let devices = if rule.scope == "device" {
-                vec![key.to_owned()]
-            } else {
-                state
-                    .store
-                    .scope_members("create:session", &rule.scope, key, since)
+    async fn decide(&self, rule: &FirewallRule, key: &str) -> anyhow::Result<FirewallDecision> {
+        let since = chrono::Utc::now()
+            - chrono::Duration::seconds(i64::from(rule.lookback_seconds.max(rule.window_seconds)));
+        let (users, devices) = match rule.side_effect {
+            // The users the scope created, and the devices they registered with
+            // (locked too, so the block bites before their access tokens expire).
+            SideEffect::BlockUsers => {
+                self.store
+                    .scope_members("create:user", rule.scope, key, since)
                     .await?
-                    .1
-            };
-            (Vec::new(), devices)
-        }
-        _ => (Vec::new(), Vec::new()),
-    };
-    let enforce = rule.mode == "enforce";
-    let event = state.auth.event(
-        "firewall:block",
-        None,
-        None,
-        None,
-        serde_json::json!({
-            "rule": rule.name, "version": rule.version, "mode": rule.mode,
-            "side_effect": rule.side_effect, "threshold": rule.threshold,
-            "window_seconds": rule.window_seconds, "lookback_seconds": rule.lookback_seconds,
-            "scope": rule.scope, "scope_key": key, "users": users, "devices": devices,
-        }),
-    );
-    let decision = state
-        .store
-        .record_firewall_decision(
-            NewDecision {
-                rule: rule.clone(),
-                scope_key: key.to_owned(),
-                users,
-                devices,
-                event,
-            },
-            enforce,
+            }
+            SideEffect::QuarantineDevices => {
+                let devices = if rule.scope == RuleScope::Device {
+                    vec![key.to_owned()]
+                } else {
+                    self.store
+                        .scope_members("create:session", rule.scope, key, since)
+                        .await?
+                        .1
+                };
+                (Vec::new(), devices)
+            }
+            SideEffect::Throttle => (Vec::new(), Vec::new()),
+        };
+        let enforce = rule.mode == RuleMode::Enforce;
+        let event = self.auth.event(
+            "firewall:block",
+            None,
+            None,
+            None,
+            serde_json::json!({
+                "rule": rule.name, "version": rule.version, "mode": rule.mode,
+                "side_effect": rule.side_effect, "threshold": rule.threshold,
+                "window_seconds": rule.window_seconds, "lookback_seconds": rule.lookback_seconds,
+                "scope": rule.scope, "scope_key": key, "users": users, "devices": devices,
+            }),
+        );
+        let decision = self
+            .store
+            .record_firewall_decision(
+                NewDecision {
+                    rule: rule.clone(),
+                    scope_key: key.to_owned(),
+                    users,
+                    devices,
+                    event,
+                },
+                enforce,
+            )
+            .await?;
+        self.audit(
+            &decision,
+            &format!(
+                "firewall:{}:{}",
+                rule.mode.as_str(),
+                rule.side_effect.as_str()
+            ),
         )
         .await?;
-    audit(
-        state,
-        &decision,
-        &format!("firewall:{}:{}", rule.mode, rule.side_effect),
-    )
-    .await?;
-    if enforce {
-        for device in &decision.affected_devices {
-            state.auth.devices.invalidate(device).await;
-            let action = if rule.side_effect == "block_users" {
+        if enforce {
+            let action = if rule.side_effect == SideEffect::BlockUsers {
                 Action::CriticalLock
             } else {
                 Action::ImmediateQuarantine
             };
-            realtime::issue(state.shared.as_ref(), device, action, "abuse_firewall").await?;
-        }
-    }
-    tracing::warn!(
-        rule = %rule.name,
-        mode = %rule.mode,
-        users = decision.affected_users.len(),
-        devices = decision.affected_devices.len(),
-        decision = %decision.id,
-        "firewall decision"
-    );
-    Ok(decision)
-}
-
-/// One audit row per decision and per undo: the rule and the counts, never
-/// the scope's address.
-async fn audit(state: &AppState, decision: &FirewallDecision, action: &str) -> anyhow::Result<()> {
-    state
-        .store
-        .append_audit(crate::store::NewAuditEntry {
-            user_id: None,
-            device_id: None,
-            jti: None,
-            ip: None,
-            user_agent: None,
-            source: crate::store::AuditSource::Http,
-            threat_score: None,
-            decision_reason: Some(format!(
-                "{} v{} decision {} ({} users, {} devices)",
-                decision.rule_name,
-                decision.rule_version,
-                decision.id,
-                decision.affected_users.len(),
-                decision.affected_devices.len()
-            )),
-            attestation_state: None,
-            action_taken: action.to_owned(),
-        })
-        .await?;
-    Ok(())
-}
-
-/// Undoes a decision (see [`Store::undo_firewall_decision`]), tells its
-/// devices `UNLOCK`, and exempts its scope for [`UNDO_ALLOW_FOR`].
-pub async fn undo(state: &AppState, id: Uuid) -> anyhow::Result<Option<(FirewallDecision, bool)>> {
-    let event = state.auth.event(
-        "firewall:undo",
-        None,
-        None,
-        None,
-        serde_json::json!({"decision_id": id}),
-    );
-    let Some((decision, undone)) = state.store.undo_firewall_decision(id, event).await? else {
-        return Ok(None);
-    };
-    if undone {
-        audit(state, &decision, "firewall:undo").await?;
-        state
-            .shared
-            .set(
-                &allow_key(&decision.rule_name, &decision.scope_key),
-                b"1",
-                Some(UNDO_ALLOW_FOR),
-            )
-            .await?;
-        if decision.mode == "enforce" {
             for device in &decision.affected_devices {
-                state.auth.devices.invalidate(device).await;
-                realtime::issue(
-                    state.shared.as_ref(),
-                    device,
-                    Action::Unlock,
-                    "firewall_undo",
-                )
-                .await?;
+                self.auth.devices.invalidate(device).await;
+                realtime::issue(self.shared.as_ref(), device, action, "abuse_firewall").await?;
             }
         }
+        tracing::warn!(
+            rule = %rule.name,
+            mode = rule.mode.as_str(),
+            users = decision.affected_users.len(),
+            devices = decision.affected_devices.len(),
+            decision = %decision.id,
+            "firewall decision"
+        );
+        Ok(decision)
     }
-    Ok(Some((decision, undone)))
+
+    /// One audit row per decision and per undo: the rule and the counts, never
+    /// the scope's address.
+    async fn audit(&self, decision: &FirewallDecision, action: &str) -> StoreResult<()> {
+        self.store
+            .append_audit(crate::store::NewAuditEntry {
+                user_id: None,
+                device_id: None,
+                jti: None,
+                ip: None,
+                user_agent: None,
+                source: crate::store::AuditSource::Http,
+                threat_score: None,
+                decision_reason: Some(format!(
+                    "{} v{} decision {} ({} users, {} devices)",
+                    decision.rule_name,
+                    decision.rule_version,
+                    decision.id,
+                    decision.affected_users.len(),
+                    decision.affected_devices.len()
+                )),
+                attestation_state: None,
+                action_taken: action.to_owned(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Undoes a decision (see [`crate::store::FirewallStore::undo_firewall_decision`]),
+    /// tells its devices `UNLOCK`, and exempts its scope for [`UNDO_ALLOW_FOR`].
+    pub async fn undo(&self, id: Uuid) -> Result<Option<(FirewallDecision, bool)>, FirewallError> {
+        let event = self.auth.event(
+            "firewall:undo",
+            None,
+            None,
+            None,
+            serde_json::json!({"decision_id": id}),
+        );
+        let Some((decision, undone)) = self.store.undo_firewall_decision(id, event).await? else {
+            return Ok(None);
+        };
+        if undone {
+            self.audit(&decision, "firewall:undo").await?;
+            self.shared
+                .set(
+                    &allow_key(&decision.rule_name, &decision.scope_key),
+                    b"1",
+                    Some(UNDO_ALLOW_FOR),
+                )
+                .await?;
+            if decision.mode == RuleMode::Enforce {
+                for device in &decision.affected_devices {
+                    self.auth.devices.invalidate(device).await;
+                    realtime::issue(
+                        self.shared.as_ref(),
+                        device,
+                        Action::Unlock,
+                        "firewall_undo",
+                    )
+                    .await?;
+                }
+            }
+        }
+        Ok(Some((decision, undone)))
+    }
 }

@@ -22,7 +22,8 @@ use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 use utoipa::ToSchema;
 
-use super::{extract::DeviceAuth, random_token};
+use super::random_token;
+use crate::http::extract::DeviceAuth;
 use crate::{
     app::AppState,
     error::{codes, ApiError},
@@ -172,16 +173,17 @@ async fn record(
     );
     state.store.record_event(event).await?;
     if !verified {
-        crate::firewall::check(
-            state,
-            "attestation:failed",
-            crate::firewall::Subject {
-                ip,
-                user_id: Some(device.user_id),
-                device_id: Some(&device.device_id),
-            },
-        )
-        .await?;
+        state
+            .firewall
+            .check(
+                "attestation:failed",
+                crate::firewall::Subject {
+                    ip,
+                    user_id: Some(device.user_id),
+                    device_id: Some(&device.device_id),
+                },
+            )
+            .await?;
     }
     if outcome.quarantined {
         tracing::warn!(device_id = %device.device_id, failures = outcome.failures, "device quarantined");

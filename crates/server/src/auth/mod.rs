@@ -2,13 +2,12 @@
 //!
 //! [`Auth`] holds what every request needs to authenticate: the key ring, the
 //! device-status cache, the IP HMAC key and the token settings. Sessions are
-//! opened, rotated and revoked in [`sessions`]; the [`extract`] module turns a
-//! request's credentials into a [`extract::DeviceAuth`] or [`extract::AdminAuth`].
+//! opened, rotated and revoked by [`sessions::Sessions`]; the HTTP layer's
+//! extractors (`http::extract`) turn a request's credentials into a caller.
 
 pub mod attestation;
 pub mod client_ip;
 pub mod device_status;
-pub mod extract;
 pub mod keys;
 pub mod passwords;
 pub mod sessions;
@@ -26,8 +25,28 @@ use self::{device_status::DeviceStatusCache, keys::KeyRing};
 use crate::{
     config::Config,
     state::SharedState,
-    store::{NewEvent, Store},
+    store::{DeviceStatus, NewEvent, Store},
 };
+
+/// Why a device may not act, from its stored status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceRefusal {
+    /// Its sessions were revoked (e.g. refresh-token reuse).
+    Revoked,
+    /// It is locked by the kill-switch or quarantined.
+    Locked,
+}
+
+impl DeviceRefusal {
+    /// The refusal a device in `status` gets, if any.
+    pub fn for_status(status: DeviceStatus) -> Option<Self> {
+        match status {
+            DeviceStatus::Active => None,
+            DeviceStatus::Revoked => Some(Self::Revoked),
+            DeviceStatus::Locked | DeviceStatus::Quarantined => Some(Self::Locked),
+        }
+    }
+}
 
 /// Why identity could not be set up at start.
 #[derive(Debug, thiserror::Error)]

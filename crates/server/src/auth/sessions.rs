@@ -20,7 +20,7 @@
 //! Redis restart must not sign every user out — nor, worse, forget which
 //! tokens were already used and so lose reuse detection.
 
-use std::net::IpAddr;
+use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use chrono::Utc;
 use serde::Serialize;
@@ -28,17 +28,64 @@ use subtle::ConstantTimeEq;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::{random_token, sha256, tokens};
+use super::{random_token, sha256, tokens, Auth, DeviceRefusal};
 use crate::{
-    app::AppState,
-    error::{codes, ApiError},
+    firewall::{Firewall, FirewallError, Subject},
     realtime::{self, Action},
-    state::keys,
+    state::{keys, SharedState, StateError},
     store::{
         AuditSource, DeviceStatus, NewAuditEntry, NewRefreshToken, NewSession, RefreshRecord,
-        Revocation, RotateOutcome, User, UserStatus,
+        Revocation, RotateOutcome, Store, StoreError, User, UserStatus,
     },
 };
+
+/// Why a session could not be opened, refreshed or ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The account is blocked.
+    #[error("account blocked")]
+    AccountBlocked,
+    /// The device is bound to another account (and not the same hardware).
+    #[error("device registered to another account")]
+    DeviceInUse,
+    /// The device is revoked, locked or quarantined.
+    #[error("device refused: {0:?}")]
+    Device(DeviceRefusal),
+    /// Unknown, expired or revoked refresh token.
+    #[error("invalid refresh token")]
+    InvalidRefreshToken,
+    /// A spent token (or one presented by another device) came back: the
+    /// session was revoked.
+    #[error("refresh token reused")]
+    RefreshTokenReused,
+    /// Too many refreshes for this device.
+    #[error("rate limited for {retry_after:?}")]
+    RateLimited {
+        /// When the device may try again.
+        retry_after: Duration,
+    },
+    /// The abuse firewall refused, or could not decide.
+    #[error(transparent)]
+    Firewall(#[from] FirewallError),
+    /// The access token could not be signed.
+    #[error("signing the access token failed: {0}")]
+    Signing(#[source] anyhow::Error),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Shared state failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+/// Opens, rotates and ends device sessions (see the module docs).
+pub struct Sessions {
+    store: Arc<dyn Store>,
+    shared: Arc<dyn SharedState>,
+    auth: Arc<Auth>,
+    firewall: Arc<Firewall>,
+    refresh_per_minute: u32,
+}
 
 /// The token pair handed to a device.
 #[derive(Serialize, ToSchema)]
@@ -85,244 +132,281 @@ pub struct Origin {
     pub user_agent: Option<String>,
 }
 
-fn issue_access(
-    state: &AppState,
-    user_id: Uuid,
-    device_id: &str,
-    jti: Uuid,
-) -> Result<String, ApiError> {
-    let keys = state.auth.keys.current();
-    let spec = tokens::TokenSpec {
-        issuer: &state.auth.issuer,
-        audience: &state.auth.audience,
-        ttl: state.auth.access_ttl,
-    };
-    Ok(tokens::issue(&keys, &spec, user_id, device_id, jti)?.0)
-}
-
-async fn refresh_expiry(
-    state: &AppState,
-    user_id: Uuid,
-) -> Result<chrono::DateTime<Utc>, ApiError> {
-    let plan = state.store.plan_for_user(user_id).await?;
-    Ok(crate::store::now_micros() + chrono::Duration::seconds(i64::from(plan.refresh_ttl_seconds)))
-}
-
-/// Opens a new session for `user` on a device: binds the device, revokes its
-/// previous family, starts a new one. Blocked accounts and revoked, locked or
-/// quarantined devices are refused.
-pub async fn open(
-    state: &AppState,
-    user: &User,
-    binding: DeviceBinding<'_>,
-    origin: &Origin,
-) -> Result<SessionTokens, ApiError> {
-    let DeviceBinding {
-        device_id,
-        fingerprint,
-        platform,
-    } = binding;
-    if user.status != UserStatus::Active {
-        return Err(ApiError::forbidden(
-            codes::ACCOUNT_BLOCKED,
-            "This account is blocked.",
-        ));
-    }
-    let fingerprint_sha256 = sha256(fingerprint.as_bytes());
-    if let Some(existing) = state.store.device(device_id).await? {
-        if let Some(refusal) = super::extract::refuse_status(existing.status) {
-            // A locked device cannot be laundered through a fresh sign-in.
-            return Err(refusal);
-        }
-        // Device ids are not secret (they travel in every request header):
-        // another account may take a device over only from the same
-        // hardware, i.e. presenting the fingerprint it was bound with.
-        let same_hardware: bool = existing
-            .fingerprint_sha256
-            .ct_eq(&fingerprint_sha256)
-            .into();
-        if existing.user_id != user.id && !same_hardware {
-            return Err(ApiError::conflict(
-                codes::DEVICE_IN_USE,
-                "This device is registered to another account.",
-            ));
+impl Sessions {
+    /// The sessions component over its handles; `refresh_per_minute` is the
+    /// per-device refresh budget.
+    pub fn new(
+        store: Arc<dyn Store>,
+        shared: Arc<dyn SharedState>,
+        auth: Arc<Auth>,
+        firewall: Arc<Firewall>,
+        refresh_per_minute: u32,
+    ) -> Self {
+        Self {
+            store,
+            shared,
+            auth,
+            firewall,
+            refresh_per_minute,
         }
     }
-    crate::firewall::check(
-        state,
-        "create:session",
-        crate::firewall::Subject {
-            ip: origin.ip,
-            user_id: Some(user.id),
-            device_id: Some(device_id),
-        },
-    )
-    .await?;
-    let refresh_token = random_token("brt_");
-    let jti = Uuid::new_v4();
-    let family_id = Uuid::now_v7();
-    state
-        .store
-        .start_session(NewSession {
-            user_id: user.id,
-            device_id: device_id.to_owned(),
-            fingerprint_sha256: fingerprint_sha256.to_vec(),
-            platform: platform.to_owned(),
-            family_id,
-            token: NewRefreshToken {
-                token_sha256: sha256(refresh_token.as_bytes()).to_vec(),
-                jti,
-                issued_at: crate::store::now_micros(),
-                expires_at: refresh_expiry(state, user.id).await?,
-            },
-        })
-        .await?;
-    // The device may have moved between users: drop every cached view of it.
-    state.auth.devices.invalidate(device_id).await;
-    // A new session (a reinstall, a new sign-in) starts heartbeat `seq`s afresh.
-    state
-        .shared
-        .delete(&crate::state::keys::heartbeat_seq(device_id))
-        .await?;
-    let access_token = issue_access(state, user.id, device_id, jti)?;
-    let event = state.auth.event(
-        "create:session",
-        Some(user.id),
-        Some(device_id),
-        origin.ip,
-        serde_json::json!({"family_id": family_id, "platform": platform}),
-    );
-    state.store.record_event(event).await?;
-    Ok(SessionTokens {
-        user_id: user.id,
-        access_token,
-        refresh_token,
-        expires_in: state.auth.access_ttl.as_secs(),
-        token_type: "Bearer",
-    })
-}
 
-/// Exchanges a refresh token for a new pair (see the module docs).
-pub async fn refresh(
-    state: &AppState,
-    presented: &str,
-    device_id: &str,
-    fingerprint: &str,
-    origin: &Origin,
-) -> Result<SessionTokens, ApiError> {
-    let invalid = || {
-        ApiError::unauthorized(
-            codes::INVALID_REFRESH_TOKEN,
-            "The refresh token is not valid.",
-        )
-    };
-    let hash = sha256(presented.as_bytes());
-    let Some(record) = state.store.refresh_record(&hash).await? else {
-        return Err(invalid());
-    };
-    if !record.family_active {
-        return Err(invalid());
-    }
-    // Keyed by the device the token belongs to (known only now), so nobody
-    // can exhaust a victim's bucket by sending garbage with its device id.
-    let limit = state
-        .shared
-        .take_tokens(
-            &keys::refresh_rate_limit(&record.device_id),
-            state.config.refresh_per_minute,
-            std::time::Duration::from_secs(60),
-            1,
-        )
-        .await?;
-    if !limit.allowed {
-        return Err(ApiError::RateLimited {
-            retry_after: limit.retry_after,
-        });
-    }
-    let same_device = record.device_id == device_id;
-    let same_fingerprint: bool = record
-        .fingerprint_sha256
-        .ct_eq(&sha256(fingerprint.as_bytes()))
-        .into();
-    if record.used || !same_device || !same_fingerprint {
-        let why = if record.used {
-            "token_already_used"
-        } else {
-            "foreign_device"
+    fn issue_access(
+        &self,
+        user_id: Uuid,
+        device_id: &str,
+        jti: Uuid,
+    ) -> Result<String, SessionError> {
+        let keys = self.auth.keys.current();
+        let spec = tokens::TokenSpec {
+            issuer: &self.auth.issuer,
+            audience: &self.auth.audience,
+            ttl: self.auth.access_ttl,
         };
-        return Err(reuse(state, &record, why, origin).await);
+        Ok(tokens::issue(&keys, &spec, user_id, device_id, jti)
+            .map_err(SessionError::Signing)?
+            .0)
     }
-    if record.expires_at <= Utc::now() {
-        return Err(invalid());
+
+    async fn refresh_expiry(&self, user_id: Uuid) -> Result<chrono::DateTime<Utc>, SessionError> {
+        let plan = self.store.plan_for_user(user_id).await?;
+        Ok(crate::store::now_micros()
+            + chrono::Duration::seconds(i64::from(plan.refresh_ttl_seconds)))
     }
-    if let Some(device) = state.store.device(device_id).await? {
-        if let Some(refusal) = super::extract::refuse_status(device.status) {
-            return Err(refusal);
+
+    /// Opens a new session for `user` on a device: binds the device, revokes its
+    /// previous family, starts a new one. Blocked accounts and revoked, locked or
+    /// quarantined devices are refused.
+    pub async fn open(
+        &self,
+        user: &User,
+        binding: DeviceBinding<'_>,
+        origin: &Origin,
+    ) -> Result<SessionTokens, SessionError> {
+        let DeviceBinding {
+            device_id,
+            fingerprint,
+            platform,
+        } = binding;
+        if user.status != UserStatus::Active {
+            return Err(SessionError::AccountBlocked);
         }
+        let fingerprint_sha256 = sha256(fingerprint.as_bytes());
+        if let Some(existing) = self.store.device(device_id).await? {
+            if let Some(refusal) = DeviceRefusal::for_status(existing.status) {
+                // A locked device cannot be laundered through a fresh sign-in.
+                return Err(SessionError::Device(refusal));
+            }
+            // Device ids are not secret (they travel in every request header):
+            // another account may take a device over only from the same
+            // hardware, i.e. presenting the fingerprint it was bound with.
+            let same_hardware: bool = existing
+                .fingerprint_sha256
+                .ct_eq(&fingerprint_sha256)
+                .into();
+            if existing.user_id != user.id && !same_hardware {
+                return Err(SessionError::DeviceInUse);
+            }
+        }
+        self.firewall
+            .check(
+                "create:session",
+                Subject {
+                    ip: origin.ip,
+                    user_id: Some(user.id),
+                    device_id: Some(device_id),
+                },
+            )
+            .await?;
+        let refresh_token = random_token("brt_");
+        let jti = Uuid::new_v4();
+        let family_id = Uuid::now_v7();
+        self.store
+            .start_session(NewSession {
+                user_id: user.id,
+                device_id: device_id.to_owned(),
+                fingerprint_sha256: fingerprint_sha256.to_vec(),
+                platform: platform.to_owned(),
+                family_id,
+                token: NewRefreshToken {
+                    token_sha256: sha256(refresh_token.as_bytes()).to_vec(),
+                    jti,
+                    issued_at: crate::store::now_micros(),
+                    expires_at: self.refresh_expiry(user.id).await?,
+                },
+            })
+            .await?;
+        // The device may have moved between users: drop every cached view of it.
+        self.auth.devices.invalidate(device_id).await;
+        // A new session (a reinstall, a new sign-in) starts heartbeat `seq`s afresh.
+        self.shared
+            .delete(&crate::state::keys::heartbeat_seq(device_id))
+            .await?;
+        let access_token = self.issue_access(user.id, device_id, jti)?;
+        let event = self.auth.event(
+            "create:session",
+            Some(user.id),
+            Some(device_id),
+            origin.ip,
+            serde_json::json!({"family_id": family_id, "platform": platform}),
+        );
+        self.store.record_event(event).await?;
+        Ok(SessionTokens {
+            user_id: user.id,
+            access_token,
+            refresh_token,
+            expires_in: self.auth.access_ttl.as_secs(),
+            token_type: "Bearer",
+        })
     }
-    let new_token = random_token("brt_");
-    let jti = Uuid::new_v4();
-    let outcome = state
-        .store
-        .rotate_refresh(
-            &hash,
-            record.family_id,
-            NewRefreshToken {
-                token_sha256: sha256(new_token.as_bytes()).to_vec(),
-                jti,
-                issued_at: crate::store::now_micros(),
-                expires_at: refresh_expiry(state, record.user_id).await?,
+
+    /// Exchanges a refresh token for a new pair (see the module docs).
+    pub async fn refresh(
+        &self,
+        presented: &str,
+        device_id: &str,
+        fingerprint: &str,
+        origin: &Origin,
+    ) -> Result<SessionTokens, SessionError> {
+        let hash = sha256(presented.as_bytes());
+        let Some(record) = self.store.refresh_record(&hash).await? else {
+            return Err(SessionError::InvalidRefreshToken);
+        };
+        if !record.family_active {
+            return Err(SessionError::InvalidRefreshToken);
+        }
+        // Keyed by the device the token belongs to (known only now), so nobody
+        // can exhaust a victim's bucket by sending garbage with its device id.
+        let limit = self
+            .shared
+            .take_tokens(
+                &keys::refresh_rate_limit(&record.device_id),
+                self.refresh_per_minute,
+                std::time::Duration::from_secs(60),
+                1,
+            )
+            .await?;
+        if !limit.allowed {
+            return Err(SessionError::RateLimited {
+                retry_after: limit.retry_after,
+            });
+        }
+        let same_device = record.device_id == device_id;
+        let same_fingerprint: bool = record
+            .fingerprint_sha256
+            .ct_eq(&sha256(fingerprint.as_bytes()))
+            .into();
+        if record.used || !same_device || !same_fingerprint {
+            let why = if record.used {
+                "token_already_used"
+            } else {
+                "foreign_device"
+            };
+            return Err(self.reuse(&record, why, origin).await);
+        }
+        if record.expires_at <= Utc::now() {
+            return Err(SessionError::InvalidRefreshToken);
+        }
+        if let Some(device) = self.store.device(device_id).await? {
+            if let Some(refusal) = DeviceRefusal::for_status(device.status) {
+                return Err(SessionError::Device(refusal));
+            }
+        }
+        let new_token = random_token("brt_");
+        let jti = Uuid::new_v4();
+        let outcome = self
+            .store
+            .rotate_refresh(
+                &hash,
+                record.family_id,
+                NewRefreshToken {
+                    token_sha256: sha256(new_token.as_bytes()).to_vec(),
+                    jti,
+                    issued_at: crate::store::now_micros(),
+                    expires_at: self.refresh_expiry(record.user_id).await?,
+                },
+            )
+            .await?;
+        match outcome {
+            RotateOutcome::Rotated => {}
+            // Another request exchanged this token first: by definition a reuse.
+            RotateOutcome::AlreadyUsed => {
+                return Err(self.reuse(&record, "token_already_used", origin).await)
+            }
+            // Logged out or signed in again while this request was in flight.
+            RotateOutcome::FamilyInactive => return Err(SessionError::InvalidRefreshToken),
+        }
+        let access_token = self.issue_access(record.user_id, device_id, jti)?;
+        let event = self.auth.event(
+            "refresh:rotated",
+            Some(record.user_id),
+            Some(device_id),
+            origin.ip,
+            serde_json::json!({"family_id": record.family_id}),
+        );
+        self.store.record_event(event).await?;
+        Ok(SessionTokens {
+            user_id: record.user_id,
+            access_token,
+            refresh_token: new_token,
+            expires_in: self.auth.access_ttl.as_secs(),
+            token_type: "Bearer",
+        })
+    }
+
+    /// Handles refresh-token reuse: revoke, mark, audit, record, lock — in a
+    /// task of its own, so that a client disconnecting or the request timing out
+    /// cannot cancel it halfway. Returns the error to answer with (a failure of
+    /// the clean-up is logged and still answered with the same 401, never a 200).
+    async fn reuse(&self, record: &RefreshRecord, why: &str, origin: &Origin) -> SessionError {
+        let task = tokio::spawn(handle_reuse(
+            Revoker {
+                store: self.store.clone(),
+                shared: self.shared.clone(),
+                auth: self.auth.clone(),
             },
-        )
-        .await?;
-    match outcome {
-        RotateOutcome::Rotated => {}
-        // Another request exchanged this token first: by definition a reuse.
-        RotateOutcome::AlreadyUsed => {
-            return Err(reuse(state, &record, "token_already_used", origin).await)
+            record.clone(),
+            why.to_owned(),
+            origin.clone(),
+        ));
+        if let Err(e) = task.await {
+            tracing::error!(error = %e, "reuse handling task failed");
         }
-        // Logged out or signed in again while this request was in flight.
-        RotateOutcome::FamilyInactive => return Err(invalid()),
+        SessionError::RefreshTokenReused
     }
-    let access_token = issue_access(state, record.user_id, device_id, jti)?;
-    let event = state.auth.event(
-        "refresh:rotated",
-        Some(record.user_id),
-        Some(device_id),
-        origin.ip,
-        serde_json::json!({"family_id": record.family_id}),
-    );
-    state.store.record_event(event).await?;
-    Ok(SessionTokens {
-        user_id: record.user_id,
-        access_token,
-        refresh_token: new_token,
-        expires_in: state.auth.access_ttl.as_secs(),
-        token_type: "Bearer",
-    })
+
+    /// Ends the device's session: its refresh family is revoked.
+    pub async fn logout(&self, device_id: &str) -> Result<(), SessionError> {
+        self.store
+            .revoke_device(Revocation {
+                device_id: device_id.to_owned(),
+                reason: "logout".into(),
+                device_status: None,
+                audit: None,
+                event: None,
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Refuses early when the device is revoked, locked or quarantined.
+    pub async fn ensure_device_usable(&self, device_id: &str) -> Result<(), SessionError> {
+        match self.store.device(device_id).await? {
+            Some(device) => DeviceRefusal::for_status(device.status)
+                .map_or(Ok(()), |r| Err(SessionError::Device(r))),
+            None => Ok(()),
+        }
+    }
 }
 
-/// Handles refresh-token reuse: revoke, mark, audit, record, lock — in a
-/// task of its own, so that a client disconnecting or the request timing out
-/// cannot cancel it halfway. Returns the error to answer with (a failure of
-/// the clean-up is logged and still answered with the same 401, never a 200).
-async fn reuse(state: &AppState, record: &RefreshRecord, why: &str, origin: &Origin) -> ApiError {
-    let task = tokio::spawn(handle_reuse(
-        state.clone(),
-        record.clone(),
-        why.to_owned(),
-        origin.clone(),
-    ));
-    if let Err(e) = task.await {
-        tracing::error!(error = %e, "reuse handling task failed");
-    }
-    ApiError::unauthorized(
-        codes::REFRESH_TOKEN_REUSED,
-        "This refresh token was already used; the session has been revoked.",
-    )
+/// The handles the reuse clean-up needs, owned so it runs in a task of its own.
+struct Revoker {
+    store: Arc<dyn Store>,
+    shared: Arc<dyn SharedState>,
+    auth: Arc<Auth>,
 }
 
-async fn handle_reuse(state: AppState, record: RefreshRecord, why: String, origin: Origin) {
+async fn handle_reuse(state: Revoker, record: RefreshRecord, why: String, origin: Origin) {
     let (state, record, why, origin) = (&state, &record, why.as_str(), &origin);
     tracing::warn!(device_id = %record.device_id, user_id = %record.user_id, why, "refresh token reuse");
     let revocation = Revocation {
@@ -374,28 +458,5 @@ async fn handle_reuse(state: AppState, record: RefreshRecord, why: String, origi
     .await
     {
         tracing::error!(error = %e, "publishing CRITICAL_LOCK failed");
-    }
-}
-
-/// Ends the device's session: its refresh family is revoked.
-pub async fn logout(state: &AppState, device_id: &str) -> Result<(), ApiError> {
-    state
-        .store
-        .revoke_device(Revocation {
-            device_id: device_id.to_owned(),
-            reason: "logout".into(),
-            device_status: None,
-            audit: None,
-            event: None,
-        })
-        .await?;
-    Ok(())
-}
-
-/// Refuses early when the device is revoked, locked or quarantined.
-pub async fn ensure_device_usable(state: &AppState, device_id: &str) -> Result<(), ApiError> {
-    match state.store.device(device_id).await? {
-        Some(device) => super::extract::refuse_status(device.status).map_or(Ok(()), Err),
-        None => Ok(()),
     }
 }

@@ -10,11 +10,9 @@ use uuid::Uuid;
 use super::{json::Json, validate};
 use crate::{
     app::AppState,
-    auth::{
-        extract::{AdminAuth, ClientIp},
-        sessions::{self, DeviceBinding, Origin, SessionTokens},
-    },
+    auth::sessions::{DeviceBinding, Origin, SessionTokens},
     error::{codes, ApiError, Problem},
+    http::extract::{AdminAuth, ClientIp},
 };
 
 /// The admin routes.
@@ -69,6 +67,6 @@ pub async fn post_session(
         ip: ip.0,
         user_agent: None,
     };
-    let tokens = sessions::open(&state, &user, binding, &origin).await?;
+    let tokens = state.sessions.open(&user, binding, &origin).await?;
     Ok((StatusCode::CREATED, JsonResponse(tokens)))
 }

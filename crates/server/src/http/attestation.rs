@@ -8,11 +8,9 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use super::json::Json;
 use crate::{
     app::AppState,
-    auth::{
-        attestation::{self, VerifyOutcome},
-        extract::{ClientIp, DeviceAuth},
-    },
+    auth::attestation::{self, VerifyOutcome},
     error::{ApiError, Problem},
+    http::extract::{ClientIp, DeviceAuth},
 };
 
 /// The attestation routes.

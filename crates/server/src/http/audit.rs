@@ -18,8 +18,8 @@ use uuid::Uuid;
 use super::paging;
 use crate::{
     app::AppState,
-    auth::extract::{bearer, AdminAuth, DeviceAuth},
     error::{ApiError, Problem},
+    http::extract::{bearer, AdminAuth, DeviceAuth},
     store::{AuditEntry, AuditFilter},
 };
 

@@ -9,11 +9,11 @@ use super::{json::Json, validate};
 use crate::{
     app::AppState,
     auth::{
-        extract::{ClientIp, DeviceAuth},
         passwords,
-        sessions::{self, DeviceBinding, Origin, SessionTokens},
+        sessions::{DeviceBinding, Origin, SessionTokens},
     },
     error::{codes, ApiError, Problem},
+    http::extract::{ClientIp, DeviceAuth},
     store::StoreError,
 };
 
@@ -100,17 +100,18 @@ pub async fn post_register(
     Json(mut body): Json<Credentials>,
 ) -> Result<(StatusCode, JsonResponse<SessionTokens>), ApiError> {
     let email = body.validate()?;
-    crate::firewall::check(
-        &state,
-        "create:user",
-        crate::firewall::Subject {
-            ip: origin(ip, &headers).ip,
-            user_id: None,
-            device_id: Some(&body.device_id),
-        },
-    )
-    .await?;
-    sessions::ensure_device_usable(&state, &body.device_id).await?;
+    state
+        .firewall
+        .check(
+            "create:user",
+            crate::firewall::Subject {
+                ip: origin(ip, &headers).ip,
+                user_id: None,
+                device_id: Some(&body.device_id),
+            },
+        )
+        .await?;
+    state.sessions.ensure_device_usable(&body.device_id).await?;
     let hash = passwords::hash(std::mem::take(&mut body.password)).await?;
     let user = match state.store.create_user(&email, &hash).await {
         Ok(user) => user,
@@ -131,7 +132,7 @@ pub async fn post_register(
         serde_json::json!({"platform": body.platform}),
     );
     state.store.record_event(event).await?;
-    let tokens = sessions::open(&state, &user, body.binding(), &origin).await?;
+    let tokens = state.sessions.open(&user, body.binding(), &origin).await?;
     Ok((StatusCode::CREATED, JsonResponse(tokens)))
 }
 
@@ -160,16 +161,17 @@ pub async fn post_login(
         Some(user) if ok => user,
         other => {
             let user_id = other.as_ref().map(|u| u.id);
-            crate::firewall::check(
-                &state,
-                "login:failed",
-                crate::firewall::Subject {
-                    ip: origin.ip,
-                    user_id,
-                    device_id: Some(&body.device_id),
-                },
-            )
-            .await?;
+            state
+                .firewall
+                .check(
+                    "login:failed",
+                    crate::firewall::Subject {
+                        ip: origin.ip,
+                        user_id,
+                        device_id: Some(&body.device_id),
+                    },
+                )
+                .await?;
             let event = state.auth.event(
                 "login:failed",
                 user_id,
@@ -184,7 +186,7 @@ pub async fn post_login(
             ));
         }
     };
-    let tokens = sessions::open(&state, &user, body.binding(), &origin).await?;
+    let tokens = state.sessions.open(&user, body.binding(), &origin).await?;
     Ok(JsonResponse(tokens))
 }
 
@@ -209,14 +211,15 @@ pub async fn post_refresh(
             "must be 1–256 characters",
         ));
     }
-    let tokens = sessions::refresh(
-        &state,
-        &body.refresh_token,
-        &body.device_id,
-        &body.device_fingerprint,
-        &origin(ip, &headers),
-    )
-    .await?;
+    let tokens = state
+        .sessions
+        .refresh(
+            &body.refresh_token,
+            &body.device_id,
+            &body.device_fingerprint,
+            &origin(ip, &headers),
+        )
+        .await?;
     Ok(JsonResponse(tokens))
 }
 
@@ -232,6 +235,6 @@ pub async fn post_logout(
     State(state): State<AppState>,
     device: DeviceAuth,
 ) -> Result<StatusCode, ApiError> {
-    sessions::logout(&state, &device.device_id).await?;
+    state.sessions.logout(&device.device_id).await?;
     Ok(StatusCode::NO_CONTENT)
 }

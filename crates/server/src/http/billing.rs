@@ -22,15 +22,13 @@ use uuid::Uuid;
 use super::json;
 use crate::{
     app::AppState,
-    auth::{
-        extract::{ClientIp, DeviceAuth},
-        Auth,
-    },
+    auth::Auth,
     billing::{
         event::{InvalidField, WebhookEvent},
         signature::{self, SignatureError, SignatureHeaders},
     },
     error::{codes, ApiError, Problem},
+    http::extract::{ClientIp, DeviceAuth},
     store::{AuditSource, BillingEvent, BillingOutcome, NewAuditEntry, Subscription},
 };
 

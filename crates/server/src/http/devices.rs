@@ -17,8 +17,8 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use super::{json::Json, validate};
 use crate::{
     app::AppState,
-    auth::extract::{AdminAuth, ClientIp},
     error::{codes, ApiError, Problem},
+    http::extract::{AdminAuth, ClientIp},
     realtime::{self, Action, DeviceCommand},
     state::keys,
     store::{AuditSource, DeviceStatus, NewAuditEntry},

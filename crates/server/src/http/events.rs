@@ -14,8 +14,8 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use super::paging;
 use crate::{
     app::AppState,
-    auth::extract::AdminAuth,
     error::{ApiError, Problem},
+    http::extract::AdminAuth,
     store::StoredEvent,
 };
 

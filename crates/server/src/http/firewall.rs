@@ -13,9 +13,9 @@ use uuid::Uuid;
 use super::json::Json;
 use crate::{
     app::AppState,
-    auth::extract::AdminAuth,
     error::{codes, ApiError, Problem},
     firewall,
+    http::extract::AdminAuth,
     store::{FirewallDecision, FirewallRule, RuleUpdate},
 };
 
@@ -78,26 +78,6 @@ fn validate(update: &RuleUpdate) -> Result<(), ApiError> {
             "must be within 0–2592000",
         ));
     }
-    if update
-        .mode
-        .as_deref()
-        .is_some_and(|m| !["enforce", "simulate", "off"].contains(&m))
-    {
-        return Err(ApiError::invalid_field(
-            "mode",
-            "must be enforce, simulate or off",
-        ));
-    }
-    if update
-        .side_effect
-        .as_deref()
-        .is_some_and(|m| !["block_users", "quarantine_devices", "throttle"].contains(&m))
-    {
-        return Err(ApiError::invalid_field(
-            "side_effect",
-            "must be block_users, quarantine_devices or throttle",
-        ));
-    }
     Ok(())
 }
 
@@ -126,7 +106,7 @@ pub async fn put_rule(
             code: codes::RULE_NOT_FOUND,
             detail: "No firewall rule has this name.",
         })?;
-    state.firewall.reload(state.store.as_ref()).await?;
+    state.firewall.rules().reload(state.store.as_ref()).await?;
     if let Err(e) = state.shared.publish(firewall::CHANGED_CHANNEL, b"1").await {
         tracing::warn!(error = %e, "rule change not broadcast; instances reload within seconds anyway");
     }
@@ -183,10 +163,7 @@ pub async fn post_undo(
     _admin: AdminAuth,
     Path(id): Path<Uuid>,
 ) -> Result<JsonResponse<FirewallDecision>, ApiError> {
-    match firewall::undo(&state, id)
-        .await
-        .map_err(ApiError::Internal)?
-    {
+    match state.firewall.undo(id).await? {
         None => Err(ApiError::Client {
             status: StatusCode::NOT_FOUND,
             code: codes::DECISION_NOT_FOUND,

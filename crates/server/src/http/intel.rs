@@ -8,8 +8,8 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use super::json::Json;
 use crate::{
     app::AppState,
-    auth::extract::AdminAuth,
     error::{ApiError, Problem},
+    http::extract::AdminAuth,
     signals::intel,
 };
 

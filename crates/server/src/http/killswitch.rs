@@ -20,8 +20,8 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::{
     app::AppState,
-    auth::extract::{authenticate, ClientIp, DeviceGate, DEVICE_ID_HEADER},
     error::{codes, ApiError, Problem},
+    http::extract::{authenticate, ClientIp, DeviceGate, DEVICE_ID_HEADER},
     realtime::socket,
     state::keys,
 };

@@ -15,9 +15,9 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use super::json;
 use crate::{
     app::AppState,
-    auth::extract::{ClientIp, DeviceAuth, MeteredLater},
     billing::limits,
     error::{codes, ApiError, Problem},
+    http::extract::{ClientIp, DeviceAuth, MeteredLater},
     signals::{
         ingest::{encode_job, HeartbeatBody, JobEncoding},
         reader,

@@ -18,7 +18,7 @@ use super::{
     hub::{Outbound, Registration},
     DeviceCommand,
 };
-use crate::{app::AppState, auth::extract::DeviceAuth, state::keys, store::DeviceStatus};
+use crate::{app::AppState, http::extract::DeviceAuth, state::keys, store::DeviceStatus};
 
 /// How often the server pings an idle socket.
 pub const PING_EVERY: Duration = Duration::from_secs(20);

@@ -1,10 +1,21 @@
-//! Rows of the identity tables: users, devices, refresh families, signing
-//! keys, admin keys, business events.
+//! Identity: users, their devices, and the refresh-token families that are
+//! a device's sessions.
+//!
+//! Rotation is a compare-and-swap (`UPDATE … WHERE used_at IS NULL`) under a
+//! lock on the family, so a concurrent logout or revocation either waits for
+//! the rotation or is seen by it; reuse of a spent token revokes the family.
 
+use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use sqlx::FromRow;
 use uuid::Uuid;
 
-use super::NewAuditEntry;
+use super::{
+    columns::{Id, Time},
+    now_micros,
+    sql::{Dialect, SqlStore},
+    NewAuditEntry, NewEvent, StoreResult,
+};
 
 /// Whether a user may sign in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,40 +162,6 @@ pub struct RefreshRecord {
     pub expires_at: DateTime<Utc>,
 }
 
-/// A JWT signing key as stored.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SigningKeyRecord {
-    /// Key id (`kid`).
-    pub kid: String,
-    /// `ES256` or `RS256`.
-    pub alg: String,
-    /// PKCS#8 DER of the private key; `None` when held outside the database.
-    pub private_der: Option<Vec<u8>>,
-    /// The public JWK.
-    pub public_jwk: serde_json::Value,
-    /// Creation time.
-    pub created_at: DateTime<Utc>,
-    /// When it stopped signing.
-    pub retired_at: Option<DateTime<Utc>>,
-}
-
-/// A business event to record. IPs are already anonymized.
-#[derive(Debug, Clone, PartialEq)]
-pub struct NewEvent {
-    /// `create:user`, `refresh:reuse`, …
-    pub event_type: String,
-    /// The user concerned.
-    pub user_id: Option<Uuid>,
-    /// The device concerned.
-    pub device_id: Option<String>,
-    /// IPv4 /24 or IPv6 /48.
-    pub ip_prefix: Option<String>,
-    /// Keyed HMAC of the full address.
-    pub ip_hmac: Option<String>,
-    /// Type-specific metadata.
-    pub metadata: serde_json::Value,
-}
-
 /// Revokes every session of a device, optionally changing its status and
 /// writing an audit row and an event — one transaction.
 #[derive(Debug, Clone)]
@@ -220,4 +197,394 @@ pub enum RotateOutcome {
     AlreadyUsed,
     /// The family was revoked (logout, new sign-in, reuse) in the meantime.
     FamilyInactive,
+}
+
+/// Users, devices and sessions.
+#[async_trait]
+pub trait IdentityStore: Send + Sync {
+    /// Creates a user; [`super::StoreError::Conflict`] when the email is taken.
+    async fn create_user(&self, email: &str, password_hash: &str) -> StoreResult<User>;
+
+    /// The user with this (lower-cased) email.
+    async fn user_by_email(&self, email: &str) -> StoreResult<Option<User>>;
+
+    /// The user with this id.
+    async fn user_by_id(&self, id: Uuid) -> StoreResult<Option<User>>;
+
+    /// The device with this id.
+    async fn device(&self, id: &str) -> StoreResult<Option<Device>>;
+
+    /// Binds the device to the user (creating it, or re-binding it without
+    /// touching its status), revokes its active families and starts a new one.
+    async fn start_session(&self, session: NewSession) -> StoreResult<()>;
+
+    /// What is known of a refresh token, by its hash.
+    async fn refresh_record(&self, token_sha256: &[u8]) -> StoreResult<Option<RefreshRecord>>;
+
+    /// Compare-and-swap rotation: marks `old` used if (and only if) it is
+    /// still unused and its family active, and adds `new` to the family.
+    async fn rotate_refresh(
+        &self,
+        old_sha256: &[u8],
+        family_id: Uuid,
+        new: NewRefreshToken,
+    ) -> StoreResult<RotateOutcome>;
+
+    /// Sets a device's status (and, when it becomes active again, clears its
+    /// attestation failure count). False when the device does not exist.
+    async fn set_device_status(&self, device_id: &str, status: DeviceStatus) -> StoreResult<bool>;
+
+    /// Revokes every active family of a device, with the optional status
+    /// change, audit row and event, in one transaction.
+    async fn revoke_device(&self, revocation: Revocation) -> StoreResult<()>;
+
+    /// Records an attestation verdict; after `max_failures` failures an
+    /// active device is quarantined.
+    async fn record_attestation(
+        &self,
+        device_id: &str,
+        verified: bool,
+        max_failures: u32,
+    ) -> StoreResult<AttestationOutcome>;
+}
+
+/// A `users` row.
+#[derive(FromRow)]
+struct UserRow {
+    id: Id,
+    email: String,
+    password_hash: String,
+    status: String,
+}
+
+impl From<UserRow> for User {
+    fn from(row: UserRow) -> Self {
+        Self {
+            id: row.id.into(),
+            email: row.email,
+            password_hash: row.password_hash,
+            status: UserStatus::parse(&row.status),
+        }
+    }
+}
+
+/// A `devices` row.
+#[derive(FromRow)]
+struct DeviceRow {
+    id: String,
+    user_id: Id,
+    fingerprint_sha256: Vec<u8>,
+    platform: String,
+    status: String,
+    attestation_state: String,
+    attestation_failures: i32,
+}
+
+impl From<DeviceRow> for Device {
+    fn from(row: DeviceRow) -> Self {
+        Self {
+            id: row.id,
+            user_id: row.user_id.into(),
+            fingerprint_sha256: row.fingerprint_sha256,
+            platform: row.platform,
+            status: DeviceStatus::parse(&row.status),
+            attestation_state: row.attestation_state,
+            attestation_failures: row.attestation_failures.unsigned_abs(),
+        }
+    }
+}
+
+/// A refresh token joined with its family.
+#[derive(FromRow)]
+struct RefreshRow {
+    used_at: Option<Time>,
+    expires_at: Time,
+    family_id: Id,
+    status: String,
+    user_id: Id,
+    device_id: String,
+    fingerprint_sha256: Vec<u8>,
+}
+
+impl From<RefreshRow> for RefreshRecord {
+    fn from(row: RefreshRow) -> Self {
+        Self {
+            family_id: row.family_id.into(),
+            family_active: row.status == "active",
+            user_id: row.user_id.into(),
+            device_id: row.device_id,
+            fingerprint_sha256: row.fingerprint_sha256,
+            used: row.used_at.is_some(),
+            expires_at: row.expires_at.into(),
+        }
+    }
+}
+
+for_each_dialect! {
+    impl SqlStore<Db> {
+        async fn insert_refresh(
+            conn: &mut <Db as sqlx::Database>::Connection,
+            family_id: Uuid,
+            token: &NewRefreshToken,
+        ) -> StoreResult<()> {
+            sqlx::query(
+                "INSERT INTO refresh_tokens (token_sha256, family_id, jti, issued_at, expires_at) \
+                 VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(&token.token_sha256)
+            .bind(Id(family_id))
+            .bind(Id(token.jti))
+            .bind(Time(token.issued_at))
+            .bind(Time(token.expires_at))
+            .execute(conn)
+            .await?;
+            Ok(())
+        }
+    }
+
+    #[async_trait]
+    impl IdentityStore for SqlStore<Db> {
+        #[tracing::instrument(skip_all, name = "store.create_user")]
+        async fn create_user(&self, email: &str, password_hash: &str) -> StoreResult<User> {
+            let id = Uuid::now_v7();
+            sqlx::query(
+                "INSERT INTO users (id, email, password_hash, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, $4)",
+            )
+            .bind(Id(id))
+            .bind(email)
+            .bind(password_hash)
+            .bind(Time(now_micros()))
+            .execute(&self.pool)
+            .await?;
+            Ok(User {
+                id,
+                email: email.to_owned(),
+                password_hash: password_hash.to_owned(),
+                status: UserStatus::Active,
+            })
+        }
+
+        async fn user_by_email(&self, email: &str) -> StoreResult<Option<User>> {
+            let row: Option<UserRow> = sqlx::query_as(
+                "SELECT id, email, password_hash, status FROM users WHERE lower(email) = lower($1)",
+            )
+            .bind(email)
+            .fetch_optional(&self.pool)
+            .await?;
+            Ok(row.map(User::from))
+        }
+
+        async fn user_by_id(&self, id: Uuid) -> StoreResult<Option<User>> {
+            let row: Option<UserRow> =
+                sqlx::query_as("SELECT id, email, password_hash, status FROM users WHERE id = $1")
+                    .bind(Id(id))
+                    .fetch_optional(&self.pool)
+                    .await?;
+            Ok(row.map(User::from))
+        }
+
+        async fn device(&self, id: &str) -> StoreResult<Option<Device>> {
+            let row: Option<DeviceRow> = sqlx::query_as(
+                "SELECT id, user_id, fingerprint_sha256, platform, status, attestation_state, \
+                 attestation_failures FROM devices WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+            Ok(row.map(Device::from))
+        }
+
+        #[tracing::instrument(skip_all, name = "store.start_session", fields(device_id = %session.device_id))]
+        async fn start_session(&self, session: NewSession) -> StoreResult<()> {
+            let now = Time(now_micros());
+            let mut tx = self.pool.begin().await?;
+            sqlx::query(
+                "INSERT INTO devices (id, user_id, fingerprint_sha256, platform, created_at, updated_at, last_seen_at) \
+                 VALUES ($1, $2, $3, $4, $5, $5, $5) \
+                 ON CONFLICT (id) DO UPDATE SET user_id = excluded.user_id, \
+                 fingerprint_sha256 = excluded.fingerprint_sha256, platform = excluded.platform, \
+                 attestation_state = CASE WHEN devices.user_id = excluded.user_id \
+                 THEN devices.attestation_state ELSE 'unknown' END, \
+                 updated_at = excluded.updated_at, last_seen_at = excluded.last_seen_at",
+            )
+            .bind(&session.device_id)
+            .bind(Id(session.user_id))
+            .bind(&session.fingerprint_sha256)
+            .bind(&session.platform)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "UPDATE refresh_families SET status = 'revoked', revoke_reason = 'superseded', \
+                 revoked_at = $2 WHERE device_id = $1 AND status = 'active'",
+            )
+            .bind(&session.device_id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO refresh_families (id, user_id, device_id, fingerprint_sha256, created_at) \
+                 VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(Id(session.family_id))
+            .bind(Id(session.user_id))
+            .bind(&session.device_id)
+            .bind(&session.fingerprint_sha256)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            Self::insert_refresh(&mut tx, session.family_id, &session.token).await?;
+            tx.commit().await?;
+            Ok(())
+        }
+
+        async fn refresh_record(&self, token_sha256: &[u8]) -> StoreResult<Option<RefreshRecord>> {
+            let row: Option<RefreshRow> = sqlx::query_as(
+                "SELECT t.used_at, t.expires_at, f.id AS family_id, f.status, f.user_id, f.device_id, \
+                 f.fingerprint_sha256 FROM refresh_tokens t JOIN refresh_families f ON f.id = t.family_id \
+                 WHERE t.token_sha256 = $1",
+            )
+            .bind(token_sha256)
+            .fetch_optional(&self.pool)
+            .await?;
+            Ok(row.map(RefreshRecord::from))
+        }
+
+        #[tracing::instrument(skip_all, name = "store.rotate_refresh")]
+        async fn rotate_refresh(
+            &self,
+            old_sha256: &[u8],
+            family_id: Uuid,
+            new: NewRefreshToken,
+        ) -> StoreResult<RotateOutcome> {
+            // Lock the family first (SQLite: the write lock; PostgreSQL: the
+            // family row): a concurrent logout or revocation waits for this
+            // rotation, or this one sees the family revoked.
+            let mut tx = <Db as Dialect>::begin_write(&self.pool).await?;
+            let lock = format!(
+                "SELECT status FROM refresh_families WHERE id = $1{}",
+                <Db as Dialect>::FOR_UPDATE
+            );
+            let status: Option<String> = sqlx::query_scalar(&lock)
+                .bind(Id(family_id))
+                .fetch_optional(&mut *tx)
+                .await?;
+            if status.as_deref() != Some("active") {
+                tx.rollback().await?;
+                return Ok(RotateOutcome::FamilyInactive);
+            }
+            let won = sqlx::query(
+                "UPDATE refresh_tokens SET used_at = $3 WHERE token_sha256 = $1 AND used_at IS NULL \
+                 AND family_id = $2",
+            )
+            .bind(old_sha256)
+            .bind(Id(family_id))
+            .bind(Time(now_micros()))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                == 1;
+            if !won {
+                tx.rollback().await?;
+                return Ok(RotateOutcome::AlreadyUsed);
+            }
+            Self::insert_refresh(&mut tx, family_id, &new).await?;
+            tx.commit().await?;
+            Ok(RotateOutcome::Rotated)
+        }
+
+        async fn set_device_status(&self, device_id: &str, status: DeviceStatus) -> StoreResult<bool> {
+            let done = sqlx::query(
+                "UPDATE devices SET status = $2, updated_at = $3, attestation_failures = \
+                 CASE WHEN $2 = 'active' THEN 0 ELSE attestation_failures END WHERE id = $1",
+            )
+            .bind(device_id)
+            .bind(status.as_str())
+            .bind(Time(now_micros()))
+            .execute(&self.pool)
+            .await?;
+            Ok(done.rows_affected() == 1)
+        }
+
+        #[tracing::instrument(skip_all, name = "store.revoke_device", fields(device_id = %revocation.device_id))]
+        async fn revoke_device(&self, revocation: Revocation) -> StoreResult<()> {
+            let now = Time(now_micros());
+            let mut tx = self.pool.begin().await?;
+            sqlx::query(
+                "UPDATE refresh_families SET status = 'revoked', revoke_reason = $2, revoked_at = $3 \
+                 WHERE device_id = $1 AND status = 'active'",
+            )
+            .bind(&revocation.device_id)
+            .bind(&revocation.reason)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            if let Some(status) = revocation.device_status {
+                sqlx::query("UPDATE devices SET status = $2, updated_at = $3 WHERE id = $1")
+                    .bind(&revocation.device_id)
+                    .bind(status.as_str())
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            if let Some(audit) = revocation.audit {
+                Self::insert_audit(&mut tx, audit).await?;
+            }
+            if let Some(event) = revocation.event {
+                Self::insert_event(&mut tx, &event).await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        }
+
+        async fn record_attestation(
+            &self,
+            device_id: &str,
+            verified: bool,
+            max_failures: u32,
+        ) -> StoreResult<AttestationOutcome> {
+            let now = Time(now_micros());
+            let mut tx = self.pool.begin().await?;
+            if verified {
+                sqlx::query(
+                    "UPDATE devices SET attestation_state = 'verified', attestation_failures = 0, \
+                     updated_at = $2 WHERE id = $1",
+                )
+                .bind(device_id)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                return Ok(AttestationOutcome {
+                    failures: 0,
+                    quarantined: false,
+                });
+            }
+            let failures: i32 = sqlx::query_scalar(
+                "UPDATE devices SET attestation_state = 'failed', \
+                 attestation_failures = attestation_failures + 1, updated_at = $2 WHERE id = $1 \
+                 RETURNING attestation_failures",
+            )
+            .bind(device_id)
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await?;
+            let failures = failures.unsigned_abs();
+            let quarantined = failures >= max_failures
+                && sqlx::query(
+                    "UPDATE devices SET status = 'quarantined' WHERE id = $1 AND status = 'active'",
+                )
+                .bind(device_id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
+                    == 1;
+            tx.commit().await?;
+            Ok(AttestationOutcome {
+                failures,
+                quarantined,
+            })
+        }
+    }
 }

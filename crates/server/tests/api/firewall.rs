@@ -499,6 +499,7 @@ async fn failed_logins_attestations_and_session_mints_ask_the_firewall(backend: 
     .await;
     app.state
         .firewall
+        .rules()
         .reload(app.state.store.as_ref())
         .await
         .expect("reload");

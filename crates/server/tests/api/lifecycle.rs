@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use blockremote::store::{PostgresStore, SqliteStore, Store};
+use blockremote::store::{BillingStore, PostgresStore, SqliteStore, Store};
 use reqwest::StatusCode;
 use tokio::{
     io::{AsyncBufReadExt, BufReader},

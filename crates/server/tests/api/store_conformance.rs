@@ -17,6 +17,7 @@ crate::on_both_backends!(
     reinserting_a_retired_key_makes_it_current_again,
     retention_deletes_old_events_and_never_audit_rows,
     audit_chain_verifies_and_names_an_edited_or_removed_row,
+    a_decision_whose_affected_ids_do_not_decode_is_an_error,
 );
 
 fn token(n: u8) -> NewRefreshToken {
@@ -481,5 +482,77 @@ async fn audit_chain_verifies_and_names_an_edited_or_removed_row(backend: Backen
     assert_eq!(
         verify_audit_chain(store.as_ref()).await.expect("verify"),
         Err(ChainBreak::Unlinked { seq: 4 })
+    );
+}
+
+/// A corrupt decision row must fail loudly: read as "affected nobody", an
+/// undo would silently restore no one.
+async fn a_decision_whose_affected_ids_do_not_decode_is_an_error(backend: Backend) {
+    let Some((store, raw, _b)) = store_for(backend).await else {
+        return;
+    };
+    store.migrate().await.expect("migrate");
+    let rule = store
+        .firewall_rules()
+        .await
+        .expect("rules")
+        .into_iter()
+        .next()
+        .expect("a seeded rule");
+    let user = Uuid::now_v7();
+    let metadata = serde_json::json!({
+        "rule": rule.name, "version": rule.version, "mode": rule.mode,
+        "side_effect": rule.side_effect, "threshold": rule.threshold,
+        "window_seconds": rule.window_seconds, "lookback_seconds": rule.lookback_seconds,
+        "scope": rule.scope, "scope_key": "k", "users": [user], "devices": ["device_0001"],
+    });
+    let decision = store
+        .record_firewall_decision(
+            blockremote::store::NewDecision {
+                rule,
+                scope_key: "k".into(),
+                users: vec![user],
+                devices: vec!["device_0001".into()],
+                event: blockremote::store::NewEvent {
+                    event_type: "firewall:block".into(),
+                    user_id: None,
+                    device_id: None,
+                    ip_prefix: None,
+                    ip_hmac: None,
+                    metadata,
+                },
+            },
+            false,
+        )
+        .await
+        .expect("recorded");
+    let listed = store.firewall_decisions(10).await.expect("decodes");
+    assert_eq!(listed[0].affected_users, vec![user]);
+    assert_eq!(listed[0].affected_devices, vec!["device_0001".to_owned()]);
+
+    raw.execute(&format!(
+        "UPDATE firewall_decisions SET affected_user_ids = '[\"not-a-uuid\"]' WHERE id = '{}'",
+        decision.id
+    ))
+    .await
+    .expect("corrupted");
+    assert!(
+        store.firewall_decisions(10).await.is_err(),
+        "a corrupt decision must not list as one that affected nobody"
+    );
+    let undo = blockremote::store::NewEvent {
+        event_type: "firewall:undo".into(),
+        user_id: None,
+        device_id: None,
+        ip_prefix: None,
+        ip_hmac: None,
+        metadata: serde_json::json!({"decision_id": decision.id}),
+    };
+    assert!(
+        store
+            .undo_firewall_decision(decision.id, undo)
+            .await
+            .is_err(),
+        "undo of a corrupt decision must fail, not restore no one"
     );
 }

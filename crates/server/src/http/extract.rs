@@ -18,9 +18,9 @@ use axum::{
 };
 use uuid::Uuid;
 
-use super::{client_ip, sha256, tokens};
 use crate::{
     app::AppState,
+    auth::{client_ip, sha256, tokens, DeviceRefusal},
     billing::limits::{self, RateLimitSlot},
     error::{codes, ApiError},
     store::DeviceStatus,
@@ -55,21 +55,6 @@ fn invalid_token() -> ApiError {
         codes::INVALID_TOKEN,
         "The access token is missing, invalid or expired.",
     )
-}
-
-/// Maps a device status to the refusal the contract specifies.
-pub fn refuse_status(status: DeviceStatus) -> Option<ApiError> {
-    match status {
-        DeviceStatus::Active => None,
-        DeviceStatus::Revoked => Some(ApiError::unauthorized(
-            codes::DEVICE_REVOKED,
-            "This device's sessions were revoked.",
-        )),
-        DeviceStatus::Locked | DeviceStatus::Quarantined => Some(ApiError::forbidden(
-            codes::DEVICE_LOCKED,
-            "This device is locked.",
-        )),
-    }
 }
 
 /// Which device states a caller accepts.
@@ -131,10 +116,10 @@ pub async fn authenticate(
     };
     let refusal = match (gate, device.status) {
         (DeviceGate::AllowLocked, DeviceStatus::Locked | DeviceStatus::Quarantined) => None,
-        (_, status) => refuse_status(status),
+        (_, status) => DeviceRefusal::for_status(status),
     };
     if let Some(refusal) = refusal {
-        return Err(refusal);
+        return Err(refusal.into());
     }
     let span = tracing::Span::current();
     span.record("device_id", claims.did.as_str());

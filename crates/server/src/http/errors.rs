@@ -1,0 +1,65 @@
+//! Every domain error's status and stable code, decided once.
+//!
+//! Domain components (`auth`, `firewall`, `signals`, …) answer with their own
+//! error enums and know nothing of HTTP; each variant becomes an [`ApiError`]
+//! here, so the contract's codes and details live in one file whatever the
+//! transport that surfaced them.
+
+use crate::{
+    auth::{sessions::SessionError, DeviceRefusal},
+    error::{codes, ApiError},
+    firewall::FirewallError,
+};
+
+impl From<DeviceRefusal> for ApiError {
+    fn from(refusal: DeviceRefusal) -> Self {
+        match refusal {
+            DeviceRefusal::Revoked => Self::unauthorized(
+                codes::DEVICE_REVOKED,
+                "This device's sessions were revoked.",
+            ),
+            DeviceRefusal::Locked => {
+                Self::forbidden(codes::DEVICE_LOCKED, "This device is locked.")
+            }
+        }
+    }
+}
+
+impl From<FirewallError> for ApiError {
+    fn from(err: FirewallError) -> Self {
+        match err {
+            // The same generic 429 a plain rate limit gives.
+            FirewallError::Refused { retry_after } => Self::RateLimited { retry_after },
+            FirewallError::Store(e) => e.into(),
+            FirewallError::State(e) => e.into(),
+        }
+    }
+}
+
+impl From<SessionError> for ApiError {
+    fn from(err: SessionError) -> Self {
+        match err {
+            SessionError::AccountBlocked => {
+                Self::forbidden(codes::ACCOUNT_BLOCKED, "This account is blocked.")
+            }
+            SessionError::DeviceInUse => Self::conflict(
+                codes::DEVICE_IN_USE,
+                "This device is registered to another account.",
+            ),
+            SessionError::Device(refusal) => refusal.into(),
+            SessionError::InvalidRefreshToken => Self::unauthorized(
+                codes::INVALID_REFRESH_TOKEN,
+                "The refresh token is not valid.",
+            ),
+            SessionError::RefreshTokenReused => Self::unauthorized(
+                codes::REFRESH_TOKEN_REUSED,
+                "This refresh token was already used; the session has been revoked.",
+            ),
+            SessionError::RateLimited { retry_after } => Self::RateLimited { retry_after },
+            SessionError::Firewall(e) => e.into(),
+            SessionError::Signing(e) => Self::Internal(e),
+            SessionError::Store(e) => e.into(),
+            SessionError::State(e) => e.into(),
+        }
+    }
+}

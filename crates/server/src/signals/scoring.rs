@@ -316,18 +316,157 @@ struct DeviceJobs<'a> {
     jobs: Vec<(&'a Job, JobHeader<'a>, Heartbeat)>,
 }
 
+/// A device's scoring lock as a batch asks for it.
+struct BatchLock {
+    /// The lock (`sig:lock:{device}`).
+    key: String,
+    /// This batch's token for it: only the holder of the token releases it.
+    token: String,
+    /// The engine state read under the lock (`sig:{device}`).
+    state_key: String,
+}
+
+/// A device of the batch whose lock the batch holds, with the engine state
+/// read under it.
+struct HeldDevice<'a> {
+    device: DeviceJobs<'a>,
+    engine: DeviceState,
+    lock: BatchLock,
+}
+
+/// The devices of a batch once their locks were asked for.
+struct Locked<'a> {
+    /// When every lock of the batch was asked for: their TTL runs from no
+    /// earlier.
+    asked_at: std::time::Instant,
+    /// Devices whose lock was free, now held by the batch.
+    held: Vec<HeldDevice<'a>>,
+    /// Devices whose lock another worker holds.
+    contended: Vec<DeviceJobs<'a>>,
+}
+
+/// What scoring one held device came to (nothing saved yet).
+struct DeviceOutcome<'a> {
+    device_id: &'a str,
+    engine: DeviceState,
+    lock: BatchLock,
+    /// Every job of the device up to the one that failed, if one did.
+    ids: Vec<String>,
+    /// The report of the last heartbeat scored.
+    report: Option<TrustReport>,
+    /// Heartbeats scored (not redeliveries, not unknown devices).
+    scored: u64,
+    failure: Option<anyhow::Error>,
+}
+
+/// A device whose scoring succeeded, encoded for the save.
+struct Save {
+    lock: BatchLock,
+    ids: Vec<String>,
+    scored: u64,
+    state_bytes: Vec<u8>,
+    /// `(key, bytes)` of the latest report, unless it failed to encode.
+    report: Option<(String, Vec<u8>)>,
+}
+
+impl Save {
+    /// The device's writes and its lock's release: its state and latest
+    /// report when it scored anything, else the release alone. A plain
+    /// release (`within_ttl`): [`commit_saves`] commits only while every
+    /// lock of the batch is surely still held.
+    fn commit(&self) -> Commit<'_> {
+        let mut entries: Vec<(&str, &[u8], Option<Duration>)> = Vec::with_capacity(2);
+        if self.scored > 0 {
+            if let Some((key, bytes)) = &self.report {
+                entries.push((key.as_str(), bytes.as_slice(), Some(STATE_TTL)));
+            }
+            entries.push((
+                self.lock.state_key.as_str(),
+                self.state_bytes.as_slice(),
+                Some(STATE_TTL),
+            ));
+        }
+        Commit {
+            entries,
+            lock: self.lock.key.as_str(),
+            token: self.lock.token.as_bytes(),
+            // Checked by `commit_saves`: a plain delete releases them.
+            within_ttl: true,
+        }
+    }
+}
+
+/// What the commit phase came to.
+enum Committed {
+    /// Saved, the locks released (one found expired is logged): the jobs
+    /// to ack.
+    Acked(Vec<String>),
+    /// The save failed: its jobs stay pending; the batch goes on.
+    LeftPending,
+    /// Too slow to save under the locks: nothing saved, the locks released,
+    /// and the batch stops there (its contended devices stay pending too).
+    GivenUp,
+}
+
 /// Scores a fetched batch with round trips shared by the whole batch: the
 /// scoring locks and engine states of all its devices in one, their window
 /// fingerprints in one, every save and release in one — instead of three
 /// per heartbeat. A device whose lock is held elsewhere is scored on its
 /// own afterwards (waiting for the lock). Returns the ids of the jobs
 /// handled; a device whose scoring or save fails leaves its jobs pending.
+///
+/// Delivery is at-least-once: a job not returned stays pending and is
+/// retried (by this worker or one that reclaims it). That is safe because
+/// scoring is idempotent per device + seq — the engine state remembers the
+/// `seq`s it scored, and a retry after a save that did land finds them
+/// scored. The phases, in order:
+///
+/// 1. [`group_by_device`] — decode the jobs, drop the undecodable ones;
+/// 2. [`lock_and_load`] — take every lock, read every state (a round trip);
+/// 3. [`claim_fingerprints`] — claim every window (a round trip);
+/// 4. [`score_held`] — the engine, per device, acting on its decisions;
+/// 5. [`prepare_saves`] — encode what is to be saved;
+/// 6. [`commit_saves`] — release the failed devices' locks, then save and
+///    release the rest under the lock TTL rule (a round trip), then ack;
+/// 7. [`score_contended`] — the devices locked elsewhere, one by one.
 async fn score_batch(state: &AppState, jobs: Vec<Job>, parallel: usize) -> Vec<String> {
     let started = std::time::Instant::now();
+    let (devices, mut done) = group_by_device(&jobs);
+    if devices.is_empty() {
+        return done;
+    }
+    let Some(Locked {
+        asked_at,
+        held,
+        contended,
+    }) = lock_and_load(state, devices).await
+    else {
+        return done;
+    };
+    let Some(seen) = claim_fingerprints(state, &held).await else {
+        return done;
+    };
+    let outcomes = score_held(state, held, seen, parallel).await;
+    let (saves, failed) = prepare_saves(outcomes);
+    match commit_saves(state, saves, failed, asked_at, started).await {
+        Committed::Acked(ids) => done.extend(ids),
+        Committed::LeftPending => {}
+        Committed::GivenUp => return done,
+    }
+    done.extend(score_contended(state, contended, parallel).await);
+    done
+}
+
+/// Phase 1: the batch's jobs grouped by device, devices in the order of
+/// their first job and each device's jobs in queue order — the order they
+/// are scored in. Also the ids of the undecodable jobs, handled already: a
+/// job that cannot be decoded never will be, so it is logged and dropped
+/// (acked) rather than retried forever. No round trip.
+fn group_by_device(jobs: &[Job]) -> (Vec<DeviceJobs<'_>>, Vec<String>) {
     let mut done = Vec::with_capacity(jobs.len());
     let mut devices: Vec<DeviceJobs<'_>> = Vec::new();
     let mut slot: HashMap<&str, usize> = HashMap::new();
-    for job in &jobs {
+    for job in jobs {
         // A job that cannot be decoded never will be: log and drop it.
         let Some((header, heartbeat)) = decode_job(&job.payload) else {
             tracing::error!(job = %job.id, "undecodable heartbeat job dropped");
@@ -343,24 +482,35 @@ async fn score_batch(state: &AppState, jobs: Vec<Job>, parallel: usize) -> Vec<S
         });
         devices[i].jobs.push((job, header, heartbeat));
     }
-    if devices.is_empty() {
-        return done;
-    }
+    (devices, done)
+}
 
-    // 1. Every device's lock and engine state.
-    let locks: Vec<(String, String, String)> = devices
+/// Phase 2: takes the scoring lock of every device (a fresh token each,
+/// with [`LOCK_TTL`]) and reads the engine state of those it got under it —
+/// one round trip for the batch (`lock_and_get_many`). A state from an
+/// older encoding starts afresh. A device whose lock another worker holds
+/// is set aside, not waited for.
+///
+/// `None` when the round trip fails: the whole batch stays pending for
+/// retry, and any lock that was taken expires by itself within its TTL.
+async fn lock_and_load<'a>(state: &AppState, devices: Vec<DeviceJobs<'a>>) -> Option<Locked<'a>> {
+    let locks: Vec<BatchLock> = devices
         .iter()
-        .map(|d| {
-            (
-                keys::scoring_lock(d.device_id),
-                Uuid::new_v4().simple().to_string(),
-                keys::signal_state(d.device_id),
-            )
+        .map(|d| BatchLock {
+            key: keys::scoring_lock(d.device_id),
+            token: Uuid::new_v4().simple().to_string(),
+            state_key: keys::signal_state(d.device_id),
         })
         .collect();
     let requests: Vec<(&str, &[u8], &str)> = locks
         .iter()
-        .map(|(lock, token, key)| (lock.as_str(), token.as_bytes(), key.as_str()))
+        .map(|lock| {
+            (
+                lock.key.as_str(),
+                lock.token.as_bytes(),
+                lock.state_key.as_str(),
+            )
+        })
         .collect();
     let asked_at = std::time::Instant::now();
     let read = match state.shared.lock_and_get_many(&requests, LOCK_TTL).await {
@@ -368,30 +518,48 @@ async fn score_batch(state: &AppState, jobs: Vec<Job>, parallel: usize) -> Vec<S
         Err(e) => {
             // Locks that were taken expire by themselves; all stays pending.
             tracing::warn!(error = %e, "scoring locks not taken; batch left pending");
-            return done;
+            return None;
         }
     };
     let mut held = Vec::new();
     let mut contended = Vec::new();
-    for ((device, raw), lock) in devices.into_iter().zip(read).zip(&locks) {
+    for ((device, lock), raw) in devices.into_iter().zip(locks).zip(read) {
         match raw {
             Some(raw) => {
                 // A state from an older encoding starts afresh.
                 let engine: DeviceState = raw
                     .and_then(|raw| postcard::from_bytes(&raw).ok())
                     .unwrap_or_default();
-                held.push((device, engine, lock));
+                held.push(HeldDevice {
+                    device,
+                    engine,
+                    lock,
+                });
             }
             None => contended.push(device),
         }
     }
+    Some(Locked {
+        asked_at,
+        held,
+        contended,
+    })
+}
 
-    // 2. The window fingerprints of every heartbeat under a lock: seen
-    //    elsewhere when another device claimed it first.
-    //    (Not for redeliveries of heartbeats already scored.)
+/// Phase 3: claims the window fingerprint of every heartbeat under a lock
+/// (`sig:fp:{hash}`, for [`FINGERPRINT_TTL`]) — one round trip for the
+/// batch (`claim_many`), in the order the batch scores them (device by
+/// device, each in queue order), so that of two devices of the batch
+/// sending the same window the earlier one claims it. Not for redeliveries
+/// of heartbeats already scored (their claim was made the first time).
+///
+/// Per held device, per job: the window was first sent by another device.
+/// `None` when the round trip fails: every held lock is released and the
+/// whole batch (contended devices too) stays pending for retry.
+async fn claim_fingerprints(state: &AppState, held: &[HeldDevice<'_>]) -> Option<Vec<Vec<bool>>> {
     let senders: Vec<(&str, Option<String>)> = held
         .iter()
-        .flat_map(|(device, engine, _)| device.jobs.iter().map(move |job| (job, engine)))
+        .flat_map(|h| h.device.jobs.iter().map(move |job| (job, &h.engine)))
         .map(|((_, header, heartbeat), engine)| {
             let fp = (!engine.already_scored(heartbeat.seq))
                 .then(|| blockremote_engine::features::window_fingerprint(heartbeat))
@@ -407,9 +575,9 @@ async fn score_batch(state: &AppState, jobs: Vec<Job>, parallel: usize) -> Vec<S
         Ok(holders) => holders.into_iter(),
         Err(e) => {
             tracing::warn!(error = %e, "window fingerprints not claimed; batch left pending");
-            let locks: Vec<_> = held.iter().map(|(_, _, lock)| *lock).collect();
+            let locks: Vec<_> = held.iter().map(|h| &h.lock).collect();
             release_locks(state, &locks).await;
-            return done;
+            return None;
         }
     };
     let mut seen = senders.iter().map(|(device_id, fp)| {
@@ -419,58 +587,116 @@ async fn score_batch(state: &AppState, jobs: Vec<Job>, parallel: usize) -> Vec<S
                 .flatten()
                 .is_some_and(|first| first != device_id.as_bytes())
     });
+    Some(
+        held.iter()
+            .map(|h| {
+                h.device
+                    .jobs
+                    .iter()
+                    .map(|_| seen.next().unwrap_or(false))
+                    .collect()
+            })
+            .collect(),
+    )
+}
 
-    // 3. Score each device's heartbeats in order, devices side by side.
-    let mut work = Vec::with_capacity(held.len());
-    for (device, mut engine, lock) in held {
-        let seen: Vec<bool> = device
-            .jobs
-            .iter()
-            .map(|_| seen.next().unwrap_or(false))
-            .collect();
-        work.push(async move {
-            let mut report = None;
-            let mut scored = 0u64;
-            let mut failure = None;
-            let device_id = device.device_id;
-            let mut ids = Vec::with_capacity(device.jobs.len());
-            for ((job, header, heartbeat), seen) in device.jobs.into_iter().zip(seen) {
-                ids.push(job.id.clone());
-                match score_locked(
-                    state,
-                    device_id,
-                    header.user_id,
-                    heartbeat,
-                    header.ip_listed,
-                    false,
-                    seen,
-                    &mut engine,
-                )
-                .await
-                {
-                    Ok(Some(r)) => {
-                        report = Some(r);
-                        scored += 1;
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        failure = Some(e);
-                        break;
-                    }
-                }
-            }
-            (device_id, engine, lock, ids, report, scored, failure)
-        });
-    }
-    let outcomes: Vec<_> = futures::stream::iter(work)
+/// Phase 4: scores every held device ([`score_device`]), up to `parallel`
+/// devices side by side; the outcomes in the order they finish. Nothing is
+/// saved yet and every lock is still held.
+async fn score_held<'a>(
+    state: &AppState,
+    held: Vec<HeldDevice<'a>>,
+    seen: Vec<Vec<bool>>,
+    parallel: usize,
+) -> Vec<DeviceOutcome<'a>> {
+    let work: Vec<_> = held
+        .into_iter()
+        .zip(seen)
+        .map(|(device, seen)| score_device(state, device, seen))
+        .collect();
+    futures::stream::iter(work)
         .buffer_unordered(parallel.max(1))
         .collect()
-        .await;
+        .await
+}
 
-    // 4. Save every state and report and release every lock together.
+/// Scores one held device's heartbeats in queue order with the engine
+/// ([`score_locked`]) on the state read under its lock. A redelivered `seq`
+/// (already scored) leaves the state as it is, as does a heartbeat of an
+/// unknown device (counted as dropped); either job is acked. A lock decision
+/// is acted on here, before the save: if acting fails, the device's
+/// scoring fails and its jobs are retried from the old state (the same
+/// decision again) rather than acked half done. A failure stops the device
+/// there: its later heartbeats wait for the retry too.
+async fn score_device<'a>(
+    state: &AppState,
+    held: HeldDevice<'a>,
+    seen: Vec<bool>,
+) -> DeviceOutcome<'a> {
+    let HeldDevice {
+        device,
+        mut engine,
+        lock,
+    } = held;
+    let mut report = None;
+    let mut scored = 0u64;
+    let mut failure = None;
+    let device_id = device.device_id;
+    let mut ids = Vec::with_capacity(device.jobs.len());
+    for ((job, header, heartbeat), seen) in device.jobs.into_iter().zip(seen) {
+        ids.push(job.id.clone());
+        match score_locked(
+            state,
+            device_id,
+            header.user_id,
+            heartbeat,
+            header.ip_listed,
+            false,
+            seen,
+            &mut engine,
+        )
+        .await
+        {
+            Ok(Some(r)) => {
+                report = Some(r);
+                scored += 1;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    DeviceOutcome {
+        device_id,
+        engine,
+        lock,
+        ids,
+        report,
+        scored,
+        failure,
+    }
+}
+
+/// Phase 5: encodes the state and latest report of every device scored
+/// without failure, for the save; the locks of the others (scoring failed,
+/// or its state did not encode) are to be released without a write, their
+/// jobs left pending for retry. A report that does not encode is not saved
+/// (the state still is). No round trip.
+fn prepare_saves(outcomes: Vec<DeviceOutcome<'_>>) -> (Vec<Save>, Vec<BatchLock>) {
     let mut saves = Vec::with_capacity(outcomes.len());
     let mut failed = Vec::new();
-    for (device_id, engine, lock, ids, report, scored, failure) in outcomes {
+    for outcome in outcomes {
+        let DeviceOutcome {
+            device_id,
+            engine,
+            lock,
+            ids,
+            report,
+            scored,
+            failure,
+        } = outcome;
         if let Some(e) = failure {
             tracing::warn!(
                 device_id,
@@ -491,8 +717,40 @@ async fn score_batch(state: &AppState, jobs: Vec<Job>, parallel: usize) -> Vec<S
         let report = report
             .and_then(|r| serde_json::to_vec(&r).ok())
             .map(|bytes| (keys::trust_report(device_id), bytes));
-        saves.push((lock, ids, scored, state_bytes, report));
+        saves.push(Save {
+            lock,
+            ids,
+            scored,
+            state_bytes,
+            report,
+        });
     }
+    (saves, failed)
+}
+
+/// Phase 6: saves every state and report and releases every lock together
+/// — one round trip for the batch (`commit_many`) — after releasing the
+/// locks of the failed devices (one compare-and-delete each).
+///
+/// The lock TTL rule: every lock of the batch was asked for at `asked_at`.
+/// Past [`LOCK_TTL`] less [`LOCK_DRIFT_MARGIN`] a lock may have gone to
+/// another worker, whose save this one must not overwrite: then nothing is
+/// saved, every lock still ours is released by compare-and-delete, and the
+/// jobs are retried from the saved states ([`Committed::GivenUp`]). Within
+/// it the locks are surely ours and the save releases them with a plain
+/// delete.
+///
+/// Saved, the jobs are acked ([`Committed::Acked`]) and the batch's
+/// metrics recorded ([`ack_saved`]). A failed save leaves every lock to
+/// expire by itself and every job pending ([`Committed::LeftPending`]); the
+/// retry finds its seqs scored if the writes did land.
+async fn commit_saves(
+    state: &AppState,
+    saves: Vec<Save>,
+    failed: Vec<BatchLock>,
+    asked_at: std::time::Instant,
+    started: std::time::Instant,
+) -> Committed {
     // Every lock of the batch was asked for at `asked_at`. Past its TTL
     // (less a margin for clock drift) a lock may have gone to another worker,
     // whose save this one must not overwrite: save nothing, release what is
@@ -501,62 +759,62 @@ async fn score_batch(state: &AppState, jobs: Vec<Job>, parallel: usize) -> Vec<S
         tracing::warn!(
             "batch scored too slowly to save under its locks; jobs left pending for retry"
         );
-        failed.extend(saves.iter().map(|(lock, ..)| *lock));
-        release_locks(state, &failed).await;
-        return done;
+        let mut locks: Vec<&BatchLock> = failed.iter().collect();
+        locks.extend(saves.iter().map(|s| &s.lock));
+        release_locks(state, &locks).await;
+        return Committed::GivenUp;
     }
-    release_locks(state, &failed).await;
-    let commits: Vec<Commit<'_>> = saves
-        .iter()
-        .map(
-            |((lock, token, state_key), _, scored, state_bytes, report)| {
-                let mut entries: Vec<(&str, &[u8], Option<Duration>)> = Vec::with_capacity(2);
-                if *scored > 0 {
-                    if let Some((key, bytes)) = report {
-                        entries.push((key.as_str(), bytes.as_slice(), Some(STATE_TTL)));
-                    }
-                    entries.push((state_key.as_str(), state_bytes.as_slice(), Some(STATE_TTL)));
-                }
-                Commit {
-                    entries,
-                    lock: lock.as_str(),
-                    token: token.as_bytes(),
-                    // Checked above: a plain delete releases them.
-                    within_ttl: true,
-                }
-            },
-        )
-        .collect();
+    let locks: Vec<&BatchLock> = failed.iter().collect();
+    release_locks(state, &locks).await;
+    let commits: Vec<Commit<'_>> = saves.iter().map(Save::commit).collect();
     match state.shared.commit_many(&commits).await {
         Ok(released) => {
             if released.iter().any(|r| !r) {
                 tracing::warn!("scoring lock expired before the state was saved");
             }
-            let elapsed = started.elapsed();
-            let mut batch_scored = 0;
-            for (_, ids, scored, _, _) in saves {
-                state.metrics.signals_scored.inc_by(scored);
-                for _ in 0..scored {
-                    state
-                        .metrics
-                        .signals_scoring_seconds
-                        .observe(elapsed.as_secs_f64());
-                }
-                batch_scored += scored;
-                done.extend(ids);
-            }
-            state
-                .scoring_meter
-                .record(elapsed, usize::try_from(batch_scored).unwrap_or(usize::MAX));
+            Committed::Acked(ack_saved(state, saves, started))
         }
         Err(e) => {
             // The locks expire by themselves; the jobs are retried and find
             // their seqs scored if the writes did land.
             tracing::warn!(error = %e, "scored states not saved; jobs left pending for retry");
+            Committed::LeftPending
         }
     }
+}
 
-    // 5. Devices another worker was scoring: one by one, waiting for the lock.
+/// The ids of the saved devices' jobs, to ack, after recording what the
+/// batch scored: heartbeats scored, each timed from the batch's start, and
+/// the workers' meter.
+fn ack_saved(state: &AppState, saves: Vec<Save>, started: std::time::Instant) -> Vec<String> {
+    let elapsed = started.elapsed();
+    let mut batch_scored = 0;
+    let mut done = Vec::new();
+    for save in saves {
+        state.metrics.signals_scored.inc_by(save.scored);
+        for _ in 0..save.scored {
+            state
+                .metrics
+                .signals_scoring_seconds
+                .observe(elapsed.as_secs_f64());
+        }
+        batch_scored += save.scored;
+        done.extend(save.ids);
+    }
+    state
+        .scoring_meter
+        .record(elapsed, usize::try_from(batch_scored).unwrap_or(usize::MAX));
+    done
+}
+
+/// Phase 7: the devices another worker was scoring, up to `parallel` side
+/// by side, each one heartbeat at a time through [`score_waiting`] (which
+/// waits for the lock); the ids of the jobs scored.
+async fn score_contended(
+    state: &AppState,
+    contended: Vec<DeviceJobs<'_>>,
+    parallel: usize,
+) -> Vec<String> {
     let contended: Vec<_> = contended
         .into_iter()
         .map(|device| score_waiting(state, device))
@@ -565,8 +823,7 @@ async fn score_batch(state: &AppState, jobs: Vec<Job>, parallel: usize) -> Vec<S
         .buffer_unordered(parallel.max(1))
         .collect()
         .await;
-    done.extend(contended.into_iter().flatten());
-    done
+    contended.into_iter().flatten().collect()
 }
 
 /// Scores a device's heartbeats one by one through [`score`] (which waits
@@ -593,10 +850,16 @@ async fn score_waiting(state: &AppState, device: DeviceJobs<'_>) -> Vec<String> 
     ids
 }
 
-/// Releases the locks of a batch that is given up (nothing written).
-async fn release_locks(state: &AppState, locks: &[&(String, String, String)]) {
-    for (lock, token, _) in locks {
-        if let Err(e) = state.shared.delete_if(lock, token.as_bytes()).await {
+/// Releases the locks of a batch that is given up (nothing written), one
+/// compare-and-delete each: a lock that expired and was taken by another
+/// worker is not ours to drop. A failure is logged; the lock expires.
+async fn release_locks(state: &AppState, locks: &[&BatchLock]) {
+    for lock in locks {
+        if let Err(e) = state
+            .shared
+            .delete_if(&lock.key, lock.token.as_bytes())
+            .await
+        {
             tracing::warn!(error = %e, "scoring lock not released; it expires by itself");
         }
     }

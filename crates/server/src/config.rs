@@ -817,4 +817,189 @@ mod tests {
         let err = load(&[("DATABASE_URL", "mysql://u:hunter2@db")]).expect_err("bad scheme");
         assert!(!err.to_string().contains("hunter2"));
     }
+
+    /// Today's wording and bounds, pinned before the settings were declared in one place.
+    #[test]
+    fn out_of_range_values_are_refused_with_their_bounds() {
+        for (var, raw, message) in [
+            (
+                "BLOCKREMOTE_ACCESS_TOKEN_TTL_SECONDS",
+                "59",
+                "must be between 60 and 86400",
+            ),
+            (
+                "BLOCKREMOTE_ACCESS_TOKEN_TTL_SECONDS",
+                "86401",
+                "must be between 60 and 86400",
+            ),
+            (
+                "BLOCKREMOTE_ATTESTATION_NONCE_TTL_SECONDS",
+                "119",
+                "must be between 120 and 300",
+            ),
+            (
+                "BLOCKREMOTE_ATTESTATION_NONCE_TTL_SECONDS",
+                "301",
+                "must be between 120 and 300",
+            ),
+            (
+                "BLOCKREMOTE_KEY_RELOAD_SECONDS",
+                "0",
+                "must be between 1 and 60",
+            ),
+            (
+                "BLOCKREMOTE_KEY_RELOAD_SECONDS",
+                "61",
+                "must be between 1 and 60",
+            ),
+            (
+                "BLOCKREMOTE_EVENT_RETENTION_DAYS",
+                "0",
+                "must be within 1–3650 days",
+            ),
+            (
+                "BLOCKREMOTE_EVENT_RETENTION_DAYS",
+                "3651",
+                "must be within 1–3650 days",
+            ),
+            (
+                "BLOCKREMOTE_SHUTDOWN_GRACE_SECONDS",
+                "10",
+                "must be at most 9 (SIGTERM must exit within 10 s)",
+            ),
+            ("BLOCKREMOTE_QUEUE_CAPACITY", "0", "must be at least 1"),
+            (
+                "BLOCKREMOTE_DATABASE_MAX_CONNECTIONS",
+                "0",
+                "must be at least 1",
+            ),
+            (
+                "BLOCKREMOTE_REFRESH_PER_MINUTE",
+                "x",
+                "`x` is not a valid number: invalid digit found in string",
+            ),
+            (
+                "BLOCKREMOTE_ATTESTATION_MAX_FAILURES",
+                "5000000000",
+                "`5000000000` is not a valid number: number too large to fit in target type",
+            ),
+            (
+                "BLOCKREMOTE_LOG_FORMAT",
+                "xml",
+                "must be `json` or `pretty`",
+            ),
+            (
+                "BLOCKREMOTE_JWT_ALGORITHM",
+                "HS256",
+                "must be ES256 or RS256",
+            ),
+            (
+                "BLOCKREMOTE_REDIS_PREFIX",
+                "a b",
+                "must not contain braces or spaces",
+            ),
+            ("BLOCKREMOTE_AUDIENCE", "", "must not be empty"),
+        ] {
+            let err = load(&[(var, raw)]).expect_err(var);
+            assert_eq!(err.to_string(), format!("{var}: {message}"));
+        }
+    }
+
+    #[test]
+    fn file_values_are_blamed_on_their_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "key_reload_seconds = 0\n").expect("write");
+        let err = Config::from_sources(Some(&file), &env(&[])).expect_err("must fail");
+        assert_eq!(
+            err.to_string(),
+            "key_reload_seconds (config file): must be between 1 and 60"
+        );
+    }
+
+    #[test]
+    fn bounds_are_inclusive_and_zero_rates_and_timeouts_mean_the_least() {
+        let c = load(&[
+            ("BLOCKREMOTE_ACCESS_TOKEN_TTL_SECONDS", "86400"),
+            ("BLOCKREMOTE_ATTESTATION_NONCE_TTL_SECONDS", "120"),
+            ("BLOCKREMOTE_KEY_RELOAD_SECONDS", "60"),
+            ("BLOCKREMOTE_EVENT_RETENTION_DAYS", "3650"),
+            ("BLOCKREMOTE_SHUTDOWN_GRACE_SECONDS", "0"),
+            ("BLOCKREMOTE_CONNECT_TIMEOUT_SECONDS", "0"),
+            ("BLOCKREMOTE_REQUEST_TIMEOUT_SECONDS", "0"),
+            ("BLOCKREMOTE_ATTESTATION_MAX_FAILURES", "0"),
+            ("BLOCKREMOTE_REFRESH_PER_MINUTE", "0"),
+            ("BLOCKREMOTE_WS_HANDSHAKES_PER_MINUTE", "0"),
+            ("BLOCKREMOTE_WS_MAX_CONNECTIONS", "0"),
+            ("BLOCKREMOTE_HSTS_MAX_AGE_SECONDS", " 600 "),
+            ("BLOCKREMOTE_LOG_FORMAT", "PRETTY"),
+        ])
+        .expect("load");
+        assert_eq!(c.access_token_ttl, Duration::from_secs(86_400));
+        assert_eq!(c.attestation_nonce_ttl, Duration::from_secs(120));
+        assert_eq!(c.key_reload_interval, Duration::from_secs(60));
+        assert_eq!(c.event_retention, Duration::from_secs(3650 * 86_400));
+        assert_eq!(c.shutdown_grace, Duration::ZERO);
+        assert_eq!(c.connect_timeout, Duration::from_secs(1));
+        assert_eq!(c.request_timeout, Duration::from_secs(1));
+        assert_eq!(c.attestation_max_failures, 1);
+        assert_eq!(c.refresh_per_minute, 1);
+        assert_eq!(c.ws_handshakes_per_minute, 1);
+        assert_eq!(c.ws_max_connections, 0);
+        assert_eq!(c.hsts_max_age, Some(Duration::from_secs(600)));
+        assert_eq!(c.log_format, LogFormat::Pretty);
+    }
+
+    #[test]
+    fn numeric_defaults_match_the_readme() {
+        let c = load(&[]).expect("defaults load");
+        assert_eq!(c.database_max_connections, 16);
+        assert_eq!(c.connect_timeout, Duration::from_secs(10));
+        assert_eq!(c.request_timeout, Duration::from_secs(30));
+        assert_eq!(c.shutdown_grace, Duration::from_secs(8));
+        assert_eq!(c.queue_capacity, 100_000);
+        assert_eq!(c.event_retention, Duration::from_secs(90 * 86_400));
+        assert_eq!(c.access_token_ttl, Duration::from_secs(900));
+        assert_eq!(c.key_reload_interval, Duration::from_secs(30));
+        assert_eq!(c.attestation_nonce_ttl, Duration::from_secs(180));
+        assert_eq!(c.attestation_max_failures, 3);
+        assert_eq!(c.refresh_per_minute, 10);
+        assert_eq!(c.ws_max_connections, 100_000);
+        assert_eq!(c.ws_handshakes_per_minute, 60);
+        assert_eq!(c.redis_prefix, "");
+    }
+
+    #[test]
+    fn empty_values_mean_unset_where_unset_means_something() {
+        let c = load(&[
+            ("REDIS_URL", ""),
+            ("BLOCKREMOTE_ADMIN_TOKEN", ""),
+            ("BLOCKREMOTE_ATTESTATION_TEST_SECRET", ""),
+            ("BLOCKREMOTE_JWT_PRIVATE_KEY", ""),
+            ("BLOCKREMOTE_JWT_PRIVATE_KEY_FILE", ""),
+        ])
+        .expect("load");
+        assert!(c.redis_url.is_none());
+        assert!(c.admin_token.is_none());
+        assert!(c.attestation_test_secret.is_none());
+        assert!(c.jwt_private_key.is_none());
+        let err = load(&[("DATABASE_URL", "")]).expect_err("empty database url");
+        assert!(
+            err.to_string().starts_with("DATABASE_URL: scheme must be"),
+            "{err}"
+        );
+        let err = load(&[("BLOCKREMOTE_JWT_PRIVATE_KEY_FILE", "/nonexistent/key.pem")])
+            .expect_err("missing pem file");
+        assert!(
+            err.to_string()
+                .starts_with("BLOCKREMOTE_JWT_PRIVATE_KEY_FILE: cannot read /nonexistent/key.pem"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn redis_urls_print_redacted() {
+        let c = load(&[("REDIS_URL", "redis://:redispass@cache:6379")]).expect("load");
+        assert!(format!("{c:?}").contains("redis://:***@cache:6379"));
+    }
 }

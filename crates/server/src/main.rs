@@ -222,8 +222,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             }
             let store = open_store(&config).await?;
             store.migrate().await?;
-            let kid =
-                blockremote::auth::keys::rotate(store.as_ref(), &config.jwt_algorithm).await?;
+            let kid = blockremote::auth::keys::rotate(store.as_ref(), config.jwt_algorithm).await?;
             println!("{kid}");
             tracing::info!(kid, "new signing key is current");
             store.close().await;

@@ -29,7 +29,10 @@ use ring::{
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::store::{now_micros, SigningKeyRecord, Store, StoreError};
+use crate::{
+    config::JwtAlgorithm,
+    store::{now_micros, SigningKeyRecord, Store, StoreError},
+};
 
 /// How often each replica reloads the key set from the store.
 pub const RELOAD_EVERY: Duration = Duration::from_secs(30);
@@ -240,12 +243,11 @@ pub fn generate_rs256() -> Result<SigningKeyRecord, KeyError> {
     Ok(record("RS256", Some(der.as_bytes().to_vec()), jwk))
 }
 
-/// Generates a key for `alg` (`ES256` or `RS256`), off the async runtime.
-pub async fn generate(alg: &str) -> Result<SigningKeyRecord, KeyError> {
-    let alg = alg.to_owned();
-    tokio::task::spawn_blocking(move || match alg.as_str() {
-        "RS256" => generate_rs256(),
-        _ => generate_es256(),
+/// Generates a key for `alg`, off the async runtime.
+pub async fn generate(alg: JwtAlgorithm) -> Result<SigningKeyRecord, KeyError> {
+    tokio::task::spawn_blocking(move || match alg {
+        JwtAlgorithm::Rs256 => generate_rs256(),
+        JwtAlgorithm::Es256 => generate_es256(),
     })
     .await
     .map_err(|e| KeyError::Invalid(format!("key generation task failed: {e}")))?
@@ -304,7 +306,7 @@ impl KeyRing {
     pub async fn load(
         store: &dyn Store,
         external: Option<ExternalKey>,
-        algorithm: &str,
+        algorithm: JwtAlgorithm,
         verify_window: Duration,
     ) -> Result<Self, KeyError> {
         let verify_window = chrono::Duration::from_std(verify_window)
@@ -317,12 +319,9 @@ impl KeyRing {
             if !current {
                 store.insert_signing_key(key.record.clone(), true).await?;
             }
-        } else if !store
-            .signing_keys()
-            .await?
-            .iter()
-            .any(|k| k.retired_at.is_none() && k.private_der.is_some() && k.alg == algorithm)
-        {
+        } else if !store.signing_keys().await?.iter().any(|k| {
+            k.retired_at.is_none() && k.private_der.is_some() && k.alg == algorithm.as_str()
+        }) {
             // First start, or the configured algorithm changed: a new current
             // key; the old ones keep verifying until their tokens expire.
             store
@@ -393,7 +392,7 @@ impl KeyRing {
 }
 
 /// Makes a new key current (the `keys rotate` command). Returns its `kid`.
-pub async fn rotate(store: &dyn Store, algorithm: &str) -> Result<String, KeyError> {
+pub async fn rotate(store: &dyn Store, algorithm: JwtAlgorithm) -> Result<String, KeyError> {
     let key = generate(algorithm).await?;
     let kid = key.kid.clone();
     store.insert_signing_key(key, true).await?;

@@ -107,7 +107,7 @@ impl Auth {
             None => None,
         };
         let window = config.access_token_ttl + Duration::from_secs(tokens::LEEWAY_SECONDS + 60);
-        let keys = KeyRing::load(store, external, &config.jwt_algorithm, window).await?;
+        let keys = KeyRing::load(store, external, config.jwt_algorithm, window).await?;
         let mut candidate = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut candidate);
         let ip_key = store.server_secret("ip_hmac", &candidate).await?;

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD as B64, Engine};
 use blockremote::{
+    config::JwtAlgorithm,
     realtime::{Action, DeviceCommand},
     state::keys,
 };
@@ -729,8 +730,11 @@ async fn cli(app: &TestApp, args: &[&str]) -> std::process::Output {
         use secrecy::ExposeSecret;
         env.push(("DATABASE_URL", url.expose_secret().to_owned()));
     }
-    if config.jwt_algorithm != "ES256" {
-        env.push(("BLOCKREMOTE_JWT_ALGORITHM", config.jwt_algorithm.clone()));
+    if config.jwt_algorithm != JwtAlgorithm::Es256 {
+        env.push((
+            "BLOCKREMOTE_JWT_ALGORITHM",
+            config.jwt_algorithm.to_string(),
+        ));
     }
     tokio::process::Command::new(env!("CARGO_BIN_EXE_blockremote"))
         .args(args)
@@ -1103,7 +1107,7 @@ async fn a_revocation_on_one_instance_is_enforced_by_another_at_once() {
 }
 
 async fn generated_rs256_keys_verify_through_the_jwks(backend: Backend) {
-    let Some(app) = spawn_app_with(backend, |c| c.jwt_algorithm = "RS256".into()).await else {
+    let Some(app) = spawn_app_with(backend, |c| c.jwt_algorithm = JwtAlgorithm::Rs256).await else {
         return;
     };
     let s = register(&app, "ria@example.com", "device_0001").await;
@@ -1225,7 +1229,7 @@ async fn a_key_rotated_elsewhere_is_learned_on_first_sight(backend: Backend) {
     let s = register(&app, "yul@example.com", "device_0001").await;
     tokio::time::sleep(blockremote::auth::keys::UNKNOWN_KID_RELOAD_GAP).await;
     // Another instance rotates…
-    let kid = blockremote::auth::keys::rotate(app.state.store.as_ref(), "ES256")
+    let kid = blockremote::auth::keys::rotate(app.state.store.as_ref(), JwtAlgorithm::Es256)
         .await
         .expect("rotate");
     let (new_kid, key) = signing_key_of(&app).await;

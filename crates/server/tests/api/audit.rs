@@ -3,10 +3,13 @@
 
 use std::collections::HashSet;
 
-use reqwest::StatusCode;
+use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
-use crate::helpers::{register, spawn_app_with, Backend, TestApp};
+use crate::{
+    client::Session,
+    helpers::{spawn_app_with, Backend, TestApp},
+};
 
 crate::on_both_backends!(
     audit_logs_are_scoped_filtered_and_paginated,
@@ -20,14 +23,12 @@ async fn admin_events_are_filtered_paginated_and_carry_no_address(backend: Backe
         return;
     };
     for i in 0..3 {
-        register(
-            &app,
-            &format!("ev{i}@example.com"),
-            &format!("device_event_{i}"),
-        )
-        .await;
+        app.register(&format!("ev{i}@example.com"), &format!("device_event_{i}"))
+            .await;
     }
-    let page: Value = get_admin(&app, "/v1/admin/events?type=create:user&limit=2").await;
+    let page: Value = app
+        .admin_json("/v1/admin/events?type=create:user&limit=2")
+        .await;
     let items = page["items"].as_array().expect("items");
     assert_eq!(items.len(), 2);
     assert!(items.iter().all(|e| e["type"] == "create:user"));
@@ -36,69 +37,39 @@ async fn admin_events_are_filtered_paginated_and_carry_no_address(backend: Backe
     assert!(items[0]["ip_hmac"].as_str().expect("hmac").len() >= 32);
     assert!(!page.to_string().contains("127.0.0.1"), "{page}");
     let cursor = page["next_cursor"].as_str().expect("more");
-    let rest: Value = get_admin(
-        &app,
-        &format!("/v1/admin/events?type=create:user&limit=2&cursor={cursor}"),
-    )
-    .await;
+    let rest: Value = app
+        .admin_json(&format!(
+            "/v1/admin/events?type=create:user&limit=2&cursor={cursor}"
+        ))
+        .await;
     assert_eq!(rest["items"].as_array().expect("items").len(), 1);
     assert!(rest["next_cursor"].is_null());
     assert_ne!(rest["items"][0]["id"], items[0]["id"]);
-    let other: Value = get_admin(&app, "/v1/admin/events?type=create:session").await;
+    let other: Value = app.admin_json("/v1/admin/events?type=create:session").await;
     assert_eq!(other["items"].as_array().expect("items").len(), 3);
     let r = app
-        .client
-        .get(format!("{}/v1/admin/events?limit=0", app.address))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .expect("request");
+        .admin(Method::GET, "/v1/admin/events?limit=0", None)
+        .await;
     assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
-}
-
-async fn get_admin(app: &TestApp, path: &str) -> Value {
-    let r = app
-        .client
-        .get(format!("{}{path}", app.address))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(r.status(), StatusCode::OK);
-    r.json().await.expect("json")
 }
 
 const ADMIN: &str = "audit-admin-key-0123456789abcdef0123456789";
 
-async fn get(app: &TestApp, query: &str, bearer: &str, device: Option<&str>) -> reqwest::Response {
-    let mut request = app
-        .client
-        .get(format!("{}/v1/audit/logs{query}", app.address))
-        .bearer_auth(bearer);
-    if let Some(device) = device {
-        request = request.header("x-device-id", device);
-    }
-    request.send().await.expect("request")
+/// `GET /v1/audit/logs<query>` as `device`.
+async fn logs(app: &TestApp, query: &str, device: &Session) -> reqwest::Response {
+    app.device_get(&format!("/v1/audit/logs{query}"), device)
+        .await
+}
+
+/// `GET /v1/audit/logs<query>` as the operator (the admin key).
+async fn admin_logs(app: &TestApp, query: &str) -> reqwest::Response {
+    app.admin(Method::GET, &format!("/v1/audit/logs{query}"), None)
+        .await
 }
 
 async fn lock_and_unlock(app: &TestApp, device: &str) {
-    for (path, body) in [
-        (
-            "lock",
-            json!({"action": "FORCE_OVERLAY", "reason": "fraud_team"}),
-        ),
-        ("unlock", json!({})),
-    ] {
-        let r = app
-            .client
-            .post(format!("{}/v1/admin/devices/{device}/{path}", app.address))
-            .bearer_auth(ADMIN)
-            .json(&body)
-            .send()
-            .await
-            .expect("request");
-        assert_eq!(r.status(), StatusCode::OK);
-    }
+    app.lock(device, "FORCE_OVERLAY").await;
+    app.unlock(device).await;
 }
 
 async fn audit_logs_are_scoped_filtered_and_paginated(backend: Backend) {
@@ -107,15 +78,14 @@ async fn audit_logs_are_scoped_filtered_and_paginated(backend: Backend) {
     else {
         return;
     };
-    let a = register(&app, "a@example.com", "device_audit_a").await;
-    let b = register(&app, "b@example.com", "device_audit_b").await;
+    let a = app.register("a@example.com", "device_audit_a").await;
+    let b = app.register("b@example.com", "device_audit_b").await;
     lock_and_unlock(&app, "device_audit_a").await;
     lock_and_unlock(&app, "device_audit_a").await;
     lock_and_unlock(&app, "device_audit_b").await;
-    let a_token = a["access_token"].as_str().expect("token");
 
     // A device sees its own user's rows only, newest first.
-    let r = get(&app, "", a_token, Some("device_audit_a")).await;
+    let r = logs(&app, "", &a).await;
     assert_eq!(r.status(), StatusCode::OK);
     assert!(
         r.headers().contains_key("ratelimit-limit"),
@@ -124,7 +94,7 @@ async fn audit_logs_are_scoped_filtered_and_paginated(backend: Backend) {
     let page: Value = r.json().await.expect("json");
     let items = page["items"].as_array().expect("items");
     assert_eq!(items.len(), 4, "{page}");
-    assert!(items.iter().all(|i| i["user_id"] == a["user_id"]));
+    assert!(items.iter().all(|i| i["user_id"] == a.user_id.as_str()));
     assert_eq!(items[0]["action_taken"], "UNLOCK");
     assert_eq!(items[0]["source"], "http");
     for key in [
@@ -141,28 +111,24 @@ async fn audit_logs_are_scoped_filtered_and_paginated(backend: Backend) {
     }
     assert!(page["next_cursor"].is_null());
     // Asking for someone else's rows gives nothing.
-    let other = format!("?user_id={}", b["user_id"].as_str().expect("id"));
-    let page: Value = get(&app, &other, a_token, Some("device_audit_a"))
-        .await
-        .json()
-        .await
-        .expect("json");
+    let other = format!("?user_id={}", b.user_id);
+    let page: Value = logs(&app, &other, &a).await.json().await.expect("json");
     assert_eq!(page["items"], json!([]));
 
     // An operator sees everything, and filters.
-    let page: Value = get(&app, "?limit=200", ADMIN, None)
+    let page: Value = admin_logs(&app, "?limit=200")
         .await
         .json()
         .await
         .expect("json");
     assert!(page["items"].as_array().expect("items").len() >= 6);
-    let page: Value = get(&app, "?device_id=device_audit_b", ADMIN, None)
+    let page: Value = admin_logs(&app, "?device_id=device_audit_b")
         .await
         .json()
         .await
         .expect("json");
     assert_eq!(page["items"].as_array().expect("items").len(), 2);
-    let page: Value = get(&app, "?action=FORCE_OVERLAY", ADMIN, None)
+    let page: Value = admin_logs(&app, "?action=FORCE_OVERLAY")
         .await
         .json()
         .await
@@ -179,11 +145,7 @@ async fn audit_logs_are_scoped_filtered_and_paginated(backend: Backend) {
             Some(c) => format!("?limit=1&device_id=device_audit_a&cursor={c}"),
             None => "?limit=1&device_id=device_audit_a".to_owned(),
         };
-        let page: Value = get(&app, &query, ADMIN, None)
-            .await
-            .json()
-            .await
-            .expect("json");
+        let page: Value = admin_logs(&app, &query).await.json().await.expect("json");
         let items = page["items"].as_array().expect("items");
         assert!(items.len() <= 1);
         seen.extend(items.iter().map(|i| {
@@ -210,17 +172,21 @@ async fn audit_logs_are_scoped_filtered_and_paginated(backend: Backend) {
         ("?limit=201", "limit"),
         ("?cursor=bm9wZQ", "cursor"),
     ] {
-        let r = get(&app, query, ADMIN, None).await;
+        let r = admin_logs(&app, query).await;
         assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY, "{query}");
         assert_eq!(r.json::<Value>().await.expect("json")["field"], field);
     }
     assert_eq!(
-        get(&app, "?bogus=1", ADMIN, None).await.status(),
+        admin_logs(&app, "?bogus=1").await.status(),
         StatusCode::UNPROCESSABLE_ENTITY
     );
     // No credentials, or a wrong admin key.
-    assert_eq!(
-        get(&app, "", "not-a-key", None).await.status(),
-        StatusCode::UNAUTHORIZED
-    );
+    let wrong_key = app
+        .client
+        .get(app.url("/v1/audit/logs"))
+        .bearer_auth("not-a-key")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(wrong_key.status(), StatusCode::UNAUTHORIZED);
 }

@@ -11,7 +11,10 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sha2::Sha256;
 
-use crate::helpers::{second_instance, spawn_app_with, Backend, TestApp};
+use crate::{
+    client::Session,
+    helpers::{second_instance, spawn_app_with, Backend, TestApp},
+};
 
 crate::on_both_backends!(
     both_signature_schemes_and_rotated_secrets_are_accepted,
@@ -54,7 +57,7 @@ fn stripe_signature(secret: &str, t: i64, body: &str) -> String {
 
 async fn send_stripe(app: &TestApp, secret: &str, t: i64, body: &str) -> reqwest::Response {
     app.client
-        .post(format!("{}/v1/billing/webhook", app.address))
+        .post(app.url("/v1/billing/webhook"))
         .header("content-type", "application/json")
         .header("x-signature", stripe_signature(secret, t, body))
         .body(body.to_owned())
@@ -69,7 +72,7 @@ async fn send_standard(app: &TestApp, id: &str, t: i64, body: &str) -> reqwest::
         .expect("key");
     let sig = BASE64.encode(hmac(&key, format!("{id}.{t}.{body}").as_bytes()));
     app.client
-        .post(format!("{}/v1/billing/webhook", app.address))
+        .post(app.url("/v1/billing/webhook"))
         .header("content-type", "application/json")
         .header("webhook-id", id)
         .header("webhook-timestamp", t.to_string())
@@ -86,33 +89,8 @@ fn event(id: &str, kind: &str, created: i64, user: &str, plan: &str) -> String {
     .to_string()
 }
 
-struct Device {
-    user_id: String,
-    device_id: String,
-    access: String,
-}
-
-async fn register(app: &TestApp, email: &str, device_id: &str) -> Device {
-    let body = crate::helpers::register(app, email, device_id).await;
-    Device {
-        user_id: body["user_id"].as_str().expect("user").to_owned(),
-        device_id: device_id.to_owned(),
-        access: body["access_token"].as_str().expect("token").to_owned(),
-    }
-}
-
-async fn subscription(app: &TestApp, device: &Device) -> reqwest::Response {
-    app.client
-        .get(format!("{}/v1/billing/subscription", app.address))
-        .bearer_auth(&device.access)
-        .header("x-device-id", &device.device_id)
-        .send()
-        .await
-        .expect("request")
-}
-
-async fn subscription_json(app: &TestApp, device: &Device) -> Value {
-    let response = subscription(app, device).await;
+async fn subscription_json(app: &TestApp, device: &Session) -> Value {
+    let response = app.subscription(device).await;
     assert_eq!(response.status(), StatusCode::OK);
     response.json().await.expect("json")
 }
@@ -134,7 +112,7 @@ async fn both_signature_schemes_and_rotated_secrets_are_accepted(backend: Backen
     let Some(app) = app(backend).await else {
         return;
     };
-    let d = register(&app, "pay@example.com", "device_bill_1").await;
+    let d = app.register("pay@example.com", "device_bill_1").await;
     let before = subscription_json(&app, &d).await;
     assert_eq!(before["plan"], "trial");
     assert_eq!(before["status"], "none");
@@ -212,7 +190,7 @@ async fn both_signature_schemes_and_rotated_secrets_are_accepted(backend: Backen
     );
     let response = app
         .client
-        .post(format!("{}/v1/billing/webhook", app.address))
+        .post(app.url("/v1/billing/webhook"))
         .header("x-signature", header)
         .body(body)
         .send()
@@ -253,7 +231,7 @@ async fn forged_or_unsigned_webhooks_are_refused(backend: Backend) {
     let Some(app) = app(backend).await else {
         return;
     };
-    let d = register(&app, "forge@example.com", "device_bill_2").await;
+    let d = app.register("forge@example.com", "device_bill_2").await;
     let body = event(
         "evt_f1",
         "subscription.activated",
@@ -276,7 +254,7 @@ async fn forged_or_unsigned_webhooks_are_refused(backend: Backend) {
     );
     let response = app
         .client
-        .post(format!("{}/v1/billing/webhook", app.address))
+        .post(app.url("/v1/billing/webhook"))
         .header(
             "x-signature",
             stripe_signature(STRIPE_SECRET, now(), &other),
@@ -289,7 +267,7 @@ async fn forged_or_unsigned_webhooks_are_refused(backend: Backend) {
     // No signature at all, and a malformed one.
     let response = app
         .client
-        .post(format!("{}/v1/billing/webhook", app.address))
+        .post(app.url("/v1/billing/webhook"))
         .body(body.clone())
         .send()
         .await
@@ -297,7 +275,7 @@ async fn forged_or_unsigned_webhooks_are_refused(backend: Backend) {
     refused(status_of(response).await);
     let response = app
         .client
-        .post(format!("{}/v1/billing/webhook", app.address))
+        .post(app.url("/v1/billing/webhook"))
         .header("x-signature", "t=abc,v1=zz")
         .body(body)
         .send()
@@ -315,7 +293,7 @@ async fn timestamps_more_than_300_seconds_away_are_refused_both_ways(backend: Ba
     let Some(app) = app(backend).await else {
         return;
     };
-    let d = register(&app, "clock@example.com", "device_bill_3").await;
+    let d = app.register("clock@example.com", "device_bill_3").await;
     for (i, skew) in [-400i64, 400].into_iter().enumerate() {
         let body = event(
             &format!("evt_t{i}"),
@@ -358,7 +336,7 @@ async fn an_event_applies_once_forever_and_a_changed_payload_conflicts(backend: 
     let Some(app) = app(backend).await else {
         return;
     };
-    let d = register(&app, "once@example.com", "device_bill_4").await;
+    let d = app.register("once@example.com", "device_bill_4").await;
     let created = now();
     let body = event(
         "evt_once",
@@ -435,7 +413,7 @@ async fn older_events_never_roll_a_subscription_back(backend: Backend) {
     let Some(app) = app(backend).await else {
         return;
     };
-    let d = register(&app, "order@example.com", "device_bill_5").await;
+    let d = app.register("order@example.com", "device_bill_5").await;
     let t = now();
     let newer = event("evt_new", "subscription.activated", t, &d.user_id, "paid");
     assert_eq!(
@@ -502,11 +480,11 @@ async fn older_events_never_roll_a_subscription_back(backend: Backend) {
 
 /// Sends requests until the first 429; returns how many were allowed and
 /// how long it took. Checks the headers of every response on the way.
-async fn drain(app: &TestApp, d: &Device, capacity: u64) -> (u64, Duration) {
+async fn drain(app: &TestApp, d: &Session, capacity: u64) -> (u64, Duration) {
     let started = Instant::now();
     let mut allowed = 0u64;
     loop {
-        let response = subscription(app, d).await;
+        let response = app.subscription(d).await;
         assert_eq!(header_u64(&response, "ratelimit-limit"), capacity);
         let remaining = header_u64(&response, "ratelimit-remaining");
         assert!(remaining < capacity);
@@ -544,12 +522,9 @@ async fn each_plan_bucket_holds_exactly_its_capacity(backend: Backend) {
         .into_iter()
         .enumerate()
     {
-        let d = register(
-            &app,
-            &format!("cap{i}@example.com"),
-            &format!("device_cap_{i}"),
-        )
-        .await;
+        let d = app
+            .register(&format!("cap{i}@example.com"), &format!("device_cap_{i}"))
+            .await;
         if plan != "trial" {
             let body = event(
                 &format!("evt_cap{i}"),
@@ -581,7 +556,7 @@ async fn upgrades_and_downgrades_apply_on_the_next_request(backend: Backend) {
         Backend::Embedded => None,
     };
     let api = other.as_ref().unwrap_or(&app);
-    let d = register(&app, "upgrade@example.com", "device_up_1").await;
+    let d = app.register("upgrade@example.com", "device_up_1").await;
     let (allowed, elapsed) = drain(api, &d, 120).await;
     assert_capacity(allowed, elapsed, 120);
 
@@ -629,13 +604,13 @@ async fn upgrades_and_downgrades_apply_on_the_next_request(backend: Backend) {
 /// request by a fraction of a millisecond, so it gets two seconds.
 async fn limit_applies(
     api: &TestApp,
-    d: &Device,
+    d: &Session,
     limit: u64,
     other_instance: bool,
 ) -> reqwest::Response {
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
-        let response = subscription(api, d).await;
+        let response = api.subscription(d).await;
         if header_u64(&response, "ratelimit-limit") == limit {
             return response;
         }
@@ -694,7 +669,7 @@ async fn invalid_events_name_the_field_and_apply_nothing(backend: Backend) {
     let Some(app) = app(backend).await else {
         return;
     };
-    let d = register(&app, "invalid@example.com", "device_bill_6").await;
+    let d = app.register("invalid@example.com", "device_bill_6").await;
     let cases = [
         (
             event(
@@ -760,22 +735,24 @@ async fn two_instances_share_one_bucket_through_redis() {
         return;
     };
     let second = second_instance(&first).await;
-    let d = register(&first, "shared@example.com", "device_shared_1").await;
+    let d = first
+        .register("shared@example.com", "device_shared_1")
+        .await;
     let mut allowed = 0;
     let started = Instant::now();
     for i in 0..130 {
         let api = if i % 2 == 0 { &first } else { &second };
-        if subscription(api, &d).await.status() == StatusCode::OK {
+        if api.subscription(&d).await.status() == StatusCode::OK {
             allowed += 1;
         }
     }
     assert_capacity(allowed, started.elapsed(), 120);
     assert_eq!(
-        subscription(&first, &d).await.status(),
+        first.subscription(&d).await.status(),
         StatusCode::TOO_MANY_REQUESTS
     );
     assert_eq!(
-        subscription(&second, &d).await.status(),
+        second.subscription(&d).await.status(),
         StatusCode::TOO_MANY_REQUESTS
     );
 }

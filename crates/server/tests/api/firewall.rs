@@ -7,11 +7,14 @@
 use std::time::Duration;
 
 use blockremote::config::DatabaseConfig;
-use reqwest::StatusCode;
+use reqwest::{Method, StatusCode};
 use secrecy::ExposeSecret;
 use serde_json::{json, Value};
 
-use crate::helpers::{eventually, second_instance, spawn_app_with, Backend, TestApp};
+use crate::{
+    client::{self, Session},
+    helpers::{eventually, second_instance, spawn_app_with, Backend, TestApp},
+};
 
 crate::on_both_backends!(
     a_burst_of_registrations_blocks_its_users_and_undo_restores_them,
@@ -52,42 +55,26 @@ async fn execute(app: &TestApp, sql: &str) {
     }
 }
 
-async fn admin(
-    app: &TestApp,
-    method: reqwest::Method,
-    path: &str,
-    body: Option<Value>,
-) -> reqwest::Response {
-    let mut request = app
-        .client
-        .request(method, format!("{}{path}", app.address))
-        .bearer_auth(ADMIN);
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    request.send().await.expect("request")
-}
-
 async fn set_rule(app: &TestApp, body: Value) -> Value {
-    let r = admin(
-        app,
-        reqwest::Method::PUT,
-        "/v1/admin/firewall/rules/create_user_per_ip",
-        Some(body),
-    )
-    .await;
+    let r = app
+        .admin(
+            Method::PUT,
+            "/v1/admin/firewall/rules/create_user_per_ip",
+            Some(&body),
+        )
+        .await;
     assert_eq!(r.status(), StatusCode::OK);
     r.json().await.expect("json")
 }
 
+/// User `i`: `user<i>@example.com` on device `device_fw_<i>`.
 fn credentials(i: &str) -> Value {
-    json!({"email": format!("user{i}@example.com"), "password": "correct horse battery",
-        "device_id": format!("device_fw_{i}"), "device_fingerprint": format!("fp-{i}"), "platform": "android"})
+    client::credentials(&format!("user{i}@example.com"), &format!("device_fw_{i}"))
 }
 
 async fn from(app: &TestApp, ip: &str, path: &str, body: &Value) -> reqwest::Response {
     app.client
-        .post(format!("{}{path}", app.address))
+        .post(app.url(path))
         .header("x-forwarded-for", ip)
         .json(body)
         .send()
@@ -189,16 +176,7 @@ async fn a_burst_of_registrations_blocks_its_users_and_undo_restores_them(backen
         );
     }
     // Their devices are out of service too (quarantined, told CRITICAL_LOCK).
-    let device: Value = admin(
-        &app,
-        reqwest::Method::GET,
-        "/v1/admin/devices/device_fw_a0",
-        None,
-    )
-    .await
-    .json()
-    .await
-    .expect("json");
+    let device = app.admin_device("device_fw_a0").await;
     assert_eq!(device["status"], "quarantined");
     assert_eq!(device["last_command"]["action"], "CRITICAL_LOCK");
     // Another address is not.
@@ -206,14 +184,7 @@ async fn a_burst_of_registrations_blocks_its_users_and_undo_restores_them(backen
     assert_eq!(r.status(), StatusCode::CREATED);
 
     // The decision: the rule as it was, the anonymised scope, every id.
-    let r = admin(
-        &app,
-        reqwest::Method::GET,
-        "/v1/admin/firewall/decisions",
-        None,
-    )
-    .await;
-    let decisions: Value = r.json().await.expect("json");
+    let decisions = app.admin_json("/v1/admin/firewall/decisions").await;
     let items = decisions["items"].as_array().expect("items");
     assert_eq!(items.len(), 1, "{decisions}");
     let d = &items[0];
@@ -232,13 +203,8 @@ async fn a_burst_of_registrations_blocks_its_users_and_undo_restores_them(backen
 
     // Undo: exactly those users come back, once.
     let id = d["id"].as_str().expect("id");
-    let r = admin(
-        &app,
-        reqwest::Method::POST,
-        &format!("/v1/admin/firewall/decisions/{id}/undo"),
-        None,
-    )
-    .await;
+    let undo = format!("/v1/admin/firewall/decisions/{id}/undo");
+    let r = app.admin(Method::POST, &undo, None).await;
     assert_eq!(r.status(), StatusCode::OK);
     for i in 0..5 {
         let r = from(
@@ -250,13 +216,7 @@ async fn a_burst_of_registrations_blocks_its_users_and_undo_restores_them(backen
         .await;
         assert_eq!(r.status(), StatusCode::OK, "user {i} restored");
     }
-    let r = admin(
-        &app,
-        reqwest::Method::POST,
-        &format!("/v1/admin/firewall/decisions/{id}/undo"),
-        None,
-    )
-    .await;
+    let r = app.admin(Method::POST, &undo, None).await;
     assert_eq!(r.status(), StatusCode::CONFLICT);
     assert_eq!(
         r.json::<Value>().await.expect("json")["code"],
@@ -328,16 +288,7 @@ async fn simulate_mode_records_and_blocks_nothing(backend: Backend) {
             "simulate blocks nothing ({i})"
         );
     }
-    let decisions: Value = admin(
-        &app,
-        reqwest::Method::GET,
-        "/v1/admin/firewall/decisions",
-        None,
-    )
-    .await
-    .json()
-    .await
-    .expect("json");
+    let decisions = app.admin_json("/v1/admin/firewall/decisions").await;
     let items = decisions["items"].as_array().expect("items");
     assert_eq!(items.len(), 1, "one decision per window: {decisions}");
     assert_eq!(items[0]["mode"], "simulate");
@@ -357,28 +308,24 @@ async fn simulate_mode_records_and_blocks_nothing(backend: Backend) {
         assert_eq!(r.status(), StatusCode::OK, "nobody blocked");
     }
     // Bad rule changes are named; unknown rules are 404.
-    let r = admin(
-        &app,
-        reqwest::Method::PUT,
-        "/v1/admin/firewall/rules/create_user_per_ip",
-        Some(json!({"mode": "panic"})),
-    )
-    .await;
+    let r = app
+        .admin(
+            Method::PUT,
+            "/v1/admin/firewall/rules/create_user_per_ip",
+            Some(&json!({"mode": "panic"})),
+        )
+        .await;
     assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(r.json::<Value>().await.expect("json")["field"], "mode");
-    let r = admin(
-        &app,
-        reqwest::Method::PUT,
-        "/v1/admin/firewall/rules/nope",
-        Some(json!({"threshold": 3})),
-    )
-    .await;
+    let r = app
+        .admin(
+            Method::PUT,
+            "/v1/admin/firewall/rules/nope",
+            Some(&json!({"threshold": 3})),
+        )
+        .await;
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
-    let rules: Value = admin(&app, reqwest::Method::GET, "/v1/admin/firewall/rules", None)
-        .await
-        .json()
-        .await
-        .expect("json");
+    let rules = app.admin_json("/v1/admin/firewall/rules").await;
     let names: Vec<&str> = rules["items"]
         .as_array()
         .expect("items")
@@ -401,16 +348,16 @@ async fn failed_logins_attestations_and_session_mints_ask_the_firewall(backend: 
     };
     let r = from(&app, ATTACKER, "/v1/auth/register", &credentials("l0")).await;
     assert_eq!(r.status(), StatusCode::CREATED);
-    let session: Value = r.json().await.expect("json");
+    let session = Session::from_response(r, "device_fw_l0").await;
 
     // Failed logins: past the threshold, the generic 429 instead of 401.
-    let r = admin(
-        &app,
-        reqwest::Method::PUT,
-        "/v1/admin/firewall/rules/login_failed_per_ip",
-        Some(json!({"threshold": 2})),
-    )
-    .await;
+    let r = app
+        .admin(
+            Method::PUT,
+            "/v1/admin/firewall/rules/login_failed_per_ip",
+            Some(&json!({"threshold": 2})),
+        )
+        .await;
     assert_eq!(r.status(), StatusCode::OK);
     let mut wrong = credentials("l0");
     wrong["password"] = json!("not the password at all");
@@ -432,23 +379,16 @@ async fn failed_logins_attestations_and_session_mints_ask_the_firewall(backend: 
     );
 
     // Failed attestations: the device is quarantined on the rule's threshold.
-    let r = admin(
-        &app,
-        reqwest::Method::PUT,
-        "/v1/admin/firewall/rules/attestation_failed_per_device",
-        Some(json!({"threshold": 1})),
-    )
-    .await;
+    let r = app
+        .admin(
+            Method::PUT,
+            "/v1/admin/firewall/rules/attestation_failed_per_device",
+            Some(&json!({"threshold": 1})),
+        )
+        .await;
     assert_eq!(r.status(), StatusCode::OK);
     let bogus = json!({"nonce": "never-issued", "provider": "test", "token": "x"});
-    let attest = || {
-        app.device_post(
-            "/v1/attestation/verify",
-            session["access_token"].as_str().expect("token"),
-            Some("device_fw_l0"),
-            Some(&bogus),
-        )
-    };
+    let attest = || app.attestation_verify(&session, &bogus);
     assert_eq!(
         attest().await.status(),
         StatusCode::CONFLICT,
@@ -459,16 +399,7 @@ async fn failed_logins_attestations_and_session_mints_ask_the_firewall(backend: 
         StatusCode::TOO_MANY_REQUESTS,
         "second: the firewall"
     );
-    let decisions: Value = admin(
-        &app,
-        reqwest::Method::GET,
-        "/v1/admin/firewall/decisions",
-        None,
-    )
-    .await
-    .json()
-    .await
-    .expect("json");
+    let decisions = app.admin_json("/v1/admin/firewall/decisions").await;
     let quarantine = decisions["items"]
         .as_array()
         .expect("items")
@@ -477,16 +408,7 @@ async fn failed_logins_attestations_and_session_mints_ask_the_firewall(backend: 
         .expect("decision")
         .clone();
     assert_eq!(quarantine["affected_devices"], json!(["device_fw_l0"]));
-    let device: Value = admin(
-        &app,
-        reqwest::Method::GET,
-        "/v1/admin/devices/device_fw_l0",
-        None,
-    )
-    .await
-    .json()
-    .await
-    .expect("json");
+    let device = app.admin_device("device_fw_l0").await;
     assert_eq!(device["status"], "quarantined");
     assert_eq!(device["last_command"]["action"], "IMMEDIATE_QUARANTINE");
 
@@ -503,17 +425,9 @@ async fn failed_logins_attestations_and_session_mints_ask_the_firewall(backend: 
         .reload(app.state.store.as_ref())
         .await
         .expect("reload");
-    let mint = || {
-        admin(
-            &app,
-            reqwest::Method::POST,
-            "/v1/admin/sessions",
-            Some(
-                json!({"user_id": session["user_id"], "device_id": "device_fw_m0",
-                "device_fingerprint": "fp-m0", "platform": "android"}),
-            ),
-        )
-    };
+    let mint_body = json!({"user_id": session.user_id, "device_id": "device_fw_m0",
+        "device_fingerprint": "fp-m0", "platform": "android"});
+    let mint = || app.admin(Method::POST, "/v1/admin/sessions", Some(&mint_body));
     assert_eq!(mint().await.status(), StatusCode::CREATED);
     assert_eq!(mint().await.status(), StatusCode::TOO_MANY_REQUESTS);
 }

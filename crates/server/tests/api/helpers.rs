@@ -5,6 +5,9 @@
 //! dropped after) + a unique Redis key prefix (its keys deleted after), from
 //! `TEST_DATABASE_URL` / `TEST_REDIS_URL`. When those are unset the production
 //! variant is skipped — except under `CI=true`, where that is a failure.
+//!
+//! How tests talk to a server (register, login, admin calls, …) lives in
+//! [`crate::client`].
 
 use std::{
     sync::Arc,
@@ -17,8 +20,11 @@ use blockremote::{
     state::{MemoryState, RedisState, SharedState},
     store::{PostgresStore, SqliteStore, Store},
 };
+use secrecy::ExposeSecret;
 use sqlx::{Connection, Executor};
 use tokio_util::sync::CancellationToken;
+
+use crate::client::Api;
 
 /// Which pair of backends a test runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -309,30 +315,27 @@ pub async fn second_shared(backing: &Backing, queue_capacity: usize) -> Arc<dyn 
     }
 }
 
-/// A real server on a free port.
+/// A real server on a free port. Dereferences to its [`Api`] client, so
+/// `app.register(…)`, `app.address`, `app.client` reach the client.
 pub struct TestApp {
-    /// `http://127.0.0.1:<port>`
-    pub address: String,
+    /// The typed client for this server.
+    pub api: Api,
     /// The server's handles.
     pub state: AppState,
-    /// An HTTP client that ignores proxy settings.
-    pub client: reqwest::Client,
     stop: CancellationToken,
     server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     /// The backends (dropped after the server).
     _backing: Backing,
 }
 
-impl TestApp {
-    /// GET `path`.
-    pub async fn get(&self, path: &str) -> reqwest::Response {
-        self.client
-            .get(format!("{}{path}", self.address))
-            .send()
-            .await
-            .expect("request")
+impl std::ops::Deref for TestApp {
+    type Target = Api;
+    fn deref(&self) -> &Api {
+        &self.api
     }
+}
 
+impl TestApp {
     /// Stops the server and waits for it to drain.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         self.stop.cancel();
@@ -371,14 +374,14 @@ pub fn start(app: Application, backing: Backing) -> TestApp {
     let stop = CancellationToken::new();
     let signal = stop.clone();
     let server = tokio::spawn(app.run_until_stopped(async move { signal.cancelled().await }));
+    let admin_key = state
+        .config
+        .admin_token
+        .as_ref()
+        .map(|key| key.expose_secret().to_owned());
     TestApp {
-        address,
+        api: Api::new(address, admin_key),
         state,
-        client: reqwest::Client::builder()
-            .no_proxy()
-            .timeout(Duration::from_secs(10))
-            .build()
-            .expect("client"),
         stop,
         server: Some(server),
         _backing: backing,
@@ -401,54 +404,6 @@ where
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-}
-
-impl TestApp {
-    /// POST `body` as JSON to `path`.
-    pub async fn post_json(&self, path: &str, body: &serde_json::Value) -> reqwest::Response {
-        self.client
-            .post(format!("{}{path}", self.address))
-            .json(body)
-            .send()
-            .await
-            .expect("request")
-    }
-
-    /// POST to a device route with `token` and `X-Device-Id: device`.
-    pub async fn device_post(
-        &self,
-        path: &str,
-        token: &str,
-        device: Option<&str>,
-        body: Option<&serde_json::Value>,
-    ) -> reqwest::Response {
-        let mut request = self
-            .client
-            .post(format!("{}{path}", self.address))
-            .bearer_auth(token);
-        if let Some(device) = device {
-            request = request.header("x-device-id", device);
-        }
-        if let Some(body) = body {
-            request = request.json(body);
-        }
-        request.send().await.expect("request")
-    }
-}
-
-/// Registers `email` with a fresh device `device_id` and returns the
-/// 201 body (`user_id`, `access_token`, `refresh_token`, …).
-pub async fn register(app: &TestApp, email: &str, device_id: &str) -> serde_json::Value {
-    let response = app
-        .post_json(
-            "/v1/auth/register",
-            &serde_json::json!({"email": email, "password": "correct horse battery",
-                "device_id": device_id, "device_fingerprint": format!("fp-{device_id}"),
-                "platform": "android"}),
-        )
-        .await;
-    assert_eq!(response.status(), reqwest::StatusCode::CREATED);
-    response.json().await.expect("json")
 }
 
 /// Another server on the same database and shared state as `first` (a

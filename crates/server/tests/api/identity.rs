@@ -14,7 +14,10 @@ use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::helpers::{eventually, spawn_app, spawn_app_with, Backend, TestApp};
+use crate::{
+    client::{credentials, Session},
+    helpers::{eventually, spawn_app, spawn_app_with, Backend, TestApp},
+};
 
 crate::on_both_backends!(
     sessions_open_with_tokens_any_jose_library_verifies,
@@ -38,57 +41,6 @@ crate::on_both_backends!(
 );
 
 const SECRET: &str = "attestation-test-secret";
-
-fn credentials(email: &str, device: &str) -> Value {
-    json!({
-        "email": email,
-        "password": "correct horse battery",
-        "device_id": device,
-        "device_fingerprint": format!("fp-{device}"),
-        "platform": "android",
-    })
-}
-
-struct Session {
-    user_id: String,
-    access: String,
-    refresh: String,
-    device: String,
-}
-
-async fn register(app: &TestApp, email: &str, device: &str) -> Session {
-    let response = app
-        .post_json("/v1/auth/register", &credentials(email, device))
-        .await;
-    assert_eq!(response.status(), StatusCode::CREATED);
-    session_of(response, device).await
-}
-
-async fn session_of(response: reqwest::Response, device: &str) -> Session {
-    let body: Value = response.json().await.expect("json");
-    assert_eq!(body["token_type"], "Bearer");
-    assert_eq!(body["expires_in"], 900);
-    Session {
-        user_id: body["user_id"].as_str().expect("user_id").to_owned(),
-        access: body["access_token"].as_str().expect("access").to_owned(),
-        refresh: body["refresh_token"].as_str().expect("refresh").to_owned(),
-        device: device.to_owned(),
-    }
-}
-
-async fn refresh(app: &TestApp, token: &str, device: &str, fingerprint: &str) -> reqwest::Response {
-    app.post_json(
-        "/v1/auth/refresh",
-        &json!({"refresh_token": token, "device_id": device, "device_fingerprint": fingerprint}),
-    )
-    .await
-}
-
-/// A protected call: 201 when the token and device are accepted.
-async fn probe(app: &TestApp, token: &str, device: &str) -> reqwest::Response {
-    app.device_post("/v1/attestation/nonce", token, Some(device), None)
-        .await
-}
 
 async fn code_of(response: reqwest::Response) -> (StatusCode, String) {
     let status = response.status();
@@ -163,7 +115,7 @@ async fn sessions_open_with_tokens_any_jose_library_verifies(backend: Backend) {
     let Some(app) = spawn_app(backend).await else {
         return;
     };
-    let session = register(&app, "Ana@Example.com", "device_0001").await;
+    let session = app.register("Ana@Example.com", "device_0001").await;
     let header = header_of(&session.access);
     assert_eq!(header["alg"], "ES256");
     assert!(header["kid"].is_string());
@@ -184,17 +136,12 @@ async fn sessions_open_with_tokens_any_jose_library_verifies(backend: Backend) {
     assert!(session.refresh.len() >= 43, "256-bit refresh token");
 
     // Login on a second device (emails are case-insensitive).
-    let login = app
-        .post_json(
-            "/v1/auth/login",
-            &credentials("ana@example.COM", "device_0002"),
-        )
-        .await;
+    let login = app.login("ana@example.COM", "device_0002").await;
     assert_eq!(login.status(), StatusCode::OK);
-    let second = session_of(login, "device_0002").await;
+    let second = Session::from_response(login, "device_0002").await;
     assert_eq!(second.user_id, session.user_id);
     assert_eq!(
-        probe(&app, &second.access, "device_0002").await.status(),
+        app.probe(&second.access, "device_0002").await.status(),
         StatusCode::CREATED
     );
 
@@ -241,7 +188,7 @@ async fn credentials_errors_are_uniform(backend: Backend) {
     let Some(app) = spawn_app(backend).await else {
         return;
     };
-    register(&app, "cleo@example.com", "device_0001").await;
+    app.register("cleo@example.com", "device_0001").await;
     let attempt = |email: &'static str| {
         let body = json!({"email": email, "password": "wrong password!", "device_id": "device_0001",
             "device_fingerprint": "fp-device_0001", "platform": "android"});
@@ -308,7 +255,7 @@ async fn forged_and_out_of_policy_tokens_are_refused(backend: Backend) {
     let Some(app) = spawn_app(backend).await else {
         return;
     };
-    let s = register(&app, "dan@example.com", "device_0001").await;
+    let s = app.register("dan@example.com", "device_0001").await;
     let (kid, real_key) = signing_key_of(&app).await;
     let sign = |claims: &Value, key: &EncodingKey, kid: &str| {
         let mut header = Header::new(Algorithm::ES256);
@@ -317,7 +264,7 @@ async fn forged_and_out_of_policy_tokens_are_refused(backend: Backend) {
     };
     let accepted = |token: String| {
         let app = &app;
-        async move { probe(app, &token, "device_0001").await.status() }
+        async move { app.probe(&token, "device_0001").await.status() }
     };
     // Sanity: a token we sign ourselves with the real key is accepted…
     assert_eq!(
@@ -447,7 +394,7 @@ async fn forged_and_out_of_policy_tokens_are_refused(backend: Backend) {
     forgeries.push(("garbage", "not.a.jwt".to_owned()));
 
     for (name, token) in forgeries {
-        let response = probe(&app, &token, "device_0001").await;
+        let response = app.probe(&token, "device_0001").await;
         assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{name}");
         assert_eq!(
             response.headers()["www-authenticate"],
@@ -458,7 +405,7 @@ async fn forged_and_out_of_policy_tokens_are_refused(backend: Backend) {
     }
     let missing = app
         .client
-        .post(format!("{}/v1/attestation/nonce", app.address))
+        .post(app.url("/v1/attestation/nonce"))
         .header("x-device-id", "device_0001")
         .send()
         .await
@@ -473,8 +420,8 @@ async fn tokens_are_bound_to_their_device(backend: Backend) {
     let Some(app) = spawn_app(backend).await else {
         return;
     };
-    let s = register(&app, "eve@example.com", "device_0001").await;
-    register(&app, "fay@example.com", "device_0002").await;
+    let s = app.register("eve@example.com", "device_0001").await;
+    app.register("fay@example.com", "device_0002").await;
     for device in [None, Some("device_0002"), Some("DEVICE_0001")] {
         let response = app
             .device_post("/v1/attestation/nonce", &s.access, device, None)
@@ -486,7 +433,7 @@ async fn tokens_are_bound_to_their_device(backend: Backend) {
         );
     }
     assert_eq!(
-        probe(&app, &s.access, &s.device).await.status(),
+        app.probe(&s.access, &s.device_id).await.status(),
         StatusCode::CREATED
     );
 }
@@ -501,25 +448,30 @@ async fn refresh_rotates_and_reuse_revokes_everything_at_once(backend: Backend) 
         .subscribe(keys::KILL_SWITCH_CHANNEL)
         .await
         .expect("subscribe");
-    let s = register(&app, "gus@example.com", "device_0001").await;
+    let s = app.register("gus@example.com", "device_0001").await;
 
-    let rotated = refresh(&app, &s.refresh, &s.device, "fp-device_0001").await;
+    let rotated = app
+        .refresh(&s.refresh, &s.device_id, "fp-device_0001")
+        .await;
     assert_eq!(rotated.status(), StatusCode::OK);
-    let next = session_of(rotated, &s.device).await;
+    let next = Session::from_response(rotated, &s.device_id).await;
     assert_ne!(next.refresh, s.refresh, "rotated on every use");
     assert_ne!(next.access, s.access);
     assert_eq!(
-        probe(&app, &next.access, &s.device).await.status(),
+        app.probe(&next.access, &s.device_id).await.status(),
         StatusCode::CREATED
     );
-    let third = session_of(
-        refresh(&app, &next.refresh, &s.device, "fp-device_0001").await,
-        &s.device,
+    let third = Session::from_response(
+        app.refresh(&next.refresh, &s.device_id, "fp-device_0001")
+            .await,
+        &s.device_id,
     )
     .await;
 
     // The first token again: reuse.
-    let reused = refresh(&app, &s.refresh, &s.device, "fp-device_0001").await;
+    let reused = app
+        .refresh(&s.refresh, &s.device_id, "fp-device_0001")
+        .await;
     assert_eq!(
         code_of(reused).await,
         (StatusCode::UNAUTHORIZED, "refresh_token_reused".into())
@@ -530,34 +482,32 @@ async fn refresh_rotates_and_reuse_revokes_everything_at_once(backend: Backend) 
         .expect("published in time")
         .expect("open");
     let command: DeviceCommand = serde_json::from_slice(&message).expect("command JSON");
-    assert_eq!(command.device_id, s.device);
+    assert_eq!(command.device_id, s.device_id);
     assert_eq!(command.action, Action::CriticalLock);
     assert_eq!(command.reason, "refresh_token_reuse");
     assert!(app
         .state
         .shared
-        .get(&keys::revoked_device(&s.device))
+        .get(&keys::revoked_device(&s.device_id))
         .await
         .expect("get")
         .is_some());
 
     // The whole family and the device are dead, even before the tokens expire.
     assert_eq!(
-        code_of(probe(&app, &third.access, &s.device).await).await,
+        code_of(app.probe(&third.access, &s.device_id).await).await,
         (StatusCode::UNAUTHORIZED, "device_revoked".into())
     );
     assert_eq!(
-        code_of(refresh(&app, &third.refresh, &s.device, "fp-device_0001").await)
-            .await
-            .1,
+        code_of(
+            app.refresh(&third.refresh, &s.device_id, "fp-device_0001")
+                .await
+        )
+        .await
+        .1,
         "invalid_refresh_token"
     );
-    let relogin = app
-        .post_json(
-            "/v1/auth/login",
-            &credentials("gus@example.com", "device_0001"),
-        )
-        .await;
+    let relogin = app.login("gus@example.com", "device_0001").await;
     assert_eq!(
         code_of(relogin).await,
         (StatusCode::UNAUTHORIZED, "device_revoked".into())
@@ -595,29 +545,33 @@ async fn refresh_from_another_device_or_fingerprint_is_reuse(backend: Backend) {
     let Some(app) = spawn_app(backend).await else {
         return;
     };
-    let a = register(&app, "hal@example.com", "device_0001").await;
-    let wrong_fp = refresh(&app, &a.refresh, &a.device, "fp-stolen").await;
+    let a = app.register("hal@example.com", "device_0001").await;
+    let wrong_fp = app.refresh(&a.refresh, &a.device_id, "fp-stolen").await;
     assert_eq!(
         code_of(wrong_fp).await,
         (StatusCode::UNAUTHORIZED, "refresh_token_reused".into())
     );
     assert_eq!(
-        code_of(probe(&app, &a.access, &a.device).await).await.1,
+        code_of(app.probe(&a.access, &a.device_id).await).await.1,
         "device_revoked"
     );
 
-    let b = register(&app, "ida@example.com", "device_0002").await;
-    let other_device = refresh(&app, &b.refresh, "device_0003", "fp-device_0002").await;
+    let b = app.register("ida@example.com", "device_0002").await;
+    let other_device = app
+        .refresh(&b.refresh, "device_0003", "fp-device_0002")
+        .await;
     assert_eq!(
         code_of(other_device).await,
         (StatusCode::UNAUTHORIZED, "refresh_token_reused".into())
     );
     assert_eq!(
-        code_of(probe(&app, &b.access, &b.device).await).await.1,
+        code_of(app.probe(&b.access, &b.device_id).await).await.1,
         "device_revoked"
     );
 
-    let unknown = refresh(&app, "brt_not-a-real-token", "device_0002", "fp").await;
+    let unknown = app
+        .refresh("brt_not-a-real-token", "device_0002", "fp")
+        .await;
     assert_eq!(
         code_of(unknown).await,
         (StatusCode::UNAUTHORIZED, "invalid_refresh_token".into())
@@ -628,8 +582,8 @@ async fn concurrent_refreshes_cannot_both_win(backend: Backend) {
     let Some(app) = spawn_app(backend).await else {
         return;
     };
-    let s = register(&app, "jon@example.com", "device_0001").await;
-    let attempts = (0..6).map(|_| refresh(&app, &s.refresh, &s.device, "fp-device_0001"));
+    let s = app.register("jon@example.com", "device_0001").await;
+    let attempts = (0..6).map(|_| app.refresh(&s.refresh, &s.device_id, "fp-device_0001"));
     let statuses: Vec<StatusCode> = futures::future::join_all(attempts)
         .await
         .into_iter()
@@ -646,23 +600,20 @@ async fn logout_revokes_the_refresh_family(backend: Backend) {
     let Some(app) = spawn_app(backend).await else {
         return;
     };
-    let s = register(&app, "kim@example.com", "device_0001").await;
+    let s = app.register("kim@example.com", "device_0001").await;
     let out = app
-        .device_post("/v1/auth/logout", &s.access, Some(&s.device), None)
+        .device_post("/v1/auth/logout", &s.access, Some(&s.device_id), None)
         .await;
     assert_eq!(out.status(), StatusCode::NO_CONTENT);
-    let after = refresh(&app, &s.refresh, &s.device, "fp-device_0001").await;
+    let after = app
+        .refresh(&s.refresh, &s.device_id, "fp-device_0001")
+        .await;
     assert_eq!(
         code_of(after).await,
         (StatusCode::UNAUTHORIZED, "invalid_refresh_token".into())
     );
     // Signing in again works: logout is not a lock.
-    let again = app
-        .post_json(
-            "/v1/auth/login",
-            &credentials("kim@example.com", "device_0001"),
-        )
-        .await;
+    let again = app.login("kim@example.com", "device_0001").await;
     assert_eq!(again.status(), StatusCode::OK);
 }
 
@@ -672,7 +623,7 @@ async fn key_rotation_keeps_old_tokens_valid(backend: Backend) {
     else {
         return;
     };
-    let before = register(&app, "lea@example.com", "device_0001").await;
+    let before = app.register("lea@example.com", "device_0001").await;
     let old_kid = header_of(&before.access)["kid"]
         .as_str()
         .expect("kid")
@@ -694,12 +645,7 @@ async fn key_rotation_keeps_old_tokens_valid(backend: Backend) {
 
     // The running server picks it up by itself (reload every second here; ≤ 60 s in production).
     let switched = eventually(Duration::from_secs(10), || async {
-        let s = app
-            .post_json(
-                "/v1/auth/login",
-                &credentials("lea@example.com", "device_0002"),
-            )
-            .await;
+        let s = app.login("lea@example.com", "device_0002").await;
         let token: Value = s.json().await.expect("json");
         header_of(token["access_token"].as_str().unwrap_or("e30.e30.x"))["kid"] == new_kid.as_str()
     })
@@ -713,7 +659,7 @@ async fn key_rotation_keeps_old_tokens_valid(backend: Backend) {
     );
     // The old token still works until it expires.
     assert_eq!(
-        probe(&app, &before.access, &before.device).await.status(),
+        app.probe(&before.access, &before.device_id).await.status(),
         StatusCode::CREATED
     );
     verify_independently(&before.access, &keys);
@@ -754,12 +700,12 @@ async fn admin_keys_mint_sessions(backend: Backend) {
     else {
         return;
     };
-    let user = register(&app, "max@example.com", "device_0001").await;
+    let user = app.register("max@example.com", "device_0001").await;
     let mint = |key: String, user_id: String| {
         let app = &app;
         async move {
             app.client
-                .post(format!("{}/v1/admin/sessions", app.address))
+                .post(app.url("/v1/admin/sessions"))
                 .bearer_auth(key)
                 .json(&json!({"user_id": user_id, "device_id": "device_0009",
                     "device_fingerprint": "fp-server", "platform": "ios"}))
@@ -770,10 +716,10 @@ async fn admin_keys_mint_sessions(backend: Backend) {
     };
     let minted = mint(bootstrap.to_owned(), user.user_id.clone()).await;
     assert_eq!(minted.status(), StatusCode::CREATED);
-    let session = session_of(minted, "device_0009").await;
+    let session = Session::from_response(minted, "device_0009").await;
     assert_eq!(session.user_id, user.user_id);
     assert_eq!(
-        probe(&app, &session.access, "device_0009").await.status(),
+        app.probe(&session.access, "device_0009").await.status(),
         StatusCode::CREATED
     );
 
@@ -830,7 +776,7 @@ fn test_token(nonce: &str, device: &str, app_ok: &str, device_ok: &str) -> Strin
 }
 
 async fn nonce(app: &TestApp, s: &Session) -> String {
-    let response = probe(app, &s.access, &s.device).await;
+    let response = app.probe(&s.access, &s.device_id).await;
     assert_eq!(response.status(), StatusCode::CREATED);
     let body: Value = response.json().await.expect("json");
     let expires: chrono::DateTime<chrono::Utc> = body["expires_at"]
@@ -853,11 +799,9 @@ async fn verify(
     provider: &str,
     token: &str,
 ) -> reqwest::Response {
-    app.device_post(
-        "/v1/attestation/verify",
-        &s.access,
-        Some(&s.device),
-        Some(&json!({"nonce": nonce, "provider": provider, "token": token})),
+    app.attestation_verify(
+        s,
+        &json!({"nonce": nonce, "provider": provider, "token": token}),
     )
     .await
 }
@@ -866,8 +810,8 @@ async fn attestation_nonces_are_single_use_and_device_bound(backend: Backend) {
     let Some(app) = with_attestation(backend).await else {
         return;
     };
-    let a = register(&app, "ned@example.com", "device_0001").await;
-    let b = register(&app, "ola@example.com", "device_0002").await;
+    let a = app.register("ned@example.com", "device_0001").await;
+    let b = app.register("ola@example.com", "device_0002").await;
 
     let n = nonce(&app, &a).await;
     let ok = verify(
@@ -1011,7 +955,7 @@ async fn repeated_attestation_failures_quarantine_the_device(backend: Backend) {
         .subscribe(keys::KILL_SWITCH_CHANNEL)
         .await
         .expect("subscribe");
-    let s = register(&app, "pia@example.com", "device_0001").await;
+    let s = app.register("pia@example.com", "device_0001").await;
     for attempt in 1..=3 {
         let r = verify(&app, &s, "never-issued", "test", "x").await;
         assert_eq!(
@@ -1030,7 +974,7 @@ async fn repeated_attestation_failures_quarantine_the_device(backend: Backend) {
         (Action::ImmediateQuarantine, "device_0001")
     );
     assert_eq!(
-        code_of(probe(&app, &s.access, &s.device).await).await,
+        code_of(app.probe(&s.access, &s.device_id).await).await,
         (StatusCode::FORBIDDEN, "device_locked".into())
     );
     let user = uuid::Uuid::parse_str(&s.user_id).expect("uuid");
@@ -1063,7 +1007,7 @@ async fn rs256_keys_from_a_pem_verify_through_the_jwks(backend: Backend) {
     let Some(app) = spawn_app_with(backend, |c| c.jwt_private_key = Some(pem.into())).await else {
         return;
     };
-    let s = register(&app, "quin@example.com", "device_0001").await;
+    let s = app.register("quin@example.com", "device_0001").await;
     assert_eq!(header_of(&s.access)["alg"], "RS256");
     let keys = jwks(&app).await;
     assert!(keys
@@ -1072,7 +1016,7 @@ async fn rs256_keys_from_a_pem_verify_through_the_jwks(backend: Backend) {
     let claims = verify_independently(&s.access, &keys);
     assert_eq!(claims.custom.did, "device_0001");
     assert_eq!(
-        probe(&app, &s.access, &s.device).await.status(),
+        app.probe(&s.access, &s.device_id).await.status(),
         StatusCode::CREATED
     );
 }
@@ -1084,23 +1028,27 @@ async fn a_revocation_on_one_instance_is_enforced_by_another_at_once() {
     };
     let second = crate::helpers::second_instance(&first).await;
 
-    let s = register(&first, "rae@example.com", "device_0001").await;
+    let s = first.register("rae@example.com", "device_0001").await;
     // Warm the second instance's device-status cache.
     assert_eq!(
-        probe(&second, &s.access, &s.device).await.status(),
+        second.probe(&s.access, &s.device_id).await.status(),
         StatusCode::CREATED
     );
-    let next = session_of(
-        refresh(&first, &s.refresh, &s.device, "fp-device_0001").await,
-        &s.device,
+    let next = Session::from_response(
+        first
+            .refresh(&s.refresh, &s.device_id, "fp-device_0001")
+            .await,
+        &s.device_id,
     )
     .await;
     // Reuse on the first instance…
-    let reused = refresh(&first, &s.refresh, &s.device, "fp-device_0001").await;
+    let reused = first
+        .refresh(&s.refresh, &s.device_id, "fp-device_0001")
+        .await;
     assert_eq!(reused.status(), StatusCode::UNAUTHORIZED);
     // …is enforced by the second without waiting for its cache to expire.
     let enforced = eventually(Duration::from_millis(1500), || async {
-        probe(&second, &next.access, &s.device).await.status() == StatusCode::UNAUTHORIZED
+        second.probe(&next.access, &s.device_id).await.status() == StatusCode::UNAUTHORIZED
     })
     .await;
     assert!(enforced);
@@ -1110,7 +1058,7 @@ async fn generated_rs256_keys_verify_through_the_jwks(backend: Backend) {
     let Some(app) = spawn_app_with(backend, |c| c.jwt_algorithm = JwtAlgorithm::Rs256).await else {
         return;
     };
-    let s = register(&app, "ria@example.com", "device_0001").await;
+    let s = app.register("ria@example.com", "device_0001").await;
     assert_eq!(header_of(&s.access)["alg"], "RS256");
     let claims = verify_independently(&s.access, &jwks(&app).await);
     assert_eq!(claims.custom.did, "device_0001");
@@ -1120,14 +1068,14 @@ async fn refreshes_are_rate_limited_per_device(backend: Backend) {
     let Some(app) = spawn_app_with(backend, |c| c.refresh_per_minute = 3).await else {
         return;
     };
-    let s = register(&app, "sam@example.com", "device_0001").await;
+    let s = app.register("sam@example.com", "device_0001").await;
     let mut token = s.refresh.clone();
     for _ in 0..3 {
-        let r = refresh(&app, &token, &s.device, "fp-device_0001").await;
+        let r = app.refresh(&token, &s.device_id, "fp-device_0001").await;
         assert_eq!(r.status(), StatusCode::OK);
-        token = session_of(r, &s.device).await.refresh;
+        token = Session::from_response(r, &s.device_id).await.refresh;
     }
-    let limited = refresh(&app, &token, &s.device, "fp-device_0001").await;
+    let limited = app.refresh(&token, &s.device_id, "fp-device_0001").await;
     assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);
     let retry: u64 = limited.headers()["retry-after"]
         .to_str()
@@ -1137,9 +1085,9 @@ async fn refreshes_are_rate_limited_per_device(backend: Backend) {
     assert!((1..=20).contains(&retry), "{retry}");
     assert_eq!(code_of(limited).await.1, "rate_limited");
     // The refused attempt did not spend the token.
-    let other = register(&app, "tia@example.com", "device_0002").await;
+    let other = app.register("tia@example.com", "device_0002").await;
     assert_eq!(
-        refresh(&app, &other.refresh, &other.device, "fp-device_0002")
+        app.refresh(&other.refresh, &other.device_id, "fp-device_0002")
             .await
             .status(),
         StatusCode::OK,
@@ -1151,7 +1099,7 @@ async fn a_device_cannot_be_taken_over_by_knowing_its_id(backend: Backend) {
     let Some(app) = with_attestation(backend).await else {
         return;
     };
-    let victim = register(&app, "uma@example.com", "device_0001").await;
+    let victim = app.register("uma@example.com", "device_0001").await;
     let n = nonce(&app, &victim).await;
     let verified = verify(
         &app,
@@ -1172,7 +1120,7 @@ async fn a_device_cannot_be_taken_over_by_knowing_its_id(backend: Backend) {
         (StatusCode::CONFLICT, "device_in_use".into())
     );
     assert_eq!(
-        probe(&app, &victim.access, &victim.device).await.status(),
+        app.probe(&victim.access, &victim.device_id).await.status(),
         StatusCode::CREATED,
         "victim unaffected"
     );
@@ -1195,7 +1143,7 @@ async fn a_device_cannot_be_taken_over_by_knowing_its_id(backend: Backend) {
         .expect("exists");
     assert_eq!(device.attestation_state, "unknown");
     assert_eq!(
-        code_of(probe(&app, &victim.access, &victim.device).await)
+        code_of(app.probe(&victim.access, &victim.device_id).await)
             .await
             .1,
         "device_revoked"
@@ -1206,12 +1154,16 @@ async fn garbage_refreshes_cannot_exhaust_a_victims_bucket(backend: Backend) {
     let Some(app) = spawn_app_with(backend, |c| c.refresh_per_minute = 2).await else {
         return;
     };
-    let victim = register(&app, "xan@example.com", "device_0001").await;
+    let victim = app.register("xan@example.com", "device_0001").await;
     for _ in 0..5 {
-        let r = refresh(&app, "brt_garbage", &victim.device, "fp-device_0001").await;
+        let r = app
+            .refresh("brt_garbage", &victim.device_id, "fp-device_0001")
+            .await;
         assert_eq!(code_of(r).await.1, "invalid_refresh_token");
     }
-    let r = refresh(&app, &victim.refresh, &victim.device, "fp-device_0001").await;
+    let r = app
+        .refresh(&victim.refresh, &victim.device_id, "fp-device_0001")
+        .await;
     assert_eq!(
         r.status(),
         StatusCode::OK,
@@ -1226,7 +1178,7 @@ async fn a_key_rotated_elsewhere_is_learned_on_first_sight(backend: Backend) {
     else {
         return;
     };
-    let s = register(&app, "yul@example.com", "device_0001").await;
+    let s = app.register("yul@example.com", "device_0001").await;
     tokio::time::sleep(blockremote::auth::keys::UNKNOWN_KID_RELOAD_GAP).await;
     // Another instance rotates…
     let kid = blockremote::auth::keys::rotate(app.state.store.as_ref(), JwtAlgorithm::Es256)
@@ -1239,7 +1191,7 @@ async fn a_key_rotated_elsewhere_is_learned_on_first_sight(backend: Backend) {
     let token = encode(&header, &claims(&s.user_id, "device_0001", 0, 600), &key).expect("sign");
     // …and its token is accepted here at once.
     assert_eq!(
-        probe(&app, &token, "device_0001").await.status(),
+        app.probe(&token, "device_0001").await.status(),
         StatusCode::CREATED
     );
 }

@@ -3,14 +3,16 @@
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use reqwest::StatusCode;
+use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
-use tokio_tungstenite::{
-    tungstenite::{self, client::IntoClientRequest, protocol::frame::coding::CloseCode, Message},
-    MaybeTlsStream, WebSocketStream,
+use tokio_tungstenite::tungstenite::{
+    self, client::IntoClientRequest, protocol::frame::coding::CloseCode, Message,
 };
 
-use crate::helpers::{spawn_app_with, Backend, TestApp};
+use crate::{
+    client::Socket,
+    helpers::{spawn_app_with, Backend, TestApp},
+};
 
 crate::on_both_backends!(
     handshakes_are_refused_as_the_contract_says,
@@ -23,30 +25,7 @@ crate::on_both_backends!(
     handshake_rate_and_connection_cap,
 );
 
-type Socket = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
 const ADMIN: &str = "kill-switch-admin-key-0123456789abcdef";
-
-struct Device {
-    id: String,
-    access: String,
-    refresh: String,
-}
-
-async fn device(app: &TestApp, email: &str, id: &str) -> Device {
-    let body = crate::helpers::register(app, email, id).await;
-    Device {
-        id: id.to_owned(),
-        access: body["access_token"].as_str().expect("token").to_owned(),
-        refresh: body["refresh_token"].as_str().expect("refresh").to_owned(),
-    }
-}
-
-fn ws_url(app: &TestApp, query: &str) -> String {
-    format!(
-        "{}/v1/security/kill-switch{query}",
-        app.address.replace("http://", "ws://")
-    )
-}
 
 /// Connects; on refusal returns the HTTP status and problem code.
 async fn connect(
@@ -54,7 +33,10 @@ async fn connect(
     query: &str,
     headers: &[(&str, String)],
 ) -> Result<(Socket, tungstenite::handshake::client::Response), (u16, String)> {
-    let mut request = ws_url(app, query).into_client_request().expect("request");
+    let mut request = app
+        .kill_switch_url(query)
+        .into_client_request()
+        .expect("request");
     for (name, value) in headers {
         request.headers_mut().insert(
             http::HeaderName::from_bytes(name.as_bytes()).expect("name"),
@@ -74,17 +56,6 @@ async fn connect(
         }
         Err(other) => panic!("unexpected handshake error: {other}"),
     }
-}
-
-async fn open(app: &TestApp, device: &Device) -> Socket {
-    connect(
-        app,
-        "",
-        &[("authorization", format!("Bearer {}", device.access))],
-    )
-    .await
-    .unwrap_or_else(|e| panic!("handshake refused: {e:?}"))
-    .0
 }
 
 async fn next_json(socket: &mut Socket) -> Value {
@@ -110,38 +81,6 @@ async fn nothing_more(socket: &mut Socket) {
     }
 }
 
-async fn admin(app: &TestApp, path: &str, body: Value) -> reqwest::Response {
-    app.client
-        .post(format!("{}{path}", app.address))
-        .bearer_auth(ADMIN)
-        .json(&body)
-        .send()
-        .await
-        .expect("request")
-}
-
-async fn lock(app: &TestApp, device: &str, action: &str) -> Value {
-    let r = admin(
-        app,
-        &format!("/v1/admin/devices/{device}/lock"),
-        json!({"action": action, "reason": "fraud_team"}),
-    )
-    .await;
-    assert_eq!(r.status(), StatusCode::OK);
-    r.json().await.expect("json")
-}
-
-async fn unlock(app: &TestApp, device: &str) -> Value {
-    let r = admin(
-        app,
-        &format!("/v1/admin/devices/{device}/unlock"),
-        json!({}),
-    )
-    .await;
-    assert_eq!(r.status(), StatusCode::OK);
-    r.json().await.expect("json")
-}
-
 async fn with_admin(backend: Backend) -> Option<TestApp> {
     spawn_app_with(backend, |c| {
         c.admin_token = Some(ADMIN.to_owned().into());
@@ -154,7 +93,7 @@ async fn handshakes_are_refused_as_the_contract_says(backend: Backend) {
     let Some(app) = with_admin(backend).await else {
         return;
     };
-    let d = device(&app, "ana@example.com", "device_0001").await;
+    let d = app.register("ana@example.com", "device_0001").await;
     let bearer = ("authorization", format!("Bearer {}", d.access));
 
     let in_query = connect(&app, &format!("?token={}", d.access), &[])
@@ -198,16 +137,18 @@ async fn handshakes_are_refused_as_the_contract_says(backend: Backend) {
     .await
     .err();
     assert_eq!(mismatch, Some((401, "device_mismatch".into())));
-    assert!(
-        connect(&app, "", &[bearer.clone(), ("x-device-id", d.id.clone())])
-            .await
-            .is_ok()
-    );
+    assert!(connect(
+        &app,
+        "",
+        &[bearer.clone(), ("x-device-id", d.device_id.clone())]
+    )
+    .await
+    .is_ok());
 
     // Not a WebSocket handshake at all.
     let plain = app
         .client
-        .get(ws_url(&app, "").replace("ws://", "http://"))
+        .get(app.kill_switch_url("").replace("ws://", "http://"))
         .bearer_auth(&d.access)
         .send()
         .await
@@ -216,13 +157,16 @@ async fn handshakes_are_refused_as_the_contract_says(backend: Backend) {
     assert_eq!(plain.headers()["content-type"], "application/problem+json");
 
     // A revoked device may not connect.
-    let body = json!({"refresh_token": d.refresh, "device_id": d.id, "device_fingerprint": "fp-device_0001"});
     assert_eq!(
-        app.post_json("/v1/auth/refresh", &body).await.status(),
+        app.refresh(&d.refresh, &d.device_id, "fp-device_0001")
+            .await
+            .status(),
         StatusCode::OK
     );
     assert_eq!(
-        app.post_json("/v1/auth/refresh", &body).await.status(),
+        app.refresh(&d.refresh, &d.device_id, "fp-device_0001")
+            .await
+            .status(),
         StatusCode::UNAUTHORIZED
     );
     assert_eq!(
@@ -235,14 +179,14 @@ async fn state_comes_first_then_commands_and_locks_bite(backend: Backend) {
     let Some(app) = with_admin(backend).await else {
         return;
     };
-    let d = device(&app, "bea@example.com", "device_0001").await;
-    let mut socket = open(&app, &d).await;
+    let d = app.register("bea@example.com", "device_0001").await;
+    let mut socket = app.kill_switch(&d).await;
     assert_eq!(
         next_json(&mut socket).await,
         json!({"type": "state", "locked": false, "action": null, "seq": 0})
     );
 
-    let issued = lock(&app, &d.id, "CRITICAL_LOCK").await;
+    let issued = app.lock(&d.device_id, "CRITICAL_LOCK").await;
     let command = next_json(&mut socket).await;
     assert_eq!(command["type"], "command");
     assert_eq!(command["action"], "CRITICAL_LOCK");
@@ -260,20 +204,9 @@ async fn state_comes_first_then_commands_and_locks_bite(backend: Backend) {
         .expect("ack");
 
     // The lock bites on the API at once.
-    let api = app
-        .device_post("/v1/attestation/nonce", &d.access, Some(&d.id), None)
-        .await;
+    let api = app.probe(&d.access, &d.device_id).await;
     assert_eq!(api.status(), StatusCode::FORBIDDEN);
-    let view: Value = app
-        .client
-        .get(format!("{}/v1/admin/devices/{}", app.address, d.id))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json");
+    let view = app.admin_device(&d.device_id).await;
     assert_eq!(
         (view["status"].as_str(), view["locked"].as_bool()),
         (Some("locked"), Some(true))
@@ -282,7 +215,7 @@ async fn state_comes_first_then_commands_and_locks_bite(backend: Backend) {
 
     // The ack is saved asynchronously (in batches); a socket opened before
     // it lands would rightly get the command again (at-least-once).
-    let acked = blockremote::state::keys::command_acked(&d.id);
+    let acked = blockremote::state::keys::command_acked(&d.device_id);
     assert!(
         crate::helpers::eventually(Duration::from_secs(3), || async {
             app.state.shared.get(&acked).await.expect("get").as_deref() == Some(&b"1"[..])
@@ -291,14 +224,14 @@ async fn state_comes_first_then_commands_and_locks_bite(backend: Backend) {
         "ack saved"
     );
     // A locked device can still connect, and learns its state first.
-    let mut second = open(&app, &d).await;
+    let mut second = app.kill_switch(&d).await;
     assert_eq!(
         next_json(&mut second).await,
         json!({"type": "state", "locked": true, "action": "CRITICAL_LOCK", "seq": 1})
     );
     nothing_more(&mut second).await;
 
-    unlock(&app, &d.id).await;
+    app.unlock(&d.device_id).await;
     for s in [&mut socket, &mut second] {
         let unlocked = next_json(s).await;
         assert_eq!(
@@ -306,9 +239,7 @@ async fn state_comes_first_then_commands_and_locks_bite(backend: Backend) {
             (Some("UNLOCK"), Some(2))
         );
     }
-    let api = app
-        .device_post("/v1/attestation/nonce", &d.access, Some(&d.id), None)
-        .await;
+    let api = app.probe(&d.access, &d.device_id).await;
     assert_eq!(
         api.status(),
         StatusCode::CREATED,
@@ -316,7 +247,7 @@ async fn state_comes_first_then_commands_and_locks_bite(backend: Backend) {
     );
 
     // Metrics saw the sockets, deliveries and the ack.
-    let metrics = app.get("/metrics").await.text().await.expect("text");
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains("killswitch_connected_sockets 2"),
         "{metrics}"
@@ -339,7 +270,7 @@ async fn state_comes_first_then_commands_and_locks_bite(backend: Backend) {
     let user = app
         .state
         .store
-        .device(&d.id)
+        .device(&d.device_id)
         .await
         .expect("device")
         .expect("exists")
@@ -357,19 +288,21 @@ async fn state_comes_first_then_commands_and_locks_bite(backend: Backend) {
     );
 
     // Admin errors.
-    let missing = admin(
-        &app,
-        "/v1/admin/devices/device_9999/lock",
-        json!({"action": "CRITICAL_LOCK", "reason": "x"}),
-    )
-    .await;
+    let missing = app
+        .admin(
+            Method::POST,
+            "/v1/admin/devices/device_9999/lock",
+            Some(&json!({"action": "CRITICAL_LOCK", "reason": "x"})),
+        )
+        .await;
     assert_eq!(missing.status(), StatusCode::NOT_FOUND);
-    let bad = admin(
-        &app,
-        &format!("/v1/admin/devices/{}/lock", d.id),
-        json!({"action": "EXPLODE", "reason": "x"}),
-    )
-    .await;
+    let bad = app
+        .admin(
+            Method::POST,
+            &format!("/v1/admin/devices/{}/lock", d.device_id),
+            Some(&json!({"action": "EXPLODE", "reason": "x"})),
+        )
+        .await;
     assert_eq!(bad.status(), StatusCode::UNPROCESSABLE_ENTITY);
 }
 
@@ -377,7 +310,7 @@ async fn subprotocol_credentials_select_blockremote_v1(backend: Backend) {
     let Some(app) = with_admin(backend).await else {
         return;
     };
-    let d = device(&app, "cy@example.com", "device_0001").await;
+    let d = app.register("cy@example.com", "device_0001").await;
     let (mut socket, response) = connect(
         &app,
         "",
@@ -399,13 +332,13 @@ async fn missed_commands_are_resent_and_resume_replays_in_order(backend: Backend
     let Some(app) = with_admin(backend).await else {
         return;
     };
-    let d = device(&app, "dee@example.com", "device_0001").await;
+    let d = app.register("dee@example.com", "device_0001").await;
     // Three commands while the device is offline.
-    lock(&app, &d.id, "FORCE_OVERLAY").await;
-    unlock(&app, &d.id).await;
-    lock(&app, &d.id, "IMMEDIATE_QUARANTINE").await;
+    app.lock(&d.device_id, "FORCE_OVERLAY").await;
+    app.unlock(&d.device_id).await;
+    app.lock(&d.device_id, "IMMEDIATE_QUARANTINE").await;
 
-    let mut socket = open(&app, &d).await;
+    let mut socket = app.kill_switch(&d).await;
     let state = next_json(&mut socket).await;
     assert_eq!(
         state,
@@ -436,7 +369,7 @@ async fn missed_commands_are_resent_and_resume_replays_in_order(backend: Backend
         ]
     );
     // Acks are saved asynchronously: wait until this one landed.
-    let acked = blockremote::state::keys::command_acked(&d.id);
+    let acked = blockremote::state::keys::command_acked(&d.device_id);
     assert!(
         crate::helpers::eventually(Duration::from_secs(3), || async {
             app.state.shared.get(&acked).await.expect("get").as_deref() == Some(&b"3"[..])
@@ -447,7 +380,7 @@ async fn missed_commands_are_resent_and_resume_replays_in_order(backend: Backend
     drop(socket);
 
     // Everything acked: a reconnect gets the state only…
-    let mut again = open(&app, &d).await;
+    let mut again = app.kill_switch(&d).await;
     assert_eq!(next_json(&mut again).await["seq"], 3);
     nothing_more(&mut again).await;
     // …and an explicit resume replays from the client's own position, in order.
@@ -469,16 +402,19 @@ async fn refresh_reuse_reaches_the_socket(backend: Backend) {
     let Some(app) = with_admin(backend).await else {
         return;
     };
-    let d = device(&app, "eli@example.com", "device_0001").await;
-    let mut socket = open(&app, &d).await;
+    let d = app.register("eli@example.com", "device_0001").await;
+    let mut socket = app.kill_switch(&d).await;
     next_json(&mut socket).await;
-    let body = json!({"refresh_token": d.refresh, "device_id": "device_0001", "device_fingerprint": "fp-device_0001"});
     assert_eq!(
-        app.post_json("/v1/auth/refresh", &body).await.status(),
+        app.refresh(&d.refresh, "device_0001", "fp-device_0001")
+            .await
+            .status(),
         StatusCode::OK
     );
     assert_eq!(
-        app.post_json("/v1/auth/refresh", &body).await.status(),
+        app.refresh(&d.refresh, "device_0001", "fp-device_0001")
+            .await
+            .status(),
         StatusCode::UNAUTHORIZED
     );
     let command = next_json(&mut socket).await;
@@ -492,20 +428,21 @@ async fn global_kill_switch_reaches_every_device(backend: Backend) {
     let Some(app) = with_admin(backend).await else {
         return;
     };
-    let a = device(&app, "fox@example.com", "device_0001").await;
-    let b = device(&app, "gil@example.com", "device_0002").await;
-    lock(&app, &a.id, "FORCE_OVERLAY").await; // a's sequence is ahead of b's
-    let mut sa = open(&app, &a).await;
-    let mut sb = open(&app, &b).await;
+    let a = app.register("fox@example.com", "device_0001").await;
+    let b = app.register("gil@example.com", "device_0002").await;
+    app.lock(&a.device_id, "FORCE_OVERLAY").await; // a's sequence is ahead of b's
+    let mut sa = app.kill_switch(&a).await;
+    let mut sb = app.kill_switch(&b).await;
     next_json(&mut sa).await;
     next_json(&mut sa).await; // the unacked FORCE_OVERLAY
     next_json(&mut sb).await;
-    let r = admin(
-        &app,
-        "/v1/admin/kill-switch/global",
-        json!({"action": "FORCE_OVERLAY", "reason": "incident_42"}),
-    )
-    .await;
+    let r = app
+        .admin(
+            Method::POST,
+            "/v1/admin/kill-switch/global",
+            Some(&json!({"action": "FORCE_OVERLAY", "reason": "incident_42"})),
+        )
+        .await;
     assert_eq!(r.status(), StatusCode::ACCEPTED);
     let ca = next_json(&mut sa).await;
     let cb = next_json(&mut sb).await;
@@ -527,8 +464,8 @@ async fn shutdown_sends_close_frames(backend: Backend) {
     let Some(app) = with_admin(backend).await else {
         return;
     };
-    let d = device(&app, "hal@example.com", "device_0001").await;
-    let mut socket = open(&app, &d).await;
+    let d = app.register("hal@example.com", "device_0001").await;
+    let mut socket = app.kill_switch(&d).await;
     next_json(&mut socket).await;
     let stopping = tokio::spawn(app.stop());
     let frame = tokio::time::timeout(Duration::from_secs(5), async {
@@ -559,7 +496,7 @@ async fn handshake_rate_and_connection_cap(backend: Backend) {
     else {
         return;
     };
-    let d = device(&app, "ivy@example.com", "device_0001").await;
+    let d = app.register("ivy@example.com", "device_0001").await;
     let bearer = ("authorization", format!("Bearer {}", d.access));
     let first = connect(&app, "", std::slice::from_ref(&bearer))
         .await
@@ -585,10 +522,10 @@ async fn a_lock_via_one_instance_reaches_a_socket_on_another_exactly_once() {
         return;
     };
     let second = crate::helpers::second_instance(&first).await;
-    let d = device(&first, "jo@example.com", "device_0001").await;
-    let mut socket = open(&second, &d).await;
+    let d = first.register("jo@example.com", "device_0001").await;
+    let mut socket = second.kill_switch(&d).await;
     next_json(&mut socket).await;
-    lock(&first, &d.id, "CRITICAL_LOCK").await;
+    first.lock(&d.device_id, "CRITICAL_LOCK").await;
     let command = next_json(&mut socket).await;
     assert_eq!(
         (command["action"].as_str(), command["seq"].as_u64()),

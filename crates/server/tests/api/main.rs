@@ -2,6 +2,7 @@
 
 mod audit;
 mod billing;
+mod client;
 mod firewall;
 mod helpers;
 mod http_surface;

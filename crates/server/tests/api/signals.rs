@@ -16,12 +16,15 @@ use blockremote_engine::{
     sim::{session, Class},
 };
 use futures::StreamExt;
-use reqwest::StatusCode;
+use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::{eventually, spawn_app_with, Backend, TestApp};
+use crate::{
+    client::Session,
+    helpers::{eventually, spawn_app_with, Backend, TestApp},
+};
 
 crate::on_both_backends!(
     heartbeats_are_validated_and_replays_refused,
@@ -73,60 +76,17 @@ async fn app(backend: Backend) -> Option<App> {
     })
 }
 
-struct Device {
-    id: String,
-    access: String,
-}
-
-async fn register(app: &TestApp, email: &str, id: &str) -> Device {
-    let body = crate::helpers::register(app, email, id).await;
-    Device {
-        id: id.to_owned(),
-        access: body["access_token"].as_str().expect("token").to_owned(),
-    }
-}
-
 fn body_of(hb: &Heartbeat) -> Value {
     let mut body = serde_json::to_value(hb).expect("json");
     body["sent_at"] = json!(chrono::Utc::now().to_rfc3339());
     body
 }
 
-async fn send(app: &TestApp, d: &Device, body: &Value) -> reqwest::Response {
-    app.device_post("/v1/signals/heartbeat", &d.access, Some(&d.id), Some(body))
-        .await
-}
-
-async fn trust(app: &TestApp, d: &Device) -> Value {
-    let r = app
-        .client
-        .get(format!("{}/v1/security/trust-score", app.address))
-        .bearer_auth(&d.access)
-        .header("x-device-id", &d.id)
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(r.status(), StatusCode::OK);
-    r.json().await.expect("json")
-}
-
-async fn admin_device(app: &TestApp, id: &str) -> Value {
-    app.client
-        .get(format!("{}/v1/admin/devices/{id}", app.address))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .expect("request")
-        .json()
-        .await
-        .expect("json")
-}
-
 /// True once the device is locked and the report of the heartbeat that
 /// locked it is stored (the lock is applied just before the report).
 async fn locked(app: &TestApp, id: &str) -> bool {
     eventually(Duration::from_secs(5), || async {
-        let view = admin_device(app, id).await;
+        let view = app.admin_device(id).await;
         view["status"] == "locked" && view["trust"]["heartbeats"].as_u64() >= Some(1)
     })
     .await
@@ -136,10 +96,10 @@ async fn heartbeats_are_validated_and_replays_refused(backend: Backend) {
     let Some(app) = app(backend).await else {
         return;
     };
-    let d = register(&app, "ingest@example.com", "device_sig_01").await;
+    let d = app.register("ingest@example.com", "device_sig_01").await;
     let s = session(Class::HeldInHand, 1, 3);
     let first = body_of(&s.heartbeats[0]);
-    let r = send(&app, &d, &first).await;
+    let r = app.heartbeat(&d, &first).await;
     assert_eq!(r.status(), StatusCode::ACCEPTED);
     assert!(r.headers().contains_key("ratelimit-remaining"));
     assert_eq!(
@@ -149,7 +109,7 @@ async fn heartbeats_are_validated_and_replays_refused(backend: Backend) {
 
     // The same seq again, and an older one: replays, recorded not scored.
     for _ in 0..2 {
-        let r = send(&app, &d, &first).await;
+        let r = app.heartbeat(&d, &first).await;
         assert_eq!(r.status(), StatusCode::CONFLICT);
         assert_eq!(r.json::<Value>().await.expect("json")["code"], "replay");
     }
@@ -164,32 +124,29 @@ async fn heartbeats_are_validated_and_replays_refused(backend: Backend) {
     let field_of = |r: Value| r["field"].as_str().unwrap_or_default().to_owned();
     let mut bad = body_of(&s.heartbeats[1]);
     bad["accelerometer"][1][0] = json!(-5);
-    let r = send(&app, &d, &bad).await;
+    let r = app.heartbeat(&d, &bad).await;
     assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(field_of(r.json().await.expect("json")), "accelerometer[1]");
     let mut bad = body_of(&s.heartbeats[1]);
     bad["gyroscope"] = json!((0..257)
         .map(|i| json!([i, 0.0, 0.0, 0.0]))
         .collect::<Vec<_>>());
-    let r = send(&app, &d, &bad).await;
+    let r = app.heartbeat(&d, &bad).await;
     assert_eq!(field_of(r.json().await.expect("json")), "gyroscope");
     let mut bad = body_of(&s.heartbeats[1]);
     bad["context"]["rooted"] = json!(true);
-    let r = send(&app, &d, &bad).await;
+    let r = app.heartbeat(&d, &bad).await;
     assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
     assert!(field_of(r.json().await.expect("json")).contains("rooted"));
     let mut bad = body_of(&s.heartbeats[1]);
     bad["accelerometer"][0][1] = json!(1e300);
     assert_eq!(
-        send(&app, &d, &bad).await.status(),
+        app.heartbeat(&d, &bad).await.status(),
         StatusCode::UNPROCESSABLE_ENTITY
     );
     // Not JSON.
     let r = app
-        .client
-        .post(format!("{}/v1/signals/heartbeat", app.address))
-        .bearer_auth(&d.access)
-        .header("x-device-id", &d.id)
+        .as_device(Method::POST, "/v1/signals/heartbeat", &d)
         .body("seq=2")
         .send()
         .await
@@ -197,26 +154,14 @@ async fn heartbeats_are_validated_and_replays_refused(backend: Backend) {
     assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
     // A refused body does not spend its seq.
     assert_eq!(
-        send(&app, &d, &body_of(&s.heartbeats[1])).await.status(),
+        app.heartbeat(&d, &body_of(&s.heartbeats[1])).await.status(),
         StatusCode::ACCEPTED
     );
     // A new session for the device (a reinstall) starts seq afresh.
-    let r = app
-        .post_json(
-            "/v1/auth/login",
-            &json!({"email": "ingest@example.com", "password": "correct horse battery",
-                "device_id": d.id, "device_fingerprint": format!("fp-{}", d.id), "platform": "android"}),
-        )
-        .await;
+    let r = app.login("ingest@example.com", &d.device_id).await;
     assert_eq!(r.status(), StatusCode::OK);
-    let fresh = Device {
-        id: d.id.clone(),
-        access: r.json::<Value>().await.expect("json")["access_token"]
-            .as_str()
-            .expect("token")
-            .to_owned(),
-    };
-    let r = send(&app, &fresh, &first).await;
+    let fresh = Session::from_response(r, &d.device_id).await;
+    let r = app.heartbeat(&fresh, &first).await;
     assert_eq!(
         r.status(),
         StatusCode::ACCEPTED,
@@ -225,7 +170,7 @@ async fn heartbeats_are_validated_and_replays_refused(backend: Backend) {
     // seq beyond 2^53 is refused (Lua and JSON numbers are exact up to there).
     let mut huge = body_of(&s.heartbeats[2]);
     huge["seq"] = json!(u64::MAX);
-    let r = send(&app, &fresh, &huge).await;
+    let r = app.heartbeat(&fresh, &huge).await;
     assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
 }
 
@@ -233,26 +178,26 @@ async fn scored_heartbeats_show_in_the_trust_report(backend: Backend) {
     let Some(app) = app(backend).await else {
         return;
     };
-    let d = register(&app, "report@example.com", "device_sig_02").await;
-    let before = trust(&app, &d).await;
+    let d = app.register("report@example.com", "device_sig_02").await;
+    let before = app.trust_score_json(&d).await;
     assert_eq!(before["heartbeats"], 0);
     assert_eq!(before["trust_score"], 100);
-    assert_eq!(before["device_id"], d.id.as_str());
+    assert_eq!(before["device_id"], d.device_id.as_str());
     let s = session(Class::OnTable, 2, 4);
     for hb in &s.heartbeats {
         assert_eq!(
-            send(&app, &d, &body_of(hb)).await.status(),
+            app.heartbeat(&d, &body_of(hb)).await.status(),
             StatusCode::ACCEPTED
         );
     }
     assert!(
         eventually(Duration::from_secs(10), || async {
-            trust(&app, &d).await["heartbeats"] == 4
+            app.trust_score_json(&d).await["heartbeats"] == 4
         })
         .await,
         "all four scored (possibly out of order: workers handle a batch concurrently)"
     );
-    let report = trust(&app, &d).await;
+    let report = app.trust_score_json(&d).await;
     assert_eq!(report["last_seq"], 4);
     assert_eq!(report["level"], "trusted");
     assert_eq!(report["locked"], false);
@@ -269,32 +214,23 @@ async fn scored_heartbeats_show_in_the_trust_report(backend: Backend) {
     ] {
         assert!(report["components"][key].is_number(), "{key}");
     }
-    assert_eq!(admin_device(&app, &d.id).await["trust"]["heartbeats"], 4);
+    assert_eq!(
+        app.admin_device(&d.device_id).await["trust"]["heartbeats"],
+        4
+    );
 }
 
 async fn remote_control_is_locked_and_the_device_told(backend: Backend) {
     let Some(app) = app(backend).await else {
         return;
     };
-    let d = register(&app, "victim@example.com", "device_sig_03").await;
-    let mut request = format!(
-        "{}/v1/security/kill-switch",
-        app.address.replace("http://", "ws://")
-    )
-    .into_client_request()
-    .expect("request");
-    request.headers_mut().insert(
-        "authorization",
-        format!("Bearer {}", d.access).parse().expect("header"),
-    );
-    let (mut socket, _) = tokio_tungstenite::connect_async(request)
-        .await
-        .expect("socket");
+    let d = app.register("victim@example.com", "device_sig_03").await;
+    let mut socket = app.kill_switch(&d).await;
     let s = session(Class::RemoteControlSubtle, 3, 20);
     let start = s.attack_start.expect("attack");
     let mut sent = 0;
     for hb in &s.heartbeats {
-        let r = send(&app, &d, &body_of(hb)).await;
+        let r = app.heartbeat(&d, &body_of(hb)).await;
         if r.status() == StatusCode::FORBIDDEN {
             break; // locked: the device's API calls are refused
         }
@@ -304,14 +240,7 @@ async fn remote_control_is_locked_and_the_device_told(backend: Backend) {
         let seq = hb.seq;
         assert!(
             eventually(Duration::from_secs(5), || async {
-                let r = app
-                    .client
-                    .get(format!("{}/v1/security/trust-score", app.address))
-                    .bearer_auth(&d.access)
-                    .header("x-device-id", &d.id)
-                    .send()
-                    .await
-                    .expect("request");
+                let r = app.device_get("/v1/security/trust-score", &d).await;
                 // 403 device_locked: the engine already acted.
                 r.status() == StatusCode::FORBIDDEN
                     || r.json::<Value>().await.expect("json")["last_seq"].as_u64() >= Some(seq)
@@ -319,7 +248,10 @@ async fn remote_control_is_locked_and_the_device_told(backend: Backend) {
             .await
         );
     }
-    assert!(locked(&app, &d.id).await, "locked after {sent} heartbeats");
+    assert!(
+        locked(&app, &d.device_id).await,
+        "locked after {sent} heartbeats"
+    );
     assert!(
         sent <= start + 5,
         "within 5 heartbeats of the attack: sent {sent}, attack from {start}"
@@ -348,7 +280,7 @@ async fn remote_control_is_locked_and_the_device_told(backend: Backend) {
     let user = app
         .state
         .store
-        .device(&d.id)
+        .device(&d.device_id)
         .await
         .expect("device")
         .expect("some")
@@ -389,26 +321,26 @@ async fn genuine_use_is_never_locked(backend: Backend) {
         return;
     };
     for (i, class) in [Class::HeldInHand, Class::Walking].into_iter().enumerate() {
-        let d = register(
-            &app,
-            &format!("owner{i}@example.com"),
-            &format!("device_sig_1{i}"),
-        )
-        .await;
+        let d = app
+            .register(
+                &format!("owner{i}@example.com"),
+                &format!("device_sig_1{i}"),
+            )
+            .await;
         let s = session(class, 40 + i as u64, 12);
         for hb in &s.heartbeats {
             assert_eq!(
-                send(&app, &d, &body_of(hb)).await.status(),
+                app.heartbeat(&d, &body_of(hb)).await.status(),
                 StatusCode::ACCEPTED
             );
         }
         assert!(
             eventually(Duration::from_secs(10), || async {
-                trust(&app, &d).await["heartbeats"] == 12
+                app.trust_score_json(&d).await["heartbeats"] == 12
             })
             .await
         );
-        assert_eq!(admin_device(&app, &d.id).await["status"], "active");
+        assert_eq!(app.admin_device(&d.device_id).await["status"], "active");
     }
 }
 
@@ -419,13 +351,8 @@ async fn blacklisted_apps_lock_at_once_and_intel_can_be_removed(backend: Backend
     let intel = |body: Value| {
         let app = &app;
         async move {
-            app.client
-                .post(format!("{}/v1/admin/threat-intel", app.address))
-                .bearer_auth(ADMIN)
-                .json(&body)
-                .send()
+            app.admin(Method::POST, "/v1/admin/threat-intel", Some(&body))
                 .await
-                .expect("request")
         }
     };
     let r = intel(json!({"add": {"app_hashes": ["9F2C1E0B7A6D5C4B"], "domains": ["evil.example"], "ips": ["203.0.113.0/24"]}})).await;
@@ -438,69 +365,69 @@ async fn blacklisted_apps_lock_at_once_and_intel_can_be_removed(backend: Backend
         "add.domains[0]"
     );
 
-    let d = register(&app, "malware@example.com", "device_sig_20").await;
+    let d = app.register("malware@example.com", "device_sig_20").await;
     let mut hb = session(Class::HeldInHand, 5, 1).heartbeats.remove(0);
     hb.context.app_hashes = vec!["9f2c1e0b7a6d5c4b".into()];
     assert_eq!(
-        send(&app, &d, &body_of(&hb)).await.status(),
+        app.heartbeat(&d, &body_of(&hb)).await.status(),
         StatusCode::ACCEPTED
     );
     assert!(
-        locked(&app, &d.id).await,
+        locked(&app, &d.device_id).await,
         "a blacklisted app locks on the first heartbeat"
     );
-    let view = admin_device(&app, &d.id).await;
+    let view = app.admin_device(&d.device_id).await;
     assert_eq!(view["last_command"]["action"], "CRITICAL_LOCK");
     assert_eq!(view["trust"]["trust_score"], 0);
     assert_eq!(view["trust"]["reasons"][0], "blacklisted_app");
 
     // A subdomain of a listed domain hits too.
-    let d2 = register(&app, "dns@example.com", "device_sig_21").await;
+    let d2 = app.register("dns@example.com", "device_sig_21").await;
     let mut hb = session(Class::HeldInHand, 6, 1).heartbeats.remove(0);
     hb.context.dns = vec!["cdn.evil.example".into()];
-    send(&app, &d2, &body_of(&hb)).await;
-    assert!(locked(&app, &d2.id).await);
+    app.heartbeat(&d2, &body_of(&hb)).await;
+    assert!(locked(&app, &d2.device_id).await);
 
     // Removed entries stop hitting.
     let r =
         intel(json!({"remove": {"app_hashes": ["9f2c1e0b7a6d5c4b"], "domains": ["evil.example"]}}))
             .await;
     assert_eq!(r.json::<Value>().await.expect("json")["changed"], 2);
-    let d3 = register(&app, "clean@example.com", "device_sig_22").await;
+    let d3 = app.register("clean@example.com", "device_sig_22").await;
     let mut hb = session(Class::OnTable, 7, 1).heartbeats.remove(0);
     hb.context.app_hashes = vec!["9f2c1e0b7a6d5c4b".into()];
-    send(&app, &d3, &body_of(&hb)).await;
+    app.heartbeat(&d3, &body_of(&hb)).await;
     assert!(
         eventually(Duration::from_secs(5), || async {
-            trust(&app, &d3).await["heartbeats"] == 1
+            app.trust_score_json(&d3).await["heartbeats"] == 1
         })
         .await
     );
-    assert_eq!(admin_device(&app, &d3.id).await["status"], "active");
+    assert_eq!(app.admin_device(&d3.device_id).await["status"], "active");
 }
 
 async fn a_window_replayed_from_another_device_locks_it(backend: Backend) {
     let Some(app) = app(backend).await else {
         return;
     };
-    let a = register(&app, "original@example.com", "device_sig_30").await;
-    let b = register(&app, "copycat@example.com", "device_sig_31").await;
+    let a = app.register("original@example.com", "device_sig_30").await;
+    let b = app.register("copycat@example.com", "device_sig_31").await;
     let hb = session(Class::HeldInHand, 8, 1).heartbeats.remove(0);
-    send(&app, &a, &body_of(&hb)).await;
+    app.heartbeat(&a, &body_of(&hb)).await;
     assert!(
         eventually(Duration::from_secs(5), || async {
-            trust(&app, &a).await["heartbeats"] == 1
+            app.trust_score_json(&a).await["heartbeats"] == 1
         })
         .await
     );
-    send(&app, &b, &body_of(&hb)).await;
-    assert!(locked(&app, &b.id).await, "the copy is a replay");
+    app.heartbeat(&b, &body_of(&hb)).await;
+    assert!(locked(&app, &b.device_id).await, "the copy is a replay");
     assert_eq!(
-        admin_device(&app, &b.id).await["trust"]["reasons"][0],
+        app.admin_device(&b.device_id).await["trust"]["reasons"][0],
         "replayed_window"
     );
     assert_eq!(
-        admin_device(&app, &a.id).await["status"],
+        app.admin_device(&a.device_id).await["status"],
         "active",
         "the original is not blamed"
     );
@@ -510,22 +437,22 @@ async fn the_breaker_scores_inline_when_the_queue_is_behind(backend: Backend) {
     let Some(app) = app(backend).await else {
         return;
     };
-    let d = register(&app, "breaker@example.com", "device_sig_40").await;
+    let d = app.register("breaker@example.com", "device_sig_40").await;
     let s = session(Class::OnTable, 9, 2);
     app.state.breaker.trip();
-    let r = send(&app, &d, &body_of(&s.heartbeats[0])).await;
+    let r = app.heartbeat(&d, &body_of(&s.heartbeats[0])).await;
     assert_eq!(r.status(), StatusCode::ACCEPTED);
     assert_eq!(
         r.json::<Value>().await.expect("json"),
         json!({"accepted": true, "seq": 1, "degraded": true})
     );
     // Scored before the answer: the report is there at once, marked degraded.
-    let report = trust(&app, &d).await;
+    let report = app.trust_score_json(&d).await;
     assert_eq!(
         (report["heartbeats"].as_u64(), report["degraded"].as_bool()),
         (Some(1), Some(true))
     );
-    let metrics = app.get("/metrics").await.text().await.expect("text");
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains("signals_degraded_heartbeats_total 1"),
         "{metrics}"
@@ -540,7 +467,7 @@ async fn the_breaker_scores_inline_when_the_queue_is_behind(backend: Backend) {
         tripped_once_for(&app, "queue_full").await,
         "the trip is counted with its reason"
     );
-    let r = send(&app, &d, &body_of(&s.heartbeats[1])).await;
+    let r = app.heartbeat(&d, &body_of(&s.heartbeats[1])).await;
     assert_eq!(
         r.json::<Value>().await.expect("json"),
         json!({"accepted": true, "seq": 2})
@@ -557,26 +484,30 @@ async fn breaker_is(app: &TestApp, degraded: bool, within: Duration) -> bool {
 
 /// Sends the device's first heartbeat while degraded: answered
 /// `degraded: true` and scored before the answer.
-async fn first_is_scored_inline(app: &TestApp, d: &Device, hb: &Heartbeat) {
-    let r = send(app, d, &body_of(hb)).await;
+async fn first_is_scored_inline(app: &TestApp, d: &Session, hb: &Heartbeat) {
+    let r = app.heartbeat(d, &body_of(hb)).await;
     assert_eq!(
         r.json::<Value>().await.expect("json"),
         json!({"accepted": true, "seq": 1, "degraded": true})
     );
-    assert_eq!(trust(app, d).await["heartbeats"], 1, "scored inline");
+    assert_eq!(
+        app.trust_score_json(d).await["heartbeats"],
+        1,
+        "scored inline"
+    );
 }
 
 /// Sends the device's second heartbeat once recovered: queued (no
 /// `degraded`), then scored by the workers.
-async fn second_is_queued_and_scored(app: &TestApp, d: &Device, hb: &Heartbeat) {
-    let r = send(app, d, &body_of(hb)).await;
+async fn second_is_queued_and_scored(app: &TestApp, d: &Session, hb: &Heartbeat) {
+    let r = app.heartbeat(d, &body_of(hb)).await;
     assert_eq!(
         r.json::<Value>().await.expect("json"),
         json!({"accepted": true, "seq": 2})
     );
     assert!(
         eventually(Duration::from_secs(5), || async {
-            trust(app, d).await["heartbeats"] == 2
+            app.trust_score_json(d).await["heartbeats"] == 2
         })
         .await,
         "queued and scored by the workers"
@@ -590,13 +521,9 @@ fn unix_second() -> u64 {
         .as_secs()
 }
 
-async fn metrics_text(app: &TestApp) -> String {
-    app.get("/metrics").await.text().await.expect("text")
-}
-
 /// Whether the breaker has degraded exactly once, for `reason`.
 async fn tripped_once_for(app: &TestApp, reason: &str) -> bool {
-    metrics_text(app).await.contains(&format!(
+    app.metrics().await.contains(&format!(
         r#"signals_breaker_trips_total{{reason="{reason}"}} 1"#
     ))
 }
@@ -605,7 +532,9 @@ async fn the_breaker_watches_the_workers_scoring_p95_and_recovers_by_itself(back
     let Some(app) = app(backend).await else {
         return;
     };
-    let d = register(&app, "slowworkers@example.com", "device_sig_42").await;
+    let d = app
+        .register("slowworkers@example.com", "device_sig_42")
+        .await;
     let s = session(Class::HeldInHand, 9, 4);
     // A worker elsewhere reports scoring p95s of 2 s for the seconds the
     // breaker reads next (as worker processes do, through shared state).
@@ -627,7 +556,7 @@ async fn the_breaker_watches_the_workers_scoring_p95_and_recovers_by_itself(back
         "a scoring p95 of 2 s degrades"
     );
     first_is_scored_inline(&app, &d, &s.heartbeats[0]).await;
-    let metrics = metrics_text(&app).await;
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains("signals_workers_scoring_p95_seconds 2.0")
             && metrics.contains("signals_degraded 1")
@@ -653,7 +582,7 @@ async fn while_no_worker_is_alive_heartbeats_are_scored_inline() {
     else {
         return;
     };
-    let d = register(&app, "noworkers@example.com", "device_sig_43").await;
+    let d = app.register("noworkers@example.com", "device_sig_43").await;
     let s = session(Class::OnTable, 9, 5);
     assert!(
         breaker_is(&app, true, Duration::from_secs(10)).await,
@@ -701,15 +630,15 @@ async fn a_device_scored_elsewhere_is_scored_once_its_lock_is_free(backend: Back
     let Some(app) = app(backend).await else {
         return;
     };
-    let busy = register(&app, "busy@example.com", "device_sig_50").await;
-    let free = register(&app, "free@example.com", "device_sig_51").await;
+    let busy = app.register("busy@example.com", "device_sig_50").await;
+    let free = app.register("free@example.com", "device_sig_51").await;
     // Another worker holds `busy`'s scoring lock for a moment: the batch
     // scores `free` at once and `busy` when the lock is gone.
     assert!(app
         .state
         .shared
         .set_nx(
-            &blockremote::state::keys::scoring_lock(&busy.id),
+            &blockremote::state::keys::scoring_lock(&busy.device_id),
             b"another-worker",
             Some(Duration::from_millis(700)),
         )
@@ -722,20 +651,20 @@ async fn a_device_scored_elsewhere_is_scored_once_its_lock_is_free(backend: Back
     ];
     for i in 0..3 {
         for (d, s) in [&busy, &free].into_iter().zip(&sessions) {
-            let r = send(&app, d, &body_of(&s.heartbeats[i])).await;
+            let r = app.heartbeat(d, &body_of(&s.heartbeats[i])).await;
             assert_eq!(r.status(), StatusCode::ACCEPTED);
         }
     }
     assert!(
         eventually(Duration::from_secs(10), || async {
-            trust(&app, &free).await["heartbeats"] == 3
-                && trust(&app, &busy).await["heartbeats"] == 3
+            app.trust_score_json(&free).await["heartbeats"] == 3
+                && app.trust_score_json(&busy).await["heartbeats"] == 3
         })
         .await,
         "both devices scored"
     );
-    assert_eq!(trust(&app, &busy).await["last_seq"], 3);
-    let metrics = app.get("/metrics").await.text().await.expect("text");
+    assert_eq!(app.trust_score_json(&busy).await["last_seq"], 3);
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains("signals_heartbeats_scored_total 6"),
         "each scored once: {metrics}"
@@ -747,9 +676,9 @@ async fn heartbeats_spend_the_plan_bucket_and_a_refused_one_keeps_its_seq(backen
         return;
     };
     // A trial user: 120 tokens, refilled at 2 per second.
-    let d = register(&app, "bucket@example.com", "device_sig_60").await;
+    let d = app.register("bucket@example.com", "device_sig_60").await;
     let hb = body_of(&session(Class::OnTable, 13, 1).heartbeats[0]);
-    let first = send(&app, &d, &hb).await;
+    let first = app.heartbeat(&d, &hb).await;
     assert_eq!(first.status(), StatusCode::ACCEPTED);
     assert_eq!(first.headers()["ratelimit-limit"], "120");
     assert_eq!(first.headers()["ratelimit-remaining"], "119");
@@ -759,7 +688,7 @@ async fn heartbeats_spend_the_plan_bucket_and_a_refused_one_keeps_its_seq(backen
     invalid["seq"] = json!(-1);
     let drain = || async {
         for _ in 0..200 {
-            let r = send(&app, &d, &invalid).await;
+            let r = app.heartbeat(&d, &invalid).await;
             match r.status() {
                 StatusCode::TOO_MANY_REQUESTS => {
                     assert!(r.headers().contains_key("retry-after"));
@@ -778,7 +707,7 @@ async fn heartbeats_spend_the_plan_bucket_and_a_refused_one_keeps_its_seq(backen
         drain().await;
         let mut next = hb.clone();
         next["seq"] = json!(seq);
-        match send(&app, &d, &next).await.status() {
+        match app.heartbeat(&d, &next).await.status() {
             StatusCode::TOO_MANY_REQUESTS => {
                 refused_seq = Some((seq, next));
                 break;
@@ -789,14 +718,14 @@ async fn heartbeats_spend_the_plan_bucket_and_a_refused_one_keeps_its_seq(backen
     let (seq, next) = refused_seq.expect("a heartbeat refused by the empty bucket");
     // A token later, the refused heartbeat is taken.
     let retried = eventually(Duration::from_secs(3), || async {
-        send(&app, &d, &next).await.status() == StatusCode::ACCEPTED
+        app.heartbeat(&d, &next).await.status() == StatusCode::ACCEPTED
     })
     .await;
     assert!(retried, "seq {seq} accepted once the bucket refilled");
     assert!(
         eventually(Duration::from_secs(10), || async {
             // The admin view: the device's own bucket is empty.
-            admin_device(&app, &d.id).await["trust"]["last_seq"] == seq
+            app.admin_device(&d.device_id).await["trust"]["last_seq"] == seq
         })
         .await,
         "the retried heartbeat scored"
@@ -807,7 +736,7 @@ async fn a_queued_heartbeat_of_an_unknown_device_is_dropped_not_retried(backend:
     let Some(app) = app(backend).await else {
         return;
     };
-    let known = register(&app, "known@example.com", "device_sig_60").await;
+    let known = app.register("known@example.com", "device_sig_60").await;
     let s = session(Class::OnTable, 14, 2);
     // A job whose device has no row, as after a database restored under a
     // live queue: nothing can ever score it.
@@ -824,11 +753,11 @@ async fn a_queued_heartbeat_of_an_unknown_device_is_dropped_not_retried(backend:
         .enqueue(keys::HEARTBEAT_QUEUE, &job)
         .await
         .expect("queued");
-    let r = send(&app, &known, &body_of(&s.heartbeats[1])).await;
+    let r = app.heartbeat(&known, &body_of(&s.heartbeats[1])).await;
     assert_eq!(r.status(), StatusCode::ACCEPTED);
     assert!(
         eventually(Duration::from_secs(10), || async {
-            trust(&app, &known).await["heartbeats"] == 1
+            app.trust_score_json(&known).await["heartbeats"] == 1
         })
         .await,
         "the known device scored"
@@ -841,7 +770,7 @@ async fn a_queued_heartbeat_of_an_unknown_device_is_dropped_not_retried(backend:
         .await,
         "the queue empty"
     );
-    let metrics = app.get("/metrics").await.text().await.expect("text");
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains("signals_heartbeats_dropped_total 1")
             && metrics.contains("signals_heartbeats_scored_total 1"),

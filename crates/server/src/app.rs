@@ -280,7 +280,11 @@ impl Application {
         let stop = CancellationToken::new();
         state.spawn_key_reloader(stop.child_token());
         crate::signals::breaker::spawn_breaker_watch(state.clone());
-        crate::retention::spawn(state.clone());
+        crate::retention::spawn(
+            state.store.clone(),
+            state.config.event_retention,
+            state.shutdown.clone(),
+        );
         let pool = if state.is_embedded() {
             Some(start_workers(&state, "embedded", stop.child_token()).await?)
         } else {

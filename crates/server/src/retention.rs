@@ -5,14 +5,12 @@
 //! Every `serve` instance runs the job; the deletes are idempotent, in
 //! batches, so replicas running it together only share the work.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use chrono::Utc;
+use tokio_util::sync::CancellationToken;
 
-use crate::{
-    app::AppState,
-    store::{Store, StoreResult},
-};
+use crate::store::{Store, StoreResult};
 
 /// How often the job runs.
 pub const EVERY: Duration = Duration::from_secs(3600);
@@ -33,17 +31,18 @@ pub async fn run_once(store: &dyn Store, retention: Duration) -> StoreResult<u64
     }
 }
 
-/// Runs [`run_once`] a minute after start, then every [`EVERY`], until shutdown.
-pub fn spawn(state: AppState) {
+/// Runs [`run_once`] with `retention` a minute after start, then every
+/// [`EVERY`], until `shutdown` is cancelled.
+pub fn spawn(store: Arc<dyn Store>, retention: Duration, shutdown: CancellationToken) {
     tokio::spawn(async move {
         let mut wait = Duration::from_secs(60);
         loop {
             tokio::select! {
-                () = state.shutdown.cancelled() => break,
+                () = shutdown.cancelled() => break,
                 () = tokio::time::sleep(wait) => {}
             }
             wait = EVERY;
-            match run_once(state.store.as_ref(), state.config.event_retention).await {
+            match run_once(store.as_ref(), retention).await {
                 Ok(0) => {}
                 Ok(deleted) => tracing::info!(deleted, "old business events deleted"),
                 Err(e) => tracing::warn!(error = %e, "event retention failed; retrying next hour"),

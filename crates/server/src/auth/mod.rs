@@ -28,6 +28,18 @@ use crate::{
     store::{DeviceStatus, NewEvent, Store},
 };
 
+/// An authenticated device session: who is calling, once the HTTP layer's
+/// extractors (`http::extract`) have verified the token and the device.
+#[derive(Debug, Clone)]
+pub struct DeviceAuth {
+    /// The user.
+    pub user_id: Uuid,
+    /// The device.
+    pub device_id: String,
+    /// The access token's id.
+    pub jti: Uuid,
+}
+
 /// Why a device may not act, from its stored status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceRefusal {

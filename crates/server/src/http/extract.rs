@@ -12,12 +12,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use axum::{
-    extract::{ConnectInfo, FromRequestParts},
-    http::{header, request::Parts},
-};
-use uuid::Uuid;
-
+pub use crate::auth::DeviceAuth;
 use crate::{
     app::AppState,
     auth::{client_ip, sha256, tokens, DeviceRefusal},
@@ -25,20 +20,13 @@ use crate::{
     error::{codes, ApiError},
     store::DeviceStatus,
 };
+use axum::{
+    extract::{ConnectInfo, FromRequestParts},
+    http::{header, request::Parts},
+};
 
 /// The header naming the calling device.
 pub const DEVICE_ID_HEADER: &str = "x-device-id";
-
-/// An authenticated device session.
-#[derive(Debug, Clone)]
-pub struct DeviceAuth {
-    /// The user.
-    pub user_id: Uuid,
-    /// The device.
-    pub device_id: String,
-    /// The access token's id.
-    pub jti: Uuid,
-}
 
 /// The bearer token of the `Authorization` header.
 pub fn bearer(parts: &Parts) -> Option<&str> {

@@ -187,7 +187,14 @@ async fn handshake(
     } else {
         upgrade
     };
+    let handles = socket::SocketHandles {
+        store: state.store.clone(),
+        shared: state.shared.clone(),
+        metrics: state.metrics.clone(),
+        hub: state.hub.clone(),
+        shutdown: state.shutdown.clone(),
+    };
     Ok(upgrade.on_upgrade(move |socket| {
-        socket::serve(socket, state, device, registration, commands, started)
+        socket::serve(socket, handles, device, registration, commands, started)
     }))
 }

@@ -12,13 +12,19 @@ use std::{collections::VecDeque, sync::Arc, time::Duration};
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use serde::Deserialize;
 use tokio::{sync::mpsc, time::Instant};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::{
-    hub::{Outbound, Registration},
+    hub::{Hub, Outbound, Registration},
     DeviceCommand,
 };
-use crate::{app::AppState, http::extract::DeviceAuth, state::keys, store::DeviceStatus};
+use crate::{
+    auth::DeviceAuth,
+    state::{keys, SharedState},
+    store::{DeviceStatus, Store},
+    telemetry::Metrics,
+};
 
 /// How often the server pings an idle socket.
 pub const PING_EVERY: Duration = Duration::from_secs(20);
@@ -34,11 +40,25 @@ enum ClientMessage {
     Resume { since_seq: u64 },
 }
 
+/// The handles a connection uses, and nothing else.
+#[derive(Clone)]
+pub struct SocketHandles {
+    /// Where the device's status is read for the first `state` message.
+    pub store: Arc<dyn Store>,
+    /// Command counters and history.
+    pub shared: Arc<dyn SharedState>,
+    /// Delivery, ack and connection metrics.
+    pub metrics: Arc<Metrics>,
+    /// This instance's sockets; its ack writer saves ack positions.
+    pub hub: Arc<Hub>,
+    /// Cancelled when the process begins to shut down (the socket then closes).
+    pub shutdown: CancellationToken,
+}
+
 /// Reads a numeric counter from shared state (0 when absent). A free
 /// function so that no borrow of the (non-`Sync`) socket is held across it.
-async fn counter(state: &AppState, key: &str) -> u64 {
-    state
-        .shared
+async fn counter(shared: &dyn SharedState, key: &str) -> u64 {
+    shared
         .get(key)
         .await
         .ok()
@@ -49,7 +69,7 @@ async fn counter(state: &AppState, key: &str) -> u64 {
 
 struct Connection {
     socket: WebSocket,
-    state: AppState,
+    state: SocketHandles,
     device: DeviceAuth,
     /// Highest sequence number written to this socket.
     written: u64,
@@ -123,7 +143,7 @@ impl Connection {
             .map(|d| d.status)
             .unwrap_or(DeviceStatus::Revoked);
         let locked = status != DeviceStatus::Active;
-        let seq = counter(&self.state, &keys::command_seq(&device_id)).await;
+        let seq = counter(self.state.shared.as_ref(), &keys::command_seq(&device_id)).await;
         let last_action = if locked {
             self.state
                 .shared
@@ -161,7 +181,7 @@ impl Connection {
 /// Serves one authenticated socket until it closes.
 pub async fn serve(
     socket: WebSocket,
-    state: AppState,
+    state: SocketHandles,
     device: DeviceAuth,
     registration: Registration,
     mut commands: mpsc::Receiver<Arc<Outbound>>,
@@ -180,7 +200,11 @@ pub async fn serve(
         acks: 0,
     };
     let reason;
-    let acked = counter(&conn.state, &keys::command_acked(&conn.device.device_id)).await;
+    let acked = counter(
+        conn.state.shared.as_ref(),
+        &keys::command_acked(&conn.device.device_id),
+    )
+    .await;
     let state_sent = conn.send_state().await;
     conn.state
         .metrics

@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    auth::{sessions::Sessions, Auth},
+    auth::{attestation::Attestation, sessions::Sessions, Auth},
     billing::plans::PlanCache,
     config::Config,
     firewall::Firewall,
@@ -76,6 +76,8 @@ pub struct AppHandles {
     pub firewall: Arc<Firewall>,
     /// Device sessions: open, refresh, logout.
     pub sessions: Arc<Sessions>,
+    /// Attestation nonces and verdicts.
+    pub attestation: Arc<Attestation>,
     /// Cancelled when the process begins to shut down (sockets then close).
     pub shutdown: CancellationToken,
 }
@@ -127,6 +129,15 @@ impl AppState {
             firewall.clone(),
             config.refresh_per_minute,
         ));
+        let attestation = Arc::new(Attestation::new(
+            store.clone(),
+            shared.clone(),
+            auth.clone(),
+            firewall.clone(),
+            config.attestation_nonce_ttl,
+            config.attestation_max_failures,
+            config.attestation_test_secret.clone(),
+        ));
         Ok(Self(Arc::new(AppHandles {
             config: Arc::new(config),
             store,
@@ -140,6 +151,7 @@ impl AppState {
             scoring_meter: Arc::default(),
             firewall,
             sessions,
+            attestation,
             shutdown: CancellationToken::new(),
         })))
     }

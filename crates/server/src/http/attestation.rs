@@ -8,7 +8,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use super::json::Json;
 use crate::{
     app::AppState,
-    auth::attestation::{self, VerifyOutcome},
+    auth::attestation::VerifyOutcome,
     error::{ApiError, Problem},
     http::extract::{ClientIp, DeviceAuth},
 };
@@ -54,7 +54,7 @@ pub async fn post_nonce(
     State(state): State<AppState>,
     device: DeviceAuth,
 ) -> Result<(StatusCode, JsonResponse<Nonce>), ApiError> {
-    let (nonce, expires_at) = attestation::issue_nonce(&state, &device).await?;
+    let (nonce, expires_at) = state.attestation.issue_nonce(&device).await?;
     Ok((
         StatusCode::CREATED,
         JsonResponse(Nonce { nonce, expires_at }),
@@ -82,14 +82,9 @@ pub async fn post_verify(
     if body.token.len() > 16 * 1024 {
         return Err(ApiError::invalid_field("token", "at most 16 KiB"));
     }
-    let outcome = attestation::verify(
-        &state,
-        &device,
-        &body.nonce,
-        &body.provider,
-        &body.token,
-        ip.0,
-    )
-    .await?;
+    let outcome = state
+        .attestation
+        .verify(&device, &body.nonce, &body.provider, &body.token, ip.0)
+        .await?;
     Ok(JsonResponse(outcome))
 }

@@ -6,7 +6,7 @@
 //! transport that surfaced them.
 
 use crate::{
-    auth::{sessions::SessionError, DeviceRefusal},
+    auth::{attestation::AttestationError, sessions::SessionError, DeviceRefusal},
     error::{codes, ApiError},
     firewall::FirewallError,
 };
@@ -60,6 +60,28 @@ impl From<SessionError> for ApiError {
             SessionError::Signing(e) => Self::Internal(e),
             SessionError::Store(e) => e.into(),
             SessionError::State(e) => e.into(),
+        }
+    }
+}
+
+impl From<AttestationError> for ApiError {
+    fn from(err: AttestationError) -> Self {
+        match err {
+            AttestationError::UnknownProvider => {
+                Self::invalid_field("provider", "must be play_integrity, app_attest or test")
+            }
+            AttestationError::ProviderNotConfigured => Self::Client {
+                status: http::StatusCode::UNPROCESSABLE_ENTITY,
+                code: codes::PROVIDER_NOT_CONFIGURED,
+                detail: "This attestation provider is not configured on this server.",
+            },
+            AttestationError::NonceReplay => Self::conflict(
+                codes::NONCE_REPLAY,
+                "This nonce was already used, belongs to another device, or expired.",
+            ),
+            AttestationError::Firewall(e) => e.into(),
+            AttestationError::Store(e) => e.into(),
+            AttestationError::State(e) => e.into(),
         }
     }
 }

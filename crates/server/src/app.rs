@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     auth::{attestation::Attestation, sessions::Sessions, Auth},
-    billing::plans::PlanCache,
+    billing::{limits::Limits, plans::PlanCache},
     config::Config,
     firewall::Firewall,
     realtime::hub::Hub,
@@ -66,6 +66,8 @@ pub struct AppHandles {
     pub hub: Arc<Hub>,
     /// Each user's plan (rate limits), invalidated by billing webhooks.
     pub plans: Arc<PlanCache>,
+    /// The per-device request budget, at each user's plan capacity.
+    pub limits: Arc<Limits>,
     /// Blacklisted app hashes, domains and addresses.
     pub intel: Arc<ThreatIntel>,
     /// Whether heartbeat scoring is inline (workers behind).
@@ -113,6 +115,8 @@ impl AppState {
         let plans = PlanCache::start(shared.clone())
             .await
             .map_err(|e| StartupError::Workers(e.to_string()))?;
+        let plans = Arc::new(plans);
+        let limits = Arc::new(Limits::new(store.clone(), shared.clone(), plans.clone()));
         let intel = ThreatIntel::start(store.clone(), shared.clone())
             .await
             .map_err(|e| StartupError::Workers(e.to_string()))?;
@@ -145,7 +149,8 @@ impl AppState {
             metrics: Arc::new(Metrics::new()),
             auth,
             hub,
-            plans: Arc::new(plans),
+            plans,
+            limits,
             intel,
             breaker: Arc::default(),
             scoring_meter: Arc::default(),

@@ -6,7 +6,7 @@
 //! * [`plans`] — each user's plan, cached per instance and dropped on every
 //!   instance the moment a webhook changes it.
 //! * [`limits`] — the per-device token bucket on every device-authenticated
-//!   request, and the `RateLimit-*` headers that report it.
+//!   request (the `RateLimit-*` headers that report it are `http::rate_limit`).
 
 pub mod event;
 pub mod limits;

@@ -7,6 +7,7 @@
 
 use crate::{
     auth::{attestation::AttestationError, sessions::SessionError, DeviceRefusal},
+    billing::limits::RateLimited,
     error::{codes, ApiError},
     firewall::FirewallError,
 };
@@ -83,5 +84,11 @@ impl From<AttestationError> for ApiError {
             AttestationError::Store(e) => e.into(),
             AttestationError::State(e) => e.into(),
         }
+    }
+}
+
+impl From<RateLimited> for ApiError {
+    fn from(RateLimited { retry_after }: RateLimited) -> Self {
+        Self::RateLimited { retry_after }
     }
 }

@@ -3,7 +3,8 @@
 //! * [`DeviceAuth`] — `Authorization: Bearer <jwt>` plus `X-Device-Id`: the
 //!   token verifies, the header equals its `did`, and the device is still
 //!   active and bound to the token's user; then one token is taken from the
-//!   device's plan bucket (`billing::limits`).
+//!   device's plan bucket (`billing::limits`), the decision left for the
+//!   `RateLimit-*` headers (`http::rate_limit`).
 //! * [`MeteredLater`] — the same authentication, leaving the token to the
 //!   handler (heartbeat ingestion takes it with its own work).
 //! * [`AdminAuth`] — `Authorization: Bearer <admin key>`: the bootstrap key or
@@ -16,8 +17,8 @@ pub use crate::auth::DeviceAuth;
 use crate::{
     app::AppState,
     auth::{client_ip, sha256, tokens, DeviceRefusal},
-    billing::limits::{self, RateLimitSlot},
     error::{codes, ApiError},
+    http::rate_limit::{self, RateLimitSlot},
     store::DeviceStatus,
 };
 use axum::{
@@ -146,18 +147,19 @@ pub struct MeteredLater {
 impl MeteredLater {
     /// Takes the token as [`DeviceAuth`] does; `Err(429)` when refused.
     pub async fn take_token(&self, state: &AppState) -> Result<(), ApiError> {
-        limits::take(
-            state,
-            self.slot.as_ref(),
-            self.device.user_id,
-            &self.device.device_id,
-        )
-        .await
+        match state
+            .limits
+            .take(self.device.user_id, &self.device.device_id)
+            .await?
+        {
+            Some(decision) => self.record(decision),
+            None => Ok(()),
+        }
     }
 
     /// Records a decision taken by the handler's own call; `Err(429)` when refused.
     pub fn record(&self, decision: crate::state::BucketDecision) -> Result<(), ApiError> {
-        limits::record(self.slot.as_ref(), decision)
+        rate_limit::record(self.slot.as_ref(), decision)
     }
 }
 

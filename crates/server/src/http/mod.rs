@@ -28,6 +28,7 @@ pub mod killswitch;
 pub mod metrics;
 pub mod middleware;
 pub mod paging;
+pub mod rate_limit;
 pub mod signals;
 pub mod validate;
 
@@ -195,7 +196,7 @@ pub fn app_with(state: AppState, extra: Router<AppState>) -> Router {
         .map_request(|req: http::Request<_>| req.map(axum::body::Body::new))
         .layer(DefaultBodyLimit::max(json::BODY_LIMIT))
         .layer(Extension(docs::RenderedDocs::new(&doc)))
-        .layer(axum::middleware::from_fn(crate::billing::limits::headers));
+        .layer(axum::middleware::from_fn(rate_limit::headers));
     router.fallback(not_found).layer(layers).with_state(state)
 }
 

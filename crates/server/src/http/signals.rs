@@ -15,7 +15,6 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use super::json;
 use crate::{
     app::AppState,
-    billing::limits,
     error::{codes, ApiError, Problem},
     http::extract::{ClientIp, DeviceAuth, MeteredLater},
     signals::{
@@ -121,7 +120,7 @@ pub async fn post_heartbeat(
         )
         .map_err(|e| ApiError::Internal(e.into()))?;
         let bucket_key = keys::rate_limit(&device.device_id);
-        let take = limits::one_token(&state, device.user_id, &bucket_key).await?;
+        let take = state.limits.one_token(device.user_id, &bucket_key).await?;
         let admitted = state
             .shared
             .take_then_advance_and_enqueue(

@@ -11,6 +11,7 @@ pub mod config;
 pub mod error;
 pub mod firewall;
 pub mod http;
+pub mod intel_change;
 pub mod realtime;
 pub mod retention;
 pub mod signals;

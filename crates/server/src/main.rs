@@ -8,7 +8,7 @@ use std::{path::PathBuf, process::ExitCode};
 use blockremote::{
     app::{self, AppState, Application},
     config::Config,
-    store, telemetry,
+    intel_change, store, telemetry,
 };
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
@@ -247,11 +247,11 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         } => {
             let text = std::fs::read_to_string(&file)
                 .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
-            let change: blockremote::http::intel::IntelChange = serde_json::from_str(&text)
+            let change: intel_change::IntelChange = serde_json::from_str(&text)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-            let add = blockremote::http::intel::flatten(&change.add, "add")
+            let add = intel_change::flatten(&change.add, "add")
                 .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-            let remove = blockremote::http::intel::flatten(&change.remove, "remove")
+            let remove = intel_change::flatten(&change.remove, "remove")
                 .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             let store = open_store(&config).await?;
             store.migrate().await?;

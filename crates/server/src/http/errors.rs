@@ -10,6 +10,7 @@ use crate::{
     billing::limits::RateLimited,
     error::{codes, ApiError},
     firewall::FirewallError,
+    intel_change::IntelChangeError,
 };
 
 impl From<DeviceRefusal> for ApiError {
@@ -90,5 +91,106 @@ impl From<AttestationError> for ApiError {
 impl From<RateLimited> for ApiError {
     fn from(RateLimited { retry_after }: RateLimited) -> Self {
         Self::RateLimited { retry_after }
+    }
+}
+
+impl From<IntelChangeError> for ApiError {
+    fn from(err: IntelChangeError) -> Self {
+        match err {
+            IntelChangeError::InvalidEntry { field } => Self::Validation {
+                field,
+                message: "is not a valid entry".into(),
+            },
+            IntelChangeError::TooManyEntries => {
+                Self::invalid_field("add", "at most 10000 entries per change")
+            }
+            IntelChangeError::Store(e) => e.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use http::StatusCode;
+
+    use super::*;
+
+    fn answer(err: impl Into<ApiError>) -> (StatusCode, String, Option<String>, String) {
+        let problem = err.into().to_problem();
+        (
+            StatusCode::from_u16(problem.status).expect("a status"),
+            problem.code,
+            problem.field,
+            problem.detail,
+        )
+    }
+
+    #[test]
+    fn attestation_errors_keep_their_status_code_and_detail() {
+        let (status, code, field, _) = answer(AttestationError::UnknownProvider);
+        assert_eq!(
+            (status, code.as_str(), field.as_deref()),
+            (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                codes::VALIDATION_FAILED,
+                Some("provider")
+            )
+        );
+        let (status, code, _, _) = answer(AttestationError::ProviderNotConfigured);
+        assert_eq!(
+            (status, code.as_str()),
+            (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                codes::PROVIDER_NOT_CONFIGURED
+            )
+        );
+        let (status, code, _, _) = answer(AttestationError::NonceReplay);
+        assert_eq!(
+            (status, code.as_str()),
+            (StatusCode::CONFLICT, codes::NONCE_REPLAY)
+        );
+        let refused = AttestationError::Firewall(FirewallError::Refused {
+            retry_after: Duration::from_secs(9),
+        });
+        assert!(matches!(
+            ApiError::from(refused),
+            ApiError::RateLimited { retry_after } if retry_after == Duration::from_secs(9)
+        ));
+    }
+
+    #[test]
+    fn a_rate_limit_refusal_is_the_generic_429() {
+        let retry_after = Duration::from_millis(1500);
+        assert!(matches!(
+            ApiError::from(RateLimited { retry_after }),
+            ApiError::RateLimited { retry_after: r } if r == retry_after
+        ));
+    }
+
+    #[test]
+    fn intel_change_errors_name_the_field() {
+        let (status, code, field, detail) = answer(IntelChangeError::InvalidEntry {
+            field: "add.ips[2]".into(),
+        });
+        assert_eq!(
+            (status, code.as_str(), field.as_deref(), detail.as_str()),
+            (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                codes::VALIDATION_FAILED,
+                Some("add.ips[2]"),
+                "is not a valid entry"
+            )
+        );
+        let (status, _, field, detail) = answer(IntelChangeError::TooManyEntries);
+        assert_eq!(
+            (status, field.as_deref(), detail.as_str()),
+            (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Some("add"),
+                "at most 10000 entries per change"
+            )
+        );
     }
 }

@@ -28,7 +28,7 @@ use crate::{
     signals::{
         breaker::{Breaker, ScoringMeter},
         intel::ThreatIntel,
-        scoring::HeartbeatScorer,
+        scoring::{HeartbeatScorer, Scoring},
     },
     state::{self, keys, SharedState},
     store::{self, Store, StoreError},
@@ -72,6 +72,8 @@ pub struct AppHandles {
     pub breaker: Arc<Breaker>,
     /// This process's scoring times, published for every instance's breaker.
     pub scoring_meter: Arc<ScoringMeter>,
+    /// Heartbeat scoring: the workers' and ingestion's inline path.
+    pub scoring: Arc<Scoring>,
     /// The abuse firewall.
     pub firewall: Arc<Firewall>,
     /// Device sessions: open, refresh, logout.
@@ -127,17 +129,30 @@ impl AppState {
             firewall.clone(),
             config.refresh_per_minute,
         ));
+        let metrics = Arc::new(Metrics::new());
+        let plans = Arc::new(plans);
+        let scoring_meter = Arc::<ScoringMeter>::default();
+        let scoring = Arc::new(Scoring::new(
+            store.clone(),
+            shared.clone(),
+            auth.clone(),
+            plans.clone(),
+            intel.clone(),
+            metrics.clone(),
+            scoring_meter.clone(),
+        ));
         Ok(Self(Arc::new(AppHandles {
             config: Arc::new(config),
             store,
             shared,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             auth,
             hub,
-            plans: Arc::new(plans),
+            plans,
             intel,
             breaker: Arc::default(),
-            scoring_meter: Arc::default(),
+            scoring_meter,
+            scoring,
             firewall,
             sessions,
             shutdown: CancellationToken::new(),
@@ -173,7 +188,7 @@ impl AppState {
     pub fn job_handlers(&self) -> Vec<(String, Arc<dyn workers::JobHandler>)> {
         vec![(
             keys::HEARTBEAT_QUEUE.to_owned(),
-            Arc::new(HeartbeatScorer::new(self.clone())),
+            Arc::new(HeartbeatScorer::new(self.scoring.clone())),
         )]
     }
 }
@@ -279,7 +294,13 @@ impl Application {
         let grace = state.config.shutdown_grace;
         let stop = CancellationToken::new();
         state.spawn_key_reloader(stop.child_token());
-        crate::signals::breaker::spawn_breaker_watch(state.clone());
+        crate::signals::breaker::spawn_breaker_watch(
+            state.breaker.clone(),
+            state.shared.clone(),
+            state.metrics.clone(),
+            state.config.queue_capacity,
+            state.shutdown.clone(),
+        );
         crate::retention::spawn(state.clone());
         let pool = if state.is_embedded() {
             Some(start_workers(&state, "embedded", stop.child_token()).await?)

@@ -173,15 +173,16 @@ pub async fn post_heartbeat(
     };
     // Degraded: score here, now.
     state.metrics.signals_degraded_heartbeats.inc();
-    let scored = scoring::score(
-        &state,
-        &device.device_id,
-        device.user_id,
-        heartbeat,
-        ip_listed,
-        true,
-    )
-    .await;
+    let scored = state
+        .scoring
+        .score(
+            &device.device_id,
+            device.user_id,
+            heartbeat,
+            ip_listed,
+            true,
+        )
+        .await;
     if let Err(e) = scored {
         tracing::error!(error = %e, "inline scoring failed");
         give_back().await;
@@ -245,7 +246,9 @@ pub async fn get_trust_score(
 
 /// The stored report of `device_id`, or the neutral one.
 pub async fn report_for(state: &AppState, device_id: &str) -> Result<TrustReport, ApiError> {
-    let stored = scoring::load_report(state, device_id)
+    let stored = state
+        .scoring
+        .load_report(device_id)
         .await
         .map_err(ApiError::Internal)?;
     let device = state.store.device(device_id).await?;

@@ -27,6 +27,7 @@ use crate::{
     realtime::hub::Hub,
     signals::{
         breaker::{Breaker, ScoringMeter},
+        ingest::Ingestion,
         intel::ThreatIntel,
         scoring::{HeartbeatScorer, Scoring},
     },
@@ -74,6 +75,8 @@ pub struct AppHandles {
     pub scoring_meter: Arc<ScoringMeter>,
     /// Heartbeat scoring: the workers' and ingestion's inline path.
     pub scoring: Arc<Scoring>,
+    /// Heartbeat ingestion: token, seq, enqueue or inline scoring.
+    pub ingestion: Arc<Ingestion>,
     /// The abuse firewall.
     pub firewall: Arc<Firewall>,
     /// Device sessions: open, refresh, logout.
@@ -141,6 +144,16 @@ impl AppState {
             metrics.clone(),
             scoring_meter.clone(),
         ));
+        let breaker = Arc::<Breaker>::default();
+        let ingestion = Arc::new(Ingestion::new(
+            store.clone(),
+            shared.clone(),
+            auth.clone(),
+            intel.clone(),
+            breaker.clone(),
+            scoring.clone(),
+            metrics.clone(),
+        ));
         Ok(Self(Arc::new(AppHandles {
             config: Arc::new(config),
             store,
@@ -150,9 +163,10 @@ impl AppState {
             hub,
             plans,
             intel,
-            breaker: Arc::default(),
+            breaker,
             scoring_meter,
             scoring,
+            ingestion,
             firewall,
             sessions,
             shutdown: CancellationToken::new(),

@@ -5,10 +5,13 @@
 //! here, so the contract's codes and details live in one file whatever the
 //! transport that surfaced them.
 
+use axum::http::StatusCode;
+
 use crate::{
     auth::{sessions::SessionError, DeviceRefusal},
     error::{codes, ApiError},
     firewall::FirewallError,
+    signals::ingest::IngestError,
 };
 
 impl From<DeviceRefusal> for ApiError {
@@ -60,6 +63,27 @@ impl From<SessionError> for ApiError {
             SessionError::Signing(e) => Self::Internal(e),
             SessionError::Store(e) => e.into(),
             SessionError::State(e) => e.into(),
+        }
+    }
+}
+
+impl From<IngestError> for ApiError {
+    fn from(err: IngestError) -> Self {
+        match err {
+            IngestError::RateLimited { retry_after } => Self::RateLimited { retry_after },
+            IngestError::Replay => Self::conflict(
+                codes::REPLAY,
+                "This heartbeat's seq is not above the last one accepted.",
+            ),
+            IngestError::Unavailable => Self::Client {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                code: codes::QUEUE_FULL,
+                detail: "The heartbeat could not be taken now; retry.",
+            },
+            IngestError::Encode(e) => Self::Internal(e.into()),
+            IngestError::Store(e) => e.into(),
+            IngestError::State(e) => e.into(),
+            IngestError::Limiter(cause) => Self::Internal(cause),
         }
     }
 }

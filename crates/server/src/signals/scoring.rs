@@ -94,7 +94,7 @@ impl Scoring {
         }
     }
 
-    /// Scores one heartbeat and acts on the decision (see [`score`]).
+    /// Scores one heartbeat and acts on the decision (see the function `score` below).
     pub async fn score(
         &self,
         device_id: &str,
@@ -106,7 +106,7 @@ impl Scoring {
         score(self, device_id, user_id, heartbeat, ip_listed, degraded).await
     }
 
-    /// Scores a fetched batch (see [`score_batch`]); the ids handled.
+    /// Scores a fetched batch (see the function `score_batch` below); the ids handled.
     pub async fn score_batch(&self, jobs: Vec<Job>, parallel: usize) -> Vec<String> {
         score_batch(self, jobs, parallel).await
     }
@@ -116,7 +116,7 @@ impl Scoring {
         load_report(self, device_id).await
     }
 
-    /// Forgets the evidence that led to a lock (see [`clear_evidence`]).
+    /// Forgets the evidence that led to a lock (see the function `clear_evidence` below).
     pub async fn clear_evidence(&self, device_id: &str) -> anyhow::Result<()> {
         clear_evidence(self, device_id).await
     }

@@ -89,23 +89,7 @@ impl AppState {
     /// Connects the store and the shared state the configuration names,
     /// migrates when `migrate` is set, and loads the identity keys.
     pub async fn connect(config: Config, migrate: bool) -> Result<Self, StartupError> {
-        let store = store::connect(
-            &config.database,
-            config.database_max_connections,
-            config.connect_timeout,
-        )
-        .await?;
-        if migrate {
-            store.migrate().await.map_err(StartupError::Migrate)?;
-        } else {
-            let pending = store
-                .pending_migrations()
-                .await
-                .map_err(StartupError::Migrate)?;
-            if pending > 0 {
-                return Err(StartupError::SchemaBehind(pending));
-            }
-        }
+        let store = connect_store(&config, migrate).await?;
         let shared = state::connect(&config).await?;
         let auth = Auth::load(&config, store.as_ref(), shared.clone())
             .await
@@ -198,12 +182,141 @@ impl AppState {
         self.config.redis_url.is_none()
     }
 
+    /// The queue handlers this build has (see [`WorkerHandles::job_handlers`]).
+    pub fn job_handlers(&self) -> Vec<(String, Arc<dyn workers::JobHandler>)> {
+        self.workers().job_handlers()
+    }
+
+    /// What this process's workers use (on the embedded default they run
+    /// inside `serve`).
+    pub fn workers(&self) -> WorkerHandles {
+        WorkerHandles {
+            store: self.store.clone(),
+            shared: self.shared.clone(),
+            scoring: self.scoring.clone(),
+            scoring_meter: self.scoring_meter.clone(),
+        }
+    }
+}
+
+/// Connects the store the configuration names and migrates it when
+/// `migrate` is set; otherwise refuses a schema that is behind.
+async fn connect_store(config: &Config, migrate: bool) -> Result<Arc<dyn Store>, StartupError> {
+    let store = store::connect(
+        &config.database,
+        config.database_max_connections,
+        config.connect_timeout,
+    )
+    .await?;
+    if migrate {
+        store.migrate().await.map_err(StartupError::Migrate)?;
+    } else {
+        let pending = store
+            .pending_migrations()
+            .await
+            .map_err(StartupError::Migrate)?;
+        if pending > 0 {
+            return Err(StartupError::SchemaBehind(pending));
+        }
+    }
+    Ok(store)
+}
+
+/// What the scoring workers use — all a `blockremote worker` process
+/// builds: no kill-switch hub (nor its subscription), firewall, sessions,
+/// ingestion or circuit breaker, which only serve requests.
+#[derive(Clone)]
+pub struct WorkerHandles {
+    /// The durable store (closed at shutdown).
+    pub store: Arc<dyn Store>,
+    /// The work queues, and where the scoring meter is published.
+    pub shared: Arc<dyn SharedState>,
+    /// Heartbeat scoring.
+    pub scoring: Arc<Scoring>,
+    /// This process's scoring times, published for every instance's breaker.
+    pub scoring_meter: Arc<ScoringMeter>,
+}
+
+impl WorkerHandles {
+    /// Connects what a worker process needs: the store (whose schema must
+    /// be current: a worker never migrates), the shared state, and what
+    /// scoring reads (identity for the device-status cache and events,
+    /// plans, intel).
+    pub async fn connect(config: &Config) -> Result<Self, StartupError> {
+        let store = connect_store(config, false).await?;
+        let shared = state::connect(config).await?;
+        let auth = Auth::load(config, store.as_ref(), shared.clone())
+            .await
+            .map_err(StartupError::Identity)?;
+        let plans = PlanCache::start(shared.clone())
+            .await
+            .map_err(|e| StartupError::Workers(e.to_string()))?;
+        let intel = ThreatIntel::start(store.clone(), shared.clone())
+            .await
+            .map_err(|e| StartupError::Workers(e.to_string()))?;
+        let scoring_meter = Arc::<ScoringMeter>::default();
+        let scoring = Arc::new(Scoring::new(
+            store.clone(),
+            shared.clone(),
+            Arc::new(auth),
+            Arc::new(plans),
+            intel,
+            Arc::new(Metrics::new()),
+            scoring_meter.clone(),
+        ));
+        Ok(Self {
+            store,
+            shared,
+            scoring,
+            scoring_meter,
+        })
+    }
+
     /// The queue handlers this build has. Later features register theirs here.
     pub fn job_handlers(&self) -> Vec<(String, Arc<dyn workers::JobHandler>)> {
         vec![(
             keys::HEARTBEAT_QUEUE.to_owned(),
             Arc::new(HeartbeatScorer::new(self.scoring.clone())),
         )]
+    }
+
+    /// Starts the worker pool for the registered handlers, and the
+    /// publisher of its scoring meter, until `stop`.
+    pub async fn start(
+        &self,
+        role: &str,
+        stop: CancellationToken,
+    ) -> Result<WorkerPool, StartupError> {
+        let instance = format!("{role}-{}", uuid::Uuid::new_v4().simple());
+        let defaults = WorkerOptions::default();
+        let options = if self.shared.queue_is_remote() {
+            // A batch on Redis spends most of its time waiting on round trips,
+            // not on the CPU: more and larger batches in flight keep up with
+            // more traffic (docs/BENCHMARKS.md).
+            WorkerOptions {
+                concurrency: REMOTE_CONSUMERS,
+                batch: REMOTE_BATCH,
+                ..defaults
+            }
+        } else {
+            defaults
+        };
+        let pool = WorkerPool::start(
+            self.shared.clone(),
+            &instance,
+            self.job_handlers(),
+            options,
+            stop.clone(),
+        )
+        .await
+        .map_err(|e| StartupError::Workers(e.to_string()))?;
+        // Every instance's circuit breaker reads what these workers report.
+        crate::signals::breaker::spawn_meter_publisher(
+            self.shared.clone(),
+            self.scoring_meter.clone(),
+            stop,
+        );
+        Ok(pool)
     }
 }
 
@@ -387,42 +500,13 @@ const REMOTE_CONSUMERS: usize = 4;
 /// Jobs per fetch of such a consumer (in-process: the default 64).
 const REMOTE_BATCH: usize = 128;
 
-/// Starts the worker pool for this process's registered handlers.
+/// Starts the worker pool of `state` (see [`WorkerHandles::start`]).
 pub async fn start_workers(
     state: &AppState,
     role: &str,
     stop: CancellationToken,
 ) -> Result<WorkerPool, StartupError> {
-    let instance = format!("{role}-{}", uuid::Uuid::new_v4().simple());
-    let defaults = WorkerOptions::default();
-    let options = if state.shared.queue_is_remote() {
-        // A batch on Redis spends most of its time waiting on round trips,
-        // not on the CPU: more and larger batches in flight keep up with
-        // more traffic (docs/BENCHMARKS.md).
-        WorkerOptions {
-            concurrency: REMOTE_CONSUMERS,
-            batch: REMOTE_BATCH,
-            ..defaults
-        }
-    } else {
-        defaults
-    };
-    let pool = WorkerPool::start(
-        state.shared.clone(),
-        &instance,
-        state.job_handlers(),
-        options,
-        stop.clone(),
-    )
-    .await
-    .map_err(|e| StartupError::Workers(e.to_string()))?;
-    // Every instance's circuit breaker reads what these workers report.
-    crate::signals::breaker::spawn_meter_publisher(
-        state.shared.clone(),
-        state.scoring_meter.clone(),
-        stop,
-    );
-    Ok(pool)
+    state.workers().start(role, stop).await
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).

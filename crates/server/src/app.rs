@@ -27,8 +27,9 @@ use crate::{
     realtime::hub::Hub,
     signals::{
         breaker::{Breaker, ScoringMeter},
+        ingest::Ingestion,
         intel::ThreatIntel,
-        scoring::HeartbeatScorer,
+        scoring::{HeartbeatScorer, Scoring},
     },
     state::{self, keys, SharedState},
     store::{self, Store, StoreError},
@@ -74,6 +75,10 @@ pub struct AppHandles {
     pub breaker: Arc<Breaker>,
     /// This process's scoring times, published for every instance's breaker.
     pub scoring_meter: Arc<ScoringMeter>,
+    /// Heartbeat scoring: the workers' and ingestion's inline path.
+    pub scoring: Arc<Scoring>,
+    /// Heartbeat ingestion: token, seq, enqueue or inline scoring.
+    pub ingestion: Arc<Ingestion>,
     /// The abuse firewall.
     pub firewall: Arc<Firewall>,
     /// Device sessions: open, refresh, logout.
@@ -88,23 +93,7 @@ impl AppState {
     /// Connects the store and the shared state the configuration names,
     /// migrates when `migrate` is set, and loads the identity keys.
     pub async fn connect(config: Config, migrate: bool) -> Result<Self, StartupError> {
-        let store = store::connect(
-            &config.database,
-            config.database_max_connections,
-            config.connect_timeout,
-        )
-        .await?;
-        if migrate {
-            store.migrate().await.map_err(StartupError::Migrate)?;
-        } else {
-            let pending = store
-                .pending_migrations()
-                .await
-                .map_err(StartupError::Migrate)?;
-            if pending > 0 {
-                return Err(StartupError::SchemaBehind(pending));
-            }
-        }
+        let store = connect_store(&config, migrate).await?;
         let shared = state::connect(&config).await?;
         let auth = Auth::load(&config, store.as_ref(), shared.clone())
             .await
@@ -142,18 +131,41 @@ impl AppState {
             config.attestation_max_failures,
             config.attestation_test_secret.clone(),
         ));
+        let metrics = Arc::new(Metrics::new());
+        let scoring_meter = Arc::<ScoringMeter>::default();
+        let scoring = Arc::new(Scoring::new(
+            store.clone(),
+            shared.clone(),
+            auth.clone(),
+            plans.clone(),
+            intel.clone(),
+            metrics.clone(),
+            scoring_meter.clone(),
+        ));
+        let breaker = Arc::<Breaker>::default();
+        let ingestion = Arc::new(Ingestion::new(
+            store.clone(),
+            shared.clone(),
+            auth.clone(),
+            intel.clone(),
+            breaker.clone(),
+            scoring.clone(),
+            metrics.clone(),
+        ));
         Ok(Self(Arc::new(AppHandles {
             config: Arc::new(config),
             store,
             shared,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             auth,
             hub,
             plans,
             limits,
             intel,
-            breaker: Arc::default(),
-            scoring_meter: Arc::default(),
+            breaker,
+            scoring_meter,
+            scoring,
+            ingestion,
             firewall,
             sessions,
             attestation,
@@ -186,12 +198,141 @@ impl AppState {
         self.config.redis_url.is_none()
     }
 
+    /// The queue handlers this build has (see [`WorkerHandles::job_handlers`]).
+    pub fn job_handlers(&self) -> Vec<(String, Arc<dyn workers::JobHandler>)> {
+        self.workers().job_handlers()
+    }
+
+    /// What this process's workers use (on the embedded default they run
+    /// inside `serve`).
+    pub fn workers(&self) -> WorkerHandles {
+        WorkerHandles {
+            store: self.store.clone(),
+            shared: self.shared.clone(),
+            scoring: self.scoring.clone(),
+            scoring_meter: self.scoring_meter.clone(),
+        }
+    }
+}
+
+/// Connects the store the configuration names and migrates it when
+/// `migrate` is set; otherwise refuses a schema that is behind.
+async fn connect_store(config: &Config, migrate: bool) -> Result<Arc<dyn Store>, StartupError> {
+    let store = store::connect(
+        &config.database,
+        config.database_max_connections,
+        config.connect_timeout,
+    )
+    .await?;
+    if migrate {
+        store.migrate().await.map_err(StartupError::Migrate)?;
+    } else {
+        let pending = store
+            .pending_migrations()
+            .await
+            .map_err(StartupError::Migrate)?;
+        if pending > 0 {
+            return Err(StartupError::SchemaBehind(pending));
+        }
+    }
+    Ok(store)
+}
+
+/// What the scoring workers use — all a `blockremote worker` process
+/// builds: no kill-switch hub (nor its subscription), firewall, sessions,
+/// ingestion or circuit breaker, which only serve requests.
+#[derive(Clone)]
+pub struct WorkerHandles {
+    /// The durable store (closed at shutdown).
+    pub store: Arc<dyn Store>,
+    /// The work queues, and where the scoring meter is published.
+    pub shared: Arc<dyn SharedState>,
+    /// Heartbeat scoring.
+    pub scoring: Arc<Scoring>,
+    /// This process's scoring times, published for every instance's breaker.
+    pub scoring_meter: Arc<ScoringMeter>,
+}
+
+impl WorkerHandles {
+    /// Connects what a worker process needs: the store (whose schema must
+    /// be current: a worker never migrates), the shared state, and what
+    /// scoring reads (identity for the device-status cache and events,
+    /// plans, intel).
+    pub async fn connect(config: &Config) -> Result<Self, StartupError> {
+        let store = connect_store(config, false).await?;
+        let shared = state::connect(config).await?;
+        let auth = Auth::load(config, store.as_ref(), shared.clone())
+            .await
+            .map_err(StartupError::Identity)?;
+        let plans = PlanCache::start(shared.clone())
+            .await
+            .map_err(|e| StartupError::Workers(e.to_string()))?;
+        let intel = ThreatIntel::start(store.clone(), shared.clone())
+            .await
+            .map_err(|e| StartupError::Workers(e.to_string()))?;
+        let scoring_meter = Arc::<ScoringMeter>::default();
+        let scoring = Arc::new(Scoring::new(
+            store.clone(),
+            shared.clone(),
+            Arc::new(auth),
+            Arc::new(plans),
+            intel,
+            Arc::new(Metrics::new()),
+            scoring_meter.clone(),
+        ));
+        Ok(Self {
+            store,
+            shared,
+            scoring,
+            scoring_meter,
+        })
+    }
+
     /// The queue handlers this build has. Later features register theirs here.
     pub fn job_handlers(&self) -> Vec<(String, Arc<dyn workers::JobHandler>)> {
         vec![(
             keys::HEARTBEAT_QUEUE.to_owned(),
-            Arc::new(HeartbeatScorer::new(self.clone())),
+            Arc::new(HeartbeatScorer::new(self.scoring.clone())),
         )]
+    }
+
+    /// Starts the worker pool for the registered handlers, and the
+    /// publisher of its scoring meter, until `stop`.
+    pub async fn start(
+        &self,
+        role: &str,
+        stop: CancellationToken,
+    ) -> Result<WorkerPool, StartupError> {
+        let instance = format!("{role}-{}", uuid::Uuid::new_v4().simple());
+        let defaults = WorkerOptions::default();
+        let options = if self.shared.queue_is_remote() {
+            // A batch on Redis spends most of its time waiting on round trips,
+            // not on the CPU: more and larger batches in flight keep up with
+            // more traffic (docs/BENCHMARKS.md).
+            WorkerOptions {
+                concurrency: REMOTE_CONSUMERS,
+                batch: REMOTE_BATCH,
+                ..defaults
+            }
+        } else {
+            defaults
+        };
+        let pool = WorkerPool::start(
+            self.shared.clone(),
+            &instance,
+            self.job_handlers(),
+            options,
+            stop.clone(),
+        )
+        .await
+        .map_err(|e| StartupError::Workers(e.to_string()))?;
+        // Every instance's circuit breaker reads what these workers report.
+        crate::signals::breaker::spawn_meter_publisher(
+            self.shared.clone(),
+            self.scoring_meter.clone(),
+            stop,
+        );
+        Ok(pool)
     }
 }
 
@@ -296,7 +437,13 @@ impl Application {
         let grace = state.config.shutdown_grace;
         let stop = CancellationToken::new();
         state.spawn_key_reloader(stop.child_token());
-        crate::signals::breaker::spawn_breaker_watch(state.clone());
+        crate::signals::breaker::spawn_breaker_watch(
+            state.breaker.clone(),
+            state.shared.clone(),
+            state.metrics.clone(),
+            state.config.queue_capacity,
+            state.shutdown.clone(),
+        );
         crate::retention::spawn(
             state.store.clone(),
             state.config.event_retention,
@@ -373,42 +520,13 @@ const REMOTE_CONSUMERS: usize = 4;
 /// Jobs per fetch of such a consumer (in-process: the default 64).
 const REMOTE_BATCH: usize = 128;
 
-/// Starts the worker pool for this process's registered handlers.
+/// Starts the worker pool of `state` (see [`WorkerHandles::start`]).
 pub async fn start_workers(
     state: &AppState,
     role: &str,
     stop: CancellationToken,
 ) -> Result<WorkerPool, StartupError> {
-    let instance = format!("{role}-{}", uuid::Uuid::new_v4().simple());
-    let defaults = WorkerOptions::default();
-    let options = if state.shared.queue_is_remote() {
-        // A batch on Redis spends most of its time waiting on round trips,
-        // not on the CPU: more and larger batches in flight keep up with
-        // more traffic (docs/BENCHMARKS.md).
-        WorkerOptions {
-            concurrency: REMOTE_CONSUMERS,
-            batch: REMOTE_BATCH,
-            ..defaults
-        }
-    } else {
-        defaults
-    };
-    let pool = WorkerPool::start(
-        state.shared.clone(),
-        &instance,
-        state.job_handlers(),
-        options,
-        stop.clone(),
-    )
-    .await
-    .map_err(|e| StartupError::Workers(e.to_string()))?;
-    // Every instance's circuit breaker reads what these workers report.
-    crate::signals::breaker::spawn_meter_publisher(
-        state.shared.clone(),
-        state.scoring_meter.clone(),
-        stop,
-    );
-    Ok(pool)
+    state.workers().start(role, stop).await
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).

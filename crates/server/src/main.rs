@@ -6,7 +6,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use blockremote::{
-    app::{self, AppState, Application},
+    app::{self, Application},
     config::Config,
     intel_change, store, telemetry,
 };
@@ -192,17 +192,18 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 );
             }
             let grace = config.shutdown_grace;
-            let state = AppState::connect(config, false).await?;
+            // Only what scoring needs: no kill-switch hub, firewall or sessions.
+            let workers = app::WorkerHandles::connect(&config).await?;
             let stop = CancellationToken::new();
-            let pool = app::start_workers(&state, "worker", stop.clone()).await?;
+            let pool = workers.start("worker", stop.clone()).await?;
             tracing::info!(
                 consumers = pool.len(),
-                database = state.store.backend(),
+                database = workers.store.backend(),
                 "worker running"
             );
             app::shutdown_signal().await;
             pool.stop(grace).await;
-            state.store.close().await;
+            workers.store.close().await;
             Ok(())
         }
         Command::Migrate => {

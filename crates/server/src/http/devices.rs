@@ -207,7 +207,9 @@ pub async fn post_unlock(
         .await?;
     state.auth.devices.invalidate(&device_id).await;
     // The engine forgets the evidence behind the lock (not the baselines).
-    crate::signals::scoring::clear_evidence(&state, &device_id)
+    state
+        .scoring
+        .clear_evidence(&device_id)
         .await
         .map_err(ApiError::Internal)?;
     let command =

@@ -5,12 +5,15 @@
 //! here, so the contract's codes and details live in one file whatever the
 //! transport that surfaced them.
 
+use axum::http::StatusCode;
+
 use crate::{
     auth::{attestation::AttestationError, sessions::SessionError, DeviceRefusal},
     billing::limits::RateLimited,
     error::{codes, ApiError},
     firewall::FirewallError,
     intel_change::IntelChangeError,
+    signals::ingest::IngestError,
 };
 
 impl From<DeviceRefusal> for ApiError {
@@ -105,6 +108,27 @@ impl From<IntelChangeError> for ApiError {
                 Self::invalid_field("add", "at most 10000 entries per change")
             }
             IntelChangeError::Store(e) => e.into(),
+        }
+    }
+}
+
+impl From<IngestError> for ApiError {
+    fn from(err: IngestError) -> Self {
+        match err {
+            IngestError::RateLimited { retry_after } => Self::RateLimited { retry_after },
+            IngestError::Replay => Self::conflict(
+                codes::REPLAY,
+                "This heartbeat's seq is not above the last one accepted.",
+            ),
+            IngestError::Unavailable => Self::Client {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                code: codes::QUEUE_FULL,
+                detail: "The heartbeat could not be taken now; retry.",
+            },
+            IngestError::Encode(e) => Self::Internal(e.into()),
+            IngestError::Store(e) => e.into(),
+            IngestError::State(e) => e.into(),
+            IngestError::Limiter(cause) => Self::Internal(cause),
         }
     }
 }

@@ -1,11 +1,14 @@
 //! `POST /v1/signals/heartbeat` and `GET /v1/security/trust-score`.
 //!
 //! Ingestion authenticates ([`MeteredLater`]: as `DeviceAuth`, but the
-//! rate-limit token is taken here), validates, then takes the token from the
-//! device's plan bucket, refuses replays and enqueues — on Redis one script,
-//! one round trip: a 202 means the heartbeat is on the queue. When the circuit breaker says the workers are behind — or
+//! rate-limit token is taken with ingestion's own work), validates, then
+//! hands the heartbeat to [`Ingestion::accept`](crate::signals::ingest::Ingestion::accept):
+//! the token from the device's plan bucket, the replay check and the
+//! enqueue — on Redis one script, one round trip: a 202 means the heartbeat
+//! is on the queue. When the circuit breaker says the workers are behind — or
 //! the queue refuses the job — it scores inline instead and the answer (and
 //! the report) says `degraded: true`. Either way nothing accepted is lost.
+//! The bucket's decisions reach the `RateLimit-*` headers through `Metered`.
 
 use axum::{extract::State, http::StatusCode, Json as JsonResponse};
 use serde::Serialize;
@@ -15,15 +18,14 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use super::json;
 use crate::{
     app::AppState,
-    error::{codes, ApiError, Problem},
+    error::{ApiError, Problem},
     http::extract::{ClientIp, DeviceAuth, MeteredLater},
     signals::{
-        ingest::{encode_job, HeartbeatBody, JobEncoding},
+        ingest::{Bucket, HeartbeatBody, IngestError, Sender},
         reader,
         report::TrustReport,
-        scoring,
     },
-    state::{keys, Advanced},
+    state::{BucketDecision, Take},
     store::DeviceStatus,
 };
 
@@ -69,7 +71,6 @@ pub async fn post_heartbeat(
     ip: ClientIp,
     body: Result<json::RawJson, ApiError>,
 ) -> Result<(StatusCode, JsonResponse<Accepted>), ApiError> {
-    let device = &metered.device;
     // The fast reader takes what devices send; anything else goes to the
     // reference parser, which decides and names the offending field.
     let heartbeat = body.and_then(|json::RawJson(body)| {
@@ -92,135 +93,66 @@ pub async fn post_heartbeat(
             return Err(e);
         }
     };
-    let seq = heartbeat.seq;
-    let seq_key = keys::heartbeat_seq(&device.device_id);
-    let ip_listed = state.intel.ip_listed(ip.0);
-    let heartbeat = heartbeat.into_heartbeat();
-    let previous = if state.breaker.degraded() {
-        // The workers are behind: take the token and the seq, then score below.
-        metered.take_token(&state).await?;
-        match state
-            .shared
-            .advance(&seq_key, seq, scoring::STATE_TTL)
-            .await?
-        {
-            Some(previous) => previous,
-            None => return Err(replay(&state, device, ip, seq).await),
-        }
-    } else {
-        // The rate-limit token, the seq check and the enqueue are one step
-        // (one round trip on Redis): a 202 means the heartbeat is on the queue.
-        let encoding = JobEncoding::for_queue_of(state.shared.as_ref());
-        let job = encode_job(
-            &device.device_id,
-            device.user_id,
-            ip_listed,
-            &heartbeat,
-            encoding,
-        )
-        .map_err(|e| ApiError::Internal(e.into()))?;
-        let bucket_key = keys::rate_limit(&device.device_id);
-        let take = state.limits.one_token(device.user_id, &bucket_key).await?;
-        let admitted = state
-            .shared
-            .take_then_advance_and_enqueue(
-                take,
-                &seq_key,
-                seq,
-                scoring::STATE_TTL,
-                keys::HEARTBEAT_QUEUE,
-                &job,
-            )
-            .await?;
-        metered.record(admitted.bucket)?;
-        let Some(advanced) = admitted.advanced else {
-            // The bucket refused (and `record` answered so).
-            return Err(ApiError::RateLimited {
-                retry_after: admitted.bucket.retry_after,
-            });
-        };
-        match advanced {
-            Advanced::Stale => return Err(replay(&state, device, ip, seq).await),
-            Advanced::Queued { .. } => {
-                state.metrics.signals_accepted.inc();
-                return Ok((
-                    StatusCode::ACCEPTED,
-                    JsonResponse(Accepted {
-                        accepted: true,
-                        seq,
-                        degraded: false,
-                    }),
-                ));
-            }
-            Advanced::QueueFull { previous } => {
-                state.breaker.trip();
-                tracing::warn!("heartbeat queue full: scoring inline (degraded)");
-                previous
-            }
-        }
+    let device = &metered.device;
+    let sender = Sender {
+        user_id: device.user_id,
+        device_id: &device.device_id,
+        ip: ip.0,
     };
-    // From here a failure gives the seq back, so the client's retry is not
-    // taken for a replay.
-    let give_back = || async {
-        if let Err(e) = state
-            .shared
-            .retreat(&seq_key, seq, previous, scoring::STATE_TTL)
-            .await
-        {
-            tracing::warn!(error = %e, "heartbeat seq not given back after a failure");
-        }
+    let bucket = Metered {
+        state: &state,
+        metered: &metered,
     };
-    // Degraded: score here, now.
-    state.metrics.signals_degraded_heartbeats.inc();
-    let scored = scoring::score(
-        &state,
-        &device.device_id,
-        device.user_id,
-        heartbeat,
-        ip_listed,
-        true,
-    )
-    .await;
-    if let Err(e) = scored {
-        tracing::error!(error = %e, "inline scoring failed");
-        give_back().await;
-        return Err(ApiError::Client {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            code: codes::QUEUE_FULL,
-            detail: "The heartbeat could not be taken now; retry.",
-        });
-    }
-    state.metrics.signals_accepted.inc();
+    let taken = state
+        .ingestion
+        .accept(sender, heartbeat.into_heartbeat(), &bucket)
+        .await?;
     Ok((
         StatusCode::ACCEPTED,
         JsonResponse(Accepted {
             accepted: true,
-            seq,
-            degraded: true,
+            seq: taken.seq,
+            degraded: taken.degraded,
         }),
     ))
 }
 
-/// Records a replayed heartbeat (never scored) and builds its 409.
-async fn replay(state: &AppState, device: &DeviceAuth, ip: ClientIp, seq: u64) -> ApiError {
-    state.metrics.signals_replays.inc();
-    let recorded = state
-        .store
-        .record_event(state.auth.event(
-            "signals:replay",
-            Some(device.user_id),
-            Some(&device.device_id),
-            ip.0,
-            serde_json::json!({"seq": seq}),
-        ))
-        .await;
-    if let Err(e) = recorded {
-        return e.into();
+/// The device's bucket as ingestion takes from it: `billing::limits`, its
+/// decisions left for the `RateLimit-*` headers.
+struct Metered<'a> {
+    state: &'a AppState,
+    metered: &'a MeteredLater,
+}
+
+impl Bucket for Metered<'_> {
+    async fn take_token(&self) -> Result<(), IngestError> {
+        self.metered
+            .take_token(self.state)
+            .await
+            .map_err(limiter_error)
     }
-    ApiError::conflict(
-        codes::REPLAY,
-        "This heartbeat's seq is not above the last one accepted.",
-    )
+
+    async fn one_token<'k>(&self, key: &'k str) -> Result<Take<'k>, IngestError> {
+        Ok(self
+            .state
+            .limits
+            .one_token(self.metered.device.user_id, key)
+            .await?)
+    }
+
+    fn record(&self, decision: BucketDecision) {
+        // A refusal is answered by ingestion, with the same `retry_after`.
+        let _ = self.metered.record(decision);
+    }
+}
+
+/// The limiter's refusal as ingestion's; anything else is its failure.
+fn limiter_error(err: ApiError) -> IngestError {
+    match err {
+        ApiError::RateLimited { retry_after } => IngestError::RateLimited { retry_after },
+        ApiError::Internal(cause) => IngestError::Limiter(cause),
+        other => IngestError::Limiter(other.into()),
+    }
 }
 
 /// The calling device's trust report.
@@ -244,7 +176,9 @@ pub async fn get_trust_score(
 
 /// The stored report of `device_id`, or the neutral one.
 pub async fn report_for(state: &AppState, device_id: &str) -> Result<TrustReport, ApiError> {
-    let stored = scoring::load_report(state, device_id)
+    let stored = state
+        .scoring
+        .load_report(device_id)
         .await
         .map_err(ApiError::Internal)?;
     let device = state.store.device(device_id).await?;

@@ -39,7 +39,7 @@
 use std::{
     sync::{
         atomic::{AtomicBool, Ordering},
-        Mutex,
+        Arc, Mutex,
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -47,9 +47,8 @@ use std::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    app::AppState,
     state::{keys, QueueStats, SharedState},
-    telemetry::ReasonLabels,
+    telemetry::{Metrics, ReasonLabels},
 };
 
 /// How often the breaker looks and the meter publisher checks the clock.
@@ -237,46 +236,54 @@ impl Breaker {
     }
 }
 
-/// Watches the workers every 250 ms until `state.shutdown`.
-pub fn spawn_breaker_watch(state: AppState) {
+/// Watches the workers every 250 ms, for `breaker`, until `stop`: the
+/// queue of `shared` (of `capacity` jobs) and the workers' reports in it;
+/// changes are logged and set in `metrics`.
+pub fn spawn_breaker_watch(
+    breaker: Arc<Breaker>,
+    shared: Arc<dyn SharedState>,
+    metrics: Arc<Metrics>,
+    capacity: usize,
+    stop: CancellationToken,
+) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(WATCH_EVERY);
         let mut reports = ReportReader::new(unix_second());
-        let mut was_degraded = state.breaker.degraded();
+        let mut was_degraded = breaker.degraded();
         loop {
             tokio::select! {
-                () = state.shutdown.cancelled() => break,
+                () = stop.cancelled() => break,
                 _ = tick.tick() => {}
             }
             let now = unix_second();
-            if state.breaker.degraded() && !was_degraded {
+            if breaker.degraded() && !was_degraded {
                 // Ingestion tripped it: the queue refused a job.
                 reports.changed(now);
-                announce(&state, Change::Degraded(Trouble::QueueFull), None, None);
+                announce(&metrics, Change::Degraded(Trouble::QueueFull), None, None);
             }
-            let Ok(queue) = state.shared.queue_stats(keys::HEARTBEAT_QUEUE).await else {
-                was_degraded = state.breaker.degraded();
+            let Ok(queue) = shared.queue_stats(keys::HEARTBEAT_QUEUE).await else {
+                was_degraded = breaker.degraded();
                 continue;
             };
-            let workers = reports.look(state.shared.as_ref(), now).await;
+            let workers = reports.look(shared.as_ref(), now).await;
             let health = Health {
                 queue,
-                capacity: state.config.queue_capacity,
+                capacity,
                 workers,
             };
-            record(&state, &health);
-            if let Some(change) = state.breaker.observe(&health) {
+            record(&metrics, &health);
+            if let Some(change) = breaker.observe(&health) {
                 reports.changed(now);
-                announce(&state, change, Some(&queue), Some(workers));
+                announce(&metrics, change, Some(&queue), Some(workers));
             }
-            was_degraded = state.breaker.degraded();
+            was_degraded = breaker.degraded();
         }
     });
 }
 
 /// Logs a change and sets its metrics.
 fn announce(
-    state: &AppState,
+    metrics: &Metrics,
     change: Change,
     queue: Option<&QueueStats>,
     workers: Option<Workers>,
@@ -285,9 +292,8 @@ fn announce(
     let lag_ms = queue.map(|q| u64::try_from(q.oldest_wait.as_millis()).unwrap_or(u64::MAX));
     match change {
         Change::Degraded(trouble) => {
-            state.metrics.signals_degraded.set(1);
-            state
-                .metrics
+            metrics.signals_degraded.set(1);
+            metrics
                 .signals_breaker_trips
                 .get_or_create(&ReasonLabels {
                     reason: trouble.as_str(),
@@ -302,7 +308,7 @@ fn announce(
             );
         }
         Change::Recovered => {
-            state.metrics.signals_degraded.set(0);
+            metrics.signals_degraded.set(0);
             tracing::info!(
                 backlog,
                 lag_ms,
@@ -314,8 +320,8 @@ fn announce(
 }
 
 /// Sets the gauges of what the breaker saw.
-fn record(state: &AppState, health: &Health) {
-    let m = &state.metrics;
+fn record(metrics: &Metrics, health: &Health) {
+    let m = metrics;
     m.signals_backlog
         .set(i64::try_from(health.queue.len).unwrap_or(i64::MAX));
     m.signals_queue_lag

@@ -1,4 +1,6 @@
-//! The heartbeat body: strict parsing, limits, and the queue job.
+//! The heartbeat body: strict parsing, limits, and the queue job; and
+//! [`Ingestion`], which takes a validated heartbeat (token, seq, enqueue, or
+//! inline scoring when the workers are behind) and answers [`IngestError`].
 //!
 //! Parsing refuses unknown fields anywhere (naming the field). Limits
 //! (API.md): at most [`MAX_SAMPLES`] samples per sensor and [`MAX_TOUCHES`]
@@ -17,11 +19,25 @@
 //! an upgrade is still read, never misread. (Upgrade workers before the
 //! replicas that enqueue: an older worker cannot read a newer job.)
 
+use std::{future::Future, net::IpAddr, sync::Arc, time::Duration};
+
 use blockremote_engine::heartbeat::{Context, Heartbeat, Network, Sample, Touch};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
+
+use super::{
+    breaker::Breaker,
+    intel::ThreatIntel,
+    scoring::{Scoring, STATE_TTL},
+};
+use crate::{
+    auth::Auth,
+    state::{keys, Advanced, BucketDecision, SharedState, StateError, Take},
+    store::{Store, StoreError},
+    telemetry::Metrics,
+};
 
 /// Largest `seq` (2^53: exact in every JSON and Lua number).
 pub const MAX_SEQ: u64 = 1 << 53;
@@ -364,6 +380,234 @@ pub fn decode_job(job: &[u8]) -> Option<(JobHeader<'_>, Heartbeat)> {
     ))
 }
 
+/// Why a heartbeat was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The device's bucket is empty: nothing else happened.
+    #[error("rate limited for {retry_after:?}")]
+    RateLimited {
+        /// When the device may try again.
+        retry_after: Duration,
+    },
+    /// `seq` is not above the last one accepted (recorded, never scored).
+    #[error("replayed heartbeat")]
+    Replay,
+    /// The queue refused the job or the workers are behind, and scoring it
+    /// inline failed too: the seq was given back, so a retry is not a replay.
+    #[error("heartbeat not taken now")]
+    Unavailable,
+    /// The job did not encode.
+    #[error("heartbeat job not encoded: {0}")]
+    Encode(#[from] postcard::Error),
+    /// The store failed (recording a replay).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Shared state failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The rate limiter failed (reading the plan).
+    #[error(transparent)]
+    Limiter(anyhow::Error),
+}
+
+/// The calling device's rate-limit bucket, as the transport takes its
+/// tokens (HTTP: `billing::limits` and the `RateLimit-*` headers). Ingestion
+/// takes the token with its own work when it queues, and on its own when it
+/// scores inline.
+pub trait Bucket: Sync {
+    /// Takes one token on its own; [`IngestError::RateLimited`] when refused.
+    fn take_token(&self) -> impl Future<Output = Result<(), IngestError>> + Send;
+    /// The take of one token from the bucket at `key` (`rl:{device}`), for
+    /// the step that also checks the seq and enqueues.
+    fn one_token<'k>(
+        &self,
+        key: &'k str,
+    ) -> impl Future<Output = Result<Take<'k>, IngestError>> + Send;
+    /// Records that step's decision, refused or not.
+    fn record(&self, decision: BucketDecision);
+}
+
+/// Who sent a heartbeat.
+#[derive(Debug, Clone, Copy)]
+pub struct Sender<'a> {
+    /// The user.
+    pub user_id: Uuid,
+    /// The device.
+    pub device_id: &'a str,
+    /// The client address (only the blacklist verdict travels on; an
+    /// anonymised form is kept with a replay).
+    pub ip: Option<IpAddr>,
+}
+
+/// A heartbeat taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted {
+    /// Its `seq`.
+    pub seq: u64,
+    /// Scored inline (the workers are behind, or the queue was full).
+    pub degraded: bool,
+}
+
+/// Heartbeat ingestion: the rate-limit token, the seq, the enqueue — or,
+/// when the circuit breaker says the workers are behind or the queue
+/// refuses the job, inline scoring, giving the seq back if that fails.
+pub struct Ingestion {
+    /// Where replays are recorded.
+    store: Arc<dyn Store>,
+    /// The seqs, the buckets and the queue.
+    shared: Arc<dyn SharedState>,
+    /// The event builder (keyed IP HMAC) for replays.
+    auth: Arc<Auth>,
+    /// The address blacklist.
+    intel: Arc<ThreatIntel>,
+    /// Whether to score inline.
+    breaker: Arc<Breaker>,
+    /// The inline path.
+    scoring: Arc<Scoring>,
+    /// The `signals_*` counters.
+    metrics: Arc<Metrics>,
+}
+
+impl Ingestion {
+    /// Ingestion with these handles.
+    pub fn new(
+        store: Arc<dyn Store>,
+        shared: Arc<dyn SharedState>,
+        auth: Arc<Auth>,
+        intel: Arc<ThreatIntel>,
+        breaker: Arc<Breaker>,
+        scoring: Arc<Scoring>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            store,
+            shared,
+            auth,
+            intel,
+            breaker,
+            scoring,
+            metrics,
+        }
+    }
+
+    /// Takes a validated heartbeat of `sender`, its token from `bucket`.
+    ///
+    /// Workers keeping up: the token, the seq check and the enqueue are one
+    /// step (one round trip on Redis), and `Ok` means the job is on the
+    /// queue. Workers behind, or the queue full: the token and the seq are
+    /// taken, the heartbeat is scored here and the answer is `degraded`; if
+    /// that scoring fails the seq is given back and the answer is
+    /// [`IngestError::Unavailable`]. Never a silent drop.
+    pub async fn accept(
+        &self,
+        sender: Sender<'_>,
+        heartbeat: Heartbeat,
+        bucket: &impl Bucket,
+    ) -> Result<Accepted, IngestError> {
+        let Sender {
+            user_id,
+            device_id,
+            ip,
+        } = sender;
+        let seq = heartbeat.seq;
+        let seq_key = keys::heartbeat_seq(device_id);
+        let ip_listed = self.intel.ip_listed(ip);
+        let previous = if self.breaker.degraded() {
+            // The workers are behind: take the token and the seq, then score below.
+            bucket.take_token().await?;
+            match self.shared.advance(&seq_key, seq, STATE_TTL).await? {
+                Some(previous) => previous,
+                None => return Err(self.replay(sender, seq).await),
+            }
+        } else {
+            // The rate-limit token, the seq check and the enqueue are one step
+            // (one round trip on Redis): `Ok` means the heartbeat is on the queue.
+            let encoding = JobEncoding::for_queue_of(self.shared.as_ref());
+            let job = encode_job(device_id, user_id, ip_listed, &heartbeat, encoding)?;
+            let bucket_key = keys::rate_limit(device_id);
+            let take = bucket.one_token(&bucket_key).await?;
+            let admitted = self
+                .shared
+                .take_then_advance_and_enqueue(
+                    take,
+                    &seq_key,
+                    seq,
+                    STATE_TTL,
+                    keys::HEARTBEAT_QUEUE,
+                    &job,
+                )
+                .await?;
+            bucket.record(admitted.bucket);
+            let advanced = match admitted.advanced {
+                Some(advanced) if admitted.bucket.allowed => advanced,
+                _ => {
+                    return Err(IngestError::RateLimited {
+                        retry_after: admitted.bucket.retry_after,
+                    })
+                }
+            };
+            match advanced {
+                Advanced::Stale => return Err(self.replay(sender, seq).await),
+                Advanced::Queued { .. } => {
+                    self.metrics.signals_accepted.inc();
+                    return Ok(Accepted {
+                        seq,
+                        degraded: false,
+                    });
+                }
+                Advanced::QueueFull { previous } => {
+                    self.breaker.trip();
+                    tracing::warn!("heartbeat queue full: scoring inline (degraded)");
+                    previous
+                }
+            }
+        };
+        // Degraded: score here, now.
+        self.metrics.signals_degraded_heartbeats.inc();
+        let scored = self
+            .scoring
+            .score(device_id, user_id, heartbeat, ip_listed, true)
+            .await;
+        if let Err(e) = scored {
+            tracing::error!(error = %e, "inline scoring failed");
+            // The seq goes back, so the client's retry is not taken for a replay.
+            if let Err(e) = self
+                .shared
+                .retreat(&seq_key, seq, previous, STATE_TTL)
+                .await
+            {
+                tracing::warn!(error = %e, "heartbeat seq not given back after a failure");
+            }
+            return Err(IngestError::Unavailable);
+        }
+        self.metrics.signals_accepted.inc();
+        Ok(Accepted {
+            seq,
+            degraded: true,
+        })
+    }
+
+    /// Records a replayed heartbeat (never scored): [`IngestError::Replay`],
+    /// or the store's error if the record failed.
+    async fn replay(&self, sender: Sender<'_>, seq: u64) -> IngestError {
+        self.metrics.signals_replays.inc();
+        let recorded = self
+            .store
+            .record_event(self.auth.event(
+                "signals:replay",
+                Some(sender.user_id),
+                Some(sender.device_id),
+                sender.ip,
+                serde_json::json!({"seq": seq}),
+            ))
+            .await;
+        match recorded {
+            Ok(_) => IngestError::Replay,
+            Err(e) => e.into(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -542,6 +786,299 @@ mod tests {
         #[test]
         fn arbitrary_jobs_never_panic(job in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = decode_job(&job);
+        }
+    }
+
+    /// [`Ingestion::accept`] on the in-process backends (SQLite in a temp
+    /// dir, [`MemoryState`](crate::state::MemoryState)), without a socket.
+    mod accept {
+        use std::sync::Mutex;
+
+        use super::*;
+        use crate::{
+            billing::plans::PlanCache, config::Config, signals::breaker::ScoringMeter,
+            state::MemoryState,
+        };
+
+        const DEVICE: &str = "dev-accept-0001";
+
+        /// A bucket of `capacity` tokens per minute, keeping its decisions.
+        struct TestBucket {
+            shared: Arc<dyn SharedState>,
+            capacity: u32,
+            recorded: Mutex<Vec<BucketDecision>>,
+        }
+
+        impl Bucket for TestBucket {
+            async fn take_token(&self) -> Result<(), IngestError> {
+                let key = keys::rate_limit(DEVICE);
+                let decision = self
+                    .shared
+                    .take_tokens(&key, self.capacity, Duration::from_secs(60), 1)
+                    .await?;
+                self.record(decision);
+                if decision.allowed {
+                    Ok(())
+                } else {
+                    Err(IngestError::RateLimited {
+                        retry_after: decision.retry_after,
+                    })
+                }
+            }
+
+            async fn one_token<'k>(&self, key: &'k str) -> Result<Take<'k>, IngestError> {
+                Ok(Take {
+                    key,
+                    capacity: self.capacity,
+                    period: Duration::from_secs(60),
+                    cost: 1,
+                })
+            }
+
+            fn record(&self, decision: BucketDecision) {
+                self.recorded.lock().expect("lock").push(decision);
+            }
+        }
+
+        struct Harness {
+            ingestion: Ingestion,
+            shared: Arc<dyn SharedState>,
+            breaker: Arc<Breaker>,
+            metrics: Arc<Metrics>,
+            bucket: TestBucket,
+            _dir: tempfile::TempDir,
+        }
+
+        impl Harness {
+            async fn accept(&self, seq: u64) -> Result<Accepted, IngestError> {
+                let mut hb = heartbeat();
+                hb.seq = seq;
+                let sender = Sender {
+                    user_id: Uuid::nil(),
+                    device_id: DEVICE,
+                    ip: Some("192.0.2.7".parse().expect("ip")),
+                };
+                self.ingestion.accept(sender, hb, &self.bucket).await
+            }
+
+            async fn queued(&self) -> u64 {
+                self.shared
+                    .queue_stats(keys::HEARTBEAT_QUEUE)
+                    .await
+                    .expect("stats")
+                    .len
+            }
+
+            /// Holds the device's scoring lock as another worker would, so
+            /// inline scoring fails (after waiting for it).
+            async fn hold_scoring_lock(&self) {
+                let taken = self
+                    .shared
+                    .set_nx(
+                        &keys::scoring_lock(DEVICE),
+                        b"another-worker",
+                        Some(Duration::from_secs(30)),
+                    )
+                    .await
+                    .expect("lock");
+                assert!(taken);
+            }
+
+            async fn free_scoring_lock(&self) {
+                self.shared
+                    .delete(&keys::scoring_lock(DEVICE))
+                    .await
+                    .expect("unlock");
+            }
+        }
+
+        async fn harness(queue_capacity: usize, tokens: u32) -> Harness {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let config = Config::embedded_in(dir.path());
+            let store = crate::store::connect(
+                &config.database,
+                config.database_max_connections,
+                config.connect_timeout,
+            )
+            .await
+            .expect("store");
+            store.migrate().await.expect("migrate");
+            let shared: Arc<dyn SharedState> = Arc::new(MemoryState::new(queue_capacity));
+            let auth = Arc::new(
+                Auth::load(&config, store.as_ref(), shared.clone())
+                    .await
+                    .expect("auth"),
+            );
+            let plans = Arc::new(PlanCache::start(shared.clone()).await.expect("plans"));
+            let intel = ThreatIntel::start(store.clone(), shared.clone())
+                .await
+                .expect("intel");
+            let metrics = Arc::new(Metrics::new());
+            let scoring = Arc::new(Scoring::new(
+                store.clone(),
+                shared.clone(),
+                auth.clone(),
+                plans,
+                intel.clone(),
+                metrics.clone(),
+                Arc::<ScoringMeter>::default(),
+            ));
+            let breaker = Arc::<Breaker>::default();
+            let ingestion = Ingestion::new(
+                store,
+                shared.clone(),
+                auth,
+                intel,
+                breaker.clone(),
+                scoring,
+                metrics.clone(),
+            );
+            Harness {
+                ingestion,
+                bucket: TestBucket {
+                    shared: shared.clone(),
+                    capacity: tokens,
+                    recorded: Mutex::default(),
+                },
+                shared,
+                breaker,
+                metrics,
+                _dir: dir,
+            }
+        }
+
+        #[tokio::test]
+        async fn workers_keeping_up_queue_the_heartbeat_in_one_step() {
+            let h = harness(10, 100).await;
+            let taken = h.accept(5).await.expect("accepted");
+            assert_eq!(
+                taken,
+                Accepted {
+                    seq: 5,
+                    degraded: false
+                }
+            );
+            assert_eq!(h.queued().await, 1);
+            let recorded = h.bucket.recorded.lock().expect("lock").clone();
+            assert_eq!(recorded.len(), 1, "the step's decision is recorded");
+            assert!(recorded[0].allowed);
+            assert_eq!(h.metrics.signals_accepted.get(), 1);
+            assert_eq!(h.metrics.signals_degraded_heartbeats.get(), 0);
+        }
+
+        #[tokio::test]
+        async fn a_seq_not_above_the_last_is_a_replay_recorded_never_scored() {
+            let h = harness(10, 100).await;
+            h.accept(5).await.expect("accepted");
+            assert!(matches!(h.accept(5).await, Err(IngestError::Replay)));
+            assert!(matches!(h.accept(4).await, Err(IngestError::Replay)));
+            assert_eq!(h.metrics.signals_replays.get(), 2);
+            assert_eq!(h.queued().await, 1, "replays are not queued");
+            // Inline too.
+            h.breaker.trip();
+            assert!(matches!(h.accept(5).await, Err(IngestError::Replay)));
+            assert_eq!(h.metrics.signals_replays.get(), 3);
+            assert_eq!(h.metrics.signals_degraded_heartbeats.get(), 0);
+        }
+
+        #[tokio::test]
+        async fn an_empty_bucket_refuses_before_anything_else_happens() {
+            let h = harness(10, 1).await;
+            h.accept(1).await.expect("the one token");
+            let refused = h.accept(2).await;
+            assert!(
+                matches!(refused, Err(IngestError::RateLimited { retry_after }) if retry_after > Duration::ZERO),
+                "{refused:?}"
+            );
+            assert_eq!(h.queued().await, 1, "nothing queued");
+            let recorded = h.bucket.recorded.lock().expect("lock").clone();
+            assert_eq!(recorded.len(), 2);
+            assert!(!recorded[1].allowed, "the refusal is recorded too");
+            // Inline, the token comes first as well: the seq is not taken.
+            h.breaker.trip();
+            assert!(matches!(
+                h.accept(2).await,
+                Err(IngestError::RateLimited { .. })
+            ));
+            assert_eq!(h.metrics.signals_degraded_heartbeats.get(), 0);
+            assert_eq!(h.metrics.signals_accepted.get(), 1);
+        }
+
+        #[tokio::test]
+        async fn an_open_breaker_scores_inline_and_says_degraded() {
+            let h = harness(10, 100).await;
+            h.breaker.trip();
+            let taken = h.accept(3).await.expect("accepted");
+            assert_eq!(
+                taken,
+                Accepted {
+                    seq: 3,
+                    degraded: true
+                }
+            );
+            assert_eq!(h.queued().await, 0, "scored here, not queued");
+            assert_eq!(h.metrics.signals_degraded_heartbeats.get(), 1);
+            // Scored: the device is unknown to this store, so scoring drops it.
+            assert_eq!(h.metrics.signals_dropped.get(), 1);
+            assert_eq!(h.metrics.signals_accepted.get(), 1);
+            // Its seq was taken.
+            assert!(matches!(h.accept(3).await, Err(IngestError::Replay)));
+        }
+
+        #[tokio::test]
+        async fn a_full_queue_trips_the_breaker_and_scores_inline() {
+            let h = harness(1, 100).await;
+            h.accept(1).await.expect("queued");
+            assert!(!h.breaker.degraded());
+            let taken = h.accept(2).await.expect("accepted");
+            assert_eq!(
+                taken,
+                Accepted {
+                    seq: 2,
+                    degraded: true
+                }
+            );
+            assert!(h.breaker.degraded(), "the refusal trips the breaker");
+            assert_eq!(h.queued().await, 1);
+            assert_eq!(h.metrics.signals_degraded_heartbeats.get(), 1);
+            assert_eq!(h.metrics.signals_dropped.get(), 1, "scored inline");
+            assert_eq!(h.metrics.signals_accepted.get(), 2);
+        }
+
+        #[tokio::test]
+        async fn inline_scoring_that_fails_gives_the_seq_back() {
+            let h = harness(10, 100).await;
+            h.breaker.trip();
+            h.accept(1).await.expect("accepted");
+            h.hold_scoring_lock().await;
+            assert!(matches!(h.accept(2).await, Err(IngestError::Unavailable)));
+            assert_eq!(h.metrics.signals_accepted.get(), 1);
+            h.free_scoring_lock().await;
+            // The retry of the same seq is taken, not refused as a replay.
+            let taken = h.accept(2).await.expect("the retry");
+            assert!(taken.degraded);
+            assert_eq!(h.metrics.signals_replays.get(), 0);
+            assert_eq!(h.metrics.signals_accepted.get(), 2);
+        }
+
+        #[tokio::test]
+        async fn a_refused_enqueue_whose_inline_scoring_fails_gives_the_seq_back() {
+            let h = harness(1, 100).await;
+            h.accept(1).await.expect("queued");
+            h.hold_scoring_lock().await;
+            assert!(matches!(h.accept(2).await, Err(IngestError::Unavailable)));
+            assert!(h.breaker.degraded());
+            assert_eq!(h.queued().await, 1, "the refused job is not queued");
+            h.free_scoring_lock().await;
+            let taken = h.accept(2).await.expect("the retry");
+            assert_eq!(
+                taken,
+                Accepted {
+                    seq: 2,
+                    degraded: true
+                }
+            );
+            assert_eq!(h.metrics.signals_replays.get(), 0);
         }
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! * [`ingest`] — the heartbeat body, its validation, and the queue job (the
 //!   validated heartbeat in compact binary, so workers parse no JSON).
-//! * [`scoring`] — the worker's job handler: load the device's engine state,
+//! * [`scoring`] — [`scoring::Scoring`], built once from the handles it uses
+//!   and shared by the workers and the inline path: load the device's engine state,
 //!   assess, store the report, and act on a lock decision (device status,
 //!   kill-switch command, audit row).
 //! * [`reader`] — the fast path for reading a heartbeat body.

@@ -17,7 +17,7 @@
 //! (`FORCE_OVERLAY` or `CRITICAL_LOCK`) published to its sockets, and an
 //! audit row with the threat score, reasons, attestation state and action.
 
-use std::{collections::HashMap, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use blockremote_engine::{
@@ -26,16 +26,18 @@ use blockremote_engine::{
 use futures::StreamExt;
 use uuid::Uuid;
 
+use super::{breaker::ScoringMeter, intel::ThreatIntel};
 use super::{
     ingest::{decode_job, JobHeader},
     report::TrustReport,
 };
 use crate::{
-    app::AppState,
-    auth::device_status::Attestation as CachedAttestation,
+    auth::{device_status::Attestation as CachedAttestation, Auth},
+    billing::plans::PlanCache,
     realtime::{self, Action},
-    state::{keys, Commit, Job},
-    store::{AuditSource, DeviceStatus, NewAuditEntry},
+    state::{keys, Commit, Job, SharedState},
+    store::{AuditSource, DeviceStatus, NewAuditEntry, Store},
+    telemetry::Metrics,
     workers::JobHandler,
 };
 
@@ -51,15 +53,84 @@ const LOCK_WAIT: Duration = Duration::from_secs(2);
 /// How long a window fingerprint is remembered across devices.
 const FINGERPRINT_TTL: Duration = Duration::from_secs(86_400);
 
+/// Scoring heartbeats: the handles it reads and writes, built once and
+/// shared by the workers ([`HeartbeatScorer`]) and ingestion's inline path.
+pub struct Scoring {
+    /// Device status, audit rows, events.
+    store: Arc<dyn Store>,
+    /// Engine states, locks, fingerprints, reports, kill-switch commands.
+    shared: Arc<dyn SharedState>,
+    /// The device-status cache and the event builder (keyed IP HMAC).
+    auth: Arc<Auth>,
+    /// Each user's plan (the engine's tier).
+    plans: Arc<PlanCache>,
+    /// Blacklisted app hashes and domains.
+    intel: Arc<ThreatIntel>,
+    /// The `signals_*` metrics.
+    metrics: Arc<Metrics>,
+    /// This process's scoring times, for every instance's breaker.
+    scoring_meter: Arc<ScoringMeter>,
+}
+
+impl Scoring {
+    /// Scoring with these handles.
+    pub fn new(
+        store: Arc<dyn Store>,
+        shared: Arc<dyn SharedState>,
+        auth: Arc<Auth>,
+        plans: Arc<PlanCache>,
+        intel: Arc<ThreatIntel>,
+        metrics: Arc<Metrics>,
+        scoring_meter: Arc<ScoringMeter>,
+    ) -> Self {
+        Self {
+            store,
+            shared,
+            auth,
+            plans,
+            intel,
+            metrics,
+            scoring_meter,
+        }
+    }
+
+    /// Scores one heartbeat and acts on the decision (see the function `score` below).
+    pub async fn score(
+        &self,
+        device_id: &str,
+        user_id: Uuid,
+        heartbeat: Heartbeat,
+        ip_listed: bool,
+        degraded: bool,
+    ) -> anyhow::Result<TrustReport> {
+        score(self, device_id, user_id, heartbeat, ip_listed, degraded).await
+    }
+
+    /// Scores a fetched batch (see the function `score_batch` below); the ids handled.
+    pub async fn score_batch(&self, jobs: Vec<Job>, parallel: usize) -> Vec<String> {
+        score_batch(self, jobs, parallel).await
+    }
+
+    /// The stored trust report of a device, if it has one.
+    pub async fn load_report(&self, device_id: &str) -> anyhow::Result<Option<TrustReport>> {
+        load_report(self, device_id).await
+    }
+
+    /// Forgets the evidence that led to a lock (see the function `clear_evidence` below).
+    pub async fn clear_evidence(&self, device_id: &str) -> anyhow::Result<()> {
+        clear_evidence(self, device_id).await
+    }
+}
+
 /// The heartbeat queue's job handler.
 pub struct HeartbeatScorer {
-    state: AppState,
+    scoring: Arc<Scoring>,
 }
 
 impl HeartbeatScorer {
-    /// A handler scoring with `state`'s store and shared state.
-    pub fn new(state: AppState) -> Self {
-        Self { state }
+    /// A handler scoring with `scoring`.
+    pub fn new(scoring: Arc<Scoring>) -> Self {
+        Self { scoring }
     }
 }
 
@@ -73,7 +144,7 @@ impl JobHandler for HeartbeatScorer {
             return Ok(());
         };
         score(
-            &self.state,
+            &self.scoring,
             header.device_id,
             header.user_id,
             heartbeat,
@@ -85,13 +156,13 @@ impl JobHandler for HeartbeatScorer {
     }
 
     async fn handle_batch(&self, jobs: Vec<Job>, parallel: usize) -> Vec<String> {
-        score_batch(&self.state, jobs, parallel).await
+        score_batch(&self.scoring, jobs, parallel).await
     }
 }
 
 /// A device's scoring lock, held, with the engine state read under it.
 struct ScoringLock<'a> {
-    state: &'a AppState,
+    scoring: &'a Scoring,
     key: String,
     token: String,
     /// Where the engine state lives (read under the lock, saved by `commit`).
@@ -107,7 +178,7 @@ impl ScoringLock<'_> {
         // Only our own lock (one atomic compare-and-delete): a lock that
         // expired and was taken by another worker is not ours to drop.
         if let Err(e) = self
-            .state
+            .scoring
             .shared
             .delete_if(&self.key, self.token.as_bytes())
             .await
@@ -136,7 +207,7 @@ impl ScoringLock<'_> {
         }
         entries.push((&self.state_key, &state_bytes, Some(STATE_TTL)));
         let released = self
-            .state
+            .scoring
             .shared
             .set_many_and_unlock(
                 &entries,
@@ -165,7 +236,7 @@ const STATE_BYTES_HINT: usize = 4096;
 /// Takes the device's scoring lock and reads its engine state under it
 /// (one round trip on Redis), waiting up to [`LOCK_WAIT`] for another
 /// worker's lock.
-async fn lock<'a>(state: &'a AppState, device_id: &str) -> anyhow::Result<ScoringLock<'a>> {
+async fn lock<'a>(scoring: &'a Scoring, device_id: &str) -> anyhow::Result<ScoringLock<'a>> {
     let key = keys::scoring_lock(device_id);
     let state_key = keys::signal_state(device_id);
     let token = Uuid::new_v4().simple().to_string();
@@ -173,7 +244,7 @@ async fn lock<'a>(state: &'a AppState, device_id: &str) -> anyhow::Result<Scorin
     let mut pause = Duration::from_millis(1);
     loop {
         let asked_at = std::time::Instant::now();
-        if let Some(raw) = state
+        if let Some(raw) = scoring
             .shared
             .lock_and_get(&key, token.as_bytes(), LOCK_TTL, &state_key)
             .await?
@@ -183,7 +254,7 @@ async fn lock<'a>(state: &'a AppState, device_id: &str) -> anyhow::Result<Scorin
                 .and_then(|raw| postcard::from_bytes(&raw).ok())
                 .unwrap_or_default();
             return Ok(ScoringLock {
-                state,
+                scoring,
                 key,
                 token,
                 state_key,
@@ -200,8 +271,8 @@ async fn lock<'a>(state: &'a AppState, device_id: &str) -> anyhow::Result<Scorin
 }
 
 /// The stored trust report of a device, if it has one.
-pub async fn load_report(state: &AppState, device_id: &str) -> anyhow::Result<Option<TrustReport>> {
-    Ok(state
+async fn load_report(scoring: &Scoring, device_id: &str) -> anyhow::Result<Option<TrustReport>> {
+    Ok(scoring
         .shared
         .get(&keys::trust_report(device_id))
         .await?
@@ -219,14 +290,14 @@ fn attestation_of(cached: CachedAttestation) -> Attestation {
 /// True when this window was first sent by another device (replayed across
 /// devices). The first sender claims the fingerprint for a day.
 async fn seen_elsewhere(
-    state: &AppState,
+    scoring: &Scoring,
     device_id: &str,
     heartbeat: &Heartbeat,
 ) -> anyhow::Result<bool> {
     let Some(fp) = blockremote_engine::features::window_fingerprint(heartbeat) else {
         return Ok(false);
     };
-    let holder = state
+    let holder = scoring
         .shared
         .claim(
             &keys::window_fingerprint(fp),
@@ -241,8 +312,8 @@ async fn seen_elsewhere(
 /// the new report. `degraded`: scored inline by ingestion because the
 /// workers are behind — the cross-device replay check is skipped (it costs
 /// two more round trips); everything else is the same engine.
-pub async fn score(
-    state: &AppState,
+async fn score(
+    scoring: &Scoring,
     device_id: &str,
     user_id: Uuid,
     heartbeat: Heartbeat,
@@ -250,17 +321,17 @@ pub async fn score(
     degraded: bool,
 ) -> anyhow::Result<TrustReport> {
     let started = std::time::Instant::now();
-    let mut guard = lock(state, device_id).await?;
+    let mut guard = lock(scoring, device_id).await?;
     let mut engine = std::mem::take(&mut guard.engine);
     let seen = if degraded {
         Ok(false)
     } else {
-        seen_elsewhere(state, device_id, &heartbeat).await
+        seen_elsewhere(scoring, device_id, &heartbeat).await
     };
     let result = match seen {
         Ok(seen) => {
             score_locked(
-                state,
+                scoring,
                 device_id,
                 user_id,
                 heartbeat,
@@ -282,14 +353,14 @@ pub async fn score(
             .commit(device_id, &engine, Some(&report))
             .await
             .map(|()| {
-                state.metrics.signals_scored.inc();
+                scoring.metrics.signals_scored.inc();
                 report
             }),
         Ok(None) => {
             // Redelivered by the at-least-once queue (already counted), or
             // a device that does not exist (counted as dropped).
             guard.release().await;
-            load_report(state, device_id).await.map(|report| {
+            load_report(scoring, device_id).await.map(|report| {
                 report.unwrap_or_else(|| TrustReport::neutral(device_id, "unknown", false))
             })
         }
@@ -299,13 +370,13 @@ pub async fn score(
         }
     };
     let elapsed = started.elapsed();
-    state
+    scoring
         .metrics
         .signals_scoring_seconds
         .observe(elapsed.as_secs_f64());
     // The workers' meter, as the batch path counts: heartbeats scored and saved.
     if scored && !degraded && result.is_ok() {
-        state.scoring_meter.record(elapsed, 1);
+        scoring.scoring_meter.record(elapsed, 1);
     }
     result
 }
@@ -429,7 +500,7 @@ enum Committed {
 /// 6. [`commit_saves`] — release the failed devices' locks, then save and
 ///    release the rest under the lock TTL rule (a round trip), then ack;
 /// 7. [`score_contended`] — the devices locked elsewhere, one by one.
-async fn score_batch(state: &AppState, jobs: Vec<Job>, parallel: usize) -> Vec<String> {
+async fn score_batch(scoring: &Scoring, jobs: Vec<Job>, parallel: usize) -> Vec<String> {
     let started = std::time::Instant::now();
     let (devices, mut done) = group_by_device(&jobs);
     if devices.is_empty() {
@@ -439,21 +510,21 @@ async fn score_batch(state: &AppState, jobs: Vec<Job>, parallel: usize) -> Vec<S
         asked_at,
         held,
         contended,
-    }) = lock_and_load(state, devices).await
+    }) = lock_and_load(scoring, devices).await
     else {
         return done;
     };
-    let Some(seen) = claim_fingerprints(state, &held).await else {
+    let Some(seen) = claim_fingerprints(scoring, &held).await else {
         return done;
     };
-    let outcomes = score_held(state, held, seen, parallel).await;
+    let outcomes = score_held(scoring, held, seen, parallel).await;
     let (saves, failed) = prepare_saves(outcomes);
-    match commit_saves(state, saves, failed, asked_at, started).await {
+    match commit_saves(scoring, saves, failed, asked_at, started).await {
         Committed::Acked(ids) => done.extend(ids),
         Committed::LeftPending => {}
         Committed::GivenUp => return done,
     }
-    done.extend(score_contended(state, contended, parallel).await);
+    done.extend(score_contended(scoring, contended, parallel).await);
     done
 }
 
@@ -493,7 +564,7 @@ fn group_by_device(jobs: &[Job]) -> (Vec<DeviceJobs<'_>>, Vec<String>) {
 ///
 /// `None` when the round trip fails: the whole batch stays pending for
 /// retry, and any lock that was taken expires by itself within its TTL.
-async fn lock_and_load<'a>(state: &AppState, devices: Vec<DeviceJobs<'a>>) -> Option<Locked<'a>> {
+async fn lock_and_load<'a>(scoring: &Scoring, devices: Vec<DeviceJobs<'a>>) -> Option<Locked<'a>> {
     let locks: Vec<BatchLock> = devices
         .iter()
         .map(|d| BatchLock {
@@ -513,7 +584,7 @@ async fn lock_and_load<'a>(state: &AppState, devices: Vec<DeviceJobs<'a>>) -> Op
         })
         .collect();
     let asked_at = std::time::Instant::now();
-    let read = match state.shared.lock_and_get_many(&requests, LOCK_TTL).await {
+    let read = match scoring.shared.lock_and_get_many(&requests, LOCK_TTL).await {
         Ok(read) => read,
         Err(e) => {
             // Locks that were taken expire by themselves; all stays pending.
@@ -556,7 +627,7 @@ async fn lock_and_load<'a>(state: &AppState, devices: Vec<DeviceJobs<'a>>) -> Op
 /// Per held device, per job: the window was first sent by another device.
 /// `None` when the round trip fails: every held lock is released and the
 /// whole batch (contended devices too) stays pending for retry.
-async fn claim_fingerprints(state: &AppState, held: &[HeldDevice<'_>]) -> Option<Vec<Vec<bool>>> {
+async fn claim_fingerprints(scoring: &Scoring, held: &[HeldDevice<'_>]) -> Option<Vec<Vec<bool>>> {
     let senders: Vec<(&str, Option<String>)> = held
         .iter()
         .flat_map(|h| h.device.jobs.iter().map(move |job| (job, &h.engine)))
@@ -571,12 +642,12 @@ async fn claim_fingerprints(state: &AppState, held: &[HeldDevice<'_>]) -> Option
         .iter()
         .filter_map(|(device_id, fp)| fp.as_deref().map(|fp| (fp, device_id.as_bytes())))
         .collect();
-    let mut holders = match state.shared.claim_many(&claims, FINGERPRINT_TTL).await {
+    let mut holders = match scoring.shared.claim_many(&claims, FINGERPRINT_TTL).await {
         Ok(holders) => holders.into_iter(),
         Err(e) => {
             tracing::warn!(error = %e, "window fingerprints not claimed; batch left pending");
             let locks: Vec<_> = held.iter().map(|h| &h.lock).collect();
-            release_locks(state, &locks).await;
+            release_locks(scoring, &locks).await;
             return None;
         }
     };
@@ -604,7 +675,7 @@ async fn claim_fingerprints(state: &AppState, held: &[HeldDevice<'_>]) -> Option
 /// devices side by side; the outcomes in the order they finish. Nothing is
 /// saved yet and every lock is still held.
 async fn score_held<'a>(
-    state: &AppState,
+    scoring: &Scoring,
     held: Vec<HeldDevice<'a>>,
     seen: Vec<Vec<bool>>,
     parallel: usize,
@@ -612,7 +683,7 @@ async fn score_held<'a>(
     let work: Vec<_> = held
         .into_iter()
         .zip(seen)
-        .map(|(device, seen)| score_device(state, device, seen))
+        .map(|(device, seen)| score_device(scoring, device, seen))
         .collect();
     futures::stream::iter(work)
         .buffer_unordered(parallel.max(1))
@@ -629,7 +700,7 @@ async fn score_held<'a>(
 /// decision again) rather than acked half done. A failure stops the device
 /// there: its later heartbeats wait for the retry too.
 async fn score_device<'a>(
-    state: &AppState,
+    scoring: &Scoring,
     held: HeldDevice<'a>,
     seen: Vec<bool>,
 ) -> DeviceOutcome<'a> {
@@ -646,7 +717,7 @@ async fn score_device<'a>(
     for ((job, header, heartbeat), seen) in device.jobs.into_iter().zip(seen) {
         ids.push(job.id.clone());
         match score_locked(
-            state,
+            scoring,
             device_id,
             header.user_id,
             heartbeat,
@@ -745,7 +816,7 @@ fn prepare_saves(outcomes: Vec<DeviceOutcome<'_>>) -> (Vec<Save>, Vec<BatchLock>
 /// expire by itself and every job pending ([`Committed::LeftPending`]); the
 /// retry finds its seqs scored if the writes did land.
 async fn commit_saves(
-    state: &AppState,
+    scoring: &Scoring,
     saves: Vec<Save>,
     failed: Vec<BatchLock>,
     asked_at: std::time::Instant,
@@ -761,18 +832,18 @@ async fn commit_saves(
         );
         let mut locks: Vec<&BatchLock> = failed.iter().collect();
         locks.extend(saves.iter().map(|s| &s.lock));
-        release_locks(state, &locks).await;
+        release_locks(scoring, &locks).await;
         return Committed::GivenUp;
     }
     let locks: Vec<&BatchLock> = failed.iter().collect();
-    release_locks(state, &locks).await;
+    release_locks(scoring, &locks).await;
     let commits: Vec<Commit<'_>> = saves.iter().map(Save::commit).collect();
-    match state.shared.commit_many(&commits).await {
+    match scoring.shared.commit_many(&commits).await {
         Ok(released) => {
             if released.iter().any(|r| !r) {
                 tracing::warn!("scoring lock expired before the state was saved");
             }
-            Committed::Acked(ack_saved(state, saves, started))
+            Committed::Acked(ack_saved(scoring, saves, started))
         }
         Err(e) => {
             // The locks expire by themselves; the jobs are retried and find
@@ -786,14 +857,14 @@ async fn commit_saves(
 /// The ids of the saved devices' jobs, to ack, after recording what the
 /// batch scored: heartbeats scored, each timed from the batch's start, and
 /// the workers' meter.
-fn ack_saved(state: &AppState, saves: Vec<Save>, started: std::time::Instant) -> Vec<String> {
+fn ack_saved(scoring: &Scoring, saves: Vec<Save>, started: std::time::Instant) -> Vec<String> {
     let elapsed = started.elapsed();
     let mut batch_scored = 0;
     let mut done = Vec::new();
     for save in saves {
-        state.metrics.signals_scored.inc_by(save.scored);
+        scoring.metrics.signals_scored.inc_by(save.scored);
         for _ in 0..save.scored {
-            state
+            scoring
                 .metrics
                 .signals_scoring_seconds
                 .observe(elapsed.as_secs_f64());
@@ -801,7 +872,7 @@ fn ack_saved(state: &AppState, saves: Vec<Save>, started: std::time::Instant) ->
         batch_scored += save.scored;
         done.extend(save.ids);
     }
-    state
+    scoring
         .scoring_meter
         .record(elapsed, usize::try_from(batch_scored).unwrap_or(usize::MAX));
     done
@@ -811,13 +882,13 @@ fn ack_saved(state: &AppState, saves: Vec<Save>, started: std::time::Instant) ->
 /// by side, each one heartbeat at a time through [`score_waiting`] (which
 /// waits for the lock); the ids of the jobs scored.
 async fn score_contended(
-    state: &AppState,
+    scoring: &Scoring,
     contended: Vec<DeviceJobs<'_>>,
     parallel: usize,
 ) -> Vec<String> {
     let contended: Vec<_> = contended
         .into_iter()
-        .map(|device| score_waiting(state, device))
+        .map(|device| score_waiting(scoring, device))
         .collect();
     let contended: Vec<Vec<String>> = futures::stream::iter(contended)
         .buffer_unordered(parallel.max(1))
@@ -829,11 +900,11 @@ async fn score_contended(
 /// Scores a device's heartbeats one by one through [`score`] (which waits
 /// for its lock); the ids of those scored. A failure stops there: the
 /// device's later heartbeats wait for the retry too.
-async fn score_waiting(state: &AppState, device: DeviceJobs<'_>) -> Vec<String> {
+async fn score_waiting(scoring: &Scoring, device: DeviceJobs<'_>) -> Vec<String> {
     let mut ids = Vec::with_capacity(device.jobs.len());
     for (job, header, heartbeat) in device.jobs {
         let scored = score(
-            state,
+            scoring,
             header.device_id,
             header.user_id,
             heartbeat,
@@ -853,9 +924,9 @@ async fn score_waiting(state: &AppState, device: DeviceJobs<'_>) -> Vec<String> 
 /// Releases the locks of a batch that is given up (nothing written), one
 /// compare-and-delete each: a lock that expired and was taken by another
 /// worker is not ours to drop. A failure is logged; the lock expires.
-async fn release_locks(state: &AppState, locks: &[&BatchLock]) {
+async fn release_locks(scoring: &Scoring, locks: &[&BatchLock]) {
     for lock in locks {
-        if let Err(e) = state
+        if let Err(e) = scoring
             .shared
             .delete_if(&lock.key, lock.token.as_bytes())
             .await
@@ -870,7 +941,7 @@ async fn release_locks(state: &AppState, locks: &[&BatchLock]) {
 /// `seen_elsewhere`: the window was first sent by another device.
 #[allow(clippy::too_many_arguments)]
 async fn score_locked(
-    state: &AppState,
+    scoring: &Scoring,
     device_id: &str,
     user_id: Uuid,
     heartbeat: Heartbeat,
@@ -883,10 +954,10 @@ async fn score_locked(
         return Ok(None);
     }
     // The device cache (status, attestation), invalidated on every change.
-    let Some(device) = state
+    let Some(device) = scoring
         .auth
         .devices
-        .get(state.store.as_ref(), device_id)
+        .get(scoring.store.as_ref(), device_id)
         .await?
     else {
         // No such device: its job outlived the row (a database restored
@@ -897,12 +968,12 @@ async fn score_locked(
             seq = heartbeat.seq,
             "heartbeat of an unknown device dropped"
         );
-        state.metrics.signals_dropped.inc();
+        scoring.metrics.signals_dropped.inc();
         return Ok(None);
     };
     let attestation = device.attestation.as_str();
-    let plan = state.plans.get(state.store.as_ref(), user_id).await?;
-    let mut intel: IntelHits = state.intel.hits(&heartbeat.context, ip_listed);
+    let plan = scoring.plans.get(scoring.store.as_ref(), user_id).await?;
+    let mut intel: IntelHits = scoring.intel.hits(&heartbeat.context, ip_listed);
     intel.window_seen_elsewhere = seen_elsewhere;
     let situation = Situation {
         attestation: attestation_of(device.attestation),
@@ -922,7 +993,7 @@ async fn score_locked(
     // being acked as scored with the lock half done.
     let mut locked = device.status != DeviceStatus::Active;
     if assessment.decision != Decision::Allow && !locked {
-        act(state, device_id, user_id, attestation, &assessment).await?;
+        act(scoring, device_id, user_id, attestation, &assessment).await?;
         locked = true;
     }
     let report = TrustReport::from_assessment(
@@ -938,7 +1009,7 @@ async fn score_locked(
 }
 
 async fn act(
-    state: &AppState,
+    scoring: &Scoring,
     device_id: &str,
     user_id: Uuid,
     attestation: &str,
@@ -953,13 +1024,13 @@ async fn act(
         .first()
         .copied()
         .unwrap_or("risk_threshold");
-    state
+    scoring
         .store
         .set_device_status(device_id, DeviceStatus::Locked)
         .await?;
-    state.auth.devices.invalidate(device_id).await;
-    let command = realtime::issue(state.shared.as_ref(), device_id, action, reason).await?;
-    state
+    scoring.auth.devices.invalidate(device_id).await;
+    let command = realtime::issue(scoring.shared.as_ref(), device_id, action, reason).await?;
+    scoring
         .store
         .append_audit(NewAuditEntry {
             user_id: Some(user_id),
@@ -974,9 +1045,9 @@ async fn act(
             action_taken: command.action.as_str().to_owned(),
         })
         .await?;
-    state
+    scoring
         .store
-        .record_event(state.auth.event(
+        .record_event(scoring.auth.event(
             "device:locked",
             Some(user_id),
             Some(device_id),
@@ -990,7 +1061,7 @@ async fn act(
             }),
         ))
         .await?;
-    state.metrics.signals_locks.inc();
+    scoring.metrics.signals_locks.inc();
     tracing::warn!(
         device_id,
         trust_score = assessment.trust_score,
@@ -1003,10 +1074,10 @@ async fn act(
 
 /// Forgets the evidence that led to a lock (an operator unlocked the
 /// device), keeping the device's baselines.
-pub async fn clear_evidence(state: &AppState, device_id: &str) -> anyhow::Result<()> {
+async fn clear_evidence(scoring: &Scoring, device_id: &str) -> anyhow::Result<()> {
     // Under the scoring lock, so a worker scoring at the same moment cannot
     // write the old evidence back.
-    let mut guard = lock(state, device_id).await?;
+    let mut guard = lock(scoring, device_id).await?;
     let mut engine = std::mem::take(&mut guard.engine);
     engine.clear_evidence();
     guard.commit(device_id, &engine, None).await

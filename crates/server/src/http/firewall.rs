@@ -16,7 +16,7 @@ use crate::{
     error::{codes, ApiError, Problem},
     firewall,
     http::extract::AdminAuth,
-    store::{FirewallDecision, FirewallRule, RuleUpdate},
+    store::{FirewallDecision, FirewallRule, RuleMode, RuleUpdate, SideEffect},
 };
 
 /// The firewall routes.
@@ -76,6 +76,26 @@ fn validate(update: &RuleUpdate) -> Result<(), ApiError> {
         return Err(ApiError::invalid_field(
             "lookback_seconds",
             "must be within 0–2592000",
+        ));
+    }
+    if update
+        .mode
+        .as_deref()
+        .is_some_and(|m| RuleMode::parse(m).is_none())
+    {
+        return Err(ApiError::invalid_field(
+            "mode",
+            "must be enforce, simulate or off",
+        ));
+    }
+    if update
+        .side_effect
+        .as_deref()
+        .is_some_and(|m| SideEffect::parse(m).is_none())
+    {
+        return Err(ApiError::invalid_field(
+            "side_effect",
+            "must be block_users, quarantine_devices or throttle",
         ));
     }
     Ok(())

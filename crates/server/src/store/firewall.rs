@@ -116,7 +116,10 @@ pub struct FirewallRule {
     pub version: u32,
 }
 
-/// A change to a rule (`PUT /v1/admin/firewall/rules/{name}`).
+/// A change to a rule (`PUT /v1/admin/firewall/rules/{name}`), as sent. The
+/// words stay text here so the handler checks them after the ranges and
+/// names a bad one in its own words (`must be enforce, simulate or off`);
+/// only words [`RuleMode::parse`] / [`SideEffect::parse`] accept reach the store.
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RuleUpdate {
@@ -127,9 +130,9 @@ pub struct RuleUpdate {
     /// Side-effect reach (0 – 30 days).
     pub lookback_seconds: Option<u32>,
     /// `enforce`, `simulate` or `off`.
-    pub mode: Option<RuleMode>,
+    pub mode: Option<String>,
     /// `block_users`, `quarantine_devices` or `throttle`.
-    pub side_effect: Option<SideEffect>,
+    pub side_effect: Option<String>,
 }
 
 /// A decision to record.
@@ -341,8 +344,14 @@ for_each_dialect! {
             .bind(update.threshold.map(i64::from))
             .bind(update.window_seconds.map(i64::from))
             .bind(update.lookback_seconds.map(i64::from))
-            .bind(update.mode.map(RuleMode::as_str))
-            .bind(update.side_effect.map(SideEffect::as_str))
+            .bind(update.mode.as_deref().and_then(RuleMode::parse).map(RuleMode::as_str))
+            .bind(
+                update
+                    .side_effect
+                    .as_deref()
+                    .and_then(SideEffect::parse)
+                    .map(SideEffect::as_str),
+            )
             .bind(Time(now_micros()))
             .fetch_optional(&self.pool)
             .await?;

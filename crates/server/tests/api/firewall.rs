@@ -316,7 +316,36 @@ async fn simulate_mode_records_and_blocks_nothing(backend: Backend) {
         )
         .await;
     assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
-    assert_eq!(r.json::<Value>().await.expect("json")["field"], "mode");
+    let problem = r.json::<Value>().await.expect("json");
+    assert_eq!(problem["field"], "mode");
+    assert_eq!(problem["detail"], "must be enforce, simulate or off");
+    // The ranges are checked before the words, each named in its own terms.
+    for (body, field, detail) in [
+        (
+            json!({"threshold": 0, "mode": "panic"}),
+            "threshold",
+            "must be within 1–1000000",
+        ),
+        (
+            json!({"side_effect": "ban"}),
+            "side_effect",
+            "must be block_users, quarantine_devices or throttle",
+        ),
+    ] {
+        let r = app
+            .admin(
+                Method::PUT,
+                "/v1/admin/firewall/rules/create_user_per_ip",
+                Some(&body),
+            )
+            .await;
+        assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        let problem = r.json::<Value>().await.expect("json");
+        assert_eq!(
+            (problem["field"].as_str(), problem["detail"].as_str()),
+            (Some(field), Some(detail))
+        );
+    }
     let r = app
         .admin(
             Method::PUT,

@@ -221,7 +221,7 @@ impl Firewall {
             // (locked too, so the block bites before their access tokens expire).
             SideEffect::BlockUsers => {
                 self.store
-                    .scope_members("create:user", rule.scope, key, since)
+                    .scope_members("create:user", rule.scope, key, since, true)
                     .await?
             }
             SideEffect::QuarantineDevices => {
@@ -229,7 +229,7 @@ impl Firewall {
                     vec![key.to_owned()]
                 } else {
                     self.store
-                        .scope_members("create:session", rule.scope, key, since)
+                        .scope_members("create:session", rule.scope, key, since, false)
                         .await?
                         .1
                 };

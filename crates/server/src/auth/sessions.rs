@@ -34,8 +34,8 @@ use crate::{
     realtime::{self, Action},
     state::{keys, SharedState, StateError},
     store::{
-        AuditSource, DeviceStatus, NewAuditEntry, NewRefreshToken, NewSession, RefreshRecord,
-        Revocation, RotateOutcome, Store, StoreError, User, UserStatus,
+        AuditSource, DeviceStatus, NewAuditEntry, NewRefreshToken, NewSession, NewUser,
+        RefreshRecord, Revocation, RotateOutcome, Store, StoreError, User, UserStatus,
     },
 };
 
@@ -48,6 +48,9 @@ pub enum SessionError {
     /// The device is bound to another account (and not the same hardware).
     #[error("device registered to another account")]
     DeviceInUse,
+    /// Registration: an account with this email exists.
+    #[error("email taken")]
+    EmailTaken,
     /// The device is revoked, locked or quarantined.
     #[error("device refused: {0:?}")]
     Device(DeviceRefusal),
@@ -183,37 +186,80 @@ impl Sessions {
         binding: DeviceBinding<'_>,
         origin: &Origin,
     ) -> Result<SessionTokens, SessionError> {
+        if user.status != UserStatus::Active {
+            return Err(SessionError::AccountBlocked);
+        }
+        self.open_session(user.id, None, binding, origin).await
+    }
+
+    /// Refuses a device that `user_id` (`None`: an account not created yet)
+    /// may not sign in on: revoked, locked or quarantined, or bound to another
+    /// account and presented from other hardware. Registration asks this
+    /// before it hashes or creates anything.
+    pub async fn check_device(
+        &self,
+        user_id: Option<Uuid>,
+        binding: DeviceBinding<'_>,
+    ) -> Result<(), SessionError> {
+        let Some(existing) = self.store.device(binding.device_id).await? else {
+            return Ok(());
+        };
+        if let Some(refusal) = DeviceRefusal::for_status(existing.status) {
+            // A locked device cannot be laundered through a fresh sign-in.
+            return Err(SessionError::Device(refusal));
+        }
+        // Device ids are not secret (they travel in every request header):
+        // another account may take a device over only from the same
+        // hardware, i.e. presenting the fingerprint it was bound with.
+        let same_hardware: bool = existing
+            .fingerprint_sha256
+            .ct_eq(&sha256(binding.fingerprint.as_bytes()))
+            .into();
+        if Some(existing.user_id) != user_id && !same_hardware {
+            return Err(SessionError::DeviceInUse);
+        }
+        Ok(())
+    }
+
+    /// Creates an account and opens its first session, all or nothing: a
+    /// refused registration leaves no user, no device binding and no event
+    /// (`create:user` is recorded in the transaction that opens the session).
+    pub async fn register(
+        &self,
+        email: &str,
+        password_hash: String,
+        binding: DeviceBinding<'_>,
+        origin: &Origin,
+    ) -> Result<SessionTokens, SessionError> {
+        let user = NewUser {
+            id: Uuid::now_v7(),
+            email: email.to_owned(),
+            password_hash,
+        };
+        self.open_session(user.id, Some(user), binding, origin)
+            .await
+    }
+
+    async fn open_session(
+        &self,
+        user_id: Uuid,
+        new_user: Option<NewUser>,
+        binding: DeviceBinding<'_>,
+        origin: &Origin,
+    ) -> Result<SessionTokens, SessionError> {
         let DeviceBinding {
             device_id,
             fingerprint,
             platform,
         } = binding;
-        if user.status != UserStatus::Active {
-            return Err(SessionError::AccountBlocked);
-        }
-        let fingerprint_sha256 = sha256(fingerprint.as_bytes());
-        if let Some(existing) = self.store.device(device_id).await? {
-            if let Some(refusal) = DeviceRefusal::for_status(existing.status) {
-                // A locked device cannot be laundered through a fresh sign-in.
-                return Err(SessionError::Device(refusal));
-            }
-            // Device ids are not secret (they travel in every request header):
-            // another account may take a device over only from the same
-            // hardware, i.e. presenting the fingerprint it was bound with.
-            let same_hardware: bool = existing
-                .fingerprint_sha256
-                .ct_eq(&fingerprint_sha256)
-                .into();
-            if existing.user_id != user.id && !same_hardware {
-                return Err(SessionError::DeviceInUse);
-            }
-        }
+        self.check_device(new_user.is_none().then_some(user_id), binding)
+            .await?;
         self.firewall
             .check(
                 "create:session",
                 Subject {
                     ip: origin.ip,
-                    user_id: Some(user.id),
+                    user_id: Some(user_id),
                     device_id: Some(device_id),
                 },
             )
@@ -221,38 +267,56 @@ impl Sessions {
         let refresh_token = random_token("brt_");
         let jti = Uuid::new_v4();
         let family_id = Uuid::now_v7();
-        self.store
-            .start_session(NewSession {
-                user_id: user.id,
-                device_id: device_id.to_owned(),
-                fingerprint_sha256: fingerprint_sha256.to_vec(),
-                platform: platform.to_owned(),
-                family_id,
-                token: NewRefreshToken {
-                    token_sha256: sha256(refresh_token.as_bytes()).to_vec(),
-                    jti,
-                    issued_at: crate::store::now_micros(),
-                    expires_at: self.refresh_expiry(user.id).await?,
-                },
-            })
-            .await?;
+        let mut events = Vec::with_capacity(2);
+        if new_user.is_some() {
+            events.push(self.auth.event(
+                "create:user",
+                Some(user_id),
+                Some(device_id),
+                origin.ip,
+                serde_json::json!({"platform": platform}),
+            ));
+        }
+        events.push(self.auth.event(
+            "create:session",
+            Some(user_id),
+            Some(device_id),
+            origin.ip,
+            serde_json::json!({"family_id": family_id, "platform": platform}),
+        ));
+        let session = NewSession {
+            user_id,
+            device_id: device_id.to_owned(),
+            fingerprint_sha256: sha256(fingerprint.as_bytes()).to_vec(),
+            platform: platform.to_owned(),
+            family_id,
+            token: NewRefreshToken {
+                token_sha256: sha256(refresh_token.as_bytes()).to_vec(),
+                jti,
+                issued_at: crate::store::now_micros(),
+                expires_at: self.refresh_expiry(user_id).await?,
+            },
+            events,
+        };
+        match new_user {
+            None => self.store.start_session(session).await?,
+            Some(user) => match self.store.register(user, session).await {
+                Ok(_) => {}
+                Err(StoreError::Conflict { constraint }) if constraint.contains("email") => {
+                    return Err(SessionError::EmailTaken)
+                }
+                Err(e) => return Err(e.into()),
+            },
+        }
         // The device may have moved between users: drop every cached view of it.
         self.auth.devices.invalidate(device_id).await;
         // A new session (a reinstall, a new sign-in) starts heartbeat `seq`s afresh.
         self.shared
             .delete(&crate::state::keys::heartbeat_seq(device_id))
             .await?;
-        let access_token = self.issue_access(user.id, device_id, jti)?;
-        let event = self.auth.event(
-            "create:session",
-            Some(user.id),
-            Some(device_id),
-            origin.ip,
-            serde_json::json!({"family_id": family_id, "platform": platform}),
-        );
-        self.store.record_event(event).await?;
+        let access_token = self.issue_access(user_id, device_id, jti)?;
         Ok(SessionTokens {
-            user_id: user.id,
+            user_id,
             access_token,
             refresh_token,
             expires_in: self.auth.access_ttl.as_secs(),
@@ -387,15 +451,6 @@ impl Sessions {
             })
             .await?;
         Ok(())
-    }
-
-    /// Refuses early when the device is revoked, locked or quarantined.
-    pub async fn ensure_device_usable(&self, device_id: &str) -> Result<(), SessionError> {
-        match self.store.device(device_id).await? {
-            Some(device) => DeviceRefusal::for_status(device.status)
-                .map_or(Ok(()), |r| Err(SessionError::Device(r))),
-            None => Ok(()),
-        }
     }
 }
 

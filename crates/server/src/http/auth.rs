@@ -14,7 +14,6 @@ use crate::{
     },
     error::{codes, ApiError, Problem},
     http::extract::{ClientIp, DeviceAuth},
-    store::StoreError,
 };
 
 /// The auth routes.
@@ -111,28 +110,15 @@ pub async fn post_register(
             },
         )
         .await?;
-    state.sessions.ensure_device_usable(&body.device_id).await?;
+    // Before hashing or creating anything: a registration naming a device
+    // it may not take leaves nothing behind.
+    state.sessions.check_device(None, body.binding()).await?;
     let hash = passwords::hash(std::mem::take(&mut body.password)).await?;
-    let user = match state.store.create_user(&email, &hash).await {
-        Ok(user) => user,
-        Err(StoreError::Conflict { .. }) => {
-            return Err(ApiError::conflict(
-                codes::EMAIL_TAKEN,
-                "An account with this email already exists.",
-            ))
-        }
-        Err(e) => return Err(e.into()),
-    };
     let origin = origin(ip, &headers);
-    let event = state.auth.event(
-        "create:user",
-        Some(user.id),
-        Some(&body.device_id),
-        origin.ip,
-        serde_json::json!({"platform": body.platform}),
-    );
-    state.store.record_event(event).await?;
-    let tokens = state.sessions.open(&user, body.binding(), &origin).await?;
+    let tokens = state
+        .sessions
+        .register(&email, hash, body.binding(), &origin)
+        .await?;
     Ok((StatusCode::CREATED, JsonResponse(tokens)))
 }
 

@@ -51,6 +51,10 @@ impl From<SessionError> for ApiError {
                 codes::DEVICE_IN_USE,
                 "This device is registered to another account.",
             ),
+            SessionError::EmailTaken => Self::conflict(
+                codes::EMAIL_TAKEN,
+                "An account with this email already exists.",
+            ),
             SessionError::Device(refusal) => refusal.into(),
             SessionError::InvalidRefreshToken => Self::unauthorized(
                 codes::INVALID_REFRESH_TOKEN,

@@ -196,14 +196,19 @@ pub trait FirewallStore: Send + Sync {
         update: &RuleUpdate,
     ) -> StoreResult<Option<FirewallRule>>;
 
-    /// Users and devices named by `event_type` events whose `scope` column
-    /// equals `key`, recorded since `since`.
+    /// The users named by `event_type` events whose `scope` column equals
+    /// `key`, recorded since `since`, and the devices those users *own now*:
+    /// every one of them with `whole_accounts`, else only the device each
+    /// event names, if its user still owns it. Devices are found by a join on
+    /// ownership, never taken from the events, so an event naming somebody
+    /// else's device (a refused registration, say) can never reach it.
     async fn scope_members(
         &self,
         event_type: &str,
         scope: RuleScope,
         key: &str,
         since: DateTime<Utc>,
+        whole_accounts: bool,
     ) -> StoreResult<(Vec<Uuid>, Vec<String>)>;
 
     /// Records a decision and its `firewall:block` event; when `apply`,
@@ -364,15 +369,19 @@ for_each_dialect! {
             scope: RuleScope,
             key: &str,
             since: DateTime<Utc>,
+            whole_accounts: bool,
         ) -> StoreResult<(Vec<Uuid>, Vec<String>)> {
+            let column = scope.column();
             let rows: Vec<MemberRow> = sqlx::query_as(&format!(
-                "SELECT DISTINCT user_id, device_id FROM business_events \
-                 WHERE type = $1 AND {} = $2 AND created_at >= $3",
-                scope.column()
+                "SELECT DISTINCT e.user_id, d.id AS device_id FROM business_events e \
+                 LEFT JOIN devices d ON d.user_id = e.user_id AND ($4 OR d.id = e.device_id) \
+                 WHERE e.type = $1 AND e.{column} = $2 AND e.created_at >= $3 \
+                 AND e.user_id IS NOT NULL"
             ))
             .bind(event_type)
             .bind(key)
             .bind(Time(since))
+            .bind(whole_accounts)
             .fetch_all(&self.pool)
             .await?;
             let mut users = Vec::new();

@@ -141,6 +141,21 @@ pub struct NewSession {
     pub family_id: Uuid,
     /// Its first refresh token.
     pub token: NewRefreshToken,
+    /// Events recorded in the same transaction (`create:session`, and
+    /// `create:user` on a registration), so none names a session that was
+    /// never opened.
+    pub events: Vec<NewEvent>,
+}
+
+/// An account to create with its first session ([`IdentityStore::register`]).
+#[derive(Debug, Clone)]
+pub struct NewUser {
+    /// Its id (chosen by the caller, so the session's events can name it).
+    pub id: Uuid,
+    /// Lower-cased email.
+    pub email: String,
+    /// Argon2id PHC string.
+    pub password_hash: String,
 }
 
 /// What the store knows of a presented refresh token.
@@ -217,6 +232,11 @@ pub trait IdentityStore: Send + Sync {
     /// Binds the device to the user (creating it, or re-binding it without
     /// touching its status), revokes its active families and starts a new one.
     async fn start_session(&self, session: NewSession) -> StoreResult<()>;
+
+    /// Creates `user` and opens its first session in one transaction: a
+    /// refused registration (the email taken) leaves no account, no device
+    /// binding and no event. [`super::StoreError::Conflict`] when the email is taken.
+    async fn register(&self, user: NewUser, session: NewSession) -> StoreResult<User>;
 
     /// What is known of a refresh token, by its hash.
     async fn refresh_record(&self, token_sha256: &[u8]) -> StoreResult<Option<RefreshRecord>>;
@@ -322,6 +342,56 @@ impl From<RefreshRow> for RefreshRecord {
 
 for_each_dialect! {
     impl SqlStore<Db> {
+                /// Binds the device, supersedes its families, starts the new one and
+        /// records the session's events, on the caller's transaction.
+        async fn insert_session(
+            tx: &mut <Db as sqlx::Database>::Connection,
+            session: &NewSession,
+        ) -> StoreResult<()> {
+            let now = Time(now_micros());
+            sqlx::query(
+                "INSERT INTO devices (id, user_id, fingerprint_sha256, platform, created_at, updated_at, last_seen_at) \
+                 VALUES ($1, $2, $3, $4, $5, $5, $5) \
+                 ON CONFLICT (id) DO UPDATE SET user_id = excluded.user_id, \
+                 fingerprint_sha256 = excluded.fingerprint_sha256, platform = excluded.platform, \
+                 attestation_state = CASE WHEN devices.user_id = excluded.user_id \
+                 THEN devices.attestation_state ELSE 'unknown' END, \
+                 updated_at = excluded.updated_at, last_seen_at = excluded.last_seen_at",
+            )
+            .bind(&session.device_id)
+            .bind(Id(session.user_id))
+            .bind(&session.fingerprint_sha256)
+            .bind(&session.platform)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "UPDATE refresh_families SET status = 'revoked', revoke_reason = 'superseded', \
+                 revoked_at = $2 WHERE device_id = $1 AND status = 'active'",
+            )
+            .bind(&session.device_id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO refresh_families (id, user_id, device_id, fingerprint_sha256, created_at) \
+                 VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(Id(session.family_id))
+            .bind(Id(session.user_id))
+            .bind(&session.device_id)
+            .bind(&session.fingerprint_sha256)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            Self::insert_refresh(&mut *tx, session.family_id, &session.token).await?;
+            for event in &session.events {
+                Self::insert_event(&mut *tx, event).await?;
+            }
+            Ok(())
+        }
+
+
         async fn insert_refresh(
             conn: &mut <Db as sqlx::Database>::Connection,
             family_id: Uuid,
@@ -397,46 +467,33 @@ for_each_dialect! {
 
         #[tracing::instrument(skip_all, name = "store.start_session", fields(device_id = %session.device_id))]
         async fn start_session(&self, session: NewSession) -> StoreResult<()> {
-            let now = Time(now_micros());
             let mut tx = self.pool.begin().await?;
-            sqlx::query(
-                "INSERT INTO devices (id, user_id, fingerprint_sha256, platform, created_at, updated_at, last_seen_at) \
-                 VALUES ($1, $2, $3, $4, $5, $5, $5) \
-                 ON CONFLICT (id) DO UPDATE SET user_id = excluded.user_id, \
-                 fingerprint_sha256 = excluded.fingerprint_sha256, platform = excluded.platform, \
-                 attestation_state = CASE WHEN devices.user_id = excluded.user_id \
-                 THEN devices.attestation_state ELSE 'unknown' END, \
-                 updated_at = excluded.updated_at, last_seen_at = excluded.last_seen_at",
-            )
-            .bind(&session.device_id)
-            .bind(Id(session.user_id))
-            .bind(&session.fingerprint_sha256)
-            .bind(&session.platform)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(
-                "UPDATE refresh_families SET status = 'revoked', revoke_reason = 'superseded', \
-                 revoked_at = $2 WHERE device_id = $1 AND status = 'active'",
-            )
-            .bind(&session.device_id)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(
-                "INSERT INTO refresh_families (id, user_id, device_id, fingerprint_sha256, created_at) \
-                 VALUES ($1, $2, $3, $4, $5)",
-            )
-            .bind(Id(session.family_id))
-            .bind(Id(session.user_id))
-            .bind(&session.device_id)
-            .bind(&session.fingerprint_sha256)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-            Self::insert_refresh(&mut tx, session.family_id, &session.token).await?;
+            Self::insert_session(&mut tx, &session).await?;
             tx.commit().await?;
             Ok(())
+        }
+
+        #[tracing::instrument(skip_all, name = "store.register", fields(device_id = %session.device_id))]
+        async fn register(&self, user: NewUser, session: NewSession) -> StoreResult<User> {
+            let mut tx = self.pool.begin().await?;
+            sqlx::query(
+                "INSERT INTO users (id, email, password_hash, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, $4)",
+            )
+            .bind(Id(user.id))
+            .bind(&user.email)
+            .bind(&user.password_hash)
+            .bind(Time(now_micros()))
+            .execute(&mut *tx)
+            .await?;
+            Self::insert_session(&mut tx, &session).await?;
+            tx.commit().await?;
+            Ok(User {
+                id: user.id,
+                email: user.email,
+                password_hash: user.password_hash,
+                status: UserStatus::Active,
+            })
         }
 
         async fn refresh_record(&self, token_sha256: &[u8]) -> StoreResult<Option<RefreshRecord>> {

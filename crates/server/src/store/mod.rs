@@ -64,7 +64,7 @@ pub use firewall::{
     SideEffect,
 };
 pub use identity::{
-    AttestationOutcome, Device, DeviceStatus, IdentityStore, NewRefreshToken, NewSession,
+    AttestationOutcome, Device, DeviceStatus, IdentityStore, NewRefreshToken, NewSession, NewUser,
     RefreshRecord, Revocation, RotateOutcome, User, UserStatus,
 };
 pub use intel::IntelStore;

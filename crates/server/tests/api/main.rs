@@ -1,5 +1,6 @@
 //! One integration binary: every test starts real servers or real backends.
 
+mod adversarial;
 mod audit;
 mod billing;
 mod client;

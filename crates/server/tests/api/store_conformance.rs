@@ -18,6 +18,7 @@ crate::on_both_backends!(
     retention_deletes_old_events_and_never_audit_rows,
     audit_chain_verifies_and_names_an_edited_or_removed_row,
     a_decision_whose_affected_ids_do_not_decode_is_an_error,
+    firewall_side_effects_reach_only_devices_the_users_own,
 );
 
 fn token(n: u8) -> NewRefreshToken {
@@ -48,6 +49,7 @@ async fn rotation_tells_a_spent_token_from_a_revoked_family(backend: Backend) {
             platform: "ios".into(),
             family_id: family,
             token: token(1),
+            events: Vec::new(),
         })
         .await
         .expect("session");
@@ -555,4 +557,70 @@ async fn a_decision_whose_affected_ids_do_not_decode_is_an_error(backend: Backen
             .is_err(),
         "undo of a corrupt decision must fail, not restore no one"
     );
+}
+
+/// Side effects find devices by a join on ownership, never by the ids events
+/// carry: an event naming somebody else's device cannot reach it (issue 19.1).
+async fn firewall_side_effects_reach_only_devices_the_users_own(backend: Backend) {
+    let Some((store, _raw, _b)) = store_for(backend).await else {
+        return;
+    };
+    store.migrate().await.expect("migrate");
+    let session = |user: Uuid, device: &str, n: u8| NewSession {
+        user_id: user,
+        device_id: device.into(),
+        fingerprint_sha256: vec![n; 32],
+        platform: "android".into(),
+        family_id: Uuid::now_v7(),
+        token: token(n),
+        events: Vec::new(),
+    };
+    let victim = store
+        .create_user("victim@example.com", "h")
+        .await
+        .expect("user");
+    store
+        .start_session(session(victim.id, "device_victim", 1))
+        .await
+        .expect("victim's device");
+    let attacker = store
+        .create_user("attacker@example.com", "h")
+        .await
+        .expect("user");
+    store
+        .start_session(session(attacker.id, "device_attacker", 2))
+        .await
+        .expect("attacker's device");
+    for event_type in ["create:user", "create:session"] {
+        store
+            .record_event(blockremote::store::NewEvent {
+                event_type: event_type.into(),
+                user_id: Some(attacker.id),
+                device_id: Some("device_victim".into()),
+                ip_prefix: None,
+                ip_hmac: Some("scope-key".into()),
+                metadata: if event_type == "create:user" {
+                    serde_json::json!({"platform": "android"})
+                } else {
+                    serde_json::json!({"family_id": Uuid::now_v7(), "platform": "android"})
+                },
+            })
+            .await
+            .expect("event");
+    }
+    let since = chrono::Utc::now() - chrono::Duration::hours(1);
+    let scope = blockremote::store::RuleScope::Ip;
+    let blocked = store
+        .scope_members("create:user", scope, "scope-key", since, true)
+        .await
+        .expect("members");
+    assert_eq!(
+        blocked,
+        (vec![attacker.id], vec!["device_attacker".to_owned()])
+    );
+    let quarantined = store
+        .scope_members("create:session", scope, "scope-key", since, false)
+        .await
+        .expect("members");
+    assert_eq!(quarantined, (vec![attacker.id], Vec::<String>::new()));
 }

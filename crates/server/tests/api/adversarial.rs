@@ -1,0 +1,128 @@
+//! The attacker's view (issue 19): each story is an attack that worked
+//! against an earlier build, run on both backends, and the proof it no
+//! longer does.
+
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+use crate::{
+    client,
+    helpers::{spawn_app_with, Backend, TestApp},
+};
+
+crate::on_both_backends!(registrations_naming_victims_devices_lock_nobody);
+
+const ATTACKER: &str = "198.51.100.66";
+const VICTIM: &str = "203.0.113.9";
+const ELSEWHERE: &str = "192.0.2.44";
+
+async fn app(backend: Backend) -> Option<TestApp> {
+    spawn_app_with(backend, |c| {
+        c.admin_token = Some("adversarial-admin-key-0123456789abcdef0".to_owned().into());
+        c.trusted_proxies = vec!["127.0.0.1/32".parse().expect("cidr")];
+    })
+    .await
+}
+
+async fn from(app: &TestApp, ip: &str, path: &str, body: &Value) -> reqwest::Response {
+    app.client
+        .post(app.url(path))
+        .header("x-forwarded-for", ip)
+        .json(body)
+        .send()
+        .await
+        .expect("request")
+}
+
+/// Anonymous registrations carrying a victim's device id used to leave an
+/// account and a `create:user` event naming the victim's device behind each
+/// 409; the burst then tripped `create_user_per_ip`, whose side effect
+/// quarantined every device those events named and pushed `CRITICAL_LOCK`.
+async fn registrations_naming_victims_devices_lock_nobody(backend: Backend) {
+    let Some(app) = app(backend).await else {
+        return;
+    };
+    let r = app
+        .admin(
+            Method::PUT,
+            "/v1/admin/firewall/rules/create_user_per_ip",
+            Some(&json!({"threshold": 3})),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = from(
+        &app,
+        VICTIM,
+        "/v1/auth/register",
+        &client::credentials("victim@example.com", "device_victim_01"),
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let victim = client::Session::from_response(r, "device_victim_01").await;
+
+    // The attacker knows the device id (it travels in every request header)
+    // but not the hardware's fingerprint.
+    let mut statuses = Vec::new();
+    for i in 0..4 {
+        let mut body = client::credentials(&format!("attacker{i}@example.com"), "device_victim_01");
+        body["device_fingerprint"] = json!(format!("forged-{i}"));
+        let r = from(&app, ATTACKER, "/v1/auth/register", &body).await;
+        statuses.push(r.status());
+        if r.status() == StatusCode::CONFLICT {
+            let problem: Value = r.json().await.expect("problem");
+            assert_eq!(problem["code"], "device_in_use");
+        }
+    }
+    assert_eq!(
+        statuses,
+        [
+            StatusCode::CONFLICT,
+            StatusCode::CONFLICT,
+            StatusCode::CONFLICT,
+            StatusCode::TOO_MANY_REQUESTS
+        ],
+        "refused for the device, then throttled by the firewall"
+    );
+
+    // The victim's device is untouched and its session still works.
+    let device = app.admin_device("device_victim_01").await;
+    assert_eq!(device["status"], "active", "{device}");
+    let report = app.trust_score_json(&victim).await;
+    assert_eq!(report["device_id"], "device_victim_01", "{report}");
+
+    // A refused registration left no account and no event behind.
+    for i in 0..3 {
+        let r = from(
+            &app,
+            ELSEWHERE,
+            "/v1/auth/login",
+            &client::credentials(
+                &format!("attacker{i}@example.com"),
+                &format!("device_attacker_{i}"),
+            ),
+        )
+        .await;
+        assert_eq!(
+            r.status(),
+            StatusCode::UNAUTHORIZED,
+            "no account attacker{i}"
+        );
+    }
+    let events = app.admin_json("/v1/admin/events?type=create:user").await;
+    let named: Vec<&Value> = events["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|e| &e["device_id"])
+        .collect();
+    assert_eq!(
+        named,
+        [&json!("device_victim_01")],
+        "only the victim's own registration"
+    );
+    let decisions = app.admin_json("/v1/admin/firewall/decisions").await;
+    for decision in decisions["items"].as_array().expect("items") {
+        assert_eq!(decision["affected_devices"], json!([]), "{decision}");
+        assert_eq!(decision["affected_users"], json!([]), "{decision}");
+    }
+}

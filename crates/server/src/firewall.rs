@@ -213,6 +213,46 @@ impl Firewall {
         Ok(())
     }
 
+    /// Whether `subject` is already past an enforcing rule on `event_type`,
+    /// without counting: what an action whose failures are counted (a login)
+    /// asks *before* its expensive work, so a throttled scope is refused
+    /// outright — right answers included — and never costs a password hash.
+    pub async fn throttled(
+        &self,
+        event_type: &str,
+        subject: Subject<'_>,
+    ) -> Result<(), FirewallError> {
+        for rule in self.rules.for_event(event_type) {
+            if rule.mode != RuleMode::Enforce {
+                continue;
+            }
+            let Some(key) = self.scope_key(rule.scope, &subject) else {
+                continue;
+            };
+            if self
+                .shared
+                .get(&allow_key(&rule.name, &key))
+                .await?
+                .is_some()
+            {
+                continue;
+            }
+            let count = self
+                .shared
+                .get(&counter_key(&rule, &key))
+                .await?
+                .and_then(|raw| std::str::from_utf8(&raw).ok()?.parse::<i64>().ok())
+                .unwrap_or(0);
+            if count > i64::from(rule.threshold) {
+                let window = Duration::from_secs(u64::from(rule.window_seconds));
+                return Err(FirewallError::Refused {
+                    retry_after: window.min(Duration::from_secs(3600)),
+                });
+            }
+        }
+        Ok(())
+    }
+
     async fn decide(&self, rule: &FirewallRule, key: &str) -> anyhow::Result<FirewallDecision> {
         let since = chrono::Utc::now()
             - chrono::Duration::seconds(i64::from(rule.lookback_seconds.max(rule.window_seconds)));

@@ -39,6 +39,21 @@ use crate::{
     },
 };
 
+/// Wrong passwords for one email that cost nothing but the answer.
+pub const FREE_LOGIN_FAILURES: i64 = 5;
+/// The longest a sign-in waits after repeated wrong passwords.
+pub const MAX_LOGIN_BACKOFF: Duration = Duration::from_secs(900);
+/// How long wrong passwords are remembered after the last one.
+const LOGIN_FAILURE_MEMORY: Duration = Duration::from_secs(3600);
+
+/// `session:login_{what}:{sha256(email)}` (never the address itself).
+fn login_key(what: &str, email: &str) -> String {
+    format!(
+        "session:login_{what}:{}",
+        hex::encode(sha256(email.as_bytes()))
+    )
+}
+
 /// Why a session could not be opened, refreshed or ended.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -322,6 +337,48 @@ impl Sessions {
             expires_in: self.auth.access_ttl.as_secs(),
             token_type: "Bearer",
         })
+    }
+
+    /// Refuses a sign-in to `email` while its failure backoff runs
+    /// ([`SessionError::RateLimited`]): after [`FREE_LOGIN_FAILURES`] wrong
+    /// passwords, each further one doubles the wait (up to
+    /// [`MAX_LOGIN_BACKOFF`]), whatever address the guesses come from. Only
+    /// sign-in waits: the owner's devices and sessions are untouched. Keyed by
+    /// the email's hash, known account or not, so the answer reveals nothing.
+    pub async fn login_allowed(&self, email: &str) -> Result<(), SessionError> {
+        let key = login_key("backoff", email);
+        if self.shared.get(&key).await?.is_some() {
+            let retry_after = self
+                .shared
+                .ttl(&key)
+                .await?
+                .unwrap_or(Duration::from_secs(1))
+                .max(Duration::from_secs(1));
+            return Err(SessionError::RateLimited { retry_after });
+        }
+        Ok(())
+    }
+
+    /// Counts a wrong password for `email` and starts its backoff once the
+    /// free failures are spent (see [`Self::login_allowed`]).
+    pub async fn login_failed(&self, email: &str) -> Result<(), SessionError> {
+        let failures = self
+            .shared
+            .incr(&login_key("failures", email), 1, LOGIN_FAILURE_MEMORY)
+            .await?;
+        if let Ok(past) = u32::try_from(failures - FREE_LOGIN_FAILURES) {
+            let wait = Duration::from_secs(1u64 << past.min(20)).min(MAX_LOGIN_BACKOFF);
+            self.shared
+                .set(&login_key("backoff", email), b"1", Some(wait))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// A right password: the failure count starts again.
+    pub async fn login_succeeded(&self, email: &str) -> Result<(), SessionError> {
+        self.shared.delete(&login_key("failures", email)).await?;
+        Ok(())
     }
 
     /// Exchanges a refresh token for a new pair (see the module docs).

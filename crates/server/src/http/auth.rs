@@ -138,6 +138,20 @@ pub async fn post_login(
     let email = body.validate()?;
     let origin = origin(ip, &headers);
     let user = state.store.user_by_email(&email).await?;
+    // Before the hash: a throttled scope, or an account whose wrong
+    // passwords are backing off, is refused whatever the password.
+    state
+        .firewall
+        .throttled(
+            "login:failed",
+            crate::firewall::Subject {
+                ip: origin.ip,
+                user_id: user.as_ref().map(|u| u.id),
+                device_id: Some(&body.device_id),
+            },
+        )
+        .await?;
+    state.sessions.login_allowed(&email).await?;
     let ok = passwords::verify(
         std::mem::take(&mut body.password),
         user.as_ref().map(|u| u.password_hash.clone()),
@@ -146,6 +160,7 @@ pub async fn post_login(
     let user = match user {
         Some(user) if ok => user,
         other => {
+            state.sessions.login_failed(&email).await?;
             let user_id = other.as_ref().map(|u| u.id);
             state
                 .firewall
@@ -172,6 +187,7 @@ pub async fn post_login(
             ));
         }
     };
+    state.sessions.login_succeeded(&email).await?;
     let tokens = state.sessions.open(&user, body.binding(), &origin).await?;
     Ok(JsonResponse(tokens))
 }

@@ -10,7 +10,11 @@ use crate::{
     helpers::{spawn_app_with, Backend, TestApp},
 };
 
-crate::on_both_backends!(registrations_naming_victims_devices_lock_nobody);
+crate::on_both_backends!(
+    registrations_naming_victims_devices_lock_nobody,
+    a_throttled_address_is_refused_even_with_the_right_password,
+    guessing_one_account_from_many_addresses_backs_off,
+);
 
 const ATTACKER: &str = "198.51.100.66";
 const VICTIM: &str = "203.0.113.9";
@@ -22,6 +26,12 @@ async fn app(backend: Backend) -> Option<TestApp> {
         c.trusted_proxies = vec!["127.0.0.1/32".parse().expect("cidr")];
     })
     .await
+}
+
+async fn login_from(app: &TestApp, ip: &str, email: &str, password: &str) -> StatusCode {
+    let mut body = client::credentials(email, "device_victim_01");
+    body["password"] = json!(password);
+    from(app, ip, "/v1/auth/login", &body).await.status()
 }
 
 async fn from(app: &TestApp, ip: &str, path: &str, body: &Value) -> reqwest::Response {
@@ -125,4 +135,109 @@ async fn registrations_naming_victims_devices_lock_nobody(backend: Backend) {
         assert_eq!(decision["affected_devices"], json!([]), "{decision}");
         assert_eq!(decision["affected_users"], json!([]), "{decision}");
     }
+}
+
+/// Past `login_failed_per_ip` a wrong password got 429 but the right one
+/// still got 200, so the throttle did not stop a guesser who kept going.
+async fn a_throttled_address_is_refused_even_with_the_right_password(backend: Backend) {
+    let Some(app) = app(backend).await else {
+        return;
+    };
+    let r = app
+        .admin(
+            Method::PUT,
+            "/v1/admin/firewall/rules/login_failed_per_ip",
+            Some(&json!({"threshold": 2})),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let email = "guessed@example.com";
+    let r = from(
+        &app,
+        VICTIM,
+        "/v1/auth/register",
+        &client::credentials(email, "device_victim_01"),
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        statuses.push(login_from(&app, ATTACKER, email, "wrong password, again").await);
+    }
+    assert_eq!(
+        statuses,
+        [
+            StatusCode::UNAUTHORIZED,
+            StatusCode::UNAUTHORIZED,
+            StatusCode::TOO_MANY_REQUESTS
+        ]
+    );
+    assert_eq!(
+        login_from(&app, ATTACKER, email, client::PASSWORD).await,
+        StatusCode::TOO_MANY_REQUESTS,
+        "a throttled address gets the generic 429 for the right password too"
+    );
+    assert_eq!(
+        login_from(&app, ELSEWHERE, email, client::PASSWORD).await,
+        StatusCode::OK,
+        "other addresses are not throttled"
+    );
+}
+
+/// Guesses against one account spread over many addresses each stay under
+/// the per-address rule; the per-account backoff slows them, without
+/// touching the owner's sessions.
+async fn guessing_one_account_from_many_addresses_backs_off(backend: Backend) {
+    let Some(app) = app(backend).await else {
+        return;
+    };
+    let email = "target@example.com";
+    let r = from(
+        &app,
+        VICTIM,
+        "/v1/auth/register",
+        &client::credentials(email, "device_victim_01"),
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let owner = client::Session::from_response(r, "device_victim_01").await;
+    for i in 0..5 {
+        let ip = format!("198.51.100.{}", 10 + i);
+        assert_eq!(
+            login_from(&app, &ip, email, "a wrong guess").await,
+            StatusCode::UNAUTHORIZED,
+            "guess {i} is only wrong"
+        );
+    }
+    let r = {
+        let mut body = client::credentials(email, "device_victim_01");
+        body["password"] = json!("a sixth guess");
+        from(&app, "198.51.100.99", "/v1/auth/login", &body).await
+    };
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS, "backing off");
+    let wait: u64 = r
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .expect("Retry-After");
+    assert!(
+        (1..=2).contains(&wait),
+        "the first backoff is short: {wait}"
+    );
+    assert_eq!(
+        login_from(&app, "198.51.100.99", email, client::PASSWORD).await,
+        StatusCode::TOO_MANY_REQUESTS,
+        "while it runs, no password is tried at all"
+    );
+    let report = app.trust_score_json(&owner).await;
+    assert_eq!(
+        report["device_id"], "device_victim_01",
+        "the owner's session works"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(1100 * wait)).await;
+    assert_eq!(
+        login_from(&app, VICTIM, email, client::PASSWORD).await,
+        StatusCode::OK,
+        "after the wait the owner signs in"
+    );
 }

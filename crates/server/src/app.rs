@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    auth::{attestation::Attestation, sessions::Sessions, Auth},
+    auth::{attestation::Attestation, passwords::Passwords, sessions::Sessions, Auth},
     billing::{limits::Limits, plans::PlanCache},
     config::Config,
     firewall::Firewall,
@@ -85,6 +85,8 @@ pub struct AppHandles {
     pub sessions: Arc<Sessions>,
     /// Attestation nonces and verdicts.
     pub attestation: Arc<Attestation>,
+    /// Argon2id hashing, a few at a time.
+    pub passwords: Arc<Passwords>,
     /// Cancelled when the process begins to shut down (sockets then close).
     pub shutdown: CancellationToken,
 }
@@ -169,6 +171,7 @@ impl AppState {
             firewall,
             sessions,
             attestation,
+            passwords: Arc::default(),
             shutdown: CancellationToken::new(),
         })))
     }

@@ -264,6 +264,13 @@ pub enum ApiError {
         /// When the client may try again.
         retry_after: Duration,
     },
+    /// Saturated (e.g. every password-hashing permit taken): 503
+    /// `service_unavailable` with `Retry-After`.
+    #[error("busy")]
+    Busy {
+        /// When the client may try again.
+        retry_after: Duration,
+    },
     /// `/health/ready` when a dependency is down: 503 `not_ready`.
     #[error("not ready")]
     NotReady {
@@ -295,7 +302,7 @@ impl ApiError {
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::NotReady { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NotReady { .. } | Self::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Client { status, .. } => *status,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -321,6 +328,11 @@ impl ApiError {
                 p
             }
             Self::Client { code, detail, .. } => Problem::new(status, code, *detail),
+            Self::Busy { .. } => Problem::new(
+                status,
+                codes::SERVICE_UNAVAILABLE,
+                "The server is busy; retry shortly.",
+            ),
             _ => Problem::for_status(status),
         }
     }
@@ -396,7 +408,7 @@ impl IntoResponse for ApiError {
                 HeaderValue::from_static(challenge),
             );
         }
-        if let Self::RateLimited { retry_after } = &self {
+        if let Self::RateLimited { retry_after } | Self::Busy { retry_after } = &self {
             let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
             response
                 .headers_mut()

@@ -1,10 +1,81 @@
-//! Password hashing with Argon2id, off the async runtime.
+//! Password hashing with Argon2id, off the async runtime, bounded.
 //!
 //! An unknown email is checked against a dummy hash with the same parameters,
 //! so "no such user" and "wrong password" take the same time and give the
-//! same answer.
+//! same answer. Each hash costs ~19 MiB and tens of milliseconds of a core:
+//! [`Passwords`] lets at most a few run at once (a permit is held until the
+//! blocking task ends, even when the request that asked is gone), and a
+//! request that cannot get one soon is refused with [`PasswordError::Busy`]
+//! (503 with `Retry-After`) rather than queueing without bound — so a login
+//! flood cannot starve the blocking pool or the memory.
 
-use std::sync::OnceLock;
+use std::{
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// How long a request waits for a hashing permit before it is refused.
+pub const PERMIT_WAIT: Duration = Duration::from_millis(250);
+
+/// Why a password could not be hashed or checked.
+#[derive(Debug, thiserror::Error)]
+pub enum PasswordError {
+    /// Every hashing permit is taken: try again shortly.
+    #[error("password hashing is saturated")]
+    Busy,
+    /// The hash failed (a corrupt stored hash, a panicked task).
+    #[error(transparent)]
+    Failed(#[from] anyhow::Error),
+}
+
+/// Argon2id hashing with a bound on the hashes in flight.
+#[derive(Debug)]
+pub struct Passwords {
+    permits: Arc<Semaphore>,
+}
+
+impl Default for Passwords {
+    /// Two hashes per core (at least two).
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        Self::new((2 * cores).max(2))
+    }
+}
+
+impl Passwords {
+    /// At most `concurrent` hashes at once.
+    pub fn new(concurrent: usize) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(concurrent.max(1))),
+        }
+    }
+
+    async fn permit(&self) -> Result<OwnedSemaphorePermit, PasswordError> {
+        match tokio::time::timeout(PERMIT_WAIT, self.permits.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(PasswordError::Busy),
+        }
+    }
+
+    /// Hashes `password` into a PHC string.
+    pub async fn hash(&self, password: String) -> Result<String, PasswordError> {
+        let permit = self.permit().await?;
+        Ok(blocking(permit, move || hash_now(&password)).await?)
+    }
+
+    /// Verifies `password` against `hash`, or against a dummy hash when
+    /// there is no user (always false then), in similar time either way.
+    pub async fn verify(
+        &self,
+        password: String,
+        hash: Option<String>,
+    ) -> Result<bool, PasswordError> {
+        let permit = self.permit().await?;
+        Ok(blocking(permit, move || verify_now(&password, hash)).await?)
+    }
+}
 
 use argon2::{
     password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString},
@@ -16,16 +87,25 @@ fn argon2() -> Argon2<'static> {
     Argon2::default()
 }
 
-/// Hashes `password` into a PHC string.
-pub async fn hash(password: String) -> anyhow::Result<String> {
+/// Runs `work` on the blocking pool, holding `permit` until it ends.
+async fn blocking<T: Send + 'static>(
+    permit: OwnedSemaphorePermit,
+    work: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
     tokio::task::spawn_blocking(move || {
-        let salt = SaltString::generate(&mut OsRng);
-        argon2()
-            .hash_password(password.as_bytes(), &salt)
-            .map(|h| h.to_string())
-            .map_err(|e| anyhow::anyhow!("hashing failed: {e}"))
+        let _permit = permit;
+        work()
     })
     .await?
+}
+
+/// Hashes `password` into a PHC string.
+fn hash_now(password: &str) -> anyhow::Result<String> {
+    let salt = SaltString::generate(&mut OsRng);
+    argon2()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| anyhow::anyhow!("hashing failed: {e}"))
 }
 
 fn dummy_hash() -> &'static str {
@@ -41,17 +121,14 @@ fn dummy_hash() -> &'static str {
 
 /// Verifies `password` against `hash`, or against a dummy hash when there is
 /// no user (always false then), in similar time either way.
-pub async fn verify(password: String, hash: Option<String>) -> anyhow::Result<bool> {
-    tokio::task::spawn_blocking(move || {
-        let real = hash.is_some();
-        let phc = hash.unwrap_or_else(|| dummy_hash().to_owned());
-        let parsed = PasswordHash::new(&phc).map_err(|e| anyhow::anyhow!("bad hash: {e}"))?;
-        let ok = argon2()
-            .verify_password(password.as_bytes(), &parsed)
-            .is_ok();
-        Ok(real && ok)
-    })
-    .await?
+fn verify_now(password: &str, hash: Option<String>) -> anyhow::Result<bool> {
+    let real = hash.is_some();
+    let phc = hash.unwrap_or_else(|| dummy_hash().to_owned());
+    let parsed = PasswordHash::new(&phc).map_err(|e| anyhow::anyhow!("bad hash: {e}"))?;
+    let ok = argon2()
+        .verify_password(password.as_bytes(), &parsed)
+        .is_ok();
+    Ok(real && ok)
 }
 
 /// Computes the dummy hash ahead of the first failed login.
@@ -65,6 +142,11 @@ mod tests {
 
     #[tokio::test]
     async fn hashes_verify_and_unknown_users_never_do() {
+        let passwords = Passwords::new(2);
+        let (hash, verify) = (
+            |p: String| passwords.hash(p),
+            |p: String, h: Option<String>| passwords.verify(p, h),
+        );
         let h = hash("correct horse battery".into()).await.expect("hash");
         assert!(h.starts_with("$argon2id$"));
         assert!(verify("correct horse battery".into(), Some(h.clone()))
@@ -74,5 +156,25 @@ mod tests {
         assert!(!verify("blockremote-dummy-password".into(), None)
             .await
             .expect("verify"));
+    }
+
+    #[tokio::test]
+    async fn a_hash_without_a_permit_soon_is_refused_busy() {
+        let passwords = Passwords::new(1);
+        let held = passwords.permit().await.expect("the one permit");
+        let started = std::time::Instant::now();
+        assert!(matches!(
+            passwords.verify("correct horse battery".into(), None).await,
+            Err(PasswordError::Busy)
+        ));
+        assert!(
+            started.elapsed() >= PERMIT_WAIT,
+            "it waited before refusing"
+        );
+        drop(held);
+        assert!(!passwords
+            .verify("correct horse battery".into(), None)
+            .await
+            .expect("a permit again"));
     }
 }

@@ -8,10 +8,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use super::{json::Json, validate};
 use crate::{
     app::AppState,
-    auth::{
-        passwords,
-        sessions::{DeviceBinding, Origin, SessionTokens},
-    },
+    auth::sessions::{DeviceBinding, Origin, SessionTokens},
     error::{codes, ApiError, Problem},
     http::extract::{ClientIp, DeviceAuth},
 };
@@ -91,6 +88,7 @@ fn origin(ip: ClientIp, headers: &axum::http::HeaderMap) -> Origin {
         (status = 201, description = "Account created; device session opened", body = SessionTokens),
         (status = 409, description = "`email_taken`", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "`validation_failed`", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`service_unavailable`: too many passwords being hashed at once; see `Retry-After`", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn post_register(
     State(state): State<AppState>,
@@ -113,7 +111,10 @@ pub async fn post_register(
     // Before hashing or creating anything: a registration naming a device
     // it may not take leaves nothing behind.
     state.sessions.check_device(None, body.binding()).await?;
-    let hash = passwords::hash(std::mem::take(&mut body.password)).await?;
+    let hash = state
+        .passwords
+        .hash(std::mem::take(&mut body.password))
+        .await?;
     let origin = origin(ip, &headers);
     let tokens = state
         .sessions
@@ -128,6 +129,8 @@ pub async fn post_register(
         (status = 200, description = "Device session opened", body = SessionTokens),
         (status = 401, description = "`invalid_credentials` (unknown email and wrong password alike)", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "`account_blocked` or `device_locked`", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited`: the address is throttled, or this email's wrong passwords are backing off; see `Retry-After`", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`service_unavailable`: too many passwords being checked at once; see `Retry-After`", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn post_login(
     State(state): State<AppState>,
@@ -152,11 +155,13 @@ pub async fn post_login(
         )
         .await?;
     state.sessions.login_allowed(&email).await?;
-    let ok = passwords::verify(
-        std::mem::take(&mut body.password),
-        user.as_ref().map(|u| u.password_hash.clone()),
-    )
-    .await?;
+    let ok = state
+        .passwords
+        .verify(
+            std::mem::take(&mut body.password),
+            user.as_ref().map(|u| u.password_hash.clone()),
+        )
+        .await?;
     let user = match user {
         Some(user) if ok => user,
         other => {

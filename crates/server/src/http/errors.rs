@@ -8,7 +8,10 @@
 use axum::http::StatusCode;
 
 use crate::{
-    auth::{attestation::AttestationError, sessions::SessionError, DeviceRefusal},
+    auth::{
+        attestation::AttestationError, passwords::PasswordError, sessions::SessionError,
+        DeviceRefusal,
+    },
     billing::limits::RateLimited,
     error::{codes, ApiError},
     firewall::FirewallError,
@@ -26,6 +29,17 @@ impl From<DeviceRefusal> for ApiError {
             DeviceRefusal::Locked => {
                 Self::forbidden(codes::DEVICE_LOCKED, "This device is locked.")
             }
+        }
+    }
+}
+
+impl From<PasswordError> for ApiError {
+    fn from(err: PasswordError) -> Self {
+        match err {
+            PasswordError::Busy => Self::Busy {
+                retry_after: std::time::Duration::from_secs(1),
+            },
+            PasswordError::Failed(e) => Self::Internal(e),
         }
     }
 }
@@ -195,6 +209,19 @@ mod tests {
             ApiError::from(RateLimited { retry_after }),
             ApiError::RateLimited { retry_after: r } if r == retry_after
         ));
+    }
+
+    #[test]
+    fn saturated_hashing_is_a_503_with_retry_after() {
+        use axum::response::IntoResponse;
+        let response = ApiError::from(PasswordError::Busy).into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()["retry-after"], "1");
+        let problem = response
+            .extensions()
+            .get::<crate::error::Problem>()
+            .expect("problem");
+        assert_eq!(problem.code, "service_unavailable");
     }
 
     #[test]

@@ -59,6 +59,13 @@ pub enum IntelChangeError {
         /// The first bad entry's path.
         field: String,
     },
+    /// An address range broader than /8 (IPv4) or /32 (IPv6) added: one
+    /// entry must not blacklist a sizeable share of the Internet.
+    #[error("validation failed on {field}: is broader than /8 (IPv4) or /32 (IPv6)")]
+    TooBroad {
+        /// The entry's path.
+        field: String,
+    },
     /// More than [`MAX_ENTRIES`] entries added and removed together.
     #[error("validation failed on add: at most {MAX_ENTRIES} entries per change")]
     TooManyEntries,
@@ -84,10 +91,26 @@ pub fn flatten(
                 intel::normalize(kind, value).ok_or_else(|| IntelChangeError::InvalidEntry {
                     field: format!("{side}.{field}[{i}]"),
                 })?;
+            // Only additions are held to the breadth limit: an entry stored
+            // before it existed can still be removed.
+            if kind == "ip" && side == "add" && too_broad(&normalized) {
+                return Err(IntelChangeError::TooBroad {
+                    field: format!("{side}.{field}[{i}]"),
+                });
+            }
             out.push((kind.to_owned(), normalized));
         }
     }
     Ok(out)
+}
+
+/// True for a normalised range broader than /8 (IPv4) or /32 (IPv6).
+fn too_broad(net: &str) -> bool {
+    match net.parse::<ipnet::IpNet>() {
+        Ok(ipnet::IpNet::V4(v4)) => v4.prefix_len() < 8,
+        Ok(ipnet::IpNet::V6(v6)) => v6.prefix_len() < 32,
+        Err(_) => false,
+    }
 }
 
 /// Applies a change of at most [`MAX_ENTRIES`] entries, reloads this

@@ -122,6 +122,10 @@ impl From<IntelChangeError> for ApiError {
                 field,
                 message: "is not a valid entry".into(),
             },
+            IntelChangeError::TooBroad { field } => Self::Validation {
+                field,
+                message: "is broader than /8 (IPv4) or /32 (IPv6)".into(),
+            },
             IntelChangeError::TooManyEntries => {
                 Self::invalid_field("add", "at most 10000 entries per change")
             }

@@ -14,6 +14,7 @@ crate::on_both_backends!(
     registrations_naming_victims_devices_lock_nobody,
     a_throttled_address_is_refused_even_with_the_right_password,
     guessing_one_account_from_many_addresses_backs_off,
+    threat_intel_refuses_ranges_that_blacklist_the_internet,
 );
 
 const ATTACKER: &str = "198.51.100.66";
@@ -239,5 +240,53 @@ async fn guessing_one_account_from_many_addresses_backs_off(backend: Backend) {
         login_from(&app, VICTIM, email, client::PASSWORD).await,
         StatusCode::OK,
         "after the wait the owner signs in"
+    );
+}
+
+/// One threat-intel entry could blacklist everyone (`0.0.0.0/0`), and every
+/// heartbeat from anywhere would then count as from a listed address.
+async fn threat_intel_refuses_ranges_that_blacklist_the_internet(backend: Backend) {
+    let Some(app) = app(backend).await else {
+        return;
+    };
+    for (ips, field) in [
+        (json!(["203.0.113.0/24", "0.0.0.0/0"]), "add.ips[1]"),
+        (json!(["10.0.0.0/7"]), "add.ips[0]"),
+        (json!(["2001:db8::/31"]), "add.ips[0]"),
+    ] {
+        let r = app
+            .admin(
+                Method::POST,
+                "/v1/admin/threat-intel",
+                Some(&json!({"add": {"ips": ips}})),
+            )
+            .await;
+        assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY, "{ips}");
+        let problem: Value = r.json().await.expect("problem");
+        assert_eq!(problem["field"], field, "{problem}");
+    }
+    let r = app
+        .admin(
+            Method::POST,
+            "/v1/admin/threat-intel",
+            Some(&json!({"add": {"ips": ["10.0.0.0/8", "2001:db8::/32"]}})),
+        )
+        .await;
+    assert_eq!(
+        r.status(),
+        StatusCode::OK,
+        "/8 and /32 are the broadest allowed"
+    );
+    let r = app
+        .admin(
+            Method::POST,
+            "/v1/admin/threat-intel",
+            Some(&json!({"remove": {"ips": ["0.0.0.0/0"]}})),
+        )
+        .await;
+    assert_eq!(
+        r.status(),
+        StatusCode::OK,
+        "a broad entry can still be removed"
     );
 }

@@ -32,17 +32,9 @@ async fn app(backend: Backend) -> Option<TestApp> {
 async fn login_from(app: &TestApp, ip: &str, email: &str, password: &str) -> StatusCode {
     let mut body = client::credentials(email, "device_victim_01");
     body["password"] = json!(password);
-    from(app, ip, "/v1/auth/login", &body).await.status()
-}
-
-async fn from(app: &TestApp, ip: &str, path: &str, body: &Value) -> reqwest::Response {
-    app.client
-        .post(app.url(path))
-        .header("x-forwarded-for", ip)
-        .json(body)
-        .send()
+    app.post_json_from(ip, "/v1/auth/login", &body)
         .await
-        .expect("request")
+        .status()
 }
 
 /// Anonymous registrations carrying a victim's device id used to leave an
@@ -61,13 +53,13 @@ async fn registrations_naming_victims_devices_lock_nobody(backend: Backend) {
         )
         .await;
     assert_eq!(r.status(), StatusCode::OK);
-    let r = from(
-        &app,
-        VICTIM,
-        "/v1/auth/register",
-        &client::credentials("victim@example.com", "device_victim_01"),
-    )
-    .await;
+    let r = app
+        .post_json_from(
+            VICTIM,
+            "/v1/auth/register",
+            &client::credentials("victim@example.com", "device_victim_01"),
+        )
+        .await;
     assert_eq!(r.status(), StatusCode::CREATED);
     let victim = client::Session::from_response(r, "device_victim_01").await;
 
@@ -77,7 +69,9 @@ async fn registrations_naming_victims_devices_lock_nobody(backend: Backend) {
     for i in 0..4 {
         let mut body = client::credentials(&format!("attacker{i}@example.com"), "device_victim_01");
         body["device_fingerprint"] = json!(format!("forged-{i}"));
-        let r = from(&app, ATTACKER, "/v1/auth/register", &body).await;
+        let r = app
+            .post_json_from(ATTACKER, "/v1/auth/register", &body)
+            .await;
         statuses.push(r.status());
         if r.status() == StatusCode::CONFLICT {
             let problem: Value = r.json().await.expect("problem");
@@ -103,16 +97,16 @@ async fn registrations_naming_victims_devices_lock_nobody(backend: Backend) {
 
     // A refused registration left no account and no event behind.
     for i in 0..3 {
-        let r = from(
-            &app,
-            ELSEWHERE,
-            "/v1/auth/login",
-            &client::credentials(
-                &format!("attacker{i}@example.com"),
-                &format!("device_attacker_{i}"),
-            ),
-        )
-        .await;
+        let r = app
+            .post_json_from(
+                ELSEWHERE,
+                "/v1/auth/login",
+                &client::credentials(
+                    &format!("attacker{i}@example.com"),
+                    &format!("device_attacker_{i}"),
+                ),
+            )
+            .await;
         assert_eq!(
             r.status(),
             StatusCode::UNAUTHORIZED,
@@ -153,13 +147,13 @@ async fn a_throttled_address_is_refused_even_with_the_right_password(backend: Ba
         .await;
     assert_eq!(r.status(), StatusCode::OK);
     let email = "guessed@example.com";
-    let r = from(
-        &app,
-        VICTIM,
-        "/v1/auth/register",
-        &client::credentials(email, "device_victim_01"),
-    )
-    .await;
+    let r = app
+        .post_json_from(
+            VICTIM,
+            "/v1/auth/register",
+            &client::credentials(email, "device_victim_01"),
+        )
+        .await;
     assert_eq!(r.status(), StatusCode::CREATED);
     let mut statuses = Vec::new();
     for _ in 0..3 {
@@ -193,13 +187,13 @@ async fn guessing_one_account_from_many_addresses_backs_off(backend: Backend) {
         return;
     };
     let email = "target@example.com";
-    let r = from(
-        &app,
-        VICTIM,
-        "/v1/auth/register",
-        &client::credentials(email, "device_victim_01"),
-    )
-    .await;
+    let r = app
+        .post_json_from(
+            VICTIM,
+            "/v1/auth/register",
+            &client::credentials(email, "device_victim_01"),
+        )
+        .await;
     assert_eq!(r.status(), StatusCode::CREATED);
     let owner = client::Session::from_response(r, "device_victim_01").await;
     for i in 0..5 {
@@ -213,7 +207,8 @@ async fn guessing_one_account_from_many_addresses_backs_off(backend: Backend) {
     let r = {
         let mut body = client::credentials(email, "device_victim_01");
         body["password"] = json!("a sixth guess");
-        from(&app, "198.51.100.99", "/v1/auth/login", &body).await
+        app.post_json_from("198.51.100.99", "/v1/auth/login", &body)
+            .await
     };
     assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS, "backing off");
     let wait: u64 = r

@@ -119,6 +119,18 @@ impl Api {
             .expect("request")
     }
 
+    /// POST `body` as JSON to `path` as the client at `ip` (the test servers
+    /// trust the loopback proxy's `X-Forwarded-For`).
+    pub async fn post_json_from(&self, ip: &str, path: &str, body: &Value) -> Response {
+        self.client
+            .post(self.url(path))
+            .header("x-forwarded-for", ip)
+            .json(body)
+            .send()
+            .await
+            .expect("request")
+    }
+
     /// POST to a device route with `token` and, if given, `X-Device-Id`.
     /// For the tests that send a mismatched or forged pair; a signed-in
     /// device uses [`Self::as_device`].

@@ -72,16 +72,6 @@ fn credentials(i: &str) -> Value {
     client::credentials(&format!("user{i}@example.com"), &format!("device_fw_{i}"))
 }
 
-async fn from(app: &TestApp, ip: &str, path: &str, body: &Value) -> reqwest::Response {
-    app.client
-        .post(app.url(path))
-        .header("x-forwarded-for", ip)
-        .json(body)
-        .send()
-        .await
-        .expect("request")
-}
-
 /// Every byte the database holds, as text (files on SQLite, rows on PostgreSQL).
 async fn database_text(app: &TestApp) -> String {
     match &app.state.config.database {
@@ -138,18 +128,20 @@ async fn a_burst_of_registrations_blocks_its_users_and_undo_restores_them(backen
 
     let mut users = Vec::new();
     for i in 0..5 {
-        let r = from(
-            &app,
-            ATTACKER,
-            "/v1/auth/register",
-            &credentials(&format!("a{i}")),
-        )
-        .await;
+        let r = app
+            .post_json_from(
+                ATTACKER,
+                "/v1/auth/register",
+                &credentials(&format!("a{i}")),
+            )
+            .await;
         assert_eq!(r.status(), StatusCode::CREATED, "registration {i}");
         users.push(r.json::<Value>().await.expect("json")["user_id"].clone());
     }
     // The sixth: a generic 429, nothing about the rule.
-    let r = from(&app, ATTACKER, "/v1/auth/register", &credentials("a5")).await;
+    let r = app
+        .post_json_from(ATTACKER, "/v1/auth/register", &credentials("a5"))
+        .await;
     assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
     assert!(r.headers().contains_key("retry-after"));
     let problem = r.text().await.expect("text");
@@ -162,13 +154,9 @@ async fn a_burst_of_registrations_blocks_its_users_and_undo_restores_them(backen
     }
     // The five are blocked.
     for i in 0..5 {
-        let r = from(
-            &app,
-            ATTACKER,
-            "/v1/auth/login",
-            &credentials(&format!("a{i}")),
-        )
-        .await;
+        let r = app
+            .post_json_from(ATTACKER, "/v1/auth/login", &credentials(&format!("a{i}")))
+            .await;
         assert_eq!(r.status(), StatusCode::FORBIDDEN, "user {i} blocked");
         assert_eq!(
             r.json::<Value>().await.expect("json")["code"],
@@ -180,7 +168,9 @@ async fn a_burst_of_registrations_blocks_its_users_and_undo_restores_them(backen
     assert_eq!(device["status"], "quarantined");
     assert_eq!(device["last_command"]["action"], "CRITICAL_LOCK");
     // Another address is not.
-    let r = from(&app, OTHER, "/v1/auth/register", &credentials("b0")).await;
+    let r = app
+        .post_json_from(OTHER, "/v1/auth/register", &credentials("b0"))
+        .await;
     assert_eq!(r.status(), StatusCode::CREATED);
 
     // The decision: the rule as it was, the anonymised scope, every id.
@@ -207,13 +197,9 @@ async fn a_burst_of_registrations_blocks_its_users_and_undo_restores_them(backen
     let r = app.admin(Method::POST, &undo, None).await;
     assert_eq!(r.status(), StatusCode::OK);
     for i in 0..5 {
-        let r = from(
-            &app,
-            ATTACKER,
-            "/v1/auth/login",
-            &credentials(&format!("a{i}")),
-        )
-        .await;
+        let r = app
+            .post_json_from(ATTACKER, "/v1/auth/login", &credentials(&format!("a{i}")))
+            .await;
         assert_eq!(r.status(), StatusCode::OK, "user {i} restored");
     }
     let r = app.admin(Method::POST, &undo, None).await;
@@ -223,7 +209,9 @@ async fn a_burst_of_registrations_blocks_its_users_and_undo_restores_them(backen
         "already_undone"
     );
     // The scope is briefly exempt: the same burst does not re-block at once.
-    let r = from(&app, ATTACKER, "/v1/auth/register", &credentials("a6")).await;
+    let r = app
+        .post_json_from(ATTACKER, "/v1/auth/register", &credentials("a6"))
+        .await;
     assert_eq!(r.status(), StatusCode::CREATED);
     for kind in ["firewall:block", "firewall:undo"] {
         assert_eq!(
@@ -257,7 +245,8 @@ async fn a_burst_of_registrations_blocks_its_users_and_undo_restores_them(backen
             let second = &second;
             let body = credentials(&format!("c{n}"));
             async move {
-                from(second, "192.0.2.99", "/v1/auth/register", &body)
+                second
+                    .post_json_from("192.0.2.99", "/v1/auth/register", &body)
                     .await
                     .status()
                     == StatusCode::TOO_MANY_REQUESTS
@@ -275,13 +264,13 @@ async fn simulate_mode_records_and_blocks_nothing(backend: Backend) {
     let rule = set_rule(&app, json!({"threshold": 2, "mode": "simulate"})).await;
     assert_eq!(rule["mode"], "simulate");
     for i in 0..4 {
-        let r = from(
-            &app,
-            ATTACKER,
-            "/v1/auth/register",
-            &credentials(&format!("s{i}")),
-        )
-        .await;
+        let r = app
+            .post_json_from(
+                ATTACKER,
+                "/v1/auth/register",
+                &credentials(&format!("s{i}")),
+            )
+            .await;
         assert_eq!(
             r.status(),
             StatusCode::CREATED,
@@ -298,13 +287,9 @@ async fn simulate_mode_records_and_blocks_nothing(backend: Backend) {
         "would have blocked the two"
     );
     for i in 0..2 {
-        let r = from(
-            &app,
-            ATTACKER,
-            "/v1/auth/login",
-            &credentials(&format!("s{i}")),
-        )
-        .await;
+        let r = app
+            .post_json_from(ATTACKER, "/v1/auth/login", &credentials(&format!("s{i}")))
+            .await;
         assert_eq!(r.status(), StatusCode::OK, "nobody blocked");
     }
     // Bad rule changes are named; unknown rules are 404.
@@ -375,7 +360,9 @@ async fn failed_logins_attestations_and_session_mints_ask_the_firewall(backend: 
     let Some(app) = app(backend).await else {
         return;
     };
-    let r = from(&app, ATTACKER, "/v1/auth/register", &credentials("l0")).await;
+    let r = app
+        .post_json_from(ATTACKER, "/v1/auth/register", &credentials("l0"))
+        .await;
     assert_eq!(r.status(), StatusCode::CREATED);
     let session = Session::from_response(r, "device_fw_l0").await;
 
@@ -396,14 +383,16 @@ async fn failed_logins_attestations_and_session_mints_ask_the_firewall(backend: 
         StatusCode::TOO_MANY_REQUESTS,
     ] {
         assert_eq!(
-            from(&app, ATTACKER, "/v1/auth/login", &wrong)
+            app.post_json_from(ATTACKER, "/v1/auth/login", &wrong)
                 .await
                 .status(),
             expected
         );
     }
     assert_eq!(
-        from(&app, OTHER, "/v1/auth/login", &wrong).await.status(),
+        app.post_json_from(OTHER, "/v1/auth/login", &wrong)
+            .await
+            .status(),
         StatusCode::UNAUTHORIZED
     );
 

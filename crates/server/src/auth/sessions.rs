@@ -267,6 +267,8 @@ impl Sessions {
             fingerprint,
             platform,
         } = binding;
+        // Registration asked this already, before its hash; asked again
+        // here because the device may have been bound during that hash.
         self.check_device(new_user.is_none().then_some(user_id), binding)
             .await?;
         self.firewall

@@ -29,6 +29,31 @@ async fn app(backend: Backend) -> Option<TestApp> {
     .await
 }
 
+/// Registers `email` on `device_victim_01` from the victim's address.
+async fn register_victim(app: &TestApp, email: &str) -> client::Session {
+    let r = app
+        .post_json_from(
+            VICTIM,
+            "/v1/auth/register",
+            &client::credentials(email, "device_victim_01"),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    client::Session::from_response(r, "device_victim_01").await
+}
+
+/// Changes firewall rule `name`; asserts 200.
+async fn set_rule(app: &TestApp, name: &str, body: Value) {
+    let r = app
+        .admin(
+            Method::PUT,
+            &format!("/v1/admin/firewall/rules/{name}"),
+            Some(&body),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+}
+
 async fn login_from(app: &TestApp, ip: &str, email: &str, password: &str) -> StatusCode {
     let mut body = client::credentials(email, "device_victim_01");
     body["password"] = json!(password);
@@ -45,23 +70,8 @@ async fn registrations_naming_victims_devices_lock_nobody(backend: Backend) {
     let Some(app) = app(backend).await else {
         return;
     };
-    let r = app
-        .admin(
-            Method::PUT,
-            "/v1/admin/firewall/rules/create_user_per_ip",
-            Some(&json!({"threshold": 3})),
-        )
-        .await;
-    assert_eq!(r.status(), StatusCode::OK);
-    let r = app
-        .post_json_from(
-            VICTIM,
-            "/v1/auth/register",
-            &client::credentials("victim@example.com", "device_victim_01"),
-        )
-        .await;
-    assert_eq!(r.status(), StatusCode::CREATED);
-    let victim = client::Session::from_response(r, "device_victim_01").await;
+    set_rule(&app, "create_user_per_ip", json!({"threshold": 3})).await;
+    let victim = register_victim(&app, "victim@example.com").await;
 
     // The attacker knows the device id (it travels in every request header)
     // but not the hardware's fingerprint.
@@ -138,23 +148,9 @@ async fn a_throttled_address_is_refused_even_with_the_right_password(backend: Ba
     let Some(app) = app(backend).await else {
         return;
     };
-    let r = app
-        .admin(
-            Method::PUT,
-            "/v1/admin/firewall/rules/login_failed_per_ip",
-            Some(&json!({"threshold": 2})),
-        )
-        .await;
-    assert_eq!(r.status(), StatusCode::OK);
+    set_rule(&app, "login_failed_per_ip", json!({"threshold": 2})).await;
     let email = "guessed@example.com";
-    let r = app
-        .post_json_from(
-            VICTIM,
-            "/v1/auth/register",
-            &client::credentials(email, "device_victim_01"),
-        )
-        .await;
-    assert_eq!(r.status(), StatusCode::CREATED);
+    register_victim(&app, email).await;
     let mut statuses = Vec::new();
     for _ in 0..3 {
         statuses.push(login_from(&app, ATTACKER, email, "wrong password, again").await);
@@ -187,15 +183,7 @@ async fn guessing_one_account_from_many_addresses_backs_off(backend: Backend) {
         return;
     };
     let email = "target@example.com";
-    let r = app
-        .post_json_from(
-            VICTIM,
-            "/v1/auth/register",
-            &client::credentials(email, "device_victim_01"),
-        )
-        .await;
-    assert_eq!(r.status(), StatusCode::CREATED);
-    let owner = client::Session::from_response(r, "device_victim_01").await;
+    let owner = register_victim(&app, email).await;
     for i in 0..5 {
         let ip = format!("198.51.100.{}", 10 + i);
         assert_eq!(

@@ -1,6 +1,9 @@
 //! The attacker's view (issue 19): each story is an attack that worked
 //! against an earlier build, run on both backends, and the proof it no
 //! longer does.
+//!
+//! Stories are grouped by the part of the product they attack: sign-in and
+//! the firewall here, the others in the submodules below.
 
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
@@ -17,11 +20,11 @@ crate::on_both_backends!(
     threat_intel_refuses_ranges_that_blacklist_the_internet,
 );
 
-const ATTACKER: &str = "198.51.100.66";
-const VICTIM: &str = "203.0.113.9";
-const ELSEWHERE: &str = "192.0.2.44";
+pub(crate) const ATTACKER: &str = "198.51.100.66";
+pub(crate) const VICTIM: &str = "203.0.113.9";
+pub(crate) const ELSEWHERE: &str = "192.0.2.44";
 
-async fn app(backend: Backend) -> Option<TestApp> {
+pub(crate) async fn app(backend: Backend) -> Option<TestApp> {
     spawn_app_with(backend, |c| {
         c.admin_token = Some("adversarial-admin-key-0123456789abcdef0".to_owned().into());
         c.trusted_proxies = vec!["127.0.0.1/32".parse().expect("cidr")];
@@ -30,7 +33,7 @@ async fn app(backend: Backend) -> Option<TestApp> {
 }
 
 /// Registers `email` on `device_victim_01` from the victim's address.
-async fn register_victim(app: &TestApp, email: &str) -> client::Session {
+pub(crate) async fn register_victim(app: &TestApp, email: &str) -> client::Session {
     let r = app
         .post_json_from(
             VICTIM,
@@ -43,7 +46,7 @@ async fn register_victim(app: &TestApp, email: &str) -> client::Session {
 }
 
 /// Changes firewall rule `name`; asserts 200.
-async fn set_rule(app: &TestApp, name: &str, body: Value) {
+pub(crate) async fn set_rule(app: &TestApp, name: &str, body: Value) {
     let r = app
         .admin(
             Method::PUT,
@@ -54,7 +57,7 @@ async fn set_rule(app: &TestApp, name: &str, body: Value) {
     assert_eq!(r.status(), StatusCode::OK);
 }
 
-async fn login_from(app: &TestApp, ip: &str, email: &str, password: &str) -> StatusCode {
+pub(crate) async fn login_from(app: &TestApp, ip: &str, email: &str, password: &str) -> StatusCode {
     let mut body = client::credentials(email, "device_victim_01");
     body["password"] = json!(password);
     app.post_json_from(ip, "/v1/auth/login", &body)

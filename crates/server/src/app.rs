@@ -20,7 +20,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    auth::{attestation::Attestation, passwords::Passwords, sessions::Sessions, Auth},
+    auth::{
+        attestation::Attestation,
+        passwords::Passwords,
+        sessions::{SessionLimits, Sessions},
+        Auth,
+    },
     billing::{limits::Limits, plans::PlanCache},
     config::Config,
     firewall::Firewall,
@@ -122,7 +127,11 @@ impl AppState {
             shared.clone(),
             auth.clone(),
             firewall.clone(),
-            config.refresh_per_minute,
+            SessionLimits {
+                refresh_per_minute: config.refresh_per_minute,
+                max_devices_per_user: config.max_devices_per_user,
+                reuse_interval: config.refresh_reuse_interval,
+            },
         ));
         let attestation = Arc::new(Attestation::new(
             store.clone(),

@@ -224,6 +224,13 @@ pub struct Config {
     /// Business events older than this are deleted (`BLOCKREMOTE_EVENT_RETENTION_DAYS`,
     /// 1–3650, default 90). Audit rows are kept.
     pub event_retention: Duration,
+    /// Devices with a live session one user may have at once
+    /// (`BLOCKREMOTE_MAX_DEVICES_PER_USER`, 1–1000, default 10).
+    pub max_devices_per_user: u32,
+    /// How long after a rotation the immediately previous refresh token still
+    /// returns the current pair instead of counting as reuse
+    /// (`BLOCKREMOTE_REFRESH_REUSE_INTERVAL_SECONDS`, 0–300, default 10; 0 = off).
+    pub refresh_reuse_interval: Duration,
 }
 
 /// How log lines are written.
@@ -431,6 +438,18 @@ const WS_HANDSHAKES_PER_MINUTE: Ranged<u32> = Ranged::new(
     1..=u32::MAX,
     Outside::Clamp,
 );
+const MAX_DEVICES_PER_USER: Ranged<u32> = Ranged::new(
+    "BLOCKREMOTE_MAX_DEVICES_PER_USER",
+    "10",
+    1..=1000,
+    Outside::Refuse("must be between {min} and {max}"),
+);
+const REFRESH_REUSE_INTERVAL: Ranged<u64> = Ranged::new(
+    "BLOCKREMOTE_REFRESH_REUSE_INTERVAL_SECONDS",
+    "10",
+    0..=300,
+    Outside::Refuse("must be between {min} and {max}"),
+);
 
 /// Every setting read, in the order README lists most of them. The file keys
 /// and the environment layer come from this list; tests check it against what
@@ -469,6 +488,8 @@ pub const SETTINGS: &[Setting] = &[
     REFRESH_PER_MINUTE.setting,
     WS_MAX_CONNECTIONS,
     WS_HANDSHAKES_PER_MINUTE.setting,
+    MAX_DEVICES_PER_USER.setting,
+    REFRESH_REUSE_INTERVAL.setting,
 ];
 
 impl Config {
@@ -596,6 +617,8 @@ impl Config {
         )?;
 
         Ok(Self {
+            max_devices_per_user: v.ranged(&MAX_DEVICES_PER_USER)?,
+            refresh_reuse_interval: Duration::from_secs(v.ranged(&REFRESH_REUSE_INTERVAL)?),
             ws_max_connections: v.number(&WS_MAX_CONNECTIONS)?,
             ws_handshakes_per_minute: v.ranged(&WS_HANDSHAKES_PER_MINUTE)?,
             event_retention: Duration::from_secs(v.ranged(&EVENT_RETENTION_DAYS)? * 86_400),

@@ -54,6 +54,10 @@ pub mod codes {
     pub const DEVICE_REVOKED: &str = "device_revoked";
     /// The device is locked or quarantined.
     pub const DEVICE_LOCKED: &str = "device_locked";
+    /// An unlock that would leave holds it does not cover: nothing changed.
+    pub const DEVICE_HELD: &str = "device_held";
+    /// The user has as many active devices as allowed.
+    pub const TOO_MANY_DEVICES: &str = "too_many_devices";
     /// Wrong email or password (the same answer for both).
     pub const INVALID_CREDENTIALS: &str = "invalid_credentials";
     /// The email is already registered.
@@ -118,6 +122,8 @@ pub mod codes {
         INTERNAL_ERROR,
         BAD_REQUEST,
         INVALID_TOKEN,
+        DEVICE_HELD,
+        TOO_MANY_DEVICES,
         DEVICE_MISMATCH,
         DEVICE_REVOKED,
         DEVICE_LOCKED,

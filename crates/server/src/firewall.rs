@@ -108,6 +108,11 @@ impl Reload for Rules {
     }
 }
 
+/// The `Retry-After` of every firewall refusal, whatever the rule: the same
+/// for all of them, so the answer tells a prober nothing about the rule's
+/// window (or which rule it met).
+pub const REFUSED_RETRY_AFTER: Duration = Duration::from_secs(60);
+
 /// Why the firewall refused an action, or could not decide.
 #[derive(Debug, thiserror::Error)]
 pub enum FirewallError {
@@ -206,7 +211,7 @@ impl Firewall {
             }
             if rule.mode == RuleMode::Enforce {
                 return Err(FirewallError::Refused {
-                    retry_after: window.min(Duration::from_secs(3600)),
+                    retry_after: REFUSED_RETRY_AFTER,
                 });
             }
         }
@@ -244,9 +249,8 @@ impl Firewall {
                 .and_then(|raw| std::str::from_utf8(&raw).ok()?.parse::<i64>().ok())
                 .unwrap_or(0);
             if count > i64::from(rule.threshold) {
-                let window = Duration::from_secs(u64::from(rule.window_seconds));
                 return Err(FirewallError::Refused {
-                    retry_after: window.min(Duration::from_secs(3600)),
+                    retry_after: REFUSED_RETRY_AFTER,
                 });
             }
         }
@@ -362,7 +366,7 @@ impl Firewall {
     }
 
     /// Undoes a decision (see [`crate::store::FirewallStore::undo_firewall_decision`]),
-    /// tells its devices `UNLOCK`, and exempts its scope for [`UNDO_ALLOW_FOR`].
+    /// removing exactly its holds, tells each device nothing else holds `UNLOCK`, and exempts its scope for [`UNDO_ALLOW_FOR`].
     pub async fn undo(&self, id: Uuid) -> Result<Option<(FirewallDecision, bool)>, FirewallError> {
         let event = self.auth.event(
             "firewall:undo",
@@ -386,6 +390,15 @@ impl Firewall {
             if decision.mode == RuleMode::Enforce {
                 for device in &decision.affected_devices {
                     self.auth.devices.invalidate(device).await;
+                    // Only a device nothing else holds is told it is free.
+                    let free = self
+                        .store
+                        .device(device)
+                        .await?
+                        .is_some_and(|d| d.status == crate::store::DeviceStatus::Active);
+                    if !free {
+                        continue;
+                    }
                     realtime::issue(
                         self.shared.as_ref(),
                         device,

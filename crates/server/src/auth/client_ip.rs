@@ -62,11 +62,25 @@ pub fn prefix(ip: IpAddr) -> String {
     }
 }
 
-/// Keyed HMAC-SHA256 of the normalized address, hex.
+/// What one client controls as one address: an IPv4 address, or the /64 of
+/// an IPv6 one — a single subscriber's allocation, so an attacker there has
+/// 2^64 addresses to rotate through and counting each apart would count none.
+pub fn subscriber(ip: IpAddr) -> IpAddr {
+    match normalize(ip) {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        v4 => v4,
+    }
+}
+
+/// Keyed HMAC-SHA256 of the client's [`subscriber`] address, hex: what the
+/// firewall's `ip` scope, the handshake limiter and stored events key by.
 pub fn hmac(key: &[u8], ip: IpAddr) -> String {
     // HMAC accepts keys of any length, so this cannot fail.
     let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
-    mac.update(normalize(ip).to_string().as_bytes());
+    mac.update(subscriber(ip).to_string().as_bytes());
     hex::encode(mac.finalize().into_bytes())
 }
 
@@ -77,6 +91,25 @@ mod tests {
 
     fn nets(list: &[&str]) -> Vec<IpNet> {
         list.iter().map(|s| s.parse().expect("cidr")).collect()
+    }
+
+    #[test]
+    fn an_ipv6_subscriber_is_its_64_and_an_ipv4_one_its_address() {
+        let key = b"k";
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        assert_eq!(
+            hmac(key, ip("2001:db8:1:2::1")),
+            hmac(key, ip("2001:db8:1:2:ffff:ffff:ffff:ffff"))
+        );
+        assert_ne!(
+            hmac(key, ip("2001:db8:1:2::1")),
+            hmac(key, ip("2001:db8:1:3::1"))
+        );
+        assert_ne!(hmac(key, ip("198.51.100.1")), hmac(key, ip("198.51.100.2")));
+        assert_eq!(
+            hmac(key, ip("::ffff:198.51.100.1")),
+            hmac(key, ip("198.51.100.1"))
+        );
     }
 
     #[test]

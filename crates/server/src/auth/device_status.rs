@@ -1,7 +1,8 @@
 //! Device status on every request, without a database round trip each time.
 //!
 //! Every device-authenticated request must refuse a revoked, quarantined or
-//! locked device even before its token expires. Statuses are cached for
+//! locked device, or a device whose owner is blocked, even before its token
+//! expires. Statuses are cached for
 //! [`CACHE_TTL`]; any status change publishes the device id on
 //! [`INVALIDATION_CHANNEL`], and every instance drops its cached entry at
 //! once, so a lock made on one replica is enforced by all of them within
@@ -15,7 +16,7 @@ use uuid::Uuid;
 
 use crate::{
     state::{SharedState, StateResult},
-    store::{DeviceStatus, Store, StoreResult},
+    store::{DeviceStatus, Store, StoreResult, UserStatus},
 };
 
 /// How long a cached status is trusted without an invalidation.
@@ -30,6 +31,8 @@ pub const INVALIDATION_CHANNEL: &str = "session:device_status";
 pub struct DeviceState {
     /// Current status.
     pub status: DeviceStatus,
+    /// The owner's account status (a blocked owner is refused on every device).
+    pub owner: UserStatus,
     /// The user the device is bound to now.
     pub user_id: Uuid,
     /// The last attestation verdict (the scoring workers read it per heartbeat).
@@ -101,6 +104,7 @@ impl DeviceStatusCache {
         }
         let state = store.device(device_id).await?.map(|d| DeviceState {
             status: d.status,
+            owner: d.owner_status,
             user_id: d.user_id,
             attestation: Attestation::parse(&d.attestation_state),
         });

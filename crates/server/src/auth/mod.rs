@@ -11,6 +11,7 @@ pub mod device_status;
 pub mod keys;
 pub mod passwords;
 pub mod sessions;
+pub mod successor;
 pub mod tokens;
 pub mod verified;
 
@@ -25,7 +26,7 @@ use self::{device_status::DeviceStatusCache, keys::KeyRing};
 use crate::{
     config::Config,
     state::SharedState,
-    store::{DeviceStatus, NewEvent, Store},
+    store::{DeviceStatus, NewEvent, Store, UserStatus},
 };
 
 /// An authenticated device session: who is calling, once the HTTP layer's
@@ -38,11 +39,15 @@ pub struct DeviceAuth {
     pub device_id: String,
     /// The access token's id.
     pub jti: Uuid,
+    /// The access token's expiry (Unix seconds).
+    pub expires_at: i64,
 }
 
-/// Why a device may not act, from its stored status.
+/// Why a device may not act, from its stored status and its owner's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceRefusal {
+    /// The owner's account is blocked: every device of it is refused.
+    AccountBlocked,
     /// Its sessions were revoked (e.g. refresh-token reuse).
     Revoked,
     /// It is locked by the kill-switch or quarantined.
@@ -50,8 +55,12 @@ pub enum DeviceRefusal {
 }
 
 impl DeviceRefusal {
-    /// The refusal a device in `status` gets, if any.
-    pub fn for_status(status: DeviceStatus) -> Option<Self> {
+    /// The refusal a device in `status` whose owner is in `owner` gets, if
+    /// any; a blocked owner comes first, whatever the device's own holds.
+    pub fn for_device(status: DeviceStatus, owner: UserStatus) -> Option<Self> {
+        if owner != UserStatus::Active {
+            return Some(Self::AccountBlocked);
+        }
         match status {
             DeviceStatus::Active => None,
             DeviceStatus::Revoked => Some(Self::Revoked),
@@ -81,7 +90,7 @@ pub struct Auth {
     /// Device status, cached briefly and invalidated across instances.
     pub devices: DeviceStatusCache,
     /// Tokens whose signature and claims were already verified.
-    pub verified: verified::VerifiedTokens,
+    pub verified: Arc<verified::VerifiedTokens>,
     ip_key: Vec<u8>,
     admin_bootstrap: Option<[u8; 32]>,
     /// `iss` of issued tokens.
@@ -126,8 +135,8 @@ impl Auth {
         passwords::warm_up();
         Ok(Self {
             keys,
-            devices: DeviceStatusCache::start(shared).await?,
-            verified: verified::VerifiedTokens::default(),
+            devices: DeviceStatusCache::start(shared.clone()).await?,
+            verified: forget_signed_out(shared.as_ref()).await?,
             ip_key,
             admin_bootstrap: config
                 .admin_token
@@ -167,6 +176,28 @@ impl Auth {
     pub fn ip_prefix(ip: Option<IpAddr>) -> Option<String> {
         ip.map(client_ip::prefix)
     }
+}
+
+/// Pub/sub channel carrying the `jti`s of signed-out access tokens.
+pub const SIGNED_OUT_CHANNEL: &str = "session:signed_out";
+
+/// The verified-token cache, emptied of each token signed out on any
+/// instance as soon as the news arrives.
+async fn forget_signed_out(
+    shared: &dyn SharedState,
+) -> crate::state::StateResult<Arc<verified::VerifiedTokens>> {
+    let cache = Arc::new(verified::VerifiedTokens::default());
+    let mut signed_out = shared.subscribe(SIGNED_OUT_CHANNEL).await?;
+    let weak = Arc::downgrade(&cache);
+    tokio::spawn(async move {
+        while let Some(message) = signed_out.recv().await {
+            let Some(cache) = weak.upgrade() else { break };
+            if let Ok(jti) = Uuid::try_parse_ascii(&message) {
+                cache.forget(jti);
+            }
+        }
+    });
+    Ok(cache)
 }
 
 impl Auth {

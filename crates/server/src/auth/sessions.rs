@@ -10,7 +10,9 @@
 //!
 //! Presenting a token that was already used, or presenting it with another
 //! device id or fingerprint than it was issued to, is *reuse* (RFC 9700
-//! §4.14.2): somebody holds a copy. Reuse revokes every family of the device,
+//! §4.14.2): somebody holds a copy — except the immediately previous token
+//! presented again within the reuse interval, a client retrying after a
+//! lost response, which gets the pair it missed ([`super::successor`]). Reuse revokes every family of the device,
 //! marks the device revoked, writes an audit row and a `refresh:reuse` event
 //! in one transaction, then sets `revoked:device:{id}` and publishes
 //! `CRITICAL_LOCK` to the device.
@@ -28,14 +30,19 @@ use subtle::ConstantTimeEq;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::{random_token, sha256, tokens, Auth, DeviceRefusal};
+use super::{
+    random_token, sha256,
+    successor::{self, Successor},
+    tokens, Auth, DeviceAuth, DeviceRefusal,
+};
 use crate::{
     firewall::{Firewall, FirewallError, Subject},
     realtime::{self, Action},
     state::{keys, SharedState, StateError},
     store::{
-        AuditSource, DeviceStatus, NewAuditEntry, NewRefreshToken, NewSession, NewUser,
-        RefreshRecord, Revocation, RotateOutcome, Store, StoreError, User, UserStatus,
+        AuditSource, HoldAction, HoldSource, NewAuditEntry, NewHold, NewRefreshToken, NewSession,
+        NewUser, RefreshRecord, Revocation, RotateOutcome, Store, StoreError, User, UserStatus,
+        TOO_MANY_DEVICES,
     },
 };
 
@@ -66,6 +73,9 @@ pub enum SessionError {
     /// Registration: an account with this email exists.
     #[error("email taken")]
     EmailTaken,
+    /// The user already has as many devices with a live session as allowed.
+    #[error("too many devices")]
+    TooManyDevices,
     /// The device is revoked, locked or quarantined.
     #[error("device refused: {0:?}")]
     Device(DeviceRefusal),
@@ -102,7 +112,19 @@ pub struct Sessions {
     shared: Arc<dyn SharedState>,
     auth: Arc<Auth>,
     firewall: Arc<Firewall>,
-    refresh_per_minute: u32,
+    limits: SessionLimits,
+}
+
+/// The numbers a deployment tunes about sessions.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionLimits {
+    /// Refreshes per device per minute.
+    pub refresh_per_minute: u32,
+    /// Devices with a live session per user.
+    pub max_devices_per_user: u32,
+    /// How long the immediately previous refresh token still answers with
+    /// the current pair (zero: never).
+    pub reuse_interval: Duration,
 }
 
 /// The token pair handed to a device.
@@ -130,6 +152,15 @@ impl std::fmt::Debug for SessionTokens {
     }
 }
 
+/// Who opens a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opener {
+    /// The user, signing in with a password.
+    User,
+    /// An operator, through the admin API.
+    Operator,
+}
+
 /// The device a session is opened on, as the client described it.
 #[derive(Debug, Clone, Copy)]
 pub struct DeviceBinding<'a> {
@@ -151,21 +182,20 @@ pub struct Origin {
 }
 
 impl Sessions {
-    /// The sessions component over its handles; `refresh_per_minute` is the
-    /// per-device refresh budget.
+    /// The sessions component over its handles and the deployment's limits.
     pub fn new(
         store: Arc<dyn Store>,
         shared: Arc<dyn SharedState>,
         auth: Arc<Auth>,
         firewall: Arc<Firewall>,
-        refresh_per_minute: u32,
+        limits: SessionLimits,
     ) -> Self {
         Self {
             store,
             shared,
             auth,
             firewall,
-            refresh_per_minute,
+            limits,
         }
     }
 
@@ -194,17 +224,25 @@ impl Sessions {
 
     /// Opens a new session for `user` on a device: binds the device, revokes its
     /// previous family, starts a new one. Blocked accounts and revoked, locked or
-    /// quarantined devices are refused.
+    /// quarantined devices are refused, and so is one device more than
+    /// [`SessionLimits::max_devices_per_user`] — for a sign-in; an operator
+    /// minting sessions ([`Opener::Operator`]) is trusted with any number.
     pub async fn open(
         &self,
         user: &User,
         binding: DeviceBinding<'_>,
         origin: &Origin,
+        opener: Opener,
     ) -> Result<SessionTokens, SessionError> {
         if user.status != UserStatus::Active {
             return Err(SessionError::AccountBlocked);
         }
-        self.open_session(user.id, None, binding, origin).await
+        let max_devices = match opener {
+            Opener::User => self.limits.max_devices_per_user,
+            Opener::Operator => u32::MAX,
+        };
+        self.open_session(user.id, None, binding, origin, max_devices)
+            .await
     }
 
     /// Refuses a device that `user_id` (`None`: an account not created yet)
@@ -219,7 +257,7 @@ impl Sessions {
         let Some(existing) = self.store.device(binding.device_id).await? else {
             return Ok(());
         };
-        if let Some(refusal) = DeviceRefusal::for_status(existing.status) {
+        if let Some(refusal) = DeviceRefusal::for_device(existing.status, existing.owner_status) {
             // A locked device cannot be laundered through a fresh sign-in.
             return Err(SessionError::Device(refusal));
         }
@@ -251,8 +289,14 @@ impl Sessions {
             email: email.to_owned(),
             password_hash,
         };
-        self.open_session(user.id, Some(user), binding, origin)
-            .await
+        self.open_session(
+            user.id,
+            Some(user),
+            binding,
+            origin,
+            self.limits.max_devices_per_user,
+        )
+        .await
     }
 
     async fn open_session(
@@ -261,6 +305,7 @@ impl Sessions {
         new_user: Option<NewUser>,
         binding: DeviceBinding<'_>,
         origin: &Origin,
+        max_devices: u32,
     ) -> Result<SessionTokens, SessionError> {
         let DeviceBinding {
             device_id,
@@ -314,16 +359,21 @@ impl Sessions {
                 expires_at: self.refresh_expiry(user_id).await?,
             },
             events,
+            max_devices,
         };
-        match new_user {
-            None => self.store.start_session(session).await?,
-            Some(user) => match self.store.register(user, session).await {
-                Ok(_) => {}
-                Err(StoreError::Conflict { constraint }) if constraint.contains("email") => {
-                    return Err(SessionError::EmailTaken)
-                }
-                Err(e) => return Err(e.into()),
-            },
+        let opened = match new_user {
+            None => self.store.start_session(session).await,
+            Some(user) => self.store.register(user, session).await.map(drop),
+        };
+        match opened {
+            Ok(()) => {}
+            Err(StoreError::Conflict { constraint }) if constraint == TOO_MANY_DEVICES => {
+                return Err(SessionError::TooManyDevices)
+            }
+            Err(StoreError::Conflict { constraint }) if constraint.contains("email") => {
+                return Err(SessionError::EmailTaken)
+            }
+            Err(e) => return Err(e.into()),
         }
         // The device may have moved between users: drop every cached view of it.
         self.auth.devices.invalidate(device_id).await;
@@ -404,7 +454,7 @@ impl Sessions {
             .shared
             .take_tokens(
                 &keys::refresh_rate_limit(&record.device_id),
-                self.refresh_per_minute,
+                self.limits.refresh_per_minute,
                 std::time::Duration::from_secs(60),
                 1,
             )
@@ -419,24 +469,39 @@ impl Sessions {
             .fingerprint_sha256
             .ct_eq(&sha256(fingerprint.as_bytes()))
             .into();
-        if record.used || !same_device || !same_fingerprint {
-            let why = if record.used {
-                "token_already_used"
-            } else {
-                "foreign_device"
+        if !same_device || !same_fingerprint {
+            return Err(self.reuse(&record, "foreign_device", origin).await);
+        }
+        if record.used_at.is_some() {
+            return match self.retried(&record, presented) {
+                Some(tokens) => Ok(tokens),
+                None => Err(self.reuse(&record, "token_already_used", origin).await),
             };
-            return Err(self.reuse(&record, why, origin).await);
         }
         if record.expires_at <= Utc::now() {
             return Err(SessionError::InvalidRefreshToken);
         }
         if let Some(device) = self.store.device(device_id).await? {
-            if let Some(refusal) = DeviceRefusal::for_status(device.status) {
+            if let Some(refusal) = DeviceRefusal::for_device(device.status, device.owner_status) {
                 return Err(SessionError::Device(refusal));
             }
         }
         let new_token = random_token("brt_");
         let jti = Uuid::new_v4();
+        // Signed before the swap, so the pair can be sealed into it.
+        let access_token = self.issue_access(record.user_id, device_id, jti)?;
+        let sealed = (!self.limits.reuse_interval.is_zero()).then(|| {
+            successor::seal(
+                presented,
+                record.family_id,
+                &Successor {
+                    access_token: access_token.clone(),
+                    refresh_token: new_token.clone(),
+                    expires_at: Utc::now().timestamp()
+                        + i64::try_from(self.auth.access_ttl.as_secs()).unwrap_or(i64::MAX),
+                },
+            )
+        });
         let outcome = self
             .store
             .rotate_refresh(
@@ -448,18 +513,24 @@ impl Sessions {
                     issued_at: crate::store::now_micros(),
                     expires_at: self.refresh_expiry(record.user_id).await?,
                 },
+                sealed,
             )
             .await?;
         match outcome {
             RotateOutcome::Rotated => {}
-            // Another request exchanged this token first: by definition a reuse.
+            // Another request exchanged this token first: the same client
+            // retrying (within the interval, it gets that request's pair),
+            // or somebody holding a copy.
             RotateOutcome::AlreadyUsed => {
-                return Err(self.reuse(&record, "token_already_used", origin).await)
+                let now = self.store.refresh_record(&hash).await?;
+                return match now.as_ref().and_then(|r| self.retried(r, presented)) {
+                    Some(tokens) => Ok(tokens),
+                    None => Err(self.reuse(&record, "token_already_used", origin).await),
+                };
             }
             // Logged out or signed in again while this request was in flight.
             RotateOutcome::FamilyInactive => return Err(SessionError::InvalidRefreshToken),
         }
-        let access_token = self.issue_access(record.user_id, device_id, jti)?;
         let event = self.auth.event(
             "refresh:rotated",
             Some(record.user_id),
@@ -473,6 +544,31 @@ impl Sessions {
             access_token,
             refresh_token: new_token,
             expires_in: self.auth.access_ttl.as_secs(),
+            token_type: "Bearer",
+        })
+    }
+
+    /// The pair a spent token's rotation issued, when `record` is the
+    /// immediately previous token of a live family and was spent less than
+    /// the reuse interval ago (see [`successor`]).
+    fn retried(&self, record: &RefreshRecord, presented: &str) -> Option<SessionTokens> {
+        let used_at = record.used_at?;
+        let interval = chrono::Duration::from_std(self.limits.reuse_interval).ok()?;
+        if !record.family_active || interval.is_zero() || Utc::now() - used_at > interval {
+            return None;
+        }
+        let pair = successor::open(
+            presented,
+            record.family_id,
+            record.successor_sealed.as_deref()?,
+        )?;
+        let expires_in = pair.expires_at.saturating_sub(Utc::now().timestamp());
+        tracing::info!(device_id = %record.device_id, "refresh retried within the reuse interval");
+        Some(SessionTokens {
+            user_id: record.user_id,
+            access_token: pair.access_token,
+            refresh_token: pair.refresh_token,
+            expires_in: u64::try_from(expires_in).unwrap_or(0),
             token_type: "Bearer",
         })
     }
@@ -498,16 +594,33 @@ impl Sessions {
         SessionError::RefreshTokenReused
     }
 
-    /// Ends the device's session: its refresh family is revoked.
-    pub async fn logout(&self, device_id: &str) -> Result<(), SessionError> {
+    /// Ends the device's session: its refresh family is revoked, and the
+    /// access token in hand is denied until it expires, on every instance.
+    pub async fn logout(&self, caller: &DeviceAuth) -> Result<(), SessionError> {
         self.store
             .revoke_device(Revocation {
-                device_id: device_id.to_owned(),
+                device_id: caller.device_id.clone(),
                 reason: "logout".into(),
-                device_status: None,
+                hold: None,
                 audit: None,
                 event: None,
             })
+            .await?;
+        let remaining = caller
+            .expires_at
+            .saturating_sub(Utc::now().timestamp())
+            .saturating_add(tokens::LEEWAY_SECONDS as i64)
+            .max(1);
+        self.shared
+            .set(
+                &keys::denied_token(caller.jti),
+                b"logout",
+                Some(Duration::from_secs(remaining.unsigned_abs())),
+            )
+            .await?;
+        self.auth.verified.forget(caller.jti);
+        self.shared
+            .publish(super::SIGNED_OUT_CHANNEL, caller.jti.to_string().as_bytes())
             .await?;
         Ok(())
     }
@@ -526,7 +639,11 @@ async fn handle_reuse(state: Revoker, record: RefreshRecord, why: String, origin
     let revocation = Revocation {
         device_id: record.device_id.clone(),
         reason: "refresh_token_reuse".into(),
-        device_status: Some(DeviceStatus::Revoked),
+        hold: Some(NewHold::new(
+            HoldSource::RefreshReuse,
+            HoldAction::Revoke,
+            "refresh_token_reuse",
+        )),
         audit: Some(NewAuditEntry {
             user_id: Some(record.user_id),
             device_id: Some(record.device_id.clone()),

@@ -92,14 +92,22 @@ pub struct WebhookSubscription {
 pub struct InvalidField(pub &'static str);
 
 impl WebhookEvent {
-    /// Checks what the types cannot; returns the status to apply.
-    pub fn validate(&self) -> Result<SubscriptionStatus, InvalidField> {
+    /// Checks what the types cannot, at `now` (Unix seconds); returns the
+    /// status to apply.
+    ///
+    /// `created` orders a subscription's events (an older one never
+    /// overwrites a newer), so one dated in the future would freeze the
+    /// subscription until then: more than the signature tolerance ahead of
+    /// the server's clock is refused.
+    pub fn validate(&self, now: i64) -> Result<SubscriptionStatus, InvalidField> {
         let id_ok =
             (1..=255).contains(&self.id.len()) && self.id.bytes().all(|b| b.is_ascii_graphic());
         if !id_ok {
             return Err(InvalidField("id"));
         }
-        if self.created <= 0 {
+        if self.created <= 0
+            || self.created > now.saturating_add(super::signature::TOLERANCE_SECONDS)
+        {
             return Err(InvalidField("created"));
         }
         let plan_ok = (1..=64).contains(&self.data.plan.len())
@@ -124,6 +132,24 @@ impl WebhookEvent {
 mod tests {
     use super::*;
 
+    const NOW: i64 = 1_763_812_800;
+
+    #[test]
+    fn created_more_than_the_tolerance_ahead_is_refused() {
+        let at = |created: i64| {
+            event(&format!(
+                r#"{{"id":"e","type":"subscription.activated","created":{created},"data":{{"user_id":"{USER}","plan":"paid"}}}}"#
+            ))
+            .validate(NOW)
+        };
+        assert!(at(NOW + super::super::signature::TOLERANCE_SECONDS).is_ok());
+        assert_eq!(
+            at(NOW + super::super::signature::TOLERANCE_SECONDS + 1),
+            Err(InvalidField("created"))
+        );
+        assert_eq!(at(i64::MAX), Err(InvalidField("created")));
+    }
+
     fn event(json: &str) -> WebhookEvent {
         serde_json::from_str(json).expect("test value")
     }
@@ -135,19 +161,19 @@ mod tests {
         let e = event(&format!(
             r#"{{"id":"evt_1","type":"subscription.canceled","created":1,"data":{{"user_id":"{USER}","plan":"paid"}}}}"#
         ));
-        assert_eq!(e.validate(), Ok(SubscriptionStatus::Canceled));
+        assert_eq!(e.validate(NOW), Ok(SubscriptionStatus::Canceled));
         let e = event(&format!(
             r#"{{"id":"evt_1","type":"subscription.updated","created":1,"data":{{"user_id":"{USER}","plan":"paid","status":"past_due"}}}}"#
         ));
-        assert_eq!(e.validate(), Ok(SubscriptionStatus::PastDue));
+        assert_eq!(e.validate(NOW), Ok(SubscriptionStatus::PastDue));
         let e = event(&format!(
             r#"{{"id":"evt_1","type":"subscription.updated","created":1,"data":{{"user_id":"{USER}","plan":"paid"}}}}"#
         ));
-        assert_eq!(e.validate(), Err(InvalidField("data.status")));
+        assert_eq!(e.validate(NOW), Err(InvalidField("data.status")));
         let e = event(&format!(
             r#"{{"id":"evt_1","type":"subscription.canceled","created":1,"data":{{"user_id":"{USER}","plan":"paid","status":"active"}}}}"#
         ));
-        assert_eq!(e.validate(), Err(InvalidField("data.status")));
+        assert_eq!(e.validate(NOW), Err(InvalidField("data.status")));
     }
 
     #[test]
@@ -157,18 +183,18 @@ mod tests {
                 r#"{{"id":"{id}","type":"subscription.activated","created":{created},"data":{{"user_id":"{USER}","plan":"{plan}"}}}}"#
             ))
         };
-        assert!(base("evt_ok", 1, "paid").validate().is_ok());
-        assert_eq!(base("", 1, "paid").validate(), Err(InvalidField("id")));
+        assert!(base("evt_ok", 1, "paid").validate(NOW).is_ok());
+        assert_eq!(base("", 1, "paid").validate(NOW), Err(InvalidField("id")));
         assert_eq!(
-            base("evt with space", 1, "paid").validate(),
+            base("evt with space", 1, "paid").validate(NOW),
             Err(InvalidField("id"))
         );
         assert_eq!(
-            base("evt", 0, "paid").validate(),
+            base("evt", 0, "paid").validate(NOW),
             Err(InvalidField("created"))
         );
         assert_eq!(
-            base("evt", 1, "Paid!").validate(),
+            base("evt", 1, "Paid!").validate(NOW),
             Err(InvalidField("data.plan"))
         );
     }

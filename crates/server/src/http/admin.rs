@@ -10,7 +10,7 @@ use uuid::Uuid;
 use super::{json::Json, validate};
 use crate::{
     app::AppState,
-    auth::sessions::{DeviceBinding, Origin, SessionTokens},
+    auth::sessions::{DeviceBinding, Opener, Origin, SessionTokens},
     error::{codes, ApiError, Problem},
     http::extract::{AdminAuth, ClientIp},
 };
@@ -41,6 +41,8 @@ pub struct AdminSessionRequest {
         (status = 201, description = "Device session opened", body = SessionTokens),
         (status = 401, description = "`invalid_admin_key`", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "`user_not_found`", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`account_blocked` or `device_locked`", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`device_in_use` (operators are not held to `BLOCKREMOTE_MAX_DEVICES_PER_USER`)", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn post_session(
     State(state): State<AppState>,
@@ -67,6 +69,9 @@ pub async fn post_session(
         ip: ip.0,
         user_agent: None,
     };
-    let tokens = state.sessions.open(&user, binding, &origin).await?;
+    let tokens = state
+        .sessions
+        .open(&user, binding, &origin, Opener::Operator)
+        .await?;
     Ok((StatusCode::CREATED, JsonResponse(tokens)))
 }

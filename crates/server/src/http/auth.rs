@@ -8,7 +8,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use super::{json::Json, validate};
 use crate::{
     app::AppState,
-    auth::sessions::{DeviceBinding, Origin, SessionTokens},
+    auth::sessions::{DeviceBinding, Opener, Origin, SessionTokens},
     error::{codes, ApiError, Problem},
     http::extract::{ClientIp, DeviceAuth},
 };
@@ -86,7 +86,7 @@ fn origin(ip: ClientIp, headers: &axum::http::HeaderMap) -> Origin {
 #[utoipa::path(post, path = "/v1/auth/register", tag = "auth", request_body = Credentials,
     responses(
         (status = 201, description = "Account created; device session opened", body = SessionTokens),
-        (status = 409, description = "`email_taken`", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`email_taken`, `device_in_use` or `too_many_devices`; nothing was created", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "`validation_failed`", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "`service_unavailable`: too many passwords being hashed at once; see `Retry-After`", body = Problem, content_type = "application/problem+json"),
     ))]
@@ -129,6 +129,7 @@ pub async fn post_register(
         (status = 200, description = "Device session opened", body = SessionTokens),
         (status = 401, description = "`invalid_credentials` (unknown email and wrong password alike)", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "`account_blocked` or `device_locked`", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`device_in_use` or `too_many_devices`", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "`rate_limited`: the address is throttled, or this email's wrong passwords are backing off; see `Retry-After`", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "`service_unavailable`: too many passwords being checked at once; see `Retry-After`", body = Problem, content_type = "application/problem+json"),
     ))]
@@ -193,7 +194,10 @@ pub async fn post_login(
         }
     };
     state.sessions.login_succeeded(&email).await?;
-    let tokens = state.sessions.open(&user, body.binding(), &origin).await?;
+    let tokens = state
+        .sessions
+        .open(&user, body.binding(), &origin, Opener::User)
+        .await?;
     Ok(JsonResponse(tokens))
 }
 
@@ -235,13 +239,13 @@ pub async fn post_refresh(
     params(("X-Device-Id" = String, Header, description = "The device the token is bound to")),
     security(("device_jwt" = [])),
     responses(
-        (status = 204, description = "Signed out"),
+        (status = 204, description = "Signed out: the refresh family is revoked and the access token presented is refused from now on, until it expires"),
         (status = 401, description = "`invalid_token`, `device_mismatch` or `device_revoked`", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn post_logout(
     State(state): State<AppState>,
     device: DeviceAuth,
 ) -> Result<StatusCode, ApiError> {
-    state.sessions.logout(&device.device_id).await?;
+    state.sessions.logout(&device).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -142,9 +142,16 @@ pub async fn post_webhook(
             ))
         };
     }
-    let status = event
-        .validate()
-        .map_err(|InvalidField(field)| ApiError::invalid_field(field, "is not valid"))?;
+    let status =
+        event
+            .validate(Utc::now().timestamp())
+            .map_err(|InvalidField(field)| match field {
+                "created" => ApiError::invalid_field(
+                    field,
+                    "must be a positive Unix time at most 300 seconds ahead of the server's clock",
+                ),
+                _ => ApiError::invalid_field(field, "is not valid"),
+            })?;
     if !state
         .store
         .plans()
@@ -257,7 +264,7 @@ pub struct SubscriptionView {
     responses(
         (status = 200, description = "The subscription (headers `RateLimit-Limit`, `RateLimit-Remaining`, `RateLimit-Reset`)", body = SubscriptionView),
         (status = 401, description = "`invalid_token`, `device_mismatch` or `device_revoked`", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "`device_locked`", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`device_locked`, or `account_blocked` (the owner is blocked)", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "`rate_limited` (with `Retry-After`)", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn get_subscription(

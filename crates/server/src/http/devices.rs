@@ -1,9 +1,12 @@
 //! `/v1/admin/devices/*` and `/v1/admin/kill-switch/global`: operator
 //! control of devices through the kill-switch.
 //!
-//! A lock changes the device's status (API calls refused with 403
-//! `device_locked` until unlocked) and sends the command to the device;
-//! unlock makes it active again and sends `UNLOCK`. Every command is audited.
+//! A lock places an admin hold on the device (API calls refused with 403
+//! `device_locked` while any hold remains) and sends the command to the
+//! device. Unlock removes the admin and engine holds — or, with `"all": true`,
+//! every hold — and sends `UNLOCK`; when holds it does not cover remain
+//! (a firewall decision, refresh reuse, attestation), it changes nothing and
+//! answers 409 `device_held` naming them. Every command is audited.
 
 use axum::{
     extract::{Path, State},
@@ -21,7 +24,10 @@ use crate::{
     http::extract::{AdminAuth, ClientIp},
     realtime::{self, Action, DeviceCommand},
     state::keys,
-    store::{AuditSource, DeviceStatus, NewAuditEntry},
+    store::{
+        AuditSource, DeviceStatus, Hold, HoldAction, HoldSource, NewAuditEntry, NewHold, Release,
+        ReleaseOutcome,
+    },
 };
 
 /// The device-control routes.
@@ -50,6 +56,10 @@ pub struct LockRequest {
 pub struct UnlockRequest {
     /// A reason code (default `operator_unlock`).
     pub reason: Option<String>,
+    /// Clear every hold, whatever placed it (default: only `admin` and
+    /// `engine` holds).
+    #[serde(default)]
+    pub all: bool,
 }
 
 /// A device as operators see it.
@@ -61,10 +71,15 @@ pub struct DeviceView {
     pub user_id: uuid::Uuid,
     /// `android` or `ios`.
     pub platform: String,
-    /// `active`, `locked`, `quarantined` or `revoked`.
+    /// `active`, `locked`, `quarantined` or `revoked`: the strongest of its holds.
     pub status: String,
     /// True unless the status is `active`.
     pub locked: bool,
+    /// Every restriction on the device, oldest first; it is active only with none.
+    pub holds: Vec<Hold>,
+    /// Restrictions on the owner's account (a blocked owner is refused on
+    /// every device).
+    pub user_holds: Vec<Hold>,
     /// `unknown`, `verified` or `failed`.
     pub attestation_state: String,
     /// Attestation failures since the last success.
@@ -100,29 +115,25 @@ fn not_found() -> ApiError {
     }
 }
 
-async fn audit(
-    state: &AppState,
+fn audit_entry(
     device_id: Option<&str>,
     user_id: Option<uuid::Uuid>,
-    command: &DeviceCommand,
+    action: Action,
+    reason: &str,
     ip: ClientIp,
-) -> Result<(), ApiError> {
-    state
-        .store
-        .append_audit(NewAuditEntry {
-            user_id,
-            device_id: device_id.map(str::to_owned),
-            jti: None,
-            ip: crate::auth::Auth::ip_prefix(ip.0),
-            user_agent: None,
-            source: AuditSource::Http,
-            threat_score: None,
-            decision_reason: Some(command.reason.clone()),
-            attestation_state: None,
-            action_taken: command.action.as_str().to_owned(),
-        })
-        .await?;
-    Ok(())
+) -> NewAuditEntry {
+    NewAuditEntry {
+        user_id,
+        device_id: device_id.map(str::to_owned),
+        jti: None,
+        ip: crate::auth::Auth::ip_prefix(ip.0),
+        user_agent: None,
+        source: AuditSource::Http,
+        threat_score: None,
+        decision_reason: Some(reason.to_owned()),
+        attestation_state: None,
+        action_taken: action.as_str().to_owned(),
+    }
 }
 
 /// Locks a device and sends it the command.
@@ -136,16 +147,16 @@ async fn audit(
     ))]
 pub async fn post_lock(
     State(state): State<AppState>,
-    _admin: AdminAuth,
+    admin: AdminAuth,
     ip: ClientIp,
     Path(device_id): Path<String>,
     Json(body): Json<LockRequest>,
 ) -> Result<JsonResponse<DeviceCommand>, ApiError> {
     validate::device_id(&device_id)?;
     reason_code(&body.reason)?;
-    let status = match body.action {
-        Action::CriticalLock | Action::ForceOverlay => DeviceStatus::Locked,
-        Action::ImmediateQuarantine => DeviceStatus::Quarantined,
+    let action = match body.action {
+        Action::CriticalLock | Action::ForceOverlay => HoldAction::Lock,
+        Action::ImmediateQuarantine => HoldAction::Quarantine,
         Action::Unlock => {
             return Err(ApiError::invalid_field(
                 "action",
@@ -158,11 +169,25 @@ pub async fn post_lock(
         .device(&device_id)
         .await?
         .ok_or_else(not_found)?;
-    state.store.set_device_status(&device_id, status).await?;
+    let hold = NewHold {
+        created_by: Some(admin.operator),
+        ..NewHold::new(HoldSource::Admin, action, &body.reason)
+    };
+    let audit = audit_entry(
+        Some(&device_id),
+        Some(device.user_id),
+        body.action,
+        &body.reason,
+        ip,
+    );
+    state
+        .store
+        .hold_device(&device_id, hold, Some(audit))
+        .await?
+        .ok_or_else(not_found)?;
     state.auth.devices.invalidate(&device_id).await;
     let command =
         realtime::issue(state.shared.as_ref(), &device_id, body.action, &body.reason).await?;
-    audit(&state, Some(&device_id), Some(device.user_id), &command, ip).await?;
     Ok(JsonResponse(command))
 }
 
@@ -172,6 +197,7 @@ pub async fn post_lock(
     security(("admin_key" = [])),
     responses(
         (status = 200, description = "Unlocked; the command that was sent", body = DeviceCommand),
+        (status = 409, description = "`device_held`: holds the unlock does not cover remain; nothing was changed", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "`device_not_found`", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn post_unlock(
@@ -197,10 +223,27 @@ pub async fn post_unlock(
         .device(&device_id)
         .await?
         .ok_or_else(not_found)?;
-    state
+    let release = if request.all {
+        Release::All
+    } else {
+        Release::UNLOCK
+    };
+    let audit = audit_entry(
+        Some(&device_id),
+        Some(device.user_id),
+        Action::Unlock,
+        &reason,
+        ip,
+    );
+    match state
         .store
-        .set_device_status(&device_id, DeviceStatus::Active)
-        .await?;
+        .release_device(&device_id, release, Some(audit))
+        .await?
+        .ok_or_else(not_found)?
+    {
+        ReleaseOutcome::Released { .. } => {}
+        ReleaseOutcome::Remaining(_) => return Err(still_held()),
+    }
     state
         .shared
         .delete(&keys::revoked_device(&device_id))
@@ -214,8 +257,17 @@ pub async fn post_unlock(
         .map_err(ApiError::Internal)?;
     let command =
         realtime::issue(state.shared.as_ref(), &device_id, Action::Unlock, &reason).await?;
-    audit(&state, Some(&device_id), Some(device.user_id), &command, ip).await?;
     Ok(JsonResponse(command))
+}
+
+/// 409 `device_held`: holds an unlock does not cover remain; the device view
+/// lists them.
+fn still_held() -> ApiError {
+    ApiError::Client {
+        status: StatusCode::CONFLICT,
+        code: codes::DEVICE_HELD,
+        detail: "Nothing was changed: holds placed by the firewall, refresh-token reuse or attestation remain (GET the device to see them). Undo the firewall decision, or unlock with \"all\": true to clear every hold.",
+    }
 }
 
 /// A device's status, lock state and last command.
@@ -244,12 +296,16 @@ pub async fn get_device(
         .last()
         .and_then(|(seq, payload)| crate::realtime::DeviceCommand::from_history(*seq, payload));
     let trust = super::signals::report_for(&state, &device.id).await?;
+    let holds = state.store.device_holds(&device.id).await?;
+    let user_holds = state.store.user_holds(device.user_id).await?;
     Ok(JsonResponse(DeviceView {
         device_id: device.id,
         user_id: device.user_id,
         platform: device.platform,
         status: device.status.as_str().to_owned(),
         locked: device.status != DeviceStatus::Active,
+        holds,
+        user_holds,
         attestation_state: device.attestation_state,
         attestation_failures: device.attestation_failures,
         last_command,
@@ -272,6 +328,9 @@ pub async fn post_global(
 ) -> Result<(StatusCode, JsonResponse<DeviceCommand>), ApiError> {
     reason_code(&body.reason)?;
     let command = realtime::issue_global(state.shared.as_ref(), body.action, &body.reason).await?;
-    audit(&state, None, None, &command, ip).await?;
+    state
+        .store
+        .append_audit(audit_entry(None, None, command.action, &body.reason, ip))
+        .await?;
     Ok((StatusCode::ACCEPTED, JsonResponse(command)))
 }

@@ -22,6 +22,9 @@ use crate::{
 impl From<DeviceRefusal> for ApiError {
     fn from(refusal: DeviceRefusal) -> Self {
         match refusal {
+            DeviceRefusal::AccountBlocked => {
+                Self::forbidden(codes::ACCOUNT_BLOCKED, "This account is blocked.")
+            }
             DeviceRefusal::Revoked => Self::unauthorized(
                 codes::DEVICE_REVOKED,
                 "This device's sessions were revoked.",
@@ -61,6 +64,10 @@ impl From<SessionError> for ApiError {
             SessionError::AccountBlocked => {
                 Self::forbidden(codes::ACCOUNT_BLOCKED, "This account is blocked.")
             }
+            SessionError::TooManyDevices => Self::conflict(
+                codes::TOO_MANY_DEVICES,
+                "This account has as many signed-in devices as allowed: sign out on one first.",
+            ),
             SessionError::DeviceInUse => Self::conflict(
                 codes::DEVICE_IN_USE,
                 "This device is registered to another account.",

@@ -19,7 +19,7 @@ use crate::{
     auth::{client_ip, sha256, tokens, DeviceRefusal},
     error::{codes, ApiError},
     http::rate_limit::{self, RateLimitSlot},
-    store::DeviceStatus,
+    store::{DeviceStatus, UserStatus},
 };
 use axum::{
     extract::{ConnectInfo, FromRequestParts},
@@ -78,6 +78,16 @@ pub async fn authenticate(
             }
             let claims = tokens::verify(&keys, &state.auth.issuer, &state.auth.audience, token)
                 .map_err(|_| invalid_token())?;
+            // Signed out: denied until it expires (asked once per token per
+            // instance and minute; see `auth::verified`).
+            if state
+                .shared
+                .get(&crate::state::keys::denied_token(claims.jti))
+                .await?
+                .is_some()
+            {
+                return Err(invalid_token());
+            }
             state.auth.verified.insert(token, &claims, now);
             claims
         }
@@ -104,8 +114,12 @@ pub async fn authenticate(
         ));
     };
     let refusal = match (gate, device.status) {
-        (DeviceGate::AllowLocked, DeviceStatus::Locked | DeviceStatus::Quarantined) => None,
-        (_, status) => DeviceRefusal::for_status(status),
+        (DeviceGate::AllowLocked, DeviceStatus::Locked | DeviceStatus::Quarantined)
+            if device.owner == UserStatus::Active =>
+        {
+            None
+        }
+        (_, status) => DeviceRefusal::for_device(status, device.owner),
     };
     if let Some(refusal) = refusal {
         return Err(refusal.into());
@@ -118,6 +132,7 @@ pub async fn authenticate(
             user_id: claims.sub,
             device_id: claims.did,
             jti: claims.jti,
+            expires_at: claims.exp,
         },
         device.status,
     ))
@@ -182,8 +197,13 @@ impl FromRequestParts<AppState> for MeteredLater {
 }
 
 /// An authenticated operator (admin API key).
-#[derive(Debug, Clone, Copy)]
-pub struct AdminAuth;
+#[derive(Debug, Clone)]
+pub struct AdminAuth {
+    /// Who, for the records an operator's action leaves (holds): `admin:`
+    /// and the first 8 hex digits of the key's SHA-256 — enough to tell keys
+    /// apart, nothing to sign in with.
+    pub operator: String,
+}
 
 impl FromRequestParts<AppState> for AdminAuth {
     type Rejection = ApiError;
@@ -198,7 +218,9 @@ impl FromRequestParts<AppState> for AdminAuth {
         let key = bearer(parts).ok_or_else(refused)?;
         let hash = sha256(key.as_bytes());
         if state.auth.is_bootstrap_admin(&hash) || state.store.admin_key_exists(&hash).await? {
-            Ok(Self)
+            Ok(Self {
+                operator: format!("admin:{}", hex::encode(&hash[..4])),
+            })
         } else {
             Err(refused())
         }

@@ -2,9 +2,12 @@
 
 use crate::error::ApiError;
 
-/// A lower-cased, plausible email address.
+/// A plausible email address in its one spelling: Unicode NFKC of its full
+/// case folding (`NFKC(casefold(NFKC(s)))`, Unicode's canonical caseless
+/// match), so `Alice@Example.com`, a full-width `ａｌｉｃｅ@example.com` and
+/// `ALICE@EXAMPLE.COM` are one account and one sign-in backoff.
 pub fn email(raw: &str) -> Result<String, ApiError> {
-    let email = raw.trim().to_ascii_lowercase();
+    let email = normalize_email(raw.trim());
     let valid = email.len() <= 254
         && !email.chars().any(|c| c.is_whitespace() || c.is_control())
         && email.split_once('@').is_some_and(|(local, domain)| {
@@ -20,6 +23,12 @@ pub fn email(raw: &str) -> Result<String, ApiError> {
     } else {
         Err(ApiError::invalid_field("email", "must be an email address"))
     }
+}
+
+fn normalize_email(raw: &str) -> String {
+    use unicode_normalization::UnicodeNormalization;
+    let folded = caseless::default_case_fold_str(&raw.nfkc().collect::<String>());
+    folded.nfkc().collect()
 }
 
 /// 8–256 characters.
@@ -85,6 +94,30 @@ pub fn device(id: &str, fingerprint_raw: &str, platform_raw: &str) -> Result<(),
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unicode_variants_of_an_address_are_one_address() {
+        let one = email("alice@example.com").expect("valid");
+        for variant in [
+            "Alice@Example.com",
+            "ALICE@EXAMPLE.COM",
+            "\u{ff41}\u{ff4c}\u{ff49}\u{ff43}\u{ff45}@example.com",
+            "  alice@example.com ",
+        ] {
+            assert_eq!(email(variant).expect("valid"), one, "{variant:?}");
+        }
+        // Full case folding, not only lower-casing.
+        assert_eq!(
+            email("STRASSE@example.com").expect("valid"),
+            email("straße@example.com").expect("valid")
+        );
+        // Composed and decomposed accents are one spelling.
+        assert_eq!(
+            email("jos\u{e9}@example.com").expect("valid"),
+            email("jose\u{301}@example.com").expect("valid")
+        );
+        assert_ne!(email("bob@example.com").expect("valid"), one);
+    }
     use proptest::prelude::*;
 
     #[test]

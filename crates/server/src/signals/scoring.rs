@@ -36,7 +36,7 @@ use crate::{
     billing::plans::PlanCache,
     realtime::{self, Action},
     state::{keys, Commit, Job, SharedState},
-    store::{AuditSource, DeviceStatus, NewAuditEntry, Store},
+    store::{AuditSource, DeviceStatus, HoldAction, HoldSource, NewAuditEntry, NewHold, Store},
     telemetry::Metrics,
     workers::JobHandler,
 };
@@ -1026,7 +1026,11 @@ async fn act(
         .unwrap_or("risk_threshold");
     scoring
         .store
-        .set_device_status(device_id, DeviceStatus::Locked)
+        .hold_device(
+            device_id,
+            NewHold::new(HoldSource::Engine, HoldAction::Lock, reason),
+            None,
+        )
         .await?;
     scoring.auth.devices.invalidate(device_id).await;
     let command = realtime::issue(scoring.shared.as_ref(), device_id, action, reason).await?;

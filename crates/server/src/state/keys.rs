@@ -26,6 +26,11 @@ pub fn revoked_device(device_id: &str) -> String {
     format!("revoked:device:{{{device_id}}}")
 }
 
+/// A signed-out access token, denied until its expiry: `session:denied:{jti}`.
+pub fn denied_token(jti: uuid::Uuid) -> String {
+    format!("session:denied:{jti}")
+}
+
 /// Attestation nonce bound to a device: `nonce:{device}`.
 pub fn nonce(device_id: &str) -> String {
     format!("nonce:{{{device_id}}}")

@@ -14,27 +14,12 @@ use uuid::Uuid;
 
 use super::{
     columns::{Id, Time},
-    decode_error, now_micros,
+    decode_error,
+    holds::{HoldAction, HoldSource, NewHold},
+    now_micros,
     sql::{Dialect, SqlStore},
     NewEvent, StoreResult,
 };
-
-/// Spells a closed set of stored words both ways, failing on an unknown one.
-macro_rules! stored_words {
-    ($name:ident { $($variant:ident = $word:literal),+ $(,)? }) => {
-        impl $name {
-            /// The stored (and wire) spelling.
-            pub fn as_str(self) -> &'static str {
-                match self { $(Self::$variant => $word),+ }
-            }
-
-            /// Parses the stored spelling.
-            pub fn parse(raw: &str) -> Option<Self> {
-                match raw { $($word => Some(Self::$variant),)+ _ => None }
-            }
-        }
-    };
-}
 
 /// What a rule counts events by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -408,32 +393,6 @@ for_each_dialect! {
         ) -> StoreResult<FirewallDecision> {
             let mut tx = <Db as Dialect>::begin_write(&self.pool).await?;
             let now = now_micros();
-            if apply {
-                for user in &decision.users {
-                    sqlx::query("UPDATE users SET status = 'blocked', updated_at = $2 WHERE id = $1")
-                        .bind(Id(*user))
-                        .bind(Time(now))
-                        .execute(&mut *tx)
-                        .await?;
-                    sqlx::query(
-                        "UPDATE refresh_families SET status = 'revoked', revoke_reason = 'firewall', \
-                         revoked_at = $2 WHERE user_id = $1 AND status = 'active'",
-                    )
-                    .bind(Id(*user))
-                    .bind(Time(now))
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                for device in &decision.devices {
-                    sqlx::query(
-                        "UPDATE devices SET status = 'quarantined', updated_at = $2 WHERE id = $1",
-                    )
-                    .bind(device)
-                    .bind(Time(now))
-                    .execute(&mut *tx)
-                    .await?;
-                }
-            }
             let id = Uuid::now_v7();
             let rule = &decision.rule;
             sqlx::query(
@@ -457,6 +416,34 @@ for_each_dialect! {
             .bind(Time(now))
             .execute(&mut *tx)
             .await?;
+            if apply {
+                let hold = |action| NewHold {
+                    source: HoldSource::Firewall,
+                    action,
+                    reason: rule.name.clone(),
+                    decision_id: Some(id),
+                    created_by: None,
+                };
+                for user in &decision.users {
+                    Self::insert_user_hold(&mut tx, *user, &hold(HoldAction::Block)).await?;
+                    Self::settle_user(&mut tx, *user).await?;
+                    sqlx::query(
+                        "UPDATE refresh_families SET status = 'revoked', revoke_reason = 'firewall', \
+                         revoked_at = $2 WHERE user_id = $1 AND status = 'active'",
+                    )
+                    .bind(Id(*user))
+                    .bind(Time(now))
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                // Both side effects take the devices out of service the same
+                // way (blocked users' devices too, so the block bites before
+                // their access tokens expire).
+                for device in &decision.devices {
+                    Self::insert_device_hold(&mut tx, device, &hold(HoldAction::Quarantine)).await?;
+                    Self::settle_device(&mut tx, device).await?;
+                }
+            }
             let mut event = decision.event.clone();
             event.metadata["decision_id"] = serde_json::json!(id);
             Self::insert_event(&mut tx, &event).await?;
@@ -516,21 +503,27 @@ for_each_dialect! {
                 .bind(Time(now))
                 .execute(&mut *tx)
                 .await?;
-            if decision.mode == RuleMode::Enforce {
-                for user in &decision.affected_users {
-                    sqlx::query("UPDATE users SET status = 'active', updated_at = $2 WHERE id = $1")
-                        .bind(Id(*user))
-                        .bind(Time(now))
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                for device in &decision.affected_devices {
-                    sqlx::query("UPDATE devices SET status = 'active', updated_at = $2 WHERE id = $1")
-                        .bind(device)
-                        .bind(Time(now))
-                        .execute(&mut *tx)
-                        .await?;
-                }
+            // Exactly this decision's holds go; whatever else restricts these
+            // users and devices stays.
+            let users: Vec<Option<Id>> =
+                sqlx::query_scalar("SELECT user_id FROM holds WHERE decision_id = $1")
+                    .bind(Id(id))
+                    .fetch_all(&mut *tx)
+                    .await?;
+            let devices: Vec<Option<String>> =
+                sqlx::query_scalar("SELECT device_id FROM holds WHERE decision_id = $1")
+                    .bind(Id(id))
+                    .fetch_all(&mut *tx)
+                    .await?;
+            sqlx::query("DELETE FROM holds WHERE decision_id = $1")
+                .bind(Id(id))
+                .execute(&mut *tx)
+                .await?;
+            for user in users.into_iter().flatten() {
+                Self::settle_user(&mut tx, user.into()).await?;
+            }
+            for device in devices.into_iter().flatten() {
+                Self::settle_device(&mut tx, &device).await?;
             }
             Self::insert_event(&mut tx, &event).await?;
             tx.commit().await?;

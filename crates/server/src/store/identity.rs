@@ -12,9 +12,10 @@ use uuid::Uuid;
 
 use super::{
     columns::{Id, Time},
+    holds::{HoldAction, HoldSource, NewHold},
     now_micros,
     sql::{Dialect, SqlStore},
-    NewAuditEntry, NewEvent, StoreResult,
+    NewAuditEntry, NewEvent, StoreError, StoreResult,
 };
 
 /// Whether a user may sign in.
@@ -110,6 +111,9 @@ pub struct Device {
     pub attestation_state: String,
     /// Attestation failures since the last success.
     pub attestation_failures: u32,
+    /// Whether the owner's account is active (a blocked user is refused on
+    /// every device route).
+    pub owner_status: UserStatus,
 }
 
 /// A refresh token to store (only its hash).
@@ -145,7 +149,13 @@ pub struct NewSession {
     /// `create:user` on a registration), so none names a session that was
     /// never opened.
     pub events: Vec<NewEvent>,
+    /// Devices with a live session the user may have, this one included:
+    /// one more is [`super::StoreError::Conflict`] on [`TOO_MANY_DEVICES`].
+    pub max_devices: u32,
 }
+
+/// The constraint a session over [`NewSession::max_devices`] violates.
+pub const TOO_MANY_DEVICES: &str = "too_many_devices";
 
 /// An account to create with its first session ([`IdentityStore::register`]).
 #[derive(Debug, Clone)]
@@ -171,8 +181,11 @@ pub struct RefreshRecord {
     pub device_id: String,
     /// The fingerprint hash the family was issued to.
     pub fingerprint_sha256: Vec<u8>,
-    /// Whether this token was already exchanged.
-    pub used: bool,
+    /// When this token was exchanged, if it was.
+    pub used_at: Option<DateTime<Utc>>,
+    /// The pair its exchange issued, sealed under a key derived from this
+    /// token; present only while that successor is unspent.
+    pub successor_sealed: Option<Vec<u8>>,
     /// When it expires.
     pub expires_at: DateTime<Utc>,
 }
@@ -185,8 +198,8 @@ pub struct Revocation {
     pub device_id: String,
     /// Why (stored on the families).
     pub reason: String,
-    /// New device status, if it changes.
-    pub device_status: Option<DeviceStatus>,
+    /// A hold to place on the device (its status follows from its holds).
+    pub hold: Option<NewHold>,
     /// Audit row to append.
     pub audit: Option<NewAuditEntry>,
     /// Event to record.
@@ -242,24 +255,23 @@ pub trait IdentityStore: Send + Sync {
     async fn refresh_record(&self, token_sha256: &[u8]) -> StoreResult<Option<RefreshRecord>>;
 
     /// Compare-and-swap rotation: marks `old` used if (and only if) it is
-    /// still unused and its family active, and adds `new` to the family.
+    /// still unused and its family active, keeps `successor_sealed` on it,
+    /// clears the sealed successor its predecessor kept, and adds `new` to
+    /// the family.
     async fn rotate_refresh(
         &self,
         old_sha256: &[u8],
         family_id: Uuid,
         new: NewRefreshToken,
+        successor_sealed: Option<Vec<u8>>,
     ) -> StoreResult<RotateOutcome>;
-
-    /// Sets a device's status (and, when it becomes active again, clears its
-    /// attestation failure count). False when the device does not exist.
-    async fn set_device_status(&self, device_id: &str, status: DeviceStatus) -> StoreResult<bool>;
 
     /// Revokes every active family of a device, with the optional status
     /// change, audit row and event, in one transaction.
     async fn revoke_device(&self, revocation: Revocation) -> StoreResult<()>;
 
-    /// Records an attestation verdict; after `max_failures` failures an
-    /// active device is quarantined.
+    /// Records an attestation verdict; the failure that reaches `max_failures`
+    /// places an attestation hold (quarantine), once.
     async fn record_attestation(
         &self,
         device_id: &str,
@@ -298,6 +310,7 @@ struct DeviceRow {
     status: String,
     attestation_state: String,
     attestation_failures: i32,
+    owner_status: String,
 }
 
 impl From<DeviceRow> for Device {
@@ -310,6 +323,7 @@ impl From<DeviceRow> for Device {
             status: DeviceStatus::parse(&row.status),
             attestation_state: row.attestation_state,
             attestation_failures: row.attestation_failures.unsigned_abs(),
+            owner_status: UserStatus::parse(&row.owner_status),
         }
     }
 }
@@ -318,6 +332,7 @@ impl From<DeviceRow> for Device {
 #[derive(FromRow)]
 struct RefreshRow {
     used_at: Option<Time>,
+    successor_sealed: Option<Vec<u8>>,
     expires_at: Time,
     family_id: Id,
     status: String,
@@ -334,7 +349,8 @@ impl From<RefreshRow> for RefreshRecord {
             user_id: row.user_id.into(),
             device_id: row.device_id,
             fingerprint_sha256: row.fingerprint_sha256,
-            used: row.used_at.is_some(),
+            used_at: row.used_at.map(Into::into),
+            successor_sealed: row.successor_sealed,
             expires_at: row.expires_at.into(),
         }
     }
@@ -349,6 +365,29 @@ for_each_dialect! {
             session: &NewSession,
         ) -> StoreResult<()> {
             let now = Time(now_micros());
+            // Count the user's other devices with a live session under a lock
+            // on the user (SQLite: the write lock), so two sign-ins at once
+            // cannot both take the last place.
+            sqlx::query(&format!(
+                "SELECT id FROM users WHERE id = $1{}",
+                <Db as Dialect>::FOR_UPDATE
+            ))
+            .bind(Id(session.user_id))
+            .fetch_optional(&mut *tx)
+            .await?;
+            let others: i64 = sqlx::query_scalar(
+                "SELECT COUNT(DISTINCT device_id) FROM refresh_families \
+                 WHERE user_id = $1 AND status = 'active' AND device_id <> $2",
+            )
+            .bind(Id(session.user_id))
+            .bind(&session.device_id)
+            .fetch_one(&mut *tx)
+            .await?;
+            if others >= i64::from(session.max_devices) {
+                return Err(StoreError::Conflict {
+                    constraint: TOO_MANY_DEVICES.to_owned(),
+                });
+            }
             sqlx::query(
                 "INSERT INTO devices (id, user_id, fingerprint_sha256, platform, created_at, updated_at, last_seen_at) \
                  VALUES ($1, $2, $3, $4, $5, $5, $5) \
@@ -456,8 +495,9 @@ for_each_dialect! {
 
         async fn device(&self, id: &str) -> StoreResult<Option<Device>> {
             let row: Option<DeviceRow> = sqlx::query_as(
-                "SELECT id, user_id, fingerprint_sha256, platform, status, attestation_state, \
-                 attestation_failures FROM devices WHERE id = $1",
+                "SELECT d.id, d.user_id, d.fingerprint_sha256, d.platform, d.status, \
+                 d.attestation_state, d.attestation_failures, u.status AS owner_status \
+                 FROM devices d JOIN users u ON u.id = d.user_id WHERE d.id = $1",
             )
             .bind(id)
             .fetch_optional(&self.pool)
@@ -467,7 +507,7 @@ for_each_dialect! {
 
         #[tracing::instrument(skip_all, name = "store.start_session", fields(device_id = %session.device_id))]
         async fn start_session(&self, session: NewSession) -> StoreResult<()> {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = <Db as Dialect>::begin_write(&self.pool).await?;
             Self::insert_session(&mut tx, &session).await?;
             tx.commit().await?;
             Ok(())
@@ -475,7 +515,7 @@ for_each_dialect! {
 
         #[tracing::instrument(skip_all, name = "store.register", fields(device_id = %session.device_id))]
         async fn register(&self, user: NewUser, session: NewSession) -> StoreResult<User> {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = <Db as Dialect>::begin_write(&self.pool).await?;
             sqlx::query(
                 "INSERT INTO users (id, email, password_hash, created_at, updated_at) \
                  VALUES ($1, $2, $3, $4, $4)",
@@ -498,7 +538,8 @@ for_each_dialect! {
 
         async fn refresh_record(&self, token_sha256: &[u8]) -> StoreResult<Option<RefreshRecord>> {
             let row: Option<RefreshRow> = sqlx::query_as(
-                "SELECT t.used_at, t.expires_at, f.id AS family_id, f.status, f.user_id, f.device_id, \
+                "SELECT t.used_at, t.successor_sealed, t.expires_at, f.id AS family_id, f.status, \
+                 f.user_id, f.device_id, \
                  f.fingerprint_sha256 FROM refresh_tokens t JOIN refresh_families f ON f.id = t.family_id \
                  WHERE t.token_sha256 = $1",
             )
@@ -514,6 +555,7 @@ for_each_dialect! {
             old_sha256: &[u8],
             family_id: Uuid,
             new: NewRefreshToken,
+            successor_sealed: Option<Vec<u8>>,
         ) -> StoreResult<RotateOutcome> {
             // Lock the family first (SQLite: the write lock; PostgreSQL: the
             // family row): a concurrent logout or revocation waits for this
@@ -532,12 +574,13 @@ for_each_dialect! {
                 return Ok(RotateOutcome::FamilyInactive);
             }
             let won = sqlx::query(
-                "UPDATE refresh_tokens SET used_at = $3 WHERE token_sha256 = $1 AND used_at IS NULL \
-                 AND family_id = $2",
+                "UPDATE refresh_tokens SET used_at = $3, successor_sealed = $4 \
+                 WHERE token_sha256 = $1 AND used_at IS NULL AND family_id = $2",
             )
             .bind(old_sha256)
             .bind(Id(family_id))
             .bind(Time(now_micros()))
+            .bind(successor_sealed)
             .execute(&mut *tx)
             .await?
             .rows_affected()
@@ -546,22 +589,19 @@ for_each_dialect! {
                 tx.rollback().await?;
                 return Ok(RotateOutcome::AlreadyUsed);
             }
+            // `old` is now the only token whose presenter may get the current
+            // pair again: older ones forget theirs.
+            sqlx::query(
+                "UPDATE refresh_tokens SET successor_sealed = NULL WHERE family_id = $1 \
+                 AND token_sha256 <> $2 AND successor_sealed IS NOT NULL",
+            )
+            .bind(Id(family_id))
+            .bind(old_sha256)
+            .execute(&mut *tx)
+            .await?;
             Self::insert_refresh(&mut tx, family_id, &new).await?;
             tx.commit().await?;
             Ok(RotateOutcome::Rotated)
-        }
-
-        async fn set_device_status(&self, device_id: &str, status: DeviceStatus) -> StoreResult<bool> {
-            let done = sqlx::query(
-                "UPDATE devices SET status = $2, updated_at = $3, attestation_failures = \
-                 CASE WHEN $2 = 'active' THEN 0 ELSE attestation_failures END WHERE id = $1",
-            )
-            .bind(device_id)
-            .bind(status.as_str())
-            .bind(Time(now_micros()))
-            .execute(&self.pool)
-            .await?;
-            Ok(done.rows_affected() == 1)
         }
 
         #[tracing::instrument(skip_all, name = "store.revoke_device", fields(device_id = %revocation.device_id))]
@@ -577,13 +617,9 @@ for_each_dialect! {
             .bind(now)
             .execute(&mut *tx)
             .await?;
-            if let Some(status) = revocation.device_status {
-                sqlx::query("UPDATE devices SET status = $2, updated_at = $3 WHERE id = $1")
-                    .bind(&revocation.device_id)
-                    .bind(status.as_str())
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
+            if let Some(hold) = &revocation.hold {
+                Self::insert_device_hold(&mut tx, &revocation.device_id, hold).await?;
+                Self::settle_device(&mut tx, &revocation.device_id).await?;
             }
             if let Some(audit) = revocation.audit {
                 Self::insert_audit(&mut tx, audit).await?;
@@ -628,15 +664,24 @@ for_each_dialect! {
             .fetch_one(&mut *tx)
             .await?;
             let failures = failures.unsigned_abs();
-            let quarantined = failures >= max_failures
-                && sqlx::query(
-                    "UPDATE devices SET status = 'quarantined' WHERE id = $1 AND status = 'active'",
-                )
-                .bind(device_id)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected()
-                    == 1;
+            // One attestation hold at most: the first verdict past the limit
+            // places it, later failures find it there.
+            let held: Option<Id> = sqlx::query_scalar(
+                "SELECT id FROM holds WHERE device_id = $1 AND source = 'attestation'",
+            )
+            .bind(device_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let quarantined = failures >= max_failures && held.is_none();
+            if quarantined {
+                let hold = NewHold::new(
+                    HoldSource::Attestation,
+                    HoldAction::Quarantine,
+                    "attestation_failed",
+                );
+                Self::insert_device_hold(&mut tx, device_id, &hold).await?;
+                Self::settle_device(&mut tx, device_id).await?;
+            }
             tx.commit().await?;
             Ok(AttestationOutcome {
                 failures,

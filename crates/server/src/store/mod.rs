@@ -4,7 +4,7 @@
 //! rules and decisions, business events and the audit trail live here. The
 //! [`Store`] trait is what the rest of the server sees — the sum of one trait
 //! per aggregate ([`IdentityStore`], [`BillingStore`], [`FirewallStore`],
-//! [`IntelStore`], [`EventStore`], [`AuditStore`], [`KeyStore`]), each in the
+//! [`HoldStore`], [`IntelStore`], [`EventStore`], [`AuditStore`], [`KeyStore`]), each in the
 //! file that holds its types and its SQL. [`connect`] picks the backend from
 //! the URL scheme at run time (`sqlite://` for the embedded default,
 //! `postgres://` for production), so no business code ever branches on the
@@ -33,6 +33,23 @@ macro_rules! for_each_dialect {
     };
 }
 
+/// Spells a closed set of stored words both ways, failing on an unknown one.
+macro_rules! stored_words {
+    ($name:ident { $($variant:ident = $word:literal),+ $(,)? }) => {
+        impl $name {
+            /// The stored (and wire) spelling.
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$variant => $word),+ }
+            }
+
+            /// Parses the stored spelling.
+            pub fn parse(raw: &str) -> Option<Self> {
+                match raw { $($word => Some(Self::$variant),)+ _ => None }
+            }
+        }
+    };
+}
+
 mod audit;
 pub mod audit_chain;
 mod billing;
@@ -40,6 +57,7 @@ mod columns;
 pub mod event_schema;
 mod events;
 mod firewall;
+mod holds;
 mod identity;
 mod intel;
 mod keys;
@@ -63,9 +81,12 @@ pub use firewall::{
     FirewallDecision, FirewallRule, FirewallStore, NewDecision, RuleMode, RuleScope, RuleUpdate,
     SideEffect,
 };
+pub use holds::{
+    device_status_for, Hold, HoldAction, HoldSource, HoldStore, NewHold, Release, ReleaseOutcome,
+};
 pub use identity::{
     AttestationOutcome, Device, DeviceStatus, IdentityStore, NewRefreshToken, NewSession, NewUser,
-    RefreshRecord, Revocation, RotateOutcome, User, UserStatus,
+    RefreshRecord, Revocation, RotateOutcome, User, UserStatus, TOO_MANY_DEVICES,
 };
 pub use intel::IntelStore;
 pub use keys::{KeyStore, SigningKeyRecord};
@@ -141,6 +162,7 @@ pub trait Store:
     IdentityStore
     + BillingStore
     + FirewallStore
+    + HoldStore
     + IntelStore
     + EventStore
     + AuditStore

@@ -705,6 +705,18 @@ async fn invalid_events_name_the_field_and_apply_nothing(backend: Backend) {
             .to_string(),
             "extra",
         ),
+        // `created` orders events: one from the future would freeze the
+        // subscription until then.
+        (
+            event(
+                "evt_i6",
+                "subscription.activated",
+                now() + 3600,
+                &d.user_id,
+                "paid",
+            ),
+            "created",
+        ),
     ];
     for (body, field) in cases {
         let (status, problem) =

@@ -579,7 +579,12 @@ async fn refresh_from_another_device_or_fingerprint_is_reuse(backend: Backend) {
 }
 
 async fn concurrent_refreshes_cannot_both_win(backend: Backend) {
-    let Some(app) = spawn_app(backend).await else {
+    // Strict rotation: exactly one of six concurrent refreshes wins.
+    let Some(app) = spawn_app_with(backend, |c| {
+        c.refresh_reuse_interval = Duration::ZERO;
+    })
+    .await
+    else {
         return;
     };
     let s = app.register("jon@example.com", "device_0001").await;
@@ -594,6 +599,22 @@ async fn concurrent_refreshes_cannot_both_win(backend: Backend) {
     assert!(statuses
         .iter()
         .all(|s| *s == StatusCode::OK || *s == StatusCode::UNAUTHORIZED));
+
+    // With the reuse interval (the default) they are one client retrying:
+    // one rotation, and every answer is its pair.
+    let Some(app) = spawn_app(backend).await else {
+        return;
+    };
+    let s = app.register("jon@example.com", "device_0001").await;
+    let attempts = (0..6).map(|_| app.refresh(&s.refresh, &s.device_id, "fp-device_0001"));
+    let mut tokens = Vec::new();
+    for r in futures::future::join_all(attempts).await {
+        assert_eq!(r.status(), StatusCode::OK);
+        let body: Value = r.json().await.expect("json");
+        tokens.push(body["refresh_token"].as_str().expect("token").to_owned());
+    }
+    tokens.dedup();
+    assert_eq!(tokens.len(), 1, "one pair: {tokens:?}");
 }
 
 async fn logout_revokes_the_refresh_family(backend: Backend) {
@@ -1041,7 +1062,12 @@ async fn a_revocation_on_one_instance_is_enforced_by_another_at_once() {
         &s.device_id,
     )
     .await;
-    // Reuse on the first instance…
+    // The token before last (the last one would be a retry within the reuse
+    // interval): reuse on the first instance…
+    let after = first
+        .refresh(&next.refresh, &s.device_id, "fp-device_0001")
+        .await;
+    assert_eq!(after.status(), StatusCode::OK);
     let reused = first
         .refresh(&s.refresh, &s.device_id, "fp-device_0001")
         .await;

@@ -50,28 +50,59 @@ async fn rotation_tells_a_spent_token_from_a_revoked_family(backend: Backend) {
             family_id: family,
             token: token(1),
             events: Vec::new(),
+            max_devices: 10,
         })
         .await
         .expect("session");
+    let sealed = |hash: u8| {
+        let store = store.clone();
+        async move {
+            store
+                .refresh_record(&[hash; 32])
+                .await
+                .expect("read")
+                .expect("exists")
+                .successor_sealed
+        }
+    };
     assert_eq!(
         store
-            .rotate_refresh(&[1; 32], family, token(2))
+            .rotate_refresh(&[1; 32], family, token(2), Some(vec![1]))
             .await
             .expect("cas"),
         RotateOutcome::Rotated
     );
     assert_eq!(
+        sealed(1).await,
+        Some(vec![1]),
+        "the spent token keeps its successor"
+    );
+    assert_eq!(
         store
-            .rotate_refresh(&[1; 32], family, token(3))
+            .rotate_refresh(&[1; 32], family, token(3), Some(vec![9]))
             .await
             .expect("cas"),
         RotateOutcome::AlreadyUsed
     );
+    assert_eq!(sealed(1).await, Some(vec![1]), "a lost swap writes nothing");
+    assert_eq!(
+        store
+            .rotate_refresh(&[2; 32], family, token(3), Some(vec![2]))
+            .await
+            .expect("cas"),
+        RotateOutcome::Rotated
+    );
+    assert_eq!(
+        sealed(1).await,
+        None,
+        "only the immediately previous token keeps one"
+    );
+    assert_eq!(sealed(2).await, Some(vec![2]));
     store
         .revoke_device(Revocation {
             device_id: "device_0001".into(),
             reason: "logout".into(),
-            device_status: None,
+            hold: None,
             audit: None,
             event: None,
         })
@@ -79,17 +110,17 @@ async fn rotation_tells_a_spent_token_from_a_revoked_family(backend: Backend) {
         .expect("revoke");
     assert_eq!(
         store
-            .rotate_refresh(&[2; 32], family, token(4))
+            .rotate_refresh(&[3; 32], family, token(4), None)
             .await
             .expect("cas"),
         RotateOutcome::FamilyInactive
     );
     let record = store
-        .refresh_record(&[2; 32])
+        .refresh_record(&[3; 32])
         .await
         .expect("read")
         .expect("exists");
-    assert!(!record.used && !record.family_active);
+    assert!(record.used_at.is_none() && !record.family_active);
 }
 
 async fn reinserting_a_retired_key_makes_it_current_again(backend: Backend) {
@@ -574,6 +605,7 @@ async fn firewall_side_effects_reach_only_devices_the_users_own(backend: Backend
         family_id: Uuid::now_v7(),
         token: token(n),
         events: Vec::new(),
+        max_devices: 10,
     };
     let victim = store
         .create_user("victim@example.com", "h")

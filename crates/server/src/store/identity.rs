@@ -586,7 +586,7 @@ for_each_dialect! {
                     .await?;
             }
             if let Some(audit) = revocation.audit {
-                Self::insert_audit(&mut tx, audit).await?;
+                self.insert_audit(&mut tx, audit).await?;
             }
             if let Some(event) = revocation.event {
                 Self::insert_event(&mut tx, &event).await?;

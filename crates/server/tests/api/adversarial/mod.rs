@@ -5,6 +5,8 @@
 //! Stories are grouped by the part of the product they attack: sign-in and
 //! the firewall here, the others in the submodules below.
 
+mod keys_at_rest;
+
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 

@@ -543,9 +543,12 @@ pub fn session(class: Class, seed: u64, length: usize) -> Session {
     let mut rng = Rng::new(seed);
     let b = body(&mut rng, class);
     let mut heartbeats = Vec::with_capacity(length);
-    let attack_start = class
-        .is_attack()
-        .then(|| (rng.range(3.0, 10.0) as usize).min(length.saturating_sub(6)));
+    // At least one genuine heartbeat first: a replay attack replays history.
+    let attack_start = class.is_attack().then(|| {
+        (rng.range(3.0, 10.0) as usize)
+            .min(length.saturating_sub(6))
+            .max(1)
+    });
     let owner = match rng.unit() {
         u if u < 0.5 => Class::HeldInHand,
         u if u < 0.8 => Class::IdleReading,
@@ -675,6 +678,15 @@ mod tests {
         }
         let json = serde_json::to_string(&hb).expect("json");
         assert!((6_000..9_000).contains(&json.len()), "{}", json.len());
+    }
+
+    #[test]
+    fn short_sessions_never_panic() {
+        for length in 0..8 {
+            for class in Class::ALL {
+                assert_eq!(session(class, 1, length).heartbeats.len(), length);
+            }
+        }
     }
 
     #[test]

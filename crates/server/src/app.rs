@@ -186,20 +186,42 @@ impl AppState {
     }
 
     /// Reloads the signing keys every `key_reload_interval` until `stop`, so
-    /// a rotation made on any instance is used here within a minute.
+    /// a rotation made on any instance is used here within a minute; at once
+    /// when a key is revoked (a message on [`crate::auth::keys::CHANGED_CHANNEL`],
+    /// or, without Redis, a look every [`crate::auth::keys::REVOCATION_POLL`]).
+    /// A reload that drops a key also drops every cached verification.
     pub fn spawn_key_reloader(&self, stop: CancellationToken) {
+        use crate::auth::keys::{CHANGED_CHANNEL, REVOCATION_POLL};
         let state = self.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(state.config.key_reload_interval);
+            let mut changes = match state.shared.subscribe(CHANGED_CHANNEL).await {
+                Ok(changes) => Some(changes),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot subscribe to key changes; reloading on the timer only");
+                    None
+                }
+            };
+            let every = if state.is_embedded() {
+                REVOCATION_POLL.min(state.config.key_reload_interval)
+            } else {
+                state.config.key_reload_interval
+            };
+            let mut tick = tokio::time::interval(every);
             tick.tick().await;
             loop {
+                let announced = async {
+                    match changes.as_mut() {
+                        Some(changes) => changes.recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     () = stop.cancelled() => return,
-                    _ = tick.tick() => {
-                        if let Err(e) = state.auth.keys.reload(state.store.as_ref()).await {
-                            tracing::warn!(error = %e, "signing key reload failed; keeping the current set");
-                        }
-                    }
+                    _ = tick.tick() => {}
+                    message = announced => if message.is_none() { changes = None },
+                }
+                if let Err(e) = state.auth.reload_keys(state.store.as_ref()).await {
+                    tracing::warn!(error = %e, "signing key reload failed; keeping the current set");
                 }
             }
         });

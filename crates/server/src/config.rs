@@ -231,6 +231,44 @@ pub struct Config {
     /// returns the current pair instead of counting as reuse
     /// (`BLOCKREMOTE_REFRESH_REUSE_INTERVAL_SECONDS`, 0–300, default 10; 0 = off).
     pub refresh_reuse_interval: Duration,
+    /// Where the key-encryption key comes from (`BLOCKREMOTE_KEK`,
+    /// `BLOCKREMOTE_KEK_FILE`, `BLOCKREMOTE_INSECURE_KEYS`; see `auth::kek`).
+    pub kek: KekSetting,
+    /// The KEK being replaced, for `keys rewrap`
+    /// (`BLOCKREMOTE_KEK_PREVIOUS` / `BLOCKREMOTE_KEK_PREVIOUS_FILE`): the
+    /// base64 text and the setting it came from.
+    pub kek_previous: Option<(SecretString, String)>,
+}
+
+/// Where the key-encryption key comes from.
+#[derive(Debug, Clone)]
+pub enum KekSetting {
+    /// `BLOCKREMOTE_KEK` or `BLOCKREMOTE_KEK_FILE`: base64 of 32 bytes
+    /// (checked when the configuration loads).
+    Given {
+        /// The base64 text.
+        value: SecretString,
+        /// The variable or file it came from, for messages.
+        origin: String,
+    },
+    /// The embedded default (no `DATABASE_URL`): `<data dir>/kek`, generated
+    /// 0600 on first start.
+    DataDir,
+    /// `DATABASE_URL` set, no KEK, `BLOCKREMOTE_INSECURE_KEYS=1`: keys stay
+    /// in plaintext (a loud warning at start).
+    Insecure,
+    /// `DATABASE_URL` set and no KEK: commands that need keys refuse to start.
+    Missing,
+}
+
+impl KekSetting {
+    /// A KEK given as base64 text (tests and tools).
+    pub fn given(base64: &str) -> Self {
+        Self::Given {
+            value: SecretString::from(base64.to_owned()),
+            origin: KEK.var.to_owned(),
+        }
+    }
 }
 
 /// How log lines are written.
@@ -450,6 +488,11 @@ const REFRESH_REUSE_INTERVAL: Ranged<u64> = Ranged::new(
     0..=300,
     Outside::Refuse("must be between {min} and {max}"),
 );
+const KEK: Setting = Setting::new("BLOCKREMOTE_KEK", None);
+const KEK_FILE: Setting = Setting::new("BLOCKREMOTE_KEK_FILE", None);
+const KEK_PREVIOUS: Setting = Setting::new("BLOCKREMOTE_KEK_PREVIOUS", None);
+const KEK_PREVIOUS_FILE: Setting = Setting::new("BLOCKREMOTE_KEK_PREVIOUS_FILE", None);
+const INSECURE_KEYS: Setting = Setting::new("BLOCKREMOTE_INSECURE_KEYS", Some("false"));
 
 /// Every setting read, in the order README lists most of them. The file keys
 /// and the environment layer come from this list; tests check it against what
@@ -490,6 +533,11 @@ pub const SETTINGS: &[Setting] = &[
     WS_HANDSHAKES_PER_MINUTE.setting,
     MAX_DEVICES_PER_USER.setting,
     REFRESH_REUSE_INTERVAL.setting,
+    KEK,
+    KEK_FILE,
+    KEK_PREVIOUS,
+    KEK_PREVIOUS_FILE,
+    INSECURE_KEYS,
 ];
 
 impl Config {
@@ -610,6 +658,19 @@ impl Config {
             )),
             _ => None,
         };
+        let webhook_secrets = v.list(&WEBHOOK_SECRETS);
+        for secret in &webhook_secrets {
+            crate::billing::signature::check_secret(secret)
+                .map_err(|message| invalid(v.name(&WEBHOOK_SECRETS), message))?;
+        }
+        let insecure_keys = v.flag(&INSECURE_KEYS)?;
+        let kek = match v.kek(&KEK, &KEK_FILE)? {
+            Some((value, origin)) => KekSetting::Given { value, origin },
+            None if v.get(&DATABASE_URL).is_none() => KekSetting::DataDir,
+            None if insecure_keys => KekSetting::Insecure,
+            None => KekSetting::Missing,
+        };
+        let kek_previous = v.kek(&KEK_PREVIOUS, &KEK_PREVIOUS_FILE)?;
         let jwt_algorithm = v.one_of(
             &JWT_ALGORITHM,
             JwtAlgorithm::from_name,
@@ -641,11 +702,12 @@ impl Config {
             redis_prefix,
             auto_migrate: v.flag(&AUTO_MIGRATE)?,
             admin_token,
-            webhook_secrets: v
-                .list(&WEBHOOK_SECRETS)
+            webhook_secrets: webhook_secrets
                 .into_iter()
                 .map(SecretString::from)
                 .collect(),
+            kek,
+            kek_previous,
             webhook_allowed_ips,
             allowed_origins,
             cors_origins,
@@ -789,6 +851,31 @@ impl Values {
         self.get(setting)
             .filter(|(_, raw)| !raw.is_empty())
             .map(|(_, raw)| SecretString::from(raw.to_owned()))
+    }
+
+    /// A key-encryption key from `value` or the file `file` names: base64
+    /// of 32 bytes, with the setting it came from. Never echoed in errors.
+    fn kek(
+        &self,
+        value: &Setting,
+        file: &Setting,
+    ) -> Result<Option<(SecretString, String)>, ConfigError> {
+        let (name, text) = match (self.get(value), self.get(file)) {
+            (Some((name, text)), _) if !text.is_empty() => (name.to_owned(), text.to_owned()),
+            (_, Some((name, path))) if !path.is_empty() => (
+                format!("{name} ({path})"),
+                std::fs::read_to_string(path)
+                    .map_err(|e| invalid(name, format!("cannot read {path}: {e}")))?,
+            ),
+            _ => return Ok(None),
+        };
+        if crate::auth::kek::decode_kek(&text).is_none() {
+            return Err(invalid(
+                name,
+                "must be the base64 of exactly 32 bytes (generate one with `openssl rand -base64 32`)",
+            ));
+        }
+        Ok(Some((SecretString::from(text.trim().to_owned()), name)))
     }
 
     /// A comma-separated list; blanks are dropped.
@@ -941,7 +1028,10 @@ mod tests {
     fn comma_lists_and_cidrs_parse() {
         let c = load(&[
             ("BLOCKREMOTE_TRUSTED_PROXIES", "10.0.0.0/8, 192.168.1.7,::1"),
-            ("BLOCKREMOTE_WEBHOOK_SECRETS", "whsec_a,plain-secret"),
+            (
+                "BLOCKREMOTE_WEBHOOK_SECRETS",
+                "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw,plain-secret-of-24-bytes!",
+            ),
             ("REDIS_URL", "redis://127.0.0.1:6379/3"),
             ("DATABASE_URL", "postgres://u:hunter2@db:5432/br"),
         ])
@@ -979,10 +1069,67 @@ mod tests {
                 "BLOCKREMOTE_ADMIN_TOKEN",
             ),
             (vec![("BLOCKREMOTE_ISSUER", "")], "BLOCKREMOTE_ISSUER"),
+            (
+                vec![(
+                    "BLOCKREMOTE_WEBHOOK_SECRETS",
+                    "whsec_not*base64*0123456789abcdef",
+                )],
+                "BLOCKREMOTE_WEBHOOK_SECRETS",
+            ),
+            (
+                vec![(
+                    "BLOCKREMOTE_WEBHOOK_SECRETS",
+                    "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw,short",
+                )],
+                "BLOCKREMOTE_WEBHOOK_SECRETS",
+            ),
+            (vec![("BLOCKREMOTE_KEK", "dG9vIHNob3J0")], "BLOCKREMOTE_KEK"),
+            (
+                vec![("BLOCKREMOTE_KEK_FILE", "/nonexistent/kek")],
+                "BLOCKREMOTE_KEK_FILE",
+            ),
+            (
+                vec![("BLOCKREMOTE_INSECURE_KEYS", "perhaps")],
+                "BLOCKREMOTE_INSECURE_KEYS",
+            ),
         ] {
             let err = load(&pairs).expect_err("must fail");
             assert!(err.to_string().starts_with(needle), "{err}");
         }
+    }
+
+    #[test]
+    fn the_kek_comes_from_the_settings_the_data_dir_or_nowhere() {
+        let kek = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+        let pg = ("DATABASE_URL", "postgres://u@db/br");
+        assert!(matches!(load(&[]).expect("load").kek, KekSetting::DataDir));
+        assert!(matches!(
+            load(&[pg]).expect("load").kek,
+            KekSetting::Missing
+        ));
+        assert!(matches!(
+            load(&[pg, ("BLOCKREMOTE_INSECURE_KEYS", "1")])
+                .expect("load")
+                .kek,
+            KekSetting::Insecure
+        ));
+        let given = load(&[pg, ("BLOCKREMOTE_KEK", kek)]).expect("load");
+        assert!(
+            matches!(given.kek, KekSetting::Given { ref origin, .. } if origin == "BLOCKREMOTE_KEK")
+        );
+        assert!(!format!("{given:?}").contains(kek), "the KEK is redacted");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("kek");
+        std::fs::write(&file, format!("{kek}\n")).expect("write");
+        let from_file = load(&[
+            pg,
+            (
+                "BLOCKREMOTE_KEK_PREVIOUS_FILE",
+                file.to_str().expect("utf8"),
+            ),
+        ])
+        .expect("load");
+        assert!(from_file.kek_previous.is_some());
     }
 
     #[test]
@@ -994,7 +1141,10 @@ mod tests {
                 "BLOCKREMOTE_ADMIN_TOKEN",
                 "admin-secret-admin-secret-admin-secret",
             ),
-            ("BLOCKREMOTE_WEBHOOK_SECRETS", "whsec_topsecret"),
+            (
+                "BLOCKREMOTE_WEBHOOK_SECRETS",
+                "topsecret-topsecret-topsecret",
+            ),
             ("BLOCKREMOTE_ATTESTATION_TEST_SECRET", "attest-secret"),
         ])
         .expect("load");

@@ -1,12 +1,18 @@
-//! The `blockremote` command: `serve`, `worker`, `migrate`, `openapi`.
+//! The `blockremote` command: `serve`, `worker`, `migrate`, `openapi`, and
+//! the operator's one-shot commands (`keys`, `audit`, `admin-key`, `intel`,
+//! `simulate`).
 //!
 //! Errors are printed as one line on stderr with a non-zero exit code; a
 //! missing database is an operator problem to be told about, never a panic.
+//! Only `serve`, `migrate` and the commands that bootstrap data (`admin-key
+//! create`, `intel import`) create a database; the others need one and say
+//! which they expected. Numeric arguments are range-checked by the parser.
 
 use std::{path::PathBuf, process::ExitCode};
 
 use blockremote::{
     app::{self, Application},
+    auth::kek,
     config::Config,
     intel_change, store, telemetry,
 };
@@ -68,18 +74,18 @@ enum Command {
         /// Admin API key (mints one device session per simulated device).
         #[arg(long, env = "BLOCKREMOTE_ADMIN_TOKEN", hide_env_values = true)]
         admin_key: String,
-        /// Sessions per class.
-        #[arg(long, default_value_t = 20)]
-        sessions: usize,
-        /// Heartbeats per session.
-        #[arg(long, default_value_t = 25)]
-        length: usize,
+        /// Sessions per class (1–100000).
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        sessions: u32,
+        /// Heartbeats per session (1–10000).
+        #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        length: u32,
         /// Corpus seed.
         #[arg(long, default_value_t = 1)]
         seed: u64,
-        /// Sessions in flight at once.
-        #[arg(long, default_value_t = 32)]
-        concurrency: usize,
+        /// Sessions in flight at once (1–1024).
+        #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=1024))]
+        concurrency: u32,
     },
     /// The audit trail.
     Audit {
@@ -97,7 +103,16 @@ enum Command {
 enum AuditCommand {
     /// Recompute the audit trail's hash chain; exit 1 naming the first
     /// edited, removed or inserted row.
-    Verify,
+    Verify {
+        /// A head printed earlier by `audit head` (`SEQ:HASH`, or the hash
+        /// alone): exit 1 unless that row is still in the chain with that
+        /// hash, which detects the newest rows being cut off.
+        #[arg(long, value_name = "SEQ:HASH")]
+        head: Option<String>,
+    },
+    /// Print the chain's head as `SEQ:HASH`, to keep somewhere the
+    /// database's writers cannot reach (and check with `verify --head`).
+    Head,
 }
 
 #[derive(Debug, Subcommand)]
@@ -117,6 +132,23 @@ enum KeysCommand {
     /// BLOCKREMOTE_KEY_RELOAD_SECONDS (≤ 60 s) and keep verifying tokens of
     /// the old key until they expire.
     Rotate,
+    /// Revoke a signing key at once: it stops signing and verifying on every
+    /// instance, and tokens it signed are refused on their next use (a
+    /// current key is first replaced by a new one). For a leaked key.
+    Revoke {
+        /// The key's `kid` (as in the JWKS and token headers).
+        kid: String,
+    },
+    /// Re-seal every private key and server secret under the KEK now
+    /// configured (BLOCKREMOTE_KEK / _FILE, or the data dir's `kek` file),
+    /// opening them with the previous one (BLOCKREMOTE_KEK_PREVIOUS / _FILE,
+    /// or --previous-file). Safe to run again; prints what changed.
+    Rewrap {
+        /// A file holding the previous KEK (base64), instead of
+        /// BLOCKREMOTE_KEK_PREVIOUS(_FILE).
+        #[arg(long, value_name = "FILE")]
+        previous_file: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -178,6 +210,60 @@ async fn open_store(config: &Config) -> anyhow::Result<std::sync::Arc<dyn store:
     .await?)
 }
 
+/// The store of a command that needs an existing database: creates nothing
+/// (no data dir, no file, no schema) and names the database it expected and
+/// how to create it.
+async fn open_existing_store(config: &Config) -> anyhow::Result<std::sync::Arc<dyn store::Store>> {
+    let target = config.database.redacted_url();
+    let create = "create it with `blockremote migrate` (or by starting `blockremote serve`)";
+    if let Some(file) = store::sqlite_file(&config.database) {
+        if !file.exists() {
+            anyhow::bail!(
+                "no database at {} (DATABASE_URL, or by default blockremote.db in BLOCKREMOTE_DATA_DIR={}): {create}",
+                file.display(),
+                config.data_dir.display()
+            );
+        }
+    }
+    let store = open_store(config).await?;
+    let pending = store.pending_migrations().await?;
+    if pending > 0 {
+        store.close().await;
+        anyhow::bail!(
+            "the database at {target} is not initialised or is {pending} migration(s) behind: run `blockremote migrate`"
+        );
+    }
+    Ok(store)
+}
+
+/// Tells running servers that the signing keys changed (Redis only: an
+/// embedded server looks every second).
+async fn announce_key_change(config: &Config) -> anyhow::Result<()> {
+    if config.redis_url.is_some() {
+        let shared = blockremote::state::connect(config).await?;
+        shared
+            .publish(blockremote::auth::keys::CHANGED_CHANNEL, b"1")
+            .await?;
+    }
+    Ok(())
+}
+
+fn chain_break(broken: blockremote::store::audit_chain::ChainBreak) -> anyhow::Error {
+    use blockremote::store::audit_chain::ChainBreak;
+    match broken {
+        ChainBreak::Edited { seq } => anyhow::anyhow!("audit chain broken: row {seq} was edited"),
+        ChainBreak::Unlinked { seq } => anyhow::anyhow!(
+            "audit chain broken before row {seq}: a row was removed or inserted"
+        ),
+        ChainBreak::Unkeyed { seq } => anyhow::anyhow!(
+            "audit chain broken: row {seq} is not keyed though the chain was keyed before it (rewritten without the key)"
+        ),
+        ChainBreak::KeyMissing { seq } => anyhow::anyhow!(
+            "cannot verify row {seq}: it is keyed and the audit-chain key is unavailable (set BLOCKREMOTE_KEK or BLOCKREMOTE_KEK_FILE; if it is set, the sealed key was removed from the database)"
+        ),
+    }
+}
+
 async fn run(command: Command, config: Config) -> anyhow::Result<()> {
     match command {
         Command::Serve { no_migrate } => {
@@ -221,12 +307,77 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                     "the signing key comes from BLOCKREMOTE_JWT_PRIVATE_KEY(_FILE): rotate by deploying a new PEM"
                 );
             }
-            let store = open_store(&config).await?;
-            store.migrate().await?;
-            let kid = blockremote::auth::keys::rotate(store.as_ref(), config.jwt_algorithm).await?;
+            let store = open_existing_store(&config).await?;
+            let kek = kek::resolve(&config, kek::Generate::IfMissing)?;
+            let kid =
+                blockremote::auth::keys::rotate(store.as_ref(), config.jwt_algorithm, kek.as_ref())
+                    .await?;
             println!("{kid}");
             tracing::info!(kid, "new signing key is current");
             store.close().await;
+            Ok(())
+        }
+        Command::Keys {
+            command: KeysCommand::Revoke { kid },
+        } => {
+            let store = open_existing_store(&config).await?;
+            let kek = kek::resolve(&config, kek::Generate::IfMissing)?;
+            if let Some(pem) = &config.jwt_private_key {
+                use secrecy::ExposeSecret;
+                let external = blockremote::auth::keys::ExternalKey::from_pem(pem.expose_secret())?;
+                if external.kid() == kid {
+                    anyhow::bail!(
+                        "{kid} is the key of BLOCKREMOTE_JWT_PRIVATE_KEY(_FILE): deploy a new PEM first, then revoke it"
+                    );
+                }
+            }
+            let revoked = blockremote::auth::keys::revoke(
+                store.as_ref(),
+                &kid,
+                config.jwt_algorithm,
+                kek.as_ref(),
+            )
+            .await?;
+            store.close().await;
+            announce_key_change(&config).await?;
+            println!("revoked {}", revoked.kid);
+            if let Some(new) = &revoked.replaced_by {
+                println!("current key is now {new}");
+            }
+            tracing::warn!(kid = %revoked.kid, replaced_by = ?revoked.replaced_by, "signing key revoked");
+            Ok(())
+        }
+        Command::Keys {
+            command: KeysCommand::Rewrap { previous_file },
+        } => {
+            let new = kek::resolve(&config, kek::Generate::Never)?.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "`keys rewrap` needs the new KEK: set BLOCKREMOTE_KEK or BLOCKREMOTE_KEK_FILE"
+                )
+            })?;
+            let previous = match previous_file {
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path)
+                        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+                    Some(kek::Kek::from_base64(&text, path.display().to_string())?)
+                }
+                None => kek::previous(&config)?,
+            };
+            if previous.as_ref().is_some_and(|old| old.id() == new.id()) {
+                anyhow::bail!("the previous KEK and the new KEK are the same key");
+            }
+            let store = open_existing_store(&config).await?;
+            let done =
+                blockremote::auth::sealed::rewrap(store.as_ref(), previous.as_ref(), &new).await;
+            store.close().await;
+            let done = done?;
+            println!(
+                "rewrapped {} signing key(s) and {} server secret(s) under KEK {}; {} already under it",
+                done.signing_keys,
+                done.secrets,
+                new.id(),
+                done.unchanged
+            );
             Ok(())
         }
         Command::AdminKey {
@@ -277,25 +428,53 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Audit {
-            command: AuditCommand::Verify,
+            command: AuditCommand::Head,
         } => {
-            let store = open_store(&config).await?;
-            let verdict = blockremote::store::verify_audit_chain(store.as_ref()).await?;
+            let store = open_existing_store(&config).await?;
+            let head = store.audit_head().await;
             store.close().await;
-            match verdict {
-                Ok(rows) => {
-                    println!("audit chain intact: {rows} rows");
-                    Ok(())
-                }
-                Err(blockremote::store::audit_chain::ChainBreak::Edited { seq }) => {
-                    anyhow::bail!("audit chain broken: row {seq} was edited")
-                }
-                Err(blockremote::store::audit_chain::ChainBreak::Unlinked { seq }) => {
-                    anyhow::bail!(
-                        "audit chain broken before row {seq}: a row was removed or inserted"
-                    )
-                }
+            match head? {
+                Some((seq, hash)) => println!("{seq}:{hash}"),
+                None => println!("0:{}", blockremote::store::audit_chain::GENESIS),
             }
+            Ok(())
+        }
+        Command::Audit {
+            command: AuditCommand::Verify { head },
+        } => {
+            let anchor = match head.as_deref() {
+                Some(text) => Some(blockremote::store::Anchor::parse(text).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--head: `{text}` is not a head printed by `blockremote audit head` (SEQ:HASH)"
+                    )
+                })?),
+                None => None,
+            };
+            let store = open_existing_store(&config).await?;
+            let verdict = async {
+                let kek = kek::resolve(&config, kek::Generate::Never)?;
+                let key = blockremote::auth::sealed::chain_key(store.as_ref(), kek.as_ref(), false)
+                    .await?;
+                anyhow::Ok(
+                    blockremote::store::verify_chain(store.as_ref(), key.as_ref(), anchor.as_ref())
+                        .await?,
+                )
+            }
+            .await;
+            store.close().await;
+            let report = verdict?.map_err(chain_break)?;
+            if report.anchor_found == Some(false) {
+                let now = report.head.map_or_else(
+                    || "it is empty".to_owned(),
+                    |(seq, hash)| format!("it now ends at {seq}:{hash}"),
+                );
+                anyhow::bail!(
+                    "audit chain truncated or rewritten: the anchored head {} is not in the chain ({now})",
+                    head.unwrap_or_default()
+                );
+            }
+            println!("audit chain intact: {} rows", report.rows);
+            Ok(())
         }
         Command::Simulate {
             url,
@@ -308,10 +487,10 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             blockremote::simulate::run(blockremote::simulate::SimulateOptions {
                 url,
                 admin_key,
-                sessions,
-                length,
+                sessions: sessions as usize,
+                length: length as usize,
                 seed,
-                concurrency,
+                concurrency: concurrency as usize,
             })
             .await
         }

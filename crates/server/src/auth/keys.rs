@@ -13,6 +13,19 @@
 //! lifetime + clock-skew leeway). Each replica reloads the set every
 //! [`RELOAD_EVERY`], so a rotation takes effect everywhere within a minute.
 //!
+//! Private keys are stored sealed under the key-encryption key when one is
+//! configured ([`super::kek`]); a key found in plaintext (written before a
+//! KEK was set) is sealed in place at start, so no key is lost. Only the
+//! current key's private half is ever opened, and only in memory.
+//!
+//! Revocation (`blockremote keys revoke KID`) is rotation's emergency form:
+//! the key stops signing *and verifying* at once. The command publishes on
+//! [`CHANGED_CHANNEL`]; each instance reloads and drops its cache of
+//! verified tokens ([`super::verified`]), so tokens the key signed are
+//! refused on their next use. Without Redis the command cannot reach the
+//! running server, which therefore checks for revocations every
+//! [`REVOCATION_POLL`].
+//!
 //! Every key carries an algorithm; verification uses *that* algorithm only,
 //! whatever the token's header claims (RFC 8725 §3.1), so `none` and
 //! HS256-signed-with-the-public-key forgeries never verify.
@@ -29,6 +42,7 @@ use ring::{
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+use super::kek::{self, Kek, KekError};
 use crate::{
     config::JwtAlgorithm,
     store::{now_micros, SigningKeyRecord, Store, StoreError},
@@ -37,12 +51,21 @@ use crate::{
 /// How often each replica reloads the key set from the store.
 pub const RELOAD_EVERY: Duration = Duration::from_secs(30);
 
+/// Published when a key is revoked: every instance reloads at once.
+pub const CHANGED_CHANNEL: &str = "keys:changed";
+
+/// How often an instance without Redis looks for revoked keys.
+pub const REVOCATION_POLL: Duration = Duration::from_secs(1);
+
 /// Problems with keys.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     /// The configured PEM cannot be used.
     #[error("invalid signing key: {0}")]
     Invalid(String),
+    /// The key-encryption key is missing, wrong, or a sealed value does not open.
+    #[error(transparent)]
+    Kek(#[from] KekError),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -224,6 +247,7 @@ fn record(alg: &str, private_der: Option<Vec<u8>>, public_jwk: Value) -> Signing
         public_jwk,
         created_at: now_micros(),
         retired_at: None,
+        revoked_at: None,
     }
 }
 
@@ -295,6 +319,10 @@ pub const UNKNOWN_KID_RELOAD_GAP: Duration = Duration::from_secs(1);
 pub struct KeyRing {
     last_reload: std::sync::Mutex<std::time::Instant>,
     external: Option<ExternalKey>,
+    kek: Option<std::sync::Arc<Kek>>,
+    /// Set when a reload drops a key that verified before; taken by
+    /// [`take_dropped`](Self::take_dropped).
+    dropped: std::sync::atomic::AtomicBool,
     /// How long a retired key keeps verifying (access-token lifetime + leeway).
     verify_window: chrono::Duration,
     set: RwLock<std::sync::Arc<KeySet>>,
@@ -308,9 +336,13 @@ impl KeyRing {
         external: Option<ExternalKey>,
         algorithm: JwtAlgorithm,
         verify_window: Duration,
+        kek: Option<std::sync::Arc<Kek>>,
     ) -> Result<Self, KeyError> {
         let verify_window = chrono::Duration::from_std(verify_window)
             .unwrap_or_else(|_| chrono::Duration::hours(1));
+        if let Some(kek) = &kek {
+            seal_plaintext_keys(store, kek).await?;
+        }
         if let Some(key) = &external {
             let known = store.signing_keys().await?;
             let current = known
@@ -325,18 +357,21 @@ impl KeyRing {
             // First start, or the configured algorithm changed: a new current
             // key; the old ones keep verifying until their tokens expire.
             store
-                .insert_signing_key(generate(algorithm).await?, true)
+                .insert_signing_key(sealed(generate(algorithm).await?, kek.as_deref()), true)
                 .await?;
         }
         let set = build(
             &store.signing_keys().await?,
             external.as_ref(),
+            kek.as_deref(),
             verify_window,
             Utc::now(),
         )?;
         Ok(Self {
             last_reload: std::sync::Mutex::new(std::time::Instant::now()),
             external,
+            kek,
+            dropped: std::sync::atomic::AtomicBool::new(false),
             verify_window,
             set: RwLock::new(std::sync::Arc::new(set)),
         })
@@ -375,38 +410,128 @@ impl KeyRing {
         self.current().verifying.contains_key(kid)
     }
 
-    /// Re-reads the store (after a rotation on any instance).
-    pub async fn reload(&self, store: &dyn Store) -> Result<(), KeyError> {
+    /// True (once) when a reload since the last call dropped a key that
+    /// verified before (revoked, or out of its window): cached
+    /// verifications must then be forgotten.
+    pub fn take_dropped(&self) -> bool {
+        self.dropped
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+    }
+
+    /// Re-reads the store (after a rotation on any instance). Returns true
+    /// when a key that verified before no longer does (see
+    /// [`take_dropped`](Self::take_dropped)).
+    pub async fn reload(&self, store: &dyn Store) -> Result<bool, KeyError> {
         let set = build(
             &store.signing_keys().await?,
             self.external.as_ref(),
+            self.kek.as_deref(),
             self.verify_window,
             Utc::now(),
         )?;
-        *self
+        let mut current = self
             .set
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = std::sync::Arc::new(set);
-        Ok(())
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let dropped = current
+            .verifying
+            .keys()
+            .any(|kid| !set.verifying.contains_key(kid));
+        *current = std::sync::Arc::new(set);
+        if dropped {
+            self.dropped
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+        Ok(dropped)
     }
 }
 
+/// `key` with its private half sealed under `kek` (as it is when there is none).
+fn sealed(mut key: SigningKeyRecord, kek: Option<&Kek>) -> SigningKeyRecord {
+    if let (Some(kek), Some(der)) = (kek, key.private_der.as_deref()) {
+        let envelope = kek.seal(&kek::signing_key_row(&key.kid), der);
+        key.private_der = Some(envelope);
+    }
+    key
+}
+
+/// Seals every private key still stored in plaintext (written before a KEK
+/// was configured). Compare-and-swap per row, so instances starting together
+/// agree; returns how many this call sealed.
+pub async fn seal_plaintext_keys(store: &dyn Store, kek: &Kek) -> Result<usize, KeyError> {
+    let mut sealed_now = 0;
+    for key in store.signing_keys().await? {
+        let Some(der) = key.private_der.as_deref().filter(|d| !kek::is_sealed(d)) else {
+            continue;
+        };
+        let envelope = kek.seal(&kek::signing_key_row(&key.kid), der);
+        if store.replace_private_key(&key.kid, der, &envelope).await? {
+            sealed_now += 1;
+            tracing::info!(kid = %key.kid, kek = %kek.id(), "sealed a plaintext signing key under the KEK");
+        }
+    }
+    Ok(sealed_now)
+}
+
 /// Makes a new key current (the `keys rotate` command). Returns its `kid`.
-pub async fn rotate(store: &dyn Store, algorithm: JwtAlgorithm) -> Result<String, KeyError> {
-    let key = generate(algorithm).await?;
+pub async fn rotate(
+    store: &dyn Store,
+    algorithm: JwtAlgorithm,
+    kek: Option<&Kek>,
+) -> Result<String, KeyError> {
+    let key = sealed(generate(algorithm).await?, kek);
     let kid = key.kid.clone();
     store.insert_signing_key(key, true).await?;
     Ok(kid)
 }
 
+/// What `keys revoke` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revoked {
+    /// The key revoked.
+    pub kid: String,
+    /// The new current key, when the revoked key was the current one.
+    pub replaced_by: Option<String>,
+}
+
+/// Revokes `kid`: it stops signing and verifying at once (the `keys
+/// revoke` command). A current key is first replaced by a new one, so
+/// there is always a key to sign with. The caller tells running instances
+/// ([`CHANGED_CHANNEL`]).
+pub async fn revoke(
+    store: &dyn Store,
+    kid: &str,
+    algorithm: JwtAlgorithm,
+    kek: Option<&Kek>,
+) -> Result<Revoked, KeyError> {
+    let keys = store.signing_keys().await?;
+    let Some(key) = keys.iter().find(|k| k.kid == kid) else {
+        return Err(KeyError::Invalid(format!(
+            "no signing key has kid {kid} (the JWKS lists the live ones)"
+        )));
+    };
+    let replaced_by = if key.retired_at.is_none() {
+        Some(rotate(store, algorithm, kek).await?)
+    } else {
+        None
+    };
+    store.revoke_signing_key(kid, now_micros()).await?;
+    Ok(Revoked {
+        kid: kid.to_owned(),
+        replaced_by,
+    })
+}
+
 fn build(
     records: &[SigningKeyRecord],
     external: Option<&ExternalKey>,
+    kek: Option<&Kek>,
     window: chrono::Duration,
     now: DateTime<Utc>,
 ) -> Result<KeySet, KeyError> {
     let live: Vec<&SigningKeyRecord> = records
         .iter()
+        .filter(|k| k.revoked_at.is_none())
         .filter(|k| k.retired_at.is_none_or(|at| at + window > now))
         .collect();
     let mut verifying = HashMap::new();
@@ -433,13 +558,18 @@ fn build(
                 .filter(|k| k.retired_at.is_none() && k.private_der.is_some())
                 .max_by_key(|k| (k.created_at, k.kid.clone()))
                 .ok_or_else(|| KeyError::Invalid("no current signing key in the store".into()))?;
-            let der = record.private_der.as_deref().unwrap_or_default();
+            let der = kek::open_or_plain(
+                kek,
+                &kek::signing_key_row(&record.kid),
+                &format!("signing key {}", record.kid),
+                record.private_der.as_deref().unwrap_or_default(),
+            )?;
             SigningKey {
                 kid: record.kid.clone(),
                 alg: algorithm(&record.alg).unwrap_or(Algorithm::ES256),
                 encoding: match record.alg.as_str() {
-                    "RS256" => EncodingKey::from_rsa_der(der),
-                    _ => EncodingKey::from_ec_der(der),
+                    "RS256" => EncodingKey::from_rsa_der(&der),
+                    _ => EncodingKey::from_ec_der(&der),
                 },
             }
         }
@@ -493,12 +623,13 @@ mod tests {
         let now = Utc::now();
         old.retired_at = Some(now - chrono::Duration::minutes(10));
         let window = chrono::Duration::minutes(15);
-        let set = build(&[old.clone(), new.clone()], None, window, now).expect("set");
+        let set = build(&[old.clone(), new.clone()], None, None, window, now).expect("set");
         assert_eq!(set.current.kid, new.kid);
         assert!(set.verifying.contains_key(&old.kid));
         assert_eq!(set.jwks["keys"].as_array().expect("keys").len(), 2);
         let later = build(
             &[old.clone(), new],
+            None,
             None,
             window,
             now + chrono::Duration::minutes(6),
@@ -517,6 +648,7 @@ mod tests {
         assert_eq!(key.public_jwk["e"], "AQAB");
         let set = build(
             std::slice::from_ref(&key),
+            None,
             None,
             chrono::Duration::minutes(15),
             Utc::now(),
@@ -537,6 +669,64 @@ mod tests {
         let mut validation = jsonwebtoken::Validation::new(Algorithm::RS256);
         validation.set_required_spec_claims(&["exp"]);
         jsonwebtoken::decode::<Value>(&token, &verifier.decoding, &validation).expect("verifies");
+    }
+
+    #[test]
+    fn sealed_keys_sign_only_with_their_kek() {
+        let kek = Kek::from_bytes(&[9; 32], "test");
+        let key = sealed(generate_es256().expect("key"), Some(&kek));
+        let der = key.private_der.as_deref().expect("private");
+        assert!(kek::is_sealed(der));
+        let window = chrono::Duration::minutes(15);
+        let set = build(
+            std::slice::from_ref(&key),
+            None,
+            Some(&kek),
+            window,
+            Utc::now(),
+        )
+        .expect("opens with its kek");
+        assert_eq!(set.current.kid, key.kid);
+        let none = build(std::slice::from_ref(&key), None, None, window, Utc::now());
+        assert!(matches!(none, Err(KeyError::Kek(KekError::NoKek { .. }))));
+        let other = Kek::from_bytes(&[8; 32], "other");
+        let wrong = build(
+            std::slice::from_ref(&key),
+            None,
+            Some(&other),
+            window,
+            Utc::now(),
+        );
+        assert!(matches!(
+            wrong,
+            Err(KeyError::Kek(KekError::WrongKek { .. }))
+        ));
+        // A ciphertext moved to another key's row does not open.
+        let mut moved = generate_es256().expect("key");
+        moved.private_der = key.private_der.clone();
+        let swapped = build(&[moved], None, Some(&kek), window, Utc::now());
+        assert!(matches!(
+            swapped,
+            Err(KeyError::Kek(KekError::Corrupt { .. }))
+        ));
+    }
+
+    #[test]
+    fn revoked_keys_neither_sign_nor_verify() {
+        let mut old = generate_es256().expect("key");
+        let new = generate_es256().expect("key");
+        let now = Utc::now();
+        old.retired_at = Some(now);
+        old.revoked_at = Some(now);
+        let set = build(
+            &[old.clone(), new],
+            None,
+            None,
+            chrono::Duration::minutes(15),
+            now,
+        )
+        .expect("set");
+        assert!(!set.verifying.contains_key(&old.kid));
     }
 
     #[test]

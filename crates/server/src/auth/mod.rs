@@ -8,8 +8,10 @@
 pub mod attestation;
 pub mod client_ip;
 pub mod device_status;
+pub mod kek;
 pub mod keys;
 pub mod passwords;
+pub mod sealed;
 pub mod sessions;
 pub mod successor;
 pub mod tokens;
@@ -75,6 +77,9 @@ pub enum AuthSetupError {
     /// The signing keys could not be loaded or created.
     #[error(transparent)]
     Keys(#[from] keys::KeyError),
+    /// The key-encryption key is missing or unusable.
+    #[error(transparent)]
+    Kek(#[from] kek::KekError),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
@@ -91,6 +96,8 @@ pub struct Auth {
     pub devices: DeviceStatusCache,
     /// Tokens whose signature and claims were already verified.
     pub verified: Arc<verified::VerifiedTokens>,
+    /// The key-encryption key, when one is configured.
+    pub kek: Option<Arc<kek::Kek>>,
     ip_key: Vec<u8>,
     admin_bootstrap: Option<[u8; 32]>,
     /// `iss` of issued tokens.
@@ -128,15 +135,19 @@ impl Auth {
             None => None,
         };
         let window = config.access_token_ttl + Duration::from_secs(tokens::LEEWAY_SECONDS + 60);
-        let keys = KeyRing::load(store, external, config.jwt_algorithm, window).await?;
+        let kek = kek::resolve(config, kek::Generate::IfMissing)?.map(Arc::new);
+        let keys =
+            KeyRing::load(store, external, config.jwt_algorithm, window, kek.clone()).await?;
         let mut candidate = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut candidate);
-        let ip_key = store.server_secret("ip_hmac", &candidate).await?;
+        let ip_key = sealed::secret(store, kek.as_deref(), sealed::IP_HMAC, &candidate).await?;
+        store.set_chain_key(sealed::chain_key(store, kek.as_deref(), true).await?);
         passwords::warm_up();
         Ok(Self {
             keys,
             devices: DeviceStatusCache::start(shared.clone()).await?,
             verified: forget_signed_out(shared.as_ref()).await?,
+            kek,
             ip_key,
             admin_bootstrap: config
                 .admin_token
@@ -165,6 +176,17 @@ impl Auth {
             ip_hmac: ip.map(|ip| client_ip::hmac(&self.ip_key, ip)),
             metadata,
         }
+    }
+
+    /// Re-reads the signing keys; when one stopped verifying (revoked),
+    /// forgets every cached verification so its tokens are refused at once.
+    pub async fn reload_keys(&self, store: &dyn Store) -> Result<(), keys::KeyError> {
+        let reloaded = self.keys.reload(store).await;
+        // Also when a reload for an unknown kid (`KeyRing::learn`) dropped one.
+        if self.keys.take_dropped() {
+            self.verified.clear();
+        }
+        reloaded.map(drop)
     }
 
     /// The key of the IP HMAC (for rate-limit scopes that must not hold an address).

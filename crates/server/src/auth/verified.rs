@@ -6,7 +6,9 @@
 //! (plus the same clock-skew leeway verification allows). Device binding,
 //! device status and rate limits are still checked on every request — this
 //! caches the signature and claim checks only. Bounded: when full, expired
-//! entries are swept, and if that is not enough the cache is cleared.
+//! entries are swept, and if that is not enough the cache is cleared. When a
+//! signing key is revoked every instance clears it ([`VerifiedTokens::clear`]),
+//! so the revoked key's tokens meet the (now smaller) key set again.
 //!
 //! A token signed out (`POST /v1/auth/logout`) is denied until its `exp` in
 //! shared state; every instance drops it from this cache when told
@@ -46,6 +48,11 @@ impl VerifiedTokens {
             self.entries.remove(token);
             None
         }
+    }
+
+    /// Forgets every entry (a key was revoked: its tokens must be checked again).
+    pub fn clear(&self) {
+        self.entries.clear();
     }
 
     /// Remembers a token that just passed verification.

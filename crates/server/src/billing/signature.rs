@@ -126,6 +126,29 @@ fn verify_stripe_style<S: AsRef<str>>(
     Err(SignatureError::Invalid)
 }
 
+/// The least length of a webhook secret, in bytes (of the decoded key for
+/// `whsec_…`): 192 bits, Standard Webhooks' lower bound.
+pub const MIN_SECRET_BYTES: usize = 24;
+
+/// Checks a configured secret: a `whsec_` secret must be valid base64 (it is
+/// its decoded bytes that key the HMAC), and every secret must be at least
+/// [`MIN_SECRET_BYTES`] long. The message never contains the secret.
+pub fn check_secret(secret: &str) -> Result<(), String> {
+    let len = match secret.strip_prefix("whsec_") {
+        Some(encoded) => BASE64
+            .decode(encoded)
+            .map_err(|_| "a `whsec_` secret must be followed by valid base64".to_owned())?
+            .len(),
+        None => secret.len(),
+    };
+    if len < MIN_SECRET_BYTES {
+        return Err(format!(
+            "every secret must be at least {MIN_SECRET_BYTES} bytes (a `whsec_` secret: {MIN_SECRET_BYTES} decoded bytes); one is {len}"
+        ));
+    }
+    Ok(())
+}
+
 /// The HMAC key of a secret under Standard Webhooks: the base64 after
 /// `whsec_`, or the whole secret when it is plain base64.
 fn standard_webhooks_key(secret: &str) -> Option<Vec<u8>> {
@@ -292,6 +315,16 @@ mod tests {
         let sig = format!("v1,{STD_SIG}");
         let h = standard("msg_other", "1763812800", &sig);
         assert_eq!(verify(&h, BODY.as_bytes(), &[WHSEC], T), invalid);
+    }
+
+    #[test]
+    fn configured_secrets_must_be_long_and_whsec_must_be_base64() {
+        assert!(check_secret(WHSEC).is_ok());
+        assert!(check_secret("sk_live_0123456789abcdefghij").is_ok());
+        let short = check_secret("sk_live_short").expect_err("short");
+        assert!(!short.contains("sk_live_short"), "{short}");
+        assert!(check_secret("whsec_not*base64*at*all*0123456789").is_err());
+        assert!(check_secret("whsec_b2xk").is_err(), "3 bytes once decoded");
     }
 
     #[test]

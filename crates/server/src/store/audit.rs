@@ -143,27 +143,106 @@ impl AuditEntry {
     }
 }
 
-/// Recomputes the whole audit chain: `Ok(Ok(rows))` when intact, `Ok(Err(…))`
-/// naming the first broken row.
-pub async fn verify_audit_chain(
+/// What `audit verify` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainReport {
+    /// Rows in the chain.
+    pub rows: u64,
+    /// The newest row's `(seq, row_hash)`, if any.
+    pub head: Option<(i64, String)>,
+    /// Whether the row an anchored head names is present with that hash
+    /// (`None` when no anchor was given).
+    pub anchor_found: Option<bool>,
+}
+
+/// An operator's anchor: a head printed by `blockremote audit head`, as
+/// `seq:hash`, or a bare hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Anchor {
+    /// The row at `seq` must have this hash.
+    At(i64, String),
+    /// Some row must have this hash.
+    Hash(String),
+}
+
+impl Anchor {
+    /// Parses `seq:hash` or `hash`.
+    pub fn parse(text: &str) -> Option<Self> {
+        let text = text.trim();
+        let hex_like = |h: &str| {
+            let digits = h.strip_prefix(audit_chain::KEYED_PREFIX).unwrap_or(h);
+            digits.len() == 64 && digits.bytes().all(|b| b.is_ascii_hexdigit())
+        };
+        match text.split_once(':') {
+            Some((seq, hash)) if seq.bytes().all(|b| b.is_ascii_digit()) && !seq.is_empty() => {
+                let seq = seq.parse().ok()?;
+                hex_like(hash).then(|| Self::At(seq, hash.to_ascii_lowercase()))
+            }
+            _ => hex_like(text).then(|| Self::Hash(text.to_ascii_lowercase())),
+        }
+    }
+
+    fn matches(&self, seq: i64, hash: &str) -> bool {
+        match self {
+            Self::At(at, expected) => *at == seq && expected == hash,
+            Self::Hash(expected) => expected == hash,
+        }
+    }
+}
+
+/// Recomputes the whole audit chain with `key` (the audit-chain key, when
+/// the chain is keyed): `Ok(Ok(report))` when intact, `Ok(Err(…))` naming
+/// the first broken row. With an `anchor`, the report says whether the
+/// anchored row is still there with its hash (when it is not, rows were cut
+/// off or rewritten since the anchor was taken).
+pub async fn verify_chain(
     store: &dyn AuditStore,
-) -> StoreResult<Result<u64, audit_chain::ChainBreak>> {
+    key: Option<&audit_chain::ChainKey>,
+    anchor: Option<&Anchor>,
+) -> StoreResult<Result<ChainReport, audit_chain::ChainBreak>> {
     let (mut prev, mut prev_seq) = (audit_chain::GENESIS.to_owned(), 0i64);
+    let mut anchor_found = anchor.map(|a| a.matches(0, audit_chain::GENESIS));
     loop {
         let rows = store.audit_chain(prev_seq, 1000).await?;
         if rows.is_empty() {
-            return Ok(Ok(u64::try_from(prev_seq).unwrap_or(0)));
+            return Ok(Ok(ChainReport {
+                rows: u64::try_from(prev_seq).unwrap_or(0),
+                head: (prev_seq > 0).then_some((prev_seq, prev)),
+                anchor_found,
+            }));
         }
-        match audit_chain::check(&rows, prev, prev_seq) {
+        if let Some(anchor) = anchor {
+            if rows.iter().any(|r| anchor.matches(r.seq, &r.row_hash)) {
+                anchor_found = Some(true);
+            }
+        }
+        match audit_chain::check(&rows, key, prev, prev_seq) {
             Ok((hash, seq)) => (prev, prev_seq) = (hash, seq),
             Err(broken) => return Ok(Err(broken)),
         }
     }
 }
 
+/// [`verify_chain`] of an unkeyed chain without an anchor: the number of
+/// rows when intact.
+pub async fn verify_audit_chain(
+    store: &dyn AuditStore,
+) -> StoreResult<Result<u64, audit_chain::ChainBreak>> {
+    Ok(verify_chain(store, None, None)
+        .await?
+        .map(|report| report.rows))
+}
+
 /// Reading and appending the audit trail.
 #[async_trait]
 pub trait AuditStore: Send + Sync {
+    /// Sets the key appends are chained with from now on (see
+    /// [`audit_chain`]); `None` writes unkeyed rows.
+    fn set_chain_key(&self, key: Option<audit_chain::ChainKey>);
+
+    /// The newest chained row's `(seq, row_hash)`, if any.
+    async fn audit_head(&self) -> StoreResult<Option<(i64, String)>>;
+
     /// Appends a row to the audit trail.
     async fn append_audit(&self, entry: NewAuditEntry) -> StoreResult<AuditEntry>;
 
@@ -239,9 +318,15 @@ for_each_dialect! {
         /// Appends `entry` inside the caller's transaction, which must write
         /// (so it holds, or will hold, the dialect's write serialisation).
         pub(super) async fn insert_audit(
+            &self,
             conn: &mut <Db as sqlx::Database>::Connection,
             entry: NewAuditEntry,
         ) -> StoreResult<AuditEntry> {
+            let key = self
+                .chain_key
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
             <Db as Dialect>::lock_audit_chain(&mut *conn).await?;
             let last: Option<(i64, String)> = sqlx::query_as(
                 "SELECT seq, row_hash FROM audit_logs WHERE seq IS NOT NULL ORDER BY seq DESC LIMIT 1",
@@ -251,7 +336,7 @@ for_each_dialect! {
             let (seq, prev_hash) =
                 last.map_or((1, audit_chain::GENESIS.to_owned()), |(s, h)| (s + 1, h));
             let stored = AuditEntry::from_new(entry, Uuid::now_v7(), now_micros());
-            let row_hash = audit_chain::row_hash(&prev_hash, seq, &stored);
+            let row_hash = audit_chain::hash_for(key.as_ref(), &prev_hash, seq, &stored);
             sqlx::query(
                 "INSERT INTO audit_logs (id, user_id, device_id, jti, ip, user_agent, source, \
                  threat_score, decision_reason, attestation_state, action_taken, created_at, \
@@ -281,10 +366,25 @@ for_each_dialect! {
 
     #[async_trait]
     impl AuditStore for SqlStore<Db> {
+        fn set_chain_key(&self, key: Option<audit_chain::ChainKey>) {
+            *self
+                .chain_key
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = key;
+        }
+
+        async fn audit_head(&self) -> StoreResult<Option<(i64, String)>> {
+            Ok(sqlx::query_as(
+                "SELECT seq, row_hash FROM audit_logs WHERE seq IS NOT NULL ORDER BY seq DESC LIMIT 1",
+            )
+            .fetch_optional(&self.pool)
+            .await?)
+        }
+
         #[tracing::instrument(skip_all, name = "store.append_audit", fields(action = %entry.action_taken))]
         async fn append_audit(&self, entry: NewAuditEntry) -> StoreResult<AuditEntry> {
             let mut tx = <Db as Dialect>::begin_write(&self.pool).await?;
-            let stored = Self::insert_audit(&mut tx, entry).await?;
+            let stored = self.insert_audit(&mut tx, entry).await?;
             tx.commit().await?;
             Ok(stored)
         }

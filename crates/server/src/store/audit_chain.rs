@@ -1,12 +1,26 @@
 //! The audit trail's hash chain: what is hashed, and how a chain is checked.
 //!
 //! Row `n` stores `prev_hash` (row `n−1`'s `row_hash`, or 64 zeros for the
-//! first) and `row_hash = SHA-256(prev_hash "|" canonical row)`, where the
-//! canonical row is a fixed-order JSON array of every column and `seq`.
+//! first) and `row_hash`, computed over `prev_hash "|" canonical row`, where
+//! the canonical row is a fixed-order JSON array of every column and `seq`.
 //! Appends are serialised (an advisory transaction lock on PostgreSQL, the
 //! single writer on SQLite), so the chain is one line. Editing a row breaks
 //! its own hash; deleting or inserting one breaks the link after it.
+//!
+//! **Keyed.** With a key-encryption key configured, the hash is
+//! HMAC-SHA256 under the *audit-chain key*, stored as `hmac:<hex>`: someone
+//! who can write the database but lacks the KEK cannot recompute the chain
+//! after an edit. The audit-chain key is a random 32-byte server secret
+//! sealed under the KEK (so `keys rewrap` keeps it), together with the
+//! `seq` of the first row written under it ([`ChainKey::keyed_from`]). Rows
+//! before that point were written unkeyed (plain SHA-256 hex, as before) and
+//! verify as such; from it on, an unkeyed row is a break ([`ChainBreak::Unkeyed`]),
+//! so a chain cannot be downgraded by rewriting its tail as plain SHA-256.
+//! The newest rows can still be cut off without breaking any link: anchor
+//! the head (`blockremote audit head`) elsewhere and check it with
+//! `audit verify --head`.
 
+use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
 use super::AuditEntry;
@@ -14,9 +28,45 @@ use super::AuditEntry;
 /// `prev_hash` of the first row.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
-/// `row_hash` of `entry` at position `seq` after `prev_hash`.
-pub fn row_hash(prev_hash: &str, seq: i64, entry: &AuditEntry) -> String {
-    let canonical = serde_json::json!([
+/// The prefix of a keyed `row_hash`.
+pub const KEYED_PREFIX: &str = "hmac:";
+
+/// The audit-chain key and the first row written under it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ChainKey {
+    /// The HMAC key.
+    pub key: [u8; 32],
+    /// `seq` of the first keyed row: earlier rows are unkeyed.
+    pub keyed_from: i64,
+}
+
+impl std::fmt::Debug for ChainKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ChainKey(keyed from {})", self.keyed_from)
+    }
+}
+
+impl ChainKey {
+    /// The stored form (sealed by the caller): key, then `keyed_from` big-endian.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = self.key.to_vec();
+        out.extend_from_slice(&self.keyed_from.to_be_bytes());
+        out
+    }
+
+    /// Parses [`to_bytes`](Self::to_bytes).
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        let key: [u8; 32] = bytes.get(..32)?.try_into().ok()?;
+        let from: [u8; 8] = bytes.get(32..40)?.try_into().ok()?;
+        (bytes.len() == 40).then(|| Self {
+            key,
+            keyed_from: i64::from_be_bytes(from),
+        })
+    }
+}
+
+fn canonical(seq: i64, entry: &AuditEntry) -> String {
+    serde_json::json!([
         seq,
         entry.id,
         entry.user_id,
@@ -33,12 +83,36 @@ pub fn row_hash(prev_hash: &str, seq: i64, entry: &AuditEntry) -> String {
             .created_at
             .format("%Y-%m-%dT%H:%M:%S%.6fZ")
             .to_string(),
-    ]);
+    ])
+    .to_string()
+}
+
+/// Unkeyed `row_hash` of `entry` at position `seq` after `prev_hash`.
+pub fn row_hash(prev_hash: &str, seq: i64, entry: &AuditEntry) -> String {
     let mut hasher = Sha256::new();
     hasher.update(prev_hash.as_bytes());
     hasher.update(b"|");
-    hasher.update(canonical.to_string().as_bytes());
+    hasher.update(canonical(seq, entry).as_bytes());
     hex::encode(hasher.finalize())
+}
+
+/// Keyed `row_hash` (`hmac:<hex>`) of `entry` at `seq` after `prev_hash`.
+pub fn keyed_row_hash(key: &[u8; 32], prev_hash: &str, seq: i64, entry: &AuditEntry) -> String {
+    // HMAC takes keys of any length; 32 bytes cannot fail.
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key)
+        .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
+    mac.update(prev_hash.as_bytes());
+    mac.update(b"|");
+    mac.update(canonical(seq, entry).as_bytes());
+    format!("{KEYED_PREFIX}{}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// The `row_hash` a row at `seq` gets when written with `key` (if any).
+pub fn hash_for(key: Option<&ChainKey>, prev_hash: &str, seq: i64, entry: &AuditEntry) -> String {
+    match key {
+        Some(k) if seq >= k.keyed_from => keyed_row_hash(&k.key, prev_hash, seq, entry),
+        _ => row_hash(prev_hash, seq, entry),
+    }
 }
 
 /// One chained row as stored.
@@ -67,6 +141,18 @@ pub enum ChainBreak {
         /// Position of the row.
         seq: i64,
     },
+    /// The row should be keyed (it comes after the chain was keyed) but is
+    /// not: rewritten by someone without the key.
+    Unkeyed {
+        /// Position of the row.
+        seq: i64,
+    },
+    /// The row is keyed but no audit-chain key is available (no KEK
+    /// configured, or its sealed key was removed from the database).
+    KeyMissing {
+        /// Position of the row.
+        seq: i64,
+    },
 }
 
 /// Checks consecutive `rows` (ordered by `seq`) that follow a row whose
@@ -74,6 +160,7 @@ pub enum ChainBreak {
 /// and position, for the next batch.
 pub fn check(
     rows: &[ChainedRow],
+    key: Option<&ChainKey>,
     mut prev: String,
     mut prev_seq: i64,
 ) -> Result<(String, i64), ChainBreak> {
@@ -81,7 +168,15 @@ pub fn check(
         if row.seq != prev_seq + 1 || row.prev_hash != prev {
             return Err(ChainBreak::Unlinked { seq: row.seq });
         }
-        if row_hash(&row.prev_hash, row.seq, &row.entry) != row.row_hash {
+        let keyed = row.row_hash.starts_with(KEYED_PREFIX);
+        let expected = match key {
+            Some(k) if row.seq >= k.keyed_from && !keyed => {
+                return Err(ChainBreak::Unkeyed { seq: row.seq })
+            }
+            None if keyed => return Err(ChainBreak::KeyMissing { seq: row.seq }),
+            _ => hash_for(key, &row.prev_hash, row.seq, &row.entry),
+        };
+        if expected != row.row_hash {
             return Err(ChainBreak::Edited { seq: row.seq });
         }
         prev = row.row_hash.clone();

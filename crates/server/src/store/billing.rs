@@ -238,7 +238,7 @@ for_each_dialect! {
             .execute(&mut *tx)
             .await?;
             let outcome = if applied.rows_affected() == 1 {
-                Self::insert_audit(&mut tx, event.audit).await?;
+                self.insert_audit(&mut tx, event.audit).await?;
                 Self::insert_event(&mut tx, &event.event).await?;
                 BillingOutcome::Applied
             } else {

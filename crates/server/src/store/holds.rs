@@ -378,7 +378,7 @@ for_each_dialect! {
             Self::insert_device_hold(&mut tx, device_id, &hold).await?;
             let status = Self::settle_device(&mut tx, device_id).await?;
             if let Some(audit) = audit {
-                Self::insert_audit(&mut tx, audit).await?;
+                self.insert_audit(&mut tx, audit).await?;
             }
             tx.commit().await?;
             Ok(Some(status))
@@ -427,7 +427,7 @@ for_each_dialect! {
             }
             let status = Self::settle_device(&mut tx, device_id).await?;
             if let Some(audit) = audit {
-                Self::insert_audit(&mut tx, audit).await?;
+                self.insert_audit(&mut tx, audit).await?;
             }
             tx.commit().await?;
             Ok(Some(ReleaseOutcome::Released {

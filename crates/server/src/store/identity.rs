@@ -622,7 +622,7 @@ for_each_dialect! {
                 Self::settle_device(&mut tx, &revocation.device_id).await?;
             }
             if let Some(audit) = revocation.audit {
-                Self::insert_audit(&mut tx, audit).await?;
+                self.insert_audit(&mut tx, audit).await?;
             }
             if let Some(event) = revocation.event {
                 Self::insert_event(&mut tx, &event).await?;

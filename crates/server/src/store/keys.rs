@@ -21,7 +21,8 @@ pub struct SigningKeyRecord {
     pub kid: String,
     /// `ES256` or `RS256`.
     pub alg: String,
-    /// PKCS#8 DER of the private key; `None` when held outside the database.
+    /// The private key (PKCS#8 or PKCS#1 DER), sealed under the KEK when
+    /// one is configured (`auth::kek`); `None` when held outside the database.
     pub private_der: Option<Vec<u8>>,
     /// The public JWK.
     pub public_jwk: serde_json::Value,
@@ -29,6 +30,8 @@ pub struct SigningKeyRecord {
     pub created_at: DateTime<Utc>,
     /// When it stopped signing.
     pub retired_at: Option<DateTime<Utc>>,
+    /// When it was revoked: it no longer verifies either.
+    pub revoked_at: Option<DateTime<Utc>>,
 }
 
 /// Signing keys, server secrets and admin keys.
@@ -48,6 +51,23 @@ pub trait KeyStore: Send + Sync {
     /// replica gets the same value.
     async fn server_secret(&self, name: &str, candidate: &[u8]) -> StoreResult<Vec<u8>>;
 
+    /// The named server secret as stored, if it exists (creates nothing).
+    async fn read_server_secret(&self, name: &str) -> StoreResult<Option<Vec<u8>>>;
+
+    /// Every server secret as stored, by name.
+    async fn server_secrets(&self) -> StoreResult<Vec<(String, Vec<u8>)>>;
+
+    /// Replaces a server secret's stored value if it is still `old`
+    /// (compare-and-swap, so instances sealing it at once agree).
+    async fn replace_server_secret(&self, name: &str, old: &[u8], new: &[u8]) -> StoreResult<bool>;
+
+    /// Replaces a signing key's stored private key if it is still `old`.
+    async fn replace_private_key(&self, kid: &str, old: &[u8], new: &[u8]) -> StoreResult<bool>;
+
+    /// Revokes a signing key at `at` (it also stops signing); false when no
+    /// such key exists.
+    async fn revoke_signing_key(&self, kid: &str, at: DateTime<Utc>) -> StoreResult<bool>;
+
     /// Stores an admin API key's hash.
     async fn insert_admin_key(&self, name: &str, key_sha256: &[u8]) -> StoreResult<Uuid>;
 
@@ -64,6 +84,7 @@ struct SigningKeyRow {
     public_jwk: Json<serde_json::Value>,
     created_at: Time,
     retired_at: Option<Time>,
+    revoked_at: Option<Time>,
 }
 
 impl From<SigningKeyRow> for SigningKeyRecord {
@@ -75,6 +96,7 @@ impl From<SigningKeyRow> for SigningKeyRecord {
             public_jwk: row.public_jwk.0,
             created_at: row.created_at.into(),
             retired_at: row.retired_at.map(Into::into),
+            revoked_at: row.revoked_at.map(Into::into),
         }
     }
 }
@@ -84,7 +106,8 @@ for_each_dialect! {
     impl KeyStore for SqlStore<Db> {
         async fn signing_keys(&self) -> StoreResult<Vec<SigningKeyRecord>> {
             let rows: Vec<SigningKeyRow> = sqlx::query_as(
-                "SELECT kid, alg, private_der, public_jwk, created_at, retired_at FROM signing_keys \
+                "SELECT kid, alg, private_der, public_jwk, created_at, retired_at, revoked_at \
+                 FROM signing_keys \
                  ORDER BY created_at, kid",
             )
             .fetch_all(&self.pool)
@@ -107,7 +130,8 @@ for_each_dialect! {
             sqlx::query(
                 "INSERT INTO signing_keys (kid, alg, private_der, public_jwk, created_at) \
                  VALUES ($1, $2, $3, $4, $5) \
-                 ON CONFLICT (kid) DO UPDATE SET retired_at = NULL",
+                 ON CONFLICT (kid) DO UPDATE SET retired_at = NULL \
+                 WHERE signing_keys.revoked_at IS NULL",
             )
             .bind(&key.kid)
             .bind(&key.alg)
@@ -136,6 +160,58 @@ for_each_dialect! {
                     .fetch_one(&self.pool)
                     .await?,
             )
+        }
+
+        async fn read_server_secret(&self, name: &str) -> StoreResult<Option<Vec<u8>>> {
+            Ok(sqlx::query_scalar("SELECT value FROM server_secrets WHERE name = $1")
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await?)
+        }
+
+        async fn server_secrets(&self) -> StoreResult<Vec<(String, Vec<u8>)>> {
+            Ok(sqlx::query_as("SELECT name, value FROM server_secrets ORDER BY name")
+                .fetch_all(&self.pool)
+                .await?)
+        }
+
+        async fn replace_server_secret(
+            &self,
+            name: &str,
+            old: &[u8],
+            new: &[u8],
+        ) -> StoreResult<bool> {
+            let done = sqlx::query("UPDATE server_secrets SET value = $1 WHERE name = $2 AND value = $3")
+                .bind(new)
+                .bind(name)
+                .bind(old)
+                .execute(&self.pool)
+                .await?;
+            Ok(done.rows_affected() == 1)
+        }
+
+        async fn replace_private_key(&self, kid: &str, old: &[u8], new: &[u8]) -> StoreResult<bool> {
+            let done = sqlx::query(
+                "UPDATE signing_keys SET private_der = $1 WHERE kid = $2 AND private_der = $3",
+            )
+            .bind(new)
+            .bind(kid)
+            .bind(old)
+            .execute(&self.pool)
+            .await?;
+            Ok(done.rows_affected() == 1)
+        }
+
+        async fn revoke_signing_key(&self, kid: &str, at: DateTime<Utc>) -> StoreResult<bool> {
+            let done = sqlx::query(
+                "UPDATE signing_keys SET revoked_at = COALESCE(revoked_at, $1), \
+                 retired_at = COALESCE(retired_at, $1) WHERE kid = $2",
+            )
+            .bind(Time(at))
+            .bind(kid)
+            .execute(&self.pool)
+            .await?;
+            Ok(done.rows_affected() == 1)
         }
 
         async fn insert_admin_key(&self, name: &str, key_sha256: &[u8]) -> StoreResult<Uuid> {

@@ -56,6 +56,7 @@ mod billing;
 mod columns;
 pub mod event_schema;
 mod events;
+pub mod files;
 mod firewall;
 mod holds;
 mod identity;
@@ -71,7 +72,8 @@ use chrono::{DateTime, Utc};
 use secrecy::ExposeSecret;
 
 pub use audit::{
-    verify_audit_chain, AuditEntry, AuditFilter, AuditSource, AuditStore, NewAuditEntry,
+    verify_audit_chain, verify_chain, Anchor, AuditEntry, AuditFilter, AuditSource, AuditStore,
+    ChainReport, NewAuditEntry,
 };
 pub use billing::{
     BillingEvent, BillingOutcome, BillingStore, Plan, Subscription, SubscriptionStatus,
@@ -187,6 +189,18 @@ pub trait Store:
 
     /// Closes the pool, waiting for checked-out connections to be returned.
     async fn close(&self);
+}
+
+/// The file an SQLite configuration names (`None` for PostgreSQL and for
+/// an in-memory database).
+pub fn sqlite_file(config: &DatabaseConfig) -> Option<std::path::PathBuf> {
+    use std::str::FromStr;
+    let DatabaseConfig::Sqlite { url } = config else {
+        return None;
+    };
+    let options = sqlx::sqlite::SqliteConnectOptions::from_str(url.expose_secret()).ok()?;
+    let file = options.get_filename();
+    (file != std::path::Path::new(":memory:")).then(|| file.to_path_buf())
 }
 
 /// Opens the store the configuration names, waiting at most `timeout` for it.

@@ -19,7 +19,12 @@
 //! Column encodings (ids, times, JSON) differ too; [`super::columns`] hides
 //! them behind types, so the SQL text is the same.
 
-use std::{future::Future, str::FromStr, time::Duration};
+use std::{
+    future::Future,
+    str::FromStr,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use sqlx::{
@@ -29,7 +34,7 @@ use sqlx::{
     Database, PgConnection, Pool, Postgres, Sqlite, SqliteConnection, Transaction,
 };
 
-use super::{Store, StoreError, StoreResult};
+use super::{audit_chain::ChainKey, Store, StoreError, StoreResult};
 
 static SQLITE_MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
@@ -78,7 +83,8 @@ impl Dialect for Sqlite {
     }
 
     /// Opens (creating if missing) the file named by `url`
-    /// (`sqlite://path/to/file.db`), creating its parent directory too. WAL
+    /// (`sqlite://path/to/file.db`), creating its directory (0700) and the
+    /// file (0600) too ([`super::files`]). WAL
     /// lets readers run beside the single writer; `busy_timeout` makes a
     /// writer wait for the lock instead of failing; foreign keys are switched
     /// on per connection (SQLite leaves them off by default).
@@ -91,8 +97,8 @@ impl Dialect for Sqlite {
             .busy_timeout(Duration::from_secs(5))
             .foreign_keys(true);
         let file = options.get_filename();
-        if let Some(parent) = file.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent)
+        if file != std::path::Path::new(":memory:") {
+            super::files::prepare_sqlite_file(file)
                 .map_err(|e| StoreError::Unavailable(sqlx::Error::Io(e)))?;
         }
         Ok(SqlitePoolOptions::new()
@@ -153,12 +159,16 @@ impl Dialect for Postgres {
 #[derive(Debug)]
 pub struct SqlStore<D: Database> {
     pub(super) pool: Pool<D>,
+    /// The audit-chain key appends are hashed with, once set (see
+    /// [`super::audit_chain`]).
+    pub(super) chain_key: Arc<RwLock<Option<ChainKey>>>,
 }
 
 impl<D: Database> Clone for SqlStore<D> {
     fn clone(&self) -> Self {
         Self {
             pool: self.pool.clone(),
+            chain_key: self.chain_key.clone(),
         }
     }
 }
@@ -173,6 +183,7 @@ impl<D: Dialect> SqlStore<D> {
     pub async fn connect(url: &str, max_connections: u32, timeout: Duration) -> StoreResult<Self> {
         Ok(Self {
             pool: D::open(url, max_connections, timeout).await?,
+            chain_key: Arc::default(),
         })
     }
 

@@ -176,6 +176,10 @@ impl Backing {
     /// Fresh backends, or `None` when the production ones are not configured.
     pub async fn new(backend: Backend) -> Option<Self> {
         let dir = tempfile::tempdir().expect("tempdir");
+        // The key-encryption key, as the embedded default would generate it;
+        // on PostgreSQL the server reads it from here too, and child
+        // processes get it through BLOCKREMOTE_KEK_FILE (see `env`).
+        write_kek(&dir.path().join("kek"));
         let mut config = Config::embedded_in(dir.path());
         config.connect_timeout = Duration::from_secs(5);
         config.database_max_connections = 5;
@@ -217,6 +221,10 @@ impl Backing {
         ];
         if let Some(db) = &self.database {
             env.push(("DATABASE_URL", db.url.clone()));
+            env.push((
+                "BLOCKREMOTE_KEK_FILE",
+                self.dir.path().join("kek").display().to_string(),
+            ));
         }
         if let Some(redis) = &self.redis {
             env.push(("REDIS_URL", redis.url.clone()));
@@ -224,6 +232,14 @@ impl Backing {
         }
         env
     }
+}
+
+/// Writes a fresh random key-encryption key (base64, mode 0600) to `path`.
+pub fn write_kek(path: &std::path::Path) -> String {
+    use base64::Engine;
+    let text = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>());
+    blockremote::store::files::write_private_new(path, text.as_bytes()).expect("write kek");
+    text
 }
 
 /// Direct SQL access past the store trait, for tests that must prove what

@@ -239,10 +239,15 @@ async fn signing_key_of(app: &TestApp) -> (String, EncodingKey) {
         .rev()
         .find(|k| k.private_der.is_some())
         .expect("key");
-    (
-        key.kid.clone(),
-        EncodingKey::from_ec_der(key.private_der.as_deref().expect("der")),
+    // Stored sealed under the KEK (auth::kek); opened the way the server does.
+    let der = blockremote::auth::kek::open_or_plain(
+        app.state.auth.kek.as_deref(),
+        &blockremote::auth::kek::signing_key_row(&key.kid),
+        "signing key",
+        key.private_der.as_deref().expect("der"),
     )
+    .expect("opens with the server's KEK");
+    (key.kid.clone(), EncodingKey::from_ec_der(&der))
 }
 
 fn claims(sub: &str, did: &str, iat_offset: i64, exp_offset: i64) -> Value {
@@ -696,6 +701,11 @@ async fn cli(app: &TestApp, args: &[&str]) -> std::process::Output {
     if let blockremote::config::DatabaseConfig::Postgres { url } = &config.database {
         use secrecy::ExposeSecret;
         env.push(("DATABASE_URL", url.expose_secret().to_owned()));
+        // The server's KEK (the test harness writes it into the data dir).
+        env.push((
+            "BLOCKREMOTE_KEK_FILE",
+            config.data_dir.join("kek").display().to_string(),
+        ));
     }
     if config.jwt_algorithm != JwtAlgorithm::Es256 {
         env.push((
@@ -1207,9 +1217,13 @@ async fn a_key_rotated_elsewhere_is_learned_on_first_sight(backend: Backend) {
     let s = app.register("yul@example.com", "device_0001").await;
     tokio::time::sleep(blockremote::auth::keys::UNKNOWN_KID_RELOAD_GAP).await;
     // Another instance rotates…
-    let kid = blockremote::auth::keys::rotate(app.state.store.as_ref(), JwtAlgorithm::Es256)
-        .await
-        .expect("rotate");
+    let kid = blockremote::auth::keys::rotate(
+        app.state.store.as_ref(),
+        JwtAlgorithm::Es256,
+        app.state.auth.kek.as_deref(),
+    )
+    .await
+    .expect("rotate");
     let (new_kid, key) = signing_key_of(&app).await;
     assert_eq!(new_kid, kid);
     let mut header = Header::new(Algorithm::ES256);

@@ -3,6 +3,7 @@
 mod adversarial;
 mod audit;
 mod billing;
+mod cli;
 mod client;
 mod firewall;
 mod helpers;

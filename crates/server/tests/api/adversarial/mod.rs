@@ -6,6 +6,7 @@
 //! the firewall here, the others in the submodules below.
 
 mod accounts;
+mod keys_at_rest;
 
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};

@@ -543,6 +543,10 @@ impl Application {
             )
             .await;
         }
+        // What outlives a restart of the embedded default (state/journal.rs).
+        if let Err(e) = state.shared.close().await {
+            tracing::error!(error = %e, "shared state not saved at shutdown");
+        }
         let _ = tokio::time::timeout(Duration::from_secs(1), state.store.close()).await;
         tracing::info!("stopped");
         Ok(())

@@ -310,8 +310,9 @@ async fn seen_elsewhere(
 
 /// Scores one heartbeat of `device_id` and acts on the decision; returns
 /// the new report. `degraded`: scored inline by ingestion because the
-/// workers are behind — the cross-device replay check is skipped (it costs
-/// two more round trips); everything else is the same engine.
+/// workers are behind — the same checks and engine, the cross-device replay
+/// check included (skipping it while degraded let an attacker who fills the
+/// queue replay another device's windows unseen); only the report says so.
 async fn score(
     scoring: &Scoring,
     device_id: &str,
@@ -323,12 +324,7 @@ async fn score(
     let started = std::time::Instant::now();
     let mut guard = lock(scoring, device_id).await?;
     let mut engine = std::mem::take(&mut guard.engine);
-    let seen = if degraded {
-        Ok(false)
-    } else {
-        seen_elsewhere(scoring, device_id, &heartbeat).await
-    };
-    let result = match seen {
+    let result = match seen_elsewhere(scoring, device_id, &heartbeat).await {
         Ok(seen) => {
             score_locked(
                 scoring,

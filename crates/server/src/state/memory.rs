@@ -1,10 +1,13 @@
 //! In-process shared state for the embedded default (a single instance).
 //!
-//! Expired keys are dropped lazily on read and swept in bulk, so memory
-//! stays bounded without a background task. A sweep visits every entry, so
-//! it waits for as many writes as there were entries left by the last one
-//! (at least [`SWEEP_EVERY`]): constant work per write however many keys
-//! live — a day of window fingerprints is millions of them.
+//! Expired keys and command histories are dropped lazily on read and swept
+//! in bulk, so memory stays bounded without a background task. A sweep
+//! visits every entry, so it waits for as many writes as there were entries
+//! left by the last one (at least [`SWEEP_EVERY`]): constant work per write
+//! however many keys live — a day of window fingerprints is millions of them.
+//!
+//! Opened on a file ([`MemoryState::open`], what `serve` does), the security
+//! state among the keys outlives a restart: see [`super::journal`].
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -23,8 +26,10 @@ use tokio::{
 };
 
 use super::{
-    bucket_resize, bucket_step, BucketDecision, Job, QueueConsumer, QueueStats, SharedState,
-    StateError, StateResult, Subscription,
+    bucket_resize, bucket_step,
+    journal::{self, Batch, Durability, Journal},
+    BucketDecision, Job, QueueConsumer, QueueStats, SharedState, StateError, StateResult,
+    Subscription,
 };
 
 /// The fewest writes between two sweeps.
@@ -69,20 +74,31 @@ pub struct MemoryState {
     kv: DashMap<String, Entry>,
     buckets: DashMap<String, Bucket>,
     channels: DashMap<String, broadcast::Sender<Vec<u8>>>,
-    histories: DashMap<String, (std::collections::BTreeMap<u64, Vec<u8>>, Instant)>,
+    histories: DashMap<String, History>,
     queues: DashMap<String, Arc<Queue>>,
     queue_capacity: usize,
     writes: AtomicU64,
     /// The write count at which the next sweep runs (`u64::MAX` while one runs).
     next_sweep: AtomicU64,
     next_job: AtomicU64,
+    /// Where the security state is saved, when opened on a file.
+    journal: Option<Arc<Journal>>,
 }
+
+/// A command history: its entries by position, and when it expires.
+type History = (std::collections::BTreeMap<u64, Vec<u8>>, Instant);
 
 impl MemoryState {
     /// Raises the integer at `key` to `value` if lower (0 when absent or
     /// expired), refreshing the TTL when it is written or when `always_touch`;
-    /// returns the value found before.
-    fn raise_to(&self, key: &str, value: u64, ttl: Duration, always_touch: bool) -> u64 {
+    /// returns the value found before, and how the write is kept.
+    fn raise_to(
+        &self,
+        key: &str,
+        value: u64,
+        ttl: Duration,
+        always_touch: bool,
+    ) -> (u64, Durability) {
         let now = Instant::now();
         let mut entry = self.kv.entry(key.to_owned()).or_insert_with(|| Entry {
             value: b"0".to_vec(),
@@ -96,15 +112,21 @@ impl MemoryState {
         } else {
             0
         };
-        if value > current || always_touch {
+        let written = value > current || always_touch;
+        if written {
             *entry = Entry {
                 value: current.max(value).to_string().into_bytes(),
                 expires_at: Some(now + ttl),
             };
         }
         drop(entry);
+        let durability = if written {
+            self.mark(key)
+        } else {
+            Durability::Volatile
+        };
         self.after_write();
-        current
+        (current, durability)
     }
 
     /// An empty state whose queues hold at most `queue_capacity` jobs each.
@@ -119,6 +141,171 @@ impl MemoryState {
             writes: AtomicU64::new(0),
             next_sweep: AtomicU64::new(SWEEP_EVERY),
             next_job: AtomicU64::new(1),
+            journal: None,
+        }
+    }
+
+    /// A state whose security keys ([`journal::durability`]) are saved in
+    /// the SQLite file at `path` (created 0600) and loaded from it now,
+    /// with the heartbeats queued at the last clean shutdown.
+    pub async fn open(path: &std::path::Path, queue_capacity: usize) -> StateResult<Arc<Self>> {
+        let (journal, loaded) = Journal::open(path).await?;
+        let journal = Arc::new(journal);
+        let mut state = Self::new(queue_capacity);
+        let now = Instant::now();
+        for (key, value, ttl) in loaded.entries {
+            let expires_at = ttl.map(|t| now + t);
+            state.kv.insert(key, Entry { value, expires_at });
+        }
+        for (key, entries, ttl) in loaded.histories {
+            // Histories are always saved with a TTL; a row without one
+            // (written by hand) gets a day.
+            let expires_at = now + ttl.unwrap_or(Duration::from_secs(86_400));
+            state
+                .histories
+                .insert(key, (entries.into_iter().collect(), expires_at));
+        }
+        let restored = loaded.jobs.len();
+        for (queue, payload) in loaded.jobs {
+            state.restore_job(&queue, payload);
+        }
+        if restored > 0 {
+            tracing::info!(jobs = restored, "queued jobs of the last shutdown restored");
+        }
+        state.journal = Some(journal.clone());
+        let state = Arc::new(state);
+        spawn_writer(Arc::downgrade(&state), journal);
+        Ok(state)
+    }
+
+    /// Queues a job saved at shutdown (whatever the capacity: it was taken).
+    fn restore_job(&self, queue: &str, payload: Vec<u8>) {
+        let q = self.queue(queue);
+        let id = format!("{}-0", self.next_job.fetch_add(1, Ordering::Relaxed));
+        lock(&q).ready.push_back((
+            Job {
+                id,
+                payload: bytes::Bytes::from(payload),
+            },
+            Instant::now(),
+        ));
+    }
+
+    /// [`SharedState::incr`] in memory; how the change is to be kept.
+    fn incr_now(&self, key: &str, by: i64, ttl: Duration) -> StateResult<(i64, Durability)> {
+        let now = Instant::now();
+        let mut entry = self.kv.entry(key.to_owned()).or_insert_with(|| Entry {
+            value: b"0".to_vec(),
+            expires_at: Some(now + ttl),
+        });
+        if !entry.live(now) {
+            *entry = Entry {
+                value: b"0".to_vec(),
+                expires_at: Some(now + ttl),
+            };
+        }
+        let current: i64 = std::str::from_utf8(&entry.value)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| StateError::Corrupt(format!("{key} is not an integer")))?;
+        let next = current.saturating_add(by);
+        entry.value = next.to_string().into_bytes();
+        drop(entry);
+        let durability = self.mark(key);
+        self.after_write();
+        Ok((next, durability))
+    }
+
+    /// [`SharedState::history_push`] in memory; how the change is to be kept.
+    fn push_now(
+        &self,
+        key: &str,
+        seq: u64,
+        payload: &[u8],
+        max_len: usize,
+        ttl: Duration,
+    ) -> Durability {
+        let now = Instant::now();
+        let mut entry = self
+            .histories
+            .entry(key.to_owned())
+            .or_insert_with(|| (std::collections::BTreeMap::new(), now + ttl));
+        if entry.1 <= now {
+            entry.0.clear();
+        }
+        entry.0.insert(seq, payload.to_vec());
+        while entry.0.len() > max_len {
+            entry.0.pop_first();
+        }
+        entry.1 = now + ttl;
+        drop(entry);
+        let durability = self.mark_history(key);
+        self.after_write();
+        durability
+    }
+
+    /// Marks `key` changed for the journal; how the change is kept.
+    fn mark(&self, key: &str) -> Durability {
+        self.journal
+            .as_ref()
+            .map_or(Durability::Volatile, |j| j.mark(key))
+    }
+
+    /// Marks the history at `key` changed for the journal.
+    fn mark_history(&self, key: &str) -> Durability {
+        self.journal
+            .as_ref()
+            .map_or(Durability::Volatile, |j| j.mark_history(key))
+    }
+
+    /// Waits until a [`Durability::Committed`] change is in the file.
+    async fn settle(&self, durability: Durability) -> StateResult<()> {
+        match (&self.journal, durability) {
+            (Some(journal), Durability::Committed) => journal.committed().await,
+            _ => Ok(()),
+        }
+    }
+
+    /// The current values of the dirty keys, for the journal's flush.
+    fn snapshot(&self, keys: Vec<String>, histories: Vec<String>) -> Batch {
+        let now = Instant::now();
+        let now_ms = journal::unix_ms_now();
+        let unix = |at: Instant| {
+            now_ms.saturating_add(
+                i64::try_from(at.saturating_duration_since(now).as_millis()).unwrap_or(i64::MAX),
+            )
+        };
+        let mut batch = Batch::default();
+        for key in keys {
+            let live = self
+                .kv
+                .get(&key)
+                .filter(|e| e.live(now))
+                .map(|e| (e.value.clone(), e.expires_at.map(unix)));
+            match live {
+                Some((value, expires_at)) => batch.puts.push((key, value, expires_at)),
+                None => batch.deletes.push(key),
+            }
+        }
+        for key in histories {
+            let live = self.histories.get(&key).filter(|h| h.1 > now).map(|h| {
+                let entries: Vec<(u64, &[u8])> =
+                    h.0.iter().map(|(seq, p)| (*seq, p.as_slice())).collect();
+                (journal::encode_history(&entries), Some(unix(h.1)))
+            });
+            match live {
+                Some((entries, expires_at)) => batch.history_puts.push((key, entries, expires_at)),
+                None => batch.history_deletes.push(key),
+            }
+        }
+        batch
+    }
+
+    /// Saves every dirty key now (the journal's writer does this).
+    async fn flush(&self) -> StateResult<()> {
+        match &self.journal {
+            Some(journal) => journal.flush(|k, h| self.snapshot(k, h)).await,
+            None => Ok(()),
         }
     }
 
@@ -135,9 +322,22 @@ impl MemoryState {
             return;
         }
         let now = Instant::now();
-        self.kv.retain(|_, e| e.live(now));
+        self.kv.retain(|key, e| {
+            let live = e.live(now);
+            if !live {
+                self.mark(key);
+            }
+            live
+        });
         self.buckets.retain(|_, b| b.full_at > now);
-        let left = (self.kv.len() + self.buckets.len()) as u64;
+        self.histories.retain(|key, h| {
+            let live = h.1 > now;
+            if !live {
+                self.mark_history(key);
+            }
+            live
+        });
+        let left = (self.kv.len() + self.buckets.len() + self.histories.len()) as u64;
         self.next_sweep.store(
             writes.saturating_add(left.max(SWEEP_EVERY)),
             Ordering::Relaxed,
@@ -161,6 +361,31 @@ impl MemoryState {
             })
             .clone()
     }
+}
+
+/// The journal's writer: saves the dirty keys whenever a committed write
+/// waits, and at least every [`journal::FLUSH_EVERY`] while any is dirty,
+/// until the state is dropped or closed.
+fn spawn_writer(state: std::sync::Weak<MemoryState>, journal: Arc<Journal>) {
+    tokio::spawn(async move {
+        loop {
+            let woken = tokio::time::timeout(journal::FLUSH_EVERY, journal.wake.notified())
+                .await
+                .is_ok();
+            if journal.is_closed() {
+                break;
+            }
+            let Some(state) = state.upgrade() else {
+                break;
+            };
+            if woken || journal.is_dirty() {
+                if let Err(e) = state.flush().await {
+                    tracing::warn!(error = %e, "shared state not saved; retrying");
+                    tokio::time::sleep(journal::FLUSH_EVERY).await;
+                }
+            }
+        }
+    });
 }
 
 fn lock(queue: &Queue) -> std::sync::MutexGuard<'_, QueueInner> {
@@ -196,8 +421,9 @@ impl SharedState for MemoryState {
                 expires_at: ttl.map(|t| Instant::now() + t),
             },
         );
+        let durability = self.mark(key);
         self.after_write();
-        Ok(())
+        self.settle(durability).await
     }
 
     async fn set_nx(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StateResult<bool> {
@@ -221,50 +447,45 @@ impl SharedState for MemoryState {
                     expires_at: ttl.map(|t| now + t),
                 }
             });
+        let durability = if inserted {
+            self.mark(key)
+        } else {
+            Durability::Volatile
+        };
         self.after_write();
+        self.settle(durability).await?;
         Ok(inserted)
     }
 
     async fn take(&self, key: &str) -> StateResult<Option<Vec<u8>>> {
         let now = Instant::now();
-        Ok(self
-            .kv
-            .remove(key)
-            .filter(|(_, e)| e.live(now))
-            .map(|(_, e)| e.value))
+        let Some((_, entry)) = self.kv.remove(key) else {
+            return Ok(None);
+        };
+        let durability = self.mark(key);
+        self.settle(durability).await?;
+        Ok(entry.live(now).then_some(entry.value))
     }
 
     async fn delete(&self, key: &str) -> StateResult<bool> {
         let existed = self.live_entry(key);
-        self.kv.remove(key);
+        if self.kv.remove(key).is_some() {
+            let durability = self.mark(key);
+            self.settle(durability).await?;
+        }
         Ok(existed)
     }
 
     async fn incr(&self, key: &str, by: i64, ttl: Duration) -> StateResult<i64> {
-        let now = Instant::now();
-        let mut entry = self.kv.entry(key.to_owned()).or_insert_with(|| Entry {
-            value: b"0".to_vec(),
-            expires_at: Some(now + ttl),
-        });
-        if !entry.live(now) {
-            *entry = Entry {
-                value: b"0".to_vec(),
-                expires_at: Some(now + ttl),
-            };
-        }
-        let current: i64 = std::str::from_utf8(&entry.value)
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| StateError::Corrupt(format!("{key} is not an integer")))?;
-        let next = current.saturating_add(by);
-        entry.value = next.to_string().into_bytes();
-        drop(entry);
-        self.after_write();
+        let (next, durability) = self.incr_now(key, by, ttl)?;
+        self.settle(durability).await?;
         Ok(next)
     }
 
     async fn advance(&self, key: &str, value: u64, ttl: Duration) -> StateResult<Option<u64>> {
-        let previous = self.raise_to(key, value, ttl, false);
+        let (previous, durability) = self.raise_to(key, value, ttl, false);
+        // An accepted `seq` is answered only once it would survive a crash.
+        self.settle(durability).await?;
         Ok((previous < value).then_some(previous))
     }
 
@@ -286,6 +507,11 @@ impl SharedState for MemoryState {
                 expires_at: Some(now + ttl),
             };
         }
+        drop(entry);
+        if holds {
+            let durability = self.mark(key);
+            self.settle(durability).await?;
+        }
         Ok(holds)
     }
 
@@ -306,20 +532,33 @@ impl SharedState for MemoryState {
                 None
             }
         };
+        let durability = if holder.is_none() {
+            self.mark(key)
+        } else {
+            Durability::Volatile
+        };
         self.after_write();
+        self.settle(durability).await?;
         Ok(holder)
     }
 
     async fn delete_if(&self, key: &str, value: &[u8]) -> StateResult<bool> {
         let now = Instant::now();
-        Ok(self
+        let deleted = self
             .kv
             .remove_if(key, |_, entry| entry.live(now) && entry.value == value)
-            .is_some())
+            .is_some();
+        if deleted {
+            let durability = self.mark(key);
+            self.settle(durability).await?;
+        }
+        Ok(deleted)
     }
 
     async fn set_max(&self, key: &str, value: u64, ttl: Duration) -> StateResult<u64> {
-        Ok(self.raise_to(key, value, ttl, true).max(value))
+        let (previous, durability) = self.raise_to(key, value, ttl, true);
+        self.settle(durability).await?;
+        Ok(previous.max(value))
     }
 
     async fn ttl(&self, key: &str) -> StateResult<Option<Duration>> {
@@ -365,20 +604,8 @@ impl SharedState for MemoryState {
         max_len: usize,
         ttl: Duration,
     ) -> StateResult<()> {
-        let now = Instant::now();
-        let mut entry = self
-            .histories
-            .entry(key.to_owned())
-            .or_insert_with(|| (std::collections::BTreeMap::new(), now + ttl));
-        if entry.1 <= now {
-            entry.0.clear();
-        }
-        entry.0.insert(seq, payload.to_vec());
-        while entry.0.len() > max_len {
-            entry.0.pop_first();
-        }
-        entry.1 = now + ttl;
-        Ok(())
+        let durability = self.push_now(key, seq, payload, max_len, ttl);
+        self.settle(durability).await
     }
 
     async fn sequence_and_push(
@@ -389,12 +616,18 @@ impl SharedState for MemoryState {
         ttl: Duration,
     ) -> StateResult<Vec<u64>> {
         let mut seqs = Vec::with_capacity(entries.len());
+        let mut durability = Durability::Volatile;
         for ((counter, history), payload) in entries.iter().zip(payloads) {
-            let seq = u64::try_from(self.incr(counter, 1, ttl).await?).unwrap_or_default();
-            self.history_push(history, seq, payload, max_len, ttl)
-                .await?;
+            let (seq, counted) = self.incr_now(counter, 1, ttl)?;
+            let seq = u64::try_from(seq).unwrap_or_default();
+            let pushed = self.push_now(history, seq, payload, max_len, ttl);
+            if counted == Durability::Committed || pushed == Durability::Committed {
+                durability = Durability::Committed;
+            }
             seqs.push(seq);
         }
+        // One commit for the whole batch (a global command numbers every device).
+        self.settle(durability).await?;
         Ok(seqs)
     }
 
@@ -484,6 +717,29 @@ impl SharedState for MemoryState {
 
     fn queue_is_remote(&self) -> bool {
         false
+    }
+
+    async fn close(&self) -> StateResult<()> {
+        let Some(journal) = &self.journal else {
+            return Ok(());
+        };
+        // Jobs fetched but not acked first: they are the older ones.
+        let mut jobs = Vec::new();
+        for queue in &self.queues {
+            let inner = lock(queue.value());
+            let mut pending: Vec<&(Job, String, Instant)> = inner.pending.values().collect();
+            pending.sort_by_key(|(_, _, at)| *at);
+            for (job, _, _) in pending {
+                jobs.push((queue.key().clone(), job.payload.to_vec()));
+            }
+            for (job, _) in &inner.ready {
+                jobs.push((queue.key().clone(), job.payload.to_vec()));
+            }
+        }
+        let saved = jobs.len();
+        journal.close(|k, h| self.snapshot(k, h), jobs).await?;
+        tracing::info!(queued_jobs = saved, "shared state saved");
+        Ok(())
     }
 
     async fn consumer(&self, queue: &str, name: &str) -> StateResult<Box<dyn QueueConsumer>> {
@@ -643,6 +899,199 @@ mod tests {
             state.set("kept", b"v", None).await.expect("set");
         }
         assert_eq!(state.kv.len(), 1, "swept, and only the live key is left");
+    }
+
+    #[tokio::test]
+    async fn expired_command_histories_are_swept_too() {
+        let state = MemoryState::new(16);
+        for i in 0..100 {
+            state
+                .history_push(
+                    &format!("force_overlay:{{dev_{i:05}}}"),
+                    1,
+                    b"command",
+                    100,
+                    Duration::from_millis(1),
+                )
+                .await
+                .expect("push");
+        }
+        state
+            .history_push(
+                "force_overlay:{kept}",
+                1,
+                b"command",
+                100,
+                Duration::from_secs(60),
+            )
+            .await
+            .expect("push");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(state.histories.len(), 101, "nothing swept them yet");
+        for _ in 0..SWEEP_EVERY {
+            state.set("kept", b"v", None).await.expect("set");
+        }
+        assert_eq!(state.histories.len(), 1, "only the live history is left");
+        assert_eq!(
+            state
+                .history_since("force_overlay:{kept}", 0)
+                .await
+                .expect("read")
+                .len(),
+            1
+        );
+    }
+
+    /// A state on a file in `dir`.
+    async fn on_file(dir: &tempfile::TempDir) -> Arc<MemoryState> {
+        MemoryState::open(&dir.path().join("state.db"), 16)
+            .await
+            .expect("opens")
+    }
+
+    #[tokio::test]
+    async fn an_accepted_seq_survives_a_crash() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = on_file(&dir).await;
+        let key = super::super::keys::heartbeat_seq("dev_crash_01");
+        assert_eq!(
+            state
+                .advance(&key, 7, Duration::from_secs(60))
+                .await
+                .expect("advance"),
+            Some(0)
+        );
+        // No close: the process died right after answering.
+        drop(state);
+        let state = on_file(&dir).await;
+        assert_eq!(
+            state
+                .advance(&key, 7, Duration::from_secs(60))
+                .await
+                .expect("advance"),
+            None,
+            "still a replay"
+        );
+        assert_eq!(
+            state
+                .advance(&key, 8, Duration::from_secs(60))
+                .await
+                .expect("advance"),
+            Some(7)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_clean_shutdown_keeps_security_state_with_its_ttl_and_the_queue() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = on_file(&dir).await;
+        let hour = Duration::from_secs(3600);
+        let fp = super::super::keys::window_fingerprint(42);
+        assert_eq!(state.claim(&fp, b"dev_a", hour).await.expect("claim"), None);
+        let engine = super::super::keys::signal_state("dev_a");
+        state
+            .set(&engine, b"engine state", Some(hour))
+            .await
+            .expect("set");
+        state
+            .set("sig:{dev_gone}", b"expires", Some(Duration::from_millis(1)))
+            .await
+            .expect("set");
+        let history = super::super::keys::force_overlay("dev_a");
+        let counter = super::super::keys::command_seq("dev_a");
+        let seqs = state
+            .sequence_and_push(
+                &[(counter.clone(), history.clone())],
+                &[b"lock".to_vec()],
+                100,
+                hour,
+            )
+            .await
+            .expect("sequence");
+        assert_eq!(seqs, [1]);
+        // Volatile: forgotten.
+        let lock = super::super::keys::scoring_lock("dev_a");
+        state.set(&lock, b"held", Some(hour)).await.expect("set");
+        state.enqueue("q", b"job 1").await.expect("enqueue");
+        state.enqueue("q", b"job 2").await.expect("enqueue");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        state.close().await.expect("close");
+        drop(state);
+
+        let state = on_file(&dir).await;
+        assert_eq!(
+            state.claim(&fp, b"dev_b", hour).await.expect("claim"),
+            Some(b"dev_a".to_vec()),
+            "the fingerprint's first sender is remembered"
+        );
+        assert_eq!(
+            state.get(&engine).await.expect("get"),
+            Some(b"engine state".to_vec())
+        );
+        let ttl = state.ttl(&engine).await.expect("ttl").expect("has a ttl");
+        assert!(
+            ttl <= hour && ttl > hour - Duration::from_secs(60),
+            "{ttl:?}"
+        );
+        assert_eq!(
+            state.get("sig:{dev_gone}").await.expect("get"),
+            None,
+            "expired"
+        );
+        assert_eq!(
+            state.get(&lock).await.expect("get"),
+            None,
+            "locks are not kept"
+        );
+        assert_eq!(
+            state.history_since(&history, 0).await.expect("history"),
+            [(1, b"lock".to_vec())]
+        );
+        assert_eq!(
+            state.incr(&counter, 1, hour).await.expect("incr"),
+            2,
+            "numbering goes on"
+        );
+        let mut consumer = state.consumer("q", "c").await.expect("consumer");
+        assert_eq!(
+            ids(consumer.fetch(10, Duration::from_millis(10)).await),
+            [b"job 1".to_vec(), b"job 2".to_vec()],
+            "queued again, in order"
+        );
+        // Taken out of the file: a second restart does not queue them twice.
+        drop(consumer);
+        drop(state);
+        let state = on_file(&dir).await;
+        assert_eq!(state.queue_len("q").await.expect("len"), 0);
+    }
+
+    #[tokio::test]
+    async fn swept_keys_leave_the_file_too() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = on_file(&dir).await;
+        for i in 0..10 {
+            state
+                .claim(
+                    &super::super::keys::window_fingerprint(i),
+                    b"dev",
+                    Duration::from_millis(1),
+                )
+                .await
+                .expect("claim");
+        }
+        state.flush().await.expect("flush");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        for _ in 0..SWEEP_EVERY {
+            state.set("volatile", b"v", None).await.expect("set");
+        }
+        state.flush().await.expect("flush");
+        let url = format!("sqlite://{}", dir.path().join("state.db").display());
+        let pool = sqlx::SqlitePool::connect(&url).await.expect("pool");
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM kv")
+            .fetch_one(&pool)
+            .await
+            .expect("count");
+        assert_eq!(rows, 0);
     }
 
     #[tokio::test]

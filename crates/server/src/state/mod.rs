@@ -24,6 +24,7 @@
 //! Keys are the logical names from [`keys`]; the Redis backend prepends the
 //! configured prefix, so deployments (and parallel tests) never collide.
 
+mod journal;
 pub mod keys;
 mod memory;
 mod redis;
@@ -409,6 +410,15 @@ pub trait SharedState: Send + Sync + 'static {
     }
     /// A consumer named `name` for `queue` (names must be unique per process).
     async fn consumer(&self, queue: &str, name: &str) -> StateResult<Box<dyn QueueConsumer>>;
+
+    /// The last call of a clean shutdown, once the workers have stopped:
+    /// whatever this backend keeps across a restart is saved, and later
+    /// writes may be lost. The in-process backend opened on a file saves
+    /// its security state and the jobs still queued
+    /// ([`MemoryState::open`]); Redis keeps everything itself.
+    async fn close(&self) -> StateResult<()> {
+        Ok(())
+    }
 }
 
 /// A bucket whose capacity changed since its last take (the plan changed):
@@ -562,7 +572,17 @@ pub async fn connect(
 ) -> Result<std::sync::Arc<dyn SharedState>, ConnectError> {
     use secrecy::ExposeSecret;
     match &config.redis_url {
-        None => Ok(std::sync::Arc::new(MemoryState::new(config.queue_capacity))),
+        None => {
+            let path = config.data_dir.join(STATE_FILE);
+            MemoryState::open(&path, config.queue_capacity)
+                .await
+                .map(|s| s as std::sync::Arc<dyn SharedState>)
+                .map_err(|e| ConnectError {
+                    what: "open the embedded shared state",
+                    target: path.display().to_string(),
+                    reason: e.to_string(),
+                })
+        }
         Some(url) => RedisState::connect(
             url.expose_secret(),
             &config.redis_prefix,
@@ -572,16 +592,22 @@ pub async fn connect(
         .await
         .map(|s| std::sync::Arc::new(s) as std::sync::Arc<dyn SharedState>)
         .map_err(|e| ConnectError {
+            what: "reach Redis",
             target: crate::config::redact_url(url.expose_secret()),
             reason: e.to_string(),
         }),
     }
 }
 
-/// Redis could not be reached at start.
+/// The embedded default's state file, in the data dir.
+pub const STATE_FILE: &str = "state.db";
+
+/// Redis could not be reached at start (or the embedded state file opened).
 #[derive(Debug, thiserror::Error)]
-#[error("cannot reach Redis at {target}: {reason}")]
+#[error("cannot {what} at {target}: {reason}")]
 pub struct ConnectError {
+    /// What failed: `reach Redis`, `open the embedded shared state`.
+    pub what: &'static str,
     /// The redacted URL.
     pub target: String,
     /// Why, in one line.

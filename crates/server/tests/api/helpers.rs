@@ -340,8 +340,8 @@ pub struct TestApp {
     pub state: AppState,
     stop: CancellationToken,
     server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
-    /// The backends (dropped after the server).
-    _backing: Backing,
+    /// The backends (dropped after the server; taken by a restart).
+    backing: Option<Backing>,
 }
 
 impl std::ops::Deref for TestApp {
@@ -359,6 +359,30 @@ impl TestApp {
             Some(handle) => handle.await?,
             None => Ok(()),
         }
+    }
+}
+
+impl TestApp {
+    /// Stops the server cleanly and starts a new one with the same
+    /// configuration on the same backends — data dir, database, Redis
+    /// prefix: a restart. The new server listens on another port.
+    pub async fn restart(mut self) -> TestApp {
+        self.stop.cancel();
+        if let Some(server) = self.server.take() {
+            server
+                .await
+                .expect("the server task joins")
+                .expect("the server stops cleanly");
+        }
+        let backing = self.backing.take().expect("backends");
+        let mut config = (*self.state.config).clone();
+        config.listen = "127.0.0.1:0".parse().expect("addr");
+        // The old server's handles go before the new one opens the files.
+        drop(self);
+        let app = Application::build(config, true)
+            .await
+            .expect("the restarted application builds");
+        start(app, backing)
     }
 }
 
@@ -400,7 +424,7 @@ pub fn start(app: Application, backing: Backing) -> TestApp {
         state,
         stop,
         server: Some(server),
-        _backing: backing,
+        backing: Some(backing),
     }
 }
 

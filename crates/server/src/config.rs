@@ -224,6 +224,26 @@ pub struct Config {
     /// Business events older than this are deleted (`BLOCKREMOTE_EVENT_RETENTION_DAYS`,
     /// 1–3650, default 90). Audit rows are kept.
     pub event_retention: Duration,
+    // Connections (issue 19, points 3 and 8): see `http::serve`.
+    /// A request head must arrive within this of the connection opening, or
+    /// of its first byte on a kept-alive connection
+    /// (`BLOCKREMOTE_HEADER_READ_TIMEOUT_SECONDS`, 1–300, default 10).
+    pub header_read_timeout: Duration,
+    /// A request body must arrive within this of its head, else 408
+    /// (`BLOCKREMOTE_BODY_READ_TIMEOUT_SECONDS`, 1–300, default 15).
+    pub body_read_timeout: Duration,
+    /// A kept-alive connection with no request is closed after this
+    /// (`BLOCKREMOTE_KEEPALIVE_TIMEOUT_SECONDS`, 1–3600, default 75).
+    pub keepalive_timeout: Duration,
+    /// Largest request head, request line included (`BLOCKREMOTE_MAX_HEADER_BYTES`,
+    /// 1024–1048576, default 16384); larger gets 431.
+    pub max_header_bytes: usize,
+    /// HTTP connections one instance holds at once (`BLOCKREMOTE_MAX_CONNECTIONS`,
+    /// default 10000); upgraded kill-switch sockets count toward `ws_max_connections` instead.
+    pub max_connections: usize,
+    /// When set, `GET /metrics` requires `Authorization: Bearer <token>`
+    /// (`BLOCKREMOTE_METRICS_TOKEN`, at least 16 characters).
+    pub metrics_token: Option<SecretString>,
 }
 
 /// How log lines are written.
@@ -431,6 +451,38 @@ const WS_HANDSHAKES_PER_MINUTE: Ranged<u32> = Ranged::new(
     1..=u32::MAX,
     Outside::Clamp,
 );
+// Connections (issue 19, points 3 and 8).
+const HEADER_READ_TIMEOUT: Ranged<u64> = Ranged::new(
+    "BLOCKREMOTE_HEADER_READ_TIMEOUT_SECONDS",
+    "10",
+    1..=300,
+    Outside::Clamp,
+);
+const BODY_READ_TIMEOUT: Ranged<u64> = Ranged::new(
+    "BLOCKREMOTE_BODY_READ_TIMEOUT_SECONDS",
+    "15",
+    1..=300,
+    Outside::Clamp,
+);
+const KEEPALIVE_TIMEOUT: Ranged<u64> = Ranged::new(
+    "BLOCKREMOTE_KEEPALIVE_TIMEOUT_SECONDS",
+    "75",
+    1..=3600,
+    Outside::Clamp,
+);
+const MAX_HEADER_BYTES: Ranged<usize> = Ranged::new(
+    "BLOCKREMOTE_MAX_HEADER_BYTES",
+    "16384",
+    1024..=1_048_576,
+    Outside::Refuse("must be between {min} and {max}"),
+);
+const MAX_CONNECTIONS: Ranged<usize> = Ranged::new(
+    "BLOCKREMOTE_MAX_CONNECTIONS",
+    "10000",
+    1..=usize::MAX,
+    Outside::Refuse("must be at least {min}"),
+);
+const METRICS_TOKEN: Setting = Setting::new("BLOCKREMOTE_METRICS_TOKEN", None);
 
 /// Every setting read, in the order README lists most of them. The file keys
 /// and the environment layer come from this list; tests check it against what
@@ -469,6 +521,12 @@ pub const SETTINGS: &[Setting] = &[
     REFRESH_PER_MINUTE.setting,
     WS_MAX_CONNECTIONS,
     WS_HANDSHAKES_PER_MINUTE.setting,
+    HEADER_READ_TIMEOUT.setting,
+    BODY_READ_TIMEOUT.setting,
+    KEEPALIVE_TIMEOUT.setting,
+    MAX_HEADER_BYTES.setting,
+    MAX_CONNECTIONS.setting,
+    METRICS_TOKEN,
 ];
 
 impl Config {
@@ -594,8 +652,24 @@ impl Config {
             JwtAlgorithm::from_name,
             "must be ES256 or RS256",
         )?;
+        let metrics_token = v.secret(&METRICS_TOKEN);
+        if metrics_token
+            .as_ref()
+            .is_some_and(|token| token.expose_secret().len() < 16)
+        {
+            return Err(invalid(
+                v.name(&METRICS_TOKEN),
+                "must be at least 16 characters (use a random token)",
+            ));
+        }
 
         Ok(Self {
+            header_read_timeout: Duration::from_secs(v.ranged(&HEADER_READ_TIMEOUT)?),
+            body_read_timeout: Duration::from_secs(v.ranged(&BODY_READ_TIMEOUT)?),
+            keepalive_timeout: Duration::from_secs(v.ranged(&KEEPALIVE_TIMEOUT)?),
+            max_header_bytes: v.ranged(&MAX_HEADER_BYTES)?,
+            max_connections: v.ranged(&MAX_CONNECTIONS)?,
+            metrics_token,
             ws_max_connections: v.number(&WS_MAX_CONNECTIONS)?,
             ws_handshakes_per_minute: v.ranged(&WS_HANDSHAKES_PER_MINUTE)?,
             event_retention: Duration::from_secs(v.ranged(&EVENT_RETENTION_DAYS)? * 86_400),
@@ -1137,6 +1211,12 @@ mod tests {
         assert_eq!(c.refresh_per_minute, 10);
         assert_eq!(c.ws_max_connections, 100_000);
         assert_eq!(c.ws_handshakes_per_minute, 60);
+        assert_eq!(c.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.body_read_timeout, Duration::from_secs(15));
+        assert_eq!(c.keepalive_timeout, Duration::from_secs(75));
+        assert_eq!(c.max_header_bytes, 16_384);
+        assert_eq!(c.max_connections, 10_000);
+        assert!(c.metrics_token.is_none());
         assert_eq!(c.redis_prefix, "");
     }
 

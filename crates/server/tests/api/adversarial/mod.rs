@@ -13,6 +13,8 @@ use crate::{
     helpers::{spawn_app_with, Backend, TestApp},
 };
 
+mod transport;
+
 crate::on_both_backends!(
     registrations_naming_victims_devices_lock_nobody,
     a_throttled_address_is_refused_even_with_the_right_password,

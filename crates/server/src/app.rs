@@ -95,9 +95,12 @@ impl AppState {
         let auth = Auth::load(&config, store.as_ref(), shared.clone())
             .await
             .map_err(StartupError::Identity)?;
-        let hub = Hub::start(shared.clone(), config.ws_max_connections)
-            .await
-            .map_err(|e| StartupError::Workers(e.to_string()))?;
+        let hub = Hub::start(
+            shared.clone(),
+            crate::realtime::hub::Limits::from_config(&config),
+        )
+        .await
+        .map_err(|e| StartupError::Workers(e.to_string()))?;
         let plans = PlanCache::start(shared.clone())
             .await
             .map_err(|e| StartupError::Workers(e.to_string()))?;

@@ -224,7 +224,8 @@ pub struct Config {
     /// Business events older than this are deleted (`BLOCKREMOTE_EVENT_RETENTION_DAYS`,
     /// 1–3650, default 90). Audit rows are kept.
     pub event_retention: Duration,
-    // Connections (issue 19, points 3 and 8): see `http::serve`.
+    // Connections and sockets (issue 19, points 3, 4, 8): see `http::serve`
+    // and `realtime::hub`.
     /// A request head must arrive within this of the connection opening, or
     /// of its first byte on a kept-alive connection
     /// (`BLOCKREMOTE_HEADER_READ_TIMEOUT_SECONDS`, 1–300, default 10).
@@ -241,6 +242,12 @@ pub struct Config {
     /// HTTP connections one instance holds at once (`BLOCKREMOTE_MAX_CONNECTIONS`,
     /// default 10000); upgraded kill-switch sockets count toward `ws_max_connections` instead.
     pub max_connections: usize,
+    /// Kill-switch sockets per device on one instance (`BLOCKREMOTE_WS_MAX_SOCKETS_PER_DEVICE`,
+    /// 1–64, default 2); a new one replaces the oldest.
+    pub ws_max_sockets_per_device: usize,
+    /// Kill-switch sockets per user on one instance (`BLOCKREMOTE_WS_MAX_SOCKETS_PER_USER`,
+    /// default 20); more: 503 `too_many_connections`.
+    pub ws_max_sockets_per_user: usize,
     /// When set, `GET /metrics` requires `Authorization: Bearer <token>`
     /// (`BLOCKREMOTE_METRICS_TOKEN`, at least 16 characters).
     pub metrics_token: Option<SecretString>,
@@ -451,7 +458,7 @@ const WS_HANDSHAKES_PER_MINUTE: Ranged<u32> = Ranged::new(
     1..=u32::MAX,
     Outside::Clamp,
 );
-// Connections (issue 19, points 3 and 8).
+// Connections and sockets (issue 19, points 3, 4, 8).
 const HEADER_READ_TIMEOUT: Ranged<u64> = Ranged::new(
     "BLOCKREMOTE_HEADER_READ_TIMEOUT_SECONDS",
     "10",
@@ -479,6 +486,18 @@ const MAX_HEADER_BYTES: Ranged<usize> = Ranged::new(
 const MAX_CONNECTIONS: Ranged<usize> = Ranged::new(
     "BLOCKREMOTE_MAX_CONNECTIONS",
     "10000",
+    1..=usize::MAX,
+    Outside::Refuse("must be at least {min}"),
+);
+const WS_MAX_SOCKETS_PER_DEVICE: Ranged<usize> = Ranged::new(
+    "BLOCKREMOTE_WS_MAX_SOCKETS_PER_DEVICE",
+    "2",
+    1..=64,
+    Outside::Refuse("must be between {min} and {max}"),
+);
+const WS_MAX_SOCKETS_PER_USER: Ranged<usize> = Ranged::new(
+    "BLOCKREMOTE_WS_MAX_SOCKETS_PER_USER",
+    "20",
     1..=usize::MAX,
     Outside::Refuse("must be at least {min}"),
 );
@@ -526,6 +545,8 @@ pub const SETTINGS: &[Setting] = &[
     KEEPALIVE_TIMEOUT.setting,
     MAX_HEADER_BYTES.setting,
     MAX_CONNECTIONS.setting,
+    WS_MAX_SOCKETS_PER_DEVICE.setting,
+    WS_MAX_SOCKETS_PER_USER.setting,
     METRICS_TOKEN,
 ];
 
@@ -669,6 +690,8 @@ impl Config {
             keepalive_timeout: Duration::from_secs(v.ranged(&KEEPALIVE_TIMEOUT)?),
             max_header_bytes: v.ranged(&MAX_HEADER_BYTES)?,
             max_connections: v.ranged(&MAX_CONNECTIONS)?,
+            ws_max_sockets_per_device: v.ranged(&WS_MAX_SOCKETS_PER_DEVICE)?,
+            ws_max_sockets_per_user: v.ranged(&WS_MAX_SOCKETS_PER_USER)?,
             metrics_token,
             ws_max_connections: v.number(&WS_MAX_CONNECTIONS)?,
             ws_handshakes_per_minute: v.ranged(&WS_HANDSHAKES_PER_MINUTE)?,
@@ -1216,6 +1239,8 @@ mod tests {
         assert_eq!(c.keepalive_timeout, Duration::from_secs(75));
         assert_eq!(c.max_header_bytes, 16_384);
         assert_eq!(c.max_connections, 10_000);
+        assert_eq!(c.ws_max_sockets_per_device, 2);
+        assert_eq!(c.ws_max_sockets_per_user, 20);
         assert!(c.metrics_token.is_none());
         assert_eq!(c.redis_prefix, "");
     }

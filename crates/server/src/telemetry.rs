@@ -138,6 +138,9 @@ pub struct Metrics {
     /// `http_connection_timeouts_total{reason}`: connections closed by the
     /// header-read (`header`) or keep-alive (`idle`) timer.
     pub http_connection_timeouts: Family<ReasonLabels, Counter>,
+    /// `killswitch_server_closes_total{reason}`: sockets the server closed
+    /// with a 4000-range code (`replaced`, `token_expired`, `locked`, `revoked`) or 1009.
+    pub ws_server_closes: Family<ReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -289,10 +292,17 @@ impl Metrics {
             "Connections closed by the header-read or keep-alive timer, by reason",
             http_connection_timeouts.clone(),
         );
+        let ws_server_closes = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "killswitch_server_closes",
+            "Kill-switch sockets closed by the server, by reason",
+            ws_server_closes.clone(),
+        );
         Self {
             http_connections_open,
             http_connections_refused,
             http_connection_timeouts,
+            ws_server_closes,
             signals_accepted,
             signals_replays,
             signals_scored,

@@ -8,12 +8,7 @@
 //! close. Every start-up failure is a [`StartupError`] with a one-line
 //! message; nothing here panics.
 
-use std::{
-    future::{Future, IntoFuture},
-    net::SocketAddr,
-    sync::Arc,
-    time::Duration,
-};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::Router;
 use tokio::net::TcpListener;
@@ -105,9 +100,12 @@ impl AppState {
         let auth = Auth::load(&config, store.as_ref(), shared.clone())
             .await
             .map_err(StartupError::Identity)?;
-        let hub = Hub::start(shared.clone(), config.ws_max_connections)
-            .await
-            .map_err(|e| StartupError::Workers(e.to_string()))?;
+        let hub = Hub::start(
+            shared.clone(),
+            crate::realtime::hub::Limits::from_config(&config),
+        )
+        .await
+        .map_err(|e| StartupError::Workers(e.to_string()))?;
         let plans = PlanCache::start(shared.clone())
             .await
             .map_err(|e| StartupError::Workers(e.to_string()))?;
@@ -489,12 +487,16 @@ impl Application {
             None
         };
 
-        let server = axum::serve(
+        // Served with header-read and keep-alive timers, a head-size bound
+        // and a connection cap (`http::serve`), which `axum::serve` lacks.
+        let server = crate::http::serve::serve(
             listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(stop.clone().cancelled_owned());
-        let mut server = tokio::spawn(server.into_future());
+            router,
+            crate::http::serve::Limits::from_config(&state.config),
+            state.metrics.clone(),
+            stop.clone(),
+        );
+        let mut server = tokio::spawn(server);
         tracing::info!(
             addr = %local_addr,
             database = state.store.backend(),

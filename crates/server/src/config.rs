@@ -238,6 +238,33 @@ pub struct Config {
     /// (`BLOCKREMOTE_KEK_PREVIOUS` / `BLOCKREMOTE_KEK_PREVIOUS_FILE`): the
     /// base64 text and the setting it came from.
     pub kek_previous: Option<(SecretString, String)>,
+    // Connections and sockets (issue 19, points 3, 4, 8): see `http::serve`
+    // and `realtime::hub`.
+    /// A request head must arrive within this of the connection opening, or
+    /// of its first byte on a kept-alive connection
+    /// (`BLOCKREMOTE_HEADER_READ_TIMEOUT_SECONDS`, 1–300, default 10).
+    pub header_read_timeout: Duration,
+    /// A request body must arrive within this of its head, else 408
+    /// (`BLOCKREMOTE_BODY_READ_TIMEOUT_SECONDS`, 1–300, default 15).
+    pub body_read_timeout: Duration,
+    /// A kept-alive connection with no request is closed after this
+    /// (`BLOCKREMOTE_KEEPALIVE_TIMEOUT_SECONDS`, 1–3600, default 75).
+    pub keepalive_timeout: Duration,
+    /// Largest request head, request line included (`BLOCKREMOTE_MAX_HEADER_BYTES`,
+    /// 1024–1048576, default 16384); larger gets 431.
+    pub max_header_bytes: usize,
+    /// HTTP connections one instance holds at once (`BLOCKREMOTE_MAX_CONNECTIONS`,
+    /// default 10000); upgraded kill-switch sockets count toward `ws_max_connections` instead.
+    pub max_connections: usize,
+    /// Kill-switch sockets per device on one instance (`BLOCKREMOTE_WS_MAX_SOCKETS_PER_DEVICE`,
+    /// 1–64, default 2); a new one replaces the oldest.
+    pub ws_max_sockets_per_device: usize,
+    /// Kill-switch sockets per user on one instance (`BLOCKREMOTE_WS_MAX_SOCKETS_PER_USER`,
+    /// default 20); more: 503 `too_many_connections`.
+    pub ws_max_sockets_per_user: usize,
+    /// When set, `GET /metrics` requires `Authorization: Bearer <token>`
+    /// (`BLOCKREMOTE_METRICS_TOKEN`, at least 16 characters).
+    pub metrics_token: Option<SecretString>,
 }
 
 /// Where the key-encryption key comes from.
@@ -493,6 +520,50 @@ const KEK_FILE: Setting = Setting::new("BLOCKREMOTE_KEK_FILE", None);
 const KEK_PREVIOUS: Setting = Setting::new("BLOCKREMOTE_KEK_PREVIOUS", None);
 const KEK_PREVIOUS_FILE: Setting = Setting::new("BLOCKREMOTE_KEK_PREVIOUS_FILE", None);
 const INSECURE_KEYS: Setting = Setting::new("BLOCKREMOTE_INSECURE_KEYS", Some("false"));
+// Connections and sockets (issue 19, points 3, 4, 8).
+const HEADER_READ_TIMEOUT: Ranged<u64> = Ranged::new(
+    "BLOCKREMOTE_HEADER_READ_TIMEOUT_SECONDS",
+    "10",
+    1..=300,
+    Outside::Clamp,
+);
+const BODY_READ_TIMEOUT: Ranged<u64> = Ranged::new(
+    "BLOCKREMOTE_BODY_READ_TIMEOUT_SECONDS",
+    "15",
+    1..=300,
+    Outside::Clamp,
+);
+const KEEPALIVE_TIMEOUT: Ranged<u64> = Ranged::new(
+    "BLOCKREMOTE_KEEPALIVE_TIMEOUT_SECONDS",
+    "75",
+    1..=3600,
+    Outside::Clamp,
+);
+const MAX_HEADER_BYTES: Ranged<usize> = Ranged::new(
+    "BLOCKREMOTE_MAX_HEADER_BYTES",
+    "16384",
+    1024..=1_048_576,
+    Outside::Refuse("must be between {min} and {max}"),
+);
+const MAX_CONNECTIONS: Ranged<usize> = Ranged::new(
+    "BLOCKREMOTE_MAX_CONNECTIONS",
+    "10000",
+    1..=usize::MAX,
+    Outside::Refuse("must be at least {min}"),
+);
+const WS_MAX_SOCKETS_PER_DEVICE: Ranged<usize> = Ranged::new(
+    "BLOCKREMOTE_WS_MAX_SOCKETS_PER_DEVICE",
+    "2",
+    1..=64,
+    Outside::Refuse("must be between {min} and {max}"),
+);
+const WS_MAX_SOCKETS_PER_USER: Ranged<usize> = Ranged::new(
+    "BLOCKREMOTE_WS_MAX_SOCKETS_PER_USER",
+    "20",
+    1..=usize::MAX,
+    Outside::Refuse("must be at least {min}"),
+);
+const METRICS_TOKEN: Setting = Setting::new("BLOCKREMOTE_METRICS_TOKEN", None);
 
 /// Every setting read, in the order README lists most of them. The file keys
 /// and the environment layer come from this list; tests check it against what
@@ -538,6 +609,14 @@ pub const SETTINGS: &[Setting] = &[
     KEK_PREVIOUS,
     KEK_PREVIOUS_FILE,
     INSECURE_KEYS,
+    HEADER_READ_TIMEOUT.setting,
+    BODY_READ_TIMEOUT.setting,
+    KEEPALIVE_TIMEOUT.setting,
+    MAX_HEADER_BYTES.setting,
+    MAX_CONNECTIONS.setting,
+    WS_MAX_SOCKETS_PER_DEVICE.setting,
+    WS_MAX_SOCKETS_PER_USER.setting,
+    METRICS_TOKEN,
 ];
 
 impl Config {
@@ -676,10 +755,28 @@ impl Config {
             JwtAlgorithm::from_name,
             "must be ES256 or RS256",
         )?;
+        let metrics_token = v.secret(&METRICS_TOKEN);
+        if metrics_token
+            .as_ref()
+            .is_some_and(|token| token.expose_secret().len() < 16)
+        {
+            return Err(invalid(
+                v.name(&METRICS_TOKEN),
+                "must be at least 16 characters (use a random token)",
+            ));
+        }
 
         Ok(Self {
             max_devices_per_user: v.ranged(&MAX_DEVICES_PER_USER)?,
             refresh_reuse_interval: Duration::from_secs(v.ranged(&REFRESH_REUSE_INTERVAL)?),
+            header_read_timeout: Duration::from_secs(v.ranged(&HEADER_READ_TIMEOUT)?),
+            body_read_timeout: Duration::from_secs(v.ranged(&BODY_READ_TIMEOUT)?),
+            keepalive_timeout: Duration::from_secs(v.ranged(&KEEPALIVE_TIMEOUT)?),
+            max_header_bytes: v.ranged(&MAX_HEADER_BYTES)?,
+            max_connections: v.ranged(&MAX_CONNECTIONS)?,
+            ws_max_sockets_per_device: v.ranged(&WS_MAX_SOCKETS_PER_DEVICE)?,
+            ws_max_sockets_per_user: v.ranged(&WS_MAX_SOCKETS_PER_USER)?,
+            metrics_token,
             ws_max_connections: v.number(&WS_MAX_CONNECTIONS)?,
             ws_handshakes_per_minute: v.ranged(&WS_HANDSHAKES_PER_MINUTE)?,
             event_retention: Duration::from_secs(v.ranged(&EVENT_RETENTION_DAYS)? * 86_400),
@@ -1310,6 +1407,14 @@ mod tests {
         assert_eq!(c.refresh_per_minute, 10);
         assert_eq!(c.ws_max_connections, 100_000);
         assert_eq!(c.ws_handshakes_per_minute, 60);
+        assert_eq!(c.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.body_read_timeout, Duration::from_secs(15));
+        assert_eq!(c.keepalive_timeout, Duration::from_secs(75));
+        assert_eq!(c.max_header_bytes, 16_384);
+        assert_eq!(c.max_connections, 10_000);
+        assert_eq!(c.ws_max_sockets_per_device, 2);
+        assert_eq!(c.ws_max_sockets_per_user, 20);
+        assert!(c.metrics_token.is_none());
         assert_eq!(c.redis_prefix, "");
     }
 

@@ -131,6 +131,16 @@ pub struct Metrics {
     /// `signals_heartbeats_dropped_total`: queued heartbeats of a device
     /// that does not exist (nothing to score them for; not retried).
     pub signals_dropped: Counter,
+    /// `http_connections_open`: HTTP connections (not yet upgraded) open on this instance.
+    pub http_connections_open: Gauge,
+    /// `http_connections_refused_total`: connections over `BLOCKREMOTE_MAX_CONNECTIONS`.
+    pub http_connections_refused: Counter,
+    /// `http_connection_timeouts_total{reason}`: connections closed by the
+    /// header-read (`header`) or keep-alive (`idle`) timer.
+    pub http_connection_timeouts: Family<ReasonLabels, Counter>,
+    /// `killswitch_server_closes_total{reason}`: sockets the server closed
+    /// with a 4000-range code (`replaced`, `token_expired`, `locked`, `revoked`) or 1009.
+    pub ws_server_closes: Family<ReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -264,7 +274,35 @@ impl Metrics {
             "Queued heartbeats dropped because their device does not exist",
             signals_dropped.clone(),
         );
+        let http_connections_open = Gauge::default();
+        registry.register(
+            "http_connections_open",
+            "HTTP connections open on this instance (upgraded sockets excluded)",
+            http_connections_open.clone(),
+        );
+        let http_connections_refused = Counter::default();
+        registry.register(
+            "http_connections_refused",
+            "Connections refused because the instance held BLOCKREMOTE_MAX_CONNECTIONS",
+            http_connections_refused.clone(),
+        );
+        let http_connection_timeouts = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "http_connection_timeouts",
+            "Connections closed by the header-read or keep-alive timer, by reason",
+            http_connection_timeouts.clone(),
+        );
+        let ws_server_closes = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "killswitch_server_closes",
+            "Kill-switch sockets closed by the server, by reason",
+            ws_server_closes.clone(),
+        );
         Self {
+            http_connections_open,
+            http_connections_refused,
+            http_connection_timeouts,
+            ws_server_closes,
             signals_accepted,
             signals_replays,
             signals_scored,

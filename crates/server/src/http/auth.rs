@@ -234,7 +234,8 @@ pub async fn post_refresh(
     Ok(JsonResponse(tokens))
 }
 
-/// Ends the device's session: its refresh-token family is revoked.
+/// Ends the device's session: its refresh-token family is revoked, and its
+/// kill-switch sockets close with 4004 `revoked`.
 #[utoipa::path(post, path = "/v1/auth/logout", tag = "auth",
     params(("X-Device-Id" = String, Header, description = "The device the token is bound to")),
     security(("device_jwt" = [])),
@@ -247,5 +248,15 @@ pub async fn post_logout(
     device: DeviceAuth,
 ) -> Result<StatusCode, ApiError> {
     state.sessions.logout(&device).await?;
+    // A socket opened with this session must not outlive it.
+    if let Err(e) = crate::realtime::disconnect(
+        state.shared.as_ref(),
+        &device.device_id,
+        crate::realtime::CloseReason::Revoked,
+    )
+    .await
+    {
+        tracing::warn!(error = %e, "closing the device's sockets after logout failed");
+    }
     Ok(StatusCode::NO_CONTENT)
 }

@@ -1,12 +1,17 @@
 //! `GET /v1/security/kill-switch`: the WebSocket handshake.
 //!
-//! Checks, in order: no `?token=` (400 `token_in_query` — a token in a URL
-//! ends up in proxy logs); an `Origin`, when sent, on the allow-list (403
-//! `origin_not_allowed`); the per-address handshake rate (429); credentials
-//! from `Authorization: Bearer` or `Sec-WebSocket-Protocol: blockremote.v1,
-//! bearer.<jwt>` (then `blockremote.v1` is selected); `X-Device-Id`, when
-//! sent, equal to the token's device; room under the connection cap (503
-//! `too_many_connections`). Socket buffers are sized for many idle sockets.
+//! Checks, in order: no `token` (or `access_token`) query parameter in any
+//! case (400 `token_in_query` — a token in a URL ends up in proxy logs); an
+//! `Origin`, when sent, on the allow-list (403 `origin_not_allowed`); the
+//! handshake rate per client address — per IPv4 address, per IPv6 /64, since
+//! one host is given a whole /64 (429); credentials from `Authorization:
+//! Bearer` or `Sec-WebSocket-Protocol: blockremote.v1, bearer.<jwt>` (then
+//! `blockremote.v1` is selected); `X-Device-Id`, when sent, equal to the
+//! token's device; room in the hub (the device's oldest socket is replaced
+//! beyond its cap; else 503 `too_many_connections` beyond the user's or the
+//! instance's cap, see `realtime::hub`). Socket buffers are sized for many
+//! idle sockets; a message over [`MAX_MESSAGE`] closes the socket with 1009.
+//! The socket closes at the token's `exp` (4002 `token_expired`).
 
 use axum::{
     extract::{
@@ -22,7 +27,7 @@ use crate::{
     app::AppState,
     error::{codes, ApiError, Problem},
     http::extract::{authenticate, ClientIp, DeviceGate, DEVICE_ID_HEADER},
-    realtime::socket,
+    realtime::{hub::Full, socket},
     state::keys,
 };
 
@@ -33,7 +38,7 @@ const READ_BUFFER: usize = 4 * 1024;
 /// Longest a handshake may take on the server before it is refused.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Largest message accepted from a client.
-const MAX_MESSAGE: usize = 4 * 1024;
+pub const MAX_MESSAGE: usize = 4 * 1024;
 
 /// The kill-switch route.
 pub fn router() -> OpenApiRouter<AppState> {
@@ -64,12 +69,14 @@ fn bearer_from_protocols(headers: &HeaderMap) -> (Option<String>, bool) {
     ),
     security(("device_jwt" = [])),
     responses(
-        (status = 101, description = "Switching protocols; the server sends `state` first"),
-        (status = 400, description = "`token_in_query`, or not a WebSocket handshake", body = Problem, content_type = "application/problem+json"),
+        (status = 101, description = "Switching protocols; the server sends `state` first. \
+            The server closes with 4001 `replaced`, 4002 `token_expired` (at the token's `exp`), \
+            4003 `locked`, 4004 `revoked`, 1009 (message over 4 KiB), 1001 (shutdown, idle)"),
+        (status = 400, description = "`token_in_query` (a `token` or `access_token` query parameter, any case), or not a WebSocket handshake", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "`invalid_token`, `device_mismatch` or `device_revoked`", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "`origin_not_allowed`", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "`rate_limited` (handshakes per address)", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`too_many_connections`", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited` (handshakes per IPv4 address or IPv6 /64)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`too_many_connections`: the instance's or the user's socket cap, for a device with no socket on this instance", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn get_kill_switch(
     State(state): State<AppState>,
@@ -102,7 +109,10 @@ async fn handshake(
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
     started: std::time::Instant,
 ) -> Result<Response, ApiError> {
-    if query.contains_key("token") || query.contains_key("access_token") {
+    if query
+        .keys()
+        .any(|k| k.eq_ignore_ascii_case("token") || k.eq_ignore_ascii_case("access_token"))
+    {
         return Err(ApiError::Client {
             status: StatusCode::BAD_REQUEST,
             code: codes::TOKEN_IN_QUERY,
@@ -125,6 +135,7 @@ async fn handshake(
         }
     }
     if let Some(ip) = ip.0 {
+        // Keyed by the subscriber: the IPv4 address or the IPv6 /64.
         let scope = crate::auth::client_ip::hmac(state.auth.ip_key(), ip);
         let bucket = state
             .shared
@@ -170,12 +181,30 @@ async fn handshake(
         Ok(upgrade) => upgrade,
         Err(rejection) => return Ok(rejection.into_response()),
     };
-    let Some((registration, commands)) = state.hub.register(&device.device_id) else {
-        return Err(ApiError::Client {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            code: codes::TOO_MANY_CONNECTIONS,
-            detail: "The server holds as many sockets as it allows; retry later.",
-        });
+    let now = chrono::Utc::now().timestamp();
+    let exp = match state.auth.verified.get(&token, now) {
+        Some(claims) => claims.exp,
+        // Verified a moment ago; only an evicted cache entry lands here.
+        None => now + i64::try_from(state.auth.access_ttl.as_secs()).unwrap_or(i64::MAX),
+    };
+    let token_expires = tokio::time::Instant::now()
+        + std::time::Duration::from_secs(u64::try_from(exp - now).unwrap_or(0));
+    let registered = match state.hub.register(&device.device_id, device.user_id) {
+        Ok(registered) => registered,
+        Err(Full::Instance) => {
+            return Err(ApiError::Client {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                code: codes::TOO_MANY_CONNECTIONS,
+                detail: "The server holds as many sockets as it allows; retry later.",
+            })
+        }
+        Err(Full::User) => {
+            return Err(ApiError::Client {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                code: codes::TOO_MANY_CONNECTIONS,
+                detail: "This account's devices hold as many sockets as they may; close one first.",
+            })
+        }
     };
     let upgrade = upgrade
         .read_buffer_size(READ_BUFFER)
@@ -195,6 +224,6 @@ async fn handshake(
         shutdown: state.shutdown.clone(),
     };
     Ok(upgrade.on_upgrade(move |socket| {
-        socket::serve(socket, handles, device, registration, commands, started)
+        socket::serve(socket, handles, device, registered, token_expires, started)
     }))
 }

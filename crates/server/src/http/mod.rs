@@ -3,17 +3,22 @@
 //!
 //! Layer order, outermost first:
 //! 1. request context — request id, trace context, problem rendering, metrics, access log;
-//! 2. security headers (nosniff, frame DENY, no-referrer, optional HSTS);
-//! 3. CORS (only when origins are configured);
-//! 4. panic catcher — a panic becomes an opaque 500, never a dropped connection;
-//! 5. request timeout (503);
-//! 6. body limit, 64 KiB (413).
+//! 2. body deadline — a body slower than its timeout is answered 408 (`body_deadline`);
+//! 3. security headers (nosniff, frame DENY, no-referrer, optional HSTS);
+//! 4. CORS (only when origins are configured);
+//! 5. panic catcher — a panic becomes an opaque 500, never a dropped connection;
+//! 6. request timeout (503);
+//! 7. body limit, 64 KiB (413).
+//!
+//! Connections are served by [`serve`] (header-read and keep-alive timers,
+//! head-size bound, connection cap).
 
 pub mod admin;
 pub mod attestation;
 pub mod audit;
 pub mod auth;
 pub mod billing;
+pub mod body_deadline;
 pub mod devices;
 pub mod docs;
 mod errors;
@@ -29,6 +34,7 @@ pub mod metrics;
 pub mod middleware;
 pub mod paging;
 pub mod rate_limit;
+pub mod serve;
 pub mod signals;
 pub mod validate;
 
@@ -52,7 +58,7 @@ use utoipa_axum::router::OpenApiRouter;
 use crate::{
     app::AppState,
     config::Config,
-    error::{ApiError, Problem},
+    error::{self, ApiError, Problem},
 };
 
 /// The OpenAPI document's fixed parts; paths are added by the routers.
@@ -116,7 +122,7 @@ impl utoipa::Modify for SecuritySchemes {
 
 /// Every router and the generated OpenAPI document.
 pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
-    OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let (router, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(auth::router())
         .merge(jwks::router())
         .merge(attestation::router())
@@ -132,7 +138,46 @@ pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(health::router())
         .merge(metrics::router())
         .merge(docs::router())
-        .split_for_parts()
+        .split_for_parts();
+    document_body_deadline(&mut doc);
+    (router, doc)
+}
+
+/// Every operation that takes a body may answer 408 `request_timeout`
+/// (`body_deadline`); said once here rather than on each route.
+fn document_body_deadline(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+    let response = ResponseBuilder::new()
+        .description(
+            "`request_timeout`: the body did not arrive within \
+             `BLOCKREMOTE_BODY_READ_TIMEOUT_SECONDS` of the request head",
+        )
+        .content(
+            error::PROBLEM_JSON,
+            ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("Problem")))
+                .build(),
+        )
+        .build();
+    for item in doc.paths.paths.values_mut() {
+        for operation in [
+            &mut item.post,
+            &mut item.put,
+            &mut item.patch,
+            &mut item.delete,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if operation.request_body.is_some() {
+                operation
+                    .responses
+                    .responses
+                    .entry("408".to_owned())
+                    .or_insert_with(|| response.clone().into());
+            }
+        }
+    }
 }
 
 /// The OpenAPI document alone (for `blockremote openapi` and tests).
@@ -160,6 +205,10 @@ pub fn app_with(state: AppState, extra: Router<AppState>) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             middleware::request_context,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            body_deadline::body_deadline,
         ))
         .layer(SetResponseHeaderLayer::overriding(
             header::X_CONTENT_TYPE_OPTIONS,
@@ -334,6 +383,15 @@ mod tests {
             headers["x-request-id"].to_str().expect("ascii")
         );
         json["code"].as_str().expect("code").to_owned()
+    }
+
+    #[test]
+    fn the_document_lists_the_hardening_answers() {
+        let doc = serde_json::to_value(openapi()).expect("json");
+        let responses = |path: &str, method: &str| doc["paths"][path][method]["responses"].clone();
+        assert!(responses("/metrics", "get")["401"].is_object());
+        assert!(responses("/v1/auth/login", "post")["408"].is_object());
+        assert!(responses("/health/live", "get").get("408").is_none());
     }
 
     #[tokio::test]

@@ -15,6 +15,16 @@
 //! device's `state`, then every command after the acked position; a client
 //! may also ask `resume` from its own `since_seq`. A command missed while a
 //! pub/sub connection was down is therefore still delivered.
+//!
+//! ## Closing
+//! The server closes a socket with a code of this API's 4000 range when the
+//! client should act on it ([`CloseReason`]): `4001 replaced` (the device
+//! opened more sockets than it may hold), `4002 token_expired` (at the
+//! access token's `exp`: reconnect with a fresh token), `4003 locked` (a
+//! `CRITICAL_LOCK` or `IMMEDIATE_QUARANTINE` was just delivered: reconnect
+//! to learn the state and wait for `UNLOCK`), `4004 revoked` (the device's
+//! session ended: sign in again). An oversize message gets 1009, shutdown
+//! and silence 1001, a binary frame 1003.
 
 pub mod acks;
 pub mod hub;
@@ -114,6 +124,67 @@ impl DeviceCommand {
 
 /// The device id that addresses every connected device.
 pub const EVERY_DEVICE: &str = "*";
+
+/// Why the server closes a socket, with the close code the client acts on
+/// (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CloseReason {
+    /// 4001: a newer socket of the same device took this one's place.
+    Replaced,
+    /// 4002: the access token the socket was opened with expired.
+    TokenExpired,
+    /// 4003: a lock or quarantine was delivered on this socket.
+    Locked,
+    /// 4004: the device's session was revoked or ended.
+    Revoked,
+}
+
+impl CloseReason {
+    /// The WebSocket close code.
+    pub fn code(self) -> u16 {
+        match self {
+            Self::Replaced => 4001,
+            Self::TokenExpired => 4002,
+            Self::Locked => 4003,
+            Self::Revoked => 4004,
+        }
+    }
+
+    /// The close frame's reason text (and the metric label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Replaced => "replaced",
+            Self::TokenExpired => "token_expired",
+            Self::Locked => "locked",
+            Self::Revoked => "revoked",
+        }
+    }
+}
+
+/// Asks every instance to close `device_id`'s sockets with `reason` (for a
+/// session that ended without a command, e.g. logout).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Disconnect {
+    /// The device whose sockets close.
+    pub disconnect: String,
+    /// Why.
+    pub reason: CloseReason,
+}
+
+/// Publishes a [`Disconnect`] for `device_id`.
+pub async fn disconnect(
+    shared: &dyn SharedState,
+    device_id: &str,
+    reason: CloseReason,
+) -> StateResult<()> {
+    let message = Disconnect {
+        disconnect: device_id.to_owned(),
+        reason,
+    };
+    let payload = serde_json::to_vec(&message).unwrap_or_default();
+    shared.publish(keys::KILL_SWITCH_CHANNEL, &payload).await
+}
 
 /// Issues `action` to `device_id`: next sequence number, history, publish.
 /// Status changes and audit rows are the caller's (they differ by source).

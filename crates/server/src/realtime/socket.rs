@@ -6,24 +6,35 @@
 //! below the highest sequence number already written are skipped). The
 //! server pings every [`PING_EVERY`]; a socket silent for [`IDLE_LIMIT`] is
 //! closed. On shutdown every socket gets a close frame (1001).
+//!
+//! A socket lives no longer than the access token it was opened with: at
+//! the token's `exp` it closes with 4002 `token_expired`. A lock or
+//! quarantine of its device delivered live is followed by 4003 `locked`
+//! (4004 `revoked` when the device's sessions were revoked with it); the
+//! hub may close it with 4001 `replaced` or 4004 `revoked`. After a close
+//! frame of ours the socket is read for up to [`CLOSE_GRACE`], so an ack the
+//! device sent before it saw the close still counts. A message over the size
+//! limit closes with 1009. `resume` is rate-limited per socket: a burst of
+//! [`RESUME_BURST`], then one per [`RESUME_EVERY`]; a resume over the rate is
+//! ignored, as unrecognised messages are.
 
 use std::{collections::VecDeque, sync::Arc, time::Duration};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use serde::Deserialize;
-use tokio::{sync::mpsc, time::Instant};
+use tokio::{sync::watch, time::Instant};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::{
-    hub::{Hub, Outbound, Registration},
-    DeviceCommand,
+    hub::{Hub, Outbound, Registered},
+    CloseReason, DeviceCommand,
 };
 use crate::{
     auth::DeviceAuth,
     state::{keys, SharedState},
     store::{DeviceStatus, Store},
-    telemetry::Metrics,
+    telemetry::{Metrics, ReasonLabels},
 };
 
 /// How often the server pings an idle socket.
@@ -32,6 +43,44 @@ pub const PING_EVERY: Duration = Duration::from_secs(20);
 pub const IDLE_LIMIT: Duration = Duration::from_secs(60);
 /// Delivered command ids remembered per connection, to map acks to positions.
 const REMEMBERED: usize = 128;
+/// How long a socket is read after the server's close frame.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// Resumes a socket may send at once.
+pub const RESUME_BURST: u32 = 3;
+/// After the burst, one resume per this long (a resume replays up to the
+/// whole history: 3 at once, then 6 a minute, is plenty for a client that
+/// resumes once per reconnect).
+pub const RESUME_EVERY: Duration = Duration::from_secs(10);
+
+/// The per-socket resume rate (a GCRA: `tat` is when the budget is full again).
+struct ResumeBudget {
+    tat: Instant,
+}
+
+impl ResumeBudget {
+    fn new() -> Self {
+        Self {
+            tat: Instant::now(),
+        }
+    }
+
+    fn take(&mut self, now: Instant) -> bool {
+        let tat = self.tat.max(now);
+        if tat > now + RESUME_EVERY * (RESUME_BURST - 1) {
+            return false;
+        }
+        self.tat = tat + RESUME_EVERY;
+        true
+    }
+}
+
+/// True when a receive error is a message or frame over the size limit.
+fn too_big(error: axum::Error) -> bool {
+    error
+        .into_inner()
+        .downcast_ref::<tokio_tungstenite::tungstenite::Error>()
+        .is_some_and(|e| matches!(e, tokio_tungstenite::tungstenite::Error::Capacity(_)))
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -53,6 +102,17 @@ pub struct SocketHandles {
     pub hub: Arc<Hub>,
     /// Cancelled when the process begins to shut down (the socket then closes).
     pub shutdown: CancellationToken,
+}
+
+/// Why a socket whose device was just locked closes: `revoked` when the
+/// lock came with a revocation (the device may not reconnect), else
+/// `locked`. A free function for the same reason as [`counter`].
+async fn lock_reason(store: &dyn Store, device_id: &str) -> CloseReason {
+    match store.device(device_id).await {
+        Ok(Some(device)) if device.status != DeviceStatus::Revoked => CloseReason::Locked,
+        Ok(_) => CloseReason::Revoked,
+        Err(_) => CloseReason::Locked,
+    }
 }
 
 /// Reads a numeric counter from shared state (0 when absent). A free
@@ -166,6 +226,37 @@ impl Connection {
         self.send(message.to_string()).await
     }
 
+    /// Sends a close frame with `code`, then reads until the client's close
+    /// (or [`CLOSE_GRACE`]), counting acks that were already on their way.
+    async fn close(&mut self, code: u16, reason: &'static str) {
+        self.state
+            .metrics
+            .ws_server_closes
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+        let frame = CloseFrame {
+            code,
+            reason: reason.into(),
+        };
+        if self.socket.send(Message::Close(Some(frame))).await.is_err() {
+            return;
+        }
+        let _ = tokio::time::timeout(CLOSE_GRACE, async {
+            while let Some(Ok(message)) = self.socket.recv().await {
+                match message {
+                    Message::Text(text) => {
+                        if let Ok(ClientMessage::Ack { id }) = serde_json::from_str(&text) {
+                            self.on_ack(id).await;
+                        }
+                    }
+                    Message::Close(_) => break,
+                    _ => {}
+                }
+            }
+        })
+        .await;
+    }
+
     async fn on_ack(&mut self, id: Uuid) {
         let Some(&(_, seq)) = self.recent.iter().find(|(known, _)| *known == id) else {
             return;
@@ -178,15 +269,21 @@ impl Connection {
     }
 }
 
-/// Serves one authenticated socket until it closes.
+/// Serves one authenticated socket until it closes; `token_expires` is when
+/// the access token it was opened with expires.
 pub async fn serve(
     socket: WebSocket,
     state: SocketHandles,
     device: DeviceAuth,
-    registration: Registration,
-    mut commands: mpsc::Receiver<Arc<Outbound>>,
+    registered: Registered,
+    token_expires: Instant,
     handshake_started: std::time::Instant,
 ) {
+    let Registered {
+        registration,
+        mut commands,
+        close: mut hub_close,
+    } = registered;
     let started = Instant::now();
     state.metrics.ws_connected.inc();
     let shutdown = state.shutdown.clone();
@@ -217,6 +314,9 @@ pub async fn serve(
         ping.tick().await;
 
         let mut last_heard = Instant::now();
+        let mut resumes = ResumeBudget::new();
+        let expiry = tokio::time::sleep_until(token_expires);
+        tokio::pin!(expiry);
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => {
@@ -227,9 +327,27 @@ pub async fn serve(
                     reason = "shutdown";
                     break;
                 }
+                () = &mut expiry => {
+                    let why = CloseReason::TokenExpired;
+                    conn.close(why.code(), why.as_str()).await;
+                    reason = why.as_str();
+                    break;
+                }
+                Some(why) = closed_by_hub(&mut hub_close) => {
+                    conn.close(why.code(), why.as_str()).await;
+                    reason = why.as_str();
+                    break;
+                }
                 Some(out) = commands.recv() => {
                     if !conn.write_command(&out).await {
                         reason = "send_failed";
+                        break;
+                    }
+                    if out.closes {
+                        let store = conn.state.store.clone();
+                        let why = lock_reason(store.as_ref(), &conn.device.device_id).await;
+                        conn.close(why.code(), why.as_str()).await;
+                        reason = why.as_str();
                         break;
                     }
                 }
@@ -239,6 +357,9 @@ pub async fn serve(
                         Some(Ok(Message::Text(text))) => {
                             match serde_json::from_str::<ClientMessage>(&text) {
                                 Ok(ClientMessage::Ack { id }) => conn.on_ack(id).await,
+                                Ok(ClientMessage::Resume { .. }) if !resumes.take(Instant::now()) => {
+                                    tracing::debug!("resume over the rate ignored");
+                                }
                                 Ok(ClientMessage::Resume { since_seq }) => {
                                     // An explicit resume may ask again for what was written.
                                     conn.written = conn.written.min(since_seq);
@@ -263,8 +384,13 @@ pub async fn serve(
                             break;
                         }
                         Some(Ok(_)) => {}
-                        Some(Err(_)) => {
-                            reason = "protocol_error";
+                        Some(Err(e)) => {
+                            if too_big(e) {
+                                conn.close(1009, "message too big").await;
+                                reason = "message_too_big";
+                            } else {
+                                reason = "protocol_error";
+                            }
                             break;
                         }
                     }
@@ -297,4 +423,37 @@ pub async fn serve(
         close_reason = reason,
         "kill-switch connection closed"
     );
+}
+
+/// Resolves with the hub's reason once it asks the socket to close; never
+/// when the hub has let go of the socket without one.
+async fn closed_by_hub(close: &mut watch::Receiver<Option<CloseReason>>) -> Option<CloseReason> {
+    loop {
+        if let Some(reason) = *close.borrow_and_update() {
+            return Some(reason);
+        }
+        if close.changed().await.is_err() {
+            // The hub replaced or dropped the slot without a reason: only
+            // possible once the socket is ending anyway.
+            return std::future::pending().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resumes_are_rate_limited_per_socket() {
+        let mut budget = ResumeBudget::new();
+        let now = budget.tat;
+        for i in 0..RESUME_BURST {
+            assert!(budget.take(now), "resume {i} of the burst");
+        }
+        assert!(!budget.take(now), "over the burst");
+        let later = now + RESUME_EVERY;
+        assert!(budget.take(later), "one more after {RESUME_EVERY:?}");
+        assert!(!budget.take(later));
+    }
 }

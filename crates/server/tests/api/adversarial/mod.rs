@@ -17,6 +17,7 @@ use crate::{
 };
 
 mod restarts;
+mod transport;
 
 crate::on_both_backends!(
     registrations_naming_victims_devices_lock_nobody,

@@ -385,6 +385,44 @@ mod tests {
         json["code"].as_str().expect("code").to_owned()
     }
 
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_slow_body_is_a_408_logged_at_info() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = Config::embedded_in(dir.path());
+        config.body_read_timeout = Duration::from_millis(100);
+        let state = AppState::connect(config, true).await.expect("state");
+        let app = app_with(state, Router::new().route("/test/greet", post(greet)));
+        let sink = Captured::default();
+        let writer = sink.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_writer(move || writer.clone())
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        // Half a body, and the rest never comes.
+        let (mut tx, rx) =
+            futures::channel::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(1);
+        futures::SinkExt::send(&mut tx, Ok(bytes::Bytes::from_static(b"{\"name\":")))
+            .await
+            .expect("send");
+        let (status, headers, body) =
+            call(app, post_json("/test/greet", Body::from_stream(rx))).await;
+        drop(tx);
+        assert_eq!(status, StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(problem_code(status, &headers, &body), "request_timeout");
+        assert_eq!(headers[header::CONNECTION], "close");
+        let logs = String::from_utf8(sink.0.lock().expect("lock").clone()).expect("utf8");
+        let line = logs
+            .lines()
+            .find(|l| l.contains("request finished") || l.contains("request failed"))
+            .unwrap_or_else(|| panic!("no access log line in {logs}"));
+        let json: serde_json::Value = serde_json::from_str(line).expect("JSON log");
+        assert_eq!(json["level"], "INFO", "{line}");
+        assert_eq!(json["status"], 408);
+        assert!(!logs.contains("\"ERROR\""), "{logs}");
+    }
+
     #[test]
     fn the_document_lists_the_hardening_answers() {
         let doc = serde_json::to_value(openapi()).expect("json");

@@ -21,8 +21,10 @@
 //! client should act on it ([`CloseReason`]): `4001 replaced` (the device
 //! opened more sockets than it may hold), `4002 token_expired` (at the
 //! access token's `exp`: reconnect with a fresh token), `4003 locked` (a
-//! `CRITICAL_LOCK` or `IMMEDIATE_QUARANTINE` was just delivered: reconnect
-//! to learn the state and wait for `UNLOCK`), `4004 revoked` (the device's
+//! `CRITICAL_LOCK` or `IMMEDIATE_QUARANTINE` addressed to the device was
+//! just delivered live — not a global command, not a replay, so a locked
+//! device that reconnects stays connected: reconnect to learn the state and
+//! wait for `UNLOCK`), `4004 revoked` (the device's
 //! session ended: sign in again). An oversize message gets 1009, shutdown
 //! and silence 1001, a binary frame 1003.
 

@@ -136,6 +136,20 @@ async fn a_partial_request_head_is_answered_408_and_closed(backend: Backend) {
     assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
     assert_eq!(problem_code(&answer), "request_timeout");
 
+    // So is a WebSocket upgrade whose head never ends.
+    let mut upgrade = raw(&app).await;
+    upgrade
+        .write_all(
+            b"GET /v1/security/kill-switch HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
+              Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n",
+        )
+        .await
+        .expect("write");
+    let answer = read_until_closed(&mut upgrade, Duration::from_secs(5))
+        .await
+        .expect("a partial upgrade is closed");
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+
     // A connection that never sends a byte is closed too (without an answer).
     let mut silent = raw(&app).await;
     let answer = read_until_closed(&mut silent, Duration::from_secs(5))
@@ -145,7 +159,7 @@ async fn a_partial_request_head_is_answered_408_and_closed(backend: Backend) {
 
     let metrics = app.metrics().await;
     assert!(
-        metrics.contains(r#"http_connection_timeouts_total{reason="header"} 2"#),
+        metrics.contains(r#"http_connection_timeouts_total{reason="header"} 3"#),
         "{metrics}"
     );
 }

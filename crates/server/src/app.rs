@@ -384,8 +384,10 @@ pub enum StartupError {
     #[error("the database schema is {0} migration(s) behind: run `blockremote migrate` or enable BLOCKREMOTE_AUTO_MIGRATE")]
     SchemaBehind(usize),
     /// Signing keys or server secrets could not be loaded.
+    // Not `#[source]`: the message already holds it, and the one-line
+    // error would say it twice.
     #[error("cannot load identity keys: {0}")]
-    Identity(#[source] crate::auth::AuthSetupError),
+    Identity(crate::auth::AuthSetupError),
     /// The listen address is taken or not ours.
     #[error("cannot listen on {addr}: {source}")]
     Bind {

@@ -288,16 +288,6 @@ pub enum KekSetting {
     Missing,
 }
 
-impl KekSetting {
-    /// A KEK given as base64 text (tests and tools).
-    pub fn given(base64: &str) -> Self {
-        Self::Given {
-            value: SecretString::from(base64.to_owned()),
-            origin: KEK.var.to_owned(),
-        }
-    }
-}
-
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {

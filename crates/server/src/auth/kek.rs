@@ -64,12 +64,12 @@ pub enum KekError {
         origin: String,
     },
     /// The KEK file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     File {
         /// The file.
         path: PathBuf,
-        /// Why.
-        source: std::io::Error,
+        /// Why (not a `source`: the message holds it).
+        error: std::io::Error,
     },
     /// A row was sealed under another KEK.
     #[error(
@@ -110,6 +110,9 @@ pub struct Kek {
     cipher: Aes256Gcm,
     id: [u8; ID_LEN],
     origin: String,
+    /// The KEK being replaced (`BLOCKREMOTE_KEK_PREVIOUS`): rows it sealed
+    /// still open while `keys rewrap` moves them; nothing new is sealed with it.
+    previous: Option<Box<Kek>>,
 }
 
 impl std::fmt::Debug for Kek {
@@ -131,7 +134,14 @@ impl Kek {
             cipher: Aes256Gcm::new(bytes.into()),
             id,
             origin: origin.into(),
+            previous: None,
         }
+    }
+
+    /// This KEK, also opening (never sealing) rows sealed under `previous`.
+    pub fn with_previous(mut self, previous: Option<Kek>) -> Self {
+        self.previous = previous.filter(|p| p.id != self.id).map(Box::new);
+        self
     }
 
     /// A KEK from base64 text (standard or URL-safe alphabet, padding optional).
@@ -183,6 +193,9 @@ impl Kek {
         let Some(under) = sealed_under(sealed) else {
             return Err(KekError::Corrupt { what: what.into() });
         };
+        if let Some(previous) = self.previous.as_deref().filter(|p| p.id == under) {
+            return previous.open(row, what, sealed);
+        }
         if under != self.id {
             return Err(KekError::WrongKek {
                 what: what.into(),
@@ -280,17 +293,19 @@ pub enum Generate {
 
 /// The KEK the configuration names, if any (see the module docs):
 /// `BLOCKREMOTE_KEK(_FILE)`; else on the embedded default the data dir's
-/// `kek` file (generated when `generate` allows); else, with
+/// `kek` file (generated when `generate` allows) — either also opening rows
+/// sealed under `BLOCKREMOTE_KEK_PREVIOUS(_FILE)`; else, with
 /// `BLOCKREMOTE_INSECURE_KEYS=1`, none (with a loud warning); else
 /// [`KekError::Required`].
 pub fn resolve(config: &Config, generate: Generate) -> Result<Option<Kek>, KekError> {
     match &config.kek {
-        KekSetting::Given { value, origin } => {
-            Ok(Some(Kek::from_base64(value.expose_secret(), origin)?))
-        }
+        KekSetting::Given { value, origin } => Ok(Some(
+            Kek::from_base64(value.expose_secret(), origin)?.with_previous(previous(config)?),
+        )),
         KekSetting::DataDir => {
             let path = config.data_dir.join(DATA_DIR_KEK_FILE);
-            data_dir_kek(&path, generate)
+            let previous = previous(config)?;
+            Ok(data_dir_kek(&path, generate)?.map(|kek| kek.with_previous(previous)))
         }
         KekSetting::Insecure => {
             tracing::warn!(
@@ -313,9 +328,9 @@ pub fn previous(config: &Config) -> Result<Option<Kek>, KekError> {
 }
 
 fn data_dir_kek(path: &Path, generate: Generate) -> Result<Option<Kek>, KekError> {
-    let file_error = |source| KekError::File {
+    let file_error = |error| KekError::File {
         path: path.to_owned(),
-        source,
+        error,
     };
     match std::fs::read_to_string(path) {
         Ok(text) => {
@@ -373,6 +388,23 @@ mod tests {
         let last = edited.len() - 1;
         edited[last] ^= 1;
         assert!(a.open("signing_keys:k1", "k", &edited).is_err());
+    }
+
+    #[test]
+    fn a_kek_with_its_previous_opens_rows_of_both_and_seals_with_itself() {
+        let old = kek(4);
+        let old_id = old.id();
+        let under_old = old.seal("r", b"secret");
+        let new = kek(5).with_previous(Some(kek(4)));
+        assert_eq!(new.open("r", "w", &under_old).expect("opens"), b"secret");
+        let under_new = new.seal("r", b"secret");
+        assert!(is_sealed_by(&under_new, &kek(5)));
+        assert!(kek(4).open("r", "w", &under_new).is_err());
+        let err = kek(6)
+            .with_previous(Some(kek(7)))
+            .open("r", "w", &under_old)
+            .expect_err("neither");
+        assert!(err.to_string().contains(&old_id), "{err}");
     }
 
     #[test]

@@ -75,7 +75,18 @@ pub async fn chain_key(
         (Some(_), true) => {
             let mut key = [0u8; 32];
             rand::rngs::OsRng.fill_bytes(&mut key);
-            let keyed_from = store.audit_head().await?.map_or(1, |(seq, _)| seq + 1);
+            let head = store.audit_head().await?;
+            if head
+                .as_ref()
+                .is_some_and(|(_, hash)| hash.starts_with(crate::store::audit_chain::KEYED_PREFIX))
+                && store.read_server_secret(AUDIT_CHAIN).await?.is_none()
+            {
+                tracing::error!(
+                    "the audit chain is keyed but its key is gone from the database (deleted?): a new key \
+                     is made, and `blockremote audit verify` reports the rows of the lost one"
+                );
+            }
+            let keyed_from = head.map_or(1, |(seq, _)| seq + 1);
             let candidate = ChainKey { key, keyed_from }.to_bytes();
             Some(secret(store, kek, AUDIT_CHAIN, &candidate).await?)
         }

@@ -446,3 +446,25 @@ for_each_dialect! {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn anchors_are_seq_colon_hash_or_a_bare_hash() {
+        let hex = "ab".repeat(32);
+        assert_eq!(
+            Anchor::parse(&format!("12:hmac:{hex}")),
+            Some(Anchor::At(12, format!("hmac:{hex}")))
+        );
+        assert_eq!(
+            Anchor::parse(&format!(" 3:{} \n", hex.to_uppercase())),
+            Some(Anchor::At(3, hex.clone()))
+        );
+        assert_eq!(Anchor::parse(&hex), Some(Anchor::Hash(hex.clone())));
+        for bad in ["", "12", "x:abc", "12:", "12:hmac:zz", "-1:00"] {
+            assert_eq!(Anchor::parse(bad), None, "{bad:?}");
+        }
+    }
+}

@@ -173,7 +173,12 @@ pub fn check(
             Some(k) if row.seq >= k.keyed_from && !keyed => {
                 return Err(ChainBreak::Unkeyed { seq: row.seq })
             }
+            // Keyed rows and no key, or keyed rows before the key's first
+            // row (the key was deleted and a new one made since).
             None if keyed => return Err(ChainBreak::KeyMissing { seq: row.seq }),
+            Some(k) if row.seq < k.keyed_from && keyed => {
+                return Err(ChainBreak::KeyMissing { seq: row.seq })
+            }
             _ => hash_for(key, &row.prev_hash, row.seq, &row.entry),
         };
         if expected != row.row_hash {
@@ -183,4 +188,100 @@ pub fn check(
         prev_seq = row.seq;
     }
     Ok((prev, prev_seq))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::AuditSource;
+
+    fn entry(i: u32) -> AuditEntry {
+        AuditEntry {
+            id: uuid::Uuid::now_v7(),
+            user_id: None,
+            device_id: Some(format!("device_{i}")),
+            jti: None,
+            ip: None,
+            user_agent: None,
+            source: AuditSource::Http,
+            threat_score: None,
+            decision_reason: None,
+            attestation_state: None,
+            action_taken: "CRITICAL_LOCK".into(),
+            created_at: chrono::Utc::now(),
+        }
+    }
+
+    /// Rows 1–2 written unkeyed, 3–4 under `key`.
+    fn chain(key: &ChainKey) -> Vec<ChainedRow> {
+        let mut prev = GENESIS.to_owned();
+        (1..=4)
+            .map(|seq| {
+                let e = entry(seq as u32);
+                let hash = hash_for(Some(key), &prev, seq, &e);
+                let row = ChainedRow {
+                    seq,
+                    prev_hash: prev.clone(),
+                    row_hash: hash.clone(),
+                    entry: e,
+                };
+                prev = hash;
+                row
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rows_before_keying_verify_unkeyed_and_after_it_only_keyed() {
+        let key = ChainKey {
+            key: [3; 32],
+            keyed_from: 3,
+        };
+        let rows = chain(&key);
+        assert!(!rows[1].row_hash.starts_with(KEYED_PREFIX));
+        assert!(rows[2].row_hash.starts_with(KEYED_PREFIX));
+        assert!(check(&rows, Some(&key), GENESIS.into(), 0).is_ok());
+
+        // The newest row rewritten and re-hashed without the key.
+        let mut forged = rows.clone();
+        forged[3].entry.action_taken = "UNLOCK".into();
+        forged[3].row_hash = row_hash(&forged[3].prev_hash, 4, &forged[3].entry);
+        assert_eq!(
+            check(&forged, Some(&key), GENESIS.into(), 0),
+            Err(ChainBreak::Unkeyed { seq: 4 })
+        );
+        // Re-hashed with a guessed key.
+        let guess = ChainKey {
+            key: [4; 32],
+            keyed_from: 3,
+        };
+        forged[3].row_hash = hash_for(Some(&guess), &forged[3].prev_hash, 4, &forged[3].entry);
+        assert_eq!(
+            check(&forged, Some(&key), GENESIS.into(), 0),
+            Err(ChainBreak::Edited { seq: 4 })
+        );
+        // No key, or a newer key than the rows'.
+        assert_eq!(
+            check(&rows, None, GENESIS.into(), 0),
+            Err(ChainBreak::KeyMissing { seq: 3 })
+        );
+        let newer = ChainKey {
+            key: [5; 32],
+            keyed_from: 5,
+        };
+        assert_eq!(
+            check(&rows, Some(&newer), GENESIS.into(), 0),
+            Err(ChainBreak::KeyMissing { seq: 3 })
+        );
+    }
+
+    #[test]
+    fn the_key_round_trips_through_its_stored_form() {
+        let key = ChainKey {
+            key: [7; 32],
+            keyed_from: 42,
+        };
+        assert_eq!(ChainKey::from_bytes(&key.to_bytes()), Some(key));
+        assert_eq!(ChainKey::from_bytes(&[0; 39]), None);
+    }
 }

@@ -138,3 +138,26 @@ async fn commands_that_need_a_database_create_nothing_and_say_which(backend: Bac
         assert!(!data.exists(), "{args:?} created {}", data.display());
     }
 }
+
+/// A `whsec_` secret that is not base64 used to be accepted (and never
+/// verified anything); a short secret was accepted too. Both are start-up
+/// errors naming the setting.
+#[tokio::test]
+async fn weak_or_malformed_webhook_secrets_are_refused_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for secret in ["whsec_not*base64*at*all*0123456789", "sk_live_short"] {
+        let out = run(
+            &[
+                ("BLOCKREMOTE_DATA_DIR", dir.path().display().to_string()),
+                ("BLOCKREMOTE_WEBHOOK_SECRETS", secret.to_owned()),
+            ],
+            &["serve"],
+        )
+        .await;
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{secret}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(err.contains("BLOCKREMOTE_WEBHOOK_SECRETS"), "{err}");
+        assert!(!err.contains(secret), "the secret is not echoed: {err}");
+    }
+}

@@ -309,13 +309,17 @@ async fn rewrap_moves_every_row_to_the_new_kek(backend: Backend) {
         text(&out.stderr)
     );
 
-    let env = child_env(
-        &config,
-        &[
-            ("BLOCKREMOTE_KEK", new.clone()),
-            ("BLOCKREMOTE_KEK_PREVIOUS", old.clone()),
-        ],
-    );
+    // Servers deployed with both KEKs open rows under either, before the rewrap.
+    let both = [
+        ("BLOCKREMOTE_KEK", new.clone()),
+        ("BLOCKREMOTE_KEK_PREVIOUS", old.clone()),
+    ];
+    let state = connect(&config_for(&backing, backend, &both)).await;
+    assert_eq!(state.auth.keys.current().current.kid, kid);
+    state.store.close().await;
+    drop(state);
+
+    let env = child_env(&config, &both);
     let out = run(&env, &["keys", "rewrap"]).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(
@@ -487,6 +491,19 @@ async fn a_revoked_key_is_refused_at_once_by_a_running_server(backend: Backend) 
         StatusCode::CREATED
     );
     let kid = app.state.auth.keys.current().current.kid.clone();
+    // On the production backend, a second replica that has the token cached
+    // as verified too.
+    let second = match backend {
+        Backend::Production => {
+            let second = crate::helpers::second_instance(&app).await;
+            assert_eq!(
+                second.probe(&session.access, "device_0001").await.status(),
+                StatusCode::CREATED
+            );
+            Some(second)
+        }
+        Backend::Embedded => None,
+    };
     let config = &app.state.config;
     let mut extra = Vec::new();
     if matches!(config.database, DatabaseConfig::Postgres { .. }) {
@@ -505,6 +522,13 @@ async fn a_revoked_key_is_refused_at_once_by_a_running_server(backend: Backend) 
     })
     .await;
     assert!(refused, "a token of the revoked key is still accepted");
+    if let Some(second) = &second {
+        let refused = eventually(Duration::from_secs(3), || async {
+            second.probe(&session.access, "device_0001").await.status() == StatusCode::UNAUTHORIZED
+        })
+        .await;
+        assert!(refused, "the other replica still accepts it");
+    }
     let jwks: serde_json::Value = app
         .get("/.well-known/jwks.json")
         .await

@@ -572,25 +572,40 @@ pub async fn start_workers(
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
+pub fn shutdown_signal() -> impl Future<Output = ()> {
+    // The handlers are installed now, when this is called — before the
+    // server says it is listening — not when the future is first polled: a
+    // signal in between would otherwise kill the process undrained.
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let interrupt = signal(SignalKind::interrupt());
+        let terminate = signal(SignalKind::terminate());
+        async move {
+            let interrupted = async {
+                match interrupt {
+                    Ok(mut signal) => signal.recv().await.map_or((), drop),
+                    Err(_) => std::future::pending::<()>().await,
+                }
+            };
+            let terminated = async {
+                match terminate {
+                    Ok(mut signal) => signal.recv().await.map_or((), drop),
+                    Err(_) => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                () = interrupted => tracing::info!("SIGINT received"),
+                () = terminated => tracing::info!("SIGTERM received"),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    async {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            tracing::info!("Ctrl-C received");
+        } else {
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("SIGINT received"),
-        () = terminate => tracing::info!("SIGTERM received"),
     }
 }

@@ -279,6 +279,8 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             }
             let grace = config.shutdown_grace;
             // Only what scoring needs: no kill-switch hub, firewall or sessions.
+            // Signal handlers first, so a signal during start-up drains too.
+            let stopped = app::shutdown_signal();
             let workers = app::WorkerHandles::connect(&config).await?;
             let stop = CancellationToken::new();
             let pool = workers.start("worker", stop.clone()).await?;
@@ -287,7 +289,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 database = workers.store.backend(),
                 "worker running"
             );
-            app::shutdown_signal().await;
+            stopped.await;
             pool.stop(grace).await;
             workers.store.close().await;
             Ok(())

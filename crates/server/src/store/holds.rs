@@ -260,6 +260,36 @@ for_each_dialect! {
             Ok(())
         }
 
+        /// Locks the device's row for the caller's transaction; false when
+        /// there is no such device.
+        async fn lock_device(
+            tx: &mut <Db as sqlx::Database>::Connection,
+            device_id: &str,
+        ) -> StoreResult<bool> {
+            let found: Option<String> = sqlx::query_scalar(&format!(
+                "SELECT id FROM devices WHERE id = $1{}",
+                <Db as Dialect>::FOR_UPDATE
+            ))
+            .bind(device_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            Ok(found.is_some())
+        }
+
+        /// A device's holds, oldest first, on the caller's connection.
+        async fn holds_of_device(
+            conn: &mut <Db as sqlx::Database>::Connection,
+            device_id: &str,
+        ) -> StoreResult<Vec<Hold>> {
+            let rows: Vec<HoldRow> = sqlx::query_as(&format!(
+                "SELECT {HOLD_COLUMNS} FROM holds WHERE device_id = $1 ORDER BY created_at, id"
+            ))
+            .bind(device_id)
+            .fetch_all(&mut *conn)
+            .await?;
+            rows.into_iter().map(Hold::try_from).collect()
+        }
+
         /// Places a hold on a user, on the caller's transaction.
         pub(super) async fn insert_user_hold(
             tx: &mut <Db as sqlx::Database>::Connection,
@@ -337,13 +367,8 @@ for_each_dialect! {
     #[async_trait]
     impl HoldStore for SqlStore<Db> {
         async fn device_holds(&self, device_id: &str) -> StoreResult<Vec<Hold>> {
-            let rows: Vec<HoldRow> = sqlx::query_as(&format!(
-                "SELECT {HOLD_COLUMNS} FROM holds WHERE device_id = $1 ORDER BY created_at, id"
-            ))
-            .bind(device_id)
-            .fetch_all(&self.pool)
-            .await?;
-            rows.into_iter().map(Hold::try_from).collect()
+            let mut conn = self.pool.acquire().await?;
+            Self::holds_of_device(&mut conn, device_id).await
         }
 
         async fn user_holds(&self, user_id: Uuid) -> StoreResult<Vec<Hold>> {
@@ -364,14 +389,7 @@ for_each_dialect! {
             audit: Option<NewAuditEntry>,
         ) -> StoreResult<Option<DeviceStatus>> {
             let mut tx = <Db as Dialect>::begin_write(&self.pool).await?;
-            let exists: Option<String> = sqlx::query_scalar(&format!(
-                "SELECT id FROM devices WHERE id = $1{}",
-                <Db as Dialect>::FOR_UPDATE
-            ))
-            .bind(device_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if exists.is_none() {
+            if !Self::lock_device(&mut tx, device_id).await? {
                 tx.rollback().await?;
                 return Ok(None);
             }
@@ -392,27 +410,11 @@ for_each_dialect! {
             audit: Option<NewAuditEntry>,
         ) -> StoreResult<Option<ReleaseOutcome>> {
             let mut tx = <Db as Dialect>::begin_write(&self.pool).await?;
-            let exists: Option<String> = sqlx::query_scalar(&format!(
-                "SELECT id FROM devices WHERE id = $1{}",
-                <Db as Dialect>::FOR_UPDATE
-            ))
-            .bind(device_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if exists.is_none() {
+            if !Self::lock_device(&mut tx, device_id).await? {
                 tx.rollback().await?;
                 return Ok(None);
             }
-            let rows: Vec<HoldRow> = sqlx::query_as(&format!(
-                "SELECT {HOLD_COLUMNS} FROM holds WHERE device_id = $1 ORDER BY created_at, id"
-            ))
-            .bind(device_id)
-            .fetch_all(&mut *tx)
-            .await?;
-            let holds = rows
-                .into_iter()
-                .map(Hold::try_from)
-                .collect::<StoreResult<Vec<_>>>()?;
+            let holds = Self::holds_of_device(&mut tx, device_id).await?;
             let (covered, remaining): (Vec<Hold>, Vec<Hold>) =
                 holds.into_iter().partition(|h| release.covers(h.source));
             if !remaining.is_empty() {

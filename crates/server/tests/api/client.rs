@@ -20,13 +20,65 @@ use std::time::Duration;
 
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde_json::{json, Value};
-use tokio_tungstenite::{tungstenite::client::IntoClientRequest, MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::{
+    tungstenite::{self, client::IntoClientRequest},
+    MaybeTlsStream, WebSocketStream,
+};
 
 /// The password of every user the suite registers.
 pub const PASSWORD: &str = "correct horse battery";
 
 /// A client-side WebSocket, as the kill-switch tests hold it.
 pub type Socket = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens the kill-switch socket of `api` with `query` and extra handshake
+/// `headers`; on refusal returns the HTTP status and problem code.
+pub async fn connect(
+    api: &Api,
+    query: &str,
+    headers: &[(&str, String)],
+) -> Result<(Socket, tungstenite::handshake::client::Response), (u16, String)> {
+    let mut request = api
+        .kill_switch_url(query)
+        .into_client_request()
+        .expect("request");
+    for (name, value) in headers {
+        request.headers_mut().insert(
+            http::HeaderName::from_bytes(name.as_bytes()).expect("name"),
+            value.parse().expect("value"),
+        );
+    }
+    match tokio_tungstenite::connect_async(request).await {
+        Ok(ok) => Ok(ok),
+        Err(tungstenite::Error::Http(response)) => {
+            let status = response.status().as_u16();
+            let body: Value = response
+                .body()
+                .as_deref()
+                .and_then(|b| serde_json::from_slice(b).ok())
+                .unwrap_or(Value::Null);
+            Err((status, body["code"].as_str().unwrap_or_default().to_owned()))
+        }
+        Err(other) => panic!("unexpected handshake error: {other}"),
+    }
+}
+
+/// The next JSON message on `socket` within 5 s, skipping pings and pongs.
+pub async fn next_json(socket: &mut Socket) -> Value {
+    use futures::StreamExt;
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(5), socket.next())
+            .await
+            .expect("a message in time")
+            .expect("socket open")
+            .expect("no error");
+        match message {
+            tungstenite::Message::Text(text) => return serde_json::from_str(&text).expect("JSON"),
+            tungstenite::Message::Ping(_) | tungstenite::Message::Pong(_) => continue,
+            other => panic!("unexpected frame {other:?}"),
+        }
+    }
+}
 
 /// The register/login body for `email` on an Android device `device_id`
 /// whose fingerprint is `fp-<device_id>`.

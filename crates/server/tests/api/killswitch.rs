@@ -4,13 +4,11 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use reqwest::{Method, StatusCode};
-use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::{
-    self, client::IntoClientRequest, protocol::frame::coding::CloseCode, Message,
-};
+use serde_json::json;
+use tokio_tungstenite::tungstenite::{protocol::frame::coding::CloseCode, Message};
 
 use crate::{
-    client::Socket,
+    client::{connect, next_json, Socket},
     helpers::{spawn_app_with, Backend, TestApp},
 };
 
@@ -26,52 +24,6 @@ crate::on_both_backends!(
 );
 
 const ADMIN: &str = "kill-switch-admin-key-0123456789abcdef";
-
-/// Connects; on refusal returns the HTTP status and problem code.
-async fn connect(
-    app: &TestApp,
-    query: &str,
-    headers: &[(&str, String)],
-) -> Result<(Socket, tungstenite::handshake::client::Response), (u16, String)> {
-    let mut request = app
-        .kill_switch_url(query)
-        .into_client_request()
-        .expect("request");
-    for (name, value) in headers {
-        request.headers_mut().insert(
-            http::HeaderName::from_bytes(name.as_bytes()).expect("name"),
-            value.parse().expect("value"),
-        );
-    }
-    match tokio_tungstenite::connect_async(request).await {
-        Ok(ok) => Ok(ok),
-        Err(tungstenite::Error::Http(response)) => {
-            let status = response.status().as_u16();
-            let body: Value = response
-                .body()
-                .as_deref()
-                .and_then(|b| serde_json::from_slice(b).ok())
-                .unwrap_or(Value::Null);
-            Err((status, body["code"].as_str().unwrap_or_default().to_owned()))
-        }
-        Err(other) => panic!("unexpected handshake error: {other}"),
-    }
-}
-
-async fn next_json(socket: &mut Socket) -> Value {
-    loop {
-        let message = tokio::time::timeout(Duration::from_secs(3), socket.next())
-            .await
-            .expect("a message in time")
-            .expect("socket open")
-            .expect("no error");
-        match message {
-            Message::Text(text) => return serde_json::from_str(&text).expect("JSON"),
-            Message::Ping(_) | Message::Pong(_) => continue,
-            other => panic!("unexpected frame {other:?}"),
-        }
-    }
-}
 
 async fn nothing_more(socket: &mut Socket) {
     if let Ok(Some(Ok(Message::Text(text)))) =

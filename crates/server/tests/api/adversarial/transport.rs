@@ -11,10 +11,10 @@ use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
 };
-use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest, Message};
+use tokio_tungstenite::tungstenite::Message;
 
 use crate::{
-    client::{self, Session, Socket},
+    client::{self, next_json, Session, Socket},
     helpers::{eventually, spawn_app_with, Backend, TestApp},
 };
 
@@ -314,56 +314,18 @@ async fn a_slow_body_gets_408_request_timeout(backend: Backend) {
 
 // --- kill-switch sockets ---------------------------------------------------
 
-/// Opens a socket with `headers`; the HTTP status and problem code when refused.
 async fn connect(
     app: &TestApp,
     query: &str,
     headers: &[(&str, String)],
 ) -> Result<Socket, (u16, String)> {
-    let mut request = app
-        .kill_switch_url(query)
-        .into_client_request()
-        .expect("request");
-    for (name, value) in headers {
-        request.headers_mut().insert(
-            http::HeaderName::from_bytes(name.as_bytes()).expect("name"),
-            value.parse().expect("value"),
-        );
-    }
-    match tokio_tungstenite::connect_async(request).await {
-        Ok((socket, _)) => Ok(socket),
-        Err(tungstenite::Error::Http(response)) => {
-            let body: Value = response
-                .body()
-                .as_deref()
-                .and_then(|b| serde_json::from_slice(b).ok())
-                .unwrap_or(Value::Null);
-            Err((
-                response.status().as_u16(),
-                body["code"].as_str().unwrap_or_default().to_owned(),
-            ))
-        }
-        Err(other) => panic!("unexpected handshake error: {other}"),
-    }
+    client::connect(app, query, headers)
+        .await
+        .map(|(socket, _)| socket)
 }
 
 fn bearer(session: &Session) -> (&'static str, String) {
     ("authorization", format!("Bearer {}", session.access))
-}
-
-async fn next_json(socket: &mut Socket) -> Value {
-    loop {
-        let message = tokio::time::timeout(Duration::from_secs(5), socket.next())
-            .await
-            .expect("a message in time")
-            .expect("socket open")
-            .expect("no error");
-        match message {
-            Message::Text(text) => return serde_json::from_str(&text).expect("JSON"),
-            Message::Ping(_) | Message::Pong(_) => continue,
-            other => panic!("unexpected frame {other:?}"),
-        }
-    }
 }
 
 /// The close frame the server sends next: `(code, reason)`.

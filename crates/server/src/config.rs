@@ -199,6 +199,9 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Capacity of the in-process work queue (`BLOCKREMOTE_QUEUE_CAPACITY`).
     pub queue_capacity: usize,
+    /// Embedded default: commit each accepted heartbeat `seq` to the state
+    /// file before answering (`BLOCKREMOTE_STATE_COMMIT_SEQ`, default true).
+    pub state_commit_seq: bool,
     /// Log format: `json` (default) or `pretty` (`BLOCKREMOTE_LOG_FORMAT`).
     pub log_format: LogFormat,
     /// Access-token lifetime (`BLOCKREMOTE_ACCESS_TOKEN_TTL_SECONDS`, default 900).
@@ -446,6 +449,7 @@ const QUEUE_CAPACITY: Ranged<usize> = Ranged::new(
     1..=usize::MAX,
     Outside::Refuse("must be at least {min}"),
 );
+const STATE_COMMIT_SEQ: Setting = Setting::new("BLOCKREMOTE_STATE_COMMIT_SEQ", Some("true"));
 const EVENT_RETENTION_DAYS: Ranged<u64> = Ranged::new(
     "BLOCKREMOTE_EVENT_RETENTION_DAYS",
     "90",
@@ -580,6 +584,7 @@ pub const SETTINGS: &[Setting] = &[
     REQUEST_TIMEOUT.setting,
     SHUTDOWN_GRACE.setting,
     QUEUE_CAPACITY.setting,
+    STATE_COMMIT_SEQ,
     EVENT_RETENTION_DAYS.setting,
     LOG_FORMAT,
     ACCESS_TOKEN_TTL.setting,
@@ -806,6 +811,7 @@ impl Config {
             request_timeout,
             shutdown_grace,
             queue_capacity,
+            state_commit_seq: v.flag(&STATE_COMMIT_SEQ)?,
             log_format,
         })
     }

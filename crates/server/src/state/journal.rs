@@ -12,15 +12,18 @@
 //! start with their remaining TTLs.
 //!
 //! Writes are group-committed: a write marks its key dirty, and one writer
-//! task saves the current value of every dirty key in one transaction
-//! ([`Journal::write`]), repeatedly while keys are dirty and at least every
-//! [`FLUSH_EVERY`]. A write of a [`Durability::Committed`] key (heartbeat
-//! `seq`s, kill-switch numbering and history, revocations, sessions)
-//! returns only once such a transaction holding it has committed, so an
-//! accepted `seq` is never lost, even if the process is killed right after
-//! answering. [`Durability::Batched`] keys (engine state, reports, window
-//! fingerprints, firewall counters, acks) are committed within
-//! [`FLUSH_EVERY`] of their write. On a clean shutdown
+//! task saves the current value of dirty keys in one transaction
+//! ([`Journal::flush`]). A write of a [`Durability::Committed`] key
+//! (heartbeat `seq`s, kill-switch numbering and history, revocations,
+//! sessions) wakes the writer and returns only once a transaction holding
+//! it has committed, so an accepted `seq` is never lost, even if the
+//! process is killed right after answering; concurrent heartbeats share
+//! the commit, and it carries only such small keys. [`Durability::Batched`]
+//! keys (engine state, reports, window fingerprints, firewall counters,
+//! acks) are saved every [`FLUSH_EVERY`], each once however often it changed
+//! in between: an engine state is ~2.5 KB, and writing it at every
+//! heartbeat cost more than the rest of the heartbeat (docs/BENCHMARKS.md,
+//! "Saving the embedded state"). On a clean shutdown
 //! ([`SharedState::close`](super::SharedState::close)) every dirty key is
 //! saved, and so are the heartbeats still queued for scoring, which are
 //! queued again at the next start.
@@ -50,12 +53,14 @@ use tokio::sync::{watch, Notify};
 use super::{StateError, StateResult};
 
 /// The longest a [`Durability::Batched`] write waits to be committed.
-pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
+pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
 /// The longest a [`Durability::Committed`] write waits for its commit
 /// before the write is answered with an error.
 const COMMIT_WAIT: Duration = Duration::from_secs(5);
 /// Rows per statement (three parameters each: within SQLite's limit).
 const ROWS_PER_STATEMENT: usize = 300;
+/// Batched keys per transaction of a full flush.
+const LAZY_CHUNK: usize = 256;
 
 /// How a key of shared state survives a restart of the embedded default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,10 +75,16 @@ pub enum Durability {
 }
 
 /// Which keys outlive a restart, and how (key names: [`super::keys`]).
-pub fn durability(key: &str) -> Durability {
+/// `commit_seqs`: heartbeat `seq`s are committed before the heartbeat is
+/// answered (`BLOCKREMOTE_STATE_COMMIT_SEQ`); else they are batched.
+pub fn durability(key: &str, commit_seqs: bool) -> Durability {
     // The last accepted heartbeat `seq` (replay protection).
     if key.starts_with("sig:seq:") {
-        return Durability::Committed;
+        return if commit_seqs {
+            Durability::Committed
+        } else {
+            Durability::Batched
+        };
     }
     // Engine state and baselines (`sig:{device}`), trust reports (the
     // device view's heartbeat count), window fingerprints (replays across
@@ -131,7 +142,11 @@ pub struct Loaded {
 pub struct Journal {
     path: PathBuf,
     conn: tokio::sync::Mutex<Option<SqliteConnection>>,
-    dirty: Mutex<HashSet<String>>,
+    /// Plain keys changed whose writers wait for the commit.
+    urgent: Mutex<HashSet<String>>,
+    /// Plain keys changed that are saved by the next full flush.
+    lazy: Mutex<HashSet<String>>,
+    /// Histories changed (all of them kill-switch histories: urgent).
     dirty_histories: Mutex<HashSet<String>>,
     /// Wakes the writer (a committed write is waiting).
     pub(super) wake: Notify,
@@ -141,6 +156,8 @@ pub struct Journal {
     finished: watch::Sender<(u64, u64)>,
     /// Closed by a clean shutdown: the writer stops.
     closed: AtomicBool,
+    /// Whether heartbeat `seq`s are committed before they are answered.
+    commit_seqs: bool,
 }
 
 /// Milliseconds since the Unix epoch, now.
@@ -162,7 +179,7 @@ fn unavailable(path: &Path, e: impl std::fmt::Display) -> StateError {
 impl Journal {
     /// Opens (creating, 0600) the state file at `path` and reads what it
     /// holds; expired rows are deleted, saved jobs taken out.
-    pub async fn open(path: &Path) -> StateResult<(Self, Loaded)> {
+    pub async fn open(path: &Path, commit_seqs: bool) -> StateResult<(Self, Loaded)> {
         create_private(path).map_err(|e| unavailable(path, e))?;
         let options = SqliteConnectOptions::from_str("sqlite://")
             .map_err(|e| unavailable(path, e))?
@@ -178,28 +195,36 @@ impl Journal {
         let journal = Self {
             path: path.to_owned(),
             conn: tokio::sync::Mutex::new(Some(conn)),
-            dirty: Mutex::default(),
+            urgent: Mutex::default(),
+            lazy: Mutex::default(),
             dirty_histories: Mutex::default(),
             wake: Notify::new(),
             started: AtomicU64::new(0),
             finished: watch::channel((0, 0)).0,
             closed: AtomicBool::new(false),
+            commit_seqs,
         };
         Ok((journal, loaded))
     }
 
     /// Marks a plain key changed (after the change); its durability.
     pub fn mark(&self, key: &str) -> Durability {
-        let durability = durability(key);
-        if durability != Durability::Volatile {
-            lock(&self.dirty).insert(key.to_owned());
+        let durability = durability(key, self.commit_seqs);
+        match durability {
+            Durability::Volatile => {}
+            Durability::Batched => {
+                lock(&self.lazy).insert(key.to_owned());
+            }
+            Durability::Committed => {
+                lock(&self.urgent).insert(key.to_owned());
+            }
         }
         durability
     }
 
     /// Marks a history changed (after the change); its durability.
     pub fn mark_history(&self, key: &str) -> Durability {
-        let durability = durability(key);
+        let durability = durability(key, self.commit_seqs);
         if durability != Durability::Volatile {
             lock(&self.dirty_histories).insert(key.to_owned());
         }
@@ -209,11 +234,6 @@ impl Journal {
     /// Whether [`close`](Self::close) was called.
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::SeqCst)
-    }
-
-    /// Whether any key waits to be saved.
-    pub fn is_dirty(&self) -> bool {
-        !lock(&self.dirty).is_empty() || !lock(&self.dirty_histories).is_empty()
     }
 
     /// Returns once a flush that started after this call has committed
@@ -234,18 +254,49 @@ impl Journal {
         }
     }
 
-    /// Saves what `snapshot` makes of the dirty keys, in one transaction.
-    /// `snapshot` is called with the connection held, so flushes commit in
-    /// the order they took their keys. On failure the keys stay dirty.
+    /// Saves what `snapshot` makes of the dirty keys: the urgent ones, and
+    /// when `full` the lazy ones too, [`LAZY_CHUNK`] to a transaction — each
+    /// with the urgent keys dirty by then — so a large flush never holds up
+    /// a committed write for long (one transaction of a second's engine
+    /// states took ~0.3 s). `snapshot` is called with the connection held,
+    /// so transactions commit in the order they took their keys. On failure
+    /// the keys stay dirty.
     pub async fn flush(
         &self,
-        snapshot: impl FnOnce(Vec<String>, Vec<String>) -> Batch,
+        full: bool,
+        snapshot: impl Fn(Vec<String>, Vec<String>) -> Batch,
+    ) -> StateResult<()> {
+        let mut lazy: Vec<String> = if full {
+            std::mem::take(&mut *lock(&self.lazy)).into_iter().collect()
+        } else {
+            Vec::new()
+        };
+        loop {
+            // The last LAZY_CHUNK keys (or fewer), leaving the rest.
+            let chunk = lazy.split_off(lazy.len().saturating_sub(LAZY_CHUNK));
+            if let Err(e) = self.commit_once(chunk, &snapshot).await {
+                lock(&self.lazy).extend(lazy);
+                return Err(e);
+            }
+            if lazy.is_empty() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// One transaction: the urgent keys and histories dirty now, and `lazy`.
+    async fn commit_once(
+        &self,
+        lazy: Vec<String>,
+        snapshot: &impl Fn(Vec<String>, Vec<String>) -> Batch,
     ) -> StateResult<()> {
         let mut conn = self.conn.lock().await;
         let n = self.started.fetch_add(1, Ordering::SeqCst) + 1;
-        let keys: Vec<String> = std::mem::take(&mut *lock(&self.dirty))
+        let mut keys: Vec<String> = std::mem::take(&mut *lock(&self.urgent))
             .into_iter()
             .collect();
+        let urgent_keys = keys.len();
+        keys.extend(lazy);
         let histories: Vec<String> = std::mem::take(&mut *lock(&self.dirty_histories))
             .into_iter()
             .collect();
@@ -260,7 +311,9 @@ impl Journal {
             }
         };
         if result.is_err() {
-            lock(&self.dirty).extend(keys);
+            let (urgent, lazy) = keys.split_at(urgent_keys);
+            lock(&self.urgent).extend(urgent.iter().cloned());
+            lock(&self.lazy).extend(lazy.iter().cloned());
             lock(&self.dirty_histories).extend(histories);
         }
         self.finished.send_modify(|(finished, ok)| {
@@ -276,11 +329,11 @@ impl Journal {
     /// the file closed: later writes stay in memory only.
     pub async fn close(
         &self,
-        snapshot: impl FnOnce(Vec<String>, Vec<String>) -> Batch,
+        snapshot: impl Fn(Vec<String>, Vec<String>) -> Batch,
         jobs: Vec<(String, Vec<u8>)>,
     ) -> StateResult<()> {
         self.closed.store(true, Ordering::SeqCst);
-        self.flush(snapshot).await?;
+        self.flush(true, snapshot).await?;
         let mut conn = self.conn.lock().await;
         let Some(mut open) = conn.take() else {
             return Ok(());
@@ -324,12 +377,12 @@ CREATE TABLE IF NOT EXISTS kv (
     key TEXT PRIMARY KEY NOT NULL,
     value BLOB NOT NULL,
     expires_at INTEGER
-) WITHOUT ROWID;
+);
 CREATE TABLE IF NOT EXISTS history (
     key TEXT PRIMARY KEY NOT NULL,
     entries BLOB NOT NULL,
     expires_at INTEGER
-) WITHOUT ROWID;
+);
 CREATE TABLE IF NOT EXISTS jobs (
     queue TEXT NOT NULL,
     position INTEGER NOT NULL,
@@ -484,14 +537,23 @@ mod tests {
             keys::ws_handshake_limit("abc"),
         ];
         for key in committed {
-            assert_eq!(durability(&key), Durability::Committed, "{key}");
+            assert_eq!(durability(&key, true), Durability::Committed, "{key}");
         }
         for key in batched {
-            assert_eq!(durability(&key), Durability::Batched, "{key}");
+            assert_eq!(durability(&key, true), Durability::Batched, "{key}");
         }
         for key in volatile {
-            assert_eq!(durability(&key), Durability::Volatile, "{key}");
+            assert_eq!(durability(&key, true), Durability::Volatile, "{key}");
         }
+        // Unless told otherwise: then seqs wait for the next full flush.
+        assert_eq!(
+            durability(&keys::heartbeat_seq("dev_12345"), false),
+            Durability::Batched
+        );
+        assert_eq!(
+            durability(&keys::command_seq("dev_12345"), false),
+            Durability::Committed
+        );
     }
 
     #[cfg(unix)]
@@ -500,7 +562,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("data").join("state.db");
-        let (_journal, loaded) = Journal::open(&path).await.expect("opens");
+        let (_journal, loaded) = Journal::open(&path, true).await.expect("opens");
         assert!(loaded.entries.is_empty());
         let mode = std::fs::metadata(&path).expect("file").permissions().mode();
         assert_eq!(mode & 0o777, 0o600);

@@ -148,8 +148,14 @@ impl MemoryState {
     /// A state whose security keys ([`journal::durability`]) are saved in
     /// the SQLite file at `path` (created 0600) and loaded from it now,
     /// with the heartbeats queued at the last clean shutdown.
-    pub async fn open(path: &std::path::Path, queue_capacity: usize) -> StateResult<Arc<Self>> {
-        let (journal, loaded) = Journal::open(path).await?;
+    /// `commit_seqs`: an accepted heartbeat `seq` is committed before the
+    /// call that took it returns (`BLOCKREMOTE_STATE_COMMIT_SEQ`).
+    pub async fn open(
+        path: &std::path::Path,
+        queue_capacity: usize,
+        commit_seqs: bool,
+    ) -> StateResult<Arc<Self>> {
+        let (journal, loaded) = Journal::open(path, commit_seqs).await?;
         let journal = Arc::new(journal);
         let mut state = Self::new(queue_capacity);
         let now = Instant::now();
@@ -301,10 +307,11 @@ impl MemoryState {
         batch
     }
 
-    /// Saves every dirty key now (the journal's writer does this).
-    async fn flush(&self) -> StateResult<()> {
+    /// Saves the urgent dirty keys now, and when `full` every other one
+    /// (the journal's writer does this).
+    async fn flush(&self, full: bool) -> StateResult<()> {
         match &self.journal {
-            Some(journal) => journal.flush(|k, h| self.snapshot(k, h)).await,
+            Some(journal) => journal.flush(full, |k, h| self.snapshot(k, h)).await,
             None => Ok(()),
         }
     }
@@ -363,27 +370,38 @@ impl MemoryState {
     }
 }
 
-/// The journal's writer: saves the dirty keys whenever a committed write
-/// waits, and at least every [`journal::FLUSH_EVERY`] while any is dirty,
-/// until the state is dropped or closed.
+/// How often the writer yields to other tasks before a commit.
+const YIELDS_BEFORE_COMMIT: usize = 4;
+
+/// The journal's writer: saves the urgent keys whenever a committed write
+/// waits, and every key every [`journal::FLUSH_EVERY`], until the state is
+/// dropped or closed.
 fn spawn_writer(state: std::sync::Weak<MemoryState>, journal: Arc<Journal>) {
     tokio::spawn(async move {
+        let mut next_full = Instant::now() + journal::FLUSH_EVERY;
         loop {
-            let woken = tokio::time::timeout(journal::FLUSH_EVERY, journal.wake.notified())
-                .await
-                .is_ok();
+            // Woken by a committed write, or the full flush is due.
+            let _ = tokio::time::timeout_at(next_full, journal.wake.notified()).await;
             if journal.is_closed() {
                 break;
             }
             let Some(state) = state.upgrade() else {
                 break;
             };
-            if woken || journal.is_dirty() {
-                if let Err(e) = state.flush().await {
-                    tracing::warn!(error = %e, "shared state not saved; retrying");
-                    tokio::time::sleep(journal::FLUSH_EVERY).await;
-                }
+            // Let the other tasks that are about to wait for a commit get
+            // their keys in first: fewer, larger commits.
+            for _ in 0..YIELDS_BEFORE_COMMIT {
+                tokio::task::yield_now().await;
             }
+            let full = Instant::now() >= next_full;
+            if full {
+                next_full = Instant::now() + journal::FLUSH_EVERY;
+            }
+            if let Err(e) = state.flush(full).await {
+                tracing::warn!(error = %e, "shared state not saved; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            drop(state);
         }
     });
 }
@@ -944,7 +962,7 @@ mod tests {
 
     /// A state on a file in `dir`.
     async fn on_file(dir: &tempfile::TempDir) -> Arc<MemoryState> {
-        MemoryState::open(&dir.path().join("state.db"), 16)
+        MemoryState::open(&dir.path().join("state.db"), 16, true)
             .await
             .expect("opens")
     }
@@ -1079,12 +1097,12 @@ mod tests {
                 .await
                 .expect("claim");
         }
-        state.flush().await.expect("flush");
+        state.flush(true).await.expect("flush");
         tokio::time::sleep(Duration::from_millis(5)).await;
         for _ in 0..SWEEP_EVERY {
             state.set("volatile", b"v", None).await.expect("set");
         }
-        state.flush().await.expect("flush");
+        state.flush(true).await.expect("flush");
         let url = format!("sqlite://{}", dir.path().join("state.db").display());
         let pool = sqlx::SqlitePool::connect(&url).await.expect("pool");
         let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM kv")
@@ -1092,6 +1110,153 @@ mod tests {
             .await
             .expect("count");
         assert_eq!(rows, 0);
+    }
+
+    /// This process's user + system CPU time so far (Linux).
+    fn cpu_time() -> Duration {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        let after_name = stat.rsplit(')').next().unwrap_or_default();
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
+        // utime and stime are fields 14 and 15 of the line; 11 and 12 here.
+        let ticks: u64 = [11, 12]
+            .iter()
+            .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
+            .sum();
+        Duration::from_millis(ticks * 10)
+    }
+
+    /// Ingestion's shared-state calls for one heartbeat on the embedded
+    /// default: the rate-limit take, then the `seq` advance and the enqueue.
+    async fn ingest_one(state: &MemoryState, device: usize, seq: u64) {
+        use super::super::keys;
+        let id = format!("dev_bench_{device:05}");
+        state
+            .take_tokens(&keys::rate_limit(&id), 1200, Duration::from_secs(60), 1)
+            .await
+            .expect("take");
+        let mut job = format!("{id}\n{seq}\n").into_bytes();
+        job.resize(2048, 0);
+        state
+            .advance_and_enqueue(
+                &keys::heartbeat_seq(&id),
+                seq,
+                Duration::from_secs(86_400),
+                "bench",
+                &job,
+            )
+            .await
+            .expect("advance");
+    }
+
+    /// The scoring worker's calls for one job: the lock and the state read,
+    /// the fingerprint claim, the state and report save.
+    async fn score_one(state: &MemoryState, job: &Job) {
+        use super::super::keys;
+        let text = String::from_utf8_lossy(&job.payload);
+        let mut lines = text.split('\n');
+        let id = lines.next().unwrap_or_default().to_owned();
+        let seq: u64 = lines.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+        let ttl = Duration::from_secs(86_400);
+        let lock = keys::scoring_lock(&id);
+        let engine = keys::signal_state(&id);
+        state
+            .lock_and_get(&lock, b"token", Duration::from_secs(5), &engine)
+            .await
+            .expect("lock");
+        let device: u64 = id.trim_start_matches("dev_bench_").parse().unwrap_or(0);
+        let fp = keys::window_fingerprint(device << 32 | seq);
+        state.claim(&fp, id.as_bytes(), ttl).await.expect("claim");
+        let report = keys::trust_report(&id);
+        let entries: [(&str, &[u8], Option<Duration>); 2] = [
+            (&report, &[1u8; 600], Some(ttl)),
+            (&engine, &[2u8; 2500], Some(ttl)),
+        ];
+        state
+            .set_many_and_unlock(&entries, &lock, b"token", true)
+            .await
+            .expect("save");
+    }
+
+    /// What saving the security state costs a heartbeat: `cargo test -p
+    /// blockremote-server --lib -- --ignored --nocapture heartbeat_state_cost`
+    /// (docs/BENCHMARKS.md). 2 000 devices, 64 heartbeats in flight, two
+    /// scoring workers taking batches of up to 64.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a measurement, not a check"]
+    async fn heartbeat_state_cost() {
+        const DEVICES: usize = 2000;
+        const IN_FLIGHT: usize = 64;
+        const PER_TASK: usize = 500;
+        const TOTAL: usize = IN_FLIGHT * PER_TASK;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rounds = [None, Some(true), Some(false), None, Some(true), Some(false)];
+        for (round, on_file) in rounds.into_iter().enumerate() {
+            let state = match on_file {
+                Some(commit_seqs) => MemoryState::open(
+                    &dir.path().join(format!("state-{round}.db")),
+                    100_000,
+                    commit_seqs,
+                )
+                .await
+                .expect("opens"),
+                None => Arc::new(MemoryState::new(100_000)),
+            };
+            let cpu = cpu_time();
+            let started = std::time::Instant::now();
+            let scored = Arc::new(AtomicU64::new(0));
+            let mut workers = Vec::new();
+            for w in 0..2 {
+                let state = state.clone();
+                let scored = scored.clone();
+                workers.push(tokio::spawn(async move {
+                    let mut consumer = state
+                        .consumer("bench", &format!("w{w}"))
+                        .await
+                        .expect("consumer");
+                    while scored.load(Ordering::SeqCst) < TOTAL as u64 {
+                        let jobs = consumer
+                            .fetch(64, Duration::from_millis(20))
+                            .await
+                            .expect("fetch");
+                        for job in &jobs {
+                            score_one(&state, job).await;
+                        }
+                        let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
+                        consumer.ack(&ids).await.expect("ack");
+                        scored.fetch_add(ids.len() as u64, Ordering::SeqCst);
+                    }
+                }));
+            }
+            let mut tasks = Vec::new();
+            for t in 0..IN_FLIGHT {
+                let state = state.clone();
+                tasks.push(tokio::spawn(async move {
+                    // Each task sends for devices of its own, so every
+                    // device's `seq`s arrive in order and all are queued.
+                    let own = DEVICES / IN_FLIGHT;
+                    for i in 0..PER_TASK {
+                        let device = t + IN_FLIGHT * (i % own);
+                        ingest_one(&state, device, (i / own + 1) as u64).await;
+                    }
+                }));
+            }
+            for task in tasks.into_iter().chain(workers) {
+                task.await.expect("task");
+            }
+            let elapsed = started.elapsed();
+            let cpu = cpu_time().saturating_sub(cpu);
+            println!(
+                "{}: {:.0} heartbeats/s, {:.1} µs CPU per heartbeat",
+                match on_file {
+                    None => "memory only                    ",
+                    Some(true) => "saved, seqs committed (default)",
+                    Some(false) => "saved, seqs batched            ",
+                },
+                TOTAL as f64 / elapsed.as_secs_f64(),
+                cpu.as_secs_f64() * 1e6 / TOTAL as f64,
+            );
+            state.close().await.expect("close");
+        }
     }
 
     #[tokio::test]

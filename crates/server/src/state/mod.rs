@@ -23,6 +23,11 @@
 //!
 //! Keys are the logical names from [`keys`]; the Redis backend prepends the
 //! configured prefix, so deployments (and parallel tests) never collide.
+//!
+//! Restarts: Redis keeps its keys itself. The in-process backend, as `serve`
+//! opens it ([`connect`]), saves the keys security depends on to
+//! `state.db` in the data dir and loads them at start ([`journal`]);
+//! [`SharedState::close`] is the last step of a clean shutdown.
 
 mod journal;
 pub mod keys;
@@ -574,7 +579,7 @@ pub async fn connect(
     match &config.redis_url {
         None => {
             let path = config.data_dir.join(STATE_FILE);
-            MemoryState::open(&path, config.queue_capacity)
+            MemoryState::open(&path, config.queue_capacity, config.state_commit_seq)
                 .await
                 .map(|s| s as std::sync::Arc<dyn SharedState>)
                 .map_err(|e| ConnectError {

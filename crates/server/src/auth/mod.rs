@@ -11,6 +11,7 @@ pub mod device_status;
 pub mod kek;
 pub mod keys;
 pub mod passwords;
+pub mod play_integrity;
 pub mod sealed;
 pub mod sessions;
 pub mod successor;

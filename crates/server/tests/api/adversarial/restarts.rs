@@ -18,14 +18,14 @@ use blockremote_engine::{
     heartbeat::Heartbeat,
     sim::{session, Class},
 };
-use futures::{SinkExt, StreamExt};
+use futures::SinkExt;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    client::Socket,
+    client::next_json,
     helpers::{eventually, Backend, TestApp},
 };
 
@@ -95,21 +95,6 @@ async fn locked(app: &TestApp, id: &str) -> bool {
         view["status"] == "locked" && view["trust"]["heartbeats"].as_u64() >= Some(1)
     })
     .await
-}
-
-async fn next_json(socket: &mut Socket) -> Value {
-    loop {
-        let message = tokio::time::timeout(Duration::from_secs(3), socket.next())
-            .await
-            .expect("a message in time")
-            .expect("socket open")
-            .expect("no error");
-        match message {
-            Message::Text(text) => return serde_json::from_str(&text).expect("JSON"),
-            Message::Ping(_) | Message::Pong(_) => continue,
-            other => panic!("unexpected frame {other:?}"),
-        }
-    }
 }
 
 /// Heartbeats, a kill-switch history, then a restart: the device view,

@@ -243,12 +243,33 @@ for_each_dialect! {
             device_id: &str,
             hold: &NewHold,
         ) -> StoreResult<()> {
+            Self::insert_hold(tx, Some(device_id), None, hold).await
+        }
+
+        /// Places a hold on a user, on the caller's transaction.
+        pub(super) async fn insert_user_hold(
+            tx: &mut <Db as sqlx::Database>::Connection,
+            user_id: Uuid,
+            hold: &NewHold,
+        ) -> StoreResult<()> {
+            Self::insert_hold(tx, None, Some(user_id), hold).await
+        }
+
+        /// One `holds` row, on a device or on a user (the table checks it is
+        /// exactly one of them).
+        async fn insert_hold(
+            tx: &mut <Db as sqlx::Database>::Connection,
+            device_id: Option<&str>,
+            user_id: Option<Uuid>,
+            hold: &NewHold,
+        ) -> StoreResult<()> {
             sqlx::query(
-                "INSERT INTO holds (id, device_id, source, action, reason, decision_id, created_by, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                "INSERT INTO holds (id, device_id, user_id, source, action, reason, decision_id, \
+                 created_by, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
             )
             .bind(Id(Uuid::now_v7()))
             .bind(device_id)
+            .bind(user_id.map(Id))
             .bind(hold.source.as_str())
             .bind(hold.action.as_str())
             .bind(&hold.reason)
@@ -288,29 +309,6 @@ for_each_dialect! {
             .fetch_all(&mut *conn)
             .await?;
             rows.into_iter().map(Hold::try_from).collect()
-        }
-
-        /// Places a hold on a user, on the caller's transaction.
-        pub(super) async fn insert_user_hold(
-            tx: &mut <Db as sqlx::Database>::Connection,
-            user_id: Uuid,
-            hold: &NewHold,
-        ) -> StoreResult<()> {
-            sqlx::query(
-                "INSERT INTO holds (id, user_id, source, action, reason, decision_id, created_by, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-            )
-            .bind(Id(Uuid::now_v7()))
-            .bind(Id(user_id))
-            .bind(hold.source.as_str())
-            .bind(hold.action.as_str())
-            .bind(&hold.reason)
-            .bind(hold.decision_id.map(Id))
-            .bind(&hold.created_by)
-            .bind(Time(now_micros()))
-            .execute(&mut *tx)
-            .await?;
-            Ok(())
         }
 
         /// Recomputes a device's status from its holds (see the module docs);

@@ -309,7 +309,18 @@ pub async fn shared_for(
     queue_capacity: usize,
 ) -> Option<(Arc<dyn SharedState>, Backing)> {
     let backing = Backing::new(backend).await?;
-    let state = second_shared(&backing, queue_capacity).await;
+    let state: Arc<dyn SharedState> = match backing.redis {
+        // What the embedded default runs: in-process state written through
+        // to a file in the data dir.
+        None => MemoryState::open(
+            &backing.dir.path().join("state-conformance.db"),
+            queue_capacity,
+            true,
+        )
+        .await
+        .expect("in-process state on a file"),
+        Some(_) => second_shared(&backing, queue_capacity).await,
+    };
     Some((state, backing))
 }
 

@@ -5,6 +5,7 @@
 //! opened, rotated and revoked by [`sessions::Sessions`]; the HTTP layer's
 //! extractors (`http::extract`) turn a request's credentials into a caller.
 
+pub mod app_attest;
 pub mod attestation;
 pub mod client_ip;
 pub mod device_status;

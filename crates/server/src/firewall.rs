@@ -178,22 +178,32 @@ impl Firewall {
         }
     }
 
+    /// The key `subject` is counted under for `rule`, unless the subject has
+    /// none for the rule's scope or an undo exempted it.
+    async fn counted_key(
+        &self,
+        rule: &FirewallRule,
+        subject: &Subject<'_>,
+    ) -> Result<Option<String>, FirewallError> {
+        let Some(key) = self.scope_key(rule.scope, subject) else {
+            return Ok(None);
+        };
+        let exempt = self
+            .shared
+            .get(&allow_key(&rule.name, &key))
+            .await?
+            .is_some();
+        Ok((!exempt).then_some(key))
+    }
+
     /// Counts `event_type` for `subject` against every rule on it;
     /// [`FirewallError::Refused`] when an enforcing rule's threshold is
     /// passed (see the module docs).
     pub async fn check(&self, event_type: &str, subject: Subject<'_>) -> Result<(), FirewallError> {
         for rule in self.rules.for_event(event_type) {
-            let Some(key) = self.scope_key(rule.scope, &subject) else {
+            let Some(key) = self.counted_key(&rule, &subject).await? else {
                 continue;
             };
-            if self
-                .shared
-                .get(&allow_key(&rule.name, &key))
-                .await?
-                .is_some()
-            {
-                continue;
-            }
             let window = Duration::from_secs(u64::from(rule.window_seconds));
             let count = self
                 .shared
@@ -231,17 +241,9 @@ impl Firewall {
             if rule.mode != RuleMode::Enforce {
                 continue;
             }
-            let Some(key) = self.scope_key(rule.scope, &subject) else {
+            let Some(key) = self.counted_key(&rule, &subject).await? else {
                 continue;
             };
-            if self
-                .shared
-                .get(&allow_key(&rule.name, &key))
-                .await?
-                .is_some()
-            {
-                continue;
-            }
             let count = self
                 .shared
                 .get(&counter_key(&rule, &key))

@@ -12,9 +12,9 @@
 //! device id or fingerprint than it was issued to, is *reuse* (RFC 9700
 //! §4.14.2): somebody holds a copy — except the immediately previous token
 //! presented again within the reuse interval, a client retrying after a
-//! lost response, which gets the pair it missed ([`super::successor`]). Reuse revokes every family of the device,
-//! marks the device revoked, writes an audit row and a `refresh:reuse` event
-//! in one transaction, then sets `revoked:device:{id}` and publishes
+//! lost response, which gets the pair it missed ([`super::successor`]).
+//! Reuse revokes every family of the device, places a `refresh_reuse` hold
+//! on it, writes an audit row and a `refresh:reuse` event in one transaction, then sets `revoked:device:{id}` and publishes
 //! `CRITICAL_LOCK` to the device.
 //!
 //! Refresh tokens live in the durable store on both backends rather than in

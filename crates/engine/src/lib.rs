@@ -15,7 +15,10 @@ pub mod stats;
 
 pub use device::DeviceState;
 pub use heartbeat::Heartbeat;
-pub use score::{assess, Assessment, Attestation, Decision, IntelHits, Level, PlanTier, Situation};
+pub use score::{
+    assess, Assessment, Attestation, AttestationEvidence, Decision, IntelHits, Level, PlanTier,
+    Situation,
+};
 
 /// Weights of the component risks in the global risk (API.md, "Signals and trust").
 pub mod weights {

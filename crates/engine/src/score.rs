@@ -46,17 +46,37 @@ const STORE_INSTALLERS: &[&str] = &[
     "com.amazon.venezia",
 ];
 
-/// The device's attestation state, as the server knows it.
+/// The device's graded attestation state, as the server knows it (a
+/// verified state older than the server's maximum age is already `Unknown`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Attestation {
-    /// Never attested.
+    /// Never attested, or the last verdict is too old to count.
     #[default]
     Unknown,
-    /// Last verdict passed.
-    Verified,
-    /// Last verdict failed.
+    /// Hardware-backed integrity (Play `MEETS_STRONG_INTEGRITY`, an App Attest key).
+    Strong,
+    /// A genuine, certified device (`MEETS_DEVICE_INTEGRITY`).
+    Device,
+    /// Basic integrity only: the device may be rooted or uncertified.
+    Basic,
+    /// The last verdict failed.
     Failed,
+}
+
+/// What the last attestation found about the device's environment. These
+/// are facts reported by the platform, not about the token: they stand until
+/// the app attests again (or the verdict decays).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AttestationEvidence {
+    /// An app that can capture the screen is running (Play
+    /// `UNKNOWN_CAPTURING`). Not proof of fraud: people record their screens.
+    pub capturing_app: bool,
+    /// An app that can control the device is running (Play
+    /// `UNKNOWN_CONTROLLING`): direct evidence of remote control, a hard fact.
+    pub controlling_app: bool,
+    /// Play Protect reports a risk on the device.
+    pub play_protect_risk: bool,
 }
 
 /// The customer's plan: evaluation accounts get a slightly stricter line.
@@ -88,6 +108,8 @@ pub struct IntelHits {
 pub struct Situation {
     /// Attestation state.
     pub attestation: Attestation,
+    /// What the last attestation found on the device.
+    pub evidence: AttestationEvidence,
     /// Plan tier.
     pub plan: PlanTier,
     /// Threat-intelligence hits.
@@ -290,9 +312,12 @@ fn threshold(state: &DeviceState, situation: &Situation) -> f64 {
     if state.heartbeats >= 5 && state.trust.mean < 50.0 {
         t += 10.0;
     }
+    // The better the hardware vouches for the device, the lower the line.
     match situation.attestation {
-        Attestation::Verified => t -= 5.0,
+        Attestation::Strong => t -= 5.0,
+        Attestation::Device => t -= 3.0,
         Attestation::Unknown => {}
+        Attestation::Basic => t += 5.0,
         Attestation::Failed => t += 15.0,
     }
     if situation.plan == PlanTier::Trial {
@@ -320,6 +345,10 @@ pub fn assess(state: &mut DeviceState, heartbeat: &Heartbeat, situation: &Situat
         reasons.push("blacklisted_ip");
         hard_fact = true;
     }
+    if situation.evidence.controlling_app {
+        reasons.push("controlling_app_detected");
+        hard_fact = true;
+    }
     let replayed = situation.intel.window_seen_elsewhere
         || f.fingerprint.is_some_and(|fp| state.seen_window(fp));
     if replayed {
@@ -339,6 +368,14 @@ pub fn assess(state: &mut DeviceState, heartbeat: &Heartbeat, situation: &Situat
     if situation.attestation == Attestation::Failed {
         reasons.push("attestation_failed");
         trust -= 25.0;
+    }
+    if situation.evidence.capturing_app {
+        reasons.push("capturing_app_detected");
+        trust -= 15.0;
+    }
+    if situation.evidence.play_protect_risk {
+        reasons.push("play_protect_risk");
+        trust -= 10.0;
     }
     let sideloaded = heartbeat
         .context
@@ -470,13 +507,18 @@ mod tests {
             assert!(a.trust_score >= 90, "{a:?}");
             assert_eq!(a.level, Level::Trusted);
         }
-        let verified = threshold(
-            &state,
-            &Situation {
-                attestation: Attestation::Verified,
-                ..paid()
-            },
-        );
+        let line = |attestation| {
+            threshold(
+                &state,
+                &Situation {
+                    attestation,
+                    ..paid()
+                },
+            )
+        };
+        let verified = line(Attestation::Device);
+        assert!(line(Attestation::Strong) < verified);
+        assert!(line(Attestation::Basic) > line(Attestation::Unknown));
         let failed = threshold(
             &state,
             &Situation {
@@ -487,6 +529,35 @@ mod tests {
         let trial = threshold(&state, &Situation::default());
         assert!(verified < threshold(&state, &paid()));
         assert!(failed > trial && trial > verified);
+    }
+
+    #[test]
+    fn a_controlling_app_locks_a_calm_device_and_a_capturing_app_only_costs_trust() {
+        let s = session(Class::OnTable, 21, 3);
+        let mut state = DeviceState::default();
+        let calm = assess(&mut state, &s.heartbeats[0], &paid());
+        assert_eq!(calm.decision, Decision::Allow, "{calm:?}");
+        let capturing = Situation {
+            evidence: AttestationEvidence {
+                capturing_app: true,
+                ..Default::default()
+            },
+            ..paid()
+        };
+        let a = assess(&mut state, &s.heartbeats[1], &capturing);
+        assert!(a.reasons.contains(&"capturing_app_detected"), "{a:?}");
+        assert_eq!(a.decision, Decision::Allow, "{a:?}");
+        assert!(a.trust_score + 10 <= calm.trust_score, "{a:?}");
+        let controlling = Situation {
+            evidence: AttestationEvidence {
+                controlling_app: true,
+                ..Default::default()
+            },
+            ..paid()
+        };
+        let b = assess(&mut state, &s.heartbeats[2], &controlling);
+        assert_eq!((b.trust_score, b.decision), (0, Decision::CriticalLock));
+        assert_eq!(b.reasons[0], "controlling_app_detected");
     }
 
     #[test]

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     auth::{
-        attestation::Attestation,
+        attestation::{Attestation, Providers},
         passwords::Passwords,
         sessions::{SessionLimits, Sessions},
         Auth,
@@ -138,7 +138,11 @@ impl AppState {
             firewall.clone(),
             config.attestation_nonce_ttl,
             config.attestation_max_failures,
-            config.attestation_test_secret.clone(),
+            Providers {
+                test_secret: config.attestation_test_secret.clone(),
+                play_integrity: config.play_integrity.clone(),
+                app_attest: config.app_attest.clone(),
+            },
         ));
         let metrics = Arc::new(Metrics::new());
         let scoring_meter = Arc::<ScoringMeter>::default();

@@ -39,6 +39,11 @@ use std::{
 use ipnet::IpNet;
 use secrecy::{ExposeSecret, SecretString};
 
+use crate::auth::{
+    app_attest::{AppAttestConfig, Environment},
+    play_integrity::PlayIntegrityConfig,
+};
+
 /// The JWT issuer used when none is configured.
 pub const DEFAULT_ISSUER: &str = "blockremote";
 /// The JWT audience used when none is configured.
@@ -186,6 +191,16 @@ pub struct Config {
     pub trusted_proxies: Vec<IpNet>,
     /// Enables attestation provider `test` (`BLOCKREMOTE_ATTESTATION_TEST_SECRET`).
     pub attestation_test_secret: Option<SecretString>,
+    /// Enables provider `play_integrity` (`BLOCKREMOTE_PLAY_INTEGRITY_PACKAGES`,
+    /// `_DECRYPTION_KEY` or `_DECRYPTION_KEY_FILE`, `_VERIFICATION_KEY` or
+    /// `_VERIFICATION_KEY_FILE`, `_CERT_DIGESTS`: all or none).
+    pub play_integrity: Option<PlayIntegrityConfig>,
+    /// Enables provider `app_attest` (`BLOCKREMOTE_APP_ATTEST_APP_IDS`,
+    /// `_ENVIRONMENT`, and the test-only `_ROOT_CA_FILE`).
+    pub app_attest: Option<AppAttestConfig>,
+    /// After this a verified attestation counts as `unknown`
+    /// (`BLOCKREMOTE_ATTESTATION_MAX_AGE_SECONDS`, default 86400).
+    pub attestation_max_age: Duration,
     /// JWT `iss` (`BLOCKREMOTE_ISSUER`).
     pub issuer: String,
     /// JWT `aud` (`BLOCKREMOTE_AUDIENCE`).
@@ -478,6 +493,27 @@ const ATTESTATION_NONCE_TTL: Ranged<u64> = Ranged::new(
     120..=300,
     Outside::Refuse("must be between {min} and {max}"),
 );
+const PLAY_INTEGRITY_PACKAGES: Setting = Setting::new("BLOCKREMOTE_PLAY_INTEGRITY_PACKAGES", None);
+const PLAY_INTEGRITY_DECRYPTION_KEY: Setting =
+    Setting::new("BLOCKREMOTE_PLAY_INTEGRITY_DECRYPTION_KEY", None);
+const PLAY_INTEGRITY_DECRYPTION_KEY_FILE: Setting =
+    Setting::new("BLOCKREMOTE_PLAY_INTEGRITY_DECRYPTION_KEY_FILE", None);
+const PLAY_INTEGRITY_VERIFICATION_KEY: Setting =
+    Setting::new("BLOCKREMOTE_PLAY_INTEGRITY_VERIFICATION_KEY", None);
+const PLAY_INTEGRITY_VERIFICATION_KEY_FILE: Setting =
+    Setting::new("BLOCKREMOTE_PLAY_INTEGRITY_VERIFICATION_KEY_FILE", None);
+const PLAY_INTEGRITY_CERT_DIGESTS: Setting =
+    Setting::new("BLOCKREMOTE_PLAY_INTEGRITY_CERT_DIGESTS", None);
+const APP_ATTEST_APP_IDS: Setting = Setting::new("BLOCKREMOTE_APP_ATTEST_APP_IDS", None);
+const APP_ATTEST_ENVIRONMENT: Setting =
+    Setting::new("BLOCKREMOTE_APP_ATTEST_ENVIRONMENT", Some("production"));
+const APP_ATTEST_ROOT_CA_FILE: Setting = Setting::new("BLOCKREMOTE_APP_ATTEST_ROOT_CA_FILE", None);
+const ATTESTATION_MAX_AGE: Ranged<u64> = Ranged::new(
+    "BLOCKREMOTE_ATTESTATION_MAX_AGE_SECONDS",
+    "86400",
+    60..=31_536_000,
+    Outside::Refuse("must be between {min} and {max} seconds"),
+);
 const ATTESTATION_MAX_FAILURES: Ranged<u32> = Ranged::new(
     "BLOCKREMOTE_ATTESTATION_MAX_FAILURES",
     "3",
@@ -594,6 +630,16 @@ pub const SETTINGS: &[Setting] = &[
     KEY_RELOAD.setting,
     ATTESTATION_NONCE_TTL.setting,
     ATTESTATION_MAX_FAILURES.setting,
+    PLAY_INTEGRITY_PACKAGES,
+    PLAY_INTEGRITY_DECRYPTION_KEY,
+    PLAY_INTEGRITY_DECRYPTION_KEY_FILE,
+    PLAY_INTEGRITY_VERIFICATION_KEY,
+    PLAY_INTEGRITY_VERIFICATION_KEY_FILE,
+    PLAY_INTEGRITY_CERT_DIGESTS,
+    APP_ATTEST_APP_IDS,
+    APP_ATTEST_ENVIRONMENT,
+    APP_ATTEST_ROOT_CA_FILE,
+    ATTESTATION_MAX_AGE.setting,
     REFRESH_PER_MINUTE.setting,
     WS_MAX_CONNECTIONS,
     WS_HANDSHAKES_PER_MINUTE.setting,
@@ -805,6 +851,9 @@ impl Config {
             cors_origins,
             trusted_proxies,
             attestation_test_secret: v.secret(&ATTESTATION_TEST_SECRET),
+            play_integrity: v.play_integrity()?,
+            app_attest: v.app_attest()?,
+            attestation_max_age: Duration::from_secs(v.ranged(&ATTESTATION_MAX_AGE)?),
             issuer: v.non_empty(&ISSUER)?,
             audience: v.non_empty(&AUDIENCE)?,
             hsts_max_age: (hsts > 0).then(|| Duration::from_secs(hsts)),
@@ -953,14 +1002,8 @@ impl Values {
         value: &Setting,
         file: &Setting,
     ) -> Result<Option<(SecretString, String)>, ConfigError> {
-        let (name, text) = match (self.get(value), self.get(file)) {
-            (Some((name, text)), _) if !text.is_empty() => (name.to_owned(), text.to_owned()),
-            (_, Some((name, path))) if !path.is_empty() => (
-                format!("{name} ({path})"),
-                std::fs::read_to_string(path)
-                    .map_err(|e| invalid(name, format!("cannot read {path}: {e}")))?,
-            ),
-            _ => return Ok(None),
+        let Some((name, text)) = self.inline_or_file(value, file)? else {
+            return Ok(None);
         };
         if crate::auth::kek::decode_kek(&text).is_none() {
             return Err(invalid(
@@ -969,6 +1012,91 @@ impl Values {
             ));
         }
         Ok(Some((SecretString::from(text.trim().to_owned()), name)))
+    }
+
+    /// A value given inline or in the file a second setting names (inline
+    /// wins); `None` when neither is set. The error names the setting.
+    fn inline_or_file(
+        &self,
+        value: &Setting,
+        file: &Setting,
+    ) -> Result<Option<(String, String)>, ConfigError> {
+        match (self.get(value), self.get(file)) {
+            (Some((name, text)), _) if !text.is_empty() => {
+                Ok(Some((name.to_owned(), text.to_owned())))
+            }
+            (_, Some((name, path))) if !path.is_empty() => Ok(Some((
+                format!("{name} ({path})"),
+                std::fs::read_to_string(path)
+                    .map_err(|e| invalid(name, format!("cannot read {path}: {e}")))?,
+            ))),
+            _ => Ok(None),
+        }
+    }
+
+    /// The Play Integrity settings: all four values, or none of them.
+    fn play_integrity(&self) -> Result<Option<PlayIntegrityConfig>, ConfigError> {
+        let packages = self
+            .get(&PLAY_INTEGRITY_PACKAGES)
+            .filter(|(_, v)| !v.is_empty());
+        let decryption = self.inline_or_file(
+            &PLAY_INTEGRITY_DECRYPTION_KEY,
+            &PLAY_INTEGRITY_DECRYPTION_KEY_FILE,
+        )?;
+        let verification = self.inline_or_file(
+            &PLAY_INTEGRITY_VERIFICATION_KEY,
+            &PLAY_INTEGRITY_VERIFICATION_KEY_FILE,
+        )?;
+        let digests = self
+            .get(&PLAY_INTEGRITY_CERT_DIGESTS)
+            .filter(|(_, v)| !v.is_empty());
+        match (packages, decryption, verification, digests) {
+            (None, None, None, None) => Ok(None),
+            (Some((_, packages)), Some((_, decryption)), Some((_, verification)), Some((_, digests))) => {
+                PlayIntegrityConfig::from_settings(packages, &decryption, &verification, digests)
+                    .map(Some)
+                    // The error names the variable and never echoes a key.
+                    .map_err(|e| invalid(e.variable(), e.detail()))
+            }
+            _ => Err(invalid(
+                PLAY_INTEGRITY_PACKAGES.var,
+                "Play Integrity needs all of BLOCKREMOTE_PLAY_INTEGRITY_PACKAGES, _DECRYPTION_KEY, \
+                 _VERIFICATION_KEY and _CERT_DIGESTS (or none of them)",
+            )),
+        }
+    }
+
+    /// The App Attest settings: enabled by a non-empty app id list.
+    fn app_attest(&self) -> Result<Option<AppAttestConfig>, ConfigError> {
+        let ids = self.list(&APP_ATTEST_APP_IDS);
+        let root_file = self
+            .get(&APP_ATTEST_ROOT_CA_FILE)
+            .filter(|(_, v)| !v.is_empty());
+        let environment = self.one_of(
+            &APP_ATTEST_ENVIRONMENT,
+            Environment::parse,
+            "must be `production` or `development`",
+        )?;
+        if ids.is_empty() {
+            if let Some((name, _)) = root_file {
+                return Err(invalid(
+                    name,
+                    "set only with BLOCKREMOTE_APP_ATTEST_APP_IDS",
+                ));
+            }
+            return Ok(None);
+        }
+        let config = match root_file {
+            None => AppAttestConfig::new(ids, environment),
+            Some((name, path)) => {
+                let pem = std::fs::read_to_string(path)
+                    .map_err(|e| invalid(name, format!("cannot read {path}: {e}")))?;
+                AppAttestConfig::with_root(ids, environment, &pem)
+            }
+        };
+        config
+            .map(Some)
+            .map_err(|e| invalid(self.name(&APP_ATTEST_APP_IDS), e))
     }
 
     /// A comma-separated list; blanks are dropped.

@@ -76,6 +76,8 @@ pub mod codes {
     pub const NONCE_REPLAY: &str = "nonce_replay";
     /// The attestation provider is not configured on this server.
     pub const PROVIDER_NOT_CONFIGURED: &str = "provider_not_configured";
+    /// A malformed attestation artefact (JWE, JWS, CBOR, certificate, base64).
+    pub const ATTESTATION_INVALID: &str = "attestation_invalid";
     /// A credential was put in the URL of the kill-switch handshake.
     pub const TOKEN_IN_QUERY: &str = "token_in_query";
     /// The `Origin` of a kill-switch handshake is not on the allow-list.
@@ -136,6 +138,7 @@ pub mod codes {
         USER_NOT_FOUND,
         NONCE_REPLAY,
         PROVIDER_NOT_CONFIGURED,
+        ATTESTATION_INVALID,
         TOKEN_IN_QUERY,
         ORIGIN_NOT_ALLOWED,
         TOO_MANY_CONNECTIONS,

@@ -16,7 +16,9 @@ use uuid::Uuid;
 
 use crate::{
     state::{SharedState, StateResult},
-    store::{DeviceStatus, Store, StoreResult, UserStatus},
+    store::{
+        AttestationGrade, Device, DeviceAttestation, DeviceStatus, Store, StoreResult, UserStatus,
+    },
 };
 
 /// How long a cached status is trusted without an invalidation.
@@ -35,37 +37,32 @@ pub struct DeviceState {
     pub owner: UserStatus,
     /// The user the device is bound to now.
     pub user_id: Uuid,
-    /// The last attestation verdict (the scoring workers read it per heartbeat).
+    /// The attestation as it counts now (the scoring workers read it per heartbeat).
     pub attestation: Attestation,
 }
 
-/// A device's last attestation verdict.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Attestation {
-    /// Never attested.
-    Unknown,
-    /// Passed.
-    Verified,
-    /// Failed.
-    Failed,
+/// A device's attestation as it counts now (a verified grade past the
+/// maximum age is already `unknown`), small enough to copy per heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Attestation {
+    /// The effective grade.
+    pub grade: AttestationGrade,
+    /// The last attestation saw an app capturing the screen.
+    pub capturing_app: bool,
+    /// The last attestation saw an app controlling the device.
+    pub controlling_app: bool,
+    /// Play Protect reported a risk.
+    pub play_protect_risk: bool,
 }
 
-impl Attestation {
-    /// Parses the stored spelling (anything else is `Unknown`).
-    pub fn parse(raw: &str) -> Self {
-        match raw {
-            "verified" => Self::Verified,
-            "failed" => Self::Failed,
-            _ => Self::Unknown,
-        }
-    }
-
-    /// The stored spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Unknown => "unknown",
-            Self::Verified => "verified",
-            Self::Failed => "failed",
+impl From<&DeviceAttestation> for Attestation {
+    fn from(a: &DeviceAttestation) -> Self {
+        let has = |code: &str| a.evidence.iter().any(|e| e == code);
+        Self {
+            grade: a.grade,
+            capturing_app: has("capturing_app_detected"),
+            controlling_app: has("controlling_app_detected"),
+            play_protect_risk: has("play_protect_risk"),
         }
     }
 }
@@ -74,11 +71,16 @@ impl Attestation {
 pub struct DeviceStatusCache {
     entries: Arc<DashMap<String, (Option<DeviceState>, Instant)>>,
     shared: Arc<dyn SharedState>,
+    attestation_max_age: Duration,
 }
 
 impl DeviceStatusCache {
-    /// Creates the cache and subscribes to invalidations.
-    pub async fn start(shared: Arc<dyn SharedState>) -> StateResult<Self> {
+    /// Creates the cache and subscribes to invalidations; a verified
+    /// attestation older than `attestation_max_age` counts as `unknown`.
+    pub async fn start(
+        shared: Arc<dyn SharedState>,
+        attestation_max_age: Duration,
+    ) -> StateResult<Self> {
         let entries: Arc<DashMap<String, (Option<DeviceState>, Instant)>> = Arc::default();
         let mut invalidations = shared.subscribe(INVALIDATION_CHANNEL).await?;
         let weak = Arc::downgrade(&entries);
@@ -88,7 +90,11 @@ impl DeviceStatusCache {
                 entries.remove(String::from_utf8_lossy(&message).as_ref());
             }
         });
-        Ok(Self { entries, shared })
+        Ok(Self {
+            entries,
+            shared,
+            attestation_max_age,
+        })
     }
 
     /// The device's state (`None` when it does not exist).
@@ -106,7 +112,7 @@ impl DeviceStatusCache {
             status: d.status,
             owner: d.owner_status,
             user_id: d.user_id,
-            attestation: Attestation::parse(&d.attestation_state),
+            attestation: Attestation::from(&self.attestation_of(&d)),
         });
         if self.entries.len() >= MAX_ENTRIES {
             self.entries.retain(|_, (_, at)| at.elapsed() < CACHE_TTL);
@@ -114,6 +120,14 @@ impl DeviceStatusCache {
         self.entries
             .insert(device_id.to_owned(), (state, Instant::now()));
         Ok(state)
+    }
+
+    /// The device's attestation as it counts now (see
+    /// [`DeviceAttestation::effective`]).
+    pub fn attestation_of(&self, device: &Device) -> DeviceAttestation {
+        device
+            .attestation
+            .effective(chrono::Utc::now(), self.attestation_max_age)
     }
 
     /// Drops the device's entry here and on every other instance.

@@ -147,7 +147,7 @@ impl Auth {
         passwords::warm_up();
         Ok(Self {
             keys,
-            devices: DeviceStatusCache::start(shared.clone()).await?,
+            devices: DeviceStatusCache::start(shared.clone(), config.attestation_max_age).await?,
             verified: forget_signed_out(shared.as_ref()).await?,
             kek,
             ip_key,

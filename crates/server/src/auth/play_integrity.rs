@@ -167,6 +167,26 @@ pub enum ConfigError {
     CertDigests(String),
 }
 
+impl ConfigError {
+    /// The variable at fault.
+    pub fn variable(&self) -> &'static str {
+        match self {
+            Self::Packages(_) => PACKAGES_VAR,
+            Self::DecryptionKey(_) => DECRYPTION_KEY_VAR,
+            Self::VerificationKey(_) => VERIFICATION_KEY_VAR,
+            Self::CertDigests(_) => CERT_DIGESTS_VAR,
+        }
+    }
+
+    /// What is wrong with it (never the value of a key).
+    pub fn detail(&self) -> String {
+        match self {
+            Self::Packages(m) | Self::CertDigests(m) => m.clone(),
+            Self::DecryptionKey(m) | Self::VerificationKey(m) => (*m).to_owned(),
+        }
+    }
+}
+
 /// One app's Play Integrity settings.
 #[derive(Clone)]
 pub struct PlayIntegrityConfig {

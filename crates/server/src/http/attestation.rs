@@ -8,7 +8,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use super::json::Json;
 use crate::{
     app::AppState,
-    auth::attestation::VerifyOutcome,
+    auth::attestation::{Artefact, VerifyOutcome},
     error::{ApiError, Problem},
     http::extract::{ClientIp, DeviceAuth},
 };
@@ -38,8 +38,16 @@ pub struct VerifyRequest {
     /// `play_integrity`, `app_attest` or `test`.
     #[schema(example = "play_integrity")]
     pub provider: String,
-    /// The provider's token.
+    /// The provider's artefact: the Play Integrity token, or base64 of the
+    /// App Attest attestation object (first call per key) or assertion.
     pub token: String,
+    /// `app_attest` only: base64 of the key identifier (SHA-256 of the key).
+    #[serde(default)]
+    pub key_id: Option<String>,
+    /// `app_attest` assertions only: base64 of the client data the app hashed,
+    /// the UTF-8 JSON `{"nonce": "<issued nonce>"}` (other fields allowed).
+    #[serde(default)]
+    pub client_data: Option<String>,
 }
 
 /// Issues a single-use nonce bound to the calling device.
@@ -67,8 +75,11 @@ pub async fn post_nonce(
     security(("device_jwt" = [])),
     responses(
         (status = 200, description = "Verdict", body = VerifyOutcome),
-        (status = 409, description = "`nonce_replay`", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "`provider_not_configured` or `validation_failed`", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`invalid_token`, `device_mismatch` or `device_revoked`", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`device_locked` (quarantined after failures), or `account_blocked`", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`nonce_replay` (counted as a failure)", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`attestation_invalid` (a malformed artefact, counted as a failure), `provider_not_configured` or `validation_failed`", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited` (the firewall refused after repeated failures)", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn post_verify(
     State(state): State<AppState>,
@@ -82,9 +93,22 @@ pub async fn post_verify(
     if body.token.len() > 16 * 1024 {
         return Err(ApiError::invalid_field("token", "at most 16 KiB"));
     }
-    let outcome = state
-        .attestation
-        .verify(&device, &body.nonce, &body.provider, &body.token, ip.0)
-        .await?;
+    if body.key_id.as_ref().is_some_and(|k| k.len() > 64) {
+        return Err(ApiError::invalid_field("key_id", "at most 64 characters"));
+    }
+    if body.client_data.as_ref().is_some_and(|c| c.len() > 2048) {
+        return Err(ApiError::invalid_field(
+            "client_data",
+            "at most 2048 characters",
+        ));
+    }
+    let artefact = Artefact {
+        nonce: &body.nonce,
+        provider: &body.provider,
+        token: &body.token,
+        key_id: body.key_id.as_deref(),
+        client_data: body.client_data.as_deref(),
+    };
+    let outcome = state.attestation.verify(&device, artefact, ip.0).await?;
     Ok(JsonResponse(outcome))
 }

@@ -25,8 +25,8 @@ use crate::{
     realtime::{self, Action, DeviceCommand},
     state::keys,
     store::{
-        AuditSource, DeviceStatus, Hold, HoldAction, HoldSource, NewAuditEntry, NewHold, Release,
-        ReleaseOutcome,
+        AttestationGrade, AuditSource, DeviceStatus, Hold, HoldAction, HoldSource, NewAuditEntry,
+        NewHold, Release, ReleaseOutcome,
     },
 };
 
@@ -80,8 +80,15 @@ pub struct DeviceView {
     /// Restrictions on the owner's account (a blocked owner is refused on
     /// every device).
     pub user_holds: Vec<Hold>,
-    /// `unknown`, `verified` or `failed`.
-    pub attestation_state: String,
+    /// The graded attestation as it counts now: `strong`, `device`, `basic`,
+    /// `failed` or `unknown` (a verified state past the maximum age is `unknown`).
+    pub attestation_state: AttestationGrade,
+    /// The provider of the last verdict.
+    pub attestation_provider: Option<String>,
+    /// When the last verdict was recorded.
+    pub attested_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Environment evidence of the last verdict (`controlling_app_detected`, …).
+    pub attestation_evidence: Vec<String>,
     /// Attestation failures since the last success.
     pub attestation_failures: u32,
     /// The last command sent to the device.
@@ -298,6 +305,7 @@ pub async fn get_device(
     let trust = super::signals::report_for(&state, &device.id).await?;
     let holds = state.store.device_holds(&device.id).await?;
     let user_holds = state.store.user_holds(device.user_id).await?;
+    let attestation = state.auth.devices.attestation_of(&device);
     Ok(JsonResponse(DeviceView {
         device_id: device.id,
         user_id: device.user_id,
@@ -306,7 +314,10 @@ pub async fn get_device(
         locked: device.status != DeviceStatus::Active,
         holds,
         user_holds,
-        attestation_state: device.attestation_state,
+        attestation_state: attestation.grade,
+        attestation_provider: attestation.provider,
+        attested_at: attestation.attested_at,
+        attestation_evidence: attestation.evidence,
         attestation_failures: device.attestation_failures,
         last_command,
         last_seen: trust.updated_at,

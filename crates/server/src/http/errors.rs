@@ -105,6 +105,12 @@ impl From<AttestationError> for ApiError {
                 code: codes::PROVIDER_NOT_CONFIGURED,
                 detail: "This attestation provider is not configured on this server.",
             },
+            AttestationError::Field { field, message } => Self::invalid_field(field, message),
+            AttestationError::Invalid(_) => Self::Client {
+                status: http::StatusCode::UNPROCESSABLE_ENTITY,
+                code: codes::ATTESTATION_INVALID,
+                detail: "The attestation artefact is malformed.",
+            },
             AttestationError::NonceReplay => Self::conflict(
                 codes::NONCE_REPLAY,
                 "This nonce was already used, belongs to another device, or expired.",

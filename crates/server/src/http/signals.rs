@@ -26,7 +26,7 @@ use crate::{
         report::TrustReport,
     },
     state::{BucketDecision, Take},
-    store::DeviceStatus,
+    store::{AttestationGrade, DeviceStatus},
 };
 
 /// The signal routes.
@@ -185,17 +185,18 @@ pub async fn report_for(state: &AppState, device_id: &str) -> Result<TrustReport
     let locked = device
         .as_ref()
         .is_some_and(|d| d.status != DeviceStatus::Active);
+    // The verdict as it counts now: a new attestation, or one that decayed
+    // since the report was computed.
+    let attestation = device.as_ref().map_or(AttestationGrade::Unknown, |d| {
+        state.auth.devices.attestation_of(d).grade
+    });
     Ok(match stored {
         Some(mut report) => {
             report.locked = locked;
+            report.attestation = attestation.verdict().to_owned();
+            report.attestation_state = attestation;
             report
         }
-        None => TrustReport::neutral(
-            device_id,
-            device
-                .as_ref()
-                .map_or("unknown", |d| d.attestation_state.as_str()),
-            locked,
-        ),
+        None => TrustReport::neutral(device_id, attestation, locked),
     })
 }

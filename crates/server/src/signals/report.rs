@@ -6,6 +6,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::store::AttestationGrade;
+
 /// Component risks, each in [0, 1].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ComponentRisks {
@@ -49,9 +51,14 @@ pub struct TrustReport {
     /// The device's lock threshold (trust below it counts as evidence).
     #[schema(example = 35)]
     pub threshold: u8,
-    /// `unknown`, `verified` or `failed`.
+    /// The attestation verdict as it counts now: `unknown`, `verified` or `failed`.
     #[schema(example = "verified")]
     pub attestation: String,
+    /// The graded attestation state as it counts now: `strong`, `device`,
+    /// `basic`, `failed` or `unknown` (a verified state older than the
+    /// configured maximum age is `unknown`: the app should attest again).
+    #[serde(default)]
+    pub attestation_state: AttestationGrade,
     /// Stable reason codes of the last assessment.
     pub reasons: Vec<String>,
     /// Whether the device is locked.
@@ -69,7 +76,7 @@ pub struct TrustReport {
 
 impl TrustReport {
     /// The report of a device with no data yet: no evidence of risk.
-    pub fn neutral(device_id: &str, attestation: &str, locked: bool) -> Self {
+    pub fn neutral(device_id: &str, attestation: AttestationGrade, locked: bool) -> Self {
         Self {
             device_id: device_id.to_owned(),
             trust_score: 100,
@@ -77,7 +84,8 @@ impl TrustReport {
             components: ComponentRisks::default(),
             global_risk: 0.0,
             threshold: blockremote_engine::score::BASE_THRESHOLD as u8,
-            attestation: attestation.to_owned(),
+            attestation: attestation.verdict().to_owned(),
+            attestation_state: attestation,
             reasons: Vec::new(),
             locked,
             degraded: false,
@@ -92,7 +100,7 @@ impl TrustReport {
     pub fn from_assessment(
         device_id: &str,
         assessment: &Assessment,
-        attestation: &str,
+        attestation: AttestationGrade,
         locked: bool,
         degraded: bool,
         heartbeats: u64,
@@ -110,7 +118,8 @@ impl TrustReport {
             components: assessment.components.into(),
             global_risk: assessment.global_risk,
             threshold: assessment.threshold,
-            attestation: attestation.to_owned(),
+            attestation: attestation.verdict().to_owned(),
+            attestation_state: attestation,
             reasons: assessment.reasons.iter().map(|r| (*r).to_owned()).collect(),
             locked,
             degraded,

@@ -21,7 +21,8 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use blockremote_engine::{
-    assess, Attestation, Decision, DeviceState, Heartbeat, IntelHits, PlanTier, Situation,
+    assess, Attestation, AttestationEvidence, Decision, DeviceState, Heartbeat, IntelHits,
+    PlanTier, Situation,
 };
 use futures::StreamExt;
 use uuid::Uuid;
@@ -36,7 +37,10 @@ use crate::{
     billing::plans::PlanCache,
     realtime::{self, Action},
     state::{keys, Commit, Job, SharedState},
-    store::{AuditSource, DeviceStatus, HoldAction, HoldSource, NewAuditEntry, NewHold, Store},
+    store::{
+        AttestationGrade, AuditSource, DeviceStatus, HoldAction, HoldSource, NewAuditEntry,
+        NewHold, Store,
+    },
     telemetry::Metrics,
     workers::JobHandler,
 };
@@ -279,12 +283,21 @@ async fn load_report(scoring: &Scoring, device_id: &str) -> anyhow::Result<Optio
         .and_then(|raw| serde_json::from_slice(&raw).ok()))
 }
 
-fn attestation_of(cached: CachedAttestation) -> Attestation {
-    match cached {
-        CachedAttestation::Verified => Attestation::Verified,
-        CachedAttestation::Failed => Attestation::Failed,
-        CachedAttestation::Unknown => Attestation::Unknown,
-    }
+/// The engine's view of the device's attestation (grade and evidence).
+fn attestation_of(cached: CachedAttestation) -> (Attestation, AttestationEvidence) {
+    let grade = match cached.grade {
+        AttestationGrade::Unknown => Attestation::Unknown,
+        AttestationGrade::Strong => Attestation::Strong,
+        AttestationGrade::Device => Attestation::Device,
+        AttestationGrade::Basic => Attestation::Basic,
+        AttestationGrade::Failed => Attestation::Failed,
+    };
+    let evidence = AttestationEvidence {
+        capturing_app: cached.capturing_app,
+        controlling_app: cached.controlling_app,
+        play_protect_risk: cached.play_protect_risk,
+    };
+    (grade, evidence)
 }
 
 /// True when this window was first sent by another device (replayed across
@@ -357,7 +370,9 @@ async fn score(
             // a device that does not exist (counted as dropped).
             guard.release().await;
             load_report(scoring, device_id).await.map(|report| {
-                report.unwrap_or_else(|| TrustReport::neutral(device_id, "unknown", false))
+                report.unwrap_or_else(|| {
+                    TrustReport::neutral(device_id, AttestationGrade::Unknown, false)
+                })
             })
         }
         Err(e) => {
@@ -967,12 +982,14 @@ async fn score_locked(
         scoring.metrics.signals_dropped.inc();
         return Ok(None);
     };
-    let attestation = device.attestation.as_str();
+    let attestation = device.attestation.grade;
+    let (graded, evidence) = attestation_of(device.attestation);
     let plan = scoring.plans.get(scoring.store.as_ref(), user_id).await?;
     let mut intel: IntelHits = scoring.intel.hits(&heartbeat.context, ip_listed);
     intel.window_seen_elsewhere = seen_elsewhere;
     let situation = Situation {
-        attestation: attestation_of(device.attestation),
+        attestation: graded,
+        evidence,
         plan: if plan.name == "trial" {
             PlanTier::Trial
         } else {
@@ -1008,7 +1025,7 @@ async fn act(
     scoring: &Scoring,
     device_id: &str,
     user_id: Uuid,
-    attestation: &str,
+    attestation: AttestationGrade,
     assessment: &blockremote_engine::Assessment,
 ) -> anyhow::Result<()> {
     let action = match assessment.decision {
@@ -1041,7 +1058,7 @@ async fn act(
             source: AuditSource::Worker,
             threat_score: Some(100.0 - f64::from(assessment.trust_score)),
             decision_reason: Some(assessment.reasons.join(",")),
-            attestation_state: Some(attestation.to_owned()),
+            attestation_state: Some(attestation.as_str().to_owned()),
             action_taken: command.action.as_str().to_owned(),
         })
         .await?;

@@ -26,11 +26,21 @@ const SCHEMAS: &[(&str, &[(&str, Kind)])] = &[
     ("refresh:reuse", &[("family_id", Text), ("why", Text)]),
     (
         "attestation:verified",
-        &[("reason", Text), ("failures", Number)],
+        &[
+            ("provider", Text),
+            ("state", Text),
+            ("reasons", List),
+            ("failures", Number),
+        ],
     ),
     (
         "attestation:failed",
-        &[("reason", Text), ("failures", Number)],
+        &[
+            ("provider", Text),
+            ("state", Text),
+            ("reasons", List),
+            ("failures", Number),
+        ],
     ),
     (
         "device:locked",

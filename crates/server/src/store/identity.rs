@@ -11,8 +11,9 @@ use sqlx::FromRow;
 use uuid::Uuid;
 
 use super::{
+    attestation::{device_attestation, DeviceAttestation},
     columns::{Id, Time},
-    holds::{HoldAction, HoldSource, NewHold},
+    holds::NewHold,
     now_micros,
     sql::{Dialect, SqlStore},
     NewAuditEntry, NewEvent, StoreError, StoreResult,
@@ -107,8 +108,8 @@ pub struct Device {
     pub platform: String,
     /// Whether its tokens are honoured.
     pub status: DeviceStatus,
-    /// `unknown`, `verified` or `failed`.
-    pub attestation_state: String,
+    /// The last attestation verdict, as recorded.
+    pub attestation: DeviceAttestation,
     /// Attestation failures since the last success.
     pub attestation_failures: u32,
     /// Whether the owner's account is active (a blocked user is refused on
@@ -206,15 +207,6 @@ pub struct Revocation {
     pub event: Option<NewEvent>,
 }
 
-/// The result of recording an attestation verdict.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AttestationOutcome {
-    /// Failures since the last success.
-    pub failures: u32,
-    /// True when this verdict moved the device into quarantine.
-    pub quarantined: bool,
-}
-
 /// The result of a refresh-token compare-and-swap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RotateOutcome {
@@ -269,15 +261,6 @@ pub trait IdentityStore: Send + Sync {
     /// Revokes every active family of a device, with the optional status
     /// change, audit row and event, in one transaction.
     async fn revoke_device(&self, revocation: Revocation) -> StoreResult<()>;
-
-    /// Records an attestation verdict; the failure that reaches `max_failures`
-    /// places an attestation hold (quarantine), once.
-    async fn record_attestation(
-        &self,
-        device_id: &str,
-        verified: bool,
-        max_failures: u32,
-    ) -> StoreResult<AttestationOutcome>;
 }
 
 /// A `users` row.
@@ -308,7 +291,10 @@ struct DeviceRow {
     fingerprint_sha256: Vec<u8>,
     platform: String,
     status: String,
-    attestation_state: String,
+    attestation_grade: String,
+    attestation_evidence: String,
+    attestation_provider: Option<String>,
+    attested_at: Option<Time>,
     attestation_failures: i32,
     owner_status: String,
 }
@@ -321,7 +307,12 @@ impl From<DeviceRow> for Device {
             fingerprint_sha256: row.fingerprint_sha256,
             platform: row.platform,
             status: DeviceStatus::parse(&row.status),
-            attestation_state: row.attestation_state,
+            attestation: device_attestation(
+                &row.attestation_grade,
+                &row.attestation_evidence,
+                row.attestation_provider,
+                row.attested_at,
+            ),
             attestation_failures: row.attestation_failures.unsigned_abs(),
             owner_status: UserStatus::parse(&row.owner_status),
         }
@@ -395,6 +386,14 @@ for_each_dialect! {
                  fingerprint_sha256 = excluded.fingerprint_sha256, platform = excluded.platform, \
                  attestation_state = CASE WHEN devices.user_id = excluded.user_id \
                  THEN devices.attestation_state ELSE 'unknown' END, \
+                 attestation_grade = CASE WHEN devices.user_id = excluded.user_id \
+                 THEN devices.attestation_grade ELSE 'unknown' END, \
+                 attestation_evidence = CASE WHEN devices.user_id = excluded.user_id \
+                 THEN devices.attestation_evidence ELSE '' END, \
+                 attestation_provider = CASE WHEN devices.user_id = excluded.user_id \
+                 THEN devices.attestation_provider ELSE NULL END, \
+                 attested_at = CASE WHEN devices.user_id = excluded.user_id \
+                 THEN devices.attested_at ELSE NULL END, \
                  updated_at = excluded.updated_at, last_seen_at = excluded.last_seen_at",
             )
             .bind(&session.device_id)
@@ -496,7 +495,8 @@ for_each_dialect! {
         async fn device(&self, id: &str) -> StoreResult<Option<Device>> {
             let row: Option<DeviceRow> = sqlx::query_as(
                 "SELECT d.id, d.user_id, d.fingerprint_sha256, d.platform, d.status, \
-                 d.attestation_state, d.attestation_failures, u.status AS owner_status \
+                 d.attestation_grade, d.attestation_evidence, d.attestation_provider, \
+                 d.attested_at, d.attestation_failures, u.status AS owner_status \
                  FROM devices d JOIN users u ON u.id = d.user_id WHERE d.id = $1",
             )
             .bind(id)
@@ -629,64 +629,6 @@ for_each_dialect! {
             }
             tx.commit().await?;
             Ok(())
-        }
-
-        async fn record_attestation(
-            &self,
-            device_id: &str,
-            verified: bool,
-            max_failures: u32,
-        ) -> StoreResult<AttestationOutcome> {
-            let now = Time(now_micros());
-            let mut tx = self.pool.begin().await?;
-            if verified {
-                sqlx::query(
-                    "UPDATE devices SET attestation_state = 'verified', attestation_failures = 0, \
-                     updated_at = $2 WHERE id = $1",
-                )
-                .bind(device_id)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-                tx.commit().await?;
-                return Ok(AttestationOutcome {
-                    failures: 0,
-                    quarantined: false,
-                });
-            }
-            let failures: i32 = sqlx::query_scalar(
-                "UPDATE devices SET attestation_state = 'failed', \
-                 attestation_failures = attestation_failures + 1, updated_at = $2 WHERE id = $1 \
-                 RETURNING attestation_failures",
-            )
-            .bind(device_id)
-            .bind(now)
-            .fetch_one(&mut *tx)
-            .await?;
-            let failures = failures.unsigned_abs();
-            // One attestation hold at most: the first verdict past the limit
-            // places it, later failures find it there.
-            let held: Option<Id> = sqlx::query_scalar(
-                "SELECT id FROM holds WHERE device_id = $1 AND source = 'attestation'",
-            )
-            .bind(device_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-            let quarantined = failures >= max_failures && held.is_none();
-            if quarantined {
-                let hold = NewHold::new(
-                    HoldSource::Attestation,
-                    HoldAction::Quarantine,
-                    "attestation_failed",
-                );
-                Self::insert_device_hold(&mut tx, device_id, &hold).await?;
-                Self::settle_device(&mut tx, device_id).await?;
-            }
-            tx.commit().await?;
-            Ok(AttestationOutcome {
-                failures,
-                quarantined,
-            })
         }
     }
 }

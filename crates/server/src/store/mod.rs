@@ -3,7 +3,7 @@
 //! Users, devices, refresh families, subscriptions, billing events, firewall
 //! rules and decisions, business events and the audit trail live here. The
 //! [`Store`] trait is what the rest of the server sees — the sum of one trait
-//! per aggregate ([`IdentityStore`], [`BillingStore`], [`FirewallStore`],
+//! per aggregate ([`IdentityStore`], [`AttestationStore`], [`BillingStore`], [`FirewallStore`],
 //! [`HoldStore`], [`IntelStore`], [`EventStore`], [`AuditStore`], [`KeyStore`]), each in the
 //! file that holds its types and its SQL. [`connect`] picks the backend from
 //! the URL scheme at run time (`sqlite://` for the embedded default,
@@ -50,6 +50,7 @@ macro_rules! stored_words {
     };
 }
 
+mod attestation;
 mod audit;
 pub mod audit_chain;
 mod billing;
@@ -71,6 +72,10 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use secrecy::ExposeSecret;
 
+pub use attestation::{
+    AppAttestKey, AttestationGrade, AttestationOutcome, AttestationRecord, AttestationStore,
+    DeviceAttestation, NewAppAttestKey,
+};
 pub use audit::{
     verify_audit_chain, verify_chain, Anchor, AuditEntry, AuditFilter, AuditSource, AuditStore,
     ChainReport, NewAuditEntry,
@@ -87,8 +92,8 @@ pub use holds::{
     device_status_for, Hold, HoldAction, HoldSource, HoldStore, NewHold, Release, ReleaseOutcome,
 };
 pub use identity::{
-    AttestationOutcome, Device, DeviceStatus, IdentityStore, NewRefreshToken, NewSession, NewUser,
-    RefreshRecord, Revocation, RotateOutcome, User, UserStatus, TOO_MANY_DEVICES,
+    Device, DeviceStatus, IdentityStore, NewRefreshToken, NewSession, NewUser, RefreshRecord,
+    Revocation, RotateOutcome, User, UserStatus, TOO_MANY_DEVICES,
 };
 pub use intel::IntelStore;
 pub use keys::{KeyStore, SigningKeyRecord};
@@ -162,6 +167,7 @@ fn decode_error(message: String) -> StoreError {
 #[async_trait]
 pub trait Store:
     IdentityStore
+    + AttestationStore
     + BillingStore
     + FirewallStore
     + HoldStore

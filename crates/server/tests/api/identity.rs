@@ -9,6 +9,7 @@ use blockremote::{
     config::JwtAlgorithm,
     realtime::{Action, DeviceCommand},
     state::keys,
+    store::AttestationGrade,
 };
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use reqwest::StatusCode;
@@ -866,7 +867,7 @@ async fn attestation_nonces_are_single_use_and_device_bound(backend: Backend) {
         .await
         .expect("device")
         .expect("exists");
-    assert_eq!(device.attestation_state, "verified");
+    assert_eq!(device.attestation.grade, AttestationGrade::Device);
 
     // Second use of the same nonce.
     let again = verify(
@@ -1177,7 +1178,8 @@ async fn a_device_cannot_be_taken_over_by_knowing_its_id(backend: Backend) {
         .await
         .expect("device")
         .expect("exists");
-    assert_eq!(device.attestation_state, "unknown");
+    assert_eq!(device.attestation.grade, AttestationGrade::Unknown);
+    assert_eq!(device.attestation.provider, None);
     assert_eq!(
         code_of(app.probe(&victim.access, &victim.device_id).await)
             .await

@@ -1197,6 +1197,128 @@ mod tests {
     }
 
     #[test]
+    fn attestation_providers_are_off_by_default_and_decay_after_a_day() {
+        let c = load(&[]).expect("defaults load");
+        assert!(c.play_integrity.is_none());
+        assert!(c.app_attest.is_none());
+        assert_eq!(c.attestation_max_age, Duration::from_secs(86_400));
+        let err = load(&[("BLOCKREMOTE_ATTESTATION_MAX_AGE_SECONDS", "10")])
+            .expect_err("below the minimum");
+        assert!(err
+            .to_string()
+            .starts_with("BLOCKREMOTE_ATTESTATION_MAX_AGE_SECONDS"));
+    }
+
+    #[test]
+    fn play_integrity_needs_all_four_settings_and_reads_keys_from_files() {
+        let keys = crate::auth::fixtures::PlayKeys::generate();
+        let digest = crate::auth::fixtures::cert_digest([7; 32]);
+        let (aes, spki) = (keys.decryption_key(), keys.verification_key());
+        let c = load(&[
+            ("BLOCKREMOTE_PLAY_INTEGRITY_PACKAGES", "com.example.bank"),
+            ("BLOCKREMOTE_PLAY_INTEGRITY_DECRYPTION_KEY", &aes),
+            ("BLOCKREMOTE_PLAY_INTEGRITY_VERIFICATION_KEY", &spki),
+            ("BLOCKREMOTE_PLAY_INTEGRITY_CERT_DIGESTS", &digest),
+        ])
+        .expect("loads");
+        let play = c.play_integrity.expect("enabled");
+        assert_eq!(play.packages(), ["com.example.bank"]);
+        assert!(!format!("{play:?}").contains(&aes), "the key never shows");
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (aes_file, spki_file) = (dir.path().join("aes"), dir.path().join("spki"));
+        std::fs::write(&aes_file, format!("{aes}\n")).expect("write");
+        std::fs::write(&spki_file, &spki).expect("write");
+        let c = load(&[
+            ("BLOCKREMOTE_PLAY_INTEGRITY_PACKAGES", "com.example.bank"),
+            (
+                "BLOCKREMOTE_PLAY_INTEGRITY_DECRYPTION_KEY_FILE",
+                aes_file.to_str().expect("utf-8"),
+            ),
+            (
+                "BLOCKREMOTE_PLAY_INTEGRITY_VERIFICATION_KEY_FILE",
+                spki_file.to_str().expect("utf-8"),
+            ),
+            ("BLOCKREMOTE_PLAY_INTEGRITY_CERT_DIGESTS", &digest),
+        ])
+        .expect("loads from files");
+        assert!(c.play_integrity.is_some());
+
+        let partial = load(&[("BLOCKREMOTE_PLAY_INTEGRITY_PACKAGES", "com.example.bank")])
+            .expect_err("one of four");
+        assert!(partial.to_string().contains("all of"), "{partial}");
+        let bad_key = load(&[
+            ("BLOCKREMOTE_PLAY_INTEGRITY_PACKAGES", "com.example.bank"),
+            ("BLOCKREMOTE_PLAY_INTEGRITY_DECRYPTION_KEY", "c2hvcnQ="),
+            ("BLOCKREMOTE_PLAY_INTEGRITY_VERIFICATION_KEY", &spki),
+            ("BLOCKREMOTE_PLAY_INTEGRITY_CERT_DIGESTS", &digest),
+        ])
+        .expect_err("a short key");
+        let text = bad_key.to_string();
+        assert!(
+            text.starts_with("BLOCKREMOTE_PLAY_INTEGRITY_DECRYPTION_KEY:")
+                && !text.contains("c2hvcnQ"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn app_attest_is_enabled_by_app_ids_and_a_test_root_must_say_so() {
+        let c = load(&[(
+            "BLOCKREMOTE_APP_ATTEST_APP_IDS",
+            "ABCDE12345.com.example.app",
+        )])
+        .expect("loads");
+        let attest = c.app_attest.expect("enabled");
+        assert!(attest.uses_apple_root());
+        assert_eq!(attest.environment(), Environment::Production);
+
+        let chain = crate::auth::fixtures::chain();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("root.pem");
+        std::fs::write(&root, chain.root.cert.pem()).expect("write");
+        let c = load(&[
+            (
+                "BLOCKREMOTE_APP_ATTEST_APP_IDS",
+                "ABCDE12345.com.example.app",
+            ),
+            ("BLOCKREMOTE_APP_ATTEST_ENVIRONMENT", "development"),
+            (
+                "BLOCKREMOTE_APP_ATTEST_ROOT_CA_FILE",
+                root.to_str().expect("utf-8"),
+            ),
+        ])
+        .expect("loads");
+        let attest = c.app_attest.expect("enabled");
+        assert!(!attest.uses_apple_root());
+        assert_eq!(attest.environment(), Environment::Development);
+
+        for (pairs, var) in [
+            (
+                vec![("BLOCKREMOTE_APP_ATTEST_APP_IDS", "no-team-separator")],
+                "BLOCKREMOTE_APP_ATTEST_APP_IDS",
+            ),
+            (
+                vec![
+                    (
+                        "BLOCKREMOTE_APP_ATTEST_APP_IDS",
+                        "ABCDE12345.com.example.app",
+                    ),
+                    ("BLOCKREMOTE_APP_ATTEST_ENVIRONMENT", "staging"),
+                ],
+                "BLOCKREMOTE_APP_ATTEST_ENVIRONMENT",
+            ),
+            (
+                vec![("BLOCKREMOTE_APP_ATTEST_ROOT_CA_FILE", "/tmp/root.pem")],
+                "BLOCKREMOTE_APP_ATTEST_ROOT_CA_FILE",
+            ),
+        ] {
+            let err = load(&pairs).expect_err("refused");
+            assert!(err.to_string().starts_with(var), "{err}");
+        }
+    }
+
+    #[test]
     fn defaults_match_the_contract() {
         let c = load(&[]).expect("defaults load");
         assert_eq!(c.listen, "127.0.0.1:8000".parse().expect("addr"));

@@ -817,192 +817,23 @@ mod tests {
 
     use base64::engine::general_purpose::STANDARD;
     use ciborium::Value;
-    use p256::{
-        ecdsa::{signature::Signer, SigningKey},
-        pkcs8::DecodePrivateKey,
-    };
+    use p256::ecdsa::SigningKey;
     use proptest::prelude::*;
-    use rcgen::{
-        date_time_ymd, BasicConstraints, CertificateParams, CustomExtension, DnType, IsCa, KeyPair,
-        PKCS_ECDSA_P256_SHA256, PKCS_ECDSA_P384_SHA384,
-    };
 
     use super::*;
-
-    const APP: &str = "ABCDE12345.com.example.app";
-    const NONCE: &str = "nonce-issued-by-the-server";
+    use crate::auth::fixtures::{
+        assertion, attestation_object, build, ca, chain, client_data, encode, text, Built, Chain,
+        Knobs, APP, NONCE,
+    };
 
     /// 2026-05-28, inside every generated certificate's validity.
     fn now() -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(1_780_000_000)
     }
 
-    struct Ca {
-        cert: rcgen::Certificate,
-        key: KeyPair,
-    }
-
-    /// A P-384 CA, self-signed or signed by `issuer`, like Apple's two.
-    fn ca(name: &str, issuer: Option<&Ca>) -> Ca {
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P384_SHA384).expect("test fixture");
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("test fixture");
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.not_before = date_time_ymd(2025, 1, 1);
-        params.not_after = date_time_ymd(2040, 1, 1);
-        let cert = match issuer {
-            Some(issuer) => params
-                .signed_by(&key, &issuer.cert, &issuer.key)
-                .expect("test fixture"),
-            None => params.self_signed(&key).expect("test fixture"),
-        };
-        Ca { cert, key }
-    }
-
-    struct Chain {
-        root: Ca,
-        intermediate: Ca,
-    }
-
-    fn chain() -> Chain {
-        let root = ca("Test App Attestation Root CA", None);
-        let intermediate = ca("Test App Attestation CA 1", Some(&root));
-        Chain { root, intermediate }
-    }
-
     fn config(chain: &Chain, environment: Environment) -> AppAttestConfig {
         AppAttestConfig::with_root([APP], environment, &chain.root.cert.pem())
             .expect("test fixture")
-    }
-
-    /// What to put in (or get wrong in) a generated attestation.
-    struct Knobs {
-        fmt: &'static str,
-        app_id: &'static str,
-        counter: u32,
-        aaguid: [u8; 16],
-        /// The challenge the client hashed.
-        challenge: &'static str,
-        /// Overrides the nonce extension's content.
-        ext_nonce: Option<[u8; 32]>,
-        /// Overrides the key id sent beside the object.
-        key_id: Option<[u8; 32]>,
-        /// Overrides authData's credentialId.
-        credential_id: Option<[u8; 32]>,
-        /// The credential certificate's validity, (year, month, day).
-        not_before: (i32, u8, u8),
-        not_after: (i32, u8, u8),
-    }
-
-    impl Default for Knobs {
-        fn default() -> Self {
-            Self {
-                fmt: "apple-appattest",
-                app_id: APP,
-                counter: 0,
-                aaguid: Environment::Production.aaguid(),
-                challenge: NONCE,
-                ext_nonce: None,
-                key_id: None,
-                credential_id: None,
-                not_before: (2026, 5, 1),
-                not_after: (2026, 7, 1),
-            }
-        }
-    }
-
-    struct Built {
-        object: Vec<u8>,
-        key_id: String,
-        public_key: Vec<u8>,
-        signing: SigningKey,
-    }
-
-    fn nonce_extension_der(nonce: &[u8; 32]) -> Vec<u8> {
-        let mut der = vec![0x30, 0x24, 0xa1, 0x22, 0x04, 0x20];
-        der.extend_from_slice(nonce);
-        der
-    }
-
-    fn encode(value: &Value) -> Vec<u8> {
-        let mut out = Vec::new();
-        ciborium::into_writer(value, &mut out).expect("test fixture");
-        out
-    }
-
-    fn text(s: &str) -> Value {
-        Value::Text(s.to_owned())
-    }
-
-    fn attestation_object(fmt: &str, x5c: Vec<Vec<u8>>, auth_data: Vec<u8>) -> Vec<u8> {
-        encode(&Value::Map(vec![
-            (text("fmt"), text(fmt)),
-            (
-                text("attStmt"),
-                Value::Map(vec![
-                    (
-                        text("x5c"),
-                        Value::Array(x5c.into_iter().map(Value::Bytes).collect()),
-                    ),
-                    (text("receipt"), Value::Bytes(b"test receipt".to_vec())),
-                ]),
-            ),
-            (text("authData"), Value::Bytes(auth_data)),
-        ]))
-    }
-
-    /// A real attestation object for a fresh P-256 key, issued by `chain`.
-    fn build(chain: &Chain, knobs: &Knobs) -> Built {
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("test fixture");
-        let public_key = key.public_key_raw().to_vec();
-        assert_eq!(public_key.len(), 65);
-        let key_id = sha256(&public_key);
-
-        let mut auth_data = sha256(knobs.app_id.as_bytes()).to_vec();
-        auth_data.push(0x40);
-        auth_data.extend_from_slice(&knobs.counter.to_be_bytes());
-        auth_data.extend_from_slice(&knobs.aaguid);
-        auth_data.extend_from_slice(&32u16.to_be_bytes());
-        auth_data.extend_from_slice(&knobs.credential_id.unwrap_or(key_id));
-        auth_data.push(0xa0); // the COSE key (not read by the verifier)
-
-        let nonce = knobs.ext_nonce.unwrap_or_else(|| {
-            let mut hasher = Sha256::new();
-            hasher.update(&auth_data);
-            hasher.update(sha256(knobs.challenge.as_bytes()));
-            hasher.finalize().into()
-        });
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("test fixture");
-        params
-            .distinguished_name
-            .push(DnType::CommonName, hex::encode(key_id));
-        let (y, m, d) = knobs.not_before;
-        params.not_before = date_time_ymd(y, m, d);
-        let (y, m, d) = knobs.not_after;
-        params.not_after = date_time_ymd(y, m, d);
-        params
-            .custom_extensions
-            .push(CustomExtension::from_oid_content(
-                &[1, 2, 840, 113635, 100, 8, 2],
-                nonce_extension_der(&nonce),
-            ));
-        let credential = params
-            .signed_by(&key, &chain.intermediate.cert, &chain.intermediate.key)
-            .expect("test fixture");
-        let object = attestation_object(
-            knobs.fmt,
-            vec![
-                credential.der().to_vec(),
-                chain.intermediate.cert.der().to_vec(),
-            ],
-            auth_data,
-        );
-        Built {
-            object,
-            key_id: STANDARD.encode(knobs.key_id.unwrap_or(key_id)),
-            public_key,
-            signing: SigningKey::from_pkcs8_der(&key.serialize_der()).expect("test fixture"),
-        }
     }
 
     fn attest(config: &AppAttestConfig, built: &Built) -> Outcome<Attested> {
@@ -1051,7 +882,7 @@ mod tests {
     fn attestation_for_another_challenge_is_nonce_mismatch() {
         let chain = chain();
         let knobs = Knobs {
-            challenge: "a nonce issued to another device",
+            challenge: "a nonce issued to another device".into(),
             ..Knobs::default()
         };
         let built = build(&chain, &knobs);
@@ -1266,30 +1097,6 @@ mod tests {
         // A truncated authData.
         let short = attestation_object("apple-appattest", vec![vec![0x30, 0]], vec![0; 36]);
         verify(&built.key_id, &short);
-    }
-
-    /// An assertion signed by `signing` over `client_data`.
-    fn assertion(signing: &SigningKey, app_id: &str, counter: u32, client_data: &[u8]) -> Vec<u8> {
-        let mut auth = sha256(app_id.as_bytes()).to_vec();
-        auth.push(0x01);
-        auth.extend_from_slice(&counter.to_be_bytes());
-        let mut hasher = Sha256::new();
-        hasher.update(&auth);
-        hasher.update(sha256(client_data));
-        let message: [u8; 32] = hasher.finalize().into();
-        let signature: p256::ecdsa::Signature = signing.sign(&message);
-        encode(&Value::Map(vec![
-            (
-                text("signature"),
-                Value::Bytes(signature.to_der().as_bytes().to_vec()),
-            ),
-            (text("authenticatorData"), Value::Bytes(auth)),
-        ]))
-    }
-
-    fn client_data(nonce: &str) -> Vec<u8> {
-        serde_json::to_vec(&serde_json::json!({"nonce": nonce, "path": "/v1/transfer"}))
-            .expect("test fixture")
     }
 
     struct Device {

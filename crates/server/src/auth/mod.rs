@@ -9,6 +9,9 @@ pub mod app_attest;
 pub mod attestation;
 pub mod client_ip;
 pub mod device_status;
+#[cfg(test)]
+#[path = "../../tests/fixtures/attestation.rs"]
+pub(crate) mod fixtures;
 pub mod kek;
 pub mod keys;
 pub mod passwords;

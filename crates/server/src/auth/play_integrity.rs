@@ -684,15 +684,15 @@ impl PlayIntegrityConfig {
 
 #[cfg(test)]
 mod tests {
-    use p256::{
-        ecdsa::{signature::Signer, SigningKey},
-        pkcs8::EncodePublicKey,
-    };
+    use p256::ecdsa::SigningKey;
     use proptest::prelude::*;
-    use rand::{rngs::OsRng, RngCore};
+    use rand::rngs::OsRng;
     use serde_json::{json, Value};
 
     use super::*;
+    use crate::auth::fixtures::{
+        cert_digest, encrypt, jwe_header, jws_header, play_verdict, sign, with, PlayKeys,
+    };
 
     const PACKAGE: &str = "com.example.bank";
     const NONCE: &str = "att_q2VbWQ0s1oJz0F9Xn8kPq7YpV3lKc5RfGhTjUw2eAbc";
@@ -700,34 +700,20 @@ mod tests {
     const LIFETIME: Duration = Duration::from_secs(180);
     const CERT: [u8; 32] = [7; 32];
 
-    /// Test keys: an AES-256 decryption key and a P-256 signing key.
-    struct Keys {
-        aes: [u8; 32],
-        signing: SigningKey,
+    /// The generated keys, and the settings Play Console would give for them.
+    type Keys = PlayKeys;
+
+    trait Settings {
+        fn config(&self) -> PlayIntegrityConfig;
     }
 
-    impl Keys {
-        fn generate() -> Self {
-            let mut aes = [0u8; 32];
-            OsRng.fill_bytes(&mut aes);
-            Self {
-                aes,
-                signing: SigningKey::random(&mut OsRng),
-            }
-        }
-
-        /// The settings Play Console would give for these keys.
+    impl Settings for Keys {
         fn config(&self) -> PlayIntegrityConfig {
-            let spki = self
-                .signing
-                .verifying_key()
-                .to_public_key_der()
-                .expect("spki");
             PlayIntegrityConfig::from_settings(
                 &format!("com.other.app, {PACKAGE}"),
-                &base64::engine::general_purpose::STANDARD.encode(self.aes),
-                &base64::engine::general_purpose::STANDARD.encode(spki.as_bytes()),
-                &URL_SAFE_NO_PAD.encode(CERT),
+                &self.decryption_key(),
+                &self.verification_key(),
+                &cert_digest(CERT),
             )
             .expect("config")
         }
@@ -737,80 +723,13 @@ mod tests {
         URL_SAFE_NO_PAD.encode(bytes)
     }
 
-    /// A compact JWS over `payload` with `header`, signed by `key`.
-    fn sign(header: &Value, payload: &[u8], key: &SigningKey) -> String {
-        let input = format!("{}.{}", b64u(header.to_string()), b64u(payload));
-        let signature: Signature = key.sign(input.as_bytes());
-        format!("{input}.{}", b64u(signature.to_bytes()))
-    }
-
-    /// A compact JWE of `plaintext` with `header`, wrapped for `aes`.
-    fn encrypt(header: &Value, plaintext: &[u8], aes: &[u8; 32]) -> String {
-        let header = b64u(header.to_string());
-        let mut cek = [0u8; 32];
-        OsRng.fill_bytes(&mut cek);
-        let mut iv = [0u8; 12];
-        OsRng.fill_bytes(&mut iv);
-        let kw = <KwAes256 as aes_kw::KeyInit>::new_from_slice(aes).expect("kw");
-        let mut wrapped = [0u8; 40];
-        kw.wrap_key(&cek, &mut wrapped).expect("wrap");
-        let sealed = <Aes256Gcm as KeyInit>::new_from_slice(&cek)
-            .expect("gcm")
-            .encrypt(
-                (&iv).into(),
-                Payload {
-                    msg: plaintext,
-                    aad: header.as_bytes(),
-                },
-            )
-            .expect("encrypt");
-        let (ciphertext, tag) = sealed.split_at(sealed.len() - 16);
-        format!(
-            "{header}.{}.{}.{}.{}",
-            b64u(wrapped),
-            b64u(iv),
-            b64u(ciphertext),
-            b64u(tag)
-        )
-    }
-
-    fn jwe_header() -> Value {
-        json!({"alg": "A256KW", "enc": "A256GCM"})
-    }
-
-    fn jws_header() -> Value {
-        json!({"alg": "ES256"})
-    }
-
     /// A verdict that passes every check, with a strong device.
     fn good_payload() -> Value {
-        json!({
-            "requestDetails": {
-                "requestPackageName": PACKAGE,
-                "nonce": NONCE,
-                "timestampMillis": (NOW - 5_000).to_string(),
-            },
-            "appIntegrity": {
-                "appRecognitionVerdict": "PLAY_RECOGNIZED",
-                "packageName": PACKAGE,
-                "certificateSha256Digest": [b64u([1; 32]), b64u(CERT)],
-                "versionCode": "42",
-            },
-            "deviceIntegrity": {
-                "deviceRecognitionVerdict":
-                    ["MEETS_BASIC_INTEGRITY", "MEETS_DEVICE_INTEGRITY", "MEETS_STRONG_INTEGRITY"],
-            },
-            "accountDetails": {"appLicensingVerdict": "LICENSED"},
-            "environmentDetails": {
-                "appAccessRiskVerdict": {"appsDetected": ["KNOWN_INSTALLED", "UNKNOWN_INSTALLED"]},
-                "playProtectVerdict": "NO_ISSUES",
-            },
-        })
+        play_verdict(PACKAGE, NONCE, NOW - 5_000, CERT)
     }
 
     fn token(keys: &Keys, payload: &Value) -> String {
-        let jws = sign(&jws_header(), payload.to_string().as_bytes(), &keys.signing);
-        encrypt(&jwe_header(), jws.as_bytes(), &keys.aes)
+        keys.token(payload)
     }
 
     fn verify_payload(payload: &Value) -> PlayIntegrityVerdict {
@@ -818,11 +737,6 @@ mod tests {
         keys.config()
             .verify(&token(&keys, payload), NONCE, NOW, LIFETIME)
             .expect("well-formed")
-    }
-
-    fn with(mut payload: Value, pointer: &str, value: Value) -> Value {
-        *payload.pointer_mut(pointer).expect("pointer") = value;
-        payload
     }
 
     fn refused(payload: Value, reason: &str) {
@@ -1368,14 +1282,8 @@ mod tests {
     #[test]
     fn settings_validated() {
         let keys = Keys::generate();
-        let aes = base64::engine::general_purpose::STANDARD.encode(keys.aes);
-        let spki = base64::engine::general_purpose::STANDARD.encode(
-            keys.signing
-                .verifying_key()
-                .to_public_key_der()
-                .expect("spki")
-                .as_bytes(),
-        );
+        let aes = keys.decryption_key();
+        let spki = keys.verification_key();
         let digest = b64u(CERT);
         let build = |p: &str, d: &str, v: &str, c: &str| {
             PlayIntegrityConfig::from_settings(p, d, v, c).map(|c| c.packages().to_vec())

@@ -15,12 +15,15 @@ use std::{
 };
 
 use blockremote::{
-    app::{AppState, Application},
+    app::{start_workers, AppState, Application},
     config::{Config, DatabaseConfig},
     state::{MemoryState, RedisState, SharedState},
     store::{PostgresStore, SqliteStore, Store},
+    workers::WorkerPool,
 };
+use blockremote_engine::heartbeat::Heartbeat;
 use secrecy::ExposeSecret;
+use serde_json::{json, Value};
 use sqlx::{Connection, Executor};
 use tokio_util::sync::CancellationToken;
 
@@ -416,6 +419,54 @@ pub async fn spawn_app_with(backend: Backend, tweak: impl FnOnce(&mut Config)) -
         .await
         .expect("application builds");
     Some(start(app, backing))
+}
+
+/// A server and, on production (where `serve` runs no scoring workers), the
+/// worker pool a deployment would run beside it.
+pub struct WithWorkers {
+    /// The server.
+    pub app: TestApp,
+    workers: Option<(CancellationToken, WorkerPool)>,
+}
+
+impl std::ops::Deref for WithWorkers {
+    type Target = TestApp;
+    fn deref(&self) -> &TestApp {
+        &self.app
+    }
+}
+
+impl WithWorkers {
+    /// Starts the workers `app` needs (none on the embedded default).
+    pub async fn start(app: TestApp) -> Self {
+        let workers = if app.state.config.redis_url.is_some() {
+            let stop = CancellationToken::new();
+            let pool = start_workers(&app.state, "test-worker", stop.clone())
+                .await
+                .expect("workers start");
+            Some((stop, pool))
+        } else {
+            None
+        };
+        Self { app, workers }
+    }
+
+    /// Stops the workers and the server cleanly, then starts both again on
+    /// the same backends.
+    pub async fn restart(self) -> Self {
+        if let Some((stop, pool)) = self.workers {
+            stop.cancel();
+            pool.stop(Duration::from_secs(5)).await;
+        }
+        Self::start(self.app.restart().await).await
+    }
+}
+
+/// A heartbeat's request body, sent now.
+pub fn heartbeat_body(hb: &Heartbeat) -> Value {
+    let mut body = serde_json::to_value(hb).expect("json");
+    body["sent_at"] = json!(chrono::Utc::now().to_rfc3339());
+    body
 }
 
 /// Starts a built application.

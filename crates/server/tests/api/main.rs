@@ -1,6 +1,9 @@
 //! One integration binary: every test starts real servers or real backends.
 
 mod adversarial;
+mod attestation;
+#[path = "../fixtures/attestation.rs"]
+mod attestation_fixtures;
 mod audit;
 mod billing;
 mod cli;

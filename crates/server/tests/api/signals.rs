@@ -9,7 +9,6 @@ use blockremote::{
     app::start_workers,
     signals::ingest::{encode_job, JobEncoding},
     state::keys,
-    workers::WorkerPool,
 };
 use blockremote_engine::{
     heartbeat::Heartbeat,
@@ -23,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     client::Session,
-    helpers::{eventually, spawn_app_with, Backend, TestApp},
+    helpers::{eventually, heartbeat_body, spawn_app_with, Backend, TestApp, WithWorkers},
 };
 
 crate::on_both_backends!(
@@ -43,43 +42,13 @@ crate::on_both_backends!(
 
 const ADMIN: &str = "signals-admin-key-0123456789abcdef0123";
 
-struct App {
-    app: TestApp,
-    _workers: Option<(CancellationToken, WorkerPool)>,
-}
-
-impl std::ops::Deref for App {
-    type Target = TestApp;
-    fn deref(&self) -> &TestApp {
-        &self.app
-    }
-}
-
 /// A server, plus a worker pool when production runs none in `serve`.
-async fn app(backend: Backend) -> Option<App> {
+async fn app(backend: Backend) -> Option<WithWorkers> {
     let app = spawn_app_with(backend, |c| {
         c.admin_token = Some(ADMIN.to_owned().into());
     })
     .await?;
-    let workers = if backend == Backend::Production {
-        let stop = CancellationToken::new();
-        let pool = start_workers(&app.state, "test-worker", stop.clone())
-            .await
-            .expect("workers start");
-        Some((stop, pool))
-    } else {
-        None
-    };
-    Some(App {
-        app,
-        _workers: workers,
-    })
-}
-
-fn body_of(hb: &Heartbeat) -> Value {
-    let mut body = serde_json::to_value(hb).expect("json");
-    body["sent_at"] = json!(chrono::Utc::now().to_rfc3339());
-    body
+    Some(WithWorkers::start(app).await)
 }
 
 /// True once the device is locked and the report of the heartbeat that
@@ -98,7 +67,7 @@ async fn heartbeats_are_validated_and_replays_refused(backend: Backend) {
     };
     let d = app.register("ingest@example.com", "device_sig_01").await;
     let s = session(Class::HeldInHand, 1, 3);
-    let first = body_of(&s.heartbeats[0]);
+    let first = heartbeat_body(&s.heartbeats[0]);
     let r = app.heartbeat(&d, &first).await;
     assert_eq!(r.status(), StatusCode::ACCEPTED);
     assert!(r.headers().contains_key("ratelimit-remaining"));
@@ -122,23 +91,23 @@ async fn heartbeats_are_validated_and_replays_refused(backend: Backend) {
     assert_eq!(replays.len(), 2);
 
     let field_of = |r: Value| r["field"].as_str().unwrap_or_default().to_owned();
-    let mut bad = body_of(&s.heartbeats[1]);
+    let mut bad = heartbeat_body(&s.heartbeats[1]);
     bad["accelerometer"][1][0] = json!(-5);
     let r = app.heartbeat(&d, &bad).await;
     assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(field_of(r.json().await.expect("json")), "accelerometer[1]");
-    let mut bad = body_of(&s.heartbeats[1]);
+    let mut bad = heartbeat_body(&s.heartbeats[1]);
     bad["gyroscope"] = json!((0..257)
         .map(|i| json!([i, 0.0, 0.0, 0.0]))
         .collect::<Vec<_>>());
     let r = app.heartbeat(&d, &bad).await;
     assert_eq!(field_of(r.json().await.expect("json")), "gyroscope");
-    let mut bad = body_of(&s.heartbeats[1]);
+    let mut bad = heartbeat_body(&s.heartbeats[1]);
     bad["context"]["rooted"] = json!(true);
     let r = app.heartbeat(&d, &bad).await;
     assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
     assert!(field_of(r.json().await.expect("json")).contains("rooted"));
-    let mut bad = body_of(&s.heartbeats[1]);
+    let mut bad = heartbeat_body(&s.heartbeats[1]);
     bad["accelerometer"][0][1] = json!(1e300);
     assert_eq!(
         app.heartbeat(&d, &bad).await.status(),
@@ -154,7 +123,9 @@ async fn heartbeats_are_validated_and_replays_refused(backend: Backend) {
     assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
     // A refused body does not spend its seq.
     assert_eq!(
-        app.heartbeat(&d, &body_of(&s.heartbeats[1])).await.status(),
+        app.heartbeat(&d, &heartbeat_body(&s.heartbeats[1]))
+            .await
+            .status(),
         StatusCode::ACCEPTED
     );
     // A new session for the device (a reinstall) starts seq afresh.
@@ -168,7 +139,7 @@ async fn heartbeats_are_validated_and_replays_refused(backend: Backend) {
         "seq 1 again after a new session"
     );
     // seq beyond 2^53 is refused (Lua and JSON numbers are exact up to there).
-    let mut huge = body_of(&s.heartbeats[2]);
+    let mut huge = heartbeat_body(&s.heartbeats[2]);
     huge["seq"] = json!(u64::MAX);
     let r = app.heartbeat(&fresh, &huge).await;
     assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
@@ -186,7 +157,7 @@ async fn scored_heartbeats_show_in_the_trust_report(backend: Backend) {
     let s = session(Class::OnTable, 2, 4);
     for hb in &s.heartbeats {
         assert_eq!(
-            app.heartbeat(&d, &body_of(hb)).await.status(),
+            app.heartbeat(&d, &heartbeat_body(hb)).await.status(),
             StatusCode::ACCEPTED
         );
     }
@@ -230,7 +201,7 @@ async fn remote_control_is_locked_and_the_device_told(backend: Backend) {
     let start = s.attack_start.expect("attack");
     let mut sent = 0;
     for hb in &s.heartbeats {
-        let r = app.heartbeat(&d, &body_of(hb)).await;
+        let r = app.heartbeat(&d, &heartbeat_body(hb)).await;
         if r.status() == StatusCode::FORBIDDEN {
             break; // locked: the device's API calls are refused
         }
@@ -330,7 +301,7 @@ async fn genuine_use_is_never_locked(backend: Backend) {
         let s = session(class, 40 + i as u64, 12);
         for hb in &s.heartbeats {
             assert_eq!(
-                app.heartbeat(&d, &body_of(hb)).await.status(),
+                app.heartbeat(&d, &heartbeat_body(hb)).await.status(),
                 StatusCode::ACCEPTED
             );
         }
@@ -369,7 +340,7 @@ async fn blacklisted_apps_lock_at_once_and_intel_can_be_removed(backend: Backend
     let mut hb = session(Class::HeldInHand, 5, 1).heartbeats.remove(0);
     hb.context.app_hashes = vec!["9f2c1e0b7a6d5c4b".into()];
     assert_eq!(
-        app.heartbeat(&d, &body_of(&hb)).await.status(),
+        app.heartbeat(&d, &heartbeat_body(&hb)).await.status(),
         StatusCode::ACCEPTED
     );
     assert!(
@@ -385,7 +356,7 @@ async fn blacklisted_apps_lock_at_once_and_intel_can_be_removed(backend: Backend
     let d2 = app.register("dns@example.com", "device_sig_21").await;
     let mut hb = session(Class::HeldInHand, 6, 1).heartbeats.remove(0);
     hb.context.dns = vec!["cdn.evil.example".into()];
-    app.heartbeat(&d2, &body_of(&hb)).await;
+    app.heartbeat(&d2, &heartbeat_body(&hb)).await;
     assert!(locked(&app, &d2.device_id).await);
 
     // Removed entries stop hitting.
@@ -396,7 +367,7 @@ async fn blacklisted_apps_lock_at_once_and_intel_can_be_removed(backend: Backend
     let d3 = app.register("clean@example.com", "device_sig_22").await;
     let mut hb = session(Class::OnTable, 7, 1).heartbeats.remove(0);
     hb.context.app_hashes = vec!["9f2c1e0b7a6d5c4b".into()];
-    app.heartbeat(&d3, &body_of(&hb)).await;
+    app.heartbeat(&d3, &heartbeat_body(&hb)).await;
     assert!(
         eventually(Duration::from_secs(5), || async {
             app.trust_score_json(&d3).await["heartbeats"] == 1
@@ -413,14 +384,14 @@ async fn a_window_replayed_from_another_device_locks_it(backend: Backend) {
     let a = app.register("original@example.com", "device_sig_30").await;
     let b = app.register("copycat@example.com", "device_sig_31").await;
     let hb = session(Class::HeldInHand, 8, 1).heartbeats.remove(0);
-    app.heartbeat(&a, &body_of(&hb)).await;
+    app.heartbeat(&a, &heartbeat_body(&hb)).await;
     assert!(
         eventually(Duration::from_secs(5), || async {
             app.trust_score_json(&a).await["heartbeats"] == 1
         })
         .await
     );
-    app.heartbeat(&b, &body_of(&hb)).await;
+    app.heartbeat(&b, &heartbeat_body(&hb)).await;
     assert!(locked(&app, &b.device_id).await, "the copy is a replay");
     assert_eq!(
         app.admin_device(&b.device_id).await["trust"]["reasons"][0],
@@ -440,7 +411,7 @@ async fn the_breaker_scores_inline_when_the_queue_is_behind(backend: Backend) {
     let d = app.register("breaker@example.com", "device_sig_40").await;
     let s = session(Class::OnTable, 9, 2);
     app.state.breaker.trip();
-    let r = app.heartbeat(&d, &body_of(&s.heartbeats[0])).await;
+    let r = app.heartbeat(&d, &heartbeat_body(&s.heartbeats[0])).await;
     assert_eq!(r.status(), StatusCode::ACCEPTED);
     assert_eq!(
         r.json::<Value>().await.expect("json"),
@@ -467,7 +438,7 @@ async fn the_breaker_scores_inline_when_the_queue_is_behind(backend: Backend) {
         tripped_once_for(&app, "queue_full").await,
         "the trip is counted with its reason"
     );
-    let r = app.heartbeat(&d, &body_of(&s.heartbeats[1])).await;
+    let r = app.heartbeat(&d, &heartbeat_body(&s.heartbeats[1])).await;
     assert_eq!(
         r.json::<Value>().await.expect("json"),
         json!({"accepted": true, "seq": 2})
@@ -485,7 +456,7 @@ async fn breaker_is(app: &TestApp, degraded: bool, within: Duration) -> bool {
 /// Sends the device's first heartbeat while degraded: answered
 /// `degraded: true` and scored before the answer.
 async fn first_is_scored_inline(app: &TestApp, d: &Session, hb: &Heartbeat) {
-    let r = app.heartbeat(d, &body_of(hb)).await;
+    let r = app.heartbeat(d, &heartbeat_body(hb)).await;
     assert_eq!(
         r.json::<Value>().await.expect("json"),
         json!({"accepted": true, "seq": 1, "degraded": true})
@@ -500,7 +471,7 @@ async fn first_is_scored_inline(app: &TestApp, d: &Session, hb: &Heartbeat) {
 /// Sends the device's second heartbeat once recovered: queued (no
 /// `degraded`), then scored by the workers.
 async fn second_is_queued_and_scored(app: &TestApp, d: &Session, hb: &Heartbeat) {
-    let r = app.heartbeat(d, &body_of(hb)).await;
+    let r = app.heartbeat(d, &heartbeat_body(hb)).await;
     assert_eq!(
         r.json::<Value>().await.expect("json"),
         json!({"accepted": true, "seq": 2})
@@ -651,7 +622,7 @@ async fn a_device_scored_elsewhere_is_scored_once_its_lock_is_free(backend: Back
     ];
     for i in 0..3 {
         for (d, s) in [&busy, &free].into_iter().zip(&sessions) {
-            let r = app.heartbeat(d, &body_of(&s.heartbeats[i])).await;
+            let r = app.heartbeat(d, &heartbeat_body(&s.heartbeats[i])).await;
             assert_eq!(r.status(), StatusCode::ACCEPTED);
         }
     }
@@ -677,7 +648,7 @@ async fn heartbeats_spend_the_plan_bucket_and_a_refused_one_keeps_its_seq(backen
     };
     // A trial user: 120 tokens, refilled at 2 per second.
     let d = app.register("bucket@example.com", "device_sig_60").await;
-    let hb = body_of(&session(Class::OnTable, 13, 1).heartbeats[0]);
+    let hb = heartbeat_body(&session(Class::OnTable, 13, 1).heartbeats[0]);
     let first = app.heartbeat(&d, &hb).await;
     assert_eq!(first.status(), StatusCode::ACCEPTED);
     assert_eq!(first.headers()["ratelimit-limit"], "120");
@@ -753,7 +724,9 @@ async fn a_queued_heartbeat_of_an_unknown_device_is_dropped_not_retried(backend:
         .enqueue(keys::HEARTBEAT_QUEUE, &job)
         .await
         .expect("queued");
-    let r = app.heartbeat(&known, &body_of(&s.heartbeats[1])).await;
+    let r = app
+        .heartbeat(&known, &heartbeat_body(&s.heartbeats[1]))
+        .await;
     assert_eq!(r.status(), StatusCode::ACCEPTED);
     assert!(
         eventually(Duration::from_secs(10), || async {

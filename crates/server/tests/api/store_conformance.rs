@@ -1,7 +1,8 @@
 //! The durable store's conformance story, run on SQLite and PostgreSQL.
 
 use blockremote::store::{
-    AuditSource, NewAuditEntry, NewRefreshToken, NewSession, Revocation, RotateOutcome,
+    AttestationGrade, AttestationRecord, AuditSource, DeviceStatus, NewAppAttestKey, NewAuditEntry,
+    NewRefreshToken, NewSession, Revocation, RotateOutcome,
 };
 use uuid::Uuid;
 
@@ -19,6 +20,7 @@ crate::on_both_backends!(
     audit_chain_verifies_and_names_an_edited_or_removed_row,
     a_decision_whose_affected_ids_do_not_decode_is_an_error,
     firewall_side_effects_reach_only_devices_the_users_own,
+    app_attest_counters_move_forward_once_and_verdicts_grade_the_device,
 );
 
 fn token(n: u8) -> NewRefreshToken {
@@ -197,6 +199,7 @@ async fn schema_has_every_table_and_read_path_index(backend: Backend) {
         "plans",
         "subscriptions",
         "billing_events",
+        "app_attest_keys",
     ] {
         assert!(
             tables.iter().any(|t| t == table),
@@ -655,4 +658,144 @@ async fn firewall_side_effects_reach_only_devices_the_users_own(backend: Backend
         .await
         .expect("members");
     assert_eq!(quarantined, (vec![attacker.id], Vec::<String>::new()));
+}
+
+async fn app_attest_counters_move_forward_once_and_verdicts_grade_the_device(backend: Backend) {
+    let Some((store, _raw, _b)) = store_for(backend).await else {
+        return;
+    };
+    store.migrate().await.expect("migrate");
+    let user = store
+        .create_user("cas@example.com", "hash")
+        .await
+        .expect("user");
+    store
+        .start_session(NewSession {
+            user_id: user.id,
+            device_id: "device_0001".into(),
+            fingerprint_sha256: vec![9; 32],
+            platform: "ios".into(),
+            family_id: Uuid::now_v7(),
+            token: token(1),
+            events: Vec::new(),
+            max_devices: 10,
+        })
+        .await
+        .expect("session");
+    let record = |grade, hard, key: Option<NewAppAttestKey>| AttestationRecord {
+        device_id: "device_0001".into(),
+        grade,
+        evidence: vec!["capturing_app_detected"],
+        provider: "app_attest",
+        hard,
+        app_attest_key: key,
+    };
+    let key = NewAppAttestKey {
+        key_id: vec![1; 32],
+        public_key: vec![4; 65],
+        receipt: b"receipt".to_vec(),
+        app_id: "TEAM.app".into(),
+    };
+    let outcome = store
+        .record_attestation(
+            record(AttestationGrade::Strong, false, Some(key.clone())),
+            3,
+        )
+        .await
+        .expect("record");
+    assert_eq!((outcome.failures, outcome.quarantined), (0, false));
+    let device = store
+        .device("device_0001")
+        .await
+        .expect("device")
+        .expect("exists");
+    assert_eq!(device.attestation.grade, AttestationGrade::Strong);
+    assert_eq!(device.attestation.provider.as_deref(), Some("app_attest"));
+    assert_eq!(device.attestation.evidence, ["capturing_app_detected"]);
+    assert!(device.attestation.attested_at.is_some());
+    let stored = store
+        .app_attest_key("device_0001")
+        .await
+        .expect("key")
+        .expect("stored");
+    assert_eq!((stored.counter, stored.key_id.clone()), (0, vec![1; 32]));
+
+    // Two assertions verified against counter 0: exactly one moves it.
+    let (a, b) = tokio::join!(
+        store.advance_app_attest_counter("device_0001", &[1; 32], 0, 5),
+        store.advance_app_attest_counter("device_0001", &[1; 32], 0, 6),
+    );
+    assert_eq!(
+        [a.expect("a"), b.expect("b")]
+            .iter()
+            .filter(|won| **won)
+            .count(),
+        1
+    );
+    let now = store
+        .app_attest_key("device_0001")
+        .await
+        .expect("key")
+        .expect("stored");
+    assert!(matches!(now.counter, 5 | 6), "{}", now.counter);
+    // Never backwards, never for another key, never to the same value.
+    let c = now.counter;
+    assert!(!store
+        .advance_app_attest_counter("device_0001", &[1; 32], c, c)
+        .await
+        .expect("same"));
+    assert!(!store
+        .advance_app_attest_counter("device_0001", &[1; 32], c, c - 1)
+        .await
+        .expect("back"));
+    assert!(!store
+        .advance_app_attest_counter("device_0001", &[2; 32], c, c + 1)
+        .await
+        .expect("other key"));
+    assert!(store
+        .advance_app_attest_counter("device_0001", &[1; 32], c, c + 1)
+        .await
+        .expect("forward"));
+
+    // A new attestation replaces the key and starts its counter at 0.
+    let replaced = NewAppAttestKey {
+        key_id: vec![2; 32],
+        ..key
+    };
+    store
+        .record_attestation(record(AttestationGrade::Strong, false, Some(replaced)), 3)
+        .await
+        .expect("record");
+    let now = store
+        .app_attest_key("device_0001")
+        .await
+        .expect("key")
+        .expect("stored");
+    assert_eq!((now.counter, now.key_id), (0, vec![2; 32]));
+
+    // Soft failures count up to the limit; a hard one quarantines at once, once.
+    let soft = store
+        .record_attestation(record(AttestationGrade::Failed, false, None), 3)
+        .await
+        .expect("soft");
+    assert_eq!((soft.failures, soft.quarantined), (1, false));
+    let hard = store
+        .record_attestation(record(AttestationGrade::Failed, true, None), 3)
+        .await
+        .expect("hard");
+    assert_eq!((hard.failures, hard.quarantined), (2, true));
+    let again = store
+        .record_attestation(record(AttestationGrade::Failed, true, None), 3)
+        .await
+        .expect("again");
+    assert_eq!((again.failures, again.quarantined), (3, false));
+    let device = store
+        .device("device_0001")
+        .await
+        .expect("device")
+        .expect("exists");
+    assert_eq!(device.status, DeviceStatus::Quarantined);
+    assert_eq!(device.attestation.grade, AttestationGrade::Failed);
+    let holds = store.device_holds("device_0001").await.expect("holds");
+    assert_eq!(holds.len(), 1, "{holds:?}");
 }

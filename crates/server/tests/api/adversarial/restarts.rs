@@ -13,75 +13,26 @@
 
 use std::time::Duration;
 
-use blockremote::{app::start_workers, workers::WorkerPool};
-use blockremote_engine::{
-    heartbeat::Heartbeat,
-    sim::{session, Class},
-};
+use blockremote_engine::sim::{session, Class};
 use futures::SinkExt;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_util::sync::CancellationToken;
 
 use crate::{
     client::next_json,
-    helpers::{eventually, Backend, TestApp},
+    helpers::{eventually, heartbeat_body, Backend, TestApp, WithWorkers},
 };
+
+/// The adversarial server with the workers a deployment runs beside it.
+async fn start(backend: Backend) -> Option<WithWorkers> {
+    Some(WithWorkers::start(super::app(backend).await?).await)
+}
 
 crate::on_both_backends!(
     a_restart_forgets_no_security_state,
     a_window_replayed_from_another_device_is_caught_while_degraded,
 );
-
-/// A server, and on production the worker pool `serve` does not run.
-struct Running {
-    app: TestApp,
-    workers: Option<(CancellationToken, WorkerPool)>,
-}
-
-impl std::ops::Deref for Running {
-    type Target = TestApp;
-    fn deref(&self) -> &TestApp {
-        &self.app
-    }
-}
-
-impl Running {
-    async fn start(backend: Backend) -> Option<Self> {
-        let app = super::app(backend).await?;
-        Some(Self::with_workers(app).await)
-    }
-
-    async fn with_workers(app: TestApp) -> Self {
-        let workers = if app.state.config.redis_url.is_some() {
-            let stop = CancellationToken::new();
-            let pool = start_workers(&app.state, "restart-worker", stop.clone())
-                .await
-                .expect("workers start");
-            Some((stop, pool))
-        } else {
-            None
-        };
-        Self { app, workers }
-    }
-
-    /// Stops the workers and the server cleanly, then starts both again on
-    /// the same backends.
-    async fn restart(self) -> Self {
-        if let Some((stop, pool)) = self.workers {
-            stop.cancel();
-            pool.stop(Duration::from_secs(5)).await;
-        }
-        Self::with_workers(self.app.restart().await).await
-    }
-}
-
-fn body_of(hb: &Heartbeat) -> Value {
-    let mut body = serde_json::to_value(hb).expect("json");
-    body["sent_at"] = json!(chrono::Utc::now().to_rfc3339());
-    body
-}
 
 async fn heartbeats_shown(app: &TestApp, device_id: &str) -> Option<u64> {
     app.admin_device(device_id).await["trust"]["heartbeats"].as_u64()
@@ -101,7 +52,7 @@ async fn locked(app: &TestApp, id: &str) -> bool {
 /// replay refusals, window fingerprints and command numbering are as they
 /// were.
 async fn a_restart_forgets_no_security_state(backend: Backend) {
-    let Some(app) = Running::start(backend).await else {
+    let Some(app) = start(backend).await else {
         return;
     };
     let device = app
@@ -113,7 +64,7 @@ async fn a_restart_forgets_no_security_state(backend: Backend) {
     let s = session(Class::HeldInHand, 31, 4);
     for hb in &s.heartbeats[..3] {
         assert_eq!(
-            app.heartbeat(&device, &body_of(hb)).await.status(),
+            app.heartbeat(&device, &heartbeat_body(hb)).await.status(),
             StatusCode::ACCEPTED
         );
     }
@@ -136,10 +87,14 @@ async fn a_restart_forgets_no_security_state(backend: Backend) {
     // The device view still counts what was scored.
     assert_eq!(heartbeats_shown(&app, &device.device_id).await, Some(3));
     // An accepted seq is still a replay: refused, never scored again.
-    let r = app.heartbeat(&device, &body_of(&s.heartbeats[2])).await;
+    let r = app
+        .heartbeat(&device, &heartbeat_body(&s.heartbeats[2]))
+        .await;
     assert_eq!(r.status(), StatusCode::CONFLICT);
     assert_eq!(r.json::<Value>().await.expect("json")["code"], "replay");
-    let r = app.heartbeat(&device, &body_of(&s.heartbeats[3])).await;
+    let r = app
+        .heartbeat(&device, &heartbeat_body(&s.heartbeats[3]))
+        .await;
     assert_eq!(r.status(), StatusCode::ACCEPTED);
     assert!(
         eventually(Duration::from_secs(5), || async {
@@ -161,7 +116,9 @@ async fn a_restart_forgets_no_security_state(backend: Backend) {
     let mut copy = s.heartbeats[0].clone();
     copy.seq = 1;
     assert_eq!(
-        app.heartbeat(&copycat, &body_of(&copy)).await.status(),
+        app.heartbeat(&copycat, &heartbeat_body(&copy))
+            .await
+            .status(),
         StatusCode::ACCEPTED
     );
     assert!(
@@ -205,7 +162,7 @@ async fn a_restart_forgets_no_security_state(backend: Backend) {
 /// Scoring inline (the breaker open, as an attacker who fills the queue
 /// can force) still checks whether another device sent the window first.
 async fn a_window_replayed_from_another_device_is_caught_while_degraded(backend: Backend) {
-    let Some(app) = Running::start(backend).await else {
+    let Some(app) = start(backend).await else {
         return;
     };
     let original = app
@@ -215,7 +172,7 @@ async fn a_window_replayed_from_another_device_is_caught_while_degraded(backend:
         .register("copycat@example.com", "device_degraded_2")
         .await;
     let hb = session(Class::HeldInHand, 8, 1).heartbeats.remove(0);
-    app.heartbeat(&original, &body_of(&hb)).await;
+    app.heartbeat(&original, &heartbeat_body(&hb)).await;
     assert!(
         eventually(Duration::from_secs(5), || async {
             heartbeats_shown(&app, &original.device_id).await == Some(1)
@@ -223,7 +180,7 @@ async fn a_window_replayed_from_another_device_is_caught_while_degraded(backend:
         .await
     );
     app.state.breaker.trip();
-    let r = app.heartbeat(&copycat, &body_of(&hb)).await;
+    let r = app.heartbeat(&copycat, &heartbeat_body(&hb)).await;
     assert_eq!(r.status(), StatusCode::ACCEPTED);
     assert_eq!(
         r.json::<Value>().await.expect("json")["degraded"],

@@ -13,8 +13,9 @@
 //!   verification key; graded `strong` / `device` / `basic` by the device
 //!   verdict. Its environment evidence (`capturing_app_detected`,
 //!   `controlling_app_detected`, `play_protect_risk`) is stored with the
-//!   verdict and reaches the engine, which locks a device a controlling app
-//!   drives at its next heartbeat.
+//!   verdict and reaches the engine; a controlling app also locks the device
+//!   at once (`CRITICAL_LOCK`), and the engine locks it again at its next
+//!   heartbeat if an operator unlocks it before the app attests clean.
 //! - `app_attest` ([`super::app_attest`]): the first call per key sends the
 //!   attestation object and registers the key (public key, counter 0,
 //!   receipt); later calls send an assertion and `client_data`, checked with
@@ -26,7 +27,8 @@
 //!
 //! Every verdict is recorded with its reasons (event and audit row); replays,
 //! failed verdicts and malformed artefacts (422 `attestation_invalid`) count as
-//! failures, and at the configured number the device is quarantined and
+//! failures — but only an authentic verdict replaces the device's grade and
+//! evidence (a retried or garbled request cannot erase a finding), and at the configured number the device is quarantined and
 //! `IMMEDIATE_QUARANTINE` is published. A *hard* failure — an emulator, a
 //! chain that does not reach the root, a key that is not the one named or
 //! stored, an assertion counter that did not move forward — quarantines at
@@ -193,6 +195,9 @@ struct Judgement {
     evidence: Vec<&'static str>,
     hard: bool,
     app_attest_key: Option<NewAppAttestKey>,
+    /// The finding is about the device (a verifier read an authentic
+    /// artefact), not about the request.
+    authentic: bool,
 }
 
 impl Judgement {
@@ -204,6 +209,17 @@ impl Judgement {
             evidence: Vec::new(),
             hard,
             app_attest_key: None,
+            authentic: true,
+        }
+    }
+
+    /// A failure of the request itself (a used nonce, an artefact that does
+    /// not parse, an unknown key): it counts, but says nothing new about
+    /// the device, so the last authentic verdict stands.
+    fn refused(reason: &'static str) -> Self {
+        Self {
+            authentic: false,
+            ..Self::failed(vec![reason], false)
         }
     }
 }
@@ -252,6 +268,7 @@ fn judge_test(secret: &SecretString, token: &str, nonce: &str, device_id: &str) 
         evidence: Vec::new(),
         hard: false,
         app_attest_key: None,
+        authentic: true,
     }
 }
 
@@ -279,6 +296,7 @@ fn judge_play_integrity(
         reasons: verdict.reasons,
         evidence: verdict.evidence,
         app_attest_key: None,
+        authentic: true,
     })
 }
 
@@ -312,6 +330,7 @@ fn strong() -> Judgement {
         evidence: Vec::new(),
         hard: false,
         app_attest_key: None,
+        authentic: true,
     }
 }
 
@@ -426,7 +445,7 @@ impl Attestation {
         let stored = self.shared.take(&keys::nonce(&device.device_id)).await?;
         let fresh = stored.is_some_and(|s| bool::from(s.ct_eq(artefact.nonce.as_bytes())));
         if !fresh {
-            let failure = Judgement::failed(vec![reason::NONCE_REPLAY], false);
+            let failure = Judgement::refused(reason::NONCE_REPLAY);
             self.record(device, provider_name, failure, ip).await?;
             return Err(AttestationError::NonceReplay);
         }
@@ -444,7 +463,7 @@ impl Attestation {
             Ok(judgement) => judgement,
             Err(what) => {
                 tracing::info!(device_id = %device.device_id, provider = provider_name, what, "malformed attestation artefact");
-                let failure = Judgement::failed(vec![reason::ATTESTATION_INVALID], false);
+                let failure = Judgement::refused(reason::ATTESTATION_INVALID);
                 self.record(device, provider_name, failure, ip).await?;
                 return Err(AttestationError::Invalid(what));
             }
@@ -521,7 +540,7 @@ impl Attestation {
             .await?
             .filter(|stored| bool::from(stored.key_id.ct_eq(&key_id)));
         let Some(stored) = stored else {
-            return Ok(Ok(Judgement::failed(vec![reason::UNKNOWN_KEY], false)));
+            return Ok(Ok(Judgement::refused(reason::UNKNOWN_KEY)));
         };
         let outcome = app_attest::verify_assertion(
             config,
@@ -534,6 +553,10 @@ impl Attestation {
         Ok(match outcome {
             Err(app_attest::Malformed(what)) => Err(what),
             Ok(Outcome::Failed(reasons)) => Ok(app_attest_failed(&reasons)),
+            Ok(Outcome::Verified(asserted)) if asserted.app_id != stored.app_id => {
+                // A key attested for one app asserting for another.
+                Ok(app_attest_failed(&[Reason::AppIdMismatch]))
+            }
             Ok(Outcome::Verified(asserted)) => {
                 let advanced = self
                     .store
@@ -572,6 +595,10 @@ impl Attestation {
                     provider,
                     hard: judgement.hard,
                     app_attest_key: judgement.app_attest_key,
+                    authentic: judgement.authentic,
+                    lock: judgement
+                        .evidence
+                        .contains(&play_integrity::reason::CONTROLLING_APP_DETECTED),
                 },
                 self.max_failures,
             )
@@ -598,6 +625,8 @@ impl Attestation {
         self.store.record_event(event).await?;
         let action = if outcome.quarantined {
             "IMMEDIATE_QUARANTINE"
+        } else if outcome.locked {
+            "CRITICAL_LOCK"
         } else if verified {
             "ATTESTATION_VERIFIED"
         } else {
@@ -647,6 +676,19 @@ impl Attestation {
             .await
             {
                 tracing::error!(error = %e, "publishing IMMEDIATE_QUARANTINE failed");
+            }
+        }
+        if outcome.locked {
+            tracing::warn!(device_id = %device.device_id, "device locked: attestation reports a controlling app");
+            if let Err(e) = realtime::issue(
+                self.shared.as_ref(),
+                &device.device_id,
+                Action::CriticalLock,
+                play_integrity::reason::CONTROLLING_APP_DETECTED,
+            )
+            .await
+            {
+                tracing::error!(error = %e, "publishing CRITICAL_LOCK failed");
             }
         }
         Ok(())

@@ -124,6 +124,14 @@ pub struct AttestationRecord {
     pub hard: bool,
     /// The App Attest key a verified attestation registered.
     pub app_attest_key: Option<NewAppAttestKey>,
+    /// False for failures that say nothing about the device (a used nonce,
+    /// an artefact that does not parse, an unknown key): they count toward
+    /// quarantine but leave the last authentic verdict — grade, evidence,
+    /// time — as it was.
+    pub authentic: bool,
+    /// The verdict carries direct evidence of remote control: lock the
+    /// device now (an attestation hold, `lock`), unless one is already there.
+    pub lock: bool,
 }
 
 /// What recording a verdict did.
@@ -134,6 +142,8 @@ pub struct AttestationOutcome {
     /// True when this verdict placed the device's attestation hold
     /// (quarantine); at most one such hold exists.
     pub quarantined: bool,
+    /// True when this verdict locked the device (see [`AttestationRecord::lock`]).
+    pub locked: bool,
 }
 
 /// An App Attest key to store after a verified attestation.
@@ -230,21 +240,32 @@ for_each_dialect! {
             let device_id = record.device_id.as_str();
             let mut tx = <Db as Dialect>::begin_write(&self.pool).await?;
             let verified = record.grade.verified();
-            let failures: i32 = sqlx::query_scalar(
-                "UPDATE devices SET attestation_state = $2, attestation_grade = $3, \
-                 attestation_evidence = $4, attestation_provider = $5, attested_at = $6, \
-                 attestation_failures = CASE WHEN $7 THEN 0 ELSE attestation_failures + 1 END, \
-                 updated_at = $6 WHERE id = $1 RETURNING attestation_failures",
-            )
-            .bind(device_id)
-            .bind(record.grade.verdict())
-            .bind(record.grade.as_str())
-            .bind(record.evidence.join(","))
-            .bind(record.provider)
-            .bind(now)
-            .bind(verified)
-            .fetch_one(&mut *tx)
-            .await?;
+            let failures: i32 = if record.authentic {
+                sqlx::query_scalar(
+                    "UPDATE devices SET attestation_state = $2, attestation_grade = $3, \
+                     attestation_evidence = $4, attestation_provider = $5, attested_at = $6, \
+                     attestation_failures = CASE WHEN $7 THEN 0 ELSE attestation_failures + 1 END, \
+                     updated_at = $6 WHERE id = $1 RETURNING attestation_failures",
+                )
+                .bind(device_id)
+                .bind(record.grade.verdict())
+                .bind(record.grade.as_str())
+                .bind(record.evidence.join(","))
+                .bind(record.provider)
+                .bind(now)
+                .bind(verified)
+                .fetch_one(&mut *tx)
+                .await?
+            } else {
+                sqlx::query_scalar(
+                    "UPDATE devices SET attestation_failures = attestation_failures + 1, \
+                     updated_at = $2 WHERE id = $1 RETURNING attestation_failures",
+                )
+                .bind(device_id)
+                .bind(now)
+                .fetch_one(&mut *tx)
+                .await?
+            };
             let failures = failures.unsigned_abs();
             if let Some(key) = record.app_attest_key.as_ref().filter(|_| verified) {
                 sqlx::query(
@@ -264,10 +285,12 @@ for_each_dialect! {
                 .execute(&mut *tx)
                 .await?;
             }
-            let mut quarantined = false;
-            if !verified && (record.hard || failures >= max_failures) {
+            let (mut quarantined, mut locked) = (false, false);
+            let quarantine = !verified && (record.hard || failures >= max_failures);
+            if quarantine || record.lock {
                 // One attestation hold at most: the first verdict past the
-                // limit places it, later failures find it there.
+                // limit (or with evidence of remote control) places it, later
+                // ones find it there.
                 let held: Option<String> = sqlx::query_scalar(
                     "SELECT reason FROM holds WHERE device_id = $1 AND source = 'attestation'",
                 )
@@ -275,20 +298,30 @@ for_each_dialect! {
                 .fetch_optional(&mut *tx)
                 .await?;
                 if held.is_none() {
-                    let hold = NewHold::new(
-                        HoldSource::Attestation,
-                        HoldAction::Quarantine,
-                        "attestation_failed",
-                    );
+                    let hold = if quarantine {
+                        quarantined = true;
+                        NewHold::new(
+                            HoldSource::Attestation,
+                            HoldAction::Quarantine,
+                            "attestation_failed",
+                        )
+                    } else {
+                        locked = true;
+                        NewHold::new(
+                            HoldSource::Attestation,
+                            HoldAction::Lock,
+                            "controlling_app_detected",
+                        )
+                    };
                     Self::insert_device_hold(&mut tx, device_id, &hold).await?;
                     Self::settle_device(&mut tx, device_id).await?;
-                    quarantined = true;
                 }
             }
             tx.commit().await?;
             Ok(AttestationOutcome {
                 failures,
                 quarantined,
+                locked,
             })
         }
 

@@ -379,21 +379,38 @@ for_each_dialect! {
                     constraint: TOO_MANY_DEVICES.to_owned(),
                 });
             }
+            // An App Attest key vouches for one app install: another owner,
+            // fingerprint or platform under this device id does not inherit it.
+            sqlx::query(
+                "DELETE FROM app_attest_keys WHERE device_id = $1 AND EXISTS (SELECT 1 FROM devices \
+                 WHERE id = $1 AND (user_id <> $2 OR fingerprint_sha256 <> $3 OR platform <> $4))",
+            )
+            .bind(&session.device_id)
+            .bind(Id(session.user_id))
+            .bind(&session.fingerprint_sha256)
+            .bind(&session.platform)
+            .execute(&mut *tx)
+            .await?;
             sqlx::query(
                 "INSERT INTO devices (id, user_id, fingerprint_sha256, platform, created_at, updated_at, last_seen_at) \
                  VALUES ($1, $2, $3, $4, $5, $5, $5) \
                  ON CONFLICT (id) DO UPDATE SET user_id = excluded.user_id, \
                  fingerprint_sha256 = excluded.fingerprint_sha256, platform = excluded.platform, \
                  attestation_state = CASE WHEN devices.user_id = excluded.user_id \
-                 THEN devices.attestation_state ELSE 'unknown' END, \
+                 AND devices.fingerprint_sha256 = excluded.fingerprint_sha256 \
+                 AND devices.platform = excluded.platform THEN devices.attestation_state ELSE 'unknown' END, \
                  attestation_grade = CASE WHEN devices.user_id = excluded.user_id \
-                 THEN devices.attestation_grade ELSE 'unknown' END, \
+                 AND devices.fingerprint_sha256 = excluded.fingerprint_sha256 \
+                 AND devices.platform = excluded.platform THEN devices.attestation_grade ELSE 'unknown' END, \
                  attestation_evidence = CASE WHEN devices.user_id = excluded.user_id \
-                 THEN devices.attestation_evidence ELSE '' END, \
+                 AND devices.fingerprint_sha256 = excluded.fingerprint_sha256 \
+                 AND devices.platform = excluded.platform THEN devices.attestation_evidence ELSE '' END, \
                  attestation_provider = CASE WHEN devices.user_id = excluded.user_id \
-                 THEN devices.attestation_provider ELSE NULL END, \
+                 AND devices.fingerprint_sha256 = excluded.fingerprint_sha256 \
+                 AND devices.platform = excluded.platform THEN devices.attestation_provider ELSE NULL END, \
                  attested_at = CASE WHEN devices.user_id = excluded.user_id \
-                 THEN devices.attested_at ELSE NULL END, \
+                 AND devices.fingerprint_sha256 = excluded.fingerprint_sha256 \
+                 AND devices.platform = excluded.platform THEN devices.attested_at ELSE NULL END, \
                  updated_at = excluded.updated_at, last_seen_at = excluded.last_seen_at",
             )
             .bind(&session.device_id)

@@ -32,6 +32,7 @@ crate::on_both_backends!(
     app_attest_keys_are_attested_then_asserted_with_a_rising_counter,
     a_controlling_app_reported_by_play_locks_a_calm_device,
     a_verified_state_decays_to_unknown,
+    a_request_failure_never_erases_a_verdict_and_other_hardware_starts_unknown,
 );
 
 const ADMIN: &str = "attestation-admin-key-0123456789abcdef";
@@ -671,7 +672,7 @@ async fn a_controlling_app_reported_by_play_locks_a_calm_device(backend: Backend
         (&json!("trusted"), &json!(false))
     );
 
-    // Play reports an app that controls the device: the verdict itself holds.
+    // Play reports an app that controls the device: locked at once.
     let n = lab.nonce(&s).await;
     let (status, body) = lab
         .play(&s, &n, |v| {
@@ -687,18 +688,6 @@ async fn a_controlling_app_reported_by_play_locks_a_calm_device(backend: Backend
         verdict_of(&body),
         ("verified", "strong", vec!["controlling_app_detected"])
     );
-    assert_eq!(
-        lab.admin_device(&s.device_id).await["attestation_evidence"],
-        json!(["controlling_app_detected"])
-    );
-
-    // The next calm heartbeat is judged with that evidence: locked.
-    assert_eq!(
-        lab.heartbeat(&s, &heartbeat_body(&calm.heartbeats[2]))
-            .await
-            .status(),
-        StatusCode::ACCEPTED
-    );
     let command = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             let message = next_json(&mut socket).await;
@@ -711,8 +700,32 @@ async fn a_controlling_app_reported_by_play_locks_a_calm_device(backend: Backend
     .expect("a command in time");
     assert_eq!(command["action"], "CRITICAL_LOCK", "{command}");
     assert_eq!(command["reason"], "controlling_app_detected");
+    let view = lab.admin_device(&s.device_id).await;
+    assert_eq!(view["status"], "locked", "{view}");
+    assert_eq!(
+        view["attestation_evidence"],
+        json!(["controlling_app_detected"])
+    );
+    assert_eq!(view["holds"][0]["reason"], "controlling_app_detected");
+
+    // An operator unlocks before the app attests clean: the next heartbeat,
+    // however calm, is judged with the evidence and locks it again.
+    let r = lab
+        .admin(
+            reqwest::Method::POST,
+            &format!("/v1/admin/devices/{}/unlock", s.device_id),
+            Some(&json!({"all": true})),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        lab.heartbeat(&s, &heartbeat_body(&calm.heartbeats[2]))
+            .await
+            .status(),
+        StatusCode::ACCEPTED
+    );
     assert!(
-        eventually(Duration::from_secs(5), || async {
+        eventually(Duration::from_secs(10), || async {
             let view = lab.admin_device(&s.device_id).await;
             view["status"] == "locked"
                 && view["trust"]["reasons"]
@@ -722,6 +735,86 @@ async fn a_controlling_app_reported_by_play_locks_a_calm_device(backend: Backend
         .await,
         "{}",
         lab.admin_device(&s.device_id).await
+    );
+}
+
+async fn a_request_failure_never_erases_a_verdict_and_other_hardware_starts_unknown(
+    backend: Backend,
+) {
+    let Some(lab) = Lab::start(backend, Duration::from_secs(86_400)).await else {
+        return;
+    };
+    let s = lab.device(1).await;
+    let n = lab.nonce(&s).await;
+    let (_, body) = lab
+        .play(&s, &n, |v| {
+            with(
+                v,
+                "/environmentDetails/appAccessRiskVerdict/appsDetected",
+                json!(["UNKNOWN_CAPTURING"]),
+            )
+        })
+        .await;
+    assert_eq!(
+        verdict_of(&body),
+        ("verified", "strong", vec!["capturing_app_detected"])
+    );
+
+    // A retry with the spent nonce, then an oversized artefact: both count,
+    // neither erases the verdict or its evidence.
+    let (status, body) = lab
+        .verify(
+            &s,
+            &json!({"nonce": n, "provider": "play_integrity", "token": "x"}),
+        )
+        .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::CONFLICT, Some("nonce_replay"))
+    );
+    let n = lab.nonce(&s).await;
+    let (status, body) = lab
+        .verify(
+            &s,
+            &json!({"nonce": n, "provider": "play_integrity", "token": "A".repeat(17 * 1024)}),
+        )
+        .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("attestation_invalid")
+        )
+    );
+    let view = lab.admin_device(&s.device_id).await;
+    assert_eq!(
+        (&view["attestation_state"], &view["attestation_failures"]),
+        (&json!("strong"), &json!(2)),
+        "{view}"
+    );
+    assert_eq!(
+        view["attestation_evidence"],
+        json!(["capturing_app_detected"])
+    );
+
+    // The same device id signed in from other hardware starts `unknown`.
+    let r = lab
+        .post_json(
+            "/v1/auth/login",
+            &json!({"email": "owner1@example.com", "password": crate::client::PASSWORD,
+                "device_id": s.device_id, "device_fingerprint": "fp-another-phone",
+                "platform": "android"}),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let other = Session::from_response(r, &s.device_id).await;
+    assert_eq!(
+        lab.trust_score_json(&other).await["attestation_state"],
+        "unknown"
+    );
+    assert_eq!(
+        lab.admin_device(&s.device_id).await["attestation_provider"],
+        json!(null)
     );
 }
 

@@ -689,6 +689,8 @@ async fn app_attest_counters_move_forward_once_and_verdicts_grade_the_device(bac
         provider: "app_attest",
         hard,
         app_attest_key: key,
+        authentic: true,
+        lock: false,
     };
     let key = NewAppAttestKey {
         key_id: vec![1; 32],
@@ -798,4 +800,25 @@ async fn app_attest_counters_move_forward_once_and_verdicts_grade_the_device(bac
     assert_eq!(device.attestation.grade, AttestationGrade::Failed);
     let holds = store.device_holds("device_0001").await.expect("holds");
     assert_eq!(holds.len(), 1, "{holds:?}");
+
+    // A failure of the request (not authentic) counts but keeps the verdict.
+    store
+        .record_attestation(record(AttestationGrade::Strong, false, None), 3)
+        .await
+        .expect("strong again");
+    let refused = AttestationRecord {
+        grade: AttestationGrade::Failed,
+        evidence: Vec::new(),
+        authentic: false,
+        ..record(AttestationGrade::Failed, false, None)
+    };
+    let outcome = store.record_attestation(refused, 3).await.expect("refused");
+    assert_eq!(outcome.failures, 1);
+    let device = store
+        .device("device_0001")
+        .await
+        .expect("device")
+        .expect("exists");
+    assert_eq!(device.attestation.grade, AttestationGrade::Strong);
+    assert_eq!(device.attestation.evidence, ["capturing_app_detected"]);
 }

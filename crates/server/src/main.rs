@@ -65,8 +65,9 @@ enum Command {
         #[command(subcommand)]
         command: AdminKeyCommand,
     },
-    /// Drive synthetic device sessions (genuine and attacks) through a
-    /// running server's API and report detection per class.
+    /// Drive labelled device sessions (genuine and attacks) through a
+    /// running server's API and report detection per class: the built-in
+    /// generator's, or any corpus file's (JSON Lines, see the README).
     Simulate {
         /// The server.
         #[arg(long, default_value = "http://127.0.0.1:8000")]
@@ -75,14 +76,21 @@ enum Command {
         #[arg(long, env = "BLOCKREMOTE_ADMIN_TOKEN", hide_env_values = true)]
         admin_key: String,
         /// Sessions per class (1–100000).
-        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=100_000), conflicts_with = "corpus")]
         sessions: u32,
         /// Heartbeats per session (1–10000).
-        #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u32).range(1..=10_000), conflicts_with = "corpus")]
         length: u32,
         /// Corpus seed.
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, conflicts_with = "corpus")]
         seed: u64,
+        /// Generated classes: the ten original, the eight shifted (issue 21) or all.
+        #[arg(long, default_value = "all", value_parser = ["original", "shifted", "all"], conflicts_with = "corpus")]
+        classes: String,
+        /// Run this corpus file (JSON Lines, one session per line) instead
+        /// of the generated corpus.
+        #[arg(long, value_name = "FILE")]
+        corpus: Option<PathBuf>,
         /// Sessions in flight at once (1–1024).
         #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=1024))]
         concurrency: u32,
@@ -484,8 +492,19 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             sessions,
             length,
             seed,
+            classes,
+            corpus,
             concurrency,
         } => {
+            use blockremote::simulate::Corpus;
+            let corpus = match corpus {
+                Some(path) => Corpus::File(path),
+                None => Corpus::Generated(
+                    blockremote_engine::sim::Class::set(&classes)
+                        .ok_or_else(|| anyhow::anyhow!("unknown class set {classes}"))?
+                        .to_vec(),
+                ),
+            };
             blockremote::simulate::run(blockremote::simulate::SimulateOptions {
                 url,
                 admin_key,
@@ -493,6 +512,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 length: length as usize,
                 seed,
                 concurrency: concurrency as usize,
+                corpus,
             })
             .await
         }

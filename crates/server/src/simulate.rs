@@ -1,21 +1,36 @@
-//! `blockremote simulate`: synthetic device sessions driven through the real
-//! HTTP API, as a labelled evaluation and as load.
+//! `blockremote simulate`: labelled device sessions driven through the real
+//! HTTP API, as an evaluation and as load.
 //!
-//! For each class of [`blockremote_engine::sim::Class`] it runs N sessions
-//! (genuine use, and attacks that begin after a genuine prefix): one user,
+//! The sessions come from the built-in generator — for each class of
+//! [`blockremote_engine::sim::Class`] in the chosen set (`--classes
+//! original|shifted|all`), N sessions of genuine use and of attacks that
+//! begin after a genuine prefix — or from a corpus file (`--corpus FILE`),
+//! which is how an outside, held-out generator is plugged in: JSON Lines,
+//! one session per line,
+//! `{"class": "attack/replay_noisy", "attack": true, "attack_start": 5, "heartbeats": [...]}`
+//! with `heartbeats` the API.md heartbeat bodies (`seq` from 1), posted as
+//! they are except for `sent_at`, which is stamped with the send time; the
+//! format is specified in [`blockremote_engine::sim`]. Only the public API is
+//! used: one user,
 //! one device session minted per simulated device through the admin API,
 //! heartbeats posted in order at the device's pace — each waits until the
 //! previous one was scored (`last_seq` in the trust report), as a phone
 //! sending one every two seconds would. A device is locked when its API
 //! calls are refused with 403 `device_locked`. Reported per class: attacks
 //! locked within 5 heartbeats of the attack's start, genuine sessions ever
-//! locked, heartbeats and milliseconds from the attack's first heartbeat to
-//! the lock.
+//! locked, each rate with its 95% Wilson score interval, heartbeats and
+//! milliseconds from the attack's first heartbeat to the lock.
 
-use std::time::{Duration, Instant};
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use anyhow::{bail, Context as _};
-use blockremote_engine::sim::{session, session_seed, Class, DETECTION_BUDGET};
+use blockremote_engine::sim::{
+    session, session_seed, wilson, Class, CorpusSession, DETECTION_BUDGET, Z95,
+};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
@@ -26,20 +41,130 @@ pub struct SimulateOptions {
     pub url: String,
     /// Admin API key (mints the device sessions).
     pub admin_key: String,
-    /// Sessions per class.
+    /// Sessions per class (generated corpus).
     pub sessions: usize,
-    /// Heartbeats per session.
+    /// Heartbeats per session (generated corpus).
     pub length: usize,
-    /// Seed of the corpus.
+    /// Seed of the generated corpus.
     pub seed: u64,
     /// Sessions in flight at once.
     pub concurrency: usize,
+    /// Where the sessions come from.
+    pub corpus: Corpus,
+}
+
+/// Where the sessions come from.
+#[derive(Debug, Clone)]
+pub enum Corpus {
+    /// The built-in generator, for these classes.
+    Generated(Vec<Class>),
+    /// A JSON Lines corpus file.
+    File(PathBuf),
+}
+
+/// A class as reported: its label and whether it is an attack.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Label {
+    name: String,
+    attack: bool,
+}
+
+impl Label {
+    /// The class's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// True for attack classes.
+    pub fn is_attack(&self) -> bool {
+        self.attack
+    }
+}
+
+impl From<Class> for Label {
+    fn from(class: Class) -> Self {
+        Self {
+            name: class.name().to_owned(),
+            attack: class.is_attack(),
+        }
+    }
+}
+
+/// One session to run.
+#[derive(Debug, Clone)]
+enum Job {
+    /// The `index`-th generated session of a class.
+    Generated { class: Class, index: usize },
+    /// A corpus line (kept as text until its turn).
+    Line {
+        number: usize,
+        attack_start: Option<usize>,
+        text: Arc<str>,
+    },
+}
+
+/// A loaded corpus: its labels in order of first appearance and, per
+/// session, the index of its label.
+struct Loaded {
+    labels: Vec<Label>,
+    jobs: Vec<(usize, Job)>,
+}
+
+/// Reads and checks a corpus file (every line parsed and validated up
+/// front, so a bad line fails the run before anything is posted).
+fn load(path: &std::path::Path) -> anyhow::Result<Loaded> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the corpus {}", path.display()))?;
+    let mut labels: Vec<Label> = Vec::new();
+    let mut jobs = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = || format!("{}:{}", path.display(), n + 1);
+        let s: CorpusSession = serde_json::from_str(line).with_context(at)?;
+        if let Err(why) = s.check() {
+            bail!("{}: {why}", at());
+        }
+        let label = match labels.iter().position(|l| l.name == s.class) {
+            Some(i) if labels[i].attack != s.attack => {
+                bail!(
+                    "{}: class {} mixes attack and genuine sessions",
+                    at(),
+                    s.class
+                )
+            }
+            Some(i) => i,
+            None => {
+                labels.push(Label {
+                    name: s.class.clone(),
+                    attack: s.attack,
+                });
+                labels.len() - 1
+            }
+        };
+        jobs.push((
+            label,
+            Job::Line {
+                number: n + 1,
+                attack_start: s.attack_start,
+                text: line.into(),
+            },
+        ));
+    }
+    if jobs.is_empty() {
+        bail!("the corpus {} has no sessions", path.display());
+    }
+    Ok(Loaded { labels, jobs })
 }
 
 /// One session's outcome.
 #[derive(Debug, Clone, Copy)]
 struct Outcome {
-    class: Class,
+    /// Index of the session's label.
+    label: usize,
+    /// Heartbeats posted.
+    posted: usize,
     attack_start: Option<usize>,
     /// Index of the heartbeat after which the device was found locked.
     locked_at: Option<usize>,
@@ -117,28 +242,53 @@ async fn run_session(
     options: &SimulateOptions,
     user_id: &str,
     run: &str,
-    class: Class,
-    index: usize,
+    (label, job): (usize, Job),
 ) -> anyhow::Result<Outcome> {
-    let s = session(
-        class,
-        session_seed(options.seed, class, index),
-        options.length,
-    );
-    let device_id = format!("sim{run}{:02}x{index:05}", class as u8);
+    let (device_id, attack_start, bodies) = match job {
+        Job::Generated { class, index } => {
+            let s = session(
+                class,
+                session_seed(options.seed, class, index),
+                options.length,
+            );
+            let bodies = s
+                .heartbeats
+                .iter()
+                .map(serde_json::to_value)
+                .collect::<Result<Vec<_>, _>>()?;
+            (
+                format!("sim{run}{:02}x{index:05}", class as u8),
+                s.attack_start,
+                bodies,
+            )
+        }
+        Job::Line {
+            number,
+            attack_start,
+            text,
+        } => {
+            let mut line: Value = serde_json::from_str(&text)?;
+            let bodies = match line["heartbeats"].take() {
+                Value::Array(bodies) => bodies,
+                _ => bail!("corpus line {number}: no heartbeats"),
+            };
+            (format!("sim{run}c{number:07}"), attack_start, bodies)
+        }
+    };
     let token = client.mint(&options.admin_key, user_id, &device_id).await?;
     let mut outcome = Outcome {
-        class,
-        attack_start: s.attack_start,
+        label,
+        posted: 0,
+        attack_start,
         locked_at: None,
         ms_to_lock: None,
     };
     let mut attack_began = None;
-    for (i, hb) in s.heartbeats.iter().enumerate() {
-        if Some(i) == s.attack_start {
+    for (i, mut body) in bodies.into_iter().enumerate() {
+        if Some(i) == attack_start {
             attack_began = Some(Instant::now());
         }
-        let mut body = serde_json::to_value(hb)?;
+        let seq = body["seq"].as_u64().unwrap_or(i as u64 + 1);
         body["sent_at"] = json!(chrono::Utc::now().to_rfc3339());
         let status = loop {
             let r = client
@@ -160,6 +310,7 @@ async fn run_session(
             outcome.locked_at = Some(i.saturating_sub(1));
             break;
         }
+        outcome.posted += 1;
         // Wait until it was scored (or the device got locked).
         tokio::time::sleep(Duration::from_millis(3)).await;
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -169,9 +320,9 @@ async fn run_session(
                     outcome.locked_at = Some(i);
                     break;
                 }
-                Some(seq) if seq >= hb.seq => break,
+                Some(last) if last >= seq => break,
                 Some(_) if Instant::now() > deadline => {
-                    bail!("heartbeat {} not scored in 10 s", hb.seq)
+                    bail!("heartbeat {seq} of {device_id} not scored in 10 s")
                 }
                 Some(_) => tokio::time::sleep(Duration::from_millis(5)).await,
             }
@@ -190,7 +341,7 @@ async fn run_session(
 #[derive(Debug, Clone)]
 pub struct ClassReport {
     /// The class.
-    pub class: Class,
+    pub class: Label,
     /// Sessions run.
     pub sessions: usize,
     /// Attacks: sessions locked within [`DETECTION_BUDGET`] heartbeats of
@@ -206,7 +357,8 @@ pub struct ClassReport {
 /// An evaluation's results.
 #[derive(Debug, Clone)]
 pub struct Report {
-    /// Per class, in [`Class::ALL`] order.
+    /// Per class: in the order asked for (generated), or of first
+    /// appearance (a corpus file).
     pub classes: Vec<ClassReport>,
     /// Heartbeats posted.
     pub heartbeats: usize,
@@ -248,25 +400,32 @@ pub async fn evaluate(options: &SimulateOptions) -> anyhow::Result<Report> {
         .as_str()
         .context("user_id")?
         .to_owned();
+    let Loaded { labels, jobs } = match &options.corpus {
+        Corpus::Generated(classes) => Loaded {
+            labels: classes.iter().map(|&c| Label::from(c)).collect(),
+            jobs: classes
+                .iter()
+                .enumerate()
+                .flat_map(|(label, &class)| {
+                    (0..options.sessions).map(move |index| (label, Job::Generated { class, index }))
+                })
+                .collect(),
+        },
+        Corpus::File(path) => load(path)?,
+    };
     let started = Instant::now();
-    let jobs: Vec<(Class, usize)> = Class::ALL
-        .iter()
-        .flat_map(|&c| (0..options.sessions).map(move |i| (c, i)))
-        .collect();
     let outcomes: Vec<anyhow::Result<Outcome>> = futures::stream::iter(jobs)
-        .map(|(class, i)| run_session(&client, options, &user_id, run, class, i))
+        .map(|job| run_session(&client, options, &user_id, run, job))
         .buffer_unordered(options.concurrency.max(1))
         .collect()
         .await;
     let outcomes: Vec<Outcome> = outcomes.into_iter().collect::<Result<_, _>>()?;
-    let heartbeats: usize = outcomes
-        .iter()
-        .map(|o| o.locked_at.map_or(options.length, |i| i + 1))
-        .sum();
-    let classes = Class::ALL
-        .iter()
-        .map(|&class| {
-            let of: Vec<&Outcome> = outcomes.iter().filter(|o| o.class == class).collect();
+    let heartbeats: usize = outcomes.iter().map(|o| o.posted).sum();
+    let classes = labels
+        .into_iter()
+        .enumerate()
+        .map(|(label, class)| {
+            let of: Vec<&Outcome> = outcomes.iter().filter(|o| o.label == label).collect();
             let hits: Vec<&Outcome> = of
                 .iter()
                 .copied()
@@ -307,8 +466,8 @@ impl Report {
             self.heartbeats,
             self.heartbeats as f64 / secs
         );
-        out.push_str("| class | sessions | locked | rate | heartbeats to lock (mean / max) | ms to lock (median) |\n");
-        out.push_str("|---|---|---|---|---|---|\n");
+        out.push_str("| class | sessions | locked | rate | 95% CI (Wilson) | heartbeats to lock (mean / max) | ms to lock (median) |\n");
+        out.push_str("|---|---|---|---|---|---|---|\n");
         for c in &self.classes {
             let label = if c.class.is_attack() {
                 "detected within 5"
@@ -329,14 +488,105 @@ impl Report {
                 .ms_to_lock
                 .get(c.ms_to_lock.len() / 2)
                 .map_or("—".to_owned(), |m| format!("{m:.0}"));
+            let (lo, hi) = wilson(c.hits, c.sessions, Z95);
             out.push_str(&format!(
-                "| {} | {} | {} {label} | {:.2}% | {mean} | {median} |\n",
+                "| {} | {} | {} {label} | {:.2}% | {:.1}–{:.1}% | {mean} | {median} |\n",
                 c.class.name(),
                 c.sessions,
                 c.hits,
                 100.0 * c.hits as f64 / c.sessions.max(1) as f64,
+                100.0 * lo,
+                100.0 * hi,
             ));
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn corpus(lines: &[String]) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("corpus.jsonl");
+        std::fs::write(&path, lines.join("\n")).expect("write");
+        (dir, path)
+    }
+
+    fn line(class: Class, seed: u64) -> String {
+        serde_json::to_string(&CorpusSession::from(&session(class, seed, 8))).expect("json")
+    }
+
+    #[test]
+    fn a_corpus_is_loaded_per_label_in_order_of_appearance() {
+        let (_dir, path) = corpus(&[
+            line(Class::ReplayNoisy, 1),
+            String::new(),
+            line(Class::HeavyTremor, 2),
+            line(Class::ReplayNoisy, 3),
+        ]);
+        let Loaded { labels, jobs } = load(&path).expect("loads");
+        assert_eq!(
+            labels,
+            [
+                Label::from(Class::ReplayNoisy),
+                Label::from(Class::HeavyTremor)
+            ]
+        );
+        let numbers: Vec<(usize, usize)> = jobs
+            .iter()
+            .map(|(label, job)| match job {
+                Job::Line { number, .. } => (*label, *number),
+                Job::Generated { .. } => unreachable!(),
+            })
+            .collect();
+        assert_eq!(numbers, [(0, 1), (1, 3), (0, 4)]);
+    }
+
+    #[test]
+    fn a_bad_corpus_line_is_refused_with_its_number() {
+        let mixed = line(Class::HeavyTremor, 2).replace(
+            r#""attack":false,"attack_start":null"#,
+            r#""attack":true,"attack_start":2"#,
+        );
+        let unknown = line(Class::Bot, 1).replace(r#"{"class""#, r#"{"extra":1,"class""#);
+        let mut no_start = CorpusSession::from(&session(Class::Bot, 1, 8));
+        no_start.attack_start = None;
+        let no_start = serde_json::to_string(&no_start).expect("json");
+        for (lines, expected) in [
+            (
+                vec![line(Class::HeavyTremor, 1), mixed],
+                ":2: class genuine/heavy_tremor mixes",
+            ),
+            (vec![unknown], ":1"),
+            (vec![no_start], ":1: an attack needs an attack_start"),
+            (vec!["{".to_owned()], ":1"),
+            (vec![String::new()], "has no sessions"),
+        ] {
+            let (_dir, path) = corpus(&lines);
+            let err = format!("{:#}", load(&path).err().expect("refused"));
+            assert!(err.contains(expected), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_table_carries_wilson_intervals() {
+        let report = Report {
+            classes: vec![ClassReport {
+                class: Label::from(Class::RemoteControlHeld),
+                sessions: 20,
+                hits: 20,
+                heartbeats_to_lock: vec![2; 20],
+                ms_to_lock: vec![10.0; 20],
+            }],
+            heartbeats: 100,
+            elapsed: Duration::from_secs(1),
+        };
+        let table = report.to_markdown();
+        assert!(
+            table.contains("| attack/remote_control_held | 20 | 20 detected within 5 | 100.00% | 83.9–100.0% | 2.00 / 2 | 10 |"),
+            "{table}"
+        );
     }
 }

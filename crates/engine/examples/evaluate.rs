@@ -236,8 +236,8 @@ fn debug(name: &str, per_class: usize, length: usize, seed: u64) {
             let f = blockremote_engine::features::extract(hb);
             let a = assess(&mut state, hb, &situation);
             println!(
-                "  seq {:>2} trust {:>3} thr {} {:?} c={:?} motion={:.3} hf={:.4} gyro={:.3} coup={:.2} downs={} ent={:.2} up={:?} {:?}",
-                hb.seq, a.trust_score, a.threshold, a.decision, a.components, f.accel_motion, f.accel_hf, f.gyro_energy, f.touch_coupling, f.touch_downs, f.touch_surface_entropy, f.upload_rate.map(|u| u as u64), a.reasons
+                "  seq {:>2} trust {:>3} thr {} {:?} c={:?} motion={:.3} gyro={:.3} coup={:.2} downs={} bins={:?} impulse={:.1} shares={:.2?} timing={} ent={:.2} up={:?} {:?}",
+                hb.seq, a.trust_score, a.threshold, a.decision, a.components, f.accel_motion, f.gyro_energy, f.touch_coupling, f.touch_downs, f.impulses.bins, state.impulse_statistic(), state.impulse_shares(), f.timing_resolves_taps, f.touch_surface_entropy, f.upload_rate.map(|u| u as u64), a.reasons
             );
         }
     }

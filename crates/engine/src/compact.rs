@@ -100,6 +100,28 @@ pub mod f64s {
     }
 }
 
+/// `#[serde(with = "compact::bytes")]` for a `Vec<u8>`: one byte string in
+/// binary formats (not a sequence of numbers), a list in JSON.
+pub mod bytes {
+    use super::*;
+
+    /// Serializes `bytes`.
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            return bytes.serialize(s);
+        }
+        s.serialize_bytes(bytes)
+    }
+
+    /// Deserializes what [`serialize`] wrote.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        if d.is_human_readable() {
+            return Vec::deserialize(d);
+        }
+        Ok(d.deserialize_bytes(BytesVisitor)?.into_owned())
+    }
+}
+
 /// `#[serde(with = "compact::samples")]` for a `Vec<Sample>`.
 pub mod samples {
     use super::*;

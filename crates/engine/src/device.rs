@@ -10,9 +10,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    features::Features,
+    features::{Features, IMPULSE_BINS_UNDER_INJECTION},
     score::EVIDENCE_WINDOW,
-    stats::{Ema, PageHinkley, Ring},
+    stats::{CategoricalCusum, Ema, PageHinkley, Ring},
 };
 
 /// Readings kept per sensor feature.
@@ -21,6 +21,25 @@ pub const RING: usize = 100;
 const WINDOWS: usize = 64;
 /// Smoothing of the baselines.
 const ALPHA: f64 = 0.1;
+/// What a device's touch impulses are assumed to look like before it has
+/// shown its own (rank-bin shares): barely better than an injected touch's,
+/// so a new device's test is weak and cannot mistake a light tapper for an
+/// attack; its own taps make the test sharper.
+const IMPULSE_PRIOR: [f64; 4] = [0.40, 0.28, 0.17, 0.15];
+/// Weight of that prior, in touches.
+const IMPULSE_PRIOR_WEIGHT: f64 = 8.0;
+/// Nats subtracted per touch: a device whose taps cannot be told from
+/// injected ones (KL below this) accumulates nothing, and a genuine device
+/// whose taps are only sometimes visible drifts down, not up.
+const IMPULSE_DRAG: f64 = 0.25;
+/// Nats of evidence at which touches count as injected (Wald: a false alarm
+/// per excursion of at most e^-6 under the device's own behaviour, less
+/// with the drag).
+pub const IMPULSE_EVIDENCE: f64 = 6.0;
+/// Touches teach the device's impulse distribution only while the evidence
+/// is below this: once injection is suspected, the attack must not become
+/// the baseline it is judged against.
+const LEARN_BELOW: f64 = 1.0;
 
 /// Per-device state (see the module docs). Serializable so that every
 /// worker can load and store it in shared state.
@@ -59,12 +78,41 @@ pub struct DeviceState {
     recent_trust: Vec<f64>,
     /// Fingerprints of recent accelerometer windows.
     windows: Vec<u64>,
+    /// Sequential test of touch impulses against injection (rank bins).
+    #[serde(default)]
+    impulses: CategoricalCusum,
+    /// ln energy of this device's taps that stood out (how loud its taps are).
+    #[serde(default)]
+    tap_level: Ema,
+    /// Whitened residuals of recent accelerometer windows, packed
+    /// ([`crate::replay`]), for near-duplicate replays.
+    #[serde(default, with = "crate::compact::bytes")]
+    residuals: Vec<u8>,
+    /// Which of the last heartbeats were near-duplicates (bit 0 = newest).
+    #[serde(default)]
+    near_duplicates: u8,
 }
 
 impl DeviceState {
     /// True when this device already sent a window with fingerprint `fp`.
     pub fn seen_window(&self, fp: u64) -> bool {
         self.windows.contains(&fp)
+    }
+
+    /// Records whether this window (its whitened residual, if it has one)
+    /// is a near-duplicate of one this device sent recently, and returns
+    /// how many of the last [`EVIDENCE_WINDOW`] heartbeats were. One match
+    /// can be chance (rarely, but heartbeats are many); a replay attack
+    /// resends window after window.
+    pub fn near_duplicates(&mut self, residual: Option<&crate::replay::Residual>) -> u32 {
+        let near = residual.is_some_and(|r| crate::replay::is_replay(&self.residuals, r));
+        let mask = (1u8 << EVIDENCE_WINDOW) - 1;
+        self.near_duplicates = ((self.near_duplicates << 1) | u8::from(near)) & mask;
+        if near {
+            self.near_duplicates.count_ones()
+        } else {
+            0
+        }
     }
 
     /// Records whether this heartbeat was below the threshold; returns how
@@ -89,6 +137,45 @@ impl DeviceState {
         let shortfall =
             (self.touch_motion.mean - f.accel_motion) / self.touch_motion.std().max(0.01);
         self.drift.update(shortfall.clamp(-10.0, 10.0), 0.5, 8.0)
+    }
+
+    /// Folds this window's touch impulses into the device's sequential test
+    /// and returns the evidence (nats) that its touches are injected. A
+    /// window louder than this device's own taps (walking, a vehicle) is
+    /// skipped: there, a real tap would not stand out either.
+    pub fn impulse_evidence(&mut self, f: &Features) -> f64 {
+        if !self.impulses_visible(f) {
+            return self.impulses.statistic;
+        }
+        self.impulses.observe(
+            f.impulses.bins,
+            IMPULSE_BINS_UNDER_INJECTION,
+            IMPULSE_PRIOR,
+            IMPULSE_PRIOR_WEIGHT,
+            IMPULSE_DRAG,
+        )
+    }
+
+    /// True when the window ranked touches and is not louder than this
+    /// device's own taps.
+    fn impulses_visible(&self, f: &Features) -> bool {
+        // Loud: the window's 90th-percentile background reaches half the
+        // energy of this device's typical tap that stood out.
+        let too_loud = self.tap_level.n >= 3
+            && f.impulses
+                .background_level
+                .is_some_and(|level| level > self.tap_level.mean - std::f64::consts::LN_2);
+        f.impulses.looks() > 0 && !too_loud
+    }
+
+    /// The evidence (nats) that this device's recent touches were injected.
+    pub fn impulse_statistic(&self) -> f64 {
+        self.impulses.statistic
+    }
+
+    /// The device's learned rank-bin shares of its touch impulses.
+    pub fn impulse_shares(&self) -> [f64; 4] {
+        self.impulses.learned(IMPULSE_PRIOR, IMPULSE_PRIOR_WEIGHT)
     }
 
     /// True when heartbeat `seq` was already scored (or is too old to tell:
@@ -122,6 +209,7 @@ impl DeviceState {
     pub fn clear_evidence(&mut self) {
         self.evidence = 0;
         self.recent_trust.clear();
+        self.impulses.reset();
     }
 
     /// How far `rate` (bytes/s) is above the device's usual upload, in
@@ -142,7 +230,14 @@ impl DeviceState {
     }
 
     /// Folds the heartbeat in.
-    pub fn learn(&mut self, f: &Features, trust: f64, suspicious: bool, replayed: bool) {
+    pub fn learn(
+        &mut self,
+        f: &Features,
+        residual: Option<&crate::replay::Residual>,
+        trust: f64,
+        suspicious: bool,
+        replayed: bool,
+    ) {
         self.heartbeats = self.heartbeats.saturating_add(1);
         self.trust.update(trust, ALPHA);
         self.recent_trust.push(trust);
@@ -151,6 +246,9 @@ impl DeviceState {
         }
         if let Some(rate) = f.upload_rate {
             self.last_upload_z = self.upload_z(rate);
+        }
+        if let Some(residual) = residual.filter(|_| !replayed) {
+            crate::replay::remember(&mut self.residuals, residual);
         }
         if let Some(fp) = f.fingerprint {
             if !replayed {
@@ -162,6 +260,14 @@ impl DeviceState {
         }
         if suspicious {
             return; // an anomaly does not teach the baselines
+        }
+        // Touches teach what this device's taps look like only while nothing
+        // suggests they are injected.
+        if self.impulses.statistic < LEARN_BELOW && self.impulses_visible(f) {
+            self.impulses.learn(f.impulses.bins);
+            if let Some(level) = f.impulses.hit_level {
+                self.tap_level.update(level, ALPHA);
+            }
         }
         if f.accel_samples > 0 {
             self.accel_ring.push(f.accel_motion);

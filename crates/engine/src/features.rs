@@ -16,6 +16,16 @@
 //!   accelerometer/gyroscope impulse within tens of milliseconds; an injected
 //!   touch leaves none. Measured as the energy of sample-to-sample changes
 //!   in the 80 ms after touches against the energy elsewhere in the window.
+//! * **Touch impulses against the local background** — the coupling above
+//!   compares touches with the *rest of the window*, which a moving phone
+//!   fills with tremor, steps or vibration. [`impulse_test`] instead ranks
+//!   each touch's curvature energy (second differences, which keep a tap's
+//!   20–60 ms impulse and suppress posture, steps and most tremor) among the
+//!   same statistic at every other instant of the same window. Whatever the
+//!   background, an injected touch's rank is uniform (its time is unrelated
+//!   to the motion), while a real tap on that phone ranks high. The ranks
+//!   are binned here; the device accumulates them across heartbeats
+//!   (`DeviceState::impulse_evidence`).
 //! * **Touch statistics** — normalised Shannon entropy of pressure, contact
 //!   size, dwell and inter-touch intervals; rhythm regularity (coefficient of
 //!   variation of intervals); straightness of multi-point gestures.
@@ -31,6 +41,43 @@ use crate::{
 
 /// After a touch lands, how long its motion impulse may take to show (ms).
 pub const IMPULSE_WINDOW_MS: f64 = 80.0;
+/// How long before the reported touch-down the impulse may begin (ms):
+/// touch controllers report contact a frame or two after it happens.
+pub const IMPULSE_LEAD_MS: f64 = 20.0;
+/// How long after the reported touch-down the impulse test looks (ms): a
+/// strike rings for 10–30 ms at 15–40 Hz, starting up to ~25 ms after the
+/// report (panel and sensor clocks differ by a few ms).
+pub const IMPULSE_AFTER_MS: f64 = 60.0;
+/// Upper edges of the rank bins of [`impulse_test`] (the last bin is [0.95, 1]).
+pub const IMPULSE_BIN_EDGES: [f64; 3] = [0.5, 0.8, 0.95];
+/// What an injected touch's rank falls into, per bin: the bins' widths (a
+/// uniform rank; exact to within 1/(m+1) for `m` background instants).
+pub const IMPULSE_BINS_UNDER_INJECTION: [f64; 4] = [0.5, 0.3, 0.15, 0.05];
+/// Background instants needed to rank a touch (the rank's resolution).
+const MIN_BACKGROUND: usize = 20;
+/// Slowest sampling at which a tap impulse (20–60 ms) still spans samples:
+/// below about 30 Hz the test abstains.
+const MAX_IMPULSE_DT_MS: f64 = 34.0;
+
+/// The touch-impulse test of one window (see the module docs).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Impulses {
+    /// Touch-downs per rank bin (see [`IMPULSE_BIN_EDGES`]).
+    pub bins: [u8; 4],
+    /// ln of the mean curvature energy at the touches that ranked in the top
+    /// bin (how strong this device's taps are), when any did.
+    pub hit_level: Option<f64>,
+    /// ln of the 90th percentile of the background's curvature energy (how
+    /// loud this window is), when the test ran.
+    pub background_level: Option<f64>,
+}
+
+impl Impulses {
+    /// Touch-downs that were ranked.
+    pub fn looks(&self) -> u32 {
+        self.bins.iter().map(|&b| u32::from(b)).sum()
+    }
+}
 
 /// The features of one window.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -59,6 +106,11 @@ pub struct Features {
     pub touch_events: usize,
     /// Touch ↔ motion coupling in [0, 1] (1 when no downs; see `touch_coupling`).
     pub touch_coupling: f64,
+    /// Each touch's impulse ranked against the window's own background.
+    pub impulses: Impulses,
+    /// Sample timing lets a 20–60 ms impulse be seen: regular (no bursts of
+    /// batched samples) and at least ~30 Hz.
+    pub timing_resolves_taps: bool,
     /// Mean normalised entropy of pressure and contact size over all events.
     pub touch_surface_entropy: f64,
     /// Mean normalised entropy of dwell times and of intervals between downs.
@@ -192,6 +244,189 @@ fn touch_coupling(heartbeat: &Heartbeat) -> f64 {
         (None, None) => return 0.5,
     };
     ((best - 1.5) / 1.5).clamp(0.0, 1.0)
+}
+
+/// True when `samples` are evenly spaced — at least 80% of the intervals
+/// within 0.5–1.5× the mean interval (batched sensors deliver bursts of
+/// near-identical timestamps and gaps, which fail this) — and dense enough
+/// to resolve a tap (mean interval at most ~34 ms).
+fn timing_resolves_taps(samples: &[Sample]) -> bool {
+    if samples.len() < 16 {
+        return false;
+    }
+    let (first, last) = (samples[0].t, samples[samples.len() - 1].t);
+    let mean = (last - first) / (samples.len() - 1) as f64;
+    if !(mean > 0.0 && mean <= MAX_IMPULSE_DT_MS) {
+        return false;
+    }
+    let even = samples
+        .windows(2)
+        .filter(|w| {
+            let dt = w[1].t - w[0].t;
+            dt >= 0.5 * mean && dt <= 1.5 * mean
+        })
+        .count();
+    even * 5 >= (samples.len() - 1) * 4
+}
+
+/// Curvature energy |s[i+1] − 2 s[i] + s[i−1]|² of a 3-axis stream at each
+/// interior sample, with its time; prefix sums for window queries.
+struct Curvature {
+    times: Vec<f64>,
+    prefix: Vec<f64>,
+}
+
+impl Curvature {
+    fn new(samples: &[Sample]) -> Self {
+        let n = samples.len().saturating_sub(2);
+        let mut times = Vec::with_capacity(n);
+        let mut prefix = Vec::with_capacity(n + 1);
+        prefix.push(0.0);
+        for w in samples.windows(3) {
+            let d = |a: f64, b: f64, c: f64| c - 2.0 * b + a;
+            let (x, y, z) = (
+                d(w[0].x, w[1].x, w[2].x),
+                d(w[0].y, w[1].y, w[2].y),
+                d(w[0].z, w[1].z, w[2].z),
+            );
+            times.push(w[1].t);
+            let last = prefix.last().copied().unwrap_or(0.0);
+            prefix.push(last + x * x + y * y + z * z);
+        }
+        Self { times, prefix }
+    }
+
+    /// [`Self::around`] at each of `instants` (sorted), in one sweep.
+    fn sweep(&self, instants: &[f64]) -> Vec<Option<f64>> {
+        let (Some(&first), Some(&last)) = (self.times.first(), self.times.last()) else {
+            return vec![None; instants.len()];
+        };
+        let (mut lo, mut hi) = (0, 0);
+        instants
+            .iter()
+            .map(|&at| {
+                let (from, to) = (at - IMPULSE_LEAD_MS, at + IMPULSE_AFTER_MS);
+                if from < first || to > last {
+                    return None;
+                }
+                while lo < self.times.len() && self.times[lo] < from {
+                    lo += 1;
+                }
+                while hi < self.times.len() && self.times[hi] <= to {
+                    hi += 1;
+                }
+                Some(self.prefix[hi.max(lo)] - self.prefix[lo])
+            })
+            .collect()
+    }
+
+    /// Energy in [at − lead, at + after]; `None` unless the span lies inside
+    /// the stream (a window cut by the edge would rank low unfairly).
+    fn around(&self, at: f64) -> Option<f64> {
+        let (first, last) = (*self.times.first()?, *self.times.last()?);
+        let (from, to) = (at - IMPULSE_LEAD_MS, at + IMPULSE_AFTER_MS);
+        if from < first || to > last {
+            return None;
+        }
+        let lo = self.times.partition_point(|&t| t < from);
+        let hi = self.times.partition_point(|&t| t <= to);
+        Some(self.prefix[hi] - self.prefix[lo])
+    }
+}
+
+/// Ranks each touch-down's curvature energy among the same statistic at the
+/// window's other instants (those whose span overlaps no touch), on the
+/// accelerometer and, when it carries signal, the gyroscope (each scaled by
+/// its background median, then summed). See the module docs.
+pub fn impulse_test(heartbeat: &Heartbeat, downs: &[f64]) -> Impulses {
+    impulse_test_timed(
+        heartbeat,
+        downs,
+        timing_resolves_taps(&heartbeat.accelerometer),
+    )
+}
+
+fn impulse_test_timed(heartbeat: &Heartbeat, downs: &[f64], timing_ok: bool) -> Impulses {
+    let accel = &heartbeat.accelerometer;
+    if downs.is_empty() || !timing_ok {
+        return Impulses::default();
+    }
+    let gyro = &heartbeat.gyroscope;
+    let accel_curvature = Curvature::new(accel);
+    let gyro_curvature = (gyro.len() >= 16 && repeats(gyro) < 0.5).then(|| Curvature::new(gyro));
+    let span = IMPULSE_LEAD_MS + IMPULSE_AFTER_MS;
+    let instants: Vec<f64> = accel_curvature
+        .times
+        .iter()
+        .copied()
+        .filter(|&t| downs.iter().all(|&d| (t - d).abs() > span))
+        .collect();
+    // Each sensor's background energies, scaled by their median.
+    let accel_bg = accel_curvature.sweep(&instants);
+    let gyro_bg = gyro_curvature
+        .as_ref()
+        .map(|c| c.sweep(&instants))
+        .filter(|bg| bg.iter().flatten().count() >= MIN_BACKGROUND);
+    let median = |values: &[Option<f64>]| -> f64 {
+        let mut buffer = [0.0f64; 256];
+        let mut n = 0;
+        for (slot, &v) in buffer.iter_mut().zip(values.iter().flatten()) {
+            *slot = v;
+            n += 1;
+        }
+        if n == 0 {
+            return 1e-12;
+        }
+        let v = &mut buffer[..n];
+        let mid = n / 2;
+        v.select_nth_unstable_by(mid, f64::total_cmp).1.max(1e-12)
+    };
+    let accel_scale = median(&accel_bg);
+    let gyro_scale = gyro_bg.as_deref().map(median);
+    let combine = |a: Option<f64>, g: Option<Option<f64>>| -> Option<f64> {
+        let a = a? / accel_scale;
+        match (g, gyro_scale) {
+            (Some(g), Some(scale)) => Some(a + g? / scale),
+            _ => Some(a),
+        }
+    };
+    let mut background: Vec<f64> = accel_bg
+        .iter()
+        .enumerate()
+        .filter_map(|(i, &a)| combine(a, gyro_bg.as_ref().map(|g| g[i])))
+        .collect();
+    if background.len() < MIN_BACKGROUND {
+        return Impulses::default();
+    }
+    let m = background.len() as f64;
+    let mut result = Impulses::default();
+    let (mut hit_energy, mut hits) = (0.0, 0u32);
+    for &d in downs {
+        let gyro_energy = gyro_bg
+            .as_ref()
+            .and(gyro_curvature.as_ref())
+            .map(|c| c.around(d));
+        let Some(energy) = combine(accel_curvature.around(d), gyro_energy) else {
+            continue;
+        };
+        let below = background.iter().filter(|&&b| b < energy).count();
+        let equal = background.iter().filter(|&&b| b == energy).count();
+        let rank = (below as f64 + 0.5 * equal as f64) / m;
+        let bin = IMPULSE_BIN_EDGES.partition_point(|&edge| rank >= edge);
+        result.bins[bin] = result.bins[bin].saturating_add(1);
+        if bin == 3 {
+            hit_energy += energy * accel_scale;
+            hits += 1;
+        }
+    }
+    if hits > 0 {
+        result.hit_level = Some((hit_energy / f64::from(hits)).max(1e-12).ln());
+    }
+    // Ranks are counted; only now may the background be reordered.
+    let q90_at = (background.len() * 9 / 10).min(background.len() - 1);
+    let q90 = *background.select_nth_unstable_by(q90_at, f64::total_cmp).1;
+    result.background_level = Some((q90 * accel_scale).max(1e-12).ln());
+    result
 }
 
 fn straightness(touches: &[Touch]) -> (f64, usize) {
@@ -329,6 +564,7 @@ pub fn extract(heartbeat: &Heartbeat) -> Features {
     let (_, size_std) = mean_std(touches.iter().map(|t| t.size));
     let (straightness, gestures) = straightness(touches);
     let repeats_accel = repeats(accel);
+    let timing_ok = timing_resolves_taps(accel);
     Features {
         accel_samples: accel.len(),
         accel_motion,
@@ -342,6 +578,8 @@ pub fn extract(heartbeat: &Heartbeat) -> Features {
         touch_downs: downs.len(),
         touch_events: touches.len(),
         touch_coupling: touch_coupling(heartbeat),
+        impulses: impulse_test_timed(heartbeat, &downs, timing_ok),
+        timing_resolves_taps: timing_ok,
         touch_surface_entropy: (pressure_entropy + size_entropy) / 2.0,
         touch_timing_entropy: (normalized_entropy(
             dwell_times(touches).into_iter(),
@@ -405,7 +643,7 @@ pub fn dga_score(domain: &str) -> f64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::heartbeat::{
         strategies::{arb_sample, arb_touch},
@@ -500,6 +738,102 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(extract(&injected).touch_coupling, 0.0);
+    }
+
+    /// A held phone: 10 Hz tremor of 0.1 m/s² plus noise, 50 Hz, with a
+    /// tap strike (0.5 m/s² ringing at 25 Hz) 10 ms after each of `strikes`.
+    pub(crate) fn held(seed: u64, strikes: &[f64]) -> Vec<Sample> {
+        let noise = still(100, 0.01, seed);
+        noise
+            .iter()
+            .map(|s| {
+                let t = s.t;
+                let tremor = 0.1 * (std::f64::consts::TAU * 10.0 * t / 1000.0 + seed as f64).sin();
+                let strike: f64 = strikes
+                    .iter()
+                    .map(|&d| {
+                        let ms = t - d - 10.0;
+                        if (0.0..60.0).contains(&ms) {
+                            0.5 * (-ms / 15.0).exp()
+                                * (std::f64::consts::TAU * 25.0 * ms / 1000.0).sin()
+                        } else {
+                            0.0
+                        }
+                    })
+                    .sum();
+                Sample {
+                    t,
+                    x: s.x + 0.6 * tremor,
+                    y: s.y + 0.8 * tremor,
+                    z: s.z + 0.3 * tremor + strike,
+                }
+            })
+            .collect()
+    }
+
+    pub(crate) fn taps(at: &[f64]) -> Vec<Touch> {
+        at.iter()
+            .map(|&t| Touch {
+                t,
+                x: 0.5,
+                y: 0.5,
+                pressure: 0.5,
+                size: 0.05,
+                action: TouchAction::Down,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn on_a_moving_phone_real_taps_rank_top_and_injected_ones_do_not() {
+        let at = [400.0, 900.0, 1500.0];
+        let (mut top_real, mut top_injected, mut looks) = (0, 0, 0);
+        for seed in 0..20 {
+            let real = Heartbeat {
+                accelerometer: held(seed, &at),
+                touches: taps(&at),
+                ..Default::default()
+            };
+            let injected = Heartbeat {
+                accelerometer: held(seed, &[]),
+                touches: taps(&at),
+                ..Default::default()
+            };
+            let (r, i) = (extract(&real).impulses, extract(&injected).impulses);
+            top_real += r.bins[3];
+            top_injected += i.bins[3];
+            looks += i.looks();
+            assert!(r.hit_level.is_some() && r.background_level.is_some());
+        }
+        assert_eq!(looks, 60, "every touch ranked");
+        assert!(top_real >= 57, "{top_real} of 60 real taps in the top bin");
+        assert!(
+            top_injected <= 9,
+            "{top_injected} of 60 injected in the top bin"
+        );
+    }
+
+    #[test]
+    fn irregular_or_slow_timing_makes_the_impulse_test_abstain() {
+        let at = [400.0, 900.0];
+        let mut batched = held(3, &at);
+        for (i, s) in batched.iter_mut().enumerate() {
+            s.t = (i / 5) as f64 * 100.0 + (i % 5) as f64 * 0.2; // bursts of five
+        }
+        let f = extract(&Heartbeat {
+            accelerometer: batched,
+            touches: taps(&at),
+            ..Default::default()
+        });
+        assert!(!f.timing_resolves_taps);
+        assert_eq!(f.impulses.looks(), 0);
+        let slow: Vec<Sample> = held(3, &at).into_iter().step_by(3).collect(); // ~17 Hz
+        let f = extract(&Heartbeat {
+            accelerometer: slow,
+            touches: taps(&at),
+            ..Default::default()
+        });
+        assert_eq!(f.impulses.looks(), 0);
     }
 
     const PINNED_FINGERPRINT: u64 = 0xde23_1b5a_d555_8003;
@@ -659,6 +993,22 @@ mod tests {
                 prop_assert!((0.0..=1.0).contains(&v), "{v}");
             }
             prop_assert!(f.gravity_drift <= std::f64::consts::PI + 1e-9);
+        }
+
+        #[test]
+        fn impulse_ranks_cover_at_most_the_touch_downs(
+            accel in proptest::collection::vec(arb_sample(), 0..200),
+            gyro in proptest::collection::vec(arb_sample(), 0..200),
+            touches in proptest::collection::vec(arb_touch(), 0..30),
+        ) {
+            let mut accel = accel;
+            accel.sort_by(|a, b| a.t.total_cmp(&b.t));
+            let hb = Heartbeat { accelerometer: accel, gyroscope: gyro, touches, ..Default::default() };
+            let f = extract(&hb);
+            prop_assert!(f.impulses.looks() as usize <= f.touch_downs);
+            for level in [f.impulses.hit_level, f.impulses.background_level].into_iter().flatten() {
+                prop_assert!(level.is_finite());
+            }
         }
 
         #[test]

@@ -9,6 +9,7 @@ pub mod compact;
 pub mod device;
 pub mod features;
 pub mod heartbeat;
+pub mod replay;
 pub mod score;
 pub mod sim;
 pub mod stats;

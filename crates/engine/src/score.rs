@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     device::DeviceState,
+    device::IMPULSE_EVIDENCE,
     features::{dga_score, Features},
     heartbeat::Heartbeat,
     Components,
@@ -199,15 +200,23 @@ fn touch_weight(downs: usize) -> f64 {
     }
 }
 
-fn accelerometer_risk(f: &Features, reasons: &mut Vec<&'static str>) -> f64 {
+/// The accelerometer's risk, and the part of it that is about touches
+/// arriving without motion (which stands in for the gyroscope's when the
+/// device has none).
+fn accelerometer_risk(
+    f: &Features,
+    impulse_risk: f64,
+    reasons: &mut Vec<&'static str>,
+) -> (f64, f64) {
     if f.accel_samples == 0 {
         // Every phone has an accelerometer; touches without one are scripted.
         reasons.push("sensors_missing");
-        return if f.touch_downs > 0 { 1.0 } else { 0.5 };
+        let risk = if f.touch_downs > 0 { 1.0 } else { 0.5 };
+        return (risk, risk);
     }
     if f.accel_samples >= 8 && (f.accel_repeats > 0.9 || f.accel_hf == 0.0) {
         reasons.push("sensor_flatline");
-        return 0.95;
+        return (0.95, 0.95);
     }
     let mut risk: f64 = 0.0;
     if f.accel_samples >= 16 && f.accel_roughness < 0.25 && f.accel_hf > 0.0 {
@@ -224,15 +233,35 @@ fn accelerometer_risk(f: &Features, reasons: &mut Vec<&'static str>) -> f64 {
         if touch_risk >= 0.5 {
             reasons.push("touch_without_motion");
         }
+        // On a moving phone: its own taps used to stand out, these never do.
+        let touch_risk = touch_risk.max(0.95 * impulse_risk);
+        if impulse_risk >= 1.0 {
+            reasons.push("touch_without_impulse");
+        }
         risk = risk.max(touch_risk);
+        return (risk, touch_risk);
     }
-    risk
+    (risk, 0.0)
 }
 
-fn gyroscope_risk(f: &Features, reasons: &mut Vec<&'static str>) -> f64 {
+fn gyroscope_risk(
+    f: &Features,
+    touch_motion_risk: f64,
+    impulse_risk: f64,
+    reasons: &mut Vec<&'static str>,
+) -> f64 {
     if f.gyro_samples == 0 {
-        // Some cheap phones lack a gyroscope: weaker evidence than no accelerometer.
-        return if f.touch_downs > 0 { 0.8 } else { 0.3 };
+        // Many phones lack a gyroscope: that alone is no evidence. The
+        // rotation channel is gone, so the accelerometer's touch evidence
+        // speaks for both; with no accelerometer either, nothing measured
+        // the touches at all.
+        return if f.accel_samples > 0 {
+            touch_motion_risk
+        } else if f.touch_downs > 0 {
+            0.8
+        } else {
+            0.3
+        };
     }
     if f.gyro_samples >= 8 && f.gyro_repeats > 0.9 {
         if !reasons.contains(&"sensor_flatline") {
@@ -246,7 +275,8 @@ fn gyroscope_risk(f: &Features, reasons: &mut Vec<&'static str>) -> f64 {
     // Gyroscope noise is a few mrad/s; a hand is never below ~0.02 rad/s.
     let still = stillness(f.gyro_energy, 0.008, 0.02);
     let uncoupled = 1.0 - f.touch_coupling;
-    uncoupled * (0.35 + 0.65 * still) * touch_weight(f.touch_downs)
+    // The impulse test ranks both sensors together.
+    (uncoupled * (0.35 + 0.65 * still) * touch_weight(f.touch_downs)).max(0.95 * impulse_risk)
 }
 
 fn touch_entropy_risk(f: &Features, reasons: &mut Vec<&'static str>) -> f64 {
@@ -316,8 +346,9 @@ fn threshold(state: &DeviceState, situation: &Situation) -> f64 {
     match situation.attestation {
         Attestation::Strong => t -= 5.0,
         Attestation::Device => t -= 3.0,
-        Attestation::Unknown => {}
-        Attestation::Basic => t += 5.0,
+        // Basic integrity (possibly rooted) earns nothing: no better than
+        // not attesting, never worse (an app must not gain by skipping it).
+        Attestation::Unknown | Attestation::Basic => {}
         Attestation::Failed => t += 15.0,
     }
     if situation.plan == PlanTier::Trial {
@@ -349,16 +380,36 @@ pub fn assess(state: &mut DeviceState, heartbeat: &Heartbeat, situation: &Situat
         reasons.push("controlling_app_detected");
         hard_fact = true;
     }
+    let downs: Vec<f64> = heartbeat
+        .touches
+        .iter()
+        .filter(|t| t.action == crate::heartbeat::TouchAction::Down)
+        .map(|t| t.t)
+        .collect();
+    let residual = crate::replay::residual(&heartbeat.accelerometer, &downs);
+    // Exact copies are hard facts at once; near-duplicates (noise added,
+    // start shifted) once a second one arrives within the evidence window.
+    let near_duplicates = state.near_duplicates(residual.as_ref());
     let replayed = situation.intel.window_seen_elsewhere
-        || f.fingerprint.is_some_and(|fp| state.seen_window(fp));
+        || f.fingerprint.is_some_and(|fp| state.seen_window(fp))
+        || near_duplicates >= 2;
     if replayed {
         reasons.push("replayed_window");
         hard_fact = true;
     }
 
+    // Touches whose impulses never stand out from this phone's own motion,
+    // accumulated over heartbeats (features::impulse_test).
+    let impulse_risk = if f.touch_downs > 0 {
+        (state.impulse_evidence(&f) / IMPULSE_EVIDENCE).clamp(0.0, 1.0)
+    } else {
+        state.impulse_evidence(&f);
+        0.0
+    };
+    let (accelerometer, touch_motion_risk) = accelerometer_risk(&f, impulse_risk, &mut reasons);
     let components = Components {
-        accelerometer: accelerometer_risk(&f, &mut reasons),
-        gyroscope: gyroscope_risk(&f, &mut reasons),
+        accelerometer,
+        gyroscope: gyroscope_risk(&f, touch_motion_risk, impulse_risk, &mut reasons),
         touch_entropy: touch_entropy_risk(&f, &mut reasons),
         network_spike: network_risk(&f, heartbeat, state, &mut reasons),
     };
@@ -414,7 +465,13 @@ pub fn assess(state: &mut DeviceState, heartbeat: &Heartbeat, situation: &Situat
     } else {
         Decision::Allow
     };
-    state.learn(&f, trust, below, replayed);
+    state.learn(
+        &f,
+        residual.as_ref().filter(|_| near_duplicates == 0),
+        trust,
+        below,
+        replayed,
+    );
     let level = if below {
         Level::Critical
     } else if trust < 70.0 {
@@ -518,7 +575,8 @@ mod tests {
         };
         let verified = line(Attestation::Device);
         assert!(line(Attestation::Strong) < verified);
-        assert!(line(Attestation::Basic) > line(Attestation::Unknown));
+        assert!(line(Attestation::Device) < line(Attestation::Basic));
+        assert_eq!(line(Attestation::Basic), line(Attestation::Unknown));
         let failed = threshold(
             &state,
             &Situation {
@@ -529,6 +587,50 @@ mod tests {
         let trial = threshold(&state, &Situation::default());
         assert!(verified < threshold(&state, &paid()));
         assert!(failed > trial && trial > verified);
+    }
+
+    #[test]
+    fn touches_that_never_move_a_held_phone_are_locked_after_its_own_taps_did() {
+        use crate::features::tests::{held, taps};
+        let at = [300.0, 800.0, 1300.0, 1700.0];
+        let mut state = DeviceState::default();
+        let window = |seed: u64, strikes: &[f64]| Heartbeat {
+            seq: seed,
+            accelerometer: held(seed, strikes),
+            touches: taps(&at),
+            ..Default::default()
+        };
+        // The owner: every tap jolts the phone above its tremor.
+        for seq in 1..=8 {
+            let a = assess(&mut state, &window(seq, &at), &paid());
+            assert_eq!(a.decision, Decision::Allow, "{a:?}");
+        }
+        // The same hand holding it, touches injected: no strike.
+        let locked = (9..=13).find(|&seq| {
+            let a = assess(&mut state, &window(seq, &[]), &paid());
+            a.decision != Decision::Allow && a.reasons.contains(&"touch_without_impulse")
+        });
+        assert!(locked.is_some_and(|seq| seq <= 12), "{locked:?}");
+    }
+
+    #[test]
+    fn a_phone_whose_taps_never_show_is_not_locked_for_it() {
+        use crate::features::tests::{held, taps};
+        let at = [300.0, 800.0, 1300.0, 1700.0];
+        let mut state = DeviceState::default();
+        for seq in 1..=60 {
+            let hb = Heartbeat {
+                seq,
+                accelerometer: held(seq, &[]),
+                touches: taps(&at),
+                ..Default::default()
+            };
+            let a = assess(&mut state, &hb, &paid());
+            assert!(
+                !a.reasons.contains(&"touch_without_impulse"),
+                "seq {seq}: {a:?}"
+            );
+        }
     }
 
     #[test]

@@ -120,6 +120,89 @@ impl Ema {
     }
 }
 
+/// Bins of a [`CategoricalCusum`].
+pub const CATEGORIES: usize = 4;
+
+/// A one-sided CUSUM over categorical observations: is this stream drawn
+/// from a known `null` distribution rather than from the stream's own
+/// learned one? The learned distribution is a Dirichlet posterior mean
+/// (`prior` plus counts, the counts capped so old behaviour fades); each
+/// observation in bin `b` adds ln(null[b] / learned[b]) less a `drag`, and
+/// the statistic never goes below 0 (old innocence is not banked).
+///
+/// Under the null the statistic drifts up by KL(null ‖ learned) − drag per
+/// observation; under the stream's own behaviour it drifts down. When the
+/// learned distribution is close to the null (the stream cannot be told
+/// from it), KL is below the drag and the statistic stays near 0: the test
+/// abstains instead of guessing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct CategoricalCusum {
+    counts: [f64; CATEGORIES],
+    /// The CUSUM statistic (nats of evidence for the null).
+    pub statistic: f64,
+}
+
+/// Counts kept before older ones are scaled down.
+const MAX_COUNTS: f64 = 200.0;
+
+impl CategoricalCusum {
+    /// The learned distribution, with `prior` (summing to 1) weighing `weight` observations.
+    pub fn learned(&self, prior: [f64; CATEGORIES], weight: f64) -> [f64; CATEGORIES] {
+        let total = weight + self.counts.iter().sum::<f64>();
+        let mut q = [0.0; CATEGORIES];
+        for (i, q) in q.iter_mut().enumerate() {
+            *q = (prior[i] * weight + self.counts[i]) / total.max(f64::MIN_POSITIVE);
+        }
+        q
+    }
+
+    /// Observations seen, capped.
+    pub fn observations(&self) -> f64 {
+        self.counts.iter().sum()
+    }
+
+    /// Folds in `observed` (counts per bin) against `null`; returns the statistic.
+    pub fn observe(
+        &mut self,
+        observed: [u8; CATEGORIES],
+        null: [f64; CATEGORIES],
+        prior: [f64; CATEGORIES],
+        weight: f64,
+        drag: f64,
+    ) -> f64 {
+        let q = self.learned(prior, weight);
+        for (b, &n) in observed.iter().enumerate() {
+            let llr = (null[b].max(1e-9) / q[b].max(1e-9)).ln() - drag;
+            for _ in 0..n {
+                self.statistic = (self.statistic + llr).max(0.0);
+            }
+        }
+        if !self.statistic.is_finite() {
+            self.statistic = 0.0;
+        }
+        self.statistic
+    }
+
+    /// Teaches the learned distribution `observed`.
+    pub fn learn(&mut self, observed: [u8; CATEGORIES]) {
+        for (c, &n) in self.counts.iter_mut().zip(&observed) {
+            *c += f64::from(n);
+        }
+        let total: f64 = self.counts.iter().sum();
+        if total > MAX_COUNTS {
+            let scale = MAX_COUNTS / total;
+            for c in &mut self.counts {
+                *c *= scale;
+            }
+        }
+    }
+
+    /// Forgets the accumulated evidence (not what was learned).
+    pub fn reset(&mut self) {
+        self.statistic = 0.0;
+    }
+}
+
 /// Page–Hinkley test for an abrupt upward shift in a stream's mean.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct PageHinkley {
@@ -235,11 +318,65 @@ mod tests {
         assert_eq!(v, vec![3.0, 4.0, 5.0]);
     }
 
+    const NULL: [f64; CATEGORIES] = [0.5, 0.3, 0.15, 0.05];
+    const PRIOR: [f64; CATEGORIES] = [0.4, 0.28, 0.17, 0.15];
+
+    #[test]
+    fn the_cusum_rises_on_the_null_and_stays_down_on_the_learned_behaviour() {
+        let mut genuine = CategoricalCusum::default();
+        // A device whose touches rank high: taught, then observed again.
+        for _ in 0..20 {
+            genuine.learn([0, 1, 1, 2]);
+        }
+        let mut injected = genuine;
+        for _ in 0..20 {
+            genuine.observe([0, 1, 1, 2], NULL, PRIOR, 8.0, 0.25);
+        }
+        assert!(genuine.statistic < 1.0, "{}", genuine.statistic);
+        // Uniform ranks (what injection gives): evidence within a few windows.
+        let mut windows = 0;
+        while injected.observe([1, 1, 0, 0], NULL, PRIOR, 8.0, 0.25) < 6.0 {
+            windows += 1;
+            assert!(windows < 10, "{}", injected.statistic);
+        }
+        injected.reset();
+        assert_eq!(injected.statistic, 0.0);
+    }
+
+    #[test]
+    fn a_device_that_looks_like_the_null_accumulates_nothing() {
+        let mut cusum = CategoricalCusum::default();
+        for _ in 0..50 {
+            cusum.learn([5, 3, 1, 1]);
+        }
+        for _ in 0..200 {
+            cusum.observe([5, 3, 1, 1], NULL, PRIOR, 8.0, 0.25);
+        }
+        assert!(cusum.statistic < 1.0, "{}", cusum.statistic);
+    }
+
     proptest! {
         #[test]
         fn entropy_is_within_unit_interval(values in proptest::collection::vec(-1e6f64..1e6, 0..200), bins in 0usize..40) {
             let h = normalized_entropy(values.iter().copied(), -10.0, 10.0, bins);
             prop_assert!((0.0..=1.0).contains(&h));
+        }
+
+        #[test]
+        fn the_cusum_is_finite_never_negative_and_its_counts_bounded(
+            steps in proptest::collection::vec((any::<[u8; 4]>(), any::<bool>()), 0..100),
+        ) {
+            let mut cusum = CategoricalCusum::default();
+            for (observed, teach) in steps {
+                let s = cusum.observe(observed, NULL, PRIOR, 8.0, 0.25);
+                prop_assert!(s.is_finite() && s >= 0.0);
+                if teach {
+                    cusum.learn(observed);
+                }
+                prop_assert!(cusum.observations() <= MAX_COUNTS + 1e-9);
+                let q = cusum.learned(PRIOR, 8.0);
+                prop_assert!((q.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+            }
         }
 
         #[test]

@@ -228,14 +228,15 @@ impl ScoringLock<'_> {
 }
 
 /// The engine state in postcard, written into a buffer sized for it at
-/// once (grown from empty, its ~2.5 KB were copied at every doubling).
+/// once (grown from empty, its ~4.5 KB were copied at every doubling).
 fn encode_state(engine: &DeviceState) -> postcard::Result<Vec<u8>> {
     postcard::to_extend(engine, Vec::with_capacity(STATE_BYTES_HINT))
 }
 
 /// Room for an engine state with full rings (three of 100 `f64`s, plus
-/// baselines and recent `seq`s).
-const STATE_BYTES_HINT: usize = 4096;
+/// baselines and recent `seq`s) and its five whitened residuals for
+/// near-duplicate replays (1.4 KB, `blockremote_engine::replay`).
+const STATE_BYTES_HINT: usize = 6144;
 
 /// Takes the device's scoring lock and reads its engine state under it
 /// (one round trip on Redis), waiting up to [`LOCK_WAIT`] for another

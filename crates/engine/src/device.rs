@@ -31,11 +31,24 @@ const IMPULSE_PRIOR_WEIGHT: f64 = 8.0;
 /// Nats subtracted per touch: a device whose taps cannot be told from
 /// injected ones (KL below this) accumulates nothing, and a genuine device
 /// whose taps are only sometimes visible drifts down, not up.
-const IMPULSE_DRAG: f64 = 0.25;
+const IMPULSE_DRAG: f64 = 0.1;
 /// Nats of evidence at which touches count as injected (Wald: a false alarm
 /// per excursion of at most e^-6 under the device's own behaviour, less
 /// with the drag).
-pub const IMPULSE_EVIDENCE: f64 = 6.0;
+pub const IMPULSE_EVIDENCE: f64 = 5.0;
+/// Nats per injected touch (KL of the uniform ranks from the device's own)
+/// below which the device's taps are too faint to test.
+const MIN_INFORMATIVE: f64 = 0.4;
+
+/// KL(injected ‖ learned): what one injected touch tells, in nats.
+fn informativeness(learned: &[f64; 4]) -> f64 {
+    IMPULSE_BINS_UNDER_INJECTION
+        .iter()
+        .zip(learned)
+        .map(|(p, q)| p * (p / q.max(1e-9)).ln())
+        .sum()
+}
+
 /// Touches teach the device's impulse distribution only while the evidence
 /// is below this: once injection is suspected, the attack must not become
 /// the baseline it is judged against.
@@ -140,12 +153,15 @@ impl DeviceState {
     }
 
     /// Folds this window's touch impulses into the device's sequential test
-    /// and returns the evidence (nats) that its touches are injected. A
-    /// window louder than this device's own taps (walking, a vehicle) is
-    /// skipped: there, a real tap would not stand out either.
+    /// and returns the evidence (nats) that its touches are injected — 0
+    /// when this window's touches could not be judged: a window louder than
+    /// this device's own taps (walking, a vehicle), where a real tap would
+    /// not stand out either, or a device whose taps are too faint to test.
     pub fn impulse_evidence(&mut self, f: &Features) -> f64 {
         if !self.impulses_visible(f) {
-            return self.impulses.statistic;
+            // This window's touches were not judged: they are no evidence
+            // (the accumulated statistic waits for touches that are).
+            return 0.0;
         }
         self.impulses.observe(
             f.impulses.bins,
@@ -157,8 +173,8 @@ impl DeviceState {
     }
 
     /// True when the window ranked touches and is not louder than this
-    /// device's own taps.
-    fn impulses_visible(&self, f: &Features) -> bool {
+    /// device's own taps (what its taps look like may be learned from it).
+    fn impulses_judgeable(&self, f: &Features) -> bool {
         // Loud: the window's 90th-percentile background reaches half the
         // energy of this device's typical tap that stood out.
         let too_loud = self.tap_level.n >= 3
@@ -166,6 +182,14 @@ impl DeviceState {
                 .background_level
                 .is_some_and(|level| level > self.tap_level.mean - std::f64::consts::LN_2);
         f.impulses.looks() > 0 && !too_loud
+    }
+
+    /// True when the window's touches are evidence: judgeable, on a device
+    /// whose own taps have shown they stand out. A device whose taps barely
+    /// do (a padded case, a heavy tremor), or that has not shown any yet,
+    /// cannot tell an injected touch from its own: no test.
+    fn impulses_visible(&self, f: &Features) -> bool {
+        self.impulses_judgeable(f) && informativeness(&self.impulse_shares()) >= MIN_INFORMATIVE
     }
 
     /// The evidence (nats) that this device's recent touches were injected.
@@ -263,7 +287,7 @@ impl DeviceState {
         }
         // Touches teach what this device's taps look like only while nothing
         // suggests they are injected.
-        if self.impulses.statistic < LEARN_BELOW && self.impulses_visible(f) {
+        if self.impulses.statistic < LEARN_BELOW && self.impulses_judgeable(f) {
             self.impulses.learn(f.impulses.bins);
             if let Some(level) = f.impulses.hit_level {
                 self.tap_level.update(level, ALPHA);

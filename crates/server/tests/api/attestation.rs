@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 
 use crate::{
     attestation_fixtures::{
-        assertion, build, cert_digest, chain, client_data, play_verdict, with, Chain, Knobs,
+        assertion, build, cert_digest, chain, client_data, play_verdict, with, Built, Chain, Knobs,
         PlayKeys, APP,
     },
     client::{next_json, Session},
@@ -94,6 +94,34 @@ impl Lab {
         .await
     }
 
+    /// Device `n`, with a fresh App Attest key attested (asserted verified).
+    async fn attested(&self, n: u32) -> (Session, Built) {
+        let s = self.device(n).await;
+        let nonce = self.nonce(&s).await;
+        let built = build(&self.chain, &knobs(&nonce));
+        let (_, body) = self.verify(&s, &attestation_body(&nonce, &built)).await;
+        assert_eq!(verdict_of(&body).0, "verified", "{body}");
+        (s, built)
+    }
+
+    /// One assertion on a fresh nonce for `key_id`, signed by `signing` at `counter`.
+    async fn assert_once(
+        &self,
+        s: &Session,
+        key_id: &str,
+        signing: &p256::ecdsa::SigningKey,
+        counter: u32,
+    ) -> Value {
+        let n = self.nonce(s).await;
+        let data = client_data(&n);
+        let signed = assertion(signing, APP, counter, &data);
+        let (status, body) = self
+            .verify(s, &assertion_body(&n, key_id, &signed, &data))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body
+    }
+
     async fn nonce(&self, s: &Session) -> String {
         let response = self.probe(&s.access, &s.device_id).await;
         assert_eq!(response.status(), StatusCode::CREATED);
@@ -143,6 +171,22 @@ fn knobs(challenge: &str) -> Knobs {
         not_after,
         ..Knobs::default()
     }
+}
+
+/// A first-contact App Attest request.
+fn attestation_body(nonce: &str, built: &Built) -> Value {
+    json!({
+        "nonce": nonce, "provider": "app_attest",
+        "key_id": built.key_id, "token": STANDARD.encode(&built.object),
+    })
+}
+
+/// A later-contact App Attest request.
+fn assertion_body(nonce: &str, key_id: &str, assertion: &[u8], data: &[u8]) -> Value {
+    json!({
+        "nonce": nonce, "provider": "app_attest", "key_id": key_id,
+        "token": STANDARD.encode(assertion), "client_data": STANDARD.encode(data),
+    })
 }
 
 fn verdict_of(body: &Value) -> (&str, &str, Vec<&str>) {
@@ -399,18 +443,8 @@ async fn app_attest_keys_are_attested_then_asserted_with_a_rising_counter(backen
     let Some(lab) = Lab::start(backend, Duration::from_secs(86_400)).await else {
         return;
     };
-    let attest = |nonce: &str, built: &crate::attestation_fixtures::Built| {
-        json!({
-            "nonce": nonce, "provider": "app_attest",
-            "key_id": built.key_id, "token": STANDARD.encode(&built.object),
-        })
-    };
-    let assert_body = |nonce: &str, key_id: &str, assertion: &[u8], data: &[u8]| {
-        json!({
-            "nonce": nonce, "provider": "app_attest", "key_id": key_id,
-            "token": STANDARD.encode(assertion), "client_data": STANDARD.encode(data),
-        })
-    };
+    let attest = attestation_body;
+    let assert_body = assertion_body;
 
     // First contact: the attestation registers the key.
     let s = lab.device(1).await;
@@ -464,16 +498,9 @@ async fn app_attest_keys_are_attested_then_asserted_with_a_rising_counter(backen
     );
 
     // A freshly signed assertion whose counter does not move forward.
-    let s = lab.device(2).await;
-    let n = lab.nonce(&s).await;
-    let second = build(&lab.chain, &knobs(&n));
-    let (_, body) = lab.verify(&s, &attest(&n, &second)).await;
-    assert_eq!(verdict_of(&body).0, "verified");
-    let n = lab.nonce(&s).await;
-    let data = client_data(&n);
-    let stale = assertion(&second.signing, APP, 0, &data);
-    let (_, body) = lab
-        .verify(&s, &assert_body(&n, &second.key_id, &stale, &data))
+    let (s, second) = lab.attested(2).await;
+    let body = lab
+        .assert_once(&s, &second.key_id, &second.signing, 0)
         .await;
     assert_eq!(
         verdict_of(&body),
@@ -485,17 +512,8 @@ async fn app_attest_keys_are_attested_then_asserted_with_a_rising_counter(backen
     );
 
     // An assertion signed by another key than the attested one.
-    let s = lab.device(3).await;
-    let n = lab.nonce(&s).await;
-    let third = build(&lab.chain, &knobs(&n));
-    let (_, body) = lab.verify(&s, &attest(&n, &third)).await;
-    assert_eq!(verdict_of(&body).0, "verified");
-    let n = lab.nonce(&s).await;
-    let data = client_data(&n);
-    let forged = assertion(&second.signing, APP, 1, &data);
-    let (_, body) = lab
-        .verify(&s, &assert_body(&n, &third.key_id, &forged, &data))
-        .await;
+    let (s, third) = lab.attested(3).await;
+    let body = lab.assert_once(&s, &third.key_id, &second.signing, 1).await;
     assert_eq!(
         verdict_of(&body),
         ("failed", "failed", vec!["signature_invalid"])

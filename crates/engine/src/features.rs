@@ -192,15 +192,18 @@ fn gravity_drift(samples: &[Sample]) -> f64 {
     }
 }
 
-/// Energy of consecutive changes of `mags` inside the 80 ms after each
+/// Energy of consecutive changes of |a| inside the 80 ms after each
 /// touch-down, over the energy of changes elsewhere in the window. A finger
 /// landing on a real phone makes this ≫ 1; injected touches leave ≈ 1.
 /// `None` when either side has too few samples to tell.
-fn impulse_ratio(times: &[f64], mags: &[f64], downs: &[f64]) -> Option<f64> {
+fn impulse_ratio(samples: &[Sample], downs: &[f64]) -> Option<f64> {
     let (mut inside, mut n_in, mut outside, mut n_out) = (0.0, 0usize, 0.0, 0usize);
-    for i in 1..mags.len() {
-        let d = (mags[i] - mags[i - 1]).powi(2);
-        let t = times[i];
+    let mut previous = samples.first().map(Sample::magnitude);
+    for sample in samples.iter().skip(1) {
+        let magnitude = sample.magnitude();
+        let d = (magnitude - previous.unwrap_or(magnitude)).powi(2);
+        previous = Some(magnitude);
+        let t = sample.t;
         if downs
             .iter()
             .any(|&down| t >= down && t <= down + IMPULSE_WINDOW_MS)
@@ -233,11 +236,7 @@ fn touch_coupling(heartbeat: &Heartbeat) -> f64 {
     if downs.is_empty() {
         return 1.0;
     }
-    let ratio = |samples: &[Sample]| {
-        let times: Vec<f64> = samples.iter().map(|s| s.t).collect();
-        let mags: Vec<f64> = samples.iter().map(Sample::magnitude).collect();
-        impulse_ratio(&times, &mags, &downs)
-    };
+    let ratio = |samples: &[Sample]| impulse_ratio(samples, &downs);
     let best = match (ratio(&heartbeat.accelerometer), ratio(&heartbeat.gyroscope)) {
         (Some(a), Some(g)) => a.max(g),
         (Some(r), None) | (None, Some(r)) => r,
@@ -279,19 +278,21 @@ struct Curvature {
 impl Curvature {
     fn new(samples: &[Sample]) -> Self {
         let n = samples.len().saturating_sub(2);
-        let mut times = Vec::with_capacity(n);
-        let mut prefix = Vec::with_capacity(n + 1);
-        prefix.push(0.0);
-        for w in samples.windows(3) {
+        // Sized once and written by index: pushing in the loop kept every
+        // value in memory across the possible reallocation.
+        let mut times = vec![0.0; n];
+        let mut prefix = vec![0.0; n + 1];
+        let mut running = 0.0;
+        for (i, w) in samples.windows(3).enumerate().take(n) {
             let d = |a: f64, b: f64, c: f64| c - 2.0 * b + a;
             let (x, y, z) = (
                 d(w[0].x, w[1].x, w[2].x),
                 d(w[0].y, w[1].y, w[2].y),
                 d(w[0].z, w[1].z, w[2].z),
             );
-            times.push(w[1].t);
-            let last = prefix.last().copied().unwrap_or(0.0);
-            prefix.push(last + x * x + y * y + z * z);
+            times[i] = w[1].t;
+            running += x * x + y * y + z * z;
+            prefix[i + 1] = running;
         }
         Self { times, prefix }
     }

@@ -27,7 +27,7 @@ const ALPHA: f64 = 0.1;
 /// attack; its own taps make the test sharper.
 const IMPULSE_PRIOR: [f64; 4] = [0.40, 0.28, 0.17, 0.15];
 /// Weight of that prior, in touches.
-const IMPULSE_PRIOR_WEIGHT: f64 = 8.0;
+const IMPULSE_PRIOR_WEIGHT: f64 = 4.0;
 /// Nats subtracted per touch: a device whose taps cannot be told from
 /// injected ones (KL below this) accumulates nothing, and a genuine device
 /// whose taps are only sometimes visible drifts down, not up.
@@ -38,7 +38,7 @@ const IMPULSE_DRAG: f64 = 0.1;
 pub const IMPULSE_EVIDENCE: f64 = 5.0;
 /// Nats per injected touch (KL of the uniform ranks from the device's own)
 /// below which the device's taps are too faint to test.
-const MIN_INFORMATIVE: f64 = 0.4;
+const MIN_INFORMATIVE: f64 = 0.6;
 
 /// KL(injected ‖ learned): what one injected touch tells, in nats.
 fn informativeness(learned: &[f64; 4]) -> f64 {

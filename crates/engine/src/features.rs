@@ -245,18 +245,22 @@ fn touch_coupling(heartbeat: &Heartbeat) -> f64 {
     ((best - 1.5) / 1.5).clamp(0.0, 1.0)
 }
 
-/// True when `samples` are evenly spaced — at least 80% of the intervals
+/// True when `samples` are evenly spaced: at least 80% of the intervals
 /// within 0.5–1.5× the mean interval (batched sensors deliver bursts of
-/// near-identical timestamps and gaps, which fail this) — and dense enough
-/// to resolve a tap (mean interval at most ~34 ms).
-fn timing_resolves_taps(samples: &[Sample]) -> bool {
+/// near-identical timestamps and gaps, which fail this).
+pub fn evenly_spaced(samples: &[Sample]) -> bool {
+    mean_interval(samples).is_some()
+}
+
+/// The mean sampling interval of evenly spaced `samples` (see [`evenly_spaced`]).
+fn mean_interval(samples: &[Sample]) -> Option<f64> {
     if samples.len() < 16 {
-        return false;
+        return None;
     }
     let (first, last) = (samples[0].t, samples[samples.len() - 1].t);
     let mean = (last - first) / (samples.len() - 1) as f64;
-    if !(mean > 0.0 && mean <= MAX_IMPULSE_DT_MS) {
-        return false;
+    if !(mean > 0.0 && mean.is_finite()) {
+        return None;
     }
     let even = samples
         .windows(2)
@@ -265,7 +269,13 @@ fn timing_resolves_taps(samples: &[Sample]) -> bool {
             dt >= 0.5 * mean && dt <= 1.5 * mean
         })
         .count();
-    even * 5 >= (samples.len() - 1) * 4
+    (even * 5 >= (samples.len() - 1) * 4).then_some(mean)
+}
+
+/// True when the timing can resolve a tap: evenly spaced and dense enough
+/// (mean interval at most ~34 ms).
+fn timing_resolves_taps(samples: &[Sample]) -> bool {
+    mean_interval(samples).is_some_and(|mean| mean <= MAX_IMPULSE_DT_MS)
 }
 
 /// Curvature energy |s[i+1] − 2 s[i] + s[i−1]|² of a 3-axis stream at each
@@ -297,6 +307,13 @@ impl Curvature {
         Self { times, prefix }
     }
 
+    /// The largest single curvature energy in samples `lo..hi`.
+    fn peak(&self, lo: usize, hi: usize) -> f64 {
+        (lo..hi)
+            .map(|i| self.prefix[i + 1] - self.prefix[i])
+            .fold(0.0, f64::max)
+    }
+
     /// [`Self::around`] at each of `instants` (sorted), in one sweep.
     fn sweep(&self, instants: &[f64]) -> Vec<Option<f64>> {
         let (Some(&first), Some(&last)) = (self.times.first(), self.times.last()) else {
@@ -316,7 +333,7 @@ impl Curvature {
                 while hi < self.times.len() && self.times[hi] <= to {
                     hi += 1;
                 }
-                Some(self.prefix[hi.max(lo)] - self.prefix[lo])
+                Some(self.peak(lo, hi.max(lo)))
             })
             .collect()
     }
@@ -331,7 +348,7 @@ impl Curvature {
         }
         let lo = self.times.partition_point(|&t| t < from);
         let hi = self.times.partition_point(|&t| t <= to);
-        Some(self.prefix[hi] - self.prefix[lo])
+        Some(self.peak(lo, hi))
     }
 }
 

@@ -200,6 +200,26 @@ fn touch_weight(downs: usize) -> f64 {
     }
 }
 
+/// How uncoupled the window's touches are, in [0, 1]: the coupling's view,
+/// unless the impulse test (which judges each touch against the window's
+/// own instants, and so holds where the coupling's window-wide ratio does
+/// not) saw the touches stand out.
+fn uncoupled(f: &Features) -> f64 {
+    let coupling = 1.0 - f.touch_coupling;
+    let looks = f.impulses.looks();
+    if looks == 0 {
+        return coupling;
+    }
+    // Most touches in the top bin (an injected one lands there 5% of the
+    // time): they jolted the phone, whatever the window-wide ratio says.
+    let seen = f64::from(f.impulses.bins[3]) / f64::from(looks);
+    if seen > 0.5 {
+        coupling.min(1.0 - seen)
+    } else {
+        coupling
+    }
+}
+
 /// The accelerometer's risk, and the part of it that is about touches
 /// arriving without motion (which stands in for the gyroscope's when the
 /// device has none).
@@ -227,7 +247,7 @@ fn accelerometer_risk(
     if f.touch_downs > 0 {
         // Sensor noise alone is ≲ 0.02 m/s²; a hand adds tremor above that.
         let still = stillness(f.accel_motion, 0.02, 0.045);
-        let uncoupled = 1.0 - f.touch_coupling;
+        let uncoupled = uncoupled(f);
         // A moving phone hides tap impulses: uncoupled touches then weigh little.
         let touch_risk = uncoupled * (0.35 + 0.65 * still) * touch_weight(f.touch_downs);
         if touch_risk >= 0.5 {
@@ -274,7 +294,7 @@ fn gyroscope_risk(
     }
     // Gyroscope noise is a few mrad/s; a hand is never below ~0.02 rad/s.
     let still = stillness(f.gyro_energy, 0.008, 0.02);
-    let uncoupled = 1.0 - f.touch_coupling;
+    let uncoupled = uncoupled(f);
     // The impulse test ranks both sensors together.
     (uncoupled * (0.35 + 0.65 * still) * touch_weight(f.touch_downs)).max(0.95 * impulse_risk)
 }
@@ -386,7 +406,12 @@ pub fn assess(state: &mut DeviceState, heartbeat: &Heartbeat, situation: &Situat
         .filter(|t| t.action == crate::heartbeat::TouchAction::Down)
         .map(|t| t.t)
         .collect();
-    let residual = crate::replay::residual(&heartbeat.accelerometer, &downs);
+    // Whitening assumes evenly spaced samples: bursts of batched samples
+    // leave structure two genuine windows can share, so those windows are
+    // checked by their exact fingerprint only.
+    let residual = crate::features::evenly_spaced(&heartbeat.accelerometer)
+        .then(|| crate::replay::residual(&heartbeat.accelerometer, &downs))
+        .flatten();
     // Exact copies are hard facts at once; near-duplicates (noise added,
     // start shifted) once a second one arrives within the evidence window.
     let near_duplicates = state.near_duplicates(residual.as_ref());

@@ -135,6 +135,13 @@ impl Lab {
         (status, response.json().await.expect("json"))
     }
 
+    /// Play's answer for `s` on a fresh nonce, with the verdict's value at
+    /// `pointer` replaced by `value`.
+    async fn play_fresh(&self, s: &Session, pointer: &str, value: Value) -> (StatusCode, Value) {
+        let nonce = self.nonce(s).await;
+        self.play(s, &nonce, |v| with(v, pointer, value)).await
+    }
+
     /// Play's answer for `s` asked with `nonce`, altered by `tamper`.
     async fn play(
         &self,
@@ -234,11 +241,8 @@ async fn play_integrity_verdicts_are_graded_and_every_tampering_has_its_reason(b
         (3, json!(["MEETS_BASIC_INTEGRITY"]), "basic", 0.5),
     ] {
         let s = lab.device(n_device).await;
-        let n = lab.nonce(&s).await;
         let (status, body) = lab
-            .play(&s, &n, |v| {
-                with(v, "/deviceIntegrity/deviceRecognitionVerdict", labels)
-            })
+            .play_fresh(&s, "/deviceIntegrity/deviceRecognitionVerdict", labels)
             .await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(verdict_of(&body), ("verified", state, vec![]));
@@ -406,15 +410,12 @@ async fn play_integrity_verdicts_are_graded_and_every_tampering_has_its_reason(b
 
     // An emulator is a hard fact: quarantined at the first verdict.
     let s = lab.device(34).await;
-    let n = lab.nonce(&s).await;
     let (status, body) = lab
-        .play(&s, &n, |v| {
-            with(
-                v,
-                "/deviceIntegrity/deviceRecognitionVerdict",
-                json!(["MEETS_VIRTUAL_INTEGRITY"]),
-            )
-        })
+        .play_fresh(
+            &s,
+            "/deviceIntegrity/deviceRecognitionVerdict",
+            json!(["MEETS_VIRTUAL_INTEGRITY"]),
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(verdict_of(&body).2, vec!["emulator_detected"]);
@@ -691,15 +692,12 @@ async fn a_controlling_app_reported_by_play_locks_a_calm_device(backend: Backend
     );
 
     // Play reports an app that controls the device: locked at once.
-    let n = lab.nonce(&s).await;
     let (status, body) = lab
-        .play(&s, &n, |v| {
-            with(
-                v,
-                "/environmentDetails/appAccessRiskVerdict/appsDetected",
-                json!(["KNOWN_INSTALLED", "UNKNOWN_CONTROLLING"]),
-            )
-        })
+        .play_fresh(
+            &s,
+            "/environmentDetails/appAccessRiskVerdict/appsDetected",
+            json!(["KNOWN_INSTALLED", "UNKNOWN_CONTROLLING"]),
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(

@@ -33,6 +33,7 @@ crate::on_both_backends!(
     a_controlling_app_reported_by_play_locks_a_calm_device,
     a_verified_state_decays_to_unknown,
     a_request_failure_never_erases_a_verdict_and_other_hardware_starts_unknown,
+    nobody_attests_for_a_device_they_do_not_hold,
 );
 
 const ADMIN: &str = "attestation-admin-key-0123456789abcdef";
@@ -863,5 +864,71 @@ async fn a_verified_state_decays_to_unknown(backend: Backend) {
     assert_eq!(
         lab.trust_score_json(&s).await["attestation_state"],
         "strong"
+    );
+}
+
+async fn nobody_attests_for_a_device_they_do_not_hold(backend: Backend) {
+    let Some(lab) = Lab::start(backend, Duration::from_secs(86_400)).await else {
+        return;
+    };
+    let victim = lab.device(1).await;
+    let attacker = lab.device(2).await;
+    let n = lab.nonce(&victim).await;
+    let token = lab.play.token(&play_verdict(
+        PACKAGE,
+        &n,
+        chrono::Utc::now().timestamp_millis(),
+        CERT,
+    ));
+    let body = json!({"nonce": n, "provider": "play_integrity", "token": token});
+    let code = |r: reqwest::Response| async move {
+        let status = r.status();
+        let body: Value = r.json().await.expect("json");
+        (status, body["code"].as_str().unwrap_or_default().to_owned())
+    };
+    // No credentials at all.
+    let r = lab
+        .client
+        .post(lab.url("/v1/attestation/verify"))
+        .json(&body)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(
+        code(r).await,
+        (StatusCode::UNAUTHORIZED, "invalid_token".into())
+    );
+    // The attacker's own token, claiming the victim's device.
+    let r = lab
+        .client
+        .post(lab.url("/v1/attestation/verify"))
+        .bearer_auth(&attacker.access)
+        .header("x-device-id", &victim.device_id)
+        .json(&body)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(
+        code(r).await,
+        (StatusCode::UNAUTHORIZED, "device_mismatch".into())
+    );
+    // The attacker's own device, with the victim's nonce: a replay, counted
+    // against the attacker, never graded for anyone.
+    let (status, reply) = lab.verify(&attacker, &body).await;
+    assert_eq!(
+        (status, reply["code"].as_str()),
+        (StatusCode::CONFLICT, Some("nonce_replay"))
+    );
+    let view = lab.admin_device(&attacker.device_id).await;
+    assert_eq!(
+        (&view["attestation_failures"], &view["attestation_state"]),
+        (&json!(1), &json!("unknown"))
+    );
+    // None of it spent the victim's nonce or touched the victim.
+    let (status, reply) = lab.verify(&victim, &body).await;
+    assert_eq!((status, verdict_of(&reply).1), (StatusCode::OK, "strong"));
+    assert_eq!(
+        lab.admin_device(&victim.device_id).await["attestation_failures"],
+        0
     );
 }

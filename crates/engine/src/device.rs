@@ -33,7 +33,7 @@ const IMPULSE_PRIOR_WEIGHT: f64 = 4.0;
 /// whose taps are only sometimes visible drifts down, not up.
 const IMPULSE_DRAG: f64 = 0.1;
 /// Nats of evidence at which touches count as injected (Wald: a false alarm
-/// per excursion of at most e^-6 under the device's own behaviour, less
+/// per excursion of at most e^-5 under the device's own behaviour, less
 /// with the drag).
 pub const IMPULSE_EVIDENCE: f64 = 5.0;
 /// Nats per injected touch (KL of the uniform ranks from the device's own)

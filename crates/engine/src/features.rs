@@ -111,6 +111,8 @@ pub struct Features {
     /// Sample timing lets a 20–60 ms impulse be seen: regular (no bursts of
     /// batched samples) and at least ~30 Hz.
     pub timing_resolves_taps: bool,
+    /// The accelerometer's samples are evenly spaced (no batched bursts).
+    pub evenly_spaced: bool,
     /// Mean normalised entropy of pressure and contact size over all events.
     pub touch_surface_entropy: f64,
     /// Mean normalised entropy of dwell times and of intervals between downs.
@@ -245,14 +247,9 @@ fn touch_coupling(heartbeat: &Heartbeat) -> f64 {
     ((best - 1.5) / 1.5).clamp(0.0, 1.0)
 }
 
-/// True when `samples` are evenly spaced: at least 80% of the intervals
-/// within 0.5–1.5× the mean interval (batched sensors deliver bursts of
-/// near-identical timestamps and gaps, which fail this).
-pub fn evenly_spaced(samples: &[Sample]) -> bool {
-    mean_interval(samples).is_some()
-}
-
-/// The mean sampling interval of evenly spaced `samples` (see [`evenly_spaced`]).
+/// The mean sampling interval of `samples` when they are evenly spaced: at
+/// least 80% of the intervals within 0.5–1.5× the mean (batched sensors
+/// deliver bursts of near-identical timestamps and gaps, which fail this).
 fn mean_interval(samples: &[Sample]) -> Option<f64> {
     if samples.len() < 16 {
         return None;
@@ -582,7 +579,8 @@ pub fn extract(heartbeat: &Heartbeat) -> Features {
     let (_, size_std) = mean_std(touches.iter().map(|t| t.size));
     let (straightness, gestures) = straightness(touches);
     let repeats_accel = repeats(accel);
-    let timing_ok = timing_resolves_taps(accel);
+    let interval = mean_interval(accel);
+    let timing_ok = interval.is_some_and(|mean| mean <= MAX_IMPULSE_DT_MS);
     Features {
         accel_samples: accel.len(),
         accel_motion,
@@ -598,6 +596,7 @@ pub fn extract(heartbeat: &Heartbeat) -> Features {
         touch_coupling: touch_coupling(heartbeat),
         impulses: impulse_test_timed(heartbeat, &downs, timing_ok),
         timing_resolves_taps: timing_ok,
+        evenly_spaced: interval.is_some(),
         touch_surface_entropy: (pressure_entropy + size_entropy) / 2.0,
         touch_timing_entropy: (normalized_entropy(
             dwell_times(touches).into_iter(),

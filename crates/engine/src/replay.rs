@@ -28,9 +28,10 @@
 //! little to tell and the check abstains; at 40 Hz a replay whose added noise
 //! is as strong as the original's (r ≈ 0.5 over ~200 values) sits near the bound.
 //!
-//! Memory: [`KEPT`] windows × 3 axes × [`KEPT_SAMPLES`] bytes (2.3 KB) per
+//! Memory: [`KEPT`] windows × (1 + 3 axes × [`KEPT_SAMPLES`]) bytes (1.4 KB) per
 //! device. Cost: [`KEPT`] × (2·[`MAX_LAG`] + 1) × 3 dot products of ≤ 96
-//! `i16` (vectorised), about 1 µs per remembered window.
+//! `i16` (vectorised), about 0.9 µs per remembered window on the machine of
+//! docs/BENCHMARKS.md.
 
 use crate::{
     features::{IMPULSE_LEAD_MS, IMPULSE_WINDOW_MS},

@@ -409,7 +409,8 @@ pub fn assess(state: &mut DeviceState, heartbeat: &Heartbeat, situation: &Situat
     // Whitening assumes evenly spaced samples: bursts of batched samples
     // leave structure two genuine windows can share, so those windows are
     // checked by their exact fingerprint only.
-    let residual = crate::features::evenly_spaced(&heartbeat.accelerometer)
+    let residual = f
+        .evenly_spaced
         .then(|| crate::replay::residual(&heartbeat.accelerometer, &downs))
         .flatten();
     // Exact copies are hard facts at once; near-duplicates (noise added,

@@ -1104,6 +1104,22 @@ mod tests {
         built: Built,
     }
 
+    impl Device {
+        /// Verifies `assertion` over `data` against our nonce, the device's
+        /// key and `stored` counter (well formed by construction).
+        fn check(&self, assertion: &[u8], data: &[u8], stored: u32) -> Outcome<Asserted> {
+            verify_assertion(
+                &self.config,
+                assertion,
+                data,
+                NONCE,
+                &self.built.public_key,
+                stored,
+            )
+            .expect("test fixture")
+        }
+    }
+
     fn device() -> Device {
         let chain = chain();
         let built = build(&chain, &Knobs::default());
@@ -1118,15 +1134,7 @@ mod tests {
         let device = device();
         let data = client_data(NONCE);
         let assertion = assertion(&device.built.signing, APP, 5, &data);
-        let outcome = verify_assertion(
-            &device.config,
-            &assertion,
-            &data,
-            NONCE,
-            &device.built.public_key,
-            4,
-        )
-        .expect("test fixture");
+        let outcome = device.check(&assertion, &data, 4);
         assert_eq!(
             outcome,
             Outcome::Verified(Asserted {
@@ -1143,15 +1151,7 @@ mod tests {
         let data = client_data(NONCE);
         let assertion = assertion(&device.built.signing, APP, 5, &data);
         for stored in [5, 6, u32::MAX] {
-            let outcome = verify_assertion(
-                &device.config,
-                &assertion,
-                &data,
-                NONCE,
-                &device.built.public_key,
-                stored,
-            )
-            .expect("test fixture");
+            let outcome = device.check(&assertion, &data, stored);
             assert_eq!(failed(outcome), ["counter_replay"]);
         }
     }
@@ -1162,27 +1162,11 @@ mod tests {
         let data = client_data(NONCE);
         let other = SigningKey::random(&mut rand::rngs::OsRng);
         let forged = assertion(&other, APP, 1, &data);
-        let outcome = verify_assertion(
-            &device.config,
-            &forged,
-            &data,
-            NONCE,
-            &device.built.public_key,
-            0,
-        )
-        .expect("test fixture");
+        let outcome = device.check(&forged, &data, 0);
         assert_eq!(failed(outcome), ["signature_invalid"]);
         // Signed over other client data than the one sent.
         let signed = assertion(&device.built.signing, APP, 1, &client_data("other"));
-        let outcome = verify_assertion(
-            &device.config,
-            &signed,
-            &data,
-            NONCE,
-            &device.built.public_key,
-            0,
-        )
-        .expect("test fixture");
+        let outcome = device.check(&signed, &data, 0);
         assert_eq!(failed(outcome), ["signature_invalid"]);
     }
 
@@ -1191,15 +1175,7 @@ mod tests {
         let device = device();
         let data = client_data("a nonce issued to another device");
         let assertion = assertion(&device.built.signing, APP, 1, &data);
-        let outcome = verify_assertion(
-            &device.config,
-            &assertion,
-            &data,
-            NONCE,
-            &device.built.public_key,
-            0,
-        )
-        .expect("test fixture");
+        let outcome = device.check(&assertion, &data, 0);
         assert_eq!(failed(outcome), ["nonce_mismatch"]);
     }
 
@@ -1208,15 +1184,7 @@ mod tests {
         let device = device();
         let data = client_data(NONCE);
         let assertion = assertion(&device.built.signing, "ABCDE12345.com.other", 1, &data);
-        let outcome = verify_assertion(
-            &device.config,
-            &assertion,
-            &data,
-            NONCE,
-            &device.built.public_key,
-            0,
-        )
-        .expect("test fixture");
+        let outcome = device.check(&assertion, &data, 0);
         assert_eq!(failed(outcome), ["app_id_mismatch"]);
     }
 

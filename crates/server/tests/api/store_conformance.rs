@@ -33,6 +33,20 @@ fn token(n: u8) -> NewRefreshToken {
     }
 }
 
+/// `device_0001`'s first session (iOS) for `user`, in refresh family `family`.
+fn ios_session(user: Uuid, family: Uuid) -> NewSession {
+    NewSession {
+        user_id: user,
+        device_id: "device_0001".into(),
+        fingerprint_sha256: vec![9; 32],
+        platform: "ios".into(),
+        family_id: family,
+        token: token(1),
+        events: Vec::new(),
+        max_devices: 10,
+    }
+}
+
 async fn rotation_tells_a_spent_token_from_a_revoked_family(backend: Backend) {
     let Some((store, _raw, _b)) = store_for(backend).await else {
         return;
@@ -44,16 +58,7 @@ async fn rotation_tells_a_spent_token_from_a_revoked_family(backend: Backend) {
         .expect("user");
     let family = Uuid::now_v7();
     store
-        .start_session(NewSession {
-            user_id: user.id,
-            device_id: "device_0001".into(),
-            fingerprint_sha256: vec![9; 32],
-            platform: "ios".into(),
-            family_id: family,
-            token: token(1),
-            events: Vec::new(),
-            max_devices: 10,
-        })
+        .start_session(ios_session(user.id, family))
         .await
         .expect("session");
     let sealed = |hash: u8| {
@@ -670,16 +675,7 @@ async fn app_attest_counters_move_forward_once_and_verdicts_grade_the_device(bac
         .await
         .expect("user");
     store
-        .start_session(NewSession {
-            user_id: user.id,
-            device_id: "device_0001".into(),
-            fingerprint_sha256: vec![9; 32],
-            platform: "ios".into(),
-            family_id: Uuid::now_v7(),
-            token: token(1),
-            events: Vec::new(),
-            max_devices: 10,
-        })
+        .start_session(ios_session(user.id, Uuid::now_v7()))
         .await
         .expect("session");
     let record = |grade, hard, key: Option<NewAppAttestKey>| AttestationRecord {

@@ -10,9 +10,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    features::{Features, IMPULSE_BINS_UNDER_INJECTION},
+    features::{Features, IMPULSE_BINS, IMPULSE_BINS_UNDER_INJECTION},
     score::EVIDENCE_WINDOW,
-    stats::{CategoricalCusum, Ema, PageHinkley, Ring},
+    stats::{CategoricalCusum, CusumModel, Ema, PageHinkley, Ring},
 };
 
 /// Readings kept per sensor feature.
@@ -21,17 +21,28 @@ pub const RING: usize = 100;
 const WINDOWS: usize = 64;
 /// Smoothing of the baselines.
 const ALPHA: f64 = 0.1;
-/// What a device's touch impulses are assumed to look like before it has
-/// shown its own (rank-bin shares): barely better than an injected touch's,
-/// so a new device's test is weak and cannot mistake a light tapper for an
-/// attack; its own taps make the test sharper.
-const IMPULSE_PRIOR: [f64; 4] = [0.40, 0.28, 0.17, 0.15];
-/// Weight of that prior, in touches.
-const IMPULSE_PRIOR_WEIGHT: f64 = 4.0;
-/// Nats subtracted per touch: a device whose taps cannot be told from
-/// injected ones (KL below this) accumulates nothing, and a genuine device
-/// whose taps are only sometimes visible drifts down, not up.
-const IMPULSE_DRAG: f64 = 0.1;
+/// The touch-impulse test (rank bins of [`crate::features::impulse_test`]):
+/// injected touches rank uniformly among the window's instants.
+const IMPULSE_MODEL: CusumModel = CusumModel {
+    null: IMPULSE_BINS_UNDER_INJECTION,
+    // What a device's touch impulses are assumed to look like before it has
+    // shown its own: barely better than an injected touch's, so a new
+    // device's test is weak and cannot mistake a light tapper for an
+    // attack; its own taps make the test sharper.
+    prior: [0.40, 0.28, 0.17, 0.10, 0.05],
+    // Weight of that prior, in touches.
+    weight: 4.0,
+    // Nats subtracted per touch: a device whose taps cannot be told from
+    // injected ones (KL below this) accumulates nothing, and a genuine
+    // device whose taps are only sometimes visible drifts down, not up.
+    drag: 0.1,
+    // Even a device whose taps always stood out leaves no visible impulse
+    // with some touches (a finger already resting on the glass, a tap in a
+    // louder moment of the window, a touch-down reported late): a tenth
+    // of its touches are assumed to rank like injected ones, so one touch
+    // weighs at most ln 10 ≈ 2.3 nats.
+    contamination: 0.1,
+};
 /// Nats of evidence at which touches count as injected (Wald: a false alarm
 /// per excursion of at most e^-5 under the device's own behaviour, less
 /// with the drag).
@@ -39,15 +50,6 @@ pub const IMPULSE_EVIDENCE: f64 = 5.0;
 /// Nats per injected touch (KL of the uniform ranks from the device's own)
 /// below which the device's taps are too faint to test.
 const MIN_INFORMATIVE: f64 = 0.6;
-
-/// KL(injected ‖ learned): what one injected touch tells, in nats.
-fn informativeness(learned: &[f64; 4]) -> f64 {
-    IMPULSE_BINS_UNDER_INJECTION
-        .iter()
-        .zip(learned)
-        .map(|(p, q)| p * (p / q.max(1e-9)).ln())
-        .sum()
-}
 
 /// Touches teach the device's impulse distribution only while the evidence
 /// is below this: once injection is suspected, the attack must not become
@@ -94,6 +96,11 @@ pub struct DeviceState {
     /// Sequential test of touch impulses against injection (rank bins).
     #[serde(default)]
     impulses: CategoricalCusum,
+    /// Which of the last heartbeats raised that test's statistic since it
+    /// last stood at 0 (bit 0 = newest): the heartbeats of its current
+    /// excursion.
+    #[serde(default)]
+    impulse_excursion: u32,
     /// ln energy of this device's taps that stood out (how loud its taps are).
     #[serde(default)]
     tap_level: Ema,
@@ -130,9 +137,18 @@ impl DeviceState {
 
     /// Records whether this heartbeat was below the threshold; returns how
     /// many of the last [`EVIDENCE_WINDOW`] were (this one included).
+    ///
+    /// Once the touch-impulse test has crossed [`IMPULSE_EVIDENCE`], the
+    /// heartbeats of its excursion count too: the test is sequential, its
+    /// threshold already holds the evidence of those heartbeats together,
+    /// and asking each of them to be below the threshold again would count
+    /// the same touches twice.
     pub fn record_evidence(&mut self, below: bool) -> u32 {
         let mask = (1u32 << EVIDENCE_WINDOW) - 1;
         self.evidence = ((self.evidence << 1) | u32::from(below)) & mask;
+        if self.impulses.statistic >= IMPULSE_EVIDENCE {
+            self.evidence |= self.impulse_excursion & mask;
+        }
         self.evidence.count_ones()
     }
 
@@ -157,19 +173,24 @@ impl DeviceState {
     /// when this window's touches could not be judged: a window louder than
     /// this device's own taps (walking, a vehicle), where a real tap would
     /// not stand out either, or a device whose taps are too faint to test.
+    ///
+    /// Called once per heartbeat: it also keeps the test's excursion.
     pub fn impulse_evidence(&mut self, f: &Features) -> f64 {
-        if !self.impulses_visible(f) {
+        let before = self.impulses.statistic;
+        let evidence = if self.impulses_visible(f) {
+            self.impulses.observe(f.impulses.bins, &IMPULSE_MODEL)
+        } else {
             // This window's touches were not judged: they are no evidence
             // (the accumulated statistic waits for touches that are).
-            return 0.0;
-        }
-        self.impulses.observe(
-            f.impulses.bins,
-            IMPULSE_BINS_UNDER_INJECTION,
-            IMPULSE_PRIOR,
-            IMPULSE_PRIOR_WEIGHT,
-            IMPULSE_DRAG,
-        )
+            0.0
+        };
+        let rose = self.impulses.statistic > before;
+        self.impulse_excursion = if self.impulses.statistic > 0.0 {
+            ((self.impulse_excursion << 1) | u32::from(rose)) & ((1u32 << EVIDENCE_WINDOW) - 1)
+        } else {
+            0
+        };
+        evidence
     }
 
     /// True when the window ranked touches and is not louder than this
@@ -189,7 +210,8 @@ impl DeviceState {
     /// do (a padded case, a heavy tremor), or that has not shown any yet,
     /// cannot tell an injected touch from its own: no test.
     fn impulses_visible(&self, f: &Features) -> bool {
-        self.impulses_judgeable(f) && informativeness(&self.impulse_shares()) >= MIN_INFORMATIVE
+        self.impulses_judgeable(f)
+            && self.impulses.informativeness(&IMPULSE_MODEL) >= MIN_INFORMATIVE
     }
 
     /// The evidence (nats) that this device's recent touches were injected.
@@ -198,8 +220,8 @@ impl DeviceState {
     }
 
     /// The device's learned rank-bin shares of its touch impulses.
-    pub fn impulse_shares(&self) -> [f64; 4] {
-        self.impulses.learned(IMPULSE_PRIOR, IMPULSE_PRIOR_WEIGHT)
+    pub fn impulse_shares(&self) -> [f64; IMPULSE_BINS] {
+        self.impulses.learned(&IMPULSE_MODEL)
     }
 
     /// True when heartbeat `seq` was already scored (or is too old to tell:
@@ -234,6 +256,7 @@ impl DeviceState {
         self.evidence = 0;
         self.recent_trust.clear();
         self.impulses.reset();
+        self.impulse_excursion = 0;
     }
 
     /// How far `rate` (bytes/s) is above the device's usual upload, in
@@ -340,6 +363,82 @@ mod tests {
         d.mark_scored(100);
         assert!(d.already_scored(3), "too old to tell counts as scored");
         assert_eq!(d.last_seq, 100);
+    }
+
+    fn touches(bins: [u8; IMPULSE_BINS]) -> Features {
+        Features {
+            touch_downs: bins.iter().map(|&b| usize::from(b)).sum(),
+            impulses: crate::features::Impulses {
+                bins,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    /// A device whose taps always stood out (taught by `n` heartbeats of three).
+    fn firm_tapper(n: usize) -> DeviceState {
+        let mut d = DeviceState::default();
+        let firm = touches([0, 0, 0, 1, 2]);
+        for _ in 0..n {
+            d.impulse_evidence(&firm);
+            d.record_evidence(false);
+            d.learn(&firm, None, 95.0, false, false);
+        }
+        d
+    }
+
+    #[test]
+    fn once_the_impulse_test_crosses_its_excursion_counts_as_evidence() {
+        let mut d = firm_tapper(5);
+        let injected = touches([2, 1, 0, 0, 0]);
+        let mut counted = Vec::new();
+        while d.impulse_statistic() < IMPULSE_EVIDENCE {
+            assert!(counted.len() < EVIDENCE_WINDOW as usize, "never crossed");
+            d.impulse_evidence(&injected);
+            // No heartbeat below the trust threshold on its own …
+            counted.push(d.record_evidence(false));
+        }
+        // … until the test crossed: then every heartbeat of its excursion
+        // counts.
+        let (last, before) = counted.split_last().expect("one heartbeat at least");
+        assert!(before.iter().all(|&c| c == 0), "{counted:?}");
+        assert_eq!(*last as usize, counted.len(), "{counted:?}");
+        assert!(
+            counted.len() >= 2,
+            "one heartbeat of three touches cannot cross alone: {counted:?}"
+        );
+    }
+
+    #[test]
+    fn an_excursion_that_falls_back_to_zero_is_forgotten() {
+        let mut d = firm_tapper(5);
+        d.impulse_evidence(&touches([1, 1, 0, 0, 0]));
+        assert!(d.impulse_statistic() > 0.0);
+        // The device's own taps bring the statistic back to 0 …
+        while d.impulse_statistic() > 0.0 {
+            d.impulse_evidence(&touches([0, 0, 0, 1, 2]));
+        }
+        assert_eq!(d.impulse_excursion, 0);
+        // … so a later crossing counts only its own heartbeats.
+        let mut last = 0;
+        for _ in 0..EVIDENCE_WINDOW {
+            d.impulse_evidence(&touches([0, 0, 0, 0, 0]));
+            last = d.record_evidence(false);
+        }
+        assert_eq!(last, 0, "heartbeats without touches are no evidence");
+    }
+
+    #[test]
+    fn a_device_without_visible_taps_is_not_tested() {
+        // A padded case: its taps rank like injected ones.
+        let mut d = DeviceState::default();
+        let faint = touches([2, 1, 0, 0, 0]);
+        for _ in 0..30 {
+            assert_eq!(d.impulse_evidence(&faint), 0.0);
+            d.learn(&faint, None, 95.0, false, false);
+        }
+        assert_eq!(d.impulse_statistic(), 0.0);
     }
 
     proptest! {

@@ -48,11 +48,15 @@ pub const IMPULSE_LEAD_MS: f64 = 20.0;
 /// strike rings for 10–30 ms at 15–40 Hz, starting up to ~25 ms after the
 /// report (panel and sensor clocks differ by a few ms).
 pub const IMPULSE_AFTER_MS: f64 = 60.0;
-/// Upper edges of the rank bins of [`impulse_test`] (the last bin is [0.95, 1]).
-pub const IMPULSE_BIN_EDGES: [f64; 3] = [0.5, 0.8, 0.95];
+/// Upper edges of the rank bins of [`impulse_test`] (the last bin is [0.99, 1]).
+pub const IMPULSE_BIN_EDGES: [f64; IMPULSE_BINS - 1] = [0.5, 0.8, 0.95, 0.99];
+/// Rank bins of [`impulse_test`].
+pub const IMPULSE_BINS: usize = crate::stats::CATEGORIES;
+/// The first bin whose touches "stood out" (ranked at or above 0.95).
+pub const IMPULSE_STOOD_OUT: usize = 3;
 /// What an injected touch's rank falls into, per bin: the bins' widths (a
 /// uniform rank; exact to within 1/(m+1) for `m` background instants).
-pub const IMPULSE_BINS_UNDER_INJECTION: [f64; 4] = [0.5, 0.3, 0.15, 0.05];
+pub const IMPULSE_BINS_UNDER_INJECTION: [f64; IMPULSE_BINS] = [0.5, 0.3, 0.15, 0.04, 0.01];
 /// Background instants needed to rank a touch (the rank's resolution).
 const MIN_BACKGROUND: usize = 20;
 /// Slowest sampling at which a tap impulse (20–60 ms) still spans samples:
@@ -63,7 +67,7 @@ const MAX_IMPULSE_DT_MS: f64 = 34.0;
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Impulses {
     /// Touch-downs per rank bin (see [`IMPULSE_BIN_EDGES`]).
-    pub bins: [u8; 4],
+    pub bins: [u8; IMPULSE_BINS],
     /// ln of the mean curvature energy at the touches that ranked in the top
     /// bin (how strong this device's taps are), when any did.
     pub hit_level: Option<f64>,
@@ -76,6 +80,14 @@ impl Impulses {
     /// Touch-downs that were ranked.
     pub fn looks(&self) -> u32 {
         self.bins.iter().map(|&b| u32::from(b)).sum()
+    }
+
+    /// Touch-downs that stood out (ranked at or above 0.95).
+    pub fn stood_out(&self) -> u32 {
+        self.bins[IMPULSE_STOOD_OUT..]
+            .iter()
+            .map(|&b| u32::from(b))
+            .sum()
     }
 }
 
@@ -429,7 +441,7 @@ fn impulse_test_timed(heartbeat: &Heartbeat, downs: &[f64], timing_ok: bool) -> 
         let rank = (below as f64 + 0.5 * equal as f64) / m;
         let bin = IMPULSE_BIN_EDGES.partition_point(|&edge| rank >= edge);
         result.bins[bin] = result.bins[bin].saturating_add(1);
-        if bin == 3 {
+        if bin >= IMPULSE_STOOD_OUT {
             hit_energy += energy * accel_scale;
             hits += 1;
         }
@@ -817,8 +829,8 @@ pub(crate) mod tests {
                 ..Default::default()
             };
             let (r, i) = (extract(&real).impulses, extract(&injected).impulses);
-            top_real += r.bins[3];
-            top_injected += i.bins[3];
+            top_real += r.stood_out();
+            top_injected += i.stood_out();
             looks += i.looks();
             assert!(r.hit_level.is_some() && r.background_level.is_some());
         }

@@ -210,9 +210,9 @@ fn uncoupled(f: &Features) -> f64 {
     if looks == 0 {
         return coupling;
     }
-    // Most touches in the top bin (an injected one lands there 5% of the
-    // time): they jolted the phone, whatever the window-wide ratio says.
-    let seen = f64::from(f.impulses.bins[3]) / f64::from(looks);
+    // Most touches stood out (an injected one does 5% of the time): they
+    // jolted the phone, whatever the window-wide ratio says.
+    let seen = f64::from(f.impulses.stood_out()) / f64::from(looks);
     if seen > 0.5 {
         coupling.min(1.0 - seen)
     } else {

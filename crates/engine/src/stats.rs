@@ -121,14 +121,35 @@ impl Ema {
 }
 
 /// Bins of a [`CategoricalCusum`].
-pub const CATEGORIES: usize = 4;
+pub const CATEGORIES: usize = 5;
+
+/// What a [`CategoricalCusum`] tests against: the `null` distribution it
+/// raises the alarm for, and how the stream's own distribution is learned.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CusumModel {
+    /// The distribution the alarm is about (summing to 1).
+    pub null: [f64; CATEGORIES],
+    /// What the stream is assumed to look like before it has shown itself
+    /// (summing to 1) …
+    pub prior: [f64; CATEGORIES],
+    /// … weighing this many observations.
+    pub weight: f64,
+    /// Nats subtracted per observation.
+    pub drag: f64,
+    /// Share of the stream's own observations assumed to look like the null
+    /// whatever it was taught: a learned distribution known from a few
+    /// observations is over-confident, and one observation in an
+    /// "impossible" bin must not weigh ln(null / ~0).
+    pub contamination: f64,
+}
 
 /// A one-sided CUSUM over categorical observations: is this stream drawn
 /// from a known `null` distribution rather than from the stream's own
 /// learned one? The learned distribution is a Dirichlet posterior mean
-/// (`prior` plus counts, the counts capped so old behaviour fades); each
-/// observation in bin `b` adds ln(null[b] / learned[b]) less a `drag`, and
-/// the statistic never goes below 0 (old innocence is not banked).
+/// (`prior` plus counts, the counts capped so old behaviour fades), mixed
+/// with the null by the model's `contamination`; each observation in bin
+/// `b` adds ln(null[b] / learned[b]) less a `drag`, and the statistic never
+/// goes below 0 (old innocence is not banked).
 ///
 /// Under the null the statistic drifts up by KL(null ‖ learned) − drag per
 /// observation; under the stream's own behaviour it drifts down. When the
@@ -146,14 +167,28 @@ pub struct CategoricalCusum {
 const MAX_COUNTS: f64 = 200.0;
 
 impl CategoricalCusum {
-    /// The learned distribution, with `prior` (summing to 1) weighing `weight` observations.
-    pub fn learned(&self, prior: [f64; CATEGORIES], weight: f64) -> [f64; CATEGORIES] {
-        let total = weight + self.counts.iter().sum::<f64>();
+    /// The learned distribution the test judges by (see the type's docs).
+    pub fn learned(&self, model: &CusumModel) -> [f64; CATEGORIES] {
+        let total = model.weight + self.counts.iter().sum::<f64>();
+        let keep = 1.0 - model.contamination.clamp(0.0, 1.0);
         let mut q = [0.0; CATEGORIES];
         for (i, q) in q.iter_mut().enumerate() {
-            *q = (prior[i] * weight + self.counts[i]) / total.max(f64::MIN_POSITIVE);
+            let taught =
+                (model.prior[i] * model.weight + self.counts[i]) / total.max(f64::MIN_POSITIVE);
+            *q = keep * taught + (1.0 - keep) * model.null[i];
         }
         q
+    }
+
+    /// KL(null ‖ learned): what one observation drawn from the null tells, in nats.
+    pub fn informativeness(&self, model: &CusumModel) -> f64 {
+        let q = self.learned(model);
+        model
+            .null
+            .iter()
+            .zip(&q)
+            .map(|(p, q)| p * (p.max(1e-12) / q.max(1e-9)).ln())
+            .sum()
     }
 
     /// Observations seen, capped.
@@ -161,18 +196,11 @@ impl CategoricalCusum {
         self.counts.iter().sum()
     }
 
-    /// Folds in `observed` (counts per bin) against `null`; returns the statistic.
-    pub fn observe(
-        &mut self,
-        observed: [u8; CATEGORIES],
-        null: [f64; CATEGORIES],
-        prior: [f64; CATEGORIES],
-        weight: f64,
-        drag: f64,
-    ) -> f64 {
-        let q = self.learned(prior, weight);
+    /// Folds in `observed` (counts per bin); returns the statistic.
+    pub fn observe(&mut self, observed: [u8; CATEGORIES], model: &CusumModel) -> f64 {
+        let q = self.learned(model);
         for (b, &n) in observed.iter().enumerate() {
-            let llr = (null[b].max(1e-9) / q[b].max(1e-9)).ln() - drag;
+            let llr = (model.null[b].max(1e-9) / q[b].max(1e-9)).ln() - model.drag;
             for _ in 0..n {
                 self.statistic = (self.statistic + llr).max(0.0);
             }
@@ -318,24 +346,29 @@ mod tests {
         assert_eq!(v, vec![3.0, 4.0, 5.0]);
     }
 
-    const NULL: [f64; CATEGORIES] = [0.5, 0.3, 0.15, 0.05];
-    const PRIOR: [f64; CATEGORIES] = [0.4, 0.28, 0.17, 0.15];
+    const MODEL: CusumModel = CusumModel {
+        null: [0.5, 0.3, 0.15, 0.04, 0.01],
+        prior: [0.4, 0.28, 0.17, 0.1, 0.05],
+        weight: 8.0,
+        drag: 0.25,
+        contamination: 0.0,
+    };
 
     #[test]
     fn the_cusum_rises_on_the_null_and_stays_down_on_the_learned_behaviour() {
         let mut genuine = CategoricalCusum::default();
         // A device whose touches rank high: taught, then observed again.
         for _ in 0..20 {
-            genuine.learn([0, 1, 1, 2]);
+            genuine.learn([0, 1, 1, 1, 1]);
         }
         let mut injected = genuine;
         for _ in 0..20 {
-            genuine.observe([0, 1, 1, 2], NULL, PRIOR, 8.0, 0.25);
+            genuine.observe([0, 1, 1, 1, 1], &MODEL);
         }
         assert!(genuine.statistic < 1.0, "{}", genuine.statistic);
         // Uniform ranks (what injection gives): evidence within a few windows.
         let mut windows = 0;
-        while injected.observe([1, 1, 0, 0], NULL, PRIOR, 8.0, 0.25) < 6.0 {
+        while injected.observe([1, 1, 0, 0, 0], &MODEL) < 6.0 {
             windows += 1;
             assert!(windows < 10, "{}", injected.statistic);
         }
@@ -347,10 +380,10 @@ mod tests {
     fn a_device_that_looks_like_the_null_accumulates_nothing() {
         let mut cusum = CategoricalCusum::default();
         for _ in 0..50 {
-            cusum.learn([5, 3, 1, 1]);
+            cusum.learn([5, 3, 1, 1, 0]);
         }
         for _ in 0..200 {
-            cusum.observe([5, 3, 1, 1], NULL, PRIOR, 8.0, 0.25);
+            cusum.observe([5, 3, 1, 1, 0], &MODEL);
         }
         assert!(cusum.statistic < 1.0, "{}", cusum.statistic);
     }
@@ -364,18 +397,26 @@ mod tests {
 
         #[test]
         fn the_cusum_is_finite_never_negative_and_its_counts_bounded(
-            steps in proptest::collection::vec((any::<[u8; 4]>(), any::<bool>()), 0..100),
+            steps in proptest::collection::vec((any::<[u8; CATEGORIES]>(), any::<bool>()), 0..100),
+            contamination in 0.0f64..1.0,
         ) {
             let mut cusum = CategoricalCusum::default();
+            let model = CusumModel { contamination, ..MODEL };
             for (observed, teach) in steps {
-                let s = cusum.observe(observed, NULL, PRIOR, 8.0, 0.25);
+                let s = cusum.observe(observed, &model);
                 prop_assert!(s.is_finite() && s >= 0.0);
                 if teach {
                     cusum.learn(observed);
                 }
                 prop_assert!(cusum.observations() <= MAX_COUNTS + 1e-9);
-                let q = cusum.learned(PRIOR, 8.0);
+                let q = cusum.learned(&model);
                 prop_assert!((q.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+                // No observation can weigh more than ln(1 / contamination).
+                if contamination > 0.0 {
+                    let bound = (1.0 / contamination).ln();
+                    prop_assert!(model.null.iter().zip(&q).all(|(p, q)| (p / q).ln() <= bound + 1e-9));
+                }
+                prop_assert!(cusum.informativeness(&model) >= -1e-9);
             }
         }
 

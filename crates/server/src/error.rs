@@ -46,8 +46,10 @@ pub mod codes {
     pub const INTERNAL_ERROR: &str = "internal_error";
     /// Any other 4xx status produced below the application.
     pub const BAD_REQUEST: &str = "bad_request";
-    /// Missing, malformed, expired or unverifiable access token.
+    /// Missing, malformed or unverifiable access token (sign in again).
     pub const INVALID_TOKEN: &str = "invalid_token";
+    /// A genuine access token past its expiry (refresh it).
+    pub const TOKEN_EXPIRED: &str = "token_expired";
     /// `X-Device-Id` does not match the token's device.
     pub const DEVICE_MISMATCH: &str = "device_mismatch";
     /// The device's sessions were revoked.
@@ -124,6 +126,7 @@ pub mod codes {
         INTERNAL_ERROR,
         BAD_REQUEST,
         INVALID_TOKEN,
+        TOKEN_EXPIRED,
         DEVICE_HELD,
         TOO_MANY_DEVICES,
         DEVICE_MISMATCH,
@@ -182,6 +185,11 @@ pub struct Problem {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub checks: Option<serde_json::Value>,
+    /// For `replay`: the highest `seq` accepted from this device so far;
+    /// the client continues above it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0)]
+    pub last_seq: Option<u64>,
 }
 
 impl Problem {
@@ -196,6 +204,7 @@ impl Problem {
             request_id: String::new(),
             field: None,
             checks: None,
+            last_seq: None,
         }
     }
 
@@ -286,6 +295,13 @@ pub enum ApiError {
         /// Dependency name → `ok` | `unavailable`.
         checks: serde_json::Value,
     },
+    /// A heartbeat whose `seq` is not above the last accepted: 409 `replay`
+    /// carrying that last `seq`.
+    #[error("replay")]
+    Replay {
+        /// The highest `seq` accepted from the device.
+        last_seq: u64,
+    },
     /// A client error with its own stable code (401, 403, 404, 409, 422).
     #[error("{code}")]
     Client {
@@ -313,6 +329,7 @@ impl ApiError {
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::NotReady { .. } | Self::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Client { status, .. } => *status,
+            Self::Replay { .. } => StatusCode::CONFLICT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -337,6 +354,16 @@ impl ApiError {
                 p
             }
             Self::Client { code, detail, .. } => Problem::new(status, code, *detail),
+            Self::Replay { last_seq } => {
+                let mut p = Problem::new(
+                    status,
+                    codes::REPLAY,
+                    "This heartbeat's seq is not above the last one accepted (last_seq); \
+                     send the next heartbeat above it.",
+                );
+                p.last_seq = Some(*last_seq);
+                p
+            }
             Self::Busy { .. } => Problem::new(
                 status,
                 codes::SERVICE_UNAVAILABLE,
@@ -407,8 +434,11 @@ impl IntoResponse for ApiError {
             ..
         } = &self
         {
+            // RFC 6750 §3.1: an expired token is an `invalid_token` too.
             let challenge = if *code == codes::INVALID_TOKEN {
                 "Bearer error=\"invalid_token\""
+            } else if *code == codes::TOKEN_EXPIRED {
+                "Bearer error=\"invalid_token\", error_description=\"The access token expired\""
             } else {
                 "Bearer"
             };

@@ -37,10 +37,19 @@ pub struct Claims {
 }
 
 /// Why a token was refused. Deliberately coarse: the client learns only
-/// that the token is not acceptable.
+/// whether refreshing can help — a token whose signature, issuer and
+/// audience all verified but whose `exp` has passed is [`Self::Expired`];
+/// anything else (a bad signature, an unknown key, a wrong audience, a
+/// malformed token) is [`Self::Invalid`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("invalid token")]
-pub struct InvalidToken;
+pub enum InvalidToken {
+    /// Genuine but past its `exp` (plus the leeway): refresh.
+    #[error("token expired")]
+    Expired,
+    /// Not acceptable: sign in again.
+    #[error("invalid token")]
+    Invalid,
+}
 
 /// Who a token is for and how long it lives.
 pub struct TokenSpec<'a> {
@@ -93,11 +102,11 @@ pub fn verify(
     token: &str,
 ) -> Result<Claims, InvalidToken> {
     // An unknown `alg` (including "none") fails to parse here.
-    let header = decode_header(token).map_err(|_| InvalidToken)?;
-    let kid = header.kid.ok_or(InvalidToken)?;
-    let key = keys.verifying.get(&kid).ok_or(InvalidToken)?;
+    let header = decode_header(token).map_err(|_| InvalidToken::Invalid)?;
+    let kid = header.kid.ok_or(InvalidToken::Invalid)?;
+    let key = keys.verifying.get(&kid).ok_or(InvalidToken::Invalid)?;
     if header.alg != key.alg {
-        return Err(InvalidToken);
+        return Err(InvalidToken::Invalid);
     }
     let mut validation = Validation::new(key.alg);
     validation.leeway = LEEWAY_SECONDS;
@@ -105,7 +114,18 @@ pub fn verify(
     validation.set_issuer(&[issuer]);
     validation.set_audience(&[audience]);
     validation.set_required_spec_claims(&["exp", "nbf", "iss", "aud", "sub"]);
-    decode::<Claims>(token, &key.decoding, &validation)
-        .map(|data| data.claims)
-        .map_err(|_| InvalidToken)
+    match decode::<Claims>(token, &key.decoding, &validation) {
+        Ok(data) => Ok(data.claims),
+        Err(e) if *e.kind() == jsonwebtoken::errors::ErrorKind::ExpiredSignature => {
+            // `decode` checks the signature first, but `exp` before `aud`
+            // and `iss`: "expired" is said only of a token that passes every
+            // other check, so it tells a forger nothing.
+            validation.validate_exp = false;
+            match decode::<Claims>(token, &key.decoding, &validation) {
+                Ok(_) => Err(InvalidToken::Expired),
+                Err(_) => Err(InvalidToken::Invalid),
+            }
+        }
+        Err(_) => Err(InvalidToken::Invalid),
+    }
 }

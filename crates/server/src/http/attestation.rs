@@ -56,7 +56,7 @@ pub struct VerifyRequest {
     security(("device_jwt" = [])),
     responses(
         (status = 201, description = "Nonce issued", body = Nonce),
-        (status = 401, description = "`invalid_token`, `device_mismatch` or `device_revoked`", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`invalid_token` (sign in again), `token_expired` (refresh), `device_mismatch` or `device_revoked`", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn post_nonce(
     State(state): State<AppState>,
@@ -75,7 +75,7 @@ pub async fn post_nonce(
     security(("device_jwt" = [])),
     responses(
         (status = 200, description = "Verdict", body = VerifyOutcome),
-        (status = 401, description = "`invalid_token`, `device_mismatch` or `device_revoked`", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`invalid_token` (sign in again), `token_expired` (refresh), `device_mismatch` or `device_revoked`", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "`device_locked` (quarantined after failures), or `account_blocked`", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "`nonce_replay` (counted as a failure)", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "`attestation_invalid` (a malformed artefact, counted as a failure), `provider_not_configured` or `validation_failed`", body = Problem, content_type = "application/problem+json"),

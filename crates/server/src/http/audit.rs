@@ -85,7 +85,7 @@ impl FromRequestParts<AppState> for Reader {
     security(("device_jwt" = []), ("admin_key" = [])),
     responses(
         (status = 200, description = "A page of rows, newest first", body = AuditPage),
-        (status = 401, description = "`invalid_token`, `device_mismatch`, `device_revoked` or `invalid_admin_key`", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`invalid_token` (sign in again), `token_expired` (refresh), `device_mismatch`, `device_revoked` or `invalid_admin_key`", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "`validation_failed` (`limit`, `cursor`, or an unknown parameter)", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn get_audit_logs(

@@ -241,7 +241,7 @@ pub async fn post_refresh(
     security(("device_jwt" = [])),
     responses(
         (status = 204, description = "Signed out: the refresh family is revoked and the access token presented is refused from now on, until it expires"),
-        (status = 401, description = "`invalid_token`, `device_mismatch` or `device_revoked`", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`invalid_token` (sign in again), `token_expired` (refresh), `device_mismatch` or `device_revoked`", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn post_logout(
     State(state): State<AppState>,

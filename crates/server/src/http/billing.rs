@@ -263,7 +263,7 @@ pub struct SubscriptionView {
     security(("device_jwt" = [])),
     responses(
         (status = 200, description = "The subscription (headers `RateLimit-Limit`, `RateLimit-Remaining`, `RateLimit-Reset`)", body = SubscriptionView),
-        (status = 401, description = "`invalid_token`, `device_mismatch` or `device_revoked`", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`invalid_token` (sign in again), `token_expired` (refresh), `device_mismatch` or `device_revoked`", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "`device_locked`, or `account_blocked` (the owner is blocked)", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "`rate_limited` (with `Retry-After`)", body = Problem, content_type = "application/problem+json"),
     ))]

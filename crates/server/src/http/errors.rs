@@ -151,10 +151,7 @@ impl From<IngestError> for ApiError {
     fn from(err: IngestError) -> Self {
         match err {
             IngestError::RateLimited { retry_after } => Self::RateLimited { retry_after },
-            IngestError::Replay => Self::conflict(
-                codes::REPLAY,
-                "This heartbeat's seq is not above the last one accepted.",
-            ),
+            IngestError::Replay { last_seq } => Self::Replay { last_seq },
             IngestError::Unavailable => Self::Client {
                 status: StatusCode::SERVICE_UNAVAILABLE,
                 code: codes::QUEUE_FULL,

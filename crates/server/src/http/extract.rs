@@ -42,8 +42,18 @@ pub fn bearer(parts: &Parts) -> Option<&str> {
 fn invalid_token() -> ApiError {
     ApiError::unauthorized(
         codes::INVALID_TOKEN,
-        "The access token is missing, invalid or expired.",
+        "The access token is missing or invalid; sign in again.",
     )
+}
+
+fn refused_token(why: tokens::InvalidToken) -> ApiError {
+    match why {
+        tokens::InvalidToken::Expired => ApiError::unauthorized(
+            codes::TOKEN_EXPIRED,
+            "The access token has expired; refresh it.",
+        ),
+        tokens::InvalidToken::Invalid => invalid_token(),
+    }
 }
 
 /// Which device states a caller accepts.
@@ -77,7 +87,7 @@ pub async fn authenticate(
                 }
             }
             let claims = tokens::verify(&keys, &state.auth.issuer, &state.auth.audience, token)
-                .map_err(|_| invalid_token())?;
+                .map_err(refused_token)?;
             // Signed out: denied until it expires (asked once per token per
             // instance and minute; see `auth::verified`).
             if state
@@ -92,15 +102,20 @@ pub async fn authenticate(
             claims
         }
     };
-    let matches = match header_device {
-        Some(device) => device == claims.did,
-        None => !header_required,
-    };
-    if !matches {
-        return Err(ApiError::unauthorized(
-            codes::DEVICE_MISMATCH,
-            "X-Device-Id must name the device the token was issued to.",
-        ));
+    match header_device {
+        Some(device) if device != claims.did => {
+            return Err(ApiError::unauthorized(
+                codes::DEVICE_MISMATCH,
+                "X-Device-Id names a different device than the one the token was issued to.",
+            ))
+        }
+        None if header_required => {
+            return Err(ApiError::unauthorized(
+                codes::DEVICE_MISMATCH,
+                "X-Device-Id is missing; send the id of the device the token was issued to.",
+            ))
+        }
+        _ => {}
     }
     let device = state
         .auth

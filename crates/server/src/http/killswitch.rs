@@ -73,7 +73,7 @@ fn bearer_from_protocols(headers: &HeaderMap) -> (Option<String>, bool) {
             The server closes with 4001 `replaced`, 4002 `token_expired` (at the token's `exp`), \
             4003 `locked`, 4004 `revoked`, 1009 (message over 4 KiB), 1001 (shutdown, idle)"),
         (status = 400, description = "`token_in_query` (a `token` or `access_token` query parameter, any case), or not a WebSocket handshake", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "`invalid_token`, `device_mismatch` or `device_revoked`", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`invalid_token` (sign in again), `token_expired` (refresh), `device_mismatch` or `device_revoked`", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "`origin_not_allowed`", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "`rate_limited` (handshakes per IPv4 address or IPv6 /64)", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "`too_many_connections`: the instance's or the user's socket cap, for a device with no socket on this instance", body = Problem, content_type = "application/problem+json"),
@@ -165,7 +165,7 @@ async fn handshake(
     let token = authorization.or(protocol_token).ok_or_else(|| {
         ApiError::unauthorized(
             codes::INVALID_TOKEN,
-            "The access token is missing, invalid or expired.",
+            "The access token is missing; send it as a Bearer token.",
         )
     })?;
     let header_device = headers.get(DEVICE_ID_HEADER).and_then(|v| v.to_str().ok());

@@ -52,7 +52,7 @@ fn allowed(state: &AppState, headers: &HeaderMap) -> bool {
     responses(
         (status = 200, description = "Metrics in the Prometheus/OpenMetrics text format",
             body = String, content_type = "application/openmetrics-text"),
-        (status = 401, description = "`invalid_token`: `BLOCKREMOTE_METRICS_TOKEN` is set and \
+        (status = 401, description = "`invalid_token` (sign in again), `token_expired` (refresh): `BLOCKREMOTE_METRICS_TOKEN` is set and \
             the request did not send it as `Authorization: Bearer <token>`",
             body = Problem, content_type = "application/problem+json"),
     ))]

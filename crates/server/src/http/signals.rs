@@ -56,9 +56,9 @@ pub struct Accepted {
     responses(
         (status = 202, description = "Queued for scoring (headers `RateLimit-*`)", body = Accepted),
         (status = 400, description = "`invalid_body`", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "`invalid_token`, `device_mismatch` or `device_revoked`", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`invalid_token` (sign in again), `token_expired` (refresh), `device_mismatch` or `device_revoked`", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "`device_locked`, or `account_blocked` (the owner is blocked)", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "`replay`: `seq` not above the last accepted (recorded, never scored)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`replay`: `seq` not above the last accepted, which the problem names in `last_seq` (recorded, never scored)", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "`payload_too_large`", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "`unsupported_media_type`", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "`validation_failed` (field named)", body = Problem, content_type = "application/problem+json"),
@@ -161,7 +161,7 @@ fn limiter_error(err: ApiError) -> IngestError {
     security(("device_jwt" = [])),
     responses(
         (status = 200, description = "The trust report; `heartbeats: 0` and a neutral score before any data", body = TrustReport),
-        (status = 401, description = "`invalid_token`, `device_mismatch` or `device_revoked`", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`invalid_token` (sign in again), `token_expired` (refresh), `device_mismatch` or `device_revoked`", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "`device_locked`, or `account_blocked` (the owner is blocked)", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "`rate_limited`", body = Problem, content_type = "application/problem+json"),
     ))]

@@ -390,8 +390,12 @@ pub enum IngestError {
         retry_after: Duration,
     },
     /// `seq` is not above the last one accepted (recorded, never scored).
-    #[error("replayed heartbeat")]
-    Replay,
+    #[error("replayed heartbeat (last accepted {last_seq})")]
+    Replay {
+        /// The highest `seq` accepted from the device (this heartbeat's own
+        /// when that was not readable: it is a lower bound either way).
+        last_seq: u64,
+    },
     /// The queue refused the job or the workers are behind, and scoring it
     /// inline failed too: the seq was given back, so a retry is not a replay.
     #[error("heartbeat not taken now")]
@@ -517,7 +521,7 @@ impl Ingestion {
             bucket.take_token().await?;
             match self.shared.advance(&seq_key, seq, STATE_TTL).await? {
                 Some(previous) => previous,
-                None => return Err(self.replay(sender, seq).await),
+                None => return Err(self.replay(sender, seq, &seq_key).await),
             }
         } else {
             // The rate-limit token, the seq check and the enqueue are one step
@@ -547,7 +551,7 @@ impl Ingestion {
                 }
             };
             match advanced {
-                Advanced::Stale => return Err(self.replay(sender, seq).await),
+                Advanced::Stale => return Err(self.replay(sender, seq, &seq_key).await),
                 Advanced::Queued { .. } => {
                     self.metrics.signals_accepted.inc();
                     return Ok(Accepted {
@@ -587,10 +591,18 @@ impl Ingestion {
         })
     }
 
-    /// Records a replayed heartbeat (never scored): [`IngestError::Replay`],
-    /// or the store's error if the record failed.
-    async fn replay(&self, sender: Sender<'_>, seq: u64) -> IngestError {
+    /// Records a replayed heartbeat (never scored): [`IngestError::Replay`]
+    /// with the device's last accepted `seq` (read once more: the replay
+    /// path is rare and the hot path's one round trip stays one), or the
+    /// store's error if the record failed.
+    async fn replay(&self, sender: Sender<'_>, seq: u64, seq_key: &str) -> IngestError {
         self.metrics.signals_replays.inc();
+        let last_seq = match self.shared.get(seq_key).await {
+            Ok(value) => value
+                .and_then(|raw| std::str::from_utf8(&raw).ok()?.parse::<u64>().ok())
+                .unwrap_or(seq),
+            Err(e) => return e.into(),
+        };
         let recorded = self
             .store
             .record_event(self.auth.event(
@@ -602,7 +614,7 @@ impl Ingestion {
             ))
             .await;
         match recorded {
-            Ok(_) => IngestError::Replay,
+            Ok(_) => IngestError::Replay { last_seq },
             Err(e) => e.into(),
         }
     }
@@ -970,13 +982,13 @@ mod tests {
         async fn a_seq_not_above_the_last_is_a_replay_recorded_never_scored() {
             let h = harness(10, 100).await;
             h.accept(5).await.expect("accepted");
-            assert!(matches!(h.accept(5).await, Err(IngestError::Replay)));
-            assert!(matches!(h.accept(4).await, Err(IngestError::Replay)));
+            assert!(matches!(h.accept(5).await, Err(IngestError::Replay { .. })));
+            assert!(matches!(h.accept(4).await, Err(IngestError::Replay { .. })));
             assert_eq!(h.metrics.signals_replays.get(), 2);
             assert_eq!(h.queued().await, 1, "replays are not queued");
             // Inline too.
             h.breaker.trip();
-            assert!(matches!(h.accept(5).await, Err(IngestError::Replay)));
+            assert!(matches!(h.accept(5).await, Err(IngestError::Replay { .. })));
             assert_eq!(h.metrics.signals_replays.get(), 3);
             assert_eq!(h.metrics.signals_degraded_heartbeats.get(), 0);
         }
@@ -1022,7 +1034,7 @@ mod tests {
             assert_eq!(h.metrics.signals_dropped.get(), 1);
             assert_eq!(h.metrics.signals_accepted.get(), 1);
             // Its seq was taken.
-            assert!(matches!(h.accept(3).await, Err(IngestError::Replay)));
+            assert!(matches!(h.accept(3).await, Err(IngestError::Replay { .. })));
         }
 
         #[tokio::test]

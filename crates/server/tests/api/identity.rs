@@ -304,15 +304,26 @@ async fn forged_and_out_of_policy_tokens_are_refused(backend: Backend) {
         "nbf 20 s ahead"
     );
 
+    // A genuine token expired beyond the leeway: `token_expired` (refresh),
+    // not `invalid_token` (sign in again).
+    let expired = app
+        .probe(
+            &sign(
+                &claims(&s.user_id, "device_0001", -900, -40),
+                &real_key,
+                &kid,
+            ),
+            "device_0001",
+        )
+        .await;
+    assert_eq!(expired.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        expired.headers()["www-authenticate"],
+        "Bearer error=\"invalid_token\", error_description=\"The access token expired\""
+    );
+    assert_eq!(code_of(expired).await.1, "token_expired");
+
     let mut forgeries: Vec<(&str, String)> = Vec::new();
-    forgeries.push((
-        "expired beyond leeway",
-        sign(
-            &claims(&s.user_id, "device_0001", -900, -40),
-            &real_key,
-            &kid,
-        ),
-    ));
     forgeries.push((
         "nbf beyond leeway",
         sign(&claims(&s.user_id, "device_0001", 40, 600), &real_key, &kid),
@@ -398,6 +409,22 @@ async fn forged_and_out_of_policy_tokens_are_refused(backend: Backend) {
         .expect("sign")
     }));
     forgeries.push(("garbage", "not.a.jwt".to_owned()));
+    // Expiry is only ever said of a token this server signed: an expired
+    // forgery is just invalid (no oracle for which forgeries "nearly" pass).
+    forgeries.push((
+        "expired, foreign key",
+        sign(
+            &claims(&s.user_id, "device_0001", -900, -40),
+            &foreign_key,
+            &kid,
+        ),
+    ));
+    let mut expired_wrong_aud = claims(&s.user_id, "device_0001", -900, -40);
+    expired_wrong_aud["aud"] = json!("someone-else");
+    forgeries.push((
+        "expired, wrong aud",
+        sign(&expired_wrong_aud, &real_key, &kid),
+    ));
 
     for (name, token) in forgeries {
         let response = app.probe(&token, "device_0001").await;
@@ -432,11 +459,17 @@ async fn tokens_are_bound_to_their_device(backend: Backend) {
         let response = app
             .device_post("/v1/attestation/nonce", &s.access, device, None)
             .await;
-        assert_eq!(
-            code_of(response).await,
-            (StatusCode::UNAUTHORIZED, "device_mismatch".into()),
-            "{device:?}"
-        );
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{device:?}");
+        let body: Value = response.json().await.expect("json");
+        assert_eq!(body["code"], "device_mismatch", "{device:?}");
+        // The detail says which: the header is missing, or names another device.
+        let detail = body["detail"].as_str().expect("detail");
+        let says = if device.is_none() {
+            "missing"
+        } else {
+            "different"
+        };
+        assert!(detail.contains(says), "{device:?}: {detail}");
     }
     assert_eq!(
         app.probe(&s.access, &s.device_id).await.status(),

@@ -66,7 +66,7 @@ async fn heartbeats_are_validated_and_replays_refused(backend: Backend) {
         return;
     };
     let d = app.register("ingest@example.com", "device_sig_01").await;
-    let s = session(Class::HeldInHand, 1, 3);
+    let s = session(Class::HeldInHand, 1, 4);
     let first = heartbeat_body(&s.heartbeats[0]);
     let r = app.heartbeat(&d, &first).await;
     assert_eq!(r.status(), StatusCode::ACCEPTED);
@@ -76,12 +76,26 @@ async fn heartbeats_are_validated_and_replays_refused(backend: Backend) {
         json!({"accepted": true, "seq": 1})
     );
 
-    // The same seq again, and an older one: replays, recorded not scored.
-    for _ in 0..2 {
-        let r = app.heartbeat(&d, &first).await;
-        assert_eq!(r.status(), StatusCode::CONFLICT);
-        assert_eq!(r.json::<Value>().await.expect("json")["code"], "replay");
-    }
+    // The same seq again: a replay, recorded not scored, naming the last
+    // accepted seq so the client knows where to continue.
+    let r = app.heartbeat(&d, &first).await;
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    let problem = r.json::<Value>().await.expect("json");
+    assert_eq!(problem["code"], "replay");
+    assert_eq!(problem["last_seq"], 1);
+    // After seq 3, the older seq 1 again: the problem names 3.
+    let third = heartbeat_body(&s.heartbeats[2]);
+    assert_eq!(
+        app.heartbeat(&d, &third).await.status(),
+        StatusCode::ACCEPTED
+    );
+    let r = app.heartbeat(&d, &first).await;
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    let problem = r.json::<Value>().await.expect("json");
+    assert_eq!(
+        (problem["code"].as_str(), problem["last_seq"].as_u64()),
+        (Some("replay"), Some(3))
+    );
     let replays = app
         .state
         .store
@@ -91,23 +105,23 @@ async fn heartbeats_are_validated_and_replays_refused(backend: Backend) {
     assert_eq!(replays.len(), 2);
 
     let field_of = |r: Value| r["field"].as_str().unwrap_or_default().to_owned();
-    let mut bad = heartbeat_body(&s.heartbeats[1]);
+    let mut bad = heartbeat_body(&s.heartbeats[3]);
     bad["accelerometer"][1][0] = json!(-5);
     let r = app.heartbeat(&d, &bad).await;
     assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(field_of(r.json().await.expect("json")), "accelerometer[1]");
-    let mut bad = heartbeat_body(&s.heartbeats[1]);
+    let mut bad = heartbeat_body(&s.heartbeats[3]);
     bad["gyroscope"] = json!((0..257)
         .map(|i| json!([i, 0.0, 0.0, 0.0]))
         .collect::<Vec<_>>());
     let r = app.heartbeat(&d, &bad).await;
     assert_eq!(field_of(r.json().await.expect("json")), "gyroscope");
-    let mut bad = heartbeat_body(&s.heartbeats[1]);
+    let mut bad = heartbeat_body(&s.heartbeats[3]);
     bad["context"]["rooted"] = json!(true);
     let r = app.heartbeat(&d, &bad).await;
     assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
     assert!(field_of(r.json().await.expect("json")).contains("rooted"));
-    let mut bad = heartbeat_body(&s.heartbeats[1]);
+    let mut bad = heartbeat_body(&s.heartbeats[3]);
     bad["accelerometer"][0][1] = json!(1e300);
     assert_eq!(
         app.heartbeat(&d, &bad).await.status(),
@@ -123,7 +137,7 @@ async fn heartbeats_are_validated_and_replays_refused(backend: Backend) {
     assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
     // A refused body does not spend its seq.
     assert_eq!(
-        app.heartbeat(&d, &heartbeat_body(&s.heartbeats[1]))
+        app.heartbeat(&d, &heartbeat_body(&s.heartbeats[3]))
             .await
             .status(),
         StatusCode::ACCEPTED

@@ -74,6 +74,8 @@ pub mod codes {
     pub const INVALID_ADMIN_KEY: &str = "invalid_admin_key";
     /// No such user.
     pub const USER_NOT_FOUND: &str = "user_not_found";
+    /// `POST /v1/admin/users` for an existing external id with another email.
+    pub const EXTERNAL_ID_CONFLICT: &str = "external_id_conflict";
     /// A used, foreign or expired attestation nonce.
     pub const NONCE_REPLAY: &str = "nonce_replay";
     /// The attestation provider is not configured on this server.
@@ -139,6 +141,7 @@ pub mod codes {
         REFRESH_TOKEN_REUSED,
         INVALID_ADMIN_KEY,
         USER_NOT_FOUND,
+        EXTERNAL_ID_CONFLICT,
         NONCE_REPLAY,
         PROVIDER_NOT_CONFIGURED,
         ATTESTATION_INVALID,

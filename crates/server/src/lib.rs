@@ -2,7 +2,7 @@
 //!
 //! The library behind the `blockremote` binary. See `ARCHITECTURE.md` at the
 //! repository root for how the modules fit and how a heartbeat flows through
-//! them; `../shared/API.md` is the public contract.
+//! them; `docs/API.md` is the public contract.
 
 pub mod app;
 pub mod auth;

@@ -120,8 +120,10 @@ fn dummy_hash() -> &'static str {
 }
 
 /// Verifies `password` against `hash`, or against a dummy hash when there is
-/// no user (always false then), in similar time either way.
+/// no user or the user has no password (an external user's hash is ''):
+/// always false then, in similar time either way.
 fn verify_now(password: &str, hash: Option<String>) -> anyhow::Result<bool> {
+    let hash = hash.filter(|h| !h.is_empty());
     let real = hash.is_some();
     let phc = hash.unwrap_or_else(|| dummy_hash().to_owned());
     let parsed = PasswordHash::new(&phc).map_err(|e| anyhow::anyhow!("bad hash: {e}"))?;
@@ -156,6 +158,13 @@ mod tests {
         assert!(!verify("blockremote-dummy-password".into(), None)
             .await
             .expect("verify"));
+        // An external user has no password: nothing verifies against '',
+        // not even the empty password, and it is no error.
+        for attempt in ["", "blockremote-dummy-password"] {
+            assert!(!verify(attempt.into(), Some(String::new()))
+                .await
+                .expect("verify"));
+        }
     }
 
     #[tokio::test]

@@ -75,8 +75,14 @@ pub struct WebhookEvent {
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookSubscription {
-    /// The BlockRemote user id.
-    pub user_id: Uuid,
+    /// The BlockRemote user id. Exactly one of `user_id` and
+    /// `external_user_id`.
+    #[serde(default)]
+    pub user_id: Option<Uuid>,
+    /// The integrator's id for the user (`POST /v1/admin/users`).
+    #[serde(default)]
+    #[schema(min_length = 1, max_length = 128)]
+    pub external_user_id: Option<String>,
     /// A seeded plan name (`trial`, `paid_basic`, `paid`).
     pub plan: String,
     /// `active`, `canceled` or `past_due`; implied by the type when absent.
@@ -109,6 +115,17 @@ impl WebhookEvent {
             || self.created > now.saturating_add(super::signature::TOLERANCE_SECONDS)
         {
             return Err(InvalidField("created"));
+        }
+        match (&self.data.user_id, &self.data.external_user_id) {
+            (Some(_), None) => {}
+            (None, Some(external)) => {
+                let ok = (1..=128).contains(&external.len())
+                    && external.bytes().all(|b| b.is_ascii_graphic());
+                if !ok {
+                    return Err(InvalidField("data.external_user_id"));
+                }
+            }
+            _ => return Err(InvalidField("data.user_id")),
         }
         let plan_ok = (1..=64).contains(&self.data.plan.len())
             && self
@@ -197,6 +214,32 @@ mod tests {
             base("evt", 1, "Paid!").validate(NOW),
             Err(InvalidField("data.plan"))
         );
+    }
+
+    #[test]
+    fn the_user_is_named_exactly_once_by_either_id() {
+        let with = |data: &str| {
+            event(&format!(
+                r#"{{"id":"e","type":"subscription.activated","created":1,"data":{{{data}"plan":"paid"}}}}"#
+            ))
+            .validate(NOW)
+        };
+        assert!(with(&format!(r#""user_id":"{USER}","#)).is_ok());
+        assert!(with(r#""external_user_id":"cust_8412","#).is_ok());
+        assert_eq!(with(""), Err(InvalidField("data.user_id")));
+        assert_eq!(
+            with(&format!(
+                r#""user_id":"{USER}","external_user_id":"cust_8412","#
+            )),
+            Err(InvalidField("data.user_id"))
+        );
+        for bad in ["", "with space", &"x".repeat(129)] {
+            assert_eq!(
+                with(&format!(r#""external_user_id":"{bad}","#)),
+                Err(InvalidField("data.external_user_id")),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

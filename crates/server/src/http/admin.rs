@@ -1,8 +1,11 @@
-//! `POST /v1/admin/sessions`: server-to-server sign-in. (Device control and
+//! The integrator's identity, server to server: `POST /v1/admin/users`
+//! maps the integrator's own user id (`external_id`) to a BlockRemote user,
+//! and `POST /v1/admin/sessions` signs a device in for a user named either
+//! way — so a bank never gives BlockRemote a password. (Device control and
 //! the global kill-switch are in `devices.rs`.)
 
 use axum::{extract::State, http::StatusCode, Json as JsonResponse};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
@@ -10,22 +13,148 @@ use uuid::Uuid;
 use super::{json::Json, validate};
 use crate::{
     app::AppState,
-    auth::sessions::{DeviceBinding, Opener, Origin, SessionTokens},
+    auth::{
+        sessions::{DeviceBinding, Opener, Origin, SessionTokens},
+        Auth,
+    },
     error::{codes, ApiError, Problem},
     http::extract::{AdminAuth, ClientIp},
+    store::{AuditSource, EnsuredUser, NewAuditEntry, StoreError, User},
 };
 
 /// The admin routes.
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(post_session))
+    OpenApiRouter::new()
+        .routes(routes!(post_user))
+        .routes(routes!(post_session))
 }
 
-/// Mint a device session for an existing user.
+/// Map one of the integrator's users to a BlockRemote user.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalUserRequest {
+    /// The integrator's own, stable id for the user: 1–128 visible ASCII
+    /// characters, compared exactly. Use an opaque customer reference, not
+    /// an account number or a national id.
+    #[schema(min_length = 1, max_length = 128, example = "cust_8412")]
+    pub external_id: String,
+    /// Optional; unique among users. The user still has no password.
+    #[serde(default)]
+    #[schema(format = "email")]
+    pub email: Option<String>,
+}
+
+/// The BlockRemote user of an external id.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ExternalUser {
+    /// The BlockRemote user id.
+    pub user_id: Uuid,
+    /// The integrator's id, as given.
+    pub external_id: String,
+    /// True when this call created the user.
+    pub created: bool,
+}
+
+/// Creates the user of `external_id`, or returns the one it already has
+/// (idempotent: the same request answers 201 once, then 200).
+#[utoipa::path(post, path = "/v1/admin/users", tag = "admin", request_body = ExternalUserRequest,
+    security(("admin_key" = [])),
+    responses(
+        (status = 201, description = "User created", body = ExternalUser),
+        (status = 200, description = "The external id already had this user (same email, or none given)", body = ExternalUser),
+        (status = 401, description = "`invalid_admin_key`", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`external_id_conflict` (the external id's user has another email) or `email_taken` (another user has this email)", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`validation_failed` (`external_id` or `email`)", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn post_user(
+    State(state): State<AppState>,
+    _admin: AdminAuth,
+    ip: ClientIp,
+    Json(body): Json<ExternalUserRequest>,
+) -> Result<(StatusCode, JsonResponse<ExternalUser>), ApiError> {
+    validate::external_id("external_id", &body.external_id)?;
+    let email = body.email.as_deref().map(validate::email).transpose()?;
+    let (user, created) = ensure_user(&state, &body.external_id, email.as_deref(), ip).await?;
+    if let Some(email) = &email {
+        if !created && user.email != *email {
+            return Err(ApiError::conflict(
+                codes::EXTERNAL_ID_CONFLICT,
+                "This external id already has a user with another email.",
+            ));
+        }
+    }
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        JsonResponse(ExternalUser {
+            user_id: user.id,
+            external_id: body.external_id,
+            created,
+        }),
+    ))
+}
+
+/// The user of `external_id`, created (and audited) when it has none.
+async fn ensure_user(
+    state: &AppState,
+    external_id: &str,
+    email: Option<&str>,
+    ip: ClientIp,
+) -> Result<(User, bool), ApiError> {
+    let ensured = state
+        .store
+        .ensure_external_user(external_id, email)
+        .await
+        .map_err(|e| match e {
+            StoreError::Conflict { .. } => ApiError::conflict(
+                codes::EMAIL_TAKEN,
+                "An account with this email already exists.",
+            ),
+            other => other.into(),
+        })?;
+    match ensured {
+        EnsuredUser::Existing(user) => Ok((user, false)),
+        EnsuredUser::Created(user) => {
+            state
+                .store
+                .append_audit(NewAuditEntry {
+                    user_id: Some(user.id),
+                    device_id: None,
+                    jti: None,
+                    ip: Auth::ip_prefix(ip.0),
+                    user_agent: None,
+                    source: AuditSource::Http,
+                    threat_score: None,
+                    decision_reason: Some("admin".to_owned()),
+                    attestation_state: None,
+                    action_taken: "user_created:external".to_owned(),
+                })
+                .await?;
+            Ok((user, true))
+        }
+    }
+}
+
+/// Mint a device session for a user, named by its id or its external id.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AdminSessionRequest {
-    /// The user (authenticated elsewhere by the calling app).
-    pub user_id: Uuid,
+    /// The user (authenticated elsewhere by the calling app). Exactly one of
+    /// `user_id` and `external_user_id`.
+    #[serde(default)]
+    pub user_id: Option<Uuid>,
+    /// The integrator's id for the user (`POST /v1/admin/users`).
+    #[serde(default)]
+    #[schema(min_length = 1, max_length = 128)]
+    pub external_user_id: Option<String>,
+    /// With `external_user_id`: create the user on first use instead of
+    /// answering 404 `user_not_found`.
+    #[serde(default)]
+    pub create: bool,
     /// 8–64 characters of `[A-Za-z0-9_-]`.
     pub device_id: String,
     /// The app's device fingerprint.
@@ -40,7 +169,8 @@ pub struct AdminSessionRequest {
     responses(
         (status = 201, description = "Device session opened", body = SessionTokens),
         (status = 401, description = "`invalid_admin_key`", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "`user_not_found`", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`user_not_found` (no such `user_id`, or an unknown `external_user_id` without `create`)", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`validation_failed`: the device fields, or not exactly one of `user_id` and `external_user_id`", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "`account_blocked` or `device_locked`", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "`device_in_use` (operators are not held to `BLOCKREMOTE_MAX_DEVICES_PER_USER`)", body = Problem, content_type = "application/problem+json"),
     ))]
@@ -51,15 +181,40 @@ pub async fn post_session(
     Json(body): Json<AdminSessionRequest>,
 ) -> Result<(StatusCode, JsonResponse<SessionTokens>), ApiError> {
     validate::device(&body.device_id, &body.device_fingerprint, &body.platform)?;
-    let user = state
-        .store
-        .user_by_id(body.user_id)
-        .await?
-        .ok_or(ApiError::Client {
-            status: StatusCode::NOT_FOUND,
-            code: codes::USER_NOT_FOUND,
-            detail: "No user has this id.",
-        })?;
+    let not_found = ApiError::Client {
+        status: StatusCode::NOT_FOUND,
+        code: codes::USER_NOT_FOUND,
+        detail: "No user has this id.",
+    };
+    let user = match (body.user_id, body.external_user_id.as_deref()) {
+        (Some(id), None) => {
+            if body.create {
+                return Err(ApiError::invalid_field(
+                    "create",
+                    "applies to external_user_id only",
+                ));
+            }
+            state.store.user_by_id(id).await?.ok_or(not_found)?
+        }
+        (None, Some(external)) => {
+            validate::external_id("external_user_id", external)?;
+            if body.create {
+                ensure_user(&state, external, None, ip).await?.0
+            } else {
+                state
+                    .store
+                    .user_by_external_id(external)
+                    .await?
+                    .ok_or(not_found)?
+            }
+        }
+        _ => {
+            return Err(ApiError::invalid_field(
+                "user_id",
+                "give exactly one of user_id and external_user_id",
+            ))
+        }
+    };
     let binding = DeviceBinding {
         device_id: &body.device_id,
         fingerprint: &body.device_fingerprint,

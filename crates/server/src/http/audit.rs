@@ -1,8 +1,9 @@
 //! `GET /v1/audit/logs`: the audit trail, newest first, by cursor.
 //!
 //! A device token sees its own user's rows (filters only narrow within
-//! them); an admin key sees every row and may filter by `user_id` and
-//! `device_id`. Both may filter by `action`. The cursor is opaque: the
+//! them); an admin key sees every row and may filter by `user_id`,
+//! `external_user_id` (the integrator's id) and `device_id`. Both may filter
+//! by `action`. The cursor is opaque: the
 //! position after the last row of the page.
 
 use axum::{
@@ -41,6 +42,9 @@ pub struct AuditQuery {
     pub action: Option<String>,
     /// Only rows about this user.
     pub user_id: Option<Uuid>,
+    /// Only rows about the user with this external id (admin key only; an
+    /// unknown one matches no row).
+    pub external_user_id: Option<String>,
     /// Only rows about this device.
     pub device_id: Option<String>,
 }
@@ -86,7 +90,7 @@ impl FromRequestParts<AppState> for Reader {
     responses(
         (status = 200, description = "A page of rows, newest first", body = AuditPage),
         (status = 401, description = "`invalid_token` (sign in again), `token_expired` (refresh), `device_mismatch`, `device_revoked` or `invalid_admin_key`", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "`validation_failed` (`limit`, `cursor`, or an unknown parameter)", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`validation_failed` (`limit`, `cursor`, `external_user_id` — or it given with a device token — or an unknown parameter)", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn get_audit_logs(
     State(state): State<AppState>,
@@ -102,13 +106,31 @@ pub async fn get_audit_logs(
         action: query.action,
         before,
     };
+    let empty = || {
+        Ok(JsonResponse(AuditPage {
+            items: Vec::new(),
+            next_cursor: None,
+        }))
+    };
+    if let Some(external) = query.external_user_id.as_deref() {
+        if matches!(reader, Reader::Device(_)) {
+            return Err(ApiError::invalid_field(
+                "external_user_id",
+                "is an admin filter; a device sees its own rows",
+            ));
+        }
+        crate::http::validate::external_id("external_user_id", external)?;
+        match state.store.user_by_external_id(external).await? {
+            Some(user) if filter.user_id.is_none_or(|u| u == user.id) => {
+                filter.user_id = Some(user.id)
+            }
+            _ => return empty(),
+        }
+    }
     if let Reader::Device(device) = &reader {
         // Own rows only; the caller's filters narrow within them.
         if filter.user_id.is_some_and(|u| u != device.user_id) {
-            return Ok(JsonResponse(AuditPage {
-                items: Vec::new(),
-                next_cursor: None,
-            }));
+            return empty();
         }
         filter.user_id = Some(device.user_id);
     }

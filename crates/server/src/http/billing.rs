@@ -150,6 +150,14 @@ pub async fn post_webhook(
                     field,
                     "must be a positive Unix time at most 300 seconds ahead of the server's clock",
                 ),
+                "data.user_id" => ApiError::invalid_field(
+                    field,
+                    "give exactly one of data.user_id and data.external_user_id",
+                ),
+                "data.external_user_id" => ApiError::invalid_field(
+                    field,
+                    "must be 1–128 visible ASCII characters (no spaces)",
+                ),
                 _ => ApiError::invalid_field(field, "is not valid"),
             })?;
     if !state
@@ -161,13 +169,31 @@ pub async fn post_webhook(
     {
         return Err(ApiError::invalid_field("data.plan", "is not a known plan"));
     }
-    let user_id = event.data.user_id;
-    if state.store.user_by_id(user_id).await?.is_none() {
-        return Err(ApiError::invalid_field(
-            "data.user_id",
-            "is not a known user",
-        ));
-    }
+    // The subscription's user, named by its id or the integrator's id (an
+    // unknown external id is refused like an unknown id: billing never
+    // creates users).
+    let user = match (event.data.user_id, event.data.external_user_id.as_deref()) {
+        (Some(id), _) => state
+            .store
+            .user_by_id(id)
+            .await?
+            .ok_or_else(|| ApiError::invalid_field("data.user_id", "is not a known user"))?,
+        (None, Some(external)) => state
+            .store
+            .user_by_external_id(external)
+            .await?
+            .ok_or_else(|| {
+                ApiError::invalid_field("data.external_user_id", "is not a known user")
+            })?,
+        // `validate` refused an event naming no user already.
+        (None, None) => {
+            return Err(ApiError::invalid_field(
+                "data.user_id",
+                "give exactly one of data.user_id and data.external_user_id",
+            ))
+        }
+    };
+    let user_id = user.id;
 
     let metadata = serde_json::json!({
         "event_id": event.id,

@@ -61,7 +61,17 @@ fn bearer_from_protocols(headers: &HeaderMap) -> (Option<String>, bool) {
     (token, offers_v1)
 }
 
-/// Opens the kill-switch socket. Messages: see API.md, "Kill-switch (real time)".
+/// Opens the kill-switch socket (WebSocket; JSON text frames of at most 4 KiB).
+///
+/// The server first sends the device's state, `{"type":"state","locked":bool,"action":string|null,"seq":int}`,
+/// which is authoritative over any history replayed after it; then every command the device has
+/// not acknowledged, then live ones: `{"type":"command","id","seq","action","reason","issued_at"}`
+/// with `action` one of `CRITICAL_LOCK`, `IMMEDIATE_QUARANTINE`, `FORCE_OVERLAY`, `UNLOCK` and
+/// `seq` increasing per device. The client answers `{"type":"ack","id"}` (delivery is
+/// at-least-once across reconnects: dedupe by `id`) and after a reconnect may send
+/// `{"type":"resume","since_seq":int}`. Close codes: 1001 shutdown or idle (reconnect), 4001
+/// replaced by a newer socket, 4002 token expired (refresh, reconnect), 4003 locked (reconnect
+/// to read the state), 4004 revoked (sign in again).
 #[utoipa::path(get, path = "/v1/security/kill-switch", tag = "kill-switch",
     params(
         ("X-Device-Id" = Option<String>, Header, description = "When sent, must equal the token's device"),

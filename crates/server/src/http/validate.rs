@@ -44,6 +44,20 @@ pub fn password(raw: &str) -> Result<(), ApiError> {
     }
 }
 
+/// An integrator's user id: 1–128 visible ASCII characters (no spaces),
+/// compared exactly. `field` names it in the problem.
+pub fn external_id(field: &str, raw: &str) -> Result<(), ApiError> {
+    let ok = (1..=128).contains(&raw.len()) && raw.bytes().all(|b| b.is_ascii_graphic());
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid_field(
+            field,
+            "must be 1–128 visible ASCII characters (no spaces)",
+        ))
+    }
+}
+
 /// 8–64 characters of `[A-Za-z0-9_-]`.
 pub fn device_id(raw: &str) -> Result<(), ApiError> {
     let ok = (8..=64).contains(&raw.len())

@@ -55,7 +55,7 @@ pub const MAX_GYRO: f64 = 35.0;
 pub const MAX_CONTEXT_ITEMS: usize = 64;
 const MAX_CONTEXT_CHARS: usize = 255;
 
-/// A heartbeat as the device sends it (API.md "Signals and trust").
+/// A heartbeat as the device sends it: one window of sensor samples, touches, network counters and context.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"seq": 42, "sent_at": "2026-11-22T12:00:00.000Z",

@@ -33,7 +33,7 @@ use super::{
     HoldAction, HoldSource, NewHold, StoreResult,
 };
 
-/// A device's graded attestation state (API.md "Attestation").
+/// A device's graded attestation state, from the last verdict of its platform's provider.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum AttestationGrade {

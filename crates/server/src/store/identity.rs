@@ -52,12 +52,24 @@ impl UserStatus {
 pub struct User {
     /// User id.
     pub id: Uuid,
-    /// Lower-cased email.
+    /// Lower-cased email; '' for an external user registered without one.
     pub email: String,
-    /// Argon2id PHC string.
+    /// Argon2id PHC string; '' for an external user (no password: it never
+    /// signs in with one).
     pub password_hash: String,
     /// Whether the user may sign in.
     pub status: UserStatus,
+    /// The integrator's own id for this user (`POST /v1/admin/users`).
+    pub external_id: Option<String>,
+}
+
+/// What [`IdentityStore::ensure_external_user`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EnsuredUser {
+    /// A user was created for the external id.
+    Created(User),
+    /// The external id already had this user.
+    Existing(User),
 }
 
 /// Whether a device's tokens are honoured.
@@ -231,6 +243,20 @@ pub trait IdentityStore: Send + Sync {
     /// The user with this id.
     async fn user_by_id(&self, id: Uuid) -> StoreResult<Option<User>>;
 
+    /// The user with this external id (exact, case-sensitive).
+    async fn user_by_external_id(&self, external_id: &str) -> StoreResult<Option<User>>;
+
+    /// The user of `external_id`, created (without a password, with `email`
+    /// when given) if there is none — idempotent, and safe against
+    /// concurrent calls (one creates, the others see it).
+    /// [`super::StoreError::Conflict`] `users_email_key` when `email`
+    /// belongs to another user.
+    async fn ensure_external_user(
+        &self,
+        external_id: &str,
+        email: Option<&str>,
+    ) -> StoreResult<EnsuredUser>;
+
     /// The device with this id.
     async fn device(&self, id: &str) -> StoreResult<Option<Device>>;
 
@@ -270,6 +296,7 @@ struct UserRow {
     email: String,
     password_hash: String,
     status: String,
+    external_id: Option<String>,
 }
 
 impl From<UserRow> for User {
@@ -279,6 +306,7 @@ impl From<UserRow> for User {
             email: row.email,
             password_hash: row.password_hash,
             status: UserStatus::parse(&row.status),
+            external_id: row.external_id,
         }
     }
 }
@@ -487,12 +515,14 @@ for_each_dialect! {
                 email: email.to_owned(),
                 password_hash: password_hash.to_owned(),
                 status: UserStatus::Active,
+                external_id: None,
             })
         }
 
         async fn user_by_email(&self, email: &str) -> StoreResult<Option<User>> {
             let row: Option<UserRow> = sqlx::query_as(
-                "SELECT id, email, password_hash, status FROM users WHERE lower(email) = lower($1)",
+                "SELECT id, email, password_hash, status, external_id FROM users \
+                 WHERE lower(email) = lower($1) AND email <> ''",
             )
             .bind(email)
             .fetch_optional(&self.pool)
@@ -501,12 +531,64 @@ for_each_dialect! {
         }
 
         async fn user_by_id(&self, id: Uuid) -> StoreResult<Option<User>> {
-            let row: Option<UserRow> =
-                sqlx::query_as("SELECT id, email, password_hash, status FROM users WHERE id = $1")
-                    .bind(Id(id))
-                    .fetch_optional(&self.pool)
-                    .await?;
+            let row: Option<UserRow> = sqlx::query_as(
+                "SELECT id, email, password_hash, status, external_id FROM users WHERE id = $1",
+            )
+            .bind(Id(id))
+            .fetch_optional(&self.pool)
+            .await?;
             Ok(row.map(User::from))
+        }
+
+        async fn user_by_external_id(&self, external_id: &str) -> StoreResult<Option<User>> {
+            let row: Option<UserRow> = sqlx::query_as(
+                "SELECT id, email, password_hash, status, external_id FROM users \
+                 WHERE external_id = $1",
+            )
+            .bind(external_id)
+            .fetch_optional(&self.pool)
+            .await?;
+            Ok(row.map(User::from))
+        }
+
+        #[tracing::instrument(skip_all, name = "store.ensure_external_user")]
+        async fn ensure_external_user(
+            &self,
+            external_id: &str,
+            email: Option<&str>,
+        ) -> StoreResult<EnsuredUser> {
+            if let Some(user) = self.user_by_external_id(external_id).await? {
+                return Ok(EnsuredUser::Existing(user));
+            }
+            let id = Uuid::now_v7();
+            let email = email.unwrap_or("");
+            // A concurrent call for the same external id loses on its unique
+            // index and reads the winner's row; an email taken by someone
+            // else is a conflict.
+            let inserted = sqlx::query(
+                "INSERT INTO users (id, email, password_hash, external_id, created_at, updated_at) \
+                 VALUES ($1, $2, '', $3, $4, $4) \
+                 ON CONFLICT (external_id) WHERE external_id IS NOT NULL DO NOTHING",
+            )
+            .bind(Id(id))
+            .bind(email)
+            .bind(external_id)
+            .bind(Time(now_micros()))
+            .execute(&self.pool)
+            .await?;
+            if inserted.rows_affected() == 1 {
+                return Ok(EnsuredUser::Created(User {
+                    id,
+                    email: email.to_owned(),
+                    password_hash: String::new(),
+                    status: UserStatus::Active,
+                    external_id: Some(external_id.to_owned()),
+                }));
+            }
+            self.user_by_external_id(external_id)
+                .await?
+                .map(EnsuredUser::Existing)
+                .ok_or(StoreError::NotFound)
         }
 
         async fn device(&self, id: &str) -> StoreResult<Option<Device>> {
@@ -550,6 +632,7 @@ for_each_dialect! {
                 email: user.email,
                 password_hash: user.password_hash,
                 status: UserStatus::Active,
+                external_id: None,
             })
         }
 

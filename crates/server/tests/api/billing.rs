@@ -26,6 +26,7 @@ crate::on_both_backends!(
     upgrades_and_downgrades_apply_on_the_next_request,
     a_closed_or_allow_listed_webhook_refuses_callers,
     invalid_events_name_the_field_and_apply_nothing,
+    events_may_name_the_user_by_the_integrators_id,
 );
 
 const STRIPE_SECRET: &str = "sk_live_rotation_new";
@@ -767,4 +768,86 @@ async fn two_instances_share_one_bucket_through_redis() {
         second.subscription(&d).await.status(),
         StatusCode::TOO_MANY_REQUESTS
     );
+}
+
+async fn events_may_name_the_user_by_the_integrators_id(backend: Backend) {
+    let Some(app) = spawn_app_with(backend, |c| {
+        c.webhook_secrets = vec![STRIPE_SECRET.into()];
+        c.admin_token = Some("billing-admin-key-0123456789abcdef0123".to_owned().into());
+    })
+    .await
+    else {
+        return;
+    };
+    let created = app
+        .admin(
+            reqwest::Method::POST,
+            "/v1/admin/users",
+            Some(&json!({"external_id": "cust_bill_77"})),
+        )
+        .await;
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let user: Value = created.json().await.expect("json");
+    let body = json!({"id": "evt_ext_1", "type": "subscription.activated", "created": now(),
+        "data": {"external_user_id": "cust_bill_77", "plan": "paid"}})
+    .to_string();
+    let (status, reply) = status_of(send_stripe(&app, STRIPE_SECRET, now(), &body).await).await;
+    assert_eq!(
+        (status, &reply),
+        (StatusCode::OK, &json!({"status": "processed"}))
+    );
+    // The plan is the user's: a device signed in for that external id sees it.
+    let minted = app
+        .admin(
+            reqwest::Method::POST,
+            "/v1/admin/sessions",
+            Some(
+                &json!({"external_user_id": "cust_bill_77", "device_id": "device_bill_ext",
+                "device_fingerprint": "fp-ext", "platform": "android"}),
+            ),
+        )
+        .await;
+    assert_eq!(minted.status(), StatusCode::CREATED);
+    let device = Session::from_response(minted, "device_bill_ext").await;
+    assert_eq!(device.user_id, user["user_id"].as_str().expect("id"));
+    let subscription = subscription_json(&app, &device).await;
+    assert_eq!(
+        (
+            subscription["plan"].as_str(),
+            subscription["rate_limit_per_minute"].as_u64()
+        ),
+        (Some("paid"), Some(1200))
+    );
+
+    // Billing never creates users; an event naming no user, or both, is refused.
+    for (data, field) in [
+        (
+            json!({"external_user_id": "cust_unknown", "plan": "paid"}),
+            "data.external_user_id",
+        ),
+        (json!({"plan": "paid"}), "data.user_id"),
+        (
+            json!({"user_id": user["user_id"], "external_user_id": "cust_bill_77", "plan": "paid"}),
+            "data.user_id",
+        ),
+        (
+            json!({"external_user_id": "has space", "plan": "paid"}),
+            "data.external_user_id",
+        ),
+    ] {
+        let body = json!({"id": format!("evt_bad_{field}_{}", data.to_string().len()),
+            "type": "subscription.activated", "created": now(), "data": data})
+        .to_string();
+        let (status, problem) =
+            status_of(send_stripe(&app, STRIPE_SECRET, now(), &body).await).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert_eq!(problem["field"], field, "{body}");
+    }
+    assert!(app
+        .state
+        .store
+        .user_by_external_id("cust_unknown")
+        .await
+        .expect("lookup")
+        .is_none());
 }

@@ -111,6 +111,11 @@ impl Session {
     /// status (201 or 200 depending on the route).
     pub async fn from_response(response: Response, device_id: &str) -> Self {
         let body: Value = response.json().await.expect("json");
+        Self::from_json(&body, device_id)
+    }
+
+    /// [`Self::from_response`] for a body already read.
+    pub fn from_json(body: &Value, device_id: &str) -> Self {
         assert_eq!(body["token_type"], "Bearer");
         assert_eq!(body["expires_in"], 900);
         Self {

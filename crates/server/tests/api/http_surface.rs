@@ -253,6 +253,7 @@ async fn openapi_describes_exactly_the_served_routes(backend: Backend) {
             "/v1/admin/kill-switch/global",
             "/v1/admin/sessions",
             "/v1/admin/threat-intel",
+            "/v1/admin/users",
             "/v1/attestation/nonce",
             "/v1/attestation/verify",
             "/v1/audit/logs",

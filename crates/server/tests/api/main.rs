@@ -8,6 +8,7 @@ mod audit;
 mod billing;
 mod cli;
 mod client;
+mod external_identity;
 mod firewall;
 mod helpers;
 mod http_surface;

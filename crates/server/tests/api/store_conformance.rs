@@ -1,8 +1,8 @@
 //! The durable store's conformance story, run on SQLite and PostgreSQL.
 
 use blockremote::store::{
-    AttestationGrade, AttestationRecord, AuditSource, DeviceStatus, NewAppAttestKey, NewAuditEntry,
-    NewRefreshToken, NewSession, Revocation, RotateOutcome,
+    AttestationGrade, AttestationRecord, AuditSource, DeviceStatus, EnsuredUser, NewAppAttestKey,
+    NewAuditEntry, NewRefreshToken, NewSession, Revocation, RotateOutcome,
 };
 use uuid::Uuid;
 
@@ -21,6 +21,7 @@ crate::on_both_backends!(
     a_decision_whose_affected_ids_do_not_decode_is_an_error,
     firewall_side_effects_reach_only_devices_the_users_own,
     app_attest_counters_move_forward_once_and_verdicts_grade_the_device,
+    external_users_are_created_once_and_never_sign_in_by_password,
 );
 
 fn token(n: u8) -> NewRefreshToken {
@@ -817,4 +818,66 @@ async fn app_attest_counters_move_forward_once_and_verdicts_grade_the_device(bac
         .expect("exists");
     assert_eq!(device.attestation.grade, AttestationGrade::Strong);
     assert_eq!(device.attestation.evidence, ["capturing_app_detected"]);
+}
+
+async fn external_users_are_created_once_and_never_sign_in_by_password(backend: Backend) {
+    let Some((store, _raw, _b)) = store_for(backend).await else {
+        return;
+    };
+    store.migrate().await.expect("migrate");
+    // Eight concurrent calls for one external id: exactly one creates it.
+    let calls = (0..8).map(|_| {
+        let store = store.clone();
+        tokio::spawn(async move { store.ensure_external_user("cust_race", None).await })
+    });
+    let mut created = 0;
+    let mut ids = std::collections::HashSet::new();
+    for call in calls {
+        match call.await.expect("join").expect("ensure") {
+            EnsuredUser::Created(user) => {
+                created += 1;
+                ids.insert(user.id);
+            }
+            EnsuredUser::Existing(user) => {
+                ids.insert(user.id);
+            }
+        }
+    }
+    assert_eq!((created, ids.len()), (1, 1));
+    let user = store
+        .user_by_external_id("cust_race")
+        .await
+        .expect("lookup")
+        .expect("the user");
+    assert_eq!(user.external_id.as_deref(), Some("cust_race"));
+    assert_eq!((user.email.as_str(), user.password_hash.as_str()), ("", ""));
+    // Users without email do not collide on '', and are never found by it.
+    for n in 0..3 {
+        store
+            .ensure_external_user(&format!("cust_{n}"), None)
+            .await
+            .expect("no email");
+    }
+    assert!(store.user_by_email("").await.expect("lookup").is_none());
+    // An email is still unique across both kinds of user.
+    store
+        .create_user("gail@example.com", "hash")
+        .await
+        .expect("user");
+    assert!(matches!(
+        store
+            .ensure_external_user("cust_gail", Some("gail@example.com"))
+            .await,
+        Err(blockremote::store::StoreError::Conflict { .. })
+    ));
+    assert!(store
+        .user_by_external_id("cust_gail")
+        .await
+        .expect("lookup")
+        .is_none());
+    // The database refuses an out-of-range external id whatever the caller.
+    assert!(store
+        .ensure_external_user(&"x".repeat(129), None)
+        .await
+        .is_err());
 }

@@ -112,7 +112,7 @@ fn classify(err: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
                     .unwrap_or_else(|| if path == "." { "body".to_owned() } else { path });
                 ApiError::Validation {
                     field,
-                    message: strip_position(&message),
+                    message: plain(&strip_position(&message)),
                 }
             }
             _ => ApiError::InvalidBody(format!(
@@ -143,6 +143,59 @@ fn unknown_field_name(message: &str) -> Option<&str> {
 
 fn missing_field_name(message: &str) -> Option<&str> {
     backticked(message, "missing field `")
+}
+
+/// serde's messages in words a client developer reads without knowing Rust
+/// ("expected u64" → "a whole number, 0 or more"), keeping what they say.
+fn plain(message: &str) -> String {
+    if let Some(rest) = message.strip_prefix("invalid type: ") {
+        if let Some((got, expected)) = rest.split_once(", expected ") {
+            return format!("must be {}, not {got}", expected_in_words(expected));
+        }
+    }
+    if let Some(rest) = message.strip_prefix("invalid value: ") {
+        if let Some((got, expected)) = rest.split_once(", expected ") {
+            return format!("must be {} (got {got})", expected_in_words(expected));
+        }
+    }
+    if missing_field_name(message).is_some() {
+        return "is required".to_owned();
+    }
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        return match rest.split_once(", expected ") {
+            Some((_, known)) => format!("is not a known field (expected {known})"),
+            None => "is not a known field".to_owned(),
+        };
+    }
+    if let Some(rest) = message.strip_prefix("unknown variant `") {
+        if let Some((_, known)) = rest.split_once(", expected ") {
+            return format!("must be {known}");
+        }
+    }
+    if let Some(rest) = message.strip_prefix("invalid length ") {
+        if let Some((got, expected)) = rest.split_once(", expected ") {
+            return format!("must be {expected} (got {got} values)");
+        }
+    }
+    message.to_owned()
+}
+
+fn expected_in_words(expected: &str) -> String {
+    match expected {
+        "u8" | "u16" | "u32" | "u64" | "usize" => "a whole number, 0 or more".to_owned(),
+        "i8" | "i16" | "i32" | "i64" | "isize" => "a whole number".to_owned(),
+        "f32" | "f64" => "a number".to_owned(),
+        "a borrowed string" | "a string" => "a string".to_owned(),
+        "a boolean" => "true or false".to_owned(),
+        "a sequence" => "a list".to_owned(),
+        "a map" => "an object".to_owned(),
+        e if e.starts_with("struct ") => "an object".to_owned(),
+        e if e.contains("UUID") => "a UUID".to_owned(),
+        e if e.contains("RFC 3339") || e.contains("datetime") => {
+            "an RFC 3339 timestamp (2026-12-01T12:00:00Z)".to_owned()
+        }
+        other => other.to_owned(),
+    }
 }
 
 /// serde_json appends " at line L column C"; useful to a developer, but it is
@@ -181,6 +234,60 @@ mod tests {
             ApiError::Validation { field, .. } => field,
             other => panic!("expected validation error, got {other:?}"),
         }
+    }
+
+    fn message_of(err: ApiError) -> String {
+        match err {
+            ApiError::Validation { message, .. } => message,
+            other => panic!("expected validation error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn messages_speak_json_not_rust() {
+        for (raw, field, says) in [
+            (
+                r#"{"name":"a","count":"7"}"#,
+                "count",
+                "must be a whole number, 0 or more, not string \"7\"",
+            ),
+            (
+                r#"{"name":"a","count":-1}"#,
+                "count",
+                "must be a whole number, 0 or more (got integer `-1`)",
+            ),
+            (
+                r#"{"name":7,"count":1}"#,
+                "name",
+                "must be a string, not integer `7`",
+            ),
+            (r#"{"name":"a"}"#, "count", "is required"),
+            (
+                r#"{"name":"a","count":1,"inner":{"x":true}}"#,
+                "inner.x",
+                "must be a number, not boolean `true`",
+            ),
+            (
+                r#"{"name":"a","count":1,"inner":"x"}"#,
+                "inner",
+                "must be an object, not string \"x\"",
+            ),
+        ] {
+            let err = parse::<Body>(raw.as_bytes()).expect_err(raw);
+            let message = message_of(err);
+            assert_eq!(message, says, "{raw}");
+            assert!(
+                !message.contains("u32") && !message.contains("f64"),
+                "{raw}: {message}"
+            );
+            let err = parse::<Body>(raw.as_bytes()).expect_err(raw);
+            assert_eq!(field_of(err), field, "{raw}");
+        }
+        let err = parse::<Body>(br#"{"name":"a","count":1,"extra":1}"#).expect_err("unknown");
+        assert_eq!(
+            message_of(err),
+            "is not a known field (expected one of `name`, `count`, `inner`)"
+        );
     }
 
     #[test]

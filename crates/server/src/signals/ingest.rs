@@ -108,7 +108,12 @@ fn invalid(field: impl Into<String>, message: &'static str) -> Invalid {
     }
 }
 
-fn check_samples(name: &str, samples: &[Sample], bound: f64) -> Result<(), Invalid> {
+fn check_samples(
+    name: &str,
+    samples: &[Sample],
+    bound: f64,
+    out_of_range: &'static str,
+) -> Result<(), Invalid> {
     if samples.len() > MAX_SAMPLES {
         return Err(invalid(name, "has more than 256 samples"));
     }
@@ -124,7 +129,7 @@ fn check_samples(name: &str, samples: &[Sample], bound: f64) -> Result<(), Inval
             ));
         }
         if !axes_ok {
-            return Err(invalid(format!("{name}[{i}]"), "an axis is out of range"));
+            return Err(invalid(format!("{name}[{i}]"), out_of_range));
         }
         if s.t < last {
             return Err(invalid(format!("{name}[{i}]"), "t_ms must not decrease"));
@@ -140,26 +145,42 @@ impl HeartbeatBody {
         if self.seq == 0 || self.seq > MAX_SEQ {
             return Err(invalid("seq", "must be within 1–2^53"));
         }
-        check_samples("accelerometer", &self.accelerometer, MAX_ACCEL)?;
-        check_samples("gyroscope", &self.gyroscope, MAX_GYRO)?;
+        check_samples(
+            "accelerometer",
+            &self.accelerometer,
+            MAX_ACCEL,
+            "x, y and z must be finite m/s² within ±160 (16 g; iOS reports g: multiply by −9.80665)",
+        )?;
+        check_samples(
+            "gyroscope",
+            &self.gyroscope,
+            MAX_GYRO,
+            "x, y and z must be finite rad/s within ±35",
+        )?;
         if self.touches.len() > MAX_TOUCHES {
             return Err(invalid("touches", "has more than 64 events"));
         }
         let mut last = 0.0;
         for (i, t) in self.touches.iter().enumerate() {
             let unit = |v: f64| v.is_finite() && (0.0..=1.0).contains(&v);
-            let ok = t.t.is_finite()
-                && (0.0..=MAX_T_MS).contains(&t.t)
-                && unit(t.x)
-                && unit(t.y)
-                && unit(t.size)
-                && t.pressure.is_finite()
-                && (0.0..=10.0).contains(&t.pressure);
-            if !ok {
-                return Err(invalid(format!("touches[{i}]"), "a value is out of range"));
+            let wrong = if !(t.t.is_finite() && (0.0..=MAX_T_MS).contains(&t.t)) {
+                Some(("t", "must be within 0–60000 (ms since the window start)"))
+            } else if !unit(t.x) {
+                Some(("x", "must be within 0–1 (a share of the screen's width)"))
+            } else if !unit(t.y) {
+                Some(("y", "must be within 0–1 (a share of the screen's height)"))
+            } else if !unit(t.size) {
+                Some(("size", "must be within 0–1"))
+            } else if !(t.pressure.is_finite() && (0.0..=10.0).contains(&t.pressure)) {
+                Some(("pressure", "must be within 0–10"))
+            } else {
+                None
+            };
+            if let Some((field, message)) = wrong {
+                return Err(invalid(format!("touches[{i}].{field}"), message));
             }
             if t.t < last {
-                return Err(invalid(format!("touches[{i}]"), "t must not decrease"));
+                return Err(invalid(format!("touches[{i}].t"), "must not decrease"));
             }
             last = t.t;
         }
@@ -657,10 +678,27 @@ mod tests {
             "accelerometer[1]"
         );
         assert_eq!(field(BODY.replace("9.78", "9999")), "accelerometer[0]");
-        assert_eq!(
-            field(BODY.replace(r#""x": 0.41"#, r#""x": 1.5"#)),
-            "touches[0]"
-        );
+        // Each touch field by name, with its range in the message.
+        for (from, to, named, range) in [
+            (r#""x": 0.41"#, r#""x": 1.5"#, "touches[0].x", "0–1"),
+            (r#""y": 0.77"#, r#""y": -0.1"#, "touches[0].y", "0–1"),
+            (r#""size": 0.031"#, r#""size": 2"#, "touches[0].size", "0–1"),
+            (
+                r#""pressure": 0.62"#,
+                r#""pressure": 11"#,
+                "touches[0].pressure",
+                "0–10",
+            ),
+            (r#""t": 120"#, r#""t": 60001"#, "touches[0].t", "0–60000"),
+        ] {
+            let refused = parse(&BODY.replace(from, to)).validate().expect_err(to);
+            assert_eq!(refused.field, named);
+            assert!(refused.message.contains(range), "{}", refused.message);
+        }
+        let refused = parse(&BODY.replace("9.78", "9999"))
+            .validate()
+            .expect_err("9999");
+        assert!(refused.message.contains("±160"), "{}", refused.message);
         assert_eq!(field(BODY.replace(r#""seq": 42"#, r#""seq": 0"#)), "seq");
         assert_eq!(
             field(BODY.replace(r#""interval_ms": 2000"#, r#""interval_ms": 0"#)),

@@ -43,6 +43,7 @@ impl Sample {
 
 /// What a touch event is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum TouchAction {
     /// Finger down.
@@ -55,17 +56,23 @@ pub enum TouchAction {
 
 /// One touch event.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Touch {
-    /// Milliseconds from the window start.
+    /// Milliseconds from the window start, on the sensors' clock; non-decreasing.
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 60000))]
     pub t: f64,
-    /// Normalised screen x in [0, 1].
+    /// Normalised screen x in [0, 1] (0 = the left edge).
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 1))]
     pub x: f64,
-    /// Normalised screen y in [0, 1].
+    /// Normalised screen y in [0, 1] (0 = the top edge).
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 1))]
     pub y: f64,
-    /// Reported pressure in [0, 1].
+    /// Reported pressure (Android `getPressure()`, iOS force / maximum force), 0–10.
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 10))]
     pub pressure: f64,
     /// Reported contact size in [0, 1].
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 1))]
     pub size: f64,
     /// Down, move or up.
     pub action: TouchAction,
@@ -73,13 +80,17 @@ pub struct Touch {
 
 /// Network counters over the window.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Network {
-    /// Bytes sent.
+    /// Bytes the whole device sent during the interval.
+    #[cfg_attr(feature = "openapi", schema(minimum = 0))]
     pub tx_bytes: u64,
-    /// Bytes received.
+    /// Bytes the whole device received during the interval.
+    #[cfg_attr(feature = "openapi", schema(minimum = 0))]
     pub rx_bytes: u64,
-    /// Window length in milliseconds.
+    /// The interval the counters cover, in milliseconds (1–600000).
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 600000))]
     pub interval_ms: u64,
 }
 
@@ -96,24 +107,47 @@ impl Network {
 
 /// What the app knows about its surroundings.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Context {
     /// The screen is being captured or mirrored.
     #[serde(default)]
     pub screen_capture: bool,
-    /// Enabled accessibility services (package names).
+    /// Enabled accessibility services (`package/.Service`); at most 64 of 1–255 characters.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(max_items = 64, value_type = Vec<ContextEntry>))]
     pub accessibility_services: Vec<String>,
-    /// The installer of the app (e.g. `com.android.vending`), if known.
+    /// The installer of the app (e.g. `com.android.vending`), if known; at most 255 characters.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(max_length = 255))]
     pub installer: Option<String>,
-    /// Hashes of installed apps the client reports.
+    /// Hashes of installed apps (lower-case hex SHA-256); at most 64 of 1–255 characters.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(max_items = 64, value_type = Vec<ContextEntry>))]
     pub app_hashes: Vec<String>,
-    /// Domains recently resolved.
+    /// Host names the app resolved in the window; at most 64 of 1–255 characters.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(max_items = 64, value_type = Vec<ContextEntry>))]
     pub dns: Vec<String>,
 }
+
+/// One entry of a context list: 1–255 characters (the OpenAPI document's view).
+#[cfg(feature = "openapi")]
+pub struct ContextEntry;
+
+#[cfg(feature = "openapi")]
+impl utoipa::PartialSchema for ContextEntry {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .min_length(Some(1))
+            .max_length(Some(255))
+            .into()
+    }
+}
+
+#[cfg(feature = "openapi")]
+impl utoipa::ToSchema for ContextEntry {}
 
 /// One heartbeat window.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]

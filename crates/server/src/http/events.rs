@@ -34,6 +34,7 @@ pub struct EventsQuery {
     #[param(rename = "type")]
     pub event_type: Option<String>,
     /// Events per page, 1–200 (default 50).
+    #[param(minimum = 1, maximum = 200)]
     pub limit: Option<u32>,
     /// `next_cursor` of the previous page.
     pub cursor: Option<String>,

@@ -139,6 +139,7 @@ pub async fn put_rule(
 #[into_params(parameter_in = Query)]
 pub struct DecisionsQuery {
     /// At most this many, newest first (1–200, default 50).
+    #[param(minimum = 1, maximum = 200)]
     pub limit: Option<u32>,
 }
 

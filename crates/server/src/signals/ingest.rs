@@ -66,30 +66,52 @@ const MAX_CONTEXT_CHARS: usize = 255;
     "context": {"screen_capture": false, "accessibility_services": [], "installer": "com.android.vending",
         "app_hashes": [], "dns": []}}))]
 pub struct HeartbeatBody {
-    /// Per-device sequence number; must increase.
+    /// Per-device sequence number, 1–2^53; must increase (a new session starts again at 1).
+    #[schema(minimum = 1, maximum = 9007199254740992_u64)]
     pub seq: u64,
-    /// When the device sent it.
+    /// When the device sent it (RFC 3339 UTC).
     pub sent_at: DateTime<Utc>,
-    /// `[t_ms, x, y, z]` in m/s², gravity included; at most 256.
+    /// Samples `[t_ms, x, y, z]`: `t_ms` 0–60000 from the window start, non-decreasing; x, y, z
+    /// in m/s², gravity included, within ±160; at most 256.
     #[serde(default)]
-    #[schema(value_type = Vec<[f64; 4]>)]
+    #[schema(value_type = Vec<SampleSchema>, max_items = 256)]
     pub accelerometer: Vec<Sample>,
-    /// `[t_ms, x, y, z]` in rad/s; at most 256.
+    /// Samples `[t_ms, x, y, z]` as for the accelerometer, x, y, z in rad/s within ±35; at most 256.
     #[serde(default)]
-    #[schema(value_type = Vec<[f64; 4]>)]
+    #[schema(value_type = Vec<SampleSchema>, max_items = 256)]
     pub gyroscope: Vec<Sample>,
-    /// At most 64 touch events.
+    /// Touch events, `t` non-decreasing; at most 64.
     #[serde(default)]
-    #[schema(value_type = Vec<Object>)]
+    #[schema(max_items = 64)]
     pub touches: Vec<Touch>,
     /// Network counters over the window.
     #[serde(default)]
-    #[schema(value_type = Option<Object>)]
     pub network: Option<Network>,
-    /// Context.
+    /// What the app knows about its surroundings.
     #[serde(default)]
-    #[schema(value_type = Option<Object>)]
     pub context: Option<Context>,
+}
+
+/// One sensor sample, `[t_ms, x, y, z]`: four finite numbers (the OpenAPI
+/// document's view of [`Sample`]).
+pub struct SampleSchema;
+
+impl utoipa::PartialSchema for SampleSchema {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::{schema::Type, ArrayBuilder, ObjectBuilder};
+        ArrayBuilder::new()
+            .items(ObjectBuilder::new().schema_type(Type::Number))
+            .min_items(Some(4))
+            .max_items(Some(4))
+            .description(Some("`[t_ms, x, y, z]`"))
+            .into()
+    }
+}
+
+impl ToSchema for SampleSchema {
+    fn name() -> std::borrow::Cow<'static, str> {
+        "Sample".into()
+    }
 }
 
 /// A limit the body broke: the field path and what is wrong.

@@ -119,9 +119,7 @@ impl WebhookEvent {
         match (&self.data.user_id, &self.data.external_user_id) {
             (Some(_), None) => {}
             (None, Some(external)) => {
-                let ok = (1..=128).contains(&external.len())
-                    && external.bytes().all(|b| b.is_ascii_graphic());
-                if !ok {
+                if !crate::store::is_external_id(external) {
                     return Err(InvalidField("data.external_user_id"));
                 }
             }

@@ -47,8 +47,7 @@ pub fn password(raw: &str) -> Result<(), ApiError> {
 /// An integrator's user id: 1–128 visible ASCII characters (no spaces),
 /// compared exactly. `field` names it in the problem.
 pub fn external_id(field: &str, raw: &str) -> Result<(), ApiError> {
-    let ok = (1..=128).contains(&raw.len()) && raw.bytes().all(|b| b.is_ascii_graphic());
-    if ok {
+    if crate::store::is_external_id(raw) {
         Ok(())
     } else {
         Err(ApiError::invalid_field(

@@ -63,6 +63,23 @@ pub struct User {
     pub external_id: Option<String>,
 }
 
+/// Whether `raw` may be an external id: 1–128 visible ASCII characters (no
+/// spaces), compared exactly. The column's CHECK holds the length too.
+pub fn is_external_id(raw: &str) -> bool {
+    (1..=128).contains(&raw.len()) && raw.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// The columns of a [`UserRow`], selected from `users`, then the rest of
+/// the query.
+macro_rules! select_user {
+    ($rest:literal) => {
+        concat!(
+            "SELECT id, email, password_hash, status, external_id FROM users ",
+            $rest
+        )
+    };
+}
+
 /// What [`IdentityStore::ensure_external_user`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EnsuredUser {
@@ -521,8 +538,7 @@ for_each_dialect! {
 
         async fn user_by_email(&self, email: &str) -> StoreResult<Option<User>> {
             let row: Option<UserRow> = sqlx::query_as(
-                "SELECT id, email, password_hash, status, external_id FROM users \
-                 WHERE lower(email) = lower($1) AND email <> ''",
+                select_user!("WHERE lower(email) = lower($1) AND email <> ''"),
             )
             .bind(email)
             .fetch_optional(&self.pool)
@@ -532,7 +548,7 @@ for_each_dialect! {
 
         async fn user_by_id(&self, id: Uuid) -> StoreResult<Option<User>> {
             let row: Option<UserRow> = sqlx::query_as(
-                "SELECT id, email, password_hash, status, external_id FROM users WHERE id = $1",
+                select_user!("WHERE id = $1"),
             )
             .bind(Id(id))
             .fetch_optional(&self.pool)
@@ -542,8 +558,7 @@ for_each_dialect! {
 
         async fn user_by_external_id(&self, external_id: &str) -> StoreResult<Option<User>> {
             let row: Option<UserRow> = sqlx::query_as(
-                "SELECT id, email, password_hash, status, external_id FROM users \
-                 WHERE external_id = $1",
+                select_user!("WHERE external_id = $1"),
             )
             .bind(external_id)
             .fetch_optional(&self.pool)

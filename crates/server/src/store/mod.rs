@@ -92,8 +92,8 @@ pub use holds::{
     device_status_for, Hold, HoldAction, HoldSource, HoldStore, NewHold, Release, ReleaseOutcome,
 };
 pub use identity::{
-    Device, DeviceStatus, EnsuredUser, IdentityStore, NewRefreshToken, NewSession, NewUser,
-    RefreshRecord, Revocation, RotateOutcome, User, UserStatus, TOO_MANY_DEVICES,
+    is_external_id, Device, DeviceStatus, EnsuredUser, IdentityStore, NewRefreshToken, NewSession,
+    NewUser, RefreshRecord, Revocation, RotateOutcome, User, UserStatus, TOO_MANY_DEVICES,
 };
 pub use intel::IntelStore;
 pub use keys::{KeyStore, SigningKeyRecord};

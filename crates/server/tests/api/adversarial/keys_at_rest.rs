@@ -202,11 +202,14 @@ async fn a_copy_of_the_database_without_the_kek_cannot_sign(backend: Backend) {
             // The file copied into a data dir of its own (which has no `kek`).
             let dir = backing.dir.path().join("copy");
             std::fs::create_dir_all(&dir).expect("dir");
-            std::fs::copy(
-                config.data_dir.join("blockremote.db"),
-                dir.join("blockremote.db"),
-            )
-            .expect("copy");
+            // With its write-ahead log: what the server wrote may not be
+            // checkpointed into the main file yet.
+            for file in ["blockremote.db", "blockremote.db-wal", "blockremote.db-shm"] {
+                let from = config.data_dir.join(file);
+                if from.exists() {
+                    std::fs::copy(from, dir.join(file)).expect("copy");
+                }
+            }
             config_for(
                 &backing,
                 backend,

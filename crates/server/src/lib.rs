@@ -8,6 +8,7 @@ pub mod app;
 pub mod auth;
 pub mod billing;
 pub mod config;
+pub mod demo;
 pub mod error;
 pub mod firewall;
 pub mod http;

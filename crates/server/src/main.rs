@@ -81,9 +81,10 @@ enum Command {
         /// Heartbeats per session (1–10000).
         #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u32).range(1..=10_000), conflicts_with = "corpus")]
         length: u32,
-        /// Corpus seed.
-        #[arg(long, default_value_t = 1, conflicts_with = "corpus")]
-        seed: u64,
+        /// Corpus seed (default: a fresh one per run, printed in the
+        /// report, so each run's windows are new to the server).
+        #[arg(long, conflicts_with = "corpus")]
+        seed: Option<u64>,
         /// Generated classes: the ten original, the eight shifted (issue 21) or all.
         #[arg(long, default_value = "all", value_parser = ["original", "shifted", "all"], conflicts_with = "corpus")]
         classes: String,
@@ -94,6 +95,29 @@ enum Command {
         /// Sessions in flight at once (1–1024).
         #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=1024))]
         concurrency: u32,
+        /// Run even when the server already saw these windows (its replay
+        /// checks then apply: the report says so).
+        #[arg(long)]
+        rerun: bool,
+        /// Allow a server that is not on a loopback address.
+        #[arg(long)]
+        force: bool,
+        /// Delete every simulated user (external id `simulate:…`) with its
+        /// devices and sessions, and exit.
+        #[arg(long, conflicts_with_all = ["corpus", "seed", "rerun"])]
+        cleanup: bool,
+    },
+    /// The newcomer's tour through the public API: map a customer, sign a
+    /// device in, stream heartbeats, lock it (the app is told over its
+    /// kill-switch socket) and unlock it. Starts its own embedded server
+    /// unless --url is given.
+    Demo {
+        /// Run against this server instead (needs its admin key).
+        #[arg(long, requires = "admin_key")]
+        url: Option<String>,
+        /// The server's admin API key (with --url).
+        #[arg(long, env = "BLOCKREMOTE_ADMIN_TOKEN", hide_env_values = true)]
+        admin_key: Option<String>,
     },
     /// The audit trail.
     Audit {
@@ -495,8 +519,16 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             classes,
             corpus,
             concurrency,
+            rerun,
+            force,
+            cleanup,
         } => {
             use blockremote::simulate::Corpus;
+            if cleanup {
+                let removed = blockremote::simulate::cleanup(&url, &admin_key, force).await?;
+                println!("removed {removed} simulated users");
+                return Ok(());
+            }
             let corpus = match corpus {
                 Some(path) => Corpus::File(path),
                 None => Corpus::Generated(
@@ -511,11 +543,17 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 sessions: sessions as usize,
                 length: length as usize,
                 seed,
+                rerun,
+                force,
                 concurrency: concurrency as usize,
                 corpus,
             })
             .await
         }
+        Command::Demo { url, admin_key } => match (url, admin_key) {
+            (Some(url), Some(key)) => blockremote::demo::tour(&url, &key).await,
+            _ => blockremote::demo::run_embedded().await,
+        },
         Command::Openapi => Ok(()),
     }
 }

@@ -28,11 +28,15 @@ use std::{
 };
 
 use anyhow::{bail, Context as _};
+use blockremote_client::{
+    Admin, Client, Device, DeviceIdentity, Error as ClientError, HeartbeatOutcome, SessionRequest,
+};
 use blockremote_engine::sim::{
     session, session_seed, wilson, Class, CorpusSession, DETECTION_BUDGET, Z95,
 };
 use futures::StreamExt;
 use serde_json::{json, Value};
+use sha2::Digest as _;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -45,8 +49,13 @@ pub struct SimulateOptions {
     pub sessions: usize,
     /// Heartbeats per session (generated corpus).
     pub length: usize,
-    /// Seed of the generated corpus.
-    pub seed: u64,
+    /// Seed of the generated corpus; a fresh one per run when `None`, so
+    /// each run's windows are new to the server.
+    pub seed: Option<u64>,
+    /// Run even when the server already saw these windows.
+    pub rerun: bool,
+    /// Run against a server that is not on a loopback address.
+    pub force: bool,
     /// Sessions in flight at once.
     pub concurrency: usize,
     /// Where the sessions come from.
@@ -112,9 +121,10 @@ struct Loaded {
 
 /// Reads and checks a corpus file (every line parsed and validated up
 /// front, so a bad line fails the run before anything is posted).
-fn load(path: &std::path::Path) -> anyhow::Result<Loaded> {
+fn load(path: &std::path::Path) -> anyhow::Result<(Loaded, String)> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading the corpus {}", path.display()))?;
+    let digest = hex::encode(&sha2::Sha256::digest(text.as_bytes())[..8]);
     let mut labels: Vec<Label> = Vec::new();
     let mut jobs = Vec::new();
     for (n, line) in text.lines().enumerate() {
@@ -155,7 +165,7 @@ fn load(path: &std::path::Path) -> anyhow::Result<Loaded> {
     if jobs.is_empty() {
         bail!("the corpus {} has no sessions", path.display());
     }
-    Ok(Loaded { labels, jobs })
+    Ok((Loaded { labels, jobs }, digest))
 }
 
 /// One session's outcome.
@@ -172,85 +182,42 @@ struct Outcome {
     ms_to_lock: Option<f64>,
 }
 
-struct Client {
-    http: reqwest::Client,
-    url: String,
-}
+/// The simulation's tag on the server: every simulated user's external id
+/// starts with it, which is how `--cleanup` finds them.
+pub const TAG: &str = "simulate:";
 
-impl Client {
-    async fn mint(
-        &self,
-        admin_key: &str,
-        user_id: &str,
-        device_id: &str,
-    ) -> anyhow::Result<String> {
-        let r = self
-            .http
-            .post(format!("{}/v1/admin/sessions", self.url))
-            .bearer_auth(admin_key)
-            .json(&json!({"user_id": user_id, "device_id": device_id,
-                "device_fingerprint": format!("sim-{device_id}"), "platform": "android"}))
-            .send()
-            .await?;
-        if !r.status().is_success() {
-            bail!("minting a session failed: {}", r.text().await?);
+/// The device's `last_seq`, or `None` once it is locked.
+async fn last_seq(device: &Device) -> anyhow::Result<Option<u64>> {
+    match device.trust_score().await {
+        Ok(report) => Ok(Some(report.last_seq)),
+        Err(e) if e.code() == Some("device_locked") => Ok(None),
+        // The device's own budget (trial: 120/min) also pays for polls.
+        Err(ClientError::Api {
+            retry_after,
+            problem,
+            ..
+        }) if problem.code == "rate_limited" => {
+            tokio::time::sleep(retry_after.unwrap_or(Duration::from_secs(1)).min(MAX_WAIT)).await;
+            Ok(Some(0))
         }
-        Ok(r.json::<Value>().await?["access_token"]
-            .as_str()
-            .context("access_token")?
-            .to_owned())
-    }
-
-    /// The device's `last_seq`, or `None` once it is locked.
-    async fn last_seq(&self, token: &str, device_id: &str) -> anyhow::Result<Option<u64>> {
-        let r = self
-            .http
-            .get(format!("{}/v1/security/trust-score", self.url))
-            .bearer_auth(token)
-            .header("x-device-id", device_id)
-            .send()
-            .await?;
-        if r.status() == reqwest::StatusCode::FORBIDDEN {
-            return Ok(None);
-        }
-        if r.status() == reqwest::StatusCode::TOO_MANY_REQUESTS {
-            // The device's own budget (trial: 120/min) also pays for polls.
-            tokio::time::sleep(retry_after(&r)).await;
-            return Ok(Some(0));
-        }
-        if !r.status().is_success() {
-            bail!("trust-score answered {}", r.status());
-        }
-        Ok(Some(
-            r.json::<Value>().await?["last_seq"].as_u64().unwrap_or(0),
-        ))
+        Err(e) => Err(e).context("trust-score"),
     }
 }
 
-fn retry_after(r: &reqwest::Response) -> Duration {
-    let secs = r
-        .headers()
-        .get("retry-after")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(1);
-    Duration::from_secs(secs.clamp(1, 60))
-}
+/// The longest `Retry-After` obeyed.
+const MAX_WAIT: Duration = Duration::from_secs(60);
 
 async fn run_session(
-    client: &Client,
+    admin: &Admin,
     options: &SimulateOptions,
+    seed: u64,
     user_id: &str,
     run: &str,
     (label, job): (usize, Job),
 ) -> anyhow::Result<Outcome> {
     let (device_id, attack_start, bodies) = match job {
         Job::Generated { class, index } => {
-            let s = session(
-                class,
-                session_seed(options.seed, class, index),
-                options.length,
-            );
+            let s = session(class, session_seed(seed, class, index), options.length);
             let bodies = s
                 .heartbeats
                 .iter()
@@ -275,7 +242,18 @@ async fn run_session(
             (format!("sim{run}c{number:07}"), attack_start, bodies)
         }
     };
-    let token = client.mint(&options.admin_key, user_id, &device_id).await?;
+    let identity = DeviceIdentity {
+        device_fingerprint: format!("sim-{device_id}"),
+        device_id,
+        platform: "android".to_owned(),
+    };
+    let tokens = admin
+        .session(SessionRequest::User(user_id), &identity)
+        .await
+        .context("minting a device session")?;
+    let device = admin
+        .client()
+        .device(&identity.device_id, &tokens.access_token);
     let mut outcome = Outcome {
         label,
         posted: 0,
@@ -290,23 +268,21 @@ async fn run_session(
         }
         let seq = body["seq"].as_u64().unwrap_or(i as u64 + 1);
         body["sent_at"] = json!(chrono::Utc::now().to_rfc3339());
-        let status = loop {
-            let r = client
-                .http
-                .post(format!("{}/v1/signals/heartbeat", client.url))
-                .bearer_auth(&token)
-                .header("x-device-id", &device_id)
-                .json(&body)
-                .send()
-                .await?;
-            match r.status() {
+        let locked = loop {
+            match device.heartbeat(&body).await? {
+                HeartbeatOutcome::Accepted { .. } => break false,
+                HeartbeatOutcome::Locked => break true,
                 // Not accepted, so its seq is unspent: wait and send it again.
-                reqwest::StatusCode::TOO_MANY_REQUESTS => tokio::time::sleep(retry_after(&r)).await,
-                reqwest::StatusCode::ACCEPTED | reqwest::StatusCode::FORBIDDEN => break r.status(),
-                status => bail!("heartbeat answered {status}: {}", r.text().await?),
+                HeartbeatOutcome::RateLimited { retry_after } => {
+                    tokio::time::sleep(retry_after.min(MAX_WAIT)).await
+                }
+                HeartbeatOutcome::Replay { last_seq } => bail!(
+                    "the server already had heartbeat {seq} of {} (its last seq: {last_seq:?})",
+                    device.id()
+                ),
             }
         };
-        if status == reqwest::StatusCode::FORBIDDEN {
+        if locked {
             outcome.locked_at = Some(i.saturating_sub(1));
             break;
         }
@@ -315,14 +291,14 @@ async fn run_session(
         tokio::time::sleep(Duration::from_millis(3)).await;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            match client.last_seq(&token, &device_id).await? {
+            match last_seq(&device).await? {
                 None => {
                     outcome.locked_at = Some(i);
                     break;
                 }
                 Some(last) if last >= seq => break,
                 Some(_) if Instant::now() > deadline => {
-                    bail!("heartbeat {seq} of {device_id} not scored in 10 s")
+                    bail!("heartbeat {seq} of {} not scored in 10 s", device.id())
                 }
                 Some(_) => tokio::time::sleep(Duration::from_millis(5)).await,
             }
@@ -364,6 +340,10 @@ pub struct Report {
     pub heartbeats: usize,
     /// Wall time of the run.
     pub elapsed: Duration,
+    /// Which windows were sent: `seed-<seed>` or `corpus-<digest>`.
+    pub windows: String,
+    /// True when the server had seen these windows before (`--rerun`).
+    pub rerun: bool,
 }
 
 /// Runs the evaluation and prints the report (Markdown table).
@@ -374,48 +354,49 @@ pub async fn run(options: SimulateOptions) -> anyhow::Result<()> {
 
 /// Runs every class's sessions through the API and tallies them.
 pub async fn evaluate(options: &SimulateOptions) -> anyhow::Result<Report> {
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(30))
-        .build()?;
-    let client = Client {
-        http,
-        url: options.url.trim_end_matches('/').to_owned(),
+    let admin = connect(&options.url, &options.admin_key, options.force)?;
+    let seed = options.seed.unwrap_or_else(rand::random);
+    let (Loaded { labels, jobs }, windows) = match &options.corpus {
+        Corpus::Generated(classes) => (
+            Loaded {
+                labels: classes.iter().map(|&c| Label::from(c)).collect(),
+                jobs: classes
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(label, &class)| {
+                        (0..options.sessions)
+                            .map(move |index| (label, Job::Generated { class, index }))
+                    })
+                    .collect(),
+            },
+            format!("seed-{seed}"),
+        ),
+        Corpus::File(path) => {
+            let (loaded, digest) = load(path)?;
+            (loaded, format!("corpus-{digest}"))
+        }
     };
-    let run = &uuid::Uuid::new_v4().simple().to_string()[..8];
-    let r = client
-        .http
-        .post(format!("{}/v1/auth/register", client.url))
-        .json(&json!({"email": format!("simulate-{run}@example.com"), "password": "simulated-owner-password",
-            "device_id": format!("sim{run}owner"), "device_fingerprint": "sim-owner", "platform": "android"}))
-        .send()
-        .await?;
-    if !r.status().is_success() {
+    // The owner of the run's devices doubles as the record that this server
+    // saw these windows: its external id names them, and creating it is
+    // idempotent, so a second run of the same windows finds it.
+    let owner = admin
+        .ensure_user(&format!("{TAG}{windows}"), None)
+        .await
+        .context("creating the simulation's user")?;
+    if !owner.created && !options.rerun {
         bail!(
-            "registering the simulation user failed: {}",
-            r.text().await?
+            "{} already saw the windows of {windows} (a run with them is on record): its replay \
+             checks would flag them and the report would be meaningless. Run with another \
+             --seed (or none, for fresh windows), or with --rerun to measure exactly that; \
+             `simulate --cleanup` removes the simulated users.",
+            options.url
         );
     }
-    let user_id = r.json::<Value>().await?["user_id"]
-        .as_str()
-        .context("user_id")?
-        .to_owned();
-    let Loaded { labels, jobs } = match &options.corpus {
-        Corpus::Generated(classes) => Loaded {
-            labels: classes.iter().map(|&c| Label::from(c)).collect(),
-            jobs: classes
-                .iter()
-                .enumerate()
-                .flat_map(|(label, &class)| {
-                    (0..options.sessions).map(move |index| (label, Job::Generated { class, index }))
-                })
-                .collect(),
-        },
-        Corpus::File(path) => load(path)?,
-    };
+    let user_id = owner.user_id;
+    let run = &uuid::Uuid::new_v4().simple().to_string()[..8];
     let started = Instant::now();
     let outcomes: Vec<anyhow::Result<Outcome>> = futures::stream::iter(jobs)
-        .map(|job| run_session(&client, options, &user_id, run, job))
+        .map(|job| run_session(&admin, options, seed, &user_id, run, job))
         .buffer_unordered(options.concurrency.max(1))
         .collect()
         .await;
@@ -453,7 +434,56 @@ pub async fn evaluate(options: &SimulateOptions) -> anyhow::Result<Report> {
         classes,
         heartbeats,
         elapsed: started.elapsed(),
+        windows,
+        rerun: !owner.created,
     })
+}
+
+/// The admin API of `url`, refused unless it is on this machine or
+/// `force` is given: a simulation creates users and devices and spends the
+/// target's rate limits, which nobody wants on a server by accident.
+fn connect(url: &str, admin_key: &str, force: bool) -> anyhow::Result<Admin> {
+    let parsed = url::Url::parse(url).with_context(|| format!("the server URL {url}"))?;
+    let loopback = match parsed.host() {
+        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    };
+    if !loopback && !force {
+        bail!(
+            "{url} is not a loopback address: a simulation creates users and devices there. \
+             Pass --force to run it against that server anyway."
+        );
+    }
+    Ok(Client::new(url)?.admin(admin_key))
+}
+
+/// Deletes every simulated user of the server (those whose external id
+/// starts with [`TAG`]) with their devices and sessions; how many.
+pub async fn cleanup(url: &str, admin_key: &str, force: bool) -> anyhow::Result<usize> {
+    let admin = connect(url, admin_key, force)?;
+    let mut users = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = admin
+            .users(TAG, cursor.as_deref(), 200)
+            .await
+            .context("listing the simulated users")?;
+        users.extend(page.items.into_iter().map(|u| u.user_id));
+        match page.next_cursor {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    for user_id in &users {
+        match admin.delete_user(user_id).await {
+            // Another cleanup got there first.
+            Err(e) if e.code() == Some("user_not_found") => {}
+            other => other.with_context(|| format!("deleting the simulated user {user_id}"))?,
+        }
+    }
+    Ok(users.len())
 }
 
 impl Report {
@@ -461,11 +491,19 @@ impl Report {
     pub fn to_markdown(&self) -> String {
         let secs = self.elapsed.as_secs_f64();
         let sessions: usize = self.classes.iter().map(|c| c.sessions).sum();
-        let mut out = format!(
+        let mut out = format!("windows: {}", self.windows);
+        if let Some(seed) = self.windows.strip_prefix("seed-") {
+            out.push_str(&format!(" (again on a fresh server: --seed {seed})"));
+        }
+        out.push('\n');
+        if self.rerun {
+            out.push_str("warning: the server had seen these windows before (--rerun): replay checks apply\n");
+        }
+        out.push_str(&format!(
             "{sessions} sessions, {} heartbeats in {secs:.1} s ({:.0} heartbeats/s, each waiting for its score)\n\n",
             self.heartbeats,
             self.heartbeats as f64 / secs
-        );
+        ));
         out.push_str("| class | sessions | locked | rate | 95% CI (Wilson) | heartbeats to lock (mean / max) | ms to lock (median) |\n");
         out.push_str("|---|---|---|---|---|---|---|\n");
         for c in &self.classes {
@@ -526,7 +564,8 @@ mod tests {
             line(Class::HeavyTremor, 2),
             line(Class::ReplayNoisy, 3),
         ]);
-        let Loaded { labels, jobs } = load(&path).expect("loads");
+        let (Loaded { labels, jobs }, digest) = load(&path).expect("loads");
+        assert_eq!(digest.len(), 16, "{digest}");
         assert_eq!(
             labels,
             [
@@ -582,6 +621,8 @@ mod tests {
             }],
             heartbeats: 100,
             elapsed: Duration::from_secs(1),
+            windows: "seed-9".to_owned(),
+            rerun: false,
         };
         let table = report.to_markdown();
         assert!(

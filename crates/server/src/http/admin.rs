@@ -1,16 +1,22 @@
 //! The integrator's identity, server to server: `POST /v1/admin/users`
 //! maps the integrator's own user id (`external_id`) to a BlockRemote user,
 //! and `POST /v1/admin/sessions` signs a device in for a user named either
-//! way — so a bank never gives BlockRemote a password. (Device control and
-//! the global kill-switch are in `devices.rs`.)
+//! way — so a bank never gives BlockRemote a password. Users named by an
+//! external id can be listed by prefix and deleted, which is how tagged
+//! users (the simulator's `simulate:` ones, a bank's test customers) are
+//! removed. (Device control and the global kill-switch are in `devices.rs`.)
 
-use axum::{extract::State, http::StatusCode, Json as JsonResponse};
+use axum::{
+    extract::{rejection::QueryRejection, Path, Query, State},
+    http::StatusCode,
+    Json as JsonResponse,
+};
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
-use super::{json::Json, validate};
+use super::{json::Json, paging, validate};
 use crate::{
     app::AppState,
     auth::{
@@ -25,7 +31,8 @@ use crate::{
 /// The admin routes.
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
-        .routes(routes!(post_user))
+        .routes(routes!(post_user, get_users))
+        .routes(routes!(delete_user))
         .routes(routes!(post_session))
 }
 
@@ -96,6 +103,116 @@ pub async fn post_user(
             created,
         }),
     ))
+}
+
+/// Query of `GET /v1/admin/users`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct UsersQuery {
+    /// Users whose `external_id` starts with this (1–128 characters, as an
+    /// external id).
+    pub external_id_prefix: String,
+    /// Users per page, 1–200 (default 50).
+    #[param(minimum = 1, maximum = 200)]
+    pub limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+/// A page of users.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UserPage {
+    /// Users in id (creation) order; `created` is always false here.
+    pub items: Vec<ExternalUser>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// List the users whose external id starts with a prefix.
+#[utoipa::path(get, path = "/v1/admin/users", tag = "admin", params(UsersQuery),
+    security(("admin_key" = [])),
+    responses(
+        (status = 200, description = "One page", body = UserPage),
+        (status = 401, description = "`invalid_admin_key`", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`validation_failed` (`external_id_prefix`, `limit`, `cursor` or `query`)", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn get_users(
+    State(state): State<AppState>,
+    _admin: AdminAuth,
+    query: Result<Query<UsersQuery>, QueryRejection>,
+) -> Result<JsonResponse<UserPage>, ApiError> {
+    let query = paging::query(query)?;
+    validate::external_id("external_id_prefix", &query.external_id_prefix)?;
+    let limit = paging::limit(query.limit)?;
+    let after = paging::id_position(query.cursor.as_deref())?;
+    let users = state
+        .store
+        .users_by_external_prefix(&query.external_id_prefix, after, limit + 1)
+        .await?;
+    let (users, next_cursor) = paging::id_page(users, limit, |u| u.id);
+    let items = users
+        .into_iter()
+        .filter_map(|u| {
+            Some(ExternalUser {
+                user_id: u.id,
+                external_id: u.external_id?,
+                created: false,
+            })
+        })
+        .collect();
+    Ok(JsonResponse(UserPage { items, next_cursor }))
+}
+
+/// Delete a user: its subscription, devices, their sessions and holds go;
+/// every device is refused at once, on every instance. Audit rows and
+/// business events stay (append-only, with pseudonymous ids); an audit row
+/// `user_deleted` records the deletion.
+#[utoipa::path(delete, path = "/v1/admin/users/{user_id}", tag = "admin",
+    params(("user_id" = Uuid, Path, description = "The user")),
+    security(("admin_key" = [])),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 401, description = "`invalid_admin_key`", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`user_not_found`", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`validation_failed` (`user_id` is not a UUID)", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn delete_user(
+    State(state): State<AppState>,
+    _admin: AdminAuth,
+    ip: ClientIp,
+    user_id: Result<Path<Uuid>, axum::extract::rejection::PathRejection>,
+) -> Result<StatusCode, ApiError> {
+    let Path(user_id) =
+        user_id.map_err(|_| ApiError::invalid_field("user_id", "must be a UUID"))?;
+    let audit = NewAuditEntry {
+        user_id: Some(user_id),
+        device_id: None,
+        jti: None,
+        ip: Auth::ip_prefix(ip.0),
+        user_agent: None,
+        source: AuditSource::Http,
+        threat_score: None,
+        decision_reason: Some("admin".to_owned()),
+        attestation_state: None,
+        action_taken: "user_deleted".to_owned(),
+    };
+    let devices = state
+        .store
+        .delete_user(user_id, audit)
+        .await
+        .map_err(|e| match e {
+            StoreError::NotFound => ApiError::Client {
+                status: StatusCode::NOT_FOUND,
+                code: codes::USER_NOT_FOUND,
+                detail: "No user has this id.",
+            },
+            other => other.into(),
+        })?;
+    for device_id in &devices {
+        state.auth.devices.invalidate(device_id).await;
+    }
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// The user of `external_id`, created (and audited) when it has none.

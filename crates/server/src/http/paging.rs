@@ -61,6 +61,34 @@ pub fn page<T>(
     (items, next)
 }
 
+/// The user id a `cursor` of an id-ordered listing names.
+pub fn id_position(cursor: Option<&str>) -> Result<Option<Uuid>, ApiError> {
+    cursor
+        .map(|raw| {
+            B64.decode(raw)
+                .ok()
+                .and_then(|bytes| Uuid::from_slice(&bytes).ok())
+                .ok_or_else(|| ApiError::invalid_field("cursor", "is not a cursor this API issued"))
+        })
+        .transpose()
+}
+
+/// [`page`] for an id-ordered listing (oldest first).
+pub fn id_page<T>(
+    mut items: Vec<T>,
+    limit: u32,
+    id_of: impl Fn(&T) -> Uuid,
+) -> (Vec<T>, Option<String>) {
+    let more = items.len() > limit as usize;
+    items.truncate(limit as usize);
+    let next = if more {
+        items.last().map(|item| B64.encode(id_of(item).as_bytes()))
+    } else {
+        None
+    };
+    (items, next)
+}
+
 fn encode((at, id): Position) -> String {
     B64.encode(format!("{}|{}", at.to_rfc3339(), id))
 }

@@ -274,6 +274,22 @@ pub trait IdentityStore: Send + Sync {
         email: Option<&str>,
     ) -> StoreResult<EnsuredUser>;
 
+    /// Up to `limit` users whose external id starts with `prefix`, in id
+    /// order, after the user `after`.
+    async fn users_by_external_prefix(
+        &self,
+        prefix: &str,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> StoreResult<Vec<User>>;
+
+    /// Deletes a user with its subscription, devices, their sessions,
+    /// holds and attestation keys, and appends `audit`, in one transaction;
+    /// the ids of the devices deleted. Audit rows and business events keep
+    /// the (pseudonymous) ids. [`super::StoreError::NotFound`] when there
+    /// is no such user.
+    async fn delete_user(&self, id: Uuid, audit: NewAuditEntry) -> StoreResult<Vec<String>>;
+
     /// The device with this id.
     async fn device(&self, id: &str) -> StoreResult<Option<Device>>;
 
@@ -604,6 +620,64 @@ for_each_dialect! {
                 .await?
                 .map(EnsuredUser::Existing)
                 .ok_or(StoreError::NotFound)
+        }
+
+        async fn users_by_external_prefix(
+            &self,
+            prefix: &str,
+            after: Option<Uuid>,
+            limit: u32,
+        ) -> StoreResult<Vec<User>> {
+            let rows: Vec<UserRow> = sqlx::query_as(select_user!(
+                "WHERE external_id IS NOT NULL \
+                 AND substr(external_id, 1, length($1)) = $1 \
+                 AND ($2 IS NULL OR id > $2) ORDER BY id LIMIT $3"
+            ))
+            .bind(prefix)
+            .bind(after.map(Id))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+            Ok(rows.into_iter().map(User::from).collect())
+        }
+
+        #[tracing::instrument(skip_all, name = "store.delete_user")]
+        async fn delete_user(&self, id: Uuid, audit: NewAuditEntry) -> StoreResult<Vec<String>> {
+            let mut tx = self.pool.begin().await?;
+            let found = sqlx::query(&format!(
+                "SELECT id FROM users WHERE id = $1{}",
+                <Db as Dialect>::FOR_UPDATE
+            ))
+            .bind(Id(id))
+            .fetch_optional(&mut *tx)
+            .await?;
+            if found.is_none() {
+                return Err(StoreError::NotFound);
+            }
+            let devices: Vec<String> =
+                sqlx::query_scalar("SELECT id FROM devices WHERE user_id = $1 ORDER BY id")
+                    .bind(Id(id))
+                    .fetch_all(&mut *tx)
+                    .await?;
+            // Children first: the schema's cascades are not relied on (SQLite
+            // enforces foreign keys only when asked).
+            for statement in [
+                "DELETE FROM refresh_tokens WHERE family_id IN \
+                 (SELECT id FROM refresh_families WHERE user_id = $1)",
+                "DELETE FROM refresh_families WHERE user_id = $1",
+                "DELETE FROM holds WHERE user_id = $1 OR device_id IN \
+                 (SELECT id FROM devices WHERE user_id = $1)",
+                "DELETE FROM app_attest_keys WHERE device_id IN \
+                 (SELECT id FROM devices WHERE user_id = $1)",
+                "DELETE FROM devices WHERE user_id = $1",
+                "DELETE FROM subscriptions WHERE user_id = $1",
+                "DELETE FROM users WHERE id = $1",
+            ] {
+                sqlx::query(statement).bind(Id(id)).execute(&mut *tx).await?;
+            }
+            self.insert_audit(&mut tx, audit).await?;
+            tx.commit().await?;
+            Ok(devices)
         }
 
         async fn device(&self, id: &str) -> StoreResult<Option<Device>> {

@@ -161,3 +161,84 @@ async fn weak_or_malformed_webhook_secrets_are_refused_at_start() {
         assert!(!err.contains(secret), "the secret is not echoed: {err}");
     }
 }
+
+fn steps_of_the_tour(stdout: &str) {
+    for step in [
+        "1. bank: POST /v1/admin/users",
+        "2. bank: POST /v1/admin/sessions",
+        "3. app: kill-switch socket open -> state {locked: false, seq: 0}",
+        "4. app: 5 heartbeats of a phone held in hand -> 202 each; trust",
+        "5. bank: POST /v1/admin/devices/",
+        "6. app: next heartbeat -> 403 device_locked",
+        "7. bank: POST /v1/admin/devices/",
+        "8. app: the refused heartbeat again -> 202 (seq 6)",
+        "tour done in",
+    ] {
+        assert!(stdout.contains(step), "missing {step:?} in:\n{stdout}");
+    }
+}
+
+/// The README's tour, as a newcomer runs it: the script starts `serve` on
+/// the embedded default and runs `demo --url` against it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_quickstart_script_tours_a_fresh_embedded_server() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new("bash")
+            .arg(root.join("scripts/quickstart.sh"))
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("BLOCKREMOTE_BIN", BIN)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the script ends")
+    .expect("run the script");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", stderr(&out));
+    steps_of_the_tour(&stdout);
+}
+
+/// `blockremote demo` alone brings its own throw-away server and removes
+/// its data dir.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_brings_its_own_server() {
+    let out = run(&[("RUST_LOG", "warn".to_owned())], &["demo"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", stderr(&out));
+    steps_of_the_tour(&stdout);
+    let dir = stdout
+        .lines()
+        .find_map(|l| l.split("(data in ").nth(1))
+        .and_then(|rest| rest.strip_suffix(')'))
+        .expect("the data dir is printed");
+    assert!(!std::path::Path::new(dir).exists(), "{dir} was removed");
+}
+
+/// A simulation creates users and devices: never on a remote server by
+/// accident.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulate_refuses_a_non_loopback_target_unless_forced() {
+    let env = [("BLOCKREMOTE_ADMIN_TOKEN", ADMIN_KEY.to_owned())];
+    for url in [
+        "http://10.1.2.3:8000",
+        "https://bank.example",
+        "http://[2001:db8::1]:8000",
+    ] {
+        for args in [
+            &["simulate", "--url", url][..],
+            &["simulate", "--cleanup", "--url", url],
+        ] {
+            let out = run(&env, args).await;
+            assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+            assert!(
+                stderr(&out).contains("is not a loopback address")
+                    && stderr(&out).contains("--force"),
+                "{}",
+                stderr(&out)
+            );
+        }
+    }
+}

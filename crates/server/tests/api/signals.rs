@@ -38,6 +38,7 @@ crate::on_both_backends!(
     heartbeats_spend_the_plan_bucket_and_a_refused_one_keeps_its_seq,
     a_queued_heartbeat_of_an_unknown_device_is_dropped_not_retried,
     the_simulator_locks_every_attack_and_no_genuine_session,
+    a_simulation_rerun_is_refused_or_flagged_and_cleanup_removes_its_users,
 );
 
 const ADMIN: &str = "signals-admin-key-0123456789abcdef0123";
@@ -776,7 +777,9 @@ async fn the_simulator_locks_every_attack_and_no_genuine_session(backend: Backen
         admin_key: ADMIN.to_owned(),
         sessions: 2,
         length: 14,
-        seed: 7,
+        seed: Some(7),
+        rerun: false,
+        force: false,
         concurrency: 8,
         corpus: blockremote::simulate::Corpus::Generated(Class::ORIGINAL.to_vec()),
     })
@@ -802,4 +805,74 @@ async fn the_simulator_locks_every_attack_and_no_genuine_session(backend: Backen
         table.contains("| attack/replay | 2 | 2 detected within 5 | 100.00% |"),
         "{table}"
     );
+    assert!(
+        table.starts_with("windows: seed-7 (again on a fresh server: --seed 7)\n"),
+        "{table}"
+    );
+}
+
+async fn a_simulation_rerun_is_refused_or_flagged_and_cleanup_removes_its_users(backend: Backend) {
+    let Some(app) = app(backend).await else {
+        return;
+    };
+    let options = |seed, rerun| blockremote::simulate::SimulateOptions {
+        url: app.address.clone(),
+        admin_key: ADMIN.to_owned(),
+        sessions: 1,
+        length: 2,
+        seed,
+        rerun,
+        force: false,
+        concurrency: 2,
+        corpus: blockremote::simulate::Corpus::Generated(vec![Class::HeldInHand]),
+    };
+    let first = blockremote::simulate::evaluate(&options(Some(11), false))
+        .await
+        .expect("a first run");
+    assert!(!first.rerun);
+    // The same windows again: refused, saying why, before anything is sent.
+    let err = blockremote::simulate::evaluate(&options(Some(11), false))
+        .await
+        .expect_err("a rerun of the same seed is refused");
+    assert!(
+        format!("{err:#}").contains("already saw the windows of seed-11"),
+        "{err:#}"
+    );
+    // Asked for on purpose: it runs, and the report says so.
+    let again = blockremote::simulate::evaluate(&options(Some(11), true))
+        .await
+        .expect("--rerun runs");
+    assert!(
+        again.rerun
+            && again
+                .to_markdown()
+                .contains("had seen these windows before")
+    );
+    // No seed: fresh windows each time, never refused.
+    let fresh = blockremote::simulate::evaluate(&options(None, false))
+        .await
+        .expect("fresh windows");
+    assert!(fresh.windows.starts_with("seed-") && fresh.windows != "seed-11");
+
+    let admin = blockremote_client::Client::new(&app.address)
+        .expect("client")
+        .admin(ADMIN);
+    let tagged = admin.users("simulate:", None, 200).await.expect("listed");
+    assert_eq!(
+        tagged.items.len(),
+        2,
+        "one user per set of windows: {tagged:?}"
+    );
+    let removed = blockremote::simulate::cleanup(&app.address, ADMIN, false)
+        .await
+        .expect("cleanup");
+    assert_eq!(removed, 2);
+    assert!(admin
+        .users("simulate:", None, 200)
+        .await
+        .expect("listed")
+        .items
+        .is_empty());
+    let audit = app.admin_json("/v1/audit/logs?action=user_deleted").await;
+    assert_eq!(audit["items"].as_array().map(Vec::len), Some(2), "{audit}");
 }

@@ -59,10 +59,7 @@ impl Admin {
     }
 
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        self.client
-            .http()
-            .request(method, self.client.url(path))
-            .bearer_auth(&self.key)
+        self.client.bearer(method, path, &self.key)
     }
 
     /// `POST /v1/admin/users`: the user of `external_id`, created on first use.

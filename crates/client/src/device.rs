@@ -94,9 +94,7 @@ impl Device {
 
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         self.client
-            .http()
-            .request(method, self.client.url(path))
-            .bearer_auth(&self.token)
+            .bearer(method, path, &self.token)
             .header("x-device-id", &self.device_id)
     }
 

@@ -176,7 +176,13 @@ impl Client {
         Admin::new(self.clone(), key)
     }
 
-    pub(crate) fn http(&self) -> &reqwest::Client {
-        &self.http
+    /// A request to `path` with `Authorization: Bearer <token>`.
+    pub(crate) fn bearer(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: &str,
+    ) -> reqwest::RequestBuilder {
+        self.http.request(method, self.url(path)).bearer_auth(token)
     }
 }

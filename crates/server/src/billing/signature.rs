@@ -265,6 +265,50 @@ mod tests {
         verify(&h, br#"{"test": 2432232314}"#, &[WHSEC], 1_614_265_330).expect("test value");
     }
 
+    /// The worked examples integrators are given
+    /// (`clients/http/SIGNATURES.md`), checked byte for byte against the
+    /// document itself so it cannot drift from what the server accepts.
+    #[test]
+    fn the_documented_worked_examples_verify() {
+        let doc = include_str!("../../../../clients/http/SIGNATURES.md");
+        let x_body = r#"{"id":"evt_1Q2w3E","type":"subscription.activated","created":1763812800,"data":{"external_user_id":"cust_8412","plan":"paid_basic","status":"active","current_period_end":"2026-12-23T00:00:00Z"}}"#;
+        let x_header =
+            "t=1763812800,v1=f7700f8ad5bd4ee790938e5f492ff70a914b1046fb2f5d7edd918d02bf77cb7d";
+        let std_body = r#"{"id":"evt_1Q2w3F","type":"subscription.updated","created":1763812860,"data":{"external_user_id":"cust_8412","plan":"paid","status":"active","current_period_end":"2026-12-23T00:00:00Z"}}"#;
+        let std_sig = "v1,/ObOV4/K4tN0J9KvS8DGFAik+qsaMAfNFFBhVvQAkrw=";
+        for shown in [
+            x_body,
+            x_header,
+            std_body,
+            std_sig,
+            "example-x-signature-secret-2026-01",
+            "msg_2YbVk1d8QmZ4pT7w",
+        ] {
+            assert!(doc.contains(shown), "SIGNATURES.md no longer shows {shown}");
+        }
+        let v = verify(
+            &stripe(x_header),
+            x_body.as_bytes(),
+            &["example-x-signature-secret-2026-01"],
+            1_763_812_800,
+        )
+        .expect("scheme 1 example");
+        assert_eq!(v.timestamp, 1_763_812_800);
+        let h = standard("msg_2YbVk1d8QmZ4pT7w", "1763812860", std_sig);
+        verify(&h, std_body.as_bytes(), &[WHSEC], 1_763_812_860).expect("scheme 2 example");
+        // One byte of the body changed: refused.
+        let altered = x_body.replace("paid_basic", "paid_basiC");
+        assert_eq!(
+            verify(
+                &stripe(x_header),
+                altered.as_bytes(),
+                &["example-x-signature-secret-2026-01"],
+                1_763_812_800
+            ),
+            Err(SignatureError::Invalid)
+        );
+    }
+
     #[test]
     fn any_configured_secret_and_any_offered_signature_may_match() {
         let header = format!("t={T},v1={},v1={STRIPE_SIG}", "ab".repeat(32));

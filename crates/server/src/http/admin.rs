@@ -185,21 +185,9 @@ pub async fn delete_user(
 ) -> Result<StatusCode, ApiError> {
     let Path(user_id) =
         user_id.map_err(|_| ApiError::invalid_field("user_id", "must be a UUID"))?;
-    let audit = NewAuditEntry {
-        user_id: Some(user_id),
-        device_id: None,
-        jti: None,
-        ip: Auth::ip_prefix(ip.0),
-        user_agent: None,
-        source: AuditSource::Http,
-        threat_score: None,
-        decision_reason: Some("admin".to_owned()),
-        attestation_state: None,
-        action_taken: "user_deleted".to_owned(),
-    };
     let devices = state
         .store
-        .delete_user(user_id, audit)
+        .delete_user(user_id, operator_audit(user_id, ip, "user_deleted"))
         .await
         .map_err(|e| match e {
             StoreError::NotFound => ApiError::Client {
@@ -213,6 +201,22 @@ pub async fn delete_user(
         state.auth.devices.invalidate(device_id).await;
     }
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// The audit row of an operator's action on a user.
+fn operator_audit(user_id: Uuid, ip: ClientIp, action: &str) -> NewAuditEntry {
+    NewAuditEntry {
+        user_id: Some(user_id),
+        device_id: None,
+        jti: None,
+        ip: Auth::ip_prefix(ip.0),
+        user_agent: None,
+        source: AuditSource::Http,
+        threat_score: None,
+        decision_reason: Some("admin".to_owned()),
+        attestation_state: None,
+        action_taken: action.to_owned(),
+    }
 }
 
 /// The user of `external_id`, created (and audited) when it has none.
@@ -238,18 +242,7 @@ async fn ensure_user(
         EnsuredUser::Created(user) => {
             state
                 .store
-                .append_audit(NewAuditEntry {
-                    user_id: Some(user.id),
-                    device_id: None,
-                    jti: None,
-                    ip: Auth::ip_prefix(ip.0),
-                    user_agent: None,
-                    source: AuditSource::Http,
-                    threat_score: None,
-                    decision_reason: Some("admin".to_owned()),
-                    attestation_state: None,
-                    action_taken: "user_created:external".to_owned(),
-                })
+                .append_audit(operator_audit(user.id, ip, "user_created:external"))
                 .await?;
             Ok((user, true))
         }

@@ -379,7 +379,16 @@ pub async fn serve(
                             reason = "binary_frame";
                             break;
                         }
-                        Some(Ok(Message::Close(_))) | None => {
+                        Some(Ok(Message::Close(_))) => {
+                            // Answer it (RFC 6455 §5.5.1): the socket queued
+                            // the echo when it read the frame; it goes out on
+                            // this flush, so the client sees a clean close,
+                            // not 1006.
+                            let _ = futures::SinkExt::flush(&mut conn.socket).await;
+                            reason = "client_closed";
+                            break;
+                        }
+                        None => {
                             reason = "client_closed";
                             break;
                         }

@@ -21,7 +21,39 @@ crate::on_both_backends!(
     global_kill_switch_reaches_every_device,
     shutdown_sends_close_frames,
     handshake_rate_and_connection_cap,
+    a_client_close_is_answered_with_a_close_frame,
 );
+
+/// RFC 6455 §5.5.1: a peer that receives a Close sends one back. The server
+/// used to drop the connection instead, so every clean disconnect looked
+/// abnormal (1006) to the client.
+async fn a_client_close_is_answered_with_a_close_frame(backend: Backend) {
+    let Some(app) = with_admin(backend).await else {
+        return;
+    };
+    let d = app.register("closer@example.com", "device_close1").await;
+    let bearer = ("authorization", format!("Bearer {}", d.access));
+    let (mut socket, _) = connect(&app, "", std::slice::from_ref(&bearer))
+        .await
+        .expect("connected");
+    assert_eq!(next_json(&mut socket).await["type"], "state");
+    socket
+        .send(Message::Close(Some(
+            tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                code: CloseCode::Normal,
+                reason: "bye".into(),
+            },
+        )))
+        .await
+        .expect("close sent");
+    let answer = tokio::time::timeout(Duration::from_secs(5), socket.next())
+        .await
+        .expect("answered in time");
+    match answer {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, CloseCode::Normal),
+        other => panic!("expected the server's close frame, got {other:?}"),
+    }
+}
 
 const ADMIN: &str = "kill-switch-admin-key-0123456789abcdef";
 

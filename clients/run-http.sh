@@ -8,10 +8,11 @@
 # Steps: npm ci (pinned by clients/package-lock.json) · start `BIN serve` on a free loopback port
 # with a fresh data dir and per-run secrets · wait for /health/ready · httpyac over every .http
 # file, every request, failing on any failed assertion · `BIN openapi` → every operation must be
-# exercised by the collection · openapi-typescript → schema.d.ts · tsc --noEmit --strict · run the
-# typed client · stop the server (SIGTERM, also on failure or Ctrl-C).
+# exercised by the collection · openapi-spec-validator (Python, an independent implementation) ·
+# openapi-typescript → schema.d.ts · tsc --noEmit --strict · run the typed client · stop the
+# server (SIGTERM, also on failure or Ctrl-C).
 #
-# Needs: node >= 18 with npm, curl. Environment knobs: KEEP_TMP=1 keeps the temp dir (server log,
+# Needs: node >= 18 with npm, curl, python3 with venv. Environment knobs: KEEP_TMP=1 keeps the temp dir (server log,
 # httpyac JSON results) even on success; HTTPYAC_TIMEOUT_MS (default 20000) per request.
 set -euo pipefail
 
@@ -137,6 +138,15 @@ node -e '
   console.log("GET /openapi.json equals `blockremote openapi`");
 ' openapi-ts/openapi.json "$WORK/served-openapi.json" || die "served and printed OpenAPI documents differ"
 node http/coverage.mjs openapi-ts/openapi.json || die "the collection does not exercise every operation"
+
+# An independent validator (Python), pinned, in a cached virtualenv.
+step "OpenAPI: validate with openapi-spec-validator 0.9.0"
+osv="${XDG_CACHE_HOME:-$HOME/.cache}/blockremote/openapi-spec-validator-0.9.0"
+if [ ! -x "$osv/bin/openapi-spec-validator" ]; then
+  { python3 -m venv "$osv" && "$osv/bin/pip" install -q openapi-spec-validator==0.9.0; } \
+    || die "installing openapi-spec-validator (needs python3 with venv and the PyPI registry)"
+fi
+"$osv/bin/openapi-spec-validator" openapi-ts/openapi.json || die "the OpenAPI document is not valid OpenAPI"
 
 step "openapi-typescript → openapi-ts/schema.d.ts"
 ./node_modules/.bin/openapi-typescript openapi-ts/openapi.json -o openapi-ts/schema.d.ts --array-length \

@@ -5,10 +5,19 @@ use serde::{Deserialize, Serialize};
 use crate::{error, Client, DeviceIdentity, Result, Tokens};
 
 /// The admin API with one key.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Admin {
     client: Client,
     key: String,
+}
+
+impl std::fmt::Debug for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("Admin")
+            .field("client", &self.client)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A user named by the integrator's own id (`POST /v1/admin/users`).

@@ -8,11 +8,21 @@ use crate::{error, Client, Error, KillSwitch, Result};
 
 /// The calls of one device session: `Authorization: Bearer <access token>`
 /// and `X-Device-Id` on each.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Device {
     client: Client,
     device_id: String,
     token: String,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token.
+        f.debug_struct("Device")
+            .field("client", &self.client)
+            .field("device_id", &self.device_id)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What became of a heartbeat. The answers an app handles in its send loop

@@ -61,15 +61,18 @@ pub struct Problem {
     pub request_id: String,
 }
 
-/// `Retry-After` in seconds, as sent.
+/// `Retry-After` in seconds, at least one (a `0` would make a retry loop
+/// spin); `None` when absent or not delta-seconds (the server sends only
+/// those).
 pub(crate) fn retry_after(r: &reqwest::Response) -> Option<Duration> {
     r.headers()
         .get(reqwest::header::RETRY_AFTER)?
         .to_str()
         .ok()?
-        .parse()
+        .trim()
+        .parse::<u64>()
         .ok()
-        .map(Duration::from_secs)
+        .map(|secs| Duration::from_secs(secs.max(1)))
 }
 
 /// The refusal of a non-success answer.

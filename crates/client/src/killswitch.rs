@@ -41,6 +41,19 @@ pub enum ServerMessage {
     Other,
 }
 
+/// The socket's URL on the server at `base`: `https` → `wss`, `http` → `ws`.
+fn socket_url(base: &str) -> Result<String> {
+    let (scheme, rest) = base
+        .split_once("://")
+        .ok_or_else(|| Error::Protocol(format!("{base} is not an http(s) URL")))?;
+    let scheme = match scheme.to_ascii_lowercase().as_str() {
+        "https" => "wss",
+        "http" => "ws",
+        _ => return Err(Error::Protocol(format!("{base} is not an http(s) URL"))),
+    };
+    Ok(format!("{scheme}://{rest}/v1/security/kill-switch"))
+}
+
 /// An open kill-switch socket.
 #[derive(Debug)]
 pub struct KillSwitch {
@@ -50,8 +63,7 @@ pub struct KillSwitch {
 
 impl KillSwitch {
     pub(crate) async fn connect(base: &str, device_id: &str, token: &str) -> Result<Self> {
-        let url = format!("{}/v1/security/kill-switch", base.replacen("http", "ws", 1));
-        let mut request = url.into_client_request().map_err(Box::new)?;
+        let mut request = socket_url(base)?.into_client_request().map_err(Box::new)?;
         let headers = request.headers_mut();
         let bearer = format!("Bearer {token}")
             .parse()
@@ -85,6 +97,8 @@ impl KillSwitch {
                 }
                 Message::Close(frame) => {
                     self.close_code = frame.map(|f| u16::from(f.code));
+                    // Send the echo the socket queued (RFC 6455 §5.5.1).
+                    let _ = self.socket.flush().await;
                     return Ok(None);
                 }
                 _ => {}
@@ -127,5 +141,25 @@ impl KillSwitch {
             .close(None)
             .await
             .map_err(|e| Box::new(e).into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::socket_url;
+
+    #[test]
+    fn the_socket_url_follows_the_servers_scheme() {
+        assert_eq!(
+            socket_url("https://api.bank.example").ok().as_deref(),
+            Some("wss://api.bank.example/v1/security/kill-switch")
+        );
+        assert_eq!(
+            socket_url("HTTP://127.0.0.1:8000").ok().as_deref(),
+            Some("ws://127.0.0.1:8000/v1/security/kill-switch")
+        );
+        for bad in ["ftp://x", "127.0.0.1:8000", "httpx://y"] {
+            assert!(socket_url(bad).is_err(), "{bad}");
+        }
     }
 }

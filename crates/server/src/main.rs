@@ -526,7 +526,11 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             use blockremote::simulate::Corpus;
             if cleanup {
                 let removed = blockremote::simulate::cleanup(&url, &admin_key, force).await?;
-                println!("removed {removed} simulated users");
+                println!(
+                    "removed {removed} simulated users; the server's replay check still remembers \
+                     their windows for 24 h, and with the users gone a rerun of the same seed is no \
+                     longer refused: use fresh seeds"
+                );
                 return Ok(());
             }
             let corpus = match corpus {

@@ -387,8 +387,7 @@ pub async fn evaluate(options: &SimulateOptions) -> anyhow::Result<Report> {
         bail!(
             "{} already saw the windows of {windows} (a run with them is on record): its replay \
              checks would flag them and the report would be meaningless. Run with another \
-             --seed (or none, for fresh windows), or with --rerun to measure exactly that; \
-             `simulate --cleanup` removes the simulated users.",
+             --seed (or none, for fresh windows), or with --rerun to measure exactly that.",
             options.url
         );
     }

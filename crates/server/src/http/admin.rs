@@ -25,6 +25,7 @@ use crate::{
     },
     error::{codes, ApiError, Problem},
     http::extract::{AdminAuth, ClientIp},
+    state::keys,
     store::{AuditSource, EnsuredUser, NewAuditEntry, StoreError, User},
 };
 
@@ -75,13 +76,14 @@ pub struct ExternalUser {
     ))]
 pub async fn post_user(
     State(state): State<AppState>,
-    _admin: AdminAuth,
+    admin: AdminAuth,
     ip: ClientIp,
     Json(body): Json<ExternalUserRequest>,
 ) -> Result<(StatusCode, JsonResponse<ExternalUser>), ApiError> {
     validate::external_id("external_id", &body.external_id)?;
     let email = body.email.as_deref().map(validate::email).transpose()?;
-    let (user, created) = ensure_user(&state, &body.external_id, email.as_deref(), ip).await?;
+    let (user, created) =
+        ensure_user(&state, &admin, &body.external_id, email.as_deref(), ip).await?;
     if let Some(email) = &email {
         if !created && user.email != *email {
             return Err(ApiError::conflict(
@@ -179,7 +181,7 @@ pub async fn get_users(
     ))]
 pub async fn delete_user(
     State(state): State<AppState>,
-    _admin: AdminAuth,
+    admin: AdminAuth,
     ip: ClientIp,
     user_id: Result<Path<Uuid>, axum::extract::rejection::PathRejection>,
 ) -> Result<StatusCode, ApiError> {
@@ -187,7 +189,7 @@ pub async fn delete_user(
         user_id.map_err(|_| ApiError::invalid_field("user_id", "must be a UUID"))?;
     let devices = state
         .store
-        .delete_user(user_id, operator_audit(user_id, ip, "user_deleted"))
+        .delete_user(user_id, operator_audit(&admin, user_id, ip, "user_deleted"))
         .await
         .map_err(|e| match e {
             StoreError::NotFound => ApiError::Client {
@@ -199,12 +201,44 @@ pub async fn delete_user(
         })?;
     for device_id in &devices {
         state.auth.devices.invalidate(device_id).await;
+        forget_device(&state, device_id).await;
     }
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// The audit row of an operator's action on a user.
-fn operator_audit(user_id: Uuid, ip: ClientIp, action: &str) -> NewAuditEntry {
+/// After a deletion: the device's sockets close (4004, as for a revoked
+/// session) and what shared state keeps of it goes, so a device that signs
+/// in again under the same id starts afresh. Its command sequence stays, so
+/// the app's "highest seq seen" never runs ahead of new commands.
+async fn forget_device(state: &AppState, device_id: &str) {
+    if let Err(e) = crate::realtime::disconnect(
+        state.shared.as_ref(),
+        device_id,
+        crate::realtime::CloseReason::Revoked,
+    )
+    .await
+    {
+        tracing::warn!(error = %e, device_id, "a deleted device's sockets were not told to close");
+    }
+    for key in [
+        keys::signal_state(device_id),
+        keys::trust_report(device_id),
+        keys::heartbeat_seq(device_id),
+        keys::force_overlay(device_id),
+        keys::revoked_device(device_id),
+        keys::nonce(device_id),
+        keys::rate_limit(device_id),
+        keys::refresh_rate_limit(device_id),
+    ] {
+        if let Err(e) = state.shared.delete(&key).await {
+            tracing::warn!(error = %e, device_id, "a deleted device's state was not removed");
+        }
+    }
+}
+
+/// The audit row of an operator's action on a user (`decision_reason`:
+/// which admin key, as `admin:` and 8 hex digits of its hash).
+fn operator_audit(admin: &AdminAuth, user_id: Uuid, ip: ClientIp, action: &str) -> NewAuditEntry {
     NewAuditEntry {
         user_id: Some(user_id),
         device_id: None,
@@ -213,7 +247,7 @@ fn operator_audit(user_id: Uuid, ip: ClientIp, action: &str) -> NewAuditEntry {
         user_agent: None,
         source: AuditSource::Http,
         threat_score: None,
-        decision_reason: Some("admin".to_owned()),
+        decision_reason: Some(admin.operator.clone()),
         attestation_state: None,
         action_taken: action.to_owned(),
     }
@@ -222,6 +256,7 @@ fn operator_audit(user_id: Uuid, ip: ClientIp, action: &str) -> NewAuditEntry {
 /// The user of `external_id`, created (and audited) when it has none.
 async fn ensure_user(
     state: &AppState,
+    admin: &AdminAuth,
     external_id: &str,
     email: Option<&str>,
     ip: ClientIp,
@@ -242,7 +277,7 @@ async fn ensure_user(
         EnsuredUser::Created(user) => {
             state
                 .store
-                .append_audit(operator_audit(user.id, ip, "user_created:external"))
+                .append_audit(operator_audit(admin, user.id, ip, "user_created:external"))
                 .await?;
             Ok((user, true))
         }
@@ -286,7 +321,7 @@ pub struct AdminSessionRequest {
     ))]
 pub async fn post_session(
     State(state): State<AppState>,
-    _admin: AdminAuth,
+    admin: AdminAuth,
     ip: ClientIp,
     Json(body): Json<AdminSessionRequest>,
 ) -> Result<(StatusCode, JsonResponse<SessionTokens>), ApiError> {
@@ -309,7 +344,7 @@ pub async fn post_session(
         (None, Some(external)) => {
             validate::external_id("external_user_id", external)?;
             if body.create {
-                ensure_user(&state, external, None, ip).await?.0
+                ensure_user(&state, &admin, external, None, ip).await?.0
             } else {
                 state
                     .store

@@ -47,14 +47,24 @@ pub fn position(cursor: Option<&str>) -> Result<Option<Position>, ApiError> {
 /// Cuts `items` (fetched with `limit + 1`) to the page and makes the cursor
 /// of the next page, if there is one.
 pub fn page<T>(
-    mut items: Vec<T>,
+    items: Vec<T>,
     limit: u32,
     position_of: impl Fn(&T) -> Position,
+) -> (Vec<T>, Option<String>) {
+    cut(items, limit, |item| encode(position_of(item)))
+}
+
+/// Cuts `items` (fetched with `limit + 1`) to the page; the next page's
+/// cursor is `cursor_of` its last item, when there is a next page.
+fn cut<T>(
+    mut items: Vec<T>,
+    limit: u32,
+    cursor_of: impl Fn(&T) -> String,
 ) -> (Vec<T>, Option<String>) {
     let more = items.len() > limit as usize;
     items.truncate(limit as usize);
     let next = if more {
-        items.last().map(|item| encode(position_of(item)))
+        items.last().map(cursor_of)
     } else {
         None
     };
@@ -75,18 +85,11 @@ pub fn id_position(cursor: Option<&str>) -> Result<Option<Uuid>, ApiError> {
 
 /// [`page`] for an id-ordered listing (oldest first).
 pub fn id_page<T>(
-    mut items: Vec<T>,
+    items: Vec<T>,
     limit: u32,
     id_of: impl Fn(&T) -> Uuid,
 ) -> (Vec<T>, Option<String>) {
-    let more = items.len() > limit as usize;
-    items.truncate(limit as usize);
-    let next = if more {
-        items.last().map(|item| B64.encode(id_of(item).as_bytes()))
-    } else {
-        None
-    };
-    (items, next)
+    cut(items, limit, |item| B64.encode(id_of(item).as_bytes()))
 }
 
 fn encode((at, id): Position) -> String {
@@ -111,6 +114,7 @@ mod tests {
         #[test]
         fn arbitrary_cursors_never_panic(raw in "\\PC{0,200}") {
             let _ = decode(&raw);
+            let _ = id_position(Some(&raw));
         }
     }
 
@@ -123,5 +127,16 @@ mod tests {
         let raw = B64.encode(format!("{}|{}", at.to_rfc3339(), id));
         assert_eq!(decode(&raw), Some((at, id)));
         assert_eq!(decode("bm9wZQ"), None);
+    }
+
+    #[test]
+    fn id_pages_cut_at_the_limit_and_their_cursor_names_the_last_id() {
+        let ids: Vec<Uuid> = (0..3).map(|_| Uuid::now_v7()).collect();
+        let (items, next) = id_page(ids.clone(), 2, |id| *id);
+        assert_eq!(items, ids[..2]);
+        let cursor = next.expect("a next page");
+        assert_eq!(id_position(Some(&cursor)).ok().flatten(), Some(ids[1]));
+        assert_eq!(id_page(ids[..2].to_vec(), 2, |id| *id).1, None);
+        assert!(id_position(Some("bm9wZQ")).is_err());
     }
 }

@@ -384,7 +384,11 @@ pub async fn serve(
                             // the echo when it read the frame; it goes out on
                             // this flush, so the client sees a clean close,
                             // not 1006.
-                            let _ = futures::SinkExt::flush(&mut conn.socket).await;
+                            let _ = tokio::time::timeout(
+                                CLOSE_GRACE,
+                                futures::SinkExt::flush(&mut conn.socket),
+                            )
+                            .await;
                             reason = "client_closed";
                             break;
                         }

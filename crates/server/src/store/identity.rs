@@ -643,7 +643,7 @@ for_each_dialect! {
 
         #[tracing::instrument(skip_all, name = "store.delete_user")]
         async fn delete_user(&self, id: Uuid, audit: NewAuditEntry) -> StoreResult<Vec<String>> {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = <Db as Dialect>::begin_write(&self.pool).await?;
             let found = sqlx::query(&format!(
                 "SELECT id FROM users WHERE id = $1{}",
                 <Db as Dialect>::FOR_UPDATE
@@ -659,12 +659,15 @@ for_each_dialect! {
                     .bind(Id(id))
                     .fetch_all(&mut *tx)
                     .await?;
-            // Children first: the schema's cascades are not relied on (SQLite
-            // enforces foreign keys only when asked).
+            // Children first, explicitly. A device that moved to this user
+            // from another keeps the other user's (superseded) families, so
+            // families go by device as well as by user.
             for statement in [
                 "DELETE FROM refresh_tokens WHERE family_id IN \
-                 (SELECT id FROM refresh_families WHERE user_id = $1)",
-                "DELETE FROM refresh_families WHERE user_id = $1",
+                 (SELECT id FROM refresh_families WHERE user_id = $1 OR device_id IN \
+                  (SELECT id FROM devices WHERE user_id = $1))",
+                "DELETE FROM refresh_families WHERE user_id = $1 OR device_id IN \
+                 (SELECT id FROM devices WHERE user_id = $1)",
                 "DELETE FROM holds WHERE user_id = $1 OR device_id IN \
                  (SELECT id FROM devices WHERE user_id = $1)",
                 "DELETE FROM app_attest_keys WHERE device_id IN \

@@ -17,6 +17,7 @@ crate::on_both_backends!(
     the_kill_switch_socket_carries_state_commands_and_resume,
     external_users_are_listed_by_prefix_and_deleted_with_their_devices,
     the_demo_tour_runs,
+    deleting_a_user_whose_device_moved_to_it_closes_its_sockets_and_forgets_it,
 );
 
 const ADMIN: &str = "reference-client-admin-key-0123456789abcdef";
@@ -302,6 +303,11 @@ async fn external_users_are_listed_by_prefix_and_deleted_with_their_devices(back
         again.user_id.as_str(),
         "{audit}"
     );
+    // Which admin key did it: `admin:` and 8 hex digits of the key's hash.
+    let by = audit["items"][0]["decision_reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(by.starts_with("admin:") && by.len() == 14, "{audit}");
 
     // Only the admin key may list or delete.
     let anonymous = client.admin("not-the-admin-key");
@@ -332,4 +338,61 @@ async fn the_demo_tour_runs(backend: Backend) {
     blockremote::demo::tour(&app.address, ADMIN)
         .await
         .expect("the tour completes");
+}
+
+/// A device that moved from one user to another keeps the first user's old
+/// session families; deleting its new owner used to fail on them (500).
+/// Deletion also closes the device's sockets and forgets its scoring state.
+async fn deleting_a_user_whose_device_moved_to_it_closes_its_sockets_and_forgets_it(
+    backend: Backend,
+) {
+    let Some(app) = app(backend).await else {
+        return;
+    };
+    let client = Client::new(&app.address).expect("client");
+    let admin = client.admin(ADMIN);
+    let phone = identity("refmoved01");
+    let first = SessionRequest::External {
+        external_id: "moved:first",
+        create: true,
+    };
+    admin.session(first, &phone).await.expect("first owner");
+    let second = SessionRequest::External {
+        external_id: "moved:second",
+        create: true,
+    };
+    let tokens = admin.session(second, &phone).await.expect("second owner");
+    let device = client.device(&phone.device_id, &tokens.access_token);
+    let hb = &session(Class::HeldInHand, 9, 1).heartbeats[0];
+    assert_eq!(
+        device.heartbeat(&heartbeat_body(hb)).await.expect("sent"),
+        HeartbeatOutcome::Accepted { seq: 1 }
+    );
+    let mut socket = device.kill_switch().await.expect("socket");
+    assert!(matches!(
+        socket.next().await.expect("state"),
+        Some(ServerMessage::State { .. })
+    ));
+
+    admin.delete_user(&tokens.user_id).await.expect("deleted");
+    let closed = tokio::time::timeout(Duration::from_secs(5), socket.next())
+        .await
+        .expect("the socket is closed in time")
+        .expect("a clean close");
+    assert_eq!((closed, socket.close_code()), (None, Some(4004)));
+
+    // Signed in again under the same device id: nothing of the old device.
+    let again = SessionRequest::External {
+        external_id: "moved:third",
+        create: true,
+    };
+    let tokens = admin.session(again, &phone).await.expect("a new owner");
+    let device = client.device(&phone.device_id, &tokens.access_token);
+    let report = device.trust_score().await.expect("trust");
+    assert_eq!((report.heartbeats, report.last_seq), (0, 0), "{report:?}");
+    assert_eq!(
+        device.heartbeat(&heartbeat_body(hb)).await.expect("sent"),
+        HeartbeatOutcome::Accepted { seq: 1 },
+        "its seq starts afresh"
+    );
 }

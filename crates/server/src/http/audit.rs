@@ -20,7 +20,7 @@ use super::paging;
 use crate::{
     app::AppState,
     error::{ApiError, Problem},
-    http::extract::{bearer, AdminAuth, DeviceAuth},
+    http::extract::{bearer, AdminAuth, DeviceAuth, DEVICE_ID_HEADER},
     store::{AuditEntry, AuditFilter},
 };
 
@@ -71,8 +71,13 @@ impl FromRequestParts<AppState> for Reader {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        // A JWT has two dots; admin keys have none.
-        if bearer(parts).is_some_and(|t| t.matches('.').count() == 2) {
+        // A JWT has two dots; admin keys have none. A request with no
+        // credentials but an `X-Device-Id` is a device's that lost its token:
+        // it gets the device answer (`invalid_token`: sign in), not the
+        // admin one.
+        let token = bearer(parts);
+        let device_only = token.is_none() && parts.headers.contains_key(DEVICE_ID_HEADER);
+        if device_only || token.is_some_and(|t| t.matches('.').count() == 2) {
             DeviceAuth::from_request_parts(parts, state)
                 .await
                 .map(Reader::Device)

@@ -14,7 +14,32 @@ use crate::{
 crate::on_both_backends!(
     audit_logs_are_scoped_filtered_and_paginated,
     admin_events_are_filtered_paginated_and_carry_no_address,
+    a_device_without_its_token_is_told_to_sign_in,
 );
+
+/// The audit route takes a device token or an admin key. A device call that
+/// lost its token was answered `invalid_admin_key`, which tells an app
+/// nothing; it is now the device answer.
+async fn a_device_without_its_token_is_told_to_sign_in(backend: Backend) {
+    let Some(app) =
+        spawn_app_with(backend, |c| c.admin_token = Some(ADMIN.to_owned().into())).await
+    else {
+        return;
+    };
+    let r = reqwest::Client::new()
+        .get(app.url("/v1/audit/logs"))
+        .header("x-device-id", "device_0001")
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(r.status(), reqwest::StatusCode::UNAUTHORIZED);
+    let problem: serde_json::Value = r.json().await.expect("problem");
+    assert_eq!(problem["code"], "invalid_token", "{problem}");
+    // Without the header, no credentials is still the admin answer.
+    let r = app.get("/v1/audit/logs").await;
+    let problem: serde_json::Value = r.json().await.expect("problem");
+    assert_eq!(problem["code"], "invalid_admin_key", "{problem}");
+}
 
 async fn admin_events_are_filtered_paginated_and_carry_no_address(backend: Backend) {
     let Some(app) =

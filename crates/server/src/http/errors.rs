@@ -83,7 +83,7 @@ impl From<SessionError> for ApiError {
             ),
             SessionError::RefreshTokenReused => Self::unauthorized(
                 codes::REFRESH_TOKEN_REUSED,
-                "This refresh token was already used; the session has been revoked.",
+                "This refresh token was already used, or presented for another device; the session has been revoked.",
             ),
             SessionError::RateLimited { retry_after } => Self::RateLimited { retry_after },
             SessionError::Firewall(e) => e.into(),

@@ -586,9 +586,15 @@ async fn refresh_from_another_device_or_fingerprint_is_reuse(backend: Backend) {
     };
     let a = app.register("hal@example.com", "device_0001").await;
     let wrong_fp = app.refresh(&a.refresh, &a.device_id, "fp-stolen").await;
-    assert_eq!(
-        code_of(wrong_fp).await,
-        (StatusCode::UNAUTHORIZED, "refresh_token_reused".into())
+    assert_eq!(wrong_fp.status(), StatusCode::UNAUTHORIZED);
+    let problem: serde_json::Value = wrong_fp.json().await.expect("problem");
+    assert_eq!(problem["code"], "refresh_token_reused");
+    // The detail must not claim a first use was a second one.
+    assert!(
+        problem["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("presented for another device")),
+        "{problem}"
     );
     assert_eq!(
         code_of(app.probe(&a.access, &a.device_id).await).await.1,

@@ -11,8 +11,10 @@
 //! with `heartbeats` the API.md heartbeat bodies (`seq` from 1), posted as
 //! they are except for `sent_at`, which is stamped with the send time; the
 //! format is specified in [`blockremote_engine::sim`]. Only the public API is
-//! used: one user,
-//! one device session minted per simulated device through the admin API,
+//! used, through the reference client: one external user per set of windows
+//! (`simulate:seed-S` or `simulate:corpus-DIGEST`: the record that the server
+//! saw them, and what `--cleanup` removes), one device session minted per
+//! simulated device through the admin API,
 //! heartbeats posted in order at the device's pace — each waits until the
 //! previous one was scored (`last_seq` in the trust report), as a phone
 //! sending one every two seconds would. A device is locked when its API

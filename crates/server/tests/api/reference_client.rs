@@ -309,7 +309,21 @@ async fn external_users_are_listed_by_prefix_and_deleted_with_their_devices(back
         .unwrap_or_default();
     assert!(by.starts_with("admin:") && by.len() == 14, "{audit}");
 
-    // Only the admin key may list or delete.
+    // Only the admin key may list or delete: not a device's own access token.
+    let phone = identity("refclient04");
+    let who = SessionRequest::External {
+        external_id: "test-cust:1",
+        create: false,
+    };
+    let tokens = admin.session(who, &phone).await.expect("session");
+    let as_device = client.admin(&tokens.access_token);
+    for refused in [
+        as_device.users("test", None, 10).await.map(|_| ()),
+        as_device.delete_user(&tokens.user_id).await,
+    ] {
+        let err = refused.expect_err("a device token is not an admin key");
+        assert_eq!(err.code(), Some("invalid_admin_key"), "{err}");
+    }
     let anonymous = client.admin("not-the-admin-key");
     assert_eq!(
         anonymous

@@ -19,6 +19,9 @@ use crate::{
 pub const RING: usize = 100;
 /// Window fingerprints remembered for replay detection.
 const WINDOWS: usize = 64;
+/// Touch-trace fingerprints remembered (a trace needs four events, so
+/// these span a minute or more of use; ~160 bytes of state).
+const TOUCH_TRACES: usize = 16;
 /// Smoothing of the baselines.
 const ALPHA: f64 = 0.1;
 /// The touch-impulse test (rank bins of [`crate::features::impulse_test`]):
@@ -43,6 +46,18 @@ const IMPULSE_MODEL: CusumModel = CusumModel {
     // weighs at most ln 10 ≈ 2.3 nats.
     contamination: 0.1,
 };
+/// The same test while the screen is being streamed out (the upload far
+/// above the device's own): what a remote controller needs, so a device
+/// that has not yet shown its own taps is judged by physics — a finger
+/// landing on a held phone leaves an impulse above its motion, so half of
+/// all taps are assumed to rank in the top bins — rather than given the
+/// benefit of the doubt. A device whose own taps are faint (a padded case)
+/// still teaches the test that, outside streams.
+const STREAMING_IMPULSE_MODEL: CusumModel = CusumModel {
+    prior: STREAMING_PRIOR,
+    ..IMPULSE_MODEL
+};
+const STREAMING_PRIOR: [f64; IMPULSE_BINS] = [0.25, 0.15, 0.075, 0.12, 0.405];
 /// Nats of evidence at which touches count as injected (Wald: a false alarm
 /// per excursion of at most e^-5 under the device's own behaviour, less
 /// with the drag).
@@ -50,6 +65,13 @@ pub const IMPULSE_EVIDENCE: f64 = 5.0;
 /// Nats per injected touch (KL of the uniform ranks from the device's own)
 /// below which the device's taps are too faint to test.
 const MIN_INFORMATIVE: f64 = 0.6;
+
+/// Robust deviations above the device's usual upload that make a spike.
+pub const UPLOAD_SPIKE_Z: f64 = 3.0;
+/// Consecutive spiking windows (2 s each: a minute) after which a raised
+/// upload is the device's new normal (a backup, a video call) and teaches
+/// the baseline again.
+const UPLOAD_NEW_NORMAL: u32 = 30;
 
 /// Touches teach the device's impulse distribution only while the evidence
 /// is below this: once injection is suspected, the attack must not become
@@ -111,12 +133,23 @@ pub struct DeviceState {
     /// Which of the last heartbeats were near-duplicates (bit 0 = newest).
     #[serde(default)]
     near_duplicates: u8,
+    /// Consecutive windows whose upload was a spike against the baseline.
+    #[serde(default)]
+    upload_spiking: u32,
+    /// Fingerprints of recent touch traces (`features::touch_fingerprint`).
+    #[serde(default)]
+    touch_traces: Vec<u64>,
 }
 
 impl DeviceState {
     /// True when this device already sent a window with fingerprint `fp`.
     pub fn seen_window(&self, fp: u64) -> bool {
         self.windows.contains(&fp)
+    }
+
+    /// True when this device already sent a touch trace with fingerprint `fp`.
+    pub fn seen_touch_trace(&self, fp: u64) -> bool {
+        self.touch_traces.contains(&fp)
     }
 
     /// Records whether this window (its whitened residual, if it has one)
@@ -177,8 +210,9 @@ impl DeviceState {
     /// Called once per heartbeat: it also keeps the test's excursion.
     pub fn impulse_evidence(&mut self, f: &Features) -> f64 {
         let before = self.impulses.statistic;
-        let evidence = if self.impulses_visible(f) {
-            self.impulses.observe(f.impulses.bins, &IMPULSE_MODEL)
+        let model = self.impulse_model(f);
+        let evidence = if self.impulses_visible(f, model) {
+            self.impulses.observe(f.impulses.bins, model)
         } else {
             // This window's touches were not judged: they are no evidence
             // (the accumulated statistic waits for touches that are).
@@ -209,9 +243,23 @@ impl DeviceState {
     /// whose own taps have shown they stand out. A device whose taps barely
     /// do (a padded case, a heavy tremor), or that has not shown any yet,
     /// cannot tell an injected touch from its own: no test.
-    fn impulses_visible(&self, f: &Features) -> bool {
-        self.impulses_judgeable(f)
-            && self.impulses.informativeness(&IMPULSE_MODEL) >= MIN_INFORMATIVE
+    fn impulses_visible(&self, f: &Features, model: &CusumModel) -> bool {
+        self.impulses_judgeable(f) && self.impulses.informativeness(model) >= MIN_INFORMATIVE
+    }
+
+    /// True when this window's upload is a spike against the device's own.
+    fn streaming(&self, f: &Features) -> bool {
+        f.upload_rate
+            .is_some_and(|rate| self.upload_z(rate) > UPLOAD_SPIKE_Z)
+    }
+
+    /// The impulse test's model for this window (see [`STREAMING_IMPULSE_MODEL`]).
+    fn impulse_model(&self, f: &Features) -> &'static CusumModel {
+        if self.streaming(f) {
+            &STREAMING_IMPULSE_MODEL
+        } else {
+            &IMPULSE_MODEL
+        }
     }
 
     /// The evidence (nats) that this device's recent touches were injected.
@@ -293,16 +341,26 @@ impl DeviceState {
         }
         if let Some(rate) = f.upload_rate {
             self.last_upload_z = self.upload_z(rate);
+            self.upload_spiking = if self.last_upload_z > UPLOAD_SPIKE_Z {
+                self.upload_spiking.saturating_add(1)
+            } else {
+                0
+            };
         }
         if let Some(residual) = residual.filter(|_| !replayed) {
             crate::replay::remember(&mut self.residuals, residual);
         }
-        if let Some(fp) = f.fingerprint {
-            if !replayed {
-                if self.windows.len() >= WINDOWS {
-                    self.windows.remove(0);
+        if !replayed {
+            for (fp, kept, limit) in [
+                (f.fingerprint, &mut self.windows, WINDOWS),
+                (f.touch_fingerprint, &mut self.touch_traces, TOUCH_TRACES),
+            ] {
+                if let Some(fp) = fp {
+                    if kept.len() >= limit {
+                        kept.remove(0);
+                    }
+                    kept.push(fp);
                 }
-                self.windows.push(fp);
             }
         }
         if suspicious {
@@ -310,7 +368,11 @@ impl DeviceState {
         }
         // Touches teach what this device's taps look like only while nothing
         // suggests they are injected.
-        if self.impulses.statistic < LEARN_BELOW && self.impulses_judgeable(f) {
+        // Nor while the screen is streamed out (they may be a controller's).
+        if self.impulses.statistic < LEARN_BELOW
+            && self.last_upload_z <= UPLOAD_SPIKE_Z
+            && self.impulses_judgeable(f)
+        {
             self.impulses.learn(f.impulses.bins);
             if let Some(level) = f.impulses.hit_level {
                 self.tap_level.update(level, ALPHA);
@@ -326,7 +388,13 @@ impl DeviceState {
             self.gyro_ring.push(f.gyro_energy);
             self.gyro.update(f.gyro_energy, ALPHA);
         }
-        if let Some(rate) = f.upload_rate {
+        // A spike teaches the upload baseline only once it has lasted long
+        // enough to be the device's new normal: a screen stream must not
+        // become the baseline it is judged against within a few windows.
+        if let Some(rate) = f
+            .upload_rate
+            .filter(|_| self.upload_spiking == 0 || self.upload_spiking >= UPLOAD_NEW_NORMAL)
+        {
             self.upload_ring.push(rate);
             self.upload.update(rate, ALPHA);
         }
@@ -439,6 +507,99 @@ mod tests {
             d.learn(&faint, None, 95.0, false, false);
         }
         assert_eq!(d.impulse_statistic(), 0.0);
+    }
+
+    fn uploading(rate: f64, bins: [u8; IMPULSE_BINS]) -> Features {
+        Features {
+            upload_rate: Some(rate),
+            ..touches(bins)
+        }
+    }
+
+    #[test]
+    fn a_sustained_upload_spike_does_not_become_the_baseline_until_it_lasts() {
+        let mut d = DeviceState::default();
+        for _ in 0..8 {
+            let quiet = uploading(1_000.0, [0; IMPULSE_BINS]);
+            d.learn(&quiet, None, 95.0, false, false);
+        }
+        // A screen stream at 30 KB/s, in windows that are not suspicious
+        // on their own: it used to become the median within a few windows.
+        let stream = uploading(30_000.0, [0; IMPULSE_BINS]);
+        for window in 0..UPLOAD_NEW_NORMAL {
+            assert!(d.upload_z(30_000.0) > UPLOAD_SPIKE_Z, "window {window}");
+            d.learn(&stream, None, 80.0, false, false);
+        }
+        // A minute later it is the device's new normal (a backup, a call).
+        for _ in 0..RING {
+            d.learn(&stream, None, 80.0, false, false);
+        }
+        assert!(d.upload_z(30_000.0) < UPLOAD_SPIKE_Z);
+    }
+
+    #[test]
+    fn while_the_screen_is_streamed_a_device_is_judged_by_physics_not_doubt() {
+        // An owner who has shown only four taps, all of which stood out:
+        // too few for its test to run outside a stream.
+        let owner = || {
+            let mut d = DeviceState::default();
+            let own = uploading(1_000.0, [0, 0, 0, 1, 1]);
+            for _ in 0..2 {
+                d.impulse_evidence(&own);
+                d.learn(&own, None, 95.0, false, false);
+            }
+            d
+        };
+        let injected = |rate| uploading(rate, [2, 1, 0, 0, 0]);
+        let mut quiet = owner();
+        let mut streamed = owner();
+        for _ in 0..EVIDENCE_WINDOW {
+            quiet.impulse_evidence(&injected(1_000.0));
+            streamed.impulse_evidence(&injected(30_000.0));
+            streamed.learn(&injected(30_000.0), None, 60.0, false, false);
+        }
+        assert_eq!(quiet.impulse_statistic(), 0.0, "no stream: no test");
+        assert!(
+            streamed.impulse_statistic() >= IMPULSE_EVIDENCE,
+            "{}",
+            streamed.impulse_statistic()
+        );
+        // The stream's touches taught the device nothing.
+        assert_eq!(streamed.impulse_shares(), owner().impulse_shares());
+    }
+
+    #[test]
+    fn a_padded_case_streaming_its_screen_from_the_start_is_not_tested() {
+        // Its taps are never learned while it streams, and the physics prior
+        // alone is too weak for the test to run (below MIN_INFORMATIVE).
+        let mut d = DeviceState::default();
+        for _ in 0..30 {
+            let faint = uploading(200_000.0, [2, 1, 0, 0, 0]);
+            assert_eq!(d.impulse_evidence(&faint), 0.0);
+            d.learn(&faint, None, 90.0, false, false);
+        }
+    }
+
+    #[test]
+    fn a_touch_trace_sent_again_is_recognised() {
+        let mut d = DeviceState::default();
+        let traced = Features {
+            touch_fingerprint: Some(42),
+            ..Default::default()
+        };
+        assert!(!d.seen_touch_trace(42));
+        d.learn(&traced, None, 95.0, false, false);
+        assert!(d.seen_touch_trace(42));
+        // Only the last TOUCH_TRACES traces are kept.
+        for fp in 0..TOUCH_TRACES as u64 {
+            let other = Features {
+                touch_fingerprint: Some(1_000 + fp),
+                ..Default::default()
+            };
+            d.learn(&other, None, 95.0, false, false);
+        }
+        assert!(!d.seen_touch_trace(42));
+        assert_eq!(d.touch_traces.len(), TOUCH_TRACES);
     }
 
     proptest! {

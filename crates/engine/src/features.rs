@@ -143,6 +143,8 @@ pub struct Features {
     pub upload_rate: Option<f64>,
     /// Offset-invariant hash of the accelerometer window (8+ samples, not flat).
     pub fingerprint: Option<u64>,
+    /// Fingerprint of the window's touch trace (see [`touch_fingerprint`]).
+    pub touch_fingerprint: Option<u64>,
 }
 
 fn repeats(samples: &[Sample]) -> f64 {
@@ -550,6 +552,39 @@ fn fingerprint(samples: &[Sample]) -> Option<u64> {
     Some(hash)
 }
 
+/// Touch events a trace needs before its fingerprint means anything.
+const MIN_TRACE_EVENTS: usize = 4;
+
+/// The fingerprint of a window's touch trace: every event's position,
+/// pressure, contact size and action, in order — not its times, so a trace
+/// re-timed or shifted hashes the same. A person never lands four events
+/// on the same points with the same pressures twice; a recording resent
+/// does, whatever noise is added to its sensors. `None` below
+/// [`MIN_TRACE_EVENTS`] events (one tap on one button can repeat) and for
+/// traces with constant pressure and size (machine input: the touch
+/// statistics judge those, and they may repeat by design).
+pub fn touch_fingerprint(touches: &[Touch]) -> Option<u64> {
+    let first = touches.first()?;
+    if touches.len() < MIN_TRACE_EVENTS
+        || touches
+            .iter()
+            .all(|t| t.pressure == first.pressure && t.size == first.size)
+    {
+        return None;
+    }
+    let q = |v: f64| {
+        let scaled = v * 1e5;
+        (scaled + 0.5f64.copysign(scaled)) as i64
+    };
+    let mut hash = FINGERPRINT_SEED ^ (touches.len() as u64).rotate_left(32);
+    for t in touches {
+        for v in [q(t.x), q(t.y), q(t.pressure), q(t.size), t.action as i64] {
+            hash = mix(hash, v);
+        }
+    }
+    Some(hash)
+}
+
 /// Start of the window hash.
 const FINGERPRINT_SEED: u64 = 0xcbf2_9ce4_8422_2325;
 
@@ -624,6 +659,7 @@ pub fn extract(heartbeat: &Heartbeat) -> Features {
         gestures,
         upload_rate: heartbeat.network.map(|n| n.upload_rate()),
         fingerprint: fingerprint_unless_flat(accel, repeats_accel),
+        touch_fingerprint: touch_fingerprint(touches),
     }
 }
 
@@ -769,9 +805,24 @@ pub(crate) mod tests {
         assert_eq!(extract(&injected).touch_coupling, 0.0);
     }
 
-    /// A held phone: 10 Hz tremor of 0.1 m/s² plus noise, 50 Hz, with a
-    /// tap strike (0.5 m/s² ringing at 25 Hz) 10 ms after each of `strikes`.
+    /// A held phone: [`shaken`], with the posture drifting (gravity
+    /// turning by about 0.6° over the window, one way or the other).
     pub(crate) fn held(seed: u64, strikes: &[f64]) -> Vec<Sample> {
+        let turn = if seed % 2 == 0 { 0.01 } else { -0.01 };
+        shaken(seed, strikes)
+            .into_iter()
+            .map(|s| Sample {
+                x: s.x + 9.8 * turn * s.t / 2000.0,
+                ..s
+            })
+            .collect()
+    }
+
+    /// A phone shaking without turning: 10 Hz tremor of 0.1 m/s² plus
+    /// noise, 50 Hz, gravity fixed, with a tap strike (0.5 m/s² ringing at
+    /// 25 Hz) 10 ms after each of `strikes` — what a simulated sensor with a
+    /// "tremor" gives (a hand also turns the phone).
+    pub(crate) fn shaken(seed: u64, strikes: &[f64]) -> Vec<Sample> {
         let noise = still(100, 0.01, seed);
         noise
             .iter()
@@ -1007,7 +1058,44 @@ pub(crate) mod tests {
         );
     }
 
+    #[test]
+    fn a_touch_trace_needs_four_varied_events_to_have_a_fingerprint() {
+        let mut trace = taps(&[100.0, 600.0, 1100.0, 1600.0]);
+        assert_eq!(
+            touch_fingerprint(&trace),
+            None,
+            "constant pressure and size: machine input, judged elsewhere"
+        );
+        trace[2].pressure = 0.61;
+        assert!(touch_fingerprint(&trace).is_some());
+        assert_eq!(
+            touch_fingerprint(&trace[..3]),
+            None,
+            "one gesture can repeat"
+        );
+    }
+
     proptest! {
+        #[test]
+        fn a_touch_trace_hashes_the_same_retimed_and_differently_moved(
+            trace in proptest::collection::vec(arb_touch(), 4..30),
+            shift in -400.0f64..400.0,
+            moved in 0usize..30,
+            nudge in 1e-4f64..0.5,
+        ) {
+            let Some(fp) = touch_fingerprint(&trace) else {
+                // Only constant pressure and size go without one.
+                prop_assert!(trace.iter().all(|t| t.pressure == trace[0].pressure && t.size == trace[0].size));
+                return Ok(());
+            };
+            let retimed: Vec<Touch> = trace.iter().map(|t| Touch { t: t.t + shift, ..*t }).collect();
+            prop_assert_eq!(touch_fingerprint(&retimed), Some(fp));
+            let mut other = trace.clone();
+            let i = moved % other.len();
+            other[i].x = if other[i].x + nudge <= 1.0 { other[i].x + nudge } else { other[i].x - nudge };
+            prop_assert_ne!(touch_fingerprint(&other), Some(fp));
+        }
+
         #[test]
         fn features_are_finite_and_in_range(
             accel in proptest::collection::vec(arb_sample(), 0..80),

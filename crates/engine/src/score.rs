@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     device::DeviceState,
-    device::IMPULSE_EVIDENCE,
+    device::{IMPULSE_EVIDENCE, UPLOAD_SPIKE_Z},
     features::{dga_score, Features},
     heartbeat::Heartbeat,
     Components,
@@ -190,6 +190,23 @@ fn stillness(value: f64, still: f64, moving: f64) -> f64 {
     ((moving - value) / (moving - still)).clamp(0.0, 1.0)
 }
 
+/// 1 when gravity held its direction through the window (turned less than
+/// [`SUPPORTED_DRIFT`] between its halves), whatever else moved: the phone
+/// rests on something — a table, a mount — or its sensors are simulated.
+/// A hand never holds a phone that still (posture sways by tenths of a
+/// degree to degrees within seconds), so the motion is not a hand's, and
+/// a finger landing on a supported phone jolts it as on a table.
+fn supported(f: &Features) -> f64 {
+    if f.accel_samples >= 16 && f.gravity_drift < SUPPORTED_DRIFT {
+        1.0
+    } else {
+        0.0
+    }
+}
+
+/// Gravity turning less than this between a window's halves (0.1°) is a supported phone.
+const SUPPORTED_DRIFT: f64 = 0.1 * std::f64::consts::PI / 180.0;
+
 /// Touch evidence grows with the number of touch-downs (one tap proves little).
 fn touch_weight(downs: usize) -> f64 {
     match downs {
@@ -246,7 +263,7 @@ fn accelerometer_risk(
     }
     if f.touch_downs > 0 {
         // Sensor noise alone is ≲ 0.02 m/s²; a hand adds tremor above that.
-        let still = stillness(f.accel_motion, 0.02, 0.045);
+        let still = stillness(f.accel_motion, 0.02, 0.045).max(supported(f));
         let uncoupled = uncoupled(f);
         // A moving phone hides tap impulses: uncoupled touches then weigh little.
         let touch_risk = uncoupled * (0.35 + 0.65 * still) * touch_weight(f.touch_downs);
@@ -293,7 +310,7 @@ fn gyroscope_risk(
         return 0.0;
     }
     // Gyroscope noise is a few mrad/s; a hand is never below ~0.02 rad/s.
-    let still = stillness(f.gyro_energy, 0.008, 0.02);
+    let still = stillness(f.gyro_energy, 0.008, 0.02).max(supported(f));
     let uncoupled = uncoupled(f);
     // The impulse test ranks both sensors together.
     (uncoupled * (0.35 + 0.65 * still) * touch_weight(f.touch_downs)).max(0.95 * impulse_risk)
@@ -340,7 +357,11 @@ fn network_risk(
         let z = state.upload_z(rate);
         let spike = ((z - 3.0) / 4.0).clamp(0.0, 1.0);
         // Sustained: the previous window was high too.
-        let sustained = if state.last_upload_z > 3.0 { 1.0 } else { 0.7 };
+        let sustained = if state.last_upload_z > UPLOAD_SPIKE_Z {
+            1.0
+        } else {
+            0.7
+        };
         risk = spike * sustained;
         if risk >= 0.5 {
             reasons.push("network_upload_spike");
@@ -418,6 +439,8 @@ pub fn assess(state: &mut DeviceState, heartbeat: &Heartbeat, situation: &Situat
     let near_duplicates = state.near_duplicates(residual.as_ref());
     let replayed = situation.intel.window_seen_elsewhere
         || f.fingerprint.is_some_and(|fp| state.seen_window(fp))
+        || f.touch_fingerprint
+            .is_some_and(|fp| state.seen_touch_trace(fp))
         || near_duplicates >= 2;
     if replayed {
         reasons.push("replayed_window");
@@ -637,6 +660,69 @@ mod tests {
             a.decision != Decision::Allow && a.reasons.contains(&"touch_without_impulse")
         });
         assert!(locked.is_some_and(|seq| seq <= 12), "{locked:?}");
+    }
+
+    #[test]
+    fn touches_on_a_phone_that_shakes_without_turning_weigh_as_on_a_table() {
+        use crate::features::tests::{held, shaken, taps};
+        let at = [300.0, 800.0, 1300.0, 1700.0];
+        let risk = |accelerometer| {
+            let hb = Heartbeat {
+                seq: 1,
+                accelerometer,
+                touches: taps(&at),
+                ..Default::default()
+            };
+            let a = assess(&mut DeviceState::default(), &hb, &paid());
+            (a.components.accelerometer, a.reasons)
+        };
+        for seed in 0..6 {
+            let features = |accelerometer| {
+                crate::features::extract(&Heartbeat {
+                    accelerometer,
+                    ..Default::default()
+                })
+            };
+            // A hand turns the phone; a "tremor" on a fixed gravity does not.
+            assert_eq!(supported(&features(held(seed, &[]))), 0.0);
+            assert_eq!(supported(&features(shaken(seed, &[]))), 1.0);
+            let (in_hand, _) = risk(held(seed, &[]));
+            // Supported (or simulated): touches that never jolt it are as
+            // telling as on a table, however much it shakes.
+            let (rigid, reasons) = risk(shaken(seed, &[]));
+            assert!(
+                rigid >= 0.9 && rigid >= in_hand,
+                "seed {seed}: {rigid} {in_hand} {reasons:?}"
+            );
+            assert!(reasons.contains(&"touch_without_motion"), "{reasons:?}");
+            // Real taps on it still jolt it.
+            let (tapped, reasons) = risk(shaken(seed, &at));
+            assert!(tapped < 0.5, "seed {seed}: {tapped} {reasons:?}");
+        }
+    }
+
+    #[test]
+    fn a_touch_trace_resent_under_fresh_sensor_windows_is_a_replay() {
+        let s = session(Class::HeldInHand, 4, 12);
+        let mut state = DeviceState::default();
+        let traced = s
+            .heartbeats
+            .iter()
+            .position(|h| crate::features::touch_fingerprint(&h.touches).is_some())
+            .expect("a window with a touch trace");
+        for hb in &s.heartbeats[..=traced] {
+            assert_eq!(assess(&mut state, hb, &paid()).decision, Decision::Allow);
+        }
+        // A later window's sensors (fresh, never seen) under the earlier
+        // window's touches, re-timed by 40 ms.
+        let mut resent = s.heartbeats[traced + 3].clone();
+        resent.touches = s.heartbeats[traced].touches.clone();
+        for t in &mut resent.touches {
+            t.t += 40.0;
+        }
+        let a = assess(&mut state, &resent, &paid());
+        assert_eq!(a.decision, Decision::CriticalLock, "{a:?}");
+        assert!(a.reasons.contains(&"replayed_window"));
     }
 
     #[test]

@@ -1962,16 +1962,17 @@ mod tests {
 
     #[test]
     fn the_shifted_corpus_locks_no_genuine_session_and_keeps_what_was_gained() {
-        // A regression guard at today's level (issue 21: the targets are not
-        // met yet): genuine shifted classes never locked; noisy replays and
-        // held-phone remote control and noisy emulators well above what the
-        // engine caught before (0%, 1% and 24% on this corpus).
+        // A regression guard at today's level (issue 21: the held-phone
+        // target is not met yet): genuine shifted classes never locked;
+        // noisy replays and noisy emulators (40/40 and 40/40 here) and
+        // held-phone remote control (27/40) well above what the engine
+        // caught before (0%, 24% and 1% on this corpus).
         let report = evaluate_classes(&Class::SHIFTED, 40, 25, 29);
         for (class, r) in &report {
             let floor = match class.name() {
-                "attack/replay_noisy" => 0.7,
-                "attack/remote_control_held" => 0.3,
-                "attack/emulator_noisy" => 0.4,
+                "attack/replay_noisy" => 0.95,
+                "attack/remote_control_held" => 0.55,
+                "attack/emulator_noisy" => 0.95,
                 _ if class.is_attack() => 0.0,
                 _ => {
                     assert_eq!(r.locked, 0, "{}: falsely locked", class.name());

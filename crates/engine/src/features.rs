@@ -33,6 +33,9 @@
 //!   device's own baseline.
 //! * **Window fingerprint** — a hash of the accelerometer window relative to
 //!   its first sample (so a replay shifted by a constant offset matches too).
+//! * **Touch-trace fingerprint** — a hash of the touches' positions,
+//!   pressures, sizes and actions, not their times, so a recording resent
+//!   with fresh sensor noise and re-timed touches still matches.
 
 use crate::{
     heartbeat::{Heartbeat, Sample, Touch, TouchAction},

@@ -4,8 +4,9 @@
 //!
 //! * **accelerometer** — are touches arriving on a phone that does not move
 //!   with them? Risk = the share of touches with no motion impulse, weighted
-//!   up as the phone gets stiller (a hand-held phone moves anyway; a phone on
-//!   a table being tapped by a finger still jolts). With no touches, a still
+//!   up as the phone gets stiller or is supported (a hand-held phone moves
+//!   anyway; a phone on a table or a mount — or simulated sensors, whose
+//!   gravity never turns — being tapped by a finger still jolts). With no touches, a still
 //!   phone is fine; a flatlined or mathematically smooth stream is not.
 //! * **gyroscope** — the same question about rotation, and flatlines.
 //! * **touch_entropy** — do the touches look machine-made: constant pressure
@@ -265,7 +266,8 @@ fn accelerometer_risk(
         // Sensor noise alone is ≲ 0.02 m/s²; a hand adds tremor above that.
         let still = stillness(f.accel_motion, 0.02, 0.045).max(supported(f));
         let uncoupled = uncoupled(f);
-        // A moving phone hides tap impulses: uncoupled touches then weigh little.
+        // A phone moving in a hand hides tap impulses: uncoupled touches then
+        // weigh little (not on a supported one, whatever it shakes).
         let touch_risk = uncoupled * (0.35 + 0.65 * still) * touch_weight(f.touch_downs);
         if touch_risk >= 0.5 {
             reasons.push("touch_without_motion");

@@ -175,6 +175,14 @@ pub struct Config {
     /// Prefix put before every Redis key (`BLOCKREMOTE_REDIS_PREFIX`), so that
     /// several deployments or tests can share one Redis.
     pub redis_prefix: String,
+    /// TLS files for `rediss` URLs (`BLOCKREMOTE_REDIS_CA_FILE`,
+    /// `BLOCKREMOTE_REDIS_CLIENT_CERT_FILE`, `BLOCKREMOTE_REDIS_CLIENT_KEY_FILE`).
+    pub redis_tls: crate::state::TlsFiles,
+    /// Bound on each Redis call (`BLOCKREMOTE_REDIS_TIMEOUT_MS`).
+    pub redis_call_timeout: Duration,
+    /// Streams per work queue (`BLOCKREMOTE_REDIS_QUEUE_SHARDS`; unset: 1 on
+    /// one node or Sentinel, 8 on a cluster).
+    pub redis_queue_shards: Option<usize>,
     /// Run migrations when `serve` starts (`BLOCKREMOTE_AUTO_MIGRATE`).
     pub auto_migrate: bool,
     /// Bootstrap admin API key (`BLOCKREMOTE_ADMIN_TOKEN`).
@@ -435,6 +443,16 @@ const CONNECT_TIMEOUT: Ranged<u64> = Ranged::new(
 );
 const REDIS_URL: Setting = Setting::new("REDIS_URL", None);
 const REDIS_PREFIX: Setting = Setting::new("BLOCKREMOTE_REDIS_PREFIX", None);
+const REDIS_CA_FILE: Setting = Setting::new("BLOCKREMOTE_REDIS_CA_FILE", None);
+const REDIS_CLIENT_CERT_FILE: Setting = Setting::new("BLOCKREMOTE_REDIS_CLIENT_CERT_FILE", None);
+const REDIS_CLIENT_KEY_FILE: Setting = Setting::new("BLOCKREMOTE_REDIS_CLIENT_KEY_FILE", None);
+const REDIS_TIMEOUT: Ranged<u64> = Ranged::new(
+    "BLOCKREMOTE_REDIS_TIMEOUT_MS",
+    "500",
+    10..=60_000,
+    Outside::Refuse("must be between {min} and {max} milliseconds"),
+);
+const REDIS_QUEUE_SHARDS: Setting = Setting::new("BLOCKREMOTE_REDIS_QUEUE_SHARDS", None);
 const AUTO_MIGRATE: Setting = Setting::new("BLOCKREMOTE_AUTO_MIGRATE", Some("true"));
 const ADMIN_TOKEN: Setting = Setting::new("BLOCKREMOTE_ADMIN_TOKEN", None);
 const WEBHOOK_SECRETS: Setting = Setting::new("BLOCKREMOTE_WEBHOOK_SECRETS", None);
@@ -606,6 +624,11 @@ pub const SETTINGS: &[Setting] = &[
     CONNECT_TIMEOUT.setting,
     REDIS_URL,
     REDIS_PREFIX,
+    REDIS_CA_FILE,
+    REDIS_CLIENT_CERT_FILE,
+    REDIS_CLIENT_KEY_FILE,
+    REDIS_TIMEOUT.setting,
+    REDIS_QUEUE_SHARDS,
     AUTO_MIGRATE,
     ADMIN_TOKEN,
     WEBHOOK_SECRETS,
@@ -727,12 +750,34 @@ impl Config {
         let redis_url = match v.get(&REDIS_URL) {
             None | Some((_, "")) => None,
             Some((name, url)) => {
-                let parsed = url::Url::parse(url).map_err(|e| invalid(name, e))?;
-                if !matches!(parsed.scheme(), "redis" | "rediss") {
-                    return Err(invalid(name, "scheme must be redis:// or rediss://"));
-                }
+                crate::state::Topology::parse(url).map_err(|e| invalid(name, e))?;
                 Some(SecretUrl::from(url.to_owned()))
             }
+        };
+        let path_of = |setting: &Setting| {
+            v.get(setting)
+                .filter(|(_, p)| !p.is_empty())
+                .map(|(_, p)| PathBuf::from(p))
+        };
+        let redis_tls = crate::state::TlsFiles {
+            ca: path_of(&REDIS_CA_FILE),
+            client_cert: path_of(&REDIS_CLIENT_CERT_FILE),
+            client_key: path_of(&REDIS_CLIENT_KEY_FILE),
+        };
+        if redis_tls.client_cert.is_some() != redis_tls.client_key.is_some() {
+            return Err(invalid(
+                v.name(&REDIS_CLIENT_CERT_FILE),
+                "set together with BLOCKREMOTE_REDIS_CLIENT_KEY_FILE",
+            ));
+        }
+        let redis_queue_shards = match v.get(&REDIS_QUEUE_SHARDS) {
+            None | Some((_, "")) => None,
+            Some((name, raw)) => Some(
+                raw.parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=1024).contains(n))
+                    .ok_or_else(|| invalid(name, "must be between 1 and 1024"))?,
+            ),
         };
         let admin_token = v.secret(&ADMIN_TOKEN);
         if admin_token
@@ -838,6 +883,9 @@ impl Config {
             connect_timeout: Duration::from_secs(v.ranged(&CONNECT_TIMEOUT)?),
             redis_url,
             redis_prefix,
+            redis_tls,
+            redis_call_timeout: Duration::from_millis(v.ranged(&REDIS_TIMEOUT)?),
+            redis_queue_shards,
             auto_migrate: v.flag(&AUTO_MIGRATE)?,
             admin_token,
             webhook_secrets: webhook_secrets

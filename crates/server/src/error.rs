@@ -370,7 +370,7 @@ impl ApiError {
             Self::Busy { .. } => Problem::new(
                 status,
                 codes::SERVICE_UNAVAILABLE,
-                "The server is busy; retry shortly.",
+                "The service cannot take this request now; retry shortly.",
             ),
             _ => Problem::for_status(status),
         }
@@ -419,8 +419,19 @@ impl From<crate::store::StoreError> for ApiError {
 }
 
 impl From<crate::state::StateError> for ApiError {
+    /// Shared state that cannot be reached (Redis down, its circuit breaker
+    /// open) is a 503 with `Retry-After`, never a 500: the client retries and
+    /// nothing was half done. A corrupt value is a bug: 500.
     fn from(err: crate::state::StateError) -> Self {
-        Self::Internal(err.into())
+        match err {
+            crate::state::StateError::Unavailable(reason) => {
+                tracing::warn!(reason, "shared state unavailable");
+                Self::Busy {
+                    retry_after: Duration::from_secs(1),
+                }
+            }
+            other => Self::Internal(other.into()),
+        }
     }
 }
 

@@ -4,12 +4,12 @@
 //! `nonce:` `force_overlay:` `rl:`. Per-device keys wrap the device id in
 //! braces — `rl:{device}` — which in Redis Cluster is a *hash tag*: every key
 //! of one device lands in the same slot, so a script over one device's keys
-//! stays legal in a cluster. Three scripts span keys of several slots on
-//! purpose — saving a burst of acks, sequencing a global command, and
-//! taking a heartbeat's `seq` together with its place on the queue — and
-//! would need splitting per slot before running on Redis Cluster (today: one
-//! Redis or a primary with replicas). Device ids are `[A-Za-z0-9_-]{8,64}` (validated at
-//! the edge), so they can never contain a brace themselves.
+//! stays legal in a cluster. The calls that batch many devices (a burst of
+//! acks, a global command's sequence numbers, a worker's locks and commits)
+//! are split by hash tag on a cluster, and a heartbeat's admission — its
+//! device's bucket and `seq`, then its queue shard (`{q<i>}`) — becomes two
+//! steps there (see `state::redis`). Device ids are `[A-Za-z0-9_-]{8,64}`
+//! (validated at the edge), so they can never contain a brace themselves.
 
 /// Token bucket of a device: `rl:{device}`.
 pub fn rate_limit(device_id: &str) -> String {
@@ -94,7 +94,8 @@ pub fn workers_p95(second: u64) -> String {
     format!("sig:health:p95_us:{second}")
 }
 
-/// The heartbeat work queue (a Redis Stream): `sig:queue:heartbeats`.
+/// The heartbeat work queue (a Redis Stream; sharded into
+/// `sig:queue:heartbeats:{q<i>}` when `BLOCKREMOTE_REDIS_QUEUE_SHARDS` > 1).
 pub const HEARTBEAT_QUEUE: &str = "sig:queue:heartbeats";
 
 /// The pub/sub channel carrying kill-switch commands to every replica.

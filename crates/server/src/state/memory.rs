@@ -760,7 +760,12 @@ impl SharedState for MemoryState {
         Ok(())
     }
 
-    async fn consumer(&self, queue: &str, name: &str) -> StateResult<Box<dyn QueueConsumer>> {
+    async fn consumer(
+        &self,
+        queue: &str,
+        _shard: usize,
+        name: &str,
+    ) -> StateResult<Box<dyn QueueConsumer>> {
         Ok(Box::new(MemoryConsumer {
             queue: self.queue(queue),
             name: name.to_owned(),
@@ -874,7 +879,7 @@ mod tests {
     #[tokio::test]
     async fn a_busy_consumer_waits_for_its_batch_to_fill() {
         let state = Arc::new(MemoryState::new(16));
-        let mut consumer = state.consumer("q", "c").await.expect("consumer");
+        let mut consumer = state.consumer("q", 0, "c").await.expect("consumer");
         state.enqueue("q", b"a").await.expect("enqueue");
         // Enqueued while the consumer lingers (this runtime has one thread:
         // the task runs once `fetch` awaits).
@@ -887,7 +892,7 @@ mod tests {
     #[tokio::test]
     async fn an_idle_consumer_takes_the_first_job_at_once() {
         let state = Arc::new(MemoryState::new(16));
-        let mut consumer = state.consumer("q", "c").await.expect("consumer");
+        let mut consumer = state.consumer("q", 0, "c").await.expect("consumer");
         let later = state.clone();
         tokio::spawn(async move {
             later.enqueue("q", b"a").await.expect("enqueue");
@@ -1070,7 +1075,7 @@ mod tests {
             2,
             "numbering goes on"
         );
-        let mut consumer = state.consumer("q", "c").await.expect("consumer");
+        let mut consumer = state.consumer("q", 0, "c").await.expect("consumer");
         assert_eq!(
             ids(consumer.fetch(10, Duration::from_millis(10)).await),
             [b"job 1".to_vec(), b"job 2".to_vec()],
@@ -1210,7 +1215,7 @@ mod tests {
                 let scored = scored.clone();
                 workers.push(tokio::spawn(async move {
                     let mut consumer = state
-                        .consumer("bench", &format!("w{w}"))
+                        .consumer("bench", 0, &format!("w{w}"))
                         .await
                         .expect("consumer");
                     while scored.load(Ordering::SeqCst) < TOTAL as u64 {

@@ -23,6 +23,13 @@
 //!
 //! Keys are the logical names from [`keys`]; the Redis backend prepends the
 //! configured prefix, so deployments (and parallel tests) never collide.
+//! Keys one call takes together — a lock and the value read under it, a
+//! commit's writes and its lock, a bucket and the counter advanced with it,
+//! a command counter and its history — must share a hash tag (`{device}`),
+//! so that on Redis Cluster they live in one slot.
+//!
+//! A queue may be split into [`SharedState::queue_shards`] streams; a job
+//! about a key goes to that key's shard, and every shard needs a consumer.
 //!
 //! Restarts: Redis keeps its keys itself. The in-process backend, as `serve`
 //! opens it ([`connect`]), saves the keys security depends on to
@@ -40,7 +47,11 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 
 pub use self::memory::MemoryState;
-pub use self::redis::RedisState;
+pub use self::redis::{
+    breaker::BreakerState,
+    topology::{TlsFiles, Topology},
+    RedisOptions, RedisState,
+};
 
 /// What can go wrong in shared state.
 #[derive(Debug, thiserror::Error)]
@@ -400,6 +411,13 @@ pub trait SharedState: Send + Sync + 'static {
     /// Subscribes to `channel`; messages published after this returns are delivered.
     async fn subscribe(&self, channel: &str) -> StateResult<Subscription>;
 
+    /// Streams each work queue is split into; [`consumer`](Self::consumer)
+    /// takes one of `0..queue_shards()` (taken modulo), and every shard
+    /// needs a consumer. One on the in-process backend.
+    fn queue_shards(&self) -> usize {
+        1
+    }
+
     /// Appends a job to `queue`; fails with [`StateError::QueueFull`] at capacity.
     async fn enqueue(&self, queue: &str, payload: &[u8]) -> StateResult<String>;
     /// The backlog of `queue` and how long its oldest undelivered job has waited.
@@ -414,7 +432,12 @@ pub trait SharedState: Send + Sync + 'static {
         true
     }
     /// A consumer named `name` for `queue` (names must be unique per process).
-    async fn consumer(&self, queue: &str, name: &str) -> StateResult<Box<dyn QueueConsumer>>;
+    async fn consumer(
+        &self,
+        queue: &str,
+        shard: usize,
+        name: &str,
+    ) -> StateResult<Box<dyn QueueConsumer>>;
 
     /// The last call of a clean shutdown, once the workers have stopped:
     /// whatever this backend keeps across a restart is saved, and later
@@ -588,12 +611,15 @@ pub async fn connect(
                     reason: e.to_string(),
                 })
         }
-        Some(url) => RedisState::connect(
-            url.expose_secret(),
-            &config.redis_prefix,
-            config.queue_capacity,
-            config.connect_timeout,
-        )
+        Some(url) => RedisState::connect_with(RedisOptions {
+            url: url.expose_secret().to_owned(),
+            prefix: config.redis_prefix.clone(),
+            queue_capacity: config.queue_capacity,
+            connect_timeout: config.connect_timeout,
+            call_timeout: config.redis_call_timeout,
+            tls: config.redis_tls.clone(),
+            queue_shards: config.redis_queue_shards,
+        })
         .await
         .map(|s| std::sync::Arc::new(s) as std::sync::Arc<dyn SharedState>)
         .map_err(|e| ConnectError {

@@ -1,6 +1,6 @@
 //! Background workers: the consumers of the work queues.
 //!
-//! A [`WorkerPool`] runs one consumer task per (queue, slot). Each task loops:
+//! A [`WorkerPool`] runs consumer tasks per queue, at least one per shard of it. Each task loops:
 //! every [`WorkerOptions::reclaim_every`] it takes over jobs left pending by a consumer that
 //! died (idle longer than [`WorkerOptions::reclaim_idle`]), then fetches new
 //! jobs, hands the batch to its [`JobHandler`] and acks those handled. A handler
@@ -97,7 +97,8 @@ pub struct WorkerPool {
 }
 
 impl WorkerPool {
-    /// Starts `options.concurrency` consumers for each `(queue, handler)`.
+    /// Starts `options.concurrency` consumers (at least one per queue
+    /// shard) for each `(queue, handler)`.
     /// Consumer names are `{instance}-{queue}-{n}`; `instance` must be unique
     /// per process (a dead process's consumers are then reclaimed by name-blind
     /// `XAUTOCLAIM`).
@@ -109,10 +110,13 @@ impl WorkerPool {
         shutdown: CancellationToken,
     ) -> anyhow::Result<Self> {
         let mut tasks = JoinSet::new();
+        let shards = state.queue_shards().max(1);
         for (queue, handler) in handlers {
-            for n in 0..options.concurrency.max(1) {
+            // At least one consumer per shard, in every worker process: a
+            // shard nobody reads would only be drained by reclaims.
+            for n in 0..options.concurrency.max(shards) {
                 let name = format!("{instance}-{queue}-{n}");
-                let consumer = state.consumer(&queue, &name).await?;
+                let consumer = state.consumer(&queue, n % shards, &name).await?;
                 tasks.spawn(run_consumer(
                     consumer,
                     queue.clone(),

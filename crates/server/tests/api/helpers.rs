@@ -17,7 +17,7 @@ use std::{
 use blockremote::{
     app::{start_workers, AppState, Application},
     config::{Config, DatabaseConfig},
-    state::{MemoryState, RedisState, SharedState},
+    state::{MemoryState, RedisOptions, RedisState, SharedState},
     store::{PostgresStore, SqliteStore, Store},
     workers::WorkerPool,
 };
@@ -54,6 +54,78 @@ macro_rules! on_both_backends {
             }
         }
     )*};
+}
+
+/// Where a shared-state story runs: in-process, or one of the Redis
+/// topologies (`scripts/redis-topologies.sh` starts the cluster and the
+/// sentinels; `.ci/run` does).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateBackend {
+    /// The in-process state, on a file.
+    InProcess,
+    /// One Redis node (`TEST_REDIS_URL`).
+    Redis,
+    /// A 3-master Redis Cluster (`TEST_REDIS_CLUSTER_URL`).
+    Cluster,
+    /// A primary with a replica and 3 sentinels (`TEST_REDIS_SENTINEL_URL`).
+    Sentinel,
+}
+
+impl From<Backend> for StateBackend {
+    fn from(backend: Backend) -> Self {
+        match backend {
+            Backend::Embedded => Self::InProcess,
+            Backend::Production => Self::Redis,
+        }
+    }
+}
+
+impl StateBackend {
+    /// Whether it is Redis (shared between handles), in any topology.
+    pub fn is_redis(self) -> bool {
+        self != Self::InProcess
+    }
+}
+
+/// Generates one test per [`StateBackend`] for each story function
+/// `async fn name(backend: StateBackend)`.
+#[macro_export]
+macro_rules! on_every_state_backend {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            use $crate::helpers::StateBackend;
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn embedded() {
+                super::$name(StateBackend::InProcess).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn production() {
+                super::$name(StateBackend::Redis).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn cluster() {
+                super::$name(StateBackend::Cluster).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sentinel() {
+                super::$name(StateBackend::Sentinel).await
+            }
+        }
+    )*};
+}
+
+/// The URL of a test topology from `var`, or `None` to skip (never in CI).
+pub fn topology_url(var: &str) -> Option<String> {
+    match std::env::var(var).ok().filter(|v| !v.is_empty()) {
+        Some(url) => Some(url),
+        None if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("CI=true but {var} is not set (scripts/redis-topologies.sh start)")
+        }
+        None => {
+            eprintln!("skipped: {var} not set (scripts/redis-topologies.sh start)");
+            None
+        }
+    }
 }
 
 /// `(TEST_DATABASE_URL, TEST_REDIS_URL)`, or `None` to skip (never in CI).
@@ -147,6 +219,11 @@ impl TestRedis {
 
 impl Drop for TestRedis {
     fn drop(&mut self) {
+        // Only one node is swept: the cluster and the sentinels' nodes are
+        // thrown away with their keys when the topologies stop.
+        if !self.url.starts_with("redis://") {
+            return;
+        }
         let Ok(client) = redis::Client::open(self.url.as_str()) else {
             return;
         };
@@ -329,19 +406,61 @@ pub async fn shared_for(
 
 /// Another handle on the same shared state — on Redis, a second "replica"
 /// with its own connections; in-process, a separate (unshared) instance.
+/// Its queues have one shard, so one consumer sees every job.
 pub async fn second_shared(backing: &Backing, queue_capacity: usize) -> Arc<dyn SharedState> {
+    second_shared_sharded(backing, queue_capacity, 1).await
+}
+
+/// [`second_shared`] with `shards` streams per queue on Redis.
+pub async fn second_shared_sharded(
+    backing: &Backing,
+    queue_capacity: usize,
+    shards: usize,
+) -> Arc<dyn SharedState> {
     match &backing.redis {
         None => Arc::new(MemoryState::new(queue_capacity)),
-        Some(redis) => Arc::new(
-            RedisState::connect(
+        Some(redis) => {
+            let mut options = RedisOptions::new(
                 &redis.url,
                 &redis.prefix,
                 queue_capacity,
                 Duration::from_secs(5),
-            )
-            .await
-            .expect("redis"),
-        ),
+            );
+            options.queue_shards = Some(shards);
+            Arc::new(RedisState::connect_with(options).await.expect("redis"))
+        }
+    }
+}
+
+/// Fresh backends whose Redis is `backend`'s topology (PostgreSQL as for
+/// [`Backend::Production`]); `None` when not configured.
+pub async fn backing_on(backend: StateBackend) -> Option<Backing> {
+    let url = match backend {
+        StateBackend::InProcess => return Backing::new(Backend::Embedded).await,
+        StateBackend::Redis => return Backing::new(Backend::Production).await,
+        StateBackend::Cluster => topology_url("TEST_REDIS_CLUSTER_URL")?,
+        StateBackend::Sentinel => topology_url("TEST_REDIS_SENTINEL_URL")?,
+    };
+    let mut backing = Backing::new(Backend::Production).await?;
+    let redis = TestRedis::new(&url);
+    backing.config.redis_url = Some(redis.url.clone().into());
+    backing.config.redis_prefix = redis.prefix.clone();
+    backing.redis = Some(redis);
+    Some(backing)
+}
+
+/// Shared state on `backend` (one shard per queue); `queue_capacity` bounds every queue.
+pub async fn shared_on(
+    backend: StateBackend,
+    queue_capacity: usize,
+) -> Option<(Arc<dyn SharedState>, Backing)> {
+    match backend {
+        StateBackend::InProcess => shared_for(Backend::Embedded, queue_capacity).await,
+        _ => {
+            let backing = backing_on(backend).await?;
+            let state = second_shared(&backing, queue_capacity).await;
+            Some((state, backing))
+        }
     }
 }
 
@@ -413,7 +532,15 @@ pub async fn spawn_app(backend: Backend) -> Option<TestApp> {
 
 /// As [`spawn_app`], after `tweak` has adjusted the configuration.
 pub async fn spawn_app_with(backend: Backend, tweak: impl FnOnce(&mut Config)) -> Option<TestApp> {
-    let mut backing = Backing::new(backend).await?;
+    spawn_app_on(backend.into(), tweak).await
+}
+
+/// As [`spawn_app_with`], on any shared-state topology.
+pub async fn spawn_app_on(
+    backend: StateBackend,
+    tweak: impl FnOnce(&mut Config),
+) -> Option<TestApp> {
+    let mut backing = backing_on(backend).await?;
     tweak(&mut backing.config);
     let app = Application::build(backing.config.clone(), true)
         .await

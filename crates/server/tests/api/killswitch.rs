@@ -9,19 +9,23 @@ use tokio_tungstenite::tungstenite::{protocol::frame::coding::CloseCode, Message
 
 use crate::{
     client::{connect, next_json, Socket},
-    helpers::{spawn_app_with, Backend, TestApp},
+    helpers::{spawn_app_on, spawn_app_with, Backend, StateBackend, TestApp},
 };
 
 crate::on_both_backends!(
     handshakes_are_refused_as_the_contract_says,
     state_comes_first_then_commands_and_locks_bite,
     subprotocol_credentials_select_blockremote_v1,
-    missed_commands_are_resent_and_resume_replays_in_order,
     refresh_reuse_reaches_the_socket,
-    global_kill_switch_reaches_every_device,
     shutdown_sends_close_frames,
     handshake_rate_and_connection_cap,
     a_client_close_is_answered_with_a_close_frame,
+);
+
+// Delivery, resume and the global fan-out, on every Redis topology too.
+crate::on_every_state_backend!(
+    missed_commands_are_resent_and_resume_replays_in_order,
+    global_kill_switch_reaches_every_device,
 );
 
 /// RFC 6455 §5.5.1: a peer that receives a Close sends one back. The server
@@ -65,8 +69,8 @@ async fn nothing_more(socket: &mut Socket) {
     }
 }
 
-async fn with_admin(backend: Backend) -> Option<TestApp> {
-    spawn_app_with(backend, |c| {
+async fn with_admin(backend: impl Into<StateBackend>) -> Option<TestApp> {
+    spawn_app_on(backend.into(), |c| {
         c.admin_token = Some(ADMIN.to_owned().into());
         c.allowed_origins = vec!["https://app.example.com".into()];
     })
@@ -332,7 +336,7 @@ async fn subprotocol_credentials_select_blockremote_v1(backend: Backend) {
     assert_eq!(next_json(&mut socket).await["type"], "state");
 }
 
-async fn missed_commands_are_resent_and_resume_replays_in_order(backend: Backend) {
+async fn missed_commands_are_resent_and_resume_replays_in_order(backend: StateBackend) {
     let Some(app) = with_admin(backend).await else {
         return;
     };
@@ -435,7 +439,7 @@ async fn refresh_reuse_reaches_the_socket(backend: Backend) {
     );
 }
 
-async fn global_kill_switch_reaches_every_device(backend: Backend) {
+async fn global_kill_switch_reaches_every_device(backend: StateBackend) {
     let Some(app) = with_admin(backend).await else {
         return;
     };

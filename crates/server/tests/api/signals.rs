@@ -22,16 +22,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     client::Session,
-    helpers::{eventually, heartbeat_body, spawn_app_with, Backend, TestApp, WithWorkers},
+    helpers::{
+        eventually, heartbeat_body, spawn_app_on, spawn_app_with, Backend, StateBackend, TestApp,
+        WithWorkers,
+    },
 };
 
 crate::on_both_backends!(
-    heartbeats_are_validated_and_replays_refused,
     scored_heartbeats_show_in_the_trust_report,
-    remote_control_is_locked_and_the_device_told,
     genuine_use_is_never_locked,
     blacklisted_apps_lock_at_once_and_intel_can_be_removed,
-    a_window_replayed_from_another_device_locks_it,
     the_breaker_scores_inline_when_the_queue_is_behind,
     the_breaker_watches_the_workers_scoring_p95_and_recovers_by_itself,
     a_device_scored_elsewhere_is_scored_once_its_lock_is_free,
@@ -41,11 +41,18 @@ crate::on_both_backends!(
     a_simulation_rerun_is_refused_or_flagged_and_cleanup_removes_its_users,
 );
 
+// The stories of ingestion, scoring and delivery, on every Redis topology too.
+crate::on_every_state_backend!(
+    heartbeats_are_validated_and_replays_refused,
+    remote_control_is_locked_and_the_device_told,
+    a_window_replayed_from_another_device_locks_it,
+);
+
 const ADMIN: &str = "signals-admin-key-0123456789abcdef0123";
 
 /// A server, plus a worker pool when production runs none in `serve`.
-async fn app(backend: Backend) -> Option<WithWorkers> {
-    let app = spawn_app_with(backend, |c| {
+async fn app(backend: impl Into<StateBackend>) -> Option<WithWorkers> {
+    let app = spawn_app_on(backend.into(), |c| {
         c.admin_token = Some(ADMIN.to_owned().into());
     })
     .await?;
@@ -62,7 +69,7 @@ async fn locked(app: &TestApp, id: &str) -> bool {
     .await
 }
 
-async fn heartbeats_are_validated_and_replays_refused(backend: Backend) {
+async fn heartbeats_are_validated_and_replays_refused(backend: StateBackend) {
     let Some(app) = app(backend).await else {
         return;
     };
@@ -206,7 +213,7 @@ async fn scored_heartbeats_show_in_the_trust_report(backend: Backend) {
     );
 }
 
-async fn remote_control_is_locked_and_the_device_told(backend: Backend) {
+async fn remote_control_is_locked_and_the_device_told(backend: StateBackend) {
     let Some(app) = app(backend).await else {
         return;
     };
@@ -392,7 +399,7 @@ async fn blacklisted_apps_lock_at_once_and_intel_can_be_removed(backend: Backend
     assert_eq!(app.admin_device(&d3.device_id).await["status"], "active");
 }
 
-async fn a_window_replayed_from_another_device_locks_it(backend: Backend) {
+async fn a_window_replayed_from_another_device_locks_it(backend: StateBackend) {
     let Some(app) = app(backend).await else {
         return;
     };

@@ -4,9 +4,9 @@ use std::time::Duration;
 
 use blockremote::state::{keys, Advanced, Commit, StateError, Take};
 
-use crate::helpers::{second_shared, shared_for, Backend};
+use crate::helpers::{second_shared, second_shared_sharded, shared_on, StateBackend};
 
-crate::on_both_backends!(
+crate::on_every_state_backend!(
     kv_set_get_ttl_and_single_use,
     incr_counts_and_expires,
     token_bucket_allows_exactly_capacity,
@@ -25,10 +25,13 @@ crate::on_both_backends!(
     claim_keeps_the_first_holder,
     batched_locks_claims_and_commits_match_the_single_calls,
     take_then_advance_and_enqueue_does_nothing_more_when_the_bucket_refuses,
+    a_sharded_queue_keeps_each_device_on_one_shard_and_loses_nothing,
 );
 
-async fn advance_and_enqueue_queues_only_fresh_values_and_reports_a_full_queue(backend: Backend) {
-    let Some((s, _b)) = shared_for(backend, 2).await else {
+async fn advance_and_enqueue_queues_only_fresh_values_and_reports_a_full_queue(
+    backend: StateBackend,
+) {
+    let Some((s, _b)) = shared_on(backend, 2).await else {
         return;
     };
     let ttl = Duration::from_secs(60);
@@ -48,7 +51,7 @@ async fn advance_and_enqueue_queues_only_fresh_values_and_reports_a_full_queue(b
     assert_eq!(send(4, b"four").await, Advanced::QueueFull { previous: 3 });
     assert_eq!(send(4, b"four").await, Advanced::Stale);
     assert_eq!(s.queue_len(q).await.expect("len"), 2);
-    let mut c = s.consumer(q, "w").await.expect("consumer");
+    let mut c = s.consumer(q, 0, "w").await.expect("consumer");
     let jobs = c
         .fetch(10, Duration::from_millis(200))
         .await
@@ -57,20 +60,20 @@ async fn advance_and_enqueue_queues_only_fresh_values_and_reports_a_full_queue(b
     assert_eq!(payloads, vec![&b"one"[..], &b"three"[..]]);
 }
 
-async fn lock_and_get_reads_under_the_lock_and_commit_writes_then_unlocks(backend: Backend) {
-    let Some((s, _b)) = shared_for(backend, 10).await else {
+async fn lock_and_get_reads_under_the_lock_and_commit_writes_then_unlocks(backend: StateBackend) {
+    let Some((s, _b)) = shared_on(backend, 10).await else {
         return;
     };
     let ttl = Duration::from_secs(60);
     assert_eq!(
-        s.lock_and_get("lock:d", b"t1", ttl, "state:d")
+        s.lock_and_get("lock:{d}", b"t1", ttl, "state:{d}")
             .await
             .expect("lock"),
         Some(None),
         "free lock, no state yet"
     );
     assert_eq!(
-        s.lock_and_get("lock:d", b"t2", ttl, "state:d")
+        s.lock_and_get("lock:{d}", b"t2", ttl, "state:{d}")
             .await
             .expect("lock"),
         None,
@@ -78,28 +81,31 @@ async fn lock_and_get_reads_under_the_lock_and_commit_writes_then_unlocks(backen
     );
     // Commit by a holder whose lock was lost: the writes land, the lock is not taken from its owner.
     assert!(!s
-        .set_many_and_unlock(&[("state:d", b"v0", Some(ttl))], "lock:d", b"t2", false)
+        .set_many_and_unlock(&[("state:{d}", b"v0", Some(ttl))], "lock:{d}", b"t2", false)
         .await
         .expect("commit"));
     assert_eq!(
-        s.get("state:d").await.expect("get"),
+        s.get("state:{d}").await.expect("get"),
         Some(b"v0".to_vec()),
         "written anyway"
     );
     assert!(s
         .set_many_and_unlock(
-            &[("report:d", b"r1", Some(ttl)), ("state:d", b"v1", None)],
-            "lock:d",
+            &[("report:{d}", b"r1", Some(ttl)), ("state:{d}", b"v1", None)],
+            "lock:{d}",
             b"t1",
             true
         )
         .await
         .expect("commit"));
-    assert_eq!(s.get("report:d").await.expect("get"), Some(b"r1".to_vec()));
-    assert!(s.ttl("report:d").await.expect("ttl").is_some());
-    assert_eq!(s.ttl("state:d").await.expect("ttl"), None, "no TTL asked");
     assert_eq!(
-        s.lock_and_get("lock:d", b"t2", ttl, "state:d")
+        s.get("report:{d}").await.expect("get"),
+        Some(b"r1".to_vec())
+    );
+    assert!(s.ttl("report:{d}").await.expect("ttl").is_some());
+    assert_eq!(s.ttl("state:{d}").await.expect("ttl"), None, "no TTL asked");
+    assert_eq!(
+        s.lock_and_get("lock:{d}", b"t2", ttl, "state:{d}")
             .await
             .expect("lock"),
         Some(Some(b"v1".to_vec())),
@@ -107,31 +113,31 @@ async fn lock_and_get_reads_under_the_lock_and_commit_writes_then_unlocks(backen
     );
     // The lock expires by itself.
     assert_eq!(
-        s.lock_and_get("lock:e", b"t1", Duration::from_millis(50), "state:e")
+        s.lock_and_get("lock:{e}", b"t1", Duration::from_millis(50), "state:{e}")
             .await
             .expect("lock"),
         Some(None)
     );
     tokio::time::sleep(Duration::from_millis(120)).await;
     assert!(s
-        .lock_and_get("lock:e", b"t2", ttl, "state:e")
+        .lock_and_get("lock:{e}", b"t2", ttl, "state:{e}")
         .await
         .expect("lock")
         .is_some());
     // t1 comes back late: without the within-TTL promise it cannot free t2's lock.
     assert!(!s
-        .set_many_and_unlock(&[], "lock:e", b"t1", false)
+        .set_many_and_unlock(&[], "lock:{e}", b"t1", false)
         .await
         .expect("commit"));
     assert!(s
-        .lock_and_get("lock:e", b"t3", ttl, "state:e")
+        .lock_and_get("lock:{e}", b"t3", ttl, "state:{e}")
         .await
         .expect("lock")
         .is_none());
 }
 
-async fn claim_keeps_the_first_holder(backend: Backend) {
-    let Some((s, _b)) = shared_for(backend, 10).await else {
+async fn claim_keeps_the_first_holder(backend: StateBackend) {
+    let Some((s, _b)) = shared_on(backend, 10).await else {
         return;
     };
     let ttl = Duration::from_secs(60);
@@ -162,8 +168,8 @@ async fn claim_keeps_the_first_holder(backend: Backend) {
     );
 }
 
-async fn advance_stores_only_greater_values_and_one_concurrent_caller_wins(backend: Backend) {
-    let Some((s, b)) = shared_for(backend, 10).await else {
+async fn advance_stores_only_greater_values_and_one_concurrent_caller_wins(backend: StateBackend) {
+    let Some((s, b)) = shared_on(backend, 10).await else {
         return;
     };
     let ttl = Duration::from_secs(60);
@@ -186,9 +192,10 @@ async fn advance_stores_only_greater_values_and_one_concurrent_caller_wins(backe
     assert!(s.get("lock:x").await.expect("get").is_none());
     // Two callers racing on the same value (two instances on Redis, two
     // tasks in process): exactly one wins.
-    let other = match backend {
-        Backend::Production => second_shared(&b, 10).await,
-        Backend::Embedded => s.clone(),
+    let other = if backend.is_redis() {
+        second_shared(&b, 10).await
+    } else {
+        s.clone()
     };
     let mut wins = 0;
     for round in 10..30u64 {
@@ -201,8 +208,10 @@ async fn advance_stores_only_greater_values_and_one_concurrent_caller_wins(backe
     assert_eq!(wins, 20);
 }
 
-async fn sequence_and_push_continues_each_device_and_raise_to_many_only_rises(backend: Backend) {
-    let Some((s, _b)) = shared_for(backend, 10).await else {
+async fn sequence_and_push_continues_each_device_and_raise_to_many_only_rises(
+    backend: StateBackend,
+) {
+    let Some((s, _b)) = shared_on(backend, 10).await else {
         return;
     };
     let ttl = Duration::from_secs(60);
@@ -251,8 +260,8 @@ async fn sequence_and_push_continues_each_device_and_raise_to_many_only_rises(ba
     assert_eq!(read("ack:b".into()).await.as_deref(), Some("9"));
 }
 
-async fn token_bucket_credits_a_raised_capacity_and_clamps_a_cut_one(backend: Backend) {
-    let Some((s, _b)) = shared_for(backend, 10).await else {
+async fn token_bucket_credits_a_raised_capacity_and_clamps_a_cut_one(backend: StateBackend) {
+    let Some((s, _b)) = shared_on(backend, 10).await else {
         return;
     };
     let minute = Duration::from_secs(60);
@@ -282,8 +291,8 @@ async fn token_bucket_credits_a_raised_capacity_and_clamps_a_cut_one(backend: Ba
     assert!(d.remaining <= 119, "{d:?}");
 }
 
-async fn history_is_ordered_bounded_and_read_from_a_position(backend: Backend) {
-    let Some((s, _b)) = shared_for(backend, 10).await else {
+async fn history_is_ordered_bounded_and_read_from_a_position(backend: StateBackend) {
+    let Some((s, _b)) = shared_on(backend, 10).await else {
         return;
     };
     let key = keys::force_overlay("device_0001");
@@ -331,8 +340,8 @@ async fn history_is_ordered_bounded_and_read_from_a_position(backend: Backend) {
     );
 }
 
-async fn kv_set_get_ttl_and_single_use(backend: Backend) {
-    let Some((s, _b)) = shared_for(backend, 100).await else {
+async fn kv_set_get_ttl_and_single_use(backend: StateBackend) {
+    let Some((s, _b)) = shared_on(backend, 100).await else {
         return;
     };
     s.ping().await.expect("ping");
@@ -375,8 +384,8 @@ async fn kv_set_get_ttl_and_single_use(backend: Backend) {
     assert!(!s.delete("session:a").await.expect("del again"));
 }
 
-async fn incr_counts_and_expires(backend: Backend) {
-    let Some((s, _b)) = shared_for(backend, 100).await else {
+async fn incr_counts_and_expires(backend: StateBackend) {
+    let Some((s, _b)) = shared_on(backend, 100).await else {
         return;
     };
     let key = "metrics:count";
@@ -435,8 +444,8 @@ async fn incr_counts_and_expires(backend: Backend) {
     ));
 }
 
-async fn token_bucket_allows_exactly_capacity(backend: Backend) {
-    let Some((s, _b)) = shared_for(backend, 100).await else {
+async fn token_bucket_allows_exactly_capacity(backend: StateBackend) {
+    let Some((s, _b)) = shared_on(backend, 100).await else {
         return;
     };
     let key = keys::rate_limit("device_0001");
@@ -482,13 +491,13 @@ async fn token_bucket_allows_exactly_capacity(backend: Backend) {
     );
 }
 
-async fn token_bucket_is_atomic_under_concurrency(backend: Backend) {
-    let Some((s, b)) = shared_for(backend, 100).await else {
+async fn token_bucket_is_atomic_under_concurrency(backend: StateBackend) {
+    let Some((s, b)) = shared_on(backend, 100).await else {
         return;
     };
     // On Redis the second handle is another replica sharing the bucket.
     let replicas = [s.clone(), second_shared(&b, 100).await];
-    let shared = backend == Backend::Production;
+    let shared = backend.is_redis();
     let key = keys::rate_limit("device_0003");
     let mut tasks = Vec::new();
     for i in 0..60 {
@@ -513,8 +522,8 @@ async fn token_bucket_is_atomic_under_concurrency(backend: Backend) {
     assert_eq!(allowed, 20, "exactly the capacity, never more");
 }
 
-async fn pubsub_delivers_to_every_subscriber(backend: Backend) {
-    let Some((s, b)) = shared_for(backend, 100).await else {
+async fn pubsub_delivers_to_every_subscriber(backend: StateBackend) {
+    let Some((s, b)) = shared_on(backend, 100).await else {
         return;
     };
     let mut first = s
@@ -527,7 +536,7 @@ async fn pubsub_delivers_to_every_subscriber(backend: Backend) {
         .expect("subscribe");
     let mut other = s.subscribe("force_overlay:other").await.expect("subscribe");
     // On Redis, publish from another replica: the message crosses instances.
-    let publisher = if backend == Backend::Production {
+    let publisher = if backend.is_redis() {
         second_shared(&b, 100).await
     } else {
         s.clone()
@@ -556,8 +565,8 @@ fn waited_through_the_sleep(wait: Duration) -> bool {
     wait >= Duration::from_millis(250) && wait < Duration::from_secs(5)
 }
 
-async fn queue_stats_report_the_backlog_and_the_oldest_undelivered_wait(backend: Backend) {
-    let Some((s, _b)) = shared_for(backend, 100).await else {
+async fn queue_stats_report_the_backlog_and_the_oldest_undelivered_wait(backend: StateBackend) {
+    let Some((s, _b)) = shared_on(backend, 100).await else {
         return;
     };
     let q = "sig:queue:stats";
@@ -575,7 +584,7 @@ async fn queue_stats_report_the_backlog_and_the_oldest_undelivered_wait(backend:
         stats.oldest_wait
     );
     // Once the first is delivered, the lag is the second's (younger).
-    let mut c = s.consumer(q, "w").await.expect("consumer");
+    let mut c = s.consumer(q, 0, "w").await.expect("consumer");
     let jobs = c.fetch(1, Duration::from_millis(200)).await.expect("fetch");
     assert_eq!(jobs.len(), 1);
     let stats = s.queue_stats(q).await.expect("stats");
@@ -614,8 +623,8 @@ async fn queue_stats_report_the_backlog_and_the_oldest_undelivered_wait(backend:
     );
 }
 
-async fn queue_is_at_least_once_with_reclaim(backend: Backend) {
-    let Some((s, _b)) = shared_for(backend, 100).await else {
+async fn queue_is_at_least_once_with_reclaim(backend: StateBackend) {
+    let Some((s, _b)) = shared_on(backend, 100).await else {
         return;
     };
     let q = keys::HEARTBEAT_QUEUE;
@@ -626,7 +635,7 @@ async fn queue_is_at_least_once_with_reclaim(backend: Backend) {
     }
     assert_eq!(s.queue_len(q).await.expect("len"), 3);
 
-    let mut alive = s.consumer(q, "worker-a").await.expect("consumer");
+    let mut alive = s.consumer(q, 0, "worker-a").await.expect("consumer");
     let jobs = alive
         .fetch(10, Duration::from_millis(500))
         .await
@@ -641,7 +650,7 @@ async fn queue_is_at_least_once_with_reclaim(backend: Backend) {
 
     // worker-a "dies" holding hb-1 and hb-2. Nothing is idle enough yet:
     drop(alive);
-    let mut rescuer = s.consumer(q, "worker-b").await.expect("consumer");
+    let mut rescuer = s.consumer(q, 0, "worker-b").await.expect("consumer");
     assert!(rescuer
         .reclaim(Duration::from_secs(30), 10)
         .await
@@ -682,8 +691,8 @@ async fn queue_is_at_least_once_with_reclaim(backend: Backend) {
     );
 }
 
-async fn queue_is_bounded(backend: Backend) {
-    let Some((s, _b)) = shared_for(backend, 2).await else {
+async fn queue_is_bounded(backend: StateBackend) {
+    let Some((s, _b)) = shared_on(backend, 2).await else {
         return;
     };
     let q = "sig:queue:bounded";
@@ -694,7 +703,7 @@ async fn queue_is_bounded(backend: Backend) {
         Err(StateError::QueueFull(_))
     ));
     // Pending (fetched, unacked) jobs still count: nothing accepted is dropped.
-    let mut c = s.consumer(q, "w").await.expect("consumer");
+    let mut c = s.consumer(q, 0, "w").await.expect("consumer");
     let jobs = c.fetch(1, Duration::from_millis(200)).await.expect("fetch");
     assert!(matches!(
         s.enqueue(q, b"3").await,
@@ -704,12 +713,12 @@ async fn queue_is_bounded(backend: Backend) {
     s.enqueue(q, b"3").await.expect("room again after ack");
 }
 
-async fn queue_fetch_waits_then_returns_empty(backend: Backend) {
-    let Some((s, _b)) = shared_for(backend, 10).await else {
+async fn queue_fetch_waits_then_returns_empty(backend: StateBackend) {
+    let Some((s, _b)) = shared_on(backend, 10).await else {
         return;
     };
     let q = "sig:queue:idle";
-    let mut c = s.consumer(q, "w").await.expect("consumer");
+    let mut c = s.consumer(q, 0, "w").await.expect("consumer");
     let started = std::time::Instant::now();
     assert!(c
         .fetch(5, Duration::from_millis(300))
@@ -731,14 +740,14 @@ async fn queue_fetch_waits_then_returns_empty(backend: Backend) {
     assert_eq!(jobs[0].payload, &b"late"[..]);
 }
 
-async fn batched_locks_claims_and_commits_match_the_single_calls(backend: Backend) {
-    let Some((s, _b)) = shared_for(backend, 10).await else {
+async fn batched_locks_claims_and_commits_match_the_single_calls(backend: StateBackend) {
+    let Some((s, _b)) = shared_on(backend, 10).await else {
         return;
     };
     let ttl = Duration::from_secs(60);
-    s.set("state:b", b"old-b", None).await.expect("set");
+    s.set("state:{b}", b"old-b", None).await.expect("set");
     assert_eq!(
-        s.lock_and_get("lock:c", b"other", ttl, "state:c")
+        s.lock_and_get("lock:{c}", b"other", ttl, "state:{c}")
             .await
             .expect("lock"),
         Some(None),
@@ -747,9 +756,9 @@ async fn batched_locks_claims_and_commits_match_the_single_calls(backend: Backen
     let read = s
         .lock_and_get_many(
             &[
-                ("lock:a", b"ta", "state:a"),
-                ("lock:b", b"tb", "state:b"),
-                ("lock:c", b"tc", "state:c"),
+                ("lock:{a}", b"ta", "state:{a}"),
+                ("lock:{b}", b"tb", "state:{b}"),
+                ("lock:{c}", b"tc", "state:{c}"),
             ],
             ttl,
         )
@@ -761,7 +770,7 @@ async fn batched_locks_claims_and_commits_match_the_single_calls(backend: Backen
         "a free and empty, b free with its state, c held"
     );
     assert_eq!(
-        s.lock_and_get("lock:a", b"late", ttl, "state:a")
+        s.lock_and_get("lock:{a}", b"late", ttl, "state:{a}")
             .await
             .expect("lock"),
         None,
@@ -789,20 +798,23 @@ async fn batched_locks_claims_and_commits_match_the_single_calls(backend: Backen
     let released = s
         .commit_many(&[
             Commit {
-                entries: vec![("state:a", b"new-a", Some(ttl)), ("report:a", b"r-a", None)],
-                lock: "lock:a",
+                entries: vec![
+                    ("state:{a}", b"new-a", Some(ttl)),
+                    ("report:{a}", b"r-a", None),
+                ],
+                lock: "lock:{a}",
                 token: b"ta",
                 within_ttl: true,
             },
             Commit {
                 entries: vec![],
-                lock: "lock:b",
+                lock: "lock:{b}",
                 token: b"tb",
                 within_ttl: false,
             },
             Commit {
-                entries: vec![("state:c", b"late-c", Some(ttl))],
-                lock: "lock:c",
+                entries: vec![("state:{c}", b"late-c", Some(ttl))],
+                lock: "lock:{c}",
                 token: b"tc",
                 within_ttl: false,
             },
@@ -811,28 +823,35 @@ async fn batched_locks_claims_and_commits_match_the_single_calls(backend: Backen
         .expect("commit many");
     assert_eq!(released, vec![true, true, false]);
     assert_eq!(
-        s.get("state:a").await.expect("get"),
+        s.get("state:{a}").await.expect("get"),
         Some(b"new-a".to_vec())
     );
-    assert_eq!(s.get("report:a").await.expect("get"), Some(b"r-a".to_vec()));
-    assert!(s.ttl("state:a").await.expect("ttl").is_some());
-    assert_eq!(s.ttl("report:a").await.expect("ttl"), None, "no TTL asked");
     assert_eq!(
-        s.get("state:b").await.expect("get"),
+        s.get("report:{a}").await.expect("get"),
+        Some(b"r-a".to_vec())
+    );
+    assert!(s.ttl("state:{a}").await.expect("ttl").is_some());
+    assert_eq!(
+        s.ttl("report:{a}").await.expect("ttl"),
+        None,
+        "no TTL asked"
+    );
+    assert_eq!(
+        s.get("state:{b}").await.expect("get"),
         Some(b"old-b".to_vec()),
         "nothing written for b"
     );
     assert_eq!(
-        s.get("state:c").await.expect("get"),
+        s.get("state:{c}").await.expect("get"),
         Some(b"late-c".to_vec()),
         "written anyway"
     );
     let again = s
         .lock_and_get_many(
             &[
-                ("lock:a", b"t2", "state:a"),
-                ("lock:b", b"t2", "state:b"),
-                ("lock:c", b"t2", "state:c"),
+                ("lock:{a}", b"t2", "state:{a}"),
+                ("lock:{b}", b"t2", "state:{b}"),
+                ("lock:{c}", b"t2", "state:{c}"),
             ],
             ttl,
         )
@@ -855,14 +874,16 @@ async fn batched_locks_claims_and_commits_match_the_single_calls(backend: Backen
     assert!(s.commit_many(&[]).await.expect("none").is_empty());
 }
 
-async fn take_then_advance_and_enqueue_does_nothing_more_when_the_bucket_refuses(backend: Backend) {
-    let Some((s, _b)) = shared_for(backend, 10).await else {
+async fn take_then_advance_and_enqueue_does_nothing_more_when_the_bucket_refuses(
+    backend: StateBackend,
+) {
+    let Some((s, _b)) = shared_on(backend, 10).await else {
         return;
     };
     let ttl = Duration::from_secs(60);
     let q = "sig:queue:admit";
     let bucket = Take {
-        key: "rl:admit",
+        key: "rl:{admit}",
         capacity: 2,
         period: Duration::from_secs(60),
         cost: 1,
@@ -870,7 +891,7 @@ async fn take_then_advance_and_enqueue_does_nothing_more_when_the_bucket_refuses
     let admit = |v: u64, payload: &'static [u8]| {
         let s = s.clone();
         async move {
-            s.take_then_advance_and_enqueue(bucket, "seq:admit", v, ttl, q, payload)
+            s.take_then_advance_and_enqueue(bucket, "seq:{admit}", v, ttl, q, payload)
                 .await
                 .expect("admit")
         }
@@ -890,8 +911,90 @@ async fn take_then_advance_and_enqueue_does_nothing_more_when_the_bucket_refuses
     assert_eq!(refused.advanced, None);
     assert_eq!(s.queue_len(q).await.expect("len"), 1);
     assert_eq!(
-        s.advance("seq:admit", 2, ttl).await.expect("advance"),
+        s.advance("seq:{admit}", 2, ttl).await.expect("advance"),
         Some(1),
         "the refused heartbeat's seq is still free"
     );
+}
+
+/// Four shards: every job lands on exactly one, a device's jobs all on the
+/// same one and in order, the stats add the shards up, and one consumer per
+/// shard drains the queue. (In process there is one shard; the story holds.)
+async fn a_sharded_queue_keeps_each_device_on_one_shard_and_loses_nothing(backend: StateBackend) {
+    let Some((_s, b)) = shared_on(backend, 1000).await else {
+        return;
+    };
+    let s = second_shared_sharded(&b, 1000, 4).await;
+    let ttl = Duration::from_secs(60);
+    let q = "sig:queue:sharded";
+    let devices: Vec<String> = (0..12).map(|d| format!("device{d:04}")).collect();
+    for seq in 1..=3u64 {
+        for device in &devices {
+            let bucket = Take {
+                key: &keys::rate_limit(device),
+                capacity: 100,
+                period: Duration::from_secs(60),
+                cost: 1,
+            };
+            let admitted = s
+                .take_then_advance_and_enqueue(
+                    bucket,
+                    &keys::heartbeat_seq(device),
+                    seq,
+                    ttl,
+                    q,
+                    format!("{device}/{seq}").as_bytes(),
+                )
+                .await
+                .expect("admit");
+            assert!(matches!(admitted.advanced, Some(Advanced::Queued { .. })));
+        }
+    }
+    for i in 0..4 {
+        s.enqueue(q, format!("plain/{i}").as_bytes())
+            .await
+            .expect("enqueue");
+    }
+    assert_eq!(s.queue_len(q).await.expect("len"), 40);
+    let shards = s.queue_shards();
+    assert_eq!(shards, if backend.is_redis() { 4 } else { 1 });
+    let mut seen: Vec<String> = Vec::new();
+    let mut shard_of_device = std::collections::HashMap::new();
+    for shard in 0..shards {
+        let mut c = s
+            .consumer(q, shard, &format!("w{shard}"))
+            .await
+            .expect("consumer");
+        let jobs = c
+            .fetch(100, Duration::from_millis(50))
+            .await
+            .expect("fetch");
+        let mut last_seq = std::collections::HashMap::new();
+        for job in &jobs {
+            let text = String::from_utf8_lossy(&job.payload).into_owned();
+            let (who, seq) = text.split_once('/').expect("payload");
+            if who != "plain" {
+                let seq: u64 = seq.parse().expect("seq");
+                assert_eq!(
+                    *shard_of_device.entry(who.to_owned()).or_insert(shard),
+                    shard,
+                    "{who} on two shards"
+                );
+                let before = last_seq.insert(who.to_owned(), seq).unwrap_or(0);
+                assert!(seq > before, "{who}: {seq} after {before}");
+            }
+            seen.push(text);
+        }
+        c.ack(&jobs.iter().map(|j| j.id.clone()).collect::<Vec<_>>())
+            .await
+            .expect("ack");
+    }
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 40, "every job once");
+    if backend.is_redis() {
+        let used: std::collections::HashSet<_> = shard_of_device.values().collect();
+        assert!(used.len() > 1, "12 devices all on one shard: {used:?}");
+    }
+    assert_eq!(s.queue_len(q).await.expect("len"), 0);
 }

@@ -70,7 +70,7 @@ async fn every_job_is_handled_despite_failures_and_dead_consumers(backend: Backe
             .await
             .expect("enqueue");
     }
-    let mut doomed = state.consumer(queue, "doomed").await.expect("consumer");
+    let mut doomed = state.consumer(queue, 0, "doomed").await.expect("consumer");
     assert_eq!(
         doomed
             .fetch(3, Duration::from_millis(500))
@@ -169,7 +169,7 @@ async fn a_stopping_pool_handles_what_its_last_fetch_brings(backend: Backend) {
     assert!(handled >= 1, "the last fetches brought and handled jobs");
     // Nothing stranded: what the stopped pool did not take is still
     // waiting for the next consumer, and nothing is pending.
-    let mut next = state.consumer(queue, "next").await.expect("consumer");
+    let mut next = state.consumer(queue, 0, "next").await.expect("consumer");
     let rest = next
         .fetch(10, Duration::from_millis(200))
         .await

@@ -1,7 +1,23 @@
 //! Shared state on Redis, for production (several replicas and workers).
 //!
-//! * Ordinary commands go over one multiplexed, auto-reconnecting
-//!   [`ConnectionManager`].
+//! * One node, a Sentinel-watched primary or a Redis Cluster, chosen by the
+//!   URL ([`topology`]). Ordinary commands go over one multiplexed,
+//!   reconnecting connection, each bounded by the call timeout and passed
+//!   through the circuit [`breaker`]: a Redis that is down or hung fails a
+//!   call in microseconds once the breaker opens.
+//! * Cluster-safe by construction: every script touches the keys of one
+//!   hash slot (a device's keys share its hash tag, see [`keys`](super::keys)),
+//!   and on a cluster the batched calls are split into one pipeline per hash
+//!   tag. The heartbeat's admission, one script on one node, becomes two on a
+//!   cluster — the device's bucket and `seq`, then its queue shard — and a
+//!   failed enqueue gives the `seq` back, so a 202 still means "queued" and a
+//!   retry is never taken for a replay.
+//! * Work queues may be sharded over N streams (`{q<i>}` hash tags, so a
+//!   cluster spreads them over its masters); a device's heartbeats always go
+//!   to the same shard, which keeps them in order.
+//! * When Redis is unavailable, rate limits fall back to a bucket local to
+//!   this instance (counted in [`RedisState::fallback_takes`]); nothing else
+//!   pretends: callers get [`StateError::Unavailable`] and answer 503.
 //! * The token bucket is one Lua script: read, refill, take and write happen
 //!   atomically inside Redis, using Redis's own clock, so replicas with skewed
 //!   clocks still share one exact bucket.
@@ -15,27 +31,45 @@
 //!   Each consumer has its own connection, because `XREADGROUP BLOCK` holds
 //!   the connection it runs on.
 
-use std::time::Duration;
+pub mod breaker;
+pub mod topology;
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use futures::StreamExt;
 use redis::{
-    aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection},
+    aio::ConnectionLike,
     streams::{StreamAutoClaimReply, StreamId, StreamReadReply},
-    AsyncConnectionConfig, Client, RedisError, Script,
+    Cmd, Pipeline, RedisError, RedisFuture, Script, Value,
 };
 use tokio::sync::mpsc;
 
+use self::{
+    breaker::{Breaker, BreakerState},
+    topology::{is_connection_error, Conn, Connector, TlsFiles, Topology},
+};
 use super::{
-    Admitted, Advanced, BucketDecision, Commit, Job, QueueConsumer, QueueStats, SharedState,
-    StateError, StateResult, Subscription, Take,
+    Admitted, Advanced, BucketDecision, Commit, Job, MemoryState, QueueConsumer, QueueStats,
+    SharedState, StateError, StateResult, Subscription, Take,
 };
 
 /// The consumer group every worker joins.
 pub const CONSUMER_GROUP: &str = "blockremote-workers";
 const CHANNEL_CAPACITY: usize = 1024;
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
 const MAX_BLOCK: Duration = Duration::from_secs(10);
+/// Default bound on one call (`BLOCKREMOTE_REDIS_TIMEOUT_MS`).
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_millis(500);
+/// Default number of queue shards on a cluster (`BLOCKREMOTE_REDIS_QUEUE_SHARDS`);
+/// one node or a Sentinel primary gains nothing from more than one.
+pub const DEFAULT_CLUSTER_SHARDS: usize = 8;
 
 /// The token bucket's take, shared by the scripts below: KEYS[1] = bucket;
 /// ARGV[1..3] = capacity, period (ms), cost. Leaves `allowed` (0 or 1),
@@ -244,8 +278,146 @@ return {allowed, math.floor(tokens), reset, retry, current, redis.call('XADD', K
 "
 );
 
+/// [`TOKEN_BUCKET_LUA`], then — when it allowed — [`ADVANCE_LUA`]: the part of
+/// [`TAKE_ADVANCE_AND_ENQUEUE_LUA`] that lives in the device's slot, for a
+/// cluster (the enqueue follows on the queue shard's node). KEYS = bucket,
+/// counter; ARGV = capacity, period (ms), cost, value, TTL (ms). Returns
+/// {allowed, whole tokens left, ms until full, ms until `cost` available,
+/// previous or -1 (-2 when refused)}.
+const TAKE_AND_ADVANCE_LUA: &str = concat!(
+    token_bucket_take_lua!(),
+    r"
+if allowed == 0 then
+  return {allowed, math.floor(tokens), reset, retry, -2}
+end
+local current = tonumber(redis.call('GET', KEYS[2])) or 0
+if tonumber(ARGV[4]) <= current then
+  return {allowed, math.floor(tokens), reset, retry, -1}
+end
+redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[5])
+return {allowed, math.floor(tokens), reset, retry, current}
+"
+);
+
 fn unavailable(err: RedisError) -> StateError {
     StateError::Unavailable(err.to_string())
+}
+
+/// The hash tag of a key as Redis Cluster reads it: what is between the
+/// first `{` and the next `}`, when not empty; else the whole key. Keys
+/// with equal tags share a slot.
+fn hash_tag(key: &str) -> &str {
+    if let Some(open) = key.find('{') {
+        if let Some(len) = key[open + 1..].find('}') {
+            if len > 0 {
+                return &key[open + 1..open + 1 + len];
+            }
+        }
+    }
+    key
+}
+
+/// FNV-1a: a stable hash (the same in every process and build) for
+/// choosing a device's queue shard.
+fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// A connection whose every call is bounded by a timeout and passes the
+/// circuit breaker.
+#[derive(Clone)]
+struct Guarded {
+    conn: Conn,
+    breaker: Arc<Breaker>,
+    timeout: Duration,
+}
+
+fn breaker_open() -> RedisError {
+    RedisError::from((
+        redis::ErrorKind::IoError,
+        "the Redis circuit breaker is open",
+    ))
+}
+
+fn timed_out() -> RedisError {
+    RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
+}
+
+impl Guarded {
+    async fn guard<T>(
+        &self,
+        call: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> redis::RedisResult<T> {
+        let permit = self.breaker.admit().ok_or_else(breaker_open)?;
+        let reply = tokio::time::timeout(self.timeout, call)
+            .await
+            .unwrap_or_else(|_| Err(timed_out()));
+        let failed = reply.as_ref().err().is_some_and(is_connection_error);
+        self.breaker.record(permit, failed);
+        reply
+    }
+}
+
+impl ConnectionLike for Guarded {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            self.guard(conn.req_packed_command(cmd)).await
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            self.guard(conn.req_packed_commands(cmd, offset, count))
+                .await
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.conn.get_db()
+    }
+}
+
+/// How to reach Redis and how to use it.
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    /// `REDIS_URL`, any of its forms.
+    pub url: String,
+    /// Put before every key.
+    pub prefix: String,
+    /// Bound of each queue (split evenly over its shards).
+    pub queue_capacity: usize,
+    /// Bound on connecting.
+    pub connect_timeout: Duration,
+    /// Bound on each call.
+    pub call_timeout: Duration,
+    /// TLS files for `rediss` forms.
+    pub tls: TlsFiles,
+    /// Streams per work queue; `None`: 1 on one node, [`DEFAULT_CLUSTER_SHARDS`] on a cluster.
+    pub queue_shards: Option<usize>,
+}
+
+impl RedisOptions {
+    /// Defaults for everything but the URL, prefix, capacity and connect timeout.
+    pub fn new(url: &str, prefix: &str, queue_capacity: usize, connect_timeout: Duration) -> Self {
+        Self {
+            url: url.to_owned(),
+            prefix: prefix.to_owned(),
+            queue_capacity,
+            connect_timeout,
+            call_timeout: DEFAULT_CALL_TIMEOUT,
+            tls: TlsFiles::default(),
+            queue_shards: None,
+        }
+    }
 }
 
 fn millis(d: Duration) -> u64 {
@@ -254,10 +426,18 @@ fn millis(d: Duration) -> u64 {
 
 /// Redis implementation of [`SharedState`].
 pub struct RedisState {
-    client: Client,
-    conn: ConnectionManager,
+    connector: Connector,
+    conn: Guarded,
+    breaker: Arc<Breaker>,
+    cluster: bool,
     prefix: String,
     queue_capacity: usize,
+    shards: usize,
+    next_shard: AtomicUsize,
+    /// Rate limits while Redis is unavailable: this instance's own buckets.
+    fallback: MemoryState,
+    fallback_takes: AtomicU64,
+    take_and_advance: Script,
     token_bucket: Script,
     enqueue: Script,
     queue_stats: Script,
@@ -273,30 +453,51 @@ pub struct RedisState {
 }
 
 impl RedisState {
-    /// Connects to `url`; every key is stored under `prefix`.
+    /// Connects to `url` with the default call timeout and shards; every
+    /// key is stored under `prefix`.
     pub async fn connect(
         url: &str,
         prefix: &str,
         queue_capacity: usize,
         timeout: Duration,
     ) -> StateResult<Self> {
-        let client = Client::open(url).map_err(unavailable)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(timeout)
-            .set_response_timeout(RESPONSE_TIMEOUT)
-            .set_number_of_retries(1);
-        let conn = tokio::time::timeout(
-            timeout,
-            ConnectionManager::new_with_config(client.clone(), config),
-        )
-        .await
-        .map_err(|_| StateError::Unavailable(format!("no answer within {} s", timeout.as_secs())))?
-        .map_err(unavailable)?;
+        Self::connect_with(RedisOptions::new(url, prefix, queue_capacity, timeout)).await
+    }
+
+    /// Connects as `options` say.
+    pub async fn connect_with(options: RedisOptions) -> StateResult<Self> {
+        let topology = Topology::parse(&options.url).map_err(StateError::Unavailable)?;
+        let cluster = topology.is_cluster();
+        let connector = Connector::new(topology, &options.tls, options.connect_timeout)
+            .map_err(StateError::Unavailable)?;
+        let timeout = options.connect_timeout;
+        let conn = tokio::time::timeout(timeout, connector.shared(options.call_timeout))
+            .await
+            .map_err(|_| {
+                StateError::Unavailable(format!("no answer within {} s", timeout.as_secs()))
+            })?
+            .map_err(unavailable)?;
+        let breaker = Arc::new(Breaker::default());
+        let shards = options
+            .queue_shards
+            .unwrap_or(if cluster { DEFAULT_CLUSTER_SHARDS } else { 1 })
+            .clamp(1, 1024);
         Ok(Self {
-            client,
-            conn,
-            prefix: prefix.to_owned(),
-            queue_capacity: queue_capacity.max(1),
+            connector,
+            conn: Guarded {
+                conn,
+                breaker: breaker.clone(),
+                timeout: options.call_timeout,
+            },
+            breaker,
+            cluster,
+            prefix: options.prefix,
+            queue_capacity: options.queue_capacity.max(1),
+            shards,
+            next_shard: AtomicUsize::new(0),
+            fallback: MemoryState::new(1),
+            fallback_takes: AtomicU64::new(0),
+            take_and_advance: Script::new(TAKE_AND_ADVANCE_LUA),
             token_bucket: Script::new(TOKEN_BUCKET_LUA),
             enqueue: Script::new(ENQUEUE_LUA),
             queue_stats: Script::new(QUEUE_STATS_LUA),
@@ -316,6 +517,94 @@ impl RedisState {
         format!("{}{}", self.prefix, key)
     }
 
+    /// The circuit breaker's state.
+    pub fn breaker_state(&self) -> BreakerState {
+        self.breaker.state()
+    }
+
+    /// Rate-limit takes answered by this instance's own buckets because
+    /// Redis was unavailable.
+    pub fn fallback_takes(&self) -> u64 {
+        self.fallback_takes.load(Ordering::Relaxed)
+    }
+
+    /// The stream key of one shard of `queue` (the bare name when unsharded).
+    fn shard_key(&self, queue: &str, shard: usize) -> String {
+        if self.shards == 1 {
+            self.key(queue)
+        } else {
+            self.key(&format!("{queue}:{{q{shard}}}"))
+        }
+    }
+
+    /// The shard a job about `key` goes to: the same for every key of one
+    /// device (same hash tag), so a device's jobs stay in order.
+    fn shard_of(&self, key: &str) -> usize {
+        (fnv1a(hash_tag(key)) % self.shards as u64) as usize
+    }
+
+    /// Each shard's bound: the queue's capacity split over its shards.
+    fn shard_capacity(&self) -> usize {
+        self.queue_capacity.div_ceil(self.shards)
+    }
+
+    /// Indices of `keys`, grouped so each group may share one script or
+    /// pipeline: all of them on one node, by hash tag on a cluster.
+    fn slot_groups<'k>(&self, keys: impl Iterator<Item = &'k str>) -> Vec<Vec<usize>> {
+        if !self.cluster {
+            let all: Vec<usize> = keys.enumerate().map(|(i, _)| i).collect();
+            return if all.is_empty() {
+                Vec::new()
+            } else {
+                vec![all]
+            };
+        }
+        let mut groups: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for (i, key) in keys.enumerate() {
+            groups.entry(hash_tag(key)).or_default().push(i);
+        }
+        groups.into_values().collect()
+    }
+
+    /// Runs `run` on each slot group of `items` (concurrently) and puts the
+    /// answers back in the items' order.
+    async fn by_slot<'i, T, R, F, Fut>(
+        &self,
+        items: &'i [T],
+        key_of: impl Fn(&'i T) -> &'i str,
+        run: F,
+    ) -> StateResult<Vec<R>>
+    where
+        F: Fn(Vec<&'i T>) -> Fut,
+        Fut: std::future::Future<Output = StateResult<Vec<R>>>,
+    {
+        let groups = self.slot_groups(items.iter().map(key_of));
+        let answers = futures::future::try_join_all(
+            groups
+                .iter()
+                .map(|group| run(group.iter().map(|&i| &items[i]).collect())),
+        )
+        .await?;
+        let mut placed: Vec<Option<R>> =
+            std::iter::repeat_with(|| None).take(items.len()).collect();
+        for (group, answer) in groups.iter().zip(answers) {
+            if answer.len() != group.len() {
+                return Err(StateError::Corrupt(format!(
+                    "a batch answered {} replies, expected {}",
+                    answer.len(),
+                    group.len()
+                )));
+            }
+            for (&i, r) in group.iter().zip(answer) {
+                placed[i] = Some(r);
+            }
+        }
+        placed
+            .into_iter()
+            .map(|r| r.ok_or_else(|| StateError::Corrupt("a batch left an item unanswered".into())))
+            .collect()
+    }
+
     /// `SET set_key value NX PX ttl` then `GET get_key`, for each
     /// `(set_key, value, get_key)`, pipelined in one round trip: whether
     /// each SET happened, and what each GET read.
@@ -324,23 +613,27 @@ impl RedisState {
         ops: &[(&str, &[u8], &str)],
         ttl: Duration,
     ) -> StateResult<Vec<(bool, Option<Vec<u8>>)>> {
-        if ops.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut pipe = redis::pipe();
-        for (set_key, value, get_key) in ops {
-            pipe.cmd("SET")
-                .arg(self.key(set_key))
-                .arg(*value)
-                .arg("NX")
-                .arg("PX")
-                .arg(millis(ttl));
-            pipe.cmd("GET").arg(self.key(get_key));
-        }
-        let replies = self.query_values(&pipe, 2 * ops.len()).await?;
-        pairs(replies)
-            .map(|(set, read)| Ok((set_happened(&set), bytes(read)?)))
-            .collect()
+        self.by_slot(
+            ops,
+            |(set_key, _, _)| set_key,
+            |group| async move {
+                let mut pipe = redis::pipe();
+                for (set_key, value, get_key) in &group {
+                    pipe.cmd("SET")
+                        .arg(self.key(set_key))
+                        .arg(*value)
+                        .arg("NX")
+                        .arg("PX")
+                        .arg(millis(ttl));
+                    pipe.cmd("GET").arg(self.key(get_key));
+                }
+                let replies = self.query_values(&pipe, 2 * group.len()).await?;
+                pairs(replies)
+                    .map(|(set, read)| Ok((set_happened(&set), bytes(read)?)))
+                    .collect()
+            },
+        )
+        .await
     }
 
     /// [`set_nx_then_get_many`](Self::set_nx_then_get_many) for one.
@@ -376,14 +669,91 @@ impl RedisState {
         Ok(replies)
     }
 
-    async fn dedicated_connection(&self) -> StateResult<MultiplexedConnection> {
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(RESPONSE_TIMEOUT)
-            .set_response_timeout(MAX_BLOCK + RESPONSE_TIMEOUT);
-        self.client
-            .get_multiplexed_async_connection_with_config(&config)
+    /// Admission on a cluster: the bucket and the `seq` in the device's
+    /// slot, then the job on its shard; a failed enqueue gives the `seq`
+    /// back. `bucket` `None`: no rate limit (advance and enqueue only).
+    #[allow(clippy::too_many_arguments)]
+    async fn admit_in_two_steps(
+        &self,
+        bucket: Option<Take<'_>>,
+        key: &str,
+        value: u64,
+        ttl: Duration,
+        queue: &str,
+        payload: &[u8],
+    ) -> StateResult<Admitted> {
+        let mut conn = self.conn.clone();
+        let (decision, previous) = match bucket {
+            Some(b) => {
+                let (allowed, remaining, reset_ms, retry_ms, previous): (i64, i64, u64, u64, i64) =
+                    self.take_and_advance
+                        .key(self.key(b.key))
+                        .key(self.key(key))
+                        .arg(b.capacity)
+                        .arg(millis(b.period))
+                        .arg(b.cost)
+                        .arg(value)
+                        .arg(millis(ttl))
+                        .invoke_async(&mut conn)
+                        .await
+                        .map_err(unavailable)?;
+                let decision =
+                    bucket_decision(b.capacity, (allowed, remaining, reset_ms, retry_ms));
+                if !decision.allowed {
+                    return Ok(Admitted {
+                        bucket: decision,
+                        advanced: None,
+                    });
+                }
+                (decision, previous)
+            }
+            None => {
+                let previous = self
+                    .advance(key, value, ttl)
+                    .await?
+                    .map_or(-1, |p| p as i64);
+                (unlimited(), previous)
+            }
+        };
+        let Ok(previous) = u64::try_from(previous) else {
+            return Ok(Admitted {
+                bucket: decision,
+                advanced: Some(Advanced::Stale),
+            });
+        };
+        let shard = self.shard_key(queue, self.shard_of(key));
+        let queued: StateResult<Option<String>> = self
+            .enqueue
+            .key(&shard)
+            .arg(self.shard_capacity())
+            .arg(payload)
+            .invoke_async(&mut conn)
             .await
-            .map_err(unavailable)
+            .map_err(unavailable);
+        let advanced = match queued {
+            Ok(Some(_)) => Advanced::Queued { previous },
+            Ok(None) => Advanced::QueueFull { previous },
+            Err(e) => {
+                // Give the value back: the caller's retry must not be stale.
+                let _ = self.retreat(key, value, previous, ttl).await;
+                return Err(e);
+            }
+        };
+        Ok(Admitted {
+            bucket: decision,
+            advanced: Some(advanced),
+        })
+    }
+}
+
+/// The decision of a take that took nothing from no bucket.
+fn unlimited() -> BucketDecision {
+    BucketDecision {
+        allowed: true,
+        limit: 0,
+        remaining: 0,
+        reset_after: Duration::ZERO,
+        retry_after: Duration::ZERO,
     }
 }
 
@@ -630,35 +1000,40 @@ impl SharedState for RedisState {
     }
 
     async fn commit_many(&self, commits: &[Commit<'_>]) -> StateResult<Vec<bool>> {
-        if commits.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut pipe = redis::pipe();
-        for c in commits {
-            for (key, value, ttl) in &c.entries {
-                pipe.cmd("SET").arg(self.key(key)).arg(*value);
-                if let Some(ms) = ttl_millis(*ttl) {
-                    pipe.arg("PX").arg(ms);
+        // One holder's writes and lock share the lock's hash tag.
+        self.by_slot(
+            commits,
+            |c| c.lock,
+            |group| async move {
+                let mut pipe = redis::pipe();
+                for c in &group {
+                    for (key, value, ttl) in &c.entries {
+                        pipe.cmd("SET").arg(self.key(key)).arg(*value);
+                        if let Some(ms) = ttl_millis(*ttl) {
+                            pipe.arg("PX").arg(ms);
+                        }
+                        pipe.ignore();
+                    }
+                    if c.within_ttl {
+                        pipe.cmd("DEL").arg(self.key(c.lock));
+                    }
                 }
-                pipe.ignore();
-            }
-            if c.within_ttl {
-                pipe.cmd("DEL").arg(self.key(c.lock));
-            }
-        }
-        let within = commits.iter().filter(|c| c.within_ttl).count();
-        let replies = self.query_values(&pipe, within).await?;
-        let mut deleted = replies.iter();
-        let mut released = Vec::with_capacity(commits.len());
-        for c in commits {
-            released.push(if c.within_ttl {
-                matches!(deleted.next(), Some(redis::Value::Int(1)))
-            } else {
-                // It may have expired and been taken since: compare-and-delete.
-                self.delete_if(c.lock, c.token).await?
-            });
-        }
-        Ok(released)
+                let within = group.iter().filter(|c| c.within_ttl).count();
+                let replies = self.query_values(&pipe, within).await?;
+                let mut deleted = replies.iter();
+                let mut released = Vec::with_capacity(group.len());
+                for c in &group {
+                    released.push(if c.within_ttl {
+                        matches!(deleted.next(), Some(redis::Value::Int(1)))
+                    } else {
+                        // It may have expired and been taken since: compare-and-delete.
+                        self.delete_if(c.lock, c.token).await?
+                    });
+                }
+                Ok(released)
+            },
+        )
+        .await
     }
 
     async fn claim_many(
@@ -694,14 +1069,20 @@ impl SharedState for RedisState {
         queue: &str,
         payload: &[u8],
     ) -> StateResult<Advanced> {
+        if self.cluster {
+            let admitted = self
+                .admit_in_two_steps(None, key, value, ttl, queue, payload)
+                .await?;
+            return Ok(admitted.advanced.unwrap_or(Advanced::Stale));
+        }
         let mut conn = self.conn.clone();
         let (previous, id): (i64, Option<String>) = self
             .advance_and_enqueue
             .key(self.key(key))
-            .key(self.key(queue))
+            .key(self.shard_key(queue, self.shard_of(key)))
             .arg(value)
             .arg(millis(ttl))
-            .arg(self.queue_capacity)
+            .arg(self.shard_capacity())
             .arg(payload)
             .invoke_async(&mut conn)
             .await
@@ -718,6 +1099,11 @@ impl SharedState for RedisState {
         queue: &str,
         payload: &[u8],
     ) -> StateResult<Admitted> {
+        if self.cluster {
+            return self
+                .admit_in_two_steps(Some(bucket), key, value, ttl, queue, payload)
+                .await;
+        }
         let mut conn = self.conn.clone();
         let (allowed, remaining, reset_ms, retry_ms, previous, id): (
             i64,
@@ -730,13 +1116,13 @@ impl SharedState for RedisState {
             .take_advance_and_enqueue
             .key(self.key(bucket.key))
             .key(self.key(key))
-            .key(self.key(queue))
+            .key(self.shard_key(queue, self.shard_of(key)))
             .arg(bucket.capacity)
             .arg(millis(bucket.period))
             .arg(bucket.cost)
             .arg(value)
             .arg(millis(ttl))
-            .arg(self.queue_capacity)
+            .arg(self.shard_capacity())
             .arg(payload)
             .invoke_async(&mut conn)
             .await
@@ -750,23 +1136,28 @@ impl SharedState for RedisState {
     }
 
     async fn set_max_many(&self, entries: &[(String, u64)], ttl: Duration) -> StateResult<()> {
-        if entries.is_empty() {
-            return Ok(());
-        }
-        let mut conn = self.conn.clone();
-        let mut invocation = self.set_max_many.prepare_invoke();
-        for (key, _) in entries {
-            invocation.key(self.key(key));
-        }
-        for (_, value) in entries {
-            invocation.arg(*value);
-        }
-        invocation.arg(millis(ttl));
-        invocation
-            .invoke_async::<i64>(&mut conn)
-            .await
-            .map(drop)
-            .map_err(unavailable)
+        self.by_slot(
+            entries,
+            |(key, _)| key,
+            |group| async move {
+                let mut conn = self.conn.clone();
+                let mut invocation = self.set_max_many.prepare_invoke();
+                for (key, _) in &group {
+                    invocation.key(self.key(key));
+                }
+                for (_, value) in &group {
+                    invocation.arg(*value);
+                }
+                invocation.arg(millis(ttl));
+                invocation
+                    .invoke_async::<i64>(&mut conn)
+                    .await
+                    .map_err(unavailable)?;
+                Ok(vec![(); group.len()])
+            },
+        )
+        .await
+        .map(drop)
     }
 
     async fn ttl(&self, key: &str) -> StateResult<Option<Duration>> {
@@ -787,19 +1178,25 @@ impl SharedState for RedisState {
         cost: u32,
     ) -> StateResult<BucketDecision> {
         let mut conn = self.conn.clone();
-        let (allowed, remaining, reset_ms, retry_ms): (i64, i64, u64, u64) = self
+        let reply: Result<(i64, i64, u64, u64), RedisError> = self
             .token_bucket
             .key(self.key(key))
             .arg(capacity)
             .arg(millis(period))
             .arg(cost)
             .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        Ok(bucket_decision(
-            capacity,
-            (allowed, remaining, reset_ms, retry_ms),
-        ))
+            .await;
+        match reply {
+            Ok(reply) => Ok(bucket_decision(capacity, reply)),
+            Err(e) if is_connection_error(&e) => {
+                // Redis is unavailable: a limit this instance enforces alone
+                // (N replicas admit up to N times the plan) beats refusing
+                // every request or admitting all of them.
+                self.fallback_takes.fetch_add(1, Ordering::Relaxed);
+                self.fallback.take_tokens(key, capacity, period, cost).await
+            }
+            Err(e) => Err(unavailable(e)),
+        }
     }
 
     async fn history_push(
@@ -841,23 +1238,31 @@ impl SharedState for RedisState {
         max_len: usize,
         ttl: Duration,
     ) -> StateResult<Vec<u64>> {
-        let entries = &entries[..entries.len().min(payloads.len())];
-        if entries.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut conn = self.conn.clone();
-        let mut invocation = self.sequence_and_push.prepare_invoke();
-        for (counter, history) in entries {
-            invocation.key(self.key(counter)).key(self.key(history));
-        }
-        invocation.arg(max_len.max(1)).arg(millis(ttl));
-        for payload in payloads.iter().take(entries.len()) {
-            invocation.arg(payload.as_slice());
-        }
-        invocation
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable)
+        let n = entries.len().min(payloads.len());
+        let items: Vec<(&(String, String), &Vec<u8>)> =
+            entries.iter().zip(payloads).take(n).collect();
+        // A device's counter and history share its hash tag; on a cluster,
+        // one script per tag (devices are independent: no step needs two).
+        self.by_slot(
+            &items,
+            |((counter, _), _)| counter,
+            |group| async move {
+                let mut conn = self.conn.clone();
+                let mut invocation = self.sequence_and_push.prepare_invoke();
+                for ((counter, history), _) in &group {
+                    invocation.key(self.key(counter)).key(self.key(history));
+                }
+                invocation.arg(max_len.max(1)).arg(millis(ttl));
+                for (_, payload) in &group {
+                    invocation.arg(payload.as_slice());
+                }
+                invocation
+                    .invoke_async(&mut conn)
+                    .await
+                    .map_err(unavailable)
+            },
+        )
+        .await
     }
 
     async fn history_since(&self, key: &str, since: u64) -> StateResult<Vec<(u64, Vec<u8>)>> {
@@ -888,18 +1293,26 @@ impl SharedState for RedisState {
 
     async fn subscribe(&self, channel: &str) -> StateResult<Subscription> {
         let channel = self.key(channel);
-        let client = self.client.clone();
-        let open = |client: Client, channel: String| async move {
-            let mut pubsub = tokio::time::timeout(RESPONSE_TIMEOUT, client.get_async_pubsub())
-                .await
-                .map_err(|_| StateError::Unavailable("pub/sub connect timed out".into()))?
-                .map_err(unavailable)?;
-            pubsub.subscribe(&channel).await.map_err(unavailable)?;
-            Ok::<_, StateError>(pubsub.into_on_message())
+        let connector = self.connector.clone();
+        let timeout = self.conn.timeout.max(Duration::from_secs(1));
+        // On a cluster, any node delivers every `PUBLISH`: `attempt` moves
+        // to the next seed node when one is lost.
+        let open = move |connector: Connector, channel: String, attempt: usize| async move {
+            let subscribed = tokio::time::timeout(timeout, async {
+                let client = connector.pubsub_client(attempt).await?;
+                let mut pubsub = client.get_async_pubsub().await?;
+                pubsub.subscribe(&channel).await?;
+                Ok::<_, RedisError>(pubsub)
+            })
+            .await
+            .map_err(|_| StateError::Unavailable("pub/sub connect timed out".into()))?
+            .map_err(unavailable)?;
+            Ok::<_, StateError>(subscribed.into_on_message())
         };
         // The first subscription happens before returning, so that a message
         // published after `subscribe` returns is guaranteed to arrive.
-        let mut messages = open(client.clone(), channel.clone()).await?;
+        let mut attempt = 0;
+        let mut messages = open(connector.clone(), channel.clone(), attempt).await?;
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(50);
@@ -920,7 +1333,8 @@ impl SharedState for RedisState {
                                     _ = tx.closed() => return,
                                     _ = tokio::time::sleep(backoff) => {}
                                 }
-                                match open(client.clone(), channel.clone()).await {
+                                attempt += 1;
+                                match open(connector.clone(), channel.clone(), attempt).await {
                                     Ok(stream) => { messages = stream; break; }
                                     Err(e) => {
                                         tracing::warn!(channel, error = %e, "resubscribe failed");
@@ -938,10 +1352,11 @@ impl SharedState for RedisState {
 
     async fn enqueue(&self, queue: &str, payload: &[u8]) -> StateResult<String> {
         let mut conn = self.conn.clone();
+        let shard = self.next_shard.fetch_add(1, Ordering::Relaxed) % self.shards;
         let id: Option<String> = self
             .enqueue
-            .key(self.key(queue))
-            .arg(self.queue_capacity)
+            .key(self.shard_key(queue, shard))
+            .arg(self.shard_capacity())
             .arg(payload)
             .invoke_async(&mut conn)
             .await
@@ -950,22 +1365,37 @@ impl SharedState for RedisState {
     }
 
     async fn queue_stats(&self, queue: &str) -> StateResult<QueueStats> {
-        let mut conn = self.conn.clone();
-        let (len, waited_ms): (u64, u64) = self
-            .queue_stats
-            .key(self.key(queue))
-            .arg(CONSUMER_GROUP)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
+        // Every shard's: the backlog is their sum, the lag their worst.
+        let shards = futures::future::try_join_all((0..self.shards).map(|shard| {
+            let mut conn = self.conn.clone();
+            let key = self.shard_key(queue, shard);
+            async move {
+                self.queue_stats
+                    .key(key)
+                    .arg(CONSUMER_GROUP)
+                    .invoke_async::<(u64, u64)>(&mut conn)
+                    .await
+                    .map_err(unavailable)
+            }
+        }))
+        .await?;
         Ok(QueueStats {
-            len,
-            oldest_wait: Duration::from_millis(waited_ms),
+            len: shards.iter().map(|(len, _)| len).sum(),
+            oldest_wait: Duration::from_millis(shards.iter().map(|(_, w)| *w).max().unwrap_or(0)),
         })
     }
 
-    async fn consumer(&self, queue: &str, name: &str) -> StateResult<Box<dyn QueueConsumer>> {
-        let key = self.key(queue);
+    fn queue_shards(&self) -> usize {
+        self.shards
+    }
+
+    async fn consumer(
+        &self,
+        queue: &str,
+        shard: usize,
+        name: &str,
+    ) -> StateResult<Box<dyn QueueConsumer>> {
+        let key = self.shard_key(queue, shard % self.shards);
         let mut conn = self.conn.clone();
         // Start from the beginning of the stream ("0"), not "$": entries
         // enqueued before the first worker ever started must still be handled.
@@ -982,18 +1412,51 @@ impl SharedState for RedisState {
             Err(e) if e.code() == Some("BUSYGROUP") => {}
             Err(e) => return Err(unavailable(e)),
         }
-        Ok(Box::new(RedisConsumer {
-            conn: self.dedicated_connection().await?,
+        let mut consumer = RedisConsumer {
+            connector: self.connector.clone(),
+            conn: None,
             key,
             name: name.to_owned(),
-        }))
+        };
+        consumer.connection().await?;
+        Ok(Box::new(consumer))
     }
 }
 
+/// A consumer of one stream, on a connection of its own (a blocking read
+/// holds it), reopened after a connection error.
 struct RedisConsumer {
-    conn: MultiplexedConnection,
+    connector: Connector,
+    conn: Option<Conn>,
     key: String,
     name: String,
+}
+
+impl RedisConsumer {
+    async fn connection(&mut self) -> StateResult<Conn> {
+        if let Some(conn) = &self.conn {
+            return Ok(conn.clone());
+        }
+        let conn = self
+            .connector
+            .dedicated(MAX_BLOCK + DEFAULT_CALL_TIMEOUT * 4)
+            .await
+            .map_err(unavailable)?;
+        self.conn = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Runs `cmd`, dropping the connection if it failed.
+    async fn query<T: redis::FromRedisValue>(&mut self, cmd: &Cmd) -> StateResult<T> {
+        let mut conn = self.connection().await?;
+        let reply = cmd.query_async(&mut conn).await;
+        if let Err(e) = &reply {
+            if is_connection_error(e) {
+                self.conn = None;
+            }
+        }
+        reply.map_err(unavailable)
+    }
 }
 
 /// The job of a stream entry; its payload is moved out of the reply, not copied.
@@ -1010,8 +1473,8 @@ fn job_of(mut entry: StreamId) -> Option<Job> {
 #[async_trait]
 impl QueueConsumer for RedisConsumer {
     async fn fetch(&mut self, max: usize, wait: Duration) -> StateResult<Vec<Job>> {
-        let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
-            .arg("GROUP")
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
             .arg(CONSUMER_GROUP)
             .arg(&self.name)
             .arg("COUNT")
@@ -1020,10 +1483,8 @@ impl QueueConsumer for RedisConsumer {
             .arg(millis(wait.min(MAX_BLOCK)))
             .arg("STREAMS")
             .arg(&self.key)
-            .arg(">")
-            .query_async(&mut self.conn)
-            .await
-            .map_err(unavailable)?;
+            .arg(">");
+        let reply: Option<StreamReadReply> = self.query(&cmd).await?;
         Ok(reply
             .into_iter()
             .flat_map(|r| r.keys)
@@ -1036,8 +1497,8 @@ impl QueueConsumer for RedisConsumer {
         if ids.is_empty() {
             return Ok(());
         }
-        redis::pipe()
-            .atomic()
+        let mut pipe = redis::pipe();
+        pipe.atomic()
             .cmd("XACK")
             .arg(&self.key)
             .arg(CONSUMER_GROUP)
@@ -1046,24 +1507,25 @@ impl QueueConsumer for RedisConsumer {
             .cmd("XDEL")
             .arg(&self.key)
             .arg(ids)
-            .ignore()
-            .query_async::<()>(&mut self.conn)
-            .await
-            .map_err(unavailable)
+            .ignore();
+        let mut conn = self.connection().await?;
+        let reply = pipe.query_async::<()>(&mut conn).await;
+        if reply.as_ref().err().is_some_and(is_connection_error) {
+            self.conn = None;
+        }
+        reply.map_err(unavailable)
     }
 
     async fn reclaim(&mut self, min_idle: Duration, max: usize) -> StateResult<Vec<Job>> {
-        let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
-            .arg(&self.key)
+        let mut cmd = redis::cmd("XAUTOCLAIM");
+        cmd.arg(&self.key)
             .arg(CONSUMER_GROUP)
             .arg(&self.name)
             .arg(millis(min_idle))
             .arg("0-0")
             .arg("COUNT")
-            .arg(max.max(1))
-            .query_async(&mut self.conn)
-            .await
-            .map_err(unavailable)?;
+            .arg(max.max(1));
+        let reply: StreamAutoClaimReply = self.query(&cmd).await?;
         Ok(reply.claimed.into_iter().filter_map(job_of).collect())
     }
 }

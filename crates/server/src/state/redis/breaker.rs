@@ -1,0 +1,222 @@
+//! The Redis circuit breaker: a Redis that is down or hung costs each call
+//! microseconds, not its timeout.
+//!
+//! Closed, it lets every call through and counts consecutive connection
+//! failures (a timeout, a dropped or refused connection — never a command's
+//! own error). After [`FAILURES_TO_OPEN`] it opens: calls fail at once, for a
+//! cool-down that doubles on each failed probe (from [`FIRST_COOL_DOWN`] up
+//! to [`MAX_COOL_DOWN`], with ±20% jitter so replicas do not probe in step).
+//! Then it half-opens: one call goes through as a probe; success closes it,
+//! failure opens it again. The connections underneath reconnect by
+//! themselves; the breaker only decides who waits for them.
+
+use std::{
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+/// Consecutive connection failures that open the breaker.
+pub const FAILURES_TO_OPEN: u32 = 5;
+/// The first cool-down.
+pub const FIRST_COOL_DOWN: Duration = Duration::from_millis(500);
+/// The longest cool-down.
+pub const MAX_COOL_DOWN: Duration = Duration::from_secs(10);
+
+/// What the breaker lets through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    /// Every call.
+    Closed,
+    /// None, until the cool-down ends.
+    Open,
+    /// One probe.
+    HalfOpen,
+}
+
+impl BreakerState {
+    /// `closed`, `open` or `half_open`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::Open => "open",
+            Self::HalfOpen => "half_open",
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Inner {
+    Closed { failures: u32 },
+    Open { until: Instant, cool_down: Duration },
+    HalfOpen { probing: bool, cool_down: Duration },
+}
+
+/// A circuit breaker (see the module doc).
+#[derive(Debug)]
+pub struct Breaker {
+    inner: Mutex<Inner>,
+}
+
+impl Default for Breaker {
+    fn default() -> Self {
+        Self {
+            inner: Mutex::new(Inner::Closed { failures: 0 }),
+        }
+    }
+}
+
+/// A call let through; [`Breaker::record`] says how it went.
+#[derive(Debug)]
+#[must_use]
+pub struct Permit {
+    probe: bool,
+}
+
+impl Breaker {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Lets a call through, or refuses it while open (or while another
+    /// call is the half-open probe).
+    pub fn admit(&self) -> Option<Permit> {
+        self.admit_at(Instant::now())
+    }
+
+    fn admit_at(&self, now: Instant) -> Option<Permit> {
+        let mut inner = self.lock();
+        match *inner {
+            Inner::Closed { .. } => Some(Permit { probe: false }),
+            Inner::Open { until, cool_down } if now >= until => {
+                *inner = Inner::HalfOpen {
+                    probing: true,
+                    cool_down,
+                };
+                Some(Permit { probe: true })
+            }
+            Inner::Open { .. } => None,
+            Inner::HalfOpen {
+                probing: false,
+                cool_down,
+            } => {
+                *inner = Inner::HalfOpen {
+                    probing: true,
+                    cool_down,
+                };
+                Some(Permit { probe: true })
+            }
+            Inner::HalfOpen { probing: true, .. } => None,
+        }
+    }
+
+    /// Records a call's outcome: `failed` when the connection failed.
+    pub fn record(&self, permit: Permit, failed: bool) {
+        self.record_at(permit, failed, Instant::now(), rand::random::<f64>());
+    }
+
+    fn record_at(&self, permit: Permit, failed: bool, now: Instant, jitter: f64) {
+        let mut inner = self.lock();
+        let open = |cool_down: Duration| Inner::Open {
+            // ±20%: replicas that failed together do not probe together.
+            until: now + cool_down.mul_f64(0.8 + 0.4 * jitter.clamp(0.0, 1.0)),
+            cool_down,
+        };
+        *inner = match (&*inner, failed) {
+            (_, false) => Inner::Closed { failures: 0 },
+            (Inner::Closed { failures }, true) if failures + 1 >= FAILURES_TO_OPEN => {
+                tracing::warn!("Redis circuit breaker opened");
+                open(FIRST_COOL_DOWN)
+            }
+            (Inner::Closed { failures }, true) => Inner::Closed {
+                failures: failures + 1,
+            },
+            (Inner::HalfOpen { cool_down, .. }, true) if permit.probe => {
+                open((*cool_down * 2).min(MAX_COOL_DOWN))
+            }
+            // A call admitted before the breaker opened, failing late.
+            (Inner::Open { until, cool_down }, true) => Inner::Open {
+                until: *until,
+                cool_down: *cool_down,
+            },
+            (Inner::HalfOpen { probing, cool_down }, true) => Inner::HalfOpen {
+                probing: *probing,
+                cool_down: *cool_down,
+            },
+        };
+    }
+
+    /// The state now (an open breaker whose cool-down ended reads half-open).
+    pub fn state(&self) -> BreakerState {
+        match *self.lock() {
+            Inner::Closed { .. } => BreakerState::Closed,
+            Inner::Open { until, .. } if Instant::now() < until => BreakerState::Open,
+            Inner::Open { .. } | Inner::HalfOpen { .. } => BreakerState::HalfOpen,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fail(b: &Breaker, now: Instant) {
+        let permit = b.admit_at(now).expect("admitted");
+        b.record_at(permit, true, now, 0.5);
+    }
+
+    #[test]
+    fn consecutive_failures_open_it_and_a_success_between_them_resets_the_count() {
+        let b = Breaker::default();
+        let now = Instant::now();
+        for _ in 0..FAILURES_TO_OPEN - 1 {
+            fail(&b, now);
+        }
+        let ok = b.admit_at(now).expect("still closed");
+        b.record_at(ok, false, now, 0.5);
+        for _ in 0..FAILURES_TO_OPEN - 1 {
+            fail(&b, now);
+        }
+        assert_eq!(b.state(), BreakerState::Closed);
+        fail(&b, now);
+        assert!(b.admit_at(now).is_none(), "open: refused at once");
+    }
+
+    #[test]
+    fn it_half_opens_for_one_probe_and_backs_off_when_the_probe_fails() {
+        let b = Breaker::default();
+        let start = Instant::now();
+        for _ in 0..FAILURES_TO_OPEN {
+            fail(&b, start);
+        }
+        assert!(b.admit_at(start + FIRST_COOL_DOWN / 2).is_none());
+        let after = start + FIRST_COOL_DOWN;
+        let probe = b.admit_at(after).expect("the probe");
+        assert!(b.admit_at(after).is_none(), "one probe at a time");
+        b.record_at(probe, true, after, 0.5);
+        // The cool-down doubled: still open after one first cool-down.
+        assert!(b.admit_at(after + FIRST_COOL_DOWN).is_none());
+        let probe = b
+            .admit_at(after + FIRST_COOL_DOWN * 2)
+            .expect("probe after the doubled cool-down");
+        b.record_at(probe, false, after, 0.5);
+        assert_eq!(b.state(), BreakerState::Closed);
+        assert!(b.admit_at(after).is_some());
+    }
+
+    #[test]
+    fn the_cool_down_is_capped_and_jittered() {
+        let b = Breaker::default();
+        let mut now = Instant::now();
+        for _ in 0..FAILURES_TO_OPEN {
+            fail(&b, now);
+        }
+        for _ in 0..20 {
+            now += MAX_COOL_DOWN * 2;
+            let probe = b.admit_at(now).expect("probe");
+            b.record_at(probe, true, now, 1.0);
+        }
+        // At most the cap plus 20%.
+        assert!(b.admit_at(now + MAX_COOL_DOWN).is_none());
+        assert!(b.admit_at(now + MAX_COOL_DOWN.mul_f64(1.21)).is_some());
+    }
+}

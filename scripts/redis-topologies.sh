@@ -6,8 +6,12 @@
 #   sentinel  a primary, a replica, 3 sentinels  ports 17110-17111, 17120-17122
 #   tls       one node, TLS only, client certificates required   port 17130
 #
-#   scripts/redis-topologies.sh start   # prints the TEST_REDIS_* exports
+#   scripts/redis-topologies.sh start [cluster|sentinel|tls ...]   # prints the TEST_REDIS_* exports
 #   scripts/redis-topologies.sh stop
+#
+# BLOCKREMOTE_TOPOLOGIES_DIR (default /tmp/blockremote-redis-topologies) and
+# BLOCKREMOTE_TOPOLOGIES_PORT (default 17100, the ports above are offsets
+# from it) let a fault-injection test start private copies it may break.
 #
 # `start` writes the exports to $DIR/env as well, for `source`. The tests read
 # TEST_REDIS_CLUSTER_URL, TEST_REDIS_SENTINEL_URL, TEST_REDIS_TLS_URL and
@@ -16,11 +20,13 @@
 set -euo pipefail
 
 DIR="${BLOCKREMOTE_TOPOLOGIES_DIR:-/tmp/blockremote-redis-topologies}"
-CLUSTER_PORTS=(17100 17101 17102 17103 17104 17105)
-PRIMARY=17110
-REPLICA=17111
-SENTINELS=(17120 17121 17122)
-TLS_PORT=17130
+BASE="${BLOCKREMOTE_TOPOLOGIES_PORT:-17100}"
+CLUSTER_PORTS=()
+for i in 0 1 2 3 4 5; do CLUSTER_PORTS+=($((BASE + i))); done
+PRIMARY=$((BASE + 10))
+REPLICA=$((BASE + 11))
+SENTINELS=($((BASE + 20)) $((BASE + 21)) $((BASE + 22)))
+TLS_PORT=$((BASE + 30))
 MASTER_NAME=blockremote
 
 wait_port() { # port
@@ -78,6 +84,19 @@ EOF
     redis-server "$DIR/$p/sentinel.conf" --sentinel
   done
   for p in "${SENTINELS[@]}"; do wait_port "$p"; done
+  # Ready once every sentinel knows the replica and the other two: before
+  # that a failover has no replica to promote and no quorum.
+  for _ in $(seq 1 300); do
+    local ready=0
+    for p in "${SENTINELS[@]}"; do
+      info=$(redis-cli -p "$p" sentinel master "$MASTER_NAME" 2>/dev/null | tr '\n' ' ')
+      [[ "$info" == *"num-slaves 1 "* && "$info" == *"num-other-sentinels 2 "* ]] && ready=$((ready + 1))
+    done
+    [ "$ready" -eq ${#SENTINELS[@]} ] && return 0
+    sleep 0.1
+  done
+  echo "the sentinels did not find the replica and each other" >&2
+  return 1
 }
 
 start_tls() {
@@ -114,11 +133,19 @@ stop_all() {
 
 case "${1:-}" in
   start)
+    shift
+    which=("$@")
+    [ ${#which[@]} -gt 0 ] || which=(cluster sentinel tls)
     stop_all
     mkdir -p "$DIR"
-    start_cluster
-    start_sentinel
-    start_tls
+    for topology in "${which[@]}"; do
+      case "$topology" in
+        cluster) start_cluster ;;
+        sentinel) start_sentinel ;;
+        tls) start_tls ;;
+        *) echo "unknown topology $topology" >&2; exit 2 ;;
+      esac
+    done
     cluster_hosts="127.0.0.1:${CLUSTER_PORTS[0]},127.0.0.1:${CLUSTER_PORTS[1]},127.0.0.1:${CLUSTER_PORTS[2]}"
     sentinel_hosts="127.0.0.1:${SENTINELS[0]},127.0.0.1:${SENTINELS[1]},127.0.0.1:${SENTINELS[2]}"
     cat >"$DIR/env" <<EOF

@@ -16,6 +16,7 @@ mod identity;
 mod killswitch;
 mod lifecycle;
 mod proxy;
+mod redis_faults;
 mod reference_client;
 mod signals;
 mod state_conformance;

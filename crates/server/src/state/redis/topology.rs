@@ -21,6 +21,7 @@ use std::{
     time::Duration,
 };
 
+use futures::StreamExt;
 use redis::{
     aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection},
     cluster::ClusterClientBuilder,
@@ -392,7 +393,9 @@ impl Connector {
         };
         // Reach the primary now, so a wrong URL fails at start.
         conn.primary().await?;
-        Ok(Conn::Sentinel(Arc::new(conn)))
+        let conn = Arc::new(conn);
+        tokio::spawn(watch_failovers(Arc::downgrade(&conn)));
+        Ok(Conn::Sentinel(conn))
     }
 
     /// A client for a pub/sub connection; `attempt` rotates through a
@@ -491,6 +494,52 @@ impl ConnectionLike for Conn {
     }
 }
 
+/// Forgets the primary whenever the sentinels announce a new one
+/// (`+switch-master`): after a planned failover the old primary keeps
+/// accepting writes until it is demoted, and those writes would be lost.
+/// Ends when the connection is dropped.
+async fn watch_failovers(conn: std::sync::Weak<SentinelConn>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let subscribed = async {
+            let this = conn.upgrade()?;
+            let client = this.sentinel.lock().await.async_get_sentinel_client().await;
+            drop(this);
+            let mut pubsub = client.ok()?.get_async_pubsub().await.ok()?;
+            pubsub.subscribe("+switch-master").await.ok()?;
+            Some(pubsub.into_on_message())
+        }
+        .await;
+        if let Some(mut announcements) = subscribed {
+            backoff = Duration::from_millis(100);
+            // Missed while not listening? Ask again.
+            match conn.upgrade() {
+                Some(this) => this.forget(),
+                None => return,
+            }
+            loop {
+                match tokio::time::timeout(Duration::from_secs(1), announcements.next()).await {
+                    Ok(Some(_)) => match conn.upgrade() {
+                        Some(this) => {
+                            tracing::warn!("the sentinels switched the Redis primary");
+                            this.forget();
+                        }
+                        None => return,
+                    },
+                    Ok(None) => break,
+                    Err(_) if conn.strong_count() == 0 => return,
+                    Err(_) => {}
+                }
+            }
+        }
+        if conn.strong_count() == 0 {
+            return;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
 /// The primary the sentinels name, asked again after a connection failure.
 pub struct SentinelConn {
     sentinel: tokio::sync::Mutex<SentinelClient>,
@@ -524,11 +573,15 @@ impl SentinelConn {
             .clone()
     }
 
+    fn forget(&self) {
+        *self.primary.write().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
     fn forget_on_failure<T>(&self, reply: &RedisResult<T>) {
         if let Err(e) = reply {
             if is_connection_error(e) {
                 tracing::warn!(error = %e, "Redis primary lost; asking the sentinels again");
-                *self.primary.write().unwrap_or_else(|p| p.into_inner()) = None;
+                self.forget();
             }
         }
     }

@@ -15,6 +15,7 @@ pub mod http;
 pub mod intel_change;
 pub mod realtime;
 pub mod retention;
+pub mod sequences;
 pub mod signals;
 pub mod simulate;
 pub mod state;

@@ -377,9 +377,18 @@ impl Sessions {
         }
         // The device may have moved between users: drop every cached view of it.
         self.auth.devices.invalidate(device_id).await;
-        // A new session (a reinstall, a new sign-in) starts heartbeat `seq`s afresh.
+        // A new session (a reinstall, a new sign-in) starts heartbeat `seq`s
+        // afresh: 0, known (a missing value is refilled from the store, so
+        // the store's copy starts again too).
+        self.store
+            .reset_device_sequence(device_id, crate::store::SequenceKind::Heartbeat)
+            .await?;
         self.shared
-            .delete(&crate::state::keys::heartbeat_seq(device_id))
+            .set(
+                &crate::state::keys::heartbeat_seq(device_id),
+                b"0",
+                Some(crate::signals::scoring::STATE_TTL),
+            )
             .await?;
         let access_token = self.issue_access(user_id, device_id, jti)?;
         Ok(SessionTokens {

@@ -34,8 +34,9 @@ use super::{
 };
 use crate::{
     auth::Auth,
+    sequences::Sequences,
     state::{keys, Advanced, BucketDecision, SharedState, StateError, Take},
-    store::{Store, StoreError},
+    store::{SequenceKind, Store, StoreError},
     telemetry::Metrics,
 };
 
@@ -513,6 +514,8 @@ pub struct Ingestion {
     scoring: Arc<Scoring>,
     /// The `signals_*` counters.
     metrics: Arc<Metrics>,
+    /// The durable copy of each device's last accepted `seq`.
+    sequences: Arc<Sequences>,
 }
 
 impl Ingestion {
@@ -527,6 +530,7 @@ impl Ingestion {
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
+            sequences: Sequences::start(store.clone()),
             store,
             shared,
             auth,
@@ -535,6 +539,24 @@ impl Ingestion {
             scoring,
             metrics,
         }
+    }
+
+    /// Writes the accepted `seq`s still waiting for the store (at shutdown).
+    pub async fn flush_sequences(&self) {
+        if let Err(e) = self.sequences.flush().await {
+            tracing::warn!(error = %e, "heartbeat seqs not written to the store at shutdown");
+        }
+    }
+
+    /// Refills a device's missing `seq` key from the store (see
+    /// `crate::sequences`): a missing value must never accept any `seq`.
+    async fn refill_seq(&self, device_id: &str, seq_key: &str) -> Result<(), IngestError> {
+        let seed = self
+            .sequences
+            .seed(SequenceKind::Heartbeat, device_id)
+            .await?;
+        self.shared.set_max(seq_key, seed, STATE_TTL).await?;
+        Ok(())
     }
 
     /// Takes a validated heartbeat of `sender`, its token from `bucket`.
@@ -562,6 +584,9 @@ impl Ingestion {
         let previous = if self.breaker.degraded() {
             // The workers are behind: take the token and the seq, then score below.
             bucket.take_token().await?;
+            if self.shared.get(&seq_key).await?.is_none() {
+                self.refill_seq(device_id, &seq_key).await?;
+            }
             match self.shared.advance(&seq_key, seq, STATE_TTL).await? {
                 Some(previous) => previous,
                 None => return Err(self.replay(sender, seq, &seq_key).await),
@@ -585,7 +610,7 @@ impl Ingestion {
                 )
                 .await?;
             bucket.record(admitted.bucket);
-            let advanced = match admitted.advanced {
+            let mut advanced = match admitted.advanced {
                 Some(advanced) if admitted.bucket.allowed => advanced,
                 _ => {
                     return Err(IngestError::RateLimited {
@@ -593,9 +618,19 @@ impl Ingestion {
                     })
                 }
             };
+            if advanced == Advanced::Unknown {
+                // The token is taken; refill the seq and try once more.
+                self.refill_seq(device_id, &seq_key).await?;
+                advanced = self
+                    .shared
+                    .advance_and_enqueue(&seq_key, seq, STATE_TTL, keys::HEARTBEAT_QUEUE, &job)
+                    .await?;
+            }
             match advanced {
                 Advanced::Stale => return Err(self.replay(sender, seq, &seq_key).await),
+                Advanced::Unknown => return Err(IngestError::Unavailable),
                 Advanced::Queued { .. } => {
+                    self.sequences.note(SequenceKind::Heartbeat, device_id, seq);
                     self.metrics.signals_accepted.inc();
                     return Ok(Accepted {
                         seq,
@@ -627,6 +662,7 @@ impl Ingestion {
             }
             return Err(IngestError::Unavailable);
         }
+        self.sequences.note(SequenceKind::Heartbeat, device_id, seq);
         self.metrics.signals_accepted.inc();
         Ok(Accepted {
             seq,

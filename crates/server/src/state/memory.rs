@@ -1141,6 +1141,13 @@ mod tests {
             .expect("take");
         let mut job = format!("{id}\n{seq}\n").into_bytes();
         job.resize(2048, 0);
+        if seq == 1 {
+            // A new device's seq is refilled (to 0) before its first advance.
+            state
+                .set_max(&keys::heartbeat_seq(&id), 0, Duration::from_secs(86_400))
+                .await
+                .expect("refill");
+        }
         state
             .advance_and_enqueue(
                 &keys::heartbeat_seq(&id),

@@ -161,6 +161,11 @@ pub struct Commit<'a> {
 pub enum Advanced {
     /// The value was not above the one stored: nothing changed.
     Stale,
+    /// No value is stored (a new key, one expired, or shared state that
+    /// lost its data): nothing changed. The caller refills it from what it
+    /// knows (`crate::sequences`) and tries again — a missing value must
+    /// never let any value through.
+    Unknown,
     /// Advanced from `previous`, and the payload is on the queue.
     Queued {
         /// The value before.
@@ -318,6 +323,9 @@ pub trait SharedState: Send + Sync + 'static {
         queue: &str,
         payload: &[u8],
     ) -> StateResult<Advanced> {
+        if self.get(key).await?.is_none() {
+            return Ok(Advanced::Unknown);
+        }
         let Some(previous) = self.advance(key, value, ttl).await? else {
             return Ok(Advanced::Stale);
         };

@@ -64,6 +64,7 @@ mod identity;
 mod intel;
 mod keys;
 pub mod reload;
+mod sequences;
 mod sql;
 
 use std::{sync::Arc, time::Duration};
@@ -97,6 +98,7 @@ pub use identity::{
 };
 pub use intel::IntelStore;
 pub use keys::{KeyStore, SigningKeyRecord};
+pub use sequences::{SequenceKind, SequenceStore};
 pub use sql::{PostgresStore, SqlStore, SqliteStore};
 
 use crate::config::DatabaseConfig;
@@ -175,6 +177,7 @@ pub trait Store:
     + EventStore
     + AuditStore
     + KeyStore
+    + SequenceStore
     + Send
     + Sync
     + 'static

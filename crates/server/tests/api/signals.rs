@@ -39,6 +39,7 @@ crate::on_both_backends!(
     a_queued_heartbeat_of_an_unknown_device_is_dropped_not_retried,
     the_simulator_locks_every_attack_and_no_genuine_session,
     a_simulation_rerun_is_refused_or_flagged_and_cleanup_removes_its_users,
+    shared_state_that_loses_its_data_reopens_no_replay_window,
 );
 
 // The stories of ingestion, scoring and delivery, on every Redis topology too.
@@ -882,4 +883,69 @@ async fn a_simulation_rerun_is_refused_or_flagged_and_cleanup_removes_its_users(
         .is_empty());
     let audit = app.admin_json("/v1/audit/logs?action=user_deleted").await;
     assert_eq!(audit["items"].as_array().map(Vec::len), Some(2), "{audit}");
+}
+
+/// Redis restarted without persistence, failed over to a lagging replica or
+/// flushed by mistake: the device's last `seq` is gone from shared state.
+/// It comes back from the store (written behind, plus a margin), so a
+/// heartbeat already accepted is refused again — on the old code every
+/// `seq` was accepted after the loss.
+async fn shared_state_that_loses_its_data_reopens_no_replay_window(backend: Backend) {
+    use blockremote::store::SequenceKind;
+    let Some(app) = app(backend).await else {
+        return;
+    };
+    let d = app.register("flushed@example.com", "device_flush_1").await;
+    let s = session(Class::HeldInHand, 4, 6);
+    for hb in &s.heartbeats[..3] {
+        let r = app.heartbeat(&d, &heartbeat_body(hb)).await;
+        assert_eq!(r.status(), StatusCode::ACCEPTED);
+    }
+    let third = s.heartbeats[2].seq;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            app.state
+                .store
+                .device_sequence(&d.device_id, SequenceKind::Heartbeat)
+                .await
+                .expect("stored seq")
+                >= third
+        })
+        .await,
+        "the accepted seq is written behind to the store"
+    );
+    // The loss.
+    match &app.state.config.redis_url {
+        Some(url) => {
+            use secrecy::ExposeSecret;
+            let client = redis::Client::open(url.expose_secret()).expect("client");
+            let mut conn = client.get_connection().expect("connection");
+            let gone: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{}*", app.state.config.redis_prefix))
+                .query(&mut conn)
+                .expect("keys");
+            assert!(!gone.is_empty());
+            for key in gone {
+                let _: () = redis::cmd("DEL").arg(key).query(&mut conn).expect("del");
+            }
+        }
+        None => {
+            app.state
+                .shared
+                .delete(&keys::heartbeat_seq(&d.device_id))
+                .await
+                .expect("delete");
+        }
+    }
+    // A heartbeat already accepted is still a replay.
+    let replayed = app.heartbeat(&d, &heartbeat_body(&s.heartbeats[1])).await;
+    assert_eq!(replayed.status(), StatusCode::CONFLICT);
+    let problem: Value = replayed.json().await.expect("problem");
+    let last_seq = problem["last_seq"].as_u64().expect("last_seq");
+    assert!(last_seq > third, "{problem}");
+    // The phone continues above last_seq, as the contract says.
+    let mut next = s.heartbeats[3].clone();
+    next.seq = last_seq + 1;
+    let r = app.heartbeat(&d, &heartbeat_body(&next)).await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
 }

@@ -44,6 +44,10 @@ async fn advance_and_enqueue_queues_only_fresh_values_and_reports_a_full_queue(
                 .expect("advance_and_enqueue")
         }
     };
+    // No value stored: nothing advances or is queued until one is.
+    assert_eq!(send(1, b"unknown").await, Advanced::Unknown);
+    assert_eq!(s.queue_len(q).await.expect("len"), 0);
+    s.set_max("seq:q", 0, ttl).await.expect("refill");
     assert_eq!(send(1, b"one").await, Advanced::Queued { previous: 0 });
     assert_eq!(send(1, b"again").await, Advanced::Stale);
     assert_eq!(send(3, b"three").await, Advanced::Queued { previous: 1 });
@@ -896,11 +900,17 @@ async fn take_then_advance_and_enqueue_does_nothing_more_when_the_bucket_refuses
                 .expect("admit")
         }
     };
-    let first = admit(1, b"one").await;
-    assert!(first.bucket.allowed);
-    assert_eq!((first.bucket.limit, first.bucket.remaining), (2, 1));
-    assert_eq!(first.advanced, Some(Advanced::Queued { previous: 0 }));
-    // A replay still costs its token.
+    // No seq stored: the token is taken, nothing else happens.
+    let unknown = admit(1, b"unknown").await;
+    assert_eq!(unknown.advanced, Some(Advanced::Unknown));
+    assert_eq!(s.queue_len(q).await.expect("len"), 0);
+    s.set_max("seq:{admit}", 0, ttl).await.expect("refill");
+    let first = s
+        .advance_and_enqueue("seq:{admit}", 1, ttl, q, b"one")
+        .await
+        .expect("advance");
+    assert_eq!(first, Advanced::Queued { previous: 0 });
+    // A replay still costs its token (the bucket's second and last).
     let replay = admit(1, b"again").await;
     assert_eq!(replay.bucket.remaining, 0);
     assert_eq!(replay.advanced, Some(Advanced::Stale));
@@ -928,6 +938,11 @@ async fn a_sharded_queue_keeps_each_device_on_one_shard_and_loses_nothing(backen
     let ttl = Duration::from_secs(60);
     let q = "sig:queue:sharded";
     let devices: Vec<String> = (0..12).map(|d| format!("device{d:04}")).collect();
+    for device in &devices {
+        s.set_max(&keys::heartbeat_seq(device), 0, ttl)
+            .await
+            .expect("a known seq");
+    }
     for seq in 1..=3u64 {
         for device in &devices {
             let bucket = Take {

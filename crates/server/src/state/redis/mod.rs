@@ -241,10 +241,15 @@ return 0
 ";
 
 /// [`ADVANCE_LUA`] then [`ENQUEUE_LUA`]. KEYS = counter, stream; ARGV =
-/// value, TTL (ms), capacity, payload. Returns {previous or -1, id or false}.
-/// (Two keys: Redis Cluster would need them in one slot.)
+/// value, TTL (ms), capacity, payload. Returns {previous, -1 when not above
+/// it or -3 when no value is stored, id or false}. (Two keys of two slots:
+/// one node only; a cluster takes two steps, see `admit_in_two_steps`.)
 const ADVANCE_AND_ENQUEUE_LUA: &str = r"
-local current = tonumber(redis.call('GET', KEYS[1])) or 0
+local stored = redis.call('GET', KEYS[1])
+if not stored then
+  return {-3, false}
+end
+local current = tonumber(stored) or 0
 if tonumber(ARGV[1]) <= current then
   return {-1, false}
 end
@@ -259,14 +264,19 @@ return {current, redis.call('XADD', KEYS[2], '*', 'p', ARGV[4])}
 /// KEYS = bucket, counter, stream; ARGV = capacity, period (ms), cost,
 /// value, TTL (ms), queue capacity, payload. Returns {allowed, whole tokens
 /// left, ms until full, ms until `cost` available, previous or -1 (-2 when
-/// refused), id or false}. (Three keys: Redis Cluster would need them in one slot.)
+/// refused, -3 when no value is stored), id or false}. (The stream is in
+/// another slot: one node only.)
 const TAKE_ADVANCE_AND_ENQUEUE_LUA: &str = concat!(
     token_bucket_take_lua!(),
     r"
 if allowed == 0 then
   return {allowed, math.floor(tokens), reset, retry, -2, false}
 end
-local current = tonumber(redis.call('GET', KEYS[2])) or 0
+local stored = redis.call('GET', KEYS[2])
+if not stored then
+  return {allowed, math.floor(tokens), reset, retry, -3, false}
+end
+local current = tonumber(stored) or 0
 if tonumber(ARGV[4]) <= current then
   return {allowed, math.floor(tokens), reset, retry, -1, false}
 end
@@ -283,14 +293,18 @@ return {allowed, math.floor(tokens), reset, retry, current, redis.call('XADD', K
 /// cluster (the enqueue follows on the queue shard's node). KEYS = bucket,
 /// counter; ARGV = capacity, period (ms), cost, value, TTL (ms). Returns
 /// {allowed, whole tokens left, ms until full, ms until `cost` available,
-/// previous or -1 (-2 when refused)}.
+/// previous or -1 (-2 when refused, -3 when no value is stored)}.
 const TAKE_AND_ADVANCE_LUA: &str = concat!(
     token_bucket_take_lua!(),
     r"
 if allowed == 0 then
   return {allowed, math.floor(tokens), reset, retry, -2}
 end
-local current = tonumber(redis.call('GET', KEYS[2])) or 0
+local stored = redis.call('GET', KEYS[2])
+if not stored then
+  return {allowed, math.floor(tokens), reset, retry, -3}
+end
+local current = tonumber(stored) or 0
 if tonumber(ARGV[4]) <= current then
   return {allowed, math.floor(tokens), reset, retry, -1}
 end
@@ -708,13 +722,22 @@ impl RedisState {
                 (decision, previous)
             }
             None => {
-                let previous = self
-                    .advance(key, value, ttl)
-                    .await?
-                    .map_or(-1, |p| p as i64);
+                let previous = if self.get(key).await?.is_none() {
+                    -3
+                } else {
+                    self.advance(key, value, ttl)
+                        .await?
+                        .map_or(-1, |p| p as i64)
+                };
                 (unlimited(), previous)
             }
         };
+        if previous == -3 {
+            return Ok(Admitted {
+                bucket: decision,
+                advanced: Some(Advanced::Unknown),
+            });
+        }
         let Ok(previous) = u64::try_from(previous) else {
             return Ok(Admitted {
                 bucket: decision,
@@ -758,8 +781,12 @@ fn unlimited() -> BucketDecision {
 }
 
 /// The outcome of the advance-and-enqueue scripts: the previous value (or
-/// -1 when not above it) and the stream id (or nil when the queue is full).
+/// -1 when not above it, -3 when none is stored) and the stream id (or nil
+/// when the queue is full).
 fn advanced_of(previous: i64, id: Option<String>) -> Advanced {
+    if previous == -3 {
+        return Advanced::Unknown;
+    }
     match (u64::try_from(previous), id) {
         (Err(_), _) => Advanced::Stale,
         (Ok(previous), Some(_)) => Advanced::Queued { previous },

@@ -1,0 +1,126 @@
+//! The sequence numbers replay protection and the kill-switch protocol
+//! stand on, made to survive shared state that loses its data.
+//!
+//! Shared state holds each device's last accepted heartbeat `seq`
+//! (`sig:seq:{device}`) and last command `seq` (`force_overlay:seq:{device}`).
+//! If Redis restarts without persistence, fails over to a lagging replica or
+//! is flushed by mistake, those keys vanish, and a missing `seq` would accept
+//! any heartbeat again — a replay window — while command numbering would
+//! restart at 1, below what the phone last saw.
+//!
+//! So every accepted number is also written behind to the store
+//! ([`SequenceStore`]): [`Sequences::note`] keeps the highest per device in
+//! memory and a task writes them about once a second ([`FLUSH_EVERY`]), in
+//! one transaction. A key found missing is refilled by [`Sequences::seed`]:
+//! the stored number, plus [`MARGIN`] when there is one — more than a device
+//! can have been accepted in the writes that may not have landed (one
+//! interval, or two if this process died before its last flush). The margin
+//! makes recovery safe rather than exact: no number already used is
+//! accepted again; the phone's next heartbeat may be told 409 `replay` with
+//! `last_seq` and continue above it, and commands simply jump ahead.
+//!
+//! What this does not cover: a device whose first heartbeats all fall in
+//! the last interval before the loss (nothing stored yet: it restarts from
+//! 0), and a store that is itself down (notes are kept, bounded, and written
+//! once it is back).
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, Weak},
+    time::Duration,
+};
+
+use crate::store::{SequenceKind, Store, StoreResult};
+
+/// How often noted numbers are written to the store.
+pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
+
+/// Added to a stored number when a missing key is refilled: above what the
+/// fastest plan can have accepted in two write intervals (1200 per minute
+/// is 40 in 2 s; commands are far rarer).
+pub const MARGIN: u64 = 64;
+
+/// Devices noted and not yet written, per kind, beyond which the oldest
+/// notes wait for the next flush rather than growing the map (a store that
+/// is down for long must not grow memory without bound).
+const MAX_PENDING: usize = 200_000;
+
+/// The write-behind of per-device sequence numbers (see the module doc).
+pub struct Sequences {
+    store: Arc<dyn Store>,
+    heartbeats: Mutex<HashMap<String, u64>>,
+    commands: Mutex<HashMap<String, u64>>,
+}
+
+impl Sequences {
+    /// Starts the write-behind task; it ends when the last handle is dropped.
+    pub fn start(store: Arc<dyn Store>) -> Arc<Self> {
+        let sequences = Arc::new(Self {
+            store,
+            heartbeats: Mutex::default(),
+            commands: Mutex::default(),
+        });
+        tokio::spawn(write_behind(Arc::downgrade(&sequences)));
+        sequences
+    }
+
+    fn pending(&self, kind: SequenceKind) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+        match kind {
+            SequenceKind::Heartbeat => &self.heartbeats,
+            SequenceKind::Command => &self.commands,
+        }
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records that `device_id`'s number of `kind` reached `value`.
+    pub fn note(&self, kind: SequenceKind, device_id: &str, value: u64) {
+        let mut pending = self.pending(kind);
+        if let Some(current) = pending.get_mut(device_id) {
+            *current = (*current).max(value);
+        } else if pending.len() < MAX_PENDING {
+            pending.insert(device_id.to_owned(), value);
+        }
+    }
+
+    /// What a missing key of `kind` for `device_id` is refilled with: the
+    /// highest number known (stored or noted here), plus [`MARGIN`] when
+    /// there is one; 0 for a device that never had one.
+    pub async fn seed(&self, kind: SequenceKind, device_id: &str) -> StoreResult<u64> {
+        let stored = self.store.device_sequence(device_id, kind).await?;
+        let noted = self.pending(kind).get(device_id).copied().unwrap_or(0);
+        let known = stored.max(noted);
+        Ok(if known == 0 { 0 } else { known + MARGIN })
+    }
+
+    /// Writes every noted number now; on failure they are kept for the next try.
+    pub async fn flush(&self) -> StoreResult<()> {
+        for kind in [SequenceKind::Heartbeat, SequenceKind::Command] {
+            let entries: Vec<(String, u64)> = self.pending(kind).drain().collect();
+            if entries.is_empty() {
+                continue;
+            }
+            if let Err(e) = self.store.raise_device_sequences(kind, &entries).await {
+                for (device, value) in entries {
+                    self.note(kind, &device, value);
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn write_behind(sequences: Weak<Sequences>) {
+    let mut tick = tokio::time::interval(FLUSH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(sequences) = sequences.upgrade() else {
+            return;
+        };
+        if let Err(e) = sequences.flush().await {
+            tracing::warn!(error = %e, "sequence numbers not written to the store; retrying");
+        }
+    }
+}

@@ -326,7 +326,14 @@ impl Firewall {
             };
             for device in &decision.affected_devices {
                 self.auth.devices.invalidate(device).await;
-                realtime::issue(self.shared.as_ref(), device, action, "abuse_firewall").await?;
+                realtime::issue(
+                    self.shared.as_ref(),
+                    self.store.as_ref(),
+                    device,
+                    action,
+                    "abuse_firewall",
+                )
+                .await?;
             }
         }
         tracing::warn!(
@@ -403,6 +410,7 @@ impl Firewall {
                     }
                     realtime::issue(
                         self.shared.as_ref(),
+                        self.store.as_ref(),
                         device,
                         Action::Unlock,
                         "firewall_undo",

@@ -669,6 +669,7 @@ impl Attestation {
             // answer into a 500 (the device learns its state on reconnect).
             if let Err(e) = realtime::issue(
                 self.shared.as_ref(),
+                self.store.as_ref(),
                 &device.device_id,
                 Action::ImmediateQuarantine,
                 "attestation_failed",
@@ -682,6 +683,7 @@ impl Attestation {
             tracing::warn!(device_id = %device.device_id, "device locked: attestation reports a controlling app");
             if let Err(e) = realtime::issue(
                 self.shared.as_ref(),
+                self.store.as_ref(),
                 &device.device_id,
                 Action::CriticalLock,
                 play_integrity::reason::CONTROLLING_APP_DETECTED,

@@ -691,6 +691,7 @@ async fn handle_reuse(state: Revoker, record: RefreshRecord, why: String, origin
     state.auth.devices.invalidate(&record.device_id).await;
     if let Err(e) = realtime::issue(
         state.shared.as_ref(),
+        state.store.as_ref(),
         &record.device_id,
         Action::CriticalLock,
         "refresh_token_reuse",

@@ -193,8 +193,14 @@ pub async fn post_lock(
         .await?
         .ok_or_else(not_found)?;
     state.auth.devices.invalidate(&device_id).await;
-    let command =
-        realtime::issue(state.shared.as_ref(), &device_id, body.action, &body.reason).await?;
+    let command = realtime::issue(
+        state.shared.as_ref(),
+        state.store.as_ref(),
+        &device_id,
+        body.action,
+        &body.reason,
+    )
+    .await?;
     Ok(JsonResponse(command))
 }
 
@@ -262,8 +268,14 @@ pub async fn post_unlock(
         .clear_evidence(&device_id)
         .await
         .map_err(ApiError::Internal)?;
-    let command =
-        realtime::issue(state.shared.as_ref(), &device_id, Action::Unlock, &reason).await?;
+    let command = realtime::issue(
+        state.shared.as_ref(),
+        state.store.as_ref(),
+        &device_id,
+        Action::Unlock,
+        &reason,
+    )
+    .await?;
     Ok(JsonResponse(command))
 }
 

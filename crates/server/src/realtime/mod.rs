@@ -37,7 +37,11 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::state::{keys, SharedState, StateResult};
+use crate::{
+    sequences,
+    state::{keys, SharedState, StateResult},
+    store::{SequenceKind, Store},
+};
 
 /// Commands kept per device for resume.
 pub const HISTORY_LEN: usize = 100;
@@ -190,13 +194,16 @@ pub async fn disconnect(
 
 /// Issues `action` to `device_id`: next sequence number, history, publish.
 /// Status changes and audit rows are the caller's (they differ by source).
+/// The number is also written to `store`, whence a counter lost with shared
+/// state is refilled ([`record`]).
 pub async fn issue(
     shared: &dyn SharedState,
+    store: &dyn Store,
     device_id: &str,
     action: Action,
     reason: &str,
 ) -> StateResult<DeviceCommand> {
-    let command = record(shared, device_id, action, reason).await?;
+    let command = record(shared, store, device_id, action, reason).await?;
     let payload = serde_json::to_vec(&command).unwrap_or_default();
     shared.publish(keys::KILL_SWITCH_CHANNEL, &payload).await?;
     Ok(command)
@@ -225,15 +232,50 @@ pub async fn issue_global(
 
 /// Gives a command its sequence number and keeps it in the device's history,
 /// without publishing it.
+///
+/// Command numbering must never restart below what the phone has seen (it
+/// resumes from its last `seq`): a counter missing from shared state (lost
+/// with Redis's data, or expired) is first refilled from the store's copy
+/// plus [`sequences::MARGIN`], and each number is written through to the
+/// store (commands are rare; the lock that causes one writes the store
+/// anyway). Both store steps are best effort: a store that is down must not
+/// hold a lock back, so then numbering may restart (logged). A command
+/// racing the refill of the same device may get a low number; the `state`
+/// message every (re)connecting socket gets first carries the truth.
 pub async fn record(
     shared: &dyn SharedState,
+    store: &dyn Store,
     device_id: &str,
     action: Action,
     reason: &str,
 ) -> StateResult<DeviceCommand> {
-    let seq = shared
-        .incr(&keys::command_seq(device_id), 1, HISTORY_TTL)
-        .await?;
+    let counter = keys::command_seq(device_id);
+    if shared.get(&counter).await?.is_none() {
+        match store
+            .device_sequence(device_id, SequenceKind::Command)
+            .await
+        {
+            Ok(0) => {}
+            Ok(stored) => {
+                shared
+                    .set_max(&counter, stored + sequences::MARGIN, HISTORY_TTL)
+                    .await?;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, device_id, "command numbering not refilled from the store");
+            }
+        }
+    }
+    let seq = shared.incr(&counter, 1, HISTORY_TTL).await?;
+    if let Err(e) = store
+        .raise_device_sequences(
+            SequenceKind::Command,
+            &[(device_id.to_owned(), u64::try_from(seq).unwrap_or_default())],
+        )
+        .await
+    {
+        tracing::warn!(error = %e, device_id, "command seq not written to the store");
+    }
     let command = DeviceCommand {
         id: Uuid::now_v7(),
         device_id: device_id.to_owned(),

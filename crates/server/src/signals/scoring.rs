@@ -1047,7 +1047,14 @@ async fn act(
         )
         .await?;
     scoring.auth.devices.invalidate(device_id).await;
-    let command = realtime::issue(scoring.shared.as_ref(), device_id, action, reason).await?;
+    let command = realtime::issue(
+        scoring.shared.as_ref(),
+        scoring.store.as_ref(),
+        device_id,
+        action,
+        reason,
+    )
+    .await?;
     scoring
         .store
         .append_audit(NewAuditEntry {

@@ -649,3 +649,29 @@ pub async fn second_instance(first: &TestApp) -> TestApp {
         .expect("embedded backing");
     start(app, placeholder)
 }
+
+/// Shared state loses its data, as a Redis restarted without persistence or
+/// flushed by mistake would: on Redis every key under the test's prefix is
+/// deleted; in process (which keeps its own across restarts), the keys
+/// `in_process` name.
+pub async fn lose_shared_state(app: &TestApp, in_process: &[String]) {
+    match &app.state.config.redis_url {
+        Some(url) => {
+            let client = redis::Client::open(url.expose_secret()).expect("client");
+            let mut conn = client.get_connection().expect("connection");
+            let gone: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{}*", app.state.config.redis_prefix))
+                .query(&mut conn)
+                .expect("keys");
+            assert!(!gone.is_empty(), "nothing to lose");
+            for key in gone {
+                let _: () = redis::cmd("DEL").arg(key).query(&mut conn).expect("del");
+            }
+        }
+        None => {
+            for key in in_process {
+                app.state.shared.delete(key).await.expect("delete");
+            }
+        }
+    }
+}

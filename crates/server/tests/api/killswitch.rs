@@ -20,6 +20,7 @@ crate::on_both_backends!(
     shutdown_sends_close_frames,
     handshake_rate_and_connection_cap,
     a_client_close_is_answered_with_a_close_frame,
+    command_numbering_never_restarts_after_shared_state_loses_its_data,
 );
 
 // Delivery, resume and the global fan-out, on every Redis topology too.
@@ -556,4 +557,47 @@ async fn a_lock_via_one_instance_reaches_a_socket_on_another_exactly_once() {
         (Some("CRITICAL_LOCK"), Some(1))
     );
     nothing_more(&mut socket).await;
+}
+
+/// A phone resumes from the last command `seq` it saw: numbering that
+/// restarted at 1 after Redis lost its data would put the next lock below
+/// it. The counter is refilled from the store (plus a margin).
+async fn command_numbering_never_restarts_after_shared_state_loses_its_data(backend: Backend) {
+    let Some(app) = with_admin(backend).await else {
+        return;
+    };
+    let d = app
+        .register("numbered@example.com", "device_numbered1")
+        .await;
+    let first = app.lock(&d.device_id, "CRITICAL_LOCK").await;
+    let second = app.unlock(&d.device_id).await;
+    let before = second["seq"].as_u64().expect("seq");
+    assert!(before > first["seq"].as_u64().expect("seq"));
+    crate::helpers::lose_shared_state(
+        &app,
+        &[
+            blockremote::state::keys::command_seq(&d.device_id),
+            blockremote::state::keys::force_overlay(&d.device_id),
+        ],
+    )
+    .await;
+    let after = app.lock(&d.device_id, "CRITICAL_LOCK").await["seq"]
+        .as_u64()
+        .expect("seq");
+    assert!(
+        after > before,
+        "numbering restarted: {after} after {before}"
+    );
+    // And a socket that connects now is told the counter it will continue from.
+    let (mut socket, _) = connect(
+        &app,
+        "",
+        &[("authorization", format!("Bearer {}", d.access))],
+    )
+    .await
+    .expect("connected");
+    let state = next_json(&mut socket).await;
+    assert_eq!(state["type"], "state");
+    assert_eq!(state["seq"].as_u64(), Some(after), "{state}");
+    assert_eq!(state["locked"], true);
 }

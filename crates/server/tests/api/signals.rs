@@ -915,28 +915,7 @@ async fn shared_state_that_loses_its_data_reopens_no_replay_window(backend: Back
         "the accepted seq is written behind to the store"
     );
     // The loss.
-    match &app.state.config.redis_url {
-        Some(url) => {
-            use secrecy::ExposeSecret;
-            let client = redis::Client::open(url.expose_secret()).expect("client");
-            let mut conn = client.get_connection().expect("connection");
-            let gone: Vec<String> = redis::cmd("KEYS")
-                .arg(format!("{}*", app.state.config.redis_prefix))
-                .query(&mut conn)
-                .expect("keys");
-            assert!(!gone.is_empty());
-            for key in gone {
-                let _: () = redis::cmd("DEL").arg(key).query(&mut conn).expect("del");
-            }
-        }
-        None => {
-            app.state
-                .shared
-                .delete(&keys::heartbeat_seq(&d.device_id))
-                .await
-                .expect("delete");
-        }
-    }
+    crate::helpers::lose_shared_state(&app, &[keys::heartbeat_seq(&d.device_id)]).await;
     // A heartbeat already accepted is still a replay.
     let replayed = app.heartbeat(&d, &heartbeat_body(&s.heartbeats[1])).await;
     assert_eq!(replayed.status(), StatusCode::CONFLICT);

@@ -413,8 +413,19 @@ impl ApiError {
 }
 
 impl From<crate::store::StoreError> for ApiError {
+    /// A database that cannot be reached (refused, pool timed out, I/O) is a
+    /// 503 with `Retry-After`, like shared state: the client retries later,
+    /// and `/health/ready` already says why. Anything else is a 500.
     fn from(err: crate::store::StoreError) -> Self {
-        Self::Internal(err.into())
+        match err {
+            crate::store::StoreError::Unavailable(cause) => {
+                tracing::warn!(error = %cause, "database unavailable");
+                Self::Busy {
+                    retry_after: Duration::from_secs(1),
+                }
+            }
+            other => Self::Internal(other.into()),
+        }
     }
 }
 

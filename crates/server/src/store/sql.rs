@@ -36,6 +36,10 @@ use sqlx::{
 
 use super::{audit_chain::ChainKey, Store, StoreError, StoreResult};
 
+/// PostgreSQL's `statement_timeout` on every connection (ms): above any
+/// statement the service runs, far below a request's own timeout.
+const STATEMENT_TIMEOUT_MS: &str = "10000";
+
 static SQLITE_MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -133,10 +137,16 @@ impl Dialect for Postgres {
     /// does not answer within `timeout`.
     async fn open(url: &str, max_connections: u32, timeout: Duration) -> StoreResult<Pool<Self>> {
         let options: PgConnectOptions = url.parse().map_err(StoreError::Other)?;
+        // No statement may hold a connection (and the request behind it)
+        // longer than STATEMENT_TIMEOUT: a stuck lock or a runaway query
+        // fails instead of draining the pool.
+        let options = options
+            .application_name("blockremote")
+            .options([("statement_timeout", STATEMENT_TIMEOUT_MS)]);
         Ok(PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(timeout)
-            .connect_with(options.application_name("blockremote"))
+            .connect_with(options)
             .await?)
     }
 

@@ -21,4 +21,5 @@ mod reference_client;
 mod signals;
 mod state_conformance;
 mod store_conformance;
+mod store_faults;
 mod workers;

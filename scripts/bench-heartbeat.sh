@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Heartbeat ingestion benchmark: accepted heartbeats/s and latency.
-# Usage: scripts/bench-heartbeat.sh [embedded|production|both|failover] [SECONDS]
+# Usage: scripts/bench-heartbeat.sh [embedded|production|both|failover|cluster|topologies] [SECONDS]
+# `cluster`: PostgreSQL + a 3-master Redis Cluster (scripts/redis-topologies.sh,
+# started here if TEST_REDIS_CLUSTER_URL is unset), one serve + one worker;
+# `topologies`: `production` then `cluster`, in one run.
 # `failover`: PostgreSQL + Redis under the same load, with the worker stopped
 # for the middle third of the run — the circuit breaker should score inline
 # while no worker is alive and go back to the queue once one reports.
@@ -27,6 +30,7 @@ cleanup() {
   wait 2>/dev/null || true; rm -rf "$WORK"
   if [ "$WHICH" != embedded ]; then
     psql -q -h 127.0.0.1 -U postgres -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" || true
+    psql -q -h 127.0.0.1 -U postgres -c "DROP DATABASE IF EXISTS ${DB}_c WITH (FORCE)" || true
     redis-cli --scan --pattern "bench:$DB:*" | xargs -r redis-cli del >/dev/null || true
   fi
 }
@@ -65,7 +69,7 @@ if [ "$WHICH" = embedded ] || [ "$WHICH" = both ]; then
   kill -TERM $PID; wait $PID || true
 fi
 
-if [ "$WHICH" != embedded ]; then
+if [ "$WHICH" = production ] || [ "$WHICH" = both ] || [ "$WHICH" = failover ] || [ "$WHICH" = topologies ]; then
   if [ "$WHICH" = failover ]; then
     echo "== PostgreSQL + Redis, one serve + one worker stopped for the middle third, $SECONDS_RUN s"
   else
@@ -99,4 +103,26 @@ if [ "$WHICH" != embedded ]; then
   fi
   sleep 3; metric http://127.0.0.1:18201
   curl -s http://127.0.0.1:18201/metrics | grep -E "^signals_breaker_trips_total" || true
+fi
+
+if [ "$WHICH" = cluster ] || [ "$WHICH" = topologies ]; then
+  if [ -z "${TEST_REDIS_CLUSTER_URL:-}" ]; then
+    scripts/redis-topologies.sh start cluster >/dev/null
+    # shellcheck disable=SC1091
+    source /tmp/blockremote-redis-topologies/env
+  fi
+  echo "== PostgreSQL + a 3-master Redis Cluster (3 replicas), one serve + one worker, $SECONDS_RUN s"
+  psql -q -h 127.0.0.1 -U postgres -c "CREATE DATABASE ${DB}_c"
+  export DATABASE_URL=postgres://postgres@127.0.0.1:5432/${DB}_c REDIS_URL=$TEST_REDIS_CLUSTER_URL BLOCKREMOTE_REDIS_PREFIX=bench:${DB}_c:
+  $SERVER migrate >/dev/null
+  BLOCKREMOTE_DATA_DIR=$WORK/c BLOCKREMOTE_LISTEN=127.0.0.1:18202 $SERVER serve >"$WORK/c.log" 2>&1 &
+  PID=$!
+  wait_ready http://127.0.0.1:18202
+  BLOCKREMOTE_DATA_DIR=$WORK/cw $SERVER worker >"$WORK/cw.log" 2>&1 &
+  WORKER=$!
+  # Every node of the cluster (masters and replicas) is counted.
+  NODES=$(for f in "${BLOCKREMOTE_TOPOLOGIES_DIR:-/tmp/blockremote-redis-topologies}"/171*/pid; do cat "$f"; done | head -6)
+  # shellcheck disable=SC2086
+  load http://127.0.0.1:18202 $PID $WORKER $NODES
+  sleep 3; metric http://127.0.0.1:18202
 fi

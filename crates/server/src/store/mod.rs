@@ -141,10 +141,24 @@ impl From<sqlx::Error> for StoreError {
                         .unwrap_or_else(|| db.message().to_owned()),
                 }
             }
+            // The database went away or is refusing work: connection
+            // exceptions (08), shutdown or not accepting connections (57P0x),
+            // too many connections (53300), a statement cancelled by its
+            // timeout (57014).
+            sqlx::Error::Database(ref db)
+                if db.code().is_some_and(|c| {
+                    c.starts_with("08") || c.starts_with("57P") || c == "53300" || c == "57014"
+                }) =>
+            {
+                Self::Unavailable(err)
+            }
+            // A stream cut mid-message reads as a protocol error.
             sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
             | sqlx::Error::Io(_)
-            | sqlx::Error::Tls(_) => Self::Unavailable(err),
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::WorkerCrashed => Self::Unavailable(err),
             other => Self::Other(other),
         }
     }

@@ -125,8 +125,10 @@ async fn while_postgres_is_down_heartbeats_are_taken_readiness_fails_and_the_del
     // What needs the database is refused with a 503 and Retry-After (the
     // pool gives up after its acquire timeout), never a 500.
     let r = app.login("pgdown@example.com", &d.device_id).await;
-    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
-    assert!(r.headers().contains_key("retry-after"));
+    let (status, retry_after) = (r.status(), r.headers().contains_key("retry-after"));
+    let body = r.text().await.expect("body");
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(retry_after, "{body}");
     // The write-behind of their seqs cannot land while the store is down…
     tokio::time::sleep(Duration::from_millis(1500)).await;
 

@@ -20,8 +20,10 @@ cargo build --release --bin blockremote --bin heartbeat-load >/dev/null
 BIN=target/release
 SERVER=${SERVER_BIN:-$BIN/blockremote}
 KEY=bench-admin-key-0123456789abcdef0123456789
-SECRET=whsec_bench_0123456789abcdef
+SECRET=whsec_MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=
 export BLOCKREMOTE_ADMIN_TOKEN=$KEY BLOCKREMOTE_WEBHOOK_SECRETS=$SECRET RUST_LOG=warn
+# The key-encryption key PostgreSQL deployments need (a fresh one per run).
+export BLOCKREMOTE_KEK=${BLOCKREMOTE_KEK:-$(openssl rand -base64 32)}
 WORK=$(mktemp -d)
 DB=br_hb_bench_$(date +%s)
 cleanup() {
@@ -121,7 +123,8 @@ if [ "$WHICH" = cluster ] || [ "$WHICH" = topologies ]; then
   BLOCKREMOTE_DATA_DIR=$WORK/cw $SERVER worker >"$WORK/cw.log" 2>&1 &
   WORKER=$!
   # Every node of the cluster (masters and replicas) is counted.
-  NODES=$(for f in "${BLOCKREMOTE_TOPOLOGIES_DIR:-/tmp/blockremote-redis-topologies}"/171*/pid; do cat "$f"; done | head -6)
+  base=${BLOCKREMOTE_TOPOLOGIES_PORT:-17100}
+  NODES=$(for i in 0 1 2 3 4 5; do cat "${BLOCKREMOTE_TOPOLOGIES_DIR:-/tmp/blockremote-redis-topologies}/$((base + i))/pid"; done)
   # shellcheck disable=SC2086
   load http://127.0.0.1:18202 $PID $WORKER $NODES
   sleep 3; metric http://127.0.0.1:18202

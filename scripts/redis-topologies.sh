@@ -7,6 +7,7 @@
 #   tls       one node, TLS only, client certificates required   port 17130
 #
 #   scripts/redis-topologies.sh start [cluster|sentinel|tls ...]   # prints the TEST_REDIS_* exports
+#   scripts/redis-topologies.sh restart PORT   # a killed cluster node comes back
 #   scripts/redis-topologies.sh stop
 #
 # BLOCKREMOTE_TOPOLOGIES_DIR (default /tmp/blockremote-redis-topologies) and
@@ -54,11 +55,20 @@ start_cluster() {
   local hosts=()
   for p in "${CLUSTER_PORTS[@]}"; do hosts+=("127.0.0.1:$p"); done
   redis-cli --cluster create "${hosts[@]}" --cluster-replicas 1 --cluster-yes >"$DIR/cluster-create.log"
-  for _ in $(seq 1 100); do
-    redis-cli -p "${CLUSTER_PORTS[0]}" cluster info | grep -q 'cluster_state:ok' && return 0
+  # Ready once the slots are served and every replica has synced with its
+  # master: a replica that never synced cannot be promoted, so a master
+  # killed before that takes its slots down for good.
+  for _ in $(seq 1 300); do
+    if redis-cli -p "${CLUSTER_PORTS[0]}" cluster info | grep -q 'cluster_state:ok'; then
+      local synced=0
+      for p in "${CLUSTER_PORTS[@]}"; do
+        redis-cli -p "$p" info replication | grep -q 'master_link_status:up' && synced=$((synced + 1))
+      done
+      [ "$synced" -ge 3 ] && return 0
+    fi
     sleep 0.1
   done
-  echo "the cluster did not become ok" >&2
+  echo "the cluster did not become ok with its replicas in sync" >&2
   return 1
 }
 
@@ -155,6 +165,14 @@ export TEST_REDIS_TLS_URL=rediss://127.0.0.1:$TLS_PORT
 export TEST_REDIS_TLS_DIR=$DIR/tls
 EOF
     cat "$DIR/env"
+    ;;
+  restart)
+    # Brings a killed cluster node back with its own config (it rejoins,
+    # as a replica if its slots moved while it was down).
+    port=${2:?usage: $0 restart PORT}
+    node "$port" --cluster-enabled yes --cluster-config-file "$DIR/$port/nodes.conf" \
+      --cluster-node-timeout 2000
+    wait_port "$port"
     ;;
   stop)
     stop_all

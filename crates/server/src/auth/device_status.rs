@@ -87,7 +87,12 @@ impl DeviceStatusCache {
         tokio::spawn(async move {
             while let Some(message) = invalidations.recv().await {
                 let Some(entries) = weak.upgrade() else { break };
-                entries.remove(String::from_utf8_lossy(&message).as_ref());
+                if message.is_empty() {
+                    // A gap: an invalidation may have been missed.
+                    entries.clear();
+                } else {
+                    entries.remove(String::from_utf8_lossy(&message).as_ref());
+                }
             }
         });
         Ok(Self {

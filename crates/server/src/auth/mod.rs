@@ -219,7 +219,10 @@ async fn forget_signed_out(
     tokio::spawn(async move {
         while let Some(message) = signed_out.recv().await {
             let Some(cache) = weak.upgrade() else { break };
-            if let Ok(jti) = Uuid::try_parse_ascii(&message) {
+            if message.is_empty() {
+                // A gap: a sign-out may have been missed; verify afresh.
+                cache.clear();
+            } else if let Ok(jti) = Uuid::try_parse_ascii(&message) {
                 cache.forget(jti);
             }
         }

@@ -50,7 +50,10 @@ impl PlanCache {
             while let Some(message) = invalidations.recv().await {
                 let Some(entries) = weak.upgrade() else { break };
                 epoch_of_task.fetch_add(1, Ordering::SeqCst);
-                if let Some(user_id) = std::str::from_utf8(&message)
+                if message.is_empty() {
+                    // A gap: an invalidation may have been missed.
+                    entries.clear();
+                } else if let Some(user_id) = std::str::from_utf8(&message)
                     .ok()
                     .and_then(|s| Uuid::parse_str(s).ok())
                 {

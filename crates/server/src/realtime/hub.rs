@@ -58,6 +58,9 @@ pub struct Outbound {
     /// The socket closes once this is written (a lock or quarantine
     /// addressed to its device, delivered live; see `socket`).
     pub closes: bool,
+    /// Not a command: commands may have been missed (a pub/sub gap); the
+    /// socket writes what its device's history holds above what it wrote.
+    pub resync: bool,
 }
 
 impl From<&DeviceCommand> for Outbound {
@@ -70,6 +73,7 @@ impl From<&DeviceCommand> for Outbound {
                 .ok()
                 .map(|t| t.to_utc()),
             closes: false,
+            resync: false,
         }
     }
 }
@@ -180,6 +184,11 @@ impl Hub {
         tokio::spawn(async move {
             while let Some(payload) = commands.recv().await {
                 let Some(hub) = weak.upgrade() else { break };
+                if payload.is_empty() {
+                    tracing::warn!("kill-switch channel had a gap; every socket resyncs");
+                    hub.resync_all();
+                    continue;
+                }
                 match serde_json::from_slice::<DeviceCommand>(&payload) {
                     Ok(command) if command.device_id == super::EVERY_DEVICE => {
                         tokio::spawn(hub.clone().fan_out(shared.clone(), command));
@@ -387,6 +396,24 @@ impl Hub {
     /// Where sockets save their ack positions.
     pub fn acks(&self) -> &AckWriter {
         &self.acks
+    }
+
+    /// Asks every socket on this instance to write what its device's
+    /// history holds above what it already wrote (after a pub/sub gap).
+    pub fn resync_all(&self) {
+        let resync = Arc::new(Outbound {
+            id: uuid::Uuid::nil(),
+            seq: 0,
+            wire: axum::extract::ws::Utf8Bytes::from_static(""),
+            issued_at: None,
+            closes: false,
+            resync: true,
+        });
+        for slots in self.sockets.iter() {
+            for slot in slots.iter() {
+                let _ = slot.tx.try_send(resync.clone());
+            }
+        }
     }
 
     /// Sockets open on this instance.

@@ -339,6 +339,14 @@ pub async fn serve(
                     break;
                 }
                 Some(out) = commands.recv() => {
+                    if out.resync {
+                        let written = conn.written;
+                        if !conn.replay(written).await {
+                            reason = "send_failed";
+                            break;
+                        }
+                        continue;
+                    }
                     if !conn.write_command(&out).await {
                         reason = "send_failed";
                         break;

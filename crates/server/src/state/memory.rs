@@ -691,6 +691,10 @@ impl SharedState for MemoryState {
                         }
                         Err(broadcast::error::RecvError::Lagged(missed)) => {
                             tracing::warn!(channel, missed, "pub/sub subscriber lagged; messages dropped");
+                            // A gap (see `Subscription`).
+                            if tx.send(Vec::new()).await.is_err() {
+                                break;
+                            }
                         }
                         Err(broadcast::error::RecvError::Closed) => break,
                     },

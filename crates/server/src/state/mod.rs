@@ -128,6 +128,13 @@ pub struct QueueStats {
 }
 
 /// A stream of messages from one pub/sub channel. Dropping it unsubscribes.
+///
+/// An **empty** message is a gap: the subscription was lost and is back
+/// (Redis restarted, failed over, a cluster node died), or the subscriber
+/// fell behind, and messages published meanwhile are gone. Every subscriber
+/// then forgets what it derived from the channel — a cache of revocations
+/// or invalidations empties itself, the kill-switch hub resends each socket
+/// what it missed — so a gap costs a reload, never a stale answer.
 pub type Subscription = mpsc::Receiver<Vec<u8>>;
 
 /// One consumer of a work queue. Each worker task owns one (on Redis, with its

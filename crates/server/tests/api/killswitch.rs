@@ -21,6 +21,7 @@ crate::on_both_backends!(
     handshake_rate_and_connection_cap,
     a_client_close_is_answered_with_a_close_frame,
     command_numbering_never_restarts_after_shared_state_loses_its_data,
+    after_a_pubsub_gap_every_socket_gets_what_it_missed,
 );
 
 // Delivery, resume and the global fan-out, on every Redis topology too.
@@ -600,4 +601,41 @@ async fn command_numbering_never_restarts_after_shared_state_loses_its_data(back
     assert_eq!(state["type"], "state");
     assert_eq!(state["seq"].as_u64(), Some(after), "{state}");
     assert_eq!(state["locked"], true);
+}
+
+/// A command published while an instance's subscription was down never
+/// reaches it; the gap that follows makes every socket there write what its
+/// device's history holds above what it already wrote.
+async fn after_a_pubsub_gap_every_socket_gets_what_it_missed(backend: Backend) {
+    let Some(app) = with_admin(backend).await else {
+        return;
+    };
+    let d = app.register("gap@example.com", "device_gap_0001").await;
+    let (mut socket, _) = connect(
+        &app,
+        "",
+        &[("authorization", format!("Bearer {}", d.access))],
+    )
+    .await
+    .expect("connected");
+    assert_eq!(next_json(&mut socket).await["type"], "state");
+    // Recorded in the device's history, never published: as a command
+    // published during the gap would be.
+    let missed = blockremote::realtime::record(
+        app.state.shared.as_ref(),
+        app.state.store.as_ref(),
+        &d.device_id,
+        blockremote::realtime::Action::ForceOverlay,
+        "fraud_team",
+    )
+    .await
+    .expect("recorded");
+    app.state.hub.resync_all();
+    let got = next_json(&mut socket).await;
+    assert_eq!(got["type"], "command", "{got}");
+    assert_eq!(got["seq"].as_u64(), Some(missed.seq), "{got}");
+    // A second gap resends nothing already written.
+    app.state.hub.resync_all();
+    let quiet = tokio::time::timeout(Duration::from_millis(300), socket.next()).await;
+    assert!(quiet.is_err(), "nothing more: {quiet:?}");
 }

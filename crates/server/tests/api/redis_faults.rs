@@ -10,6 +10,7 @@ use std::{
 };
 
 use blockremote::state::{BreakerState, RedisOptions, RedisState, SharedState, TlsFiles};
+use futures::StreamExt;
 use reqwest::StatusCode;
 use serde_json::Value;
 
@@ -437,4 +438,371 @@ async fn a_sentinel_failover_and_a_dead_primary_are_followed() {
     // Replication is asynchronous: the last writes acknowledged before the
     // crash may be lost (a few, on loopback); the count never restarts.
     assert!(after > 0 && after + 5 >= before, "{after} after {before}");
+}
+
+/// A private 3-master cluster with replicas (scripts/redis-topologies.sh),
+/// stopped on drop.
+struct PrivateCluster {
+    dir: std::path::PathBuf,
+    base: u16,
+}
+
+impl PrivateCluster {
+    fn script() -> &'static str {
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../scripts/redis-topologies.sh"
+        )
+    }
+
+    fn start(base: u16) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("blockremote-cluster-{}", uuid::Uuid::new_v4()));
+        let done = Command::new(Self::script())
+            .args(["start", "cluster"])
+            .env("BLOCKREMOTE_TOPOLOGIES_DIR", &dir)
+            .env("BLOCKREMOTE_TOPOLOGIES_PORT", base.to_string())
+            .stdout(Stdio::null())
+            .status()
+            .expect("the topologies script");
+        assert!(done.success(), "private cluster started");
+        Self { dir, base }
+    }
+
+    fn url(&self) -> String {
+        let n = |i: u16| format!("127.0.0.1:{}", self.base + i);
+        format!("redis+cluster://{},{},{}", n(0), n(1), n(2))
+    }
+
+    /// SIGKILL of the node on `port`.
+    fn crash(&self, port: u16) {
+        let pid = std::fs::read_to_string(self.dir.join(port.to_string()).join("pid"))
+            .expect("the node's pid file");
+        let done = Command::new("kill")
+            .args(["-9", pid.trim()])
+            .status()
+            .expect("kill");
+        assert!(done.success());
+    }
+
+    fn restart(&self, port: u16) {
+        let done = Command::new(Self::script())
+            .args(["restart", &port.to_string()])
+            .env("BLOCKREMOTE_TOPOLOGIES_DIR", &self.dir)
+            .env("BLOCKREMOTE_TOPOLOGIES_PORT", self.base.to_string())
+            .stdout(Stdio::null())
+            .status()
+            .expect("the topologies script");
+        assert!(done.success(), "node {port} restarted");
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        let _ = Command::new(Self::script())
+            .arg("stop")
+            .env("BLOCKREMOTE_TOPOLOGIES_DIR", &self.dir)
+            .status();
+    }
+}
+
+/// What one device's phone saw.
+#[derive(Default)]
+struct PhoneLog {
+    /// Seqs answered 202.
+    accepted: Vec<u64>,
+    /// Seqs retried after a 503 and then answered 409 with a `last_seq` at
+    /// or above them: taken by an attempt whose answer was lost, or refused
+    /// because the device's seq was refilled above them (after a failover
+    /// lost it) — the phone cannot tell which.
+    uncertain: Vec<u64>,
+    statuses: std::collections::BTreeMap<u16, u32>,
+    /// First 503 to the first 202 after it: how long ingestion was out.
+    outage: Option<(Instant, Option<Instant>)>,
+}
+
+/// Sends `session`'s heartbeats to the two replicas in turn, a phone's way:
+/// a 503 is retried with the same seq; a 409 moves the phone's numbering
+/// above `last_seq` (the contract) and the window is dropped, not resent
+/// (the same window again would be a replay).
+async fn phone(
+    apps: [&crate::helpers::TestApp; 2],
+    d: &crate::client::Session,
+    heartbeats: &[blockremote_engine::heartbeat::Heartbeat],
+    until: Instant,
+) -> PhoneLog {
+    let mut log = PhoneLog::default();
+    let mut i = 0;
+    let mut offset = 0u64;
+    for hb in heartbeats {
+        if Instant::now() > until {
+            break;
+        }
+        let mut hb = hb.clone();
+        hb.seq += offset;
+        let mut retried = false;
+        loop {
+            i += 1;
+            let r = apps[i % 2].heartbeat(d, &heartbeat_body(&hb)).await;
+            let status = r.status();
+            *log.statuses.entry(status.as_u16()).or_default() += 1;
+            match status {
+                StatusCode::ACCEPTED => {
+                    if let Some((_, end @ None)) = &mut log.outage {
+                        *end = Some(Instant::now());
+                    }
+                    log.accepted.push(hb.seq);
+                    break;
+                }
+                StatusCode::CONFLICT => {
+                    let body: Value = r.json().await.expect("json");
+                    let last = body["last_seq"].as_u64().expect("last_seq");
+                    assert!(retried && last >= hb.seq, "a 409 for a fresh seq: {body}");
+                    log.uncertain.push(hb.seq);
+                    offset += last - hb.seq;
+                    break;
+                }
+                StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS => {
+                    if log.outage.is_none() && status == StatusCode::SERVICE_UNAVAILABLE {
+                        log.outage = Some((Instant::now(), None));
+                    }
+                    retried = true;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => panic!("{other} under a failover"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    log
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_master_killed_under_load_is_replaced_and_no_heartbeat_is_scored_twice() {
+    if !production_configured() || topology_url("TEST_REDIS_CLUSTER_URL").is_none() {
+        return;
+    }
+    let cluster = PrivateCluster::start(18300);
+    let Some(mut backing) = Backing::new(Backend::Production).await else {
+        return;
+    };
+    let private = TestRedis::new(&cluster.url());
+    backing.config.redis_url = Some(private.url.clone().into());
+    backing.config.redis_prefix = private.prefix.clone();
+    backing.config.redis_call_timeout = Duration::from_millis(300);
+    backing.config.admin_token = Some("cluster-admin-key-0123456789abcdef0123".to_owned().into());
+    let first = blockremote::app::Application::build(backing.config.clone(), true)
+        .await
+        .expect("builds");
+    let first = crate::helpers::WithWorkers::start(crate::helpers::start(first, backing)).await;
+    let second =
+        crate::helpers::WithWorkers::start(crate::helpers::second_instance(&first).await).await;
+
+    let mut devices: Vec<crate::client::Session> = Vec::new();
+    for i in 0..6 {
+        devices.push(
+            first
+                .register(
+                    &format!("load{i}@example.com"),
+                    &format!("device_load_{i:02}"),
+                )
+                .await,
+        );
+    }
+    let watched = first
+        .register("watched@example.com", "device_watched1")
+        .await;
+    let mut socket = first.kill_switch(&watched).await;
+
+    let started = Instant::now();
+    let until = started + Duration::from_secs(12);
+    let sessions: Vec<_> = (0..devices.len())
+        .map(|i| {
+            blockremote_engine::sim::session(
+                blockremote_engine::sim::Class::HeldInHand,
+                40 + i as u64,
+                200,
+            )
+        })
+        .collect();
+    let phones = futures::future::join_all(
+        devices
+            .iter()
+            .zip(&sessions)
+            .map(|(d, s)| phone([&first.app, &second.app], d, &s.heartbeats, until)),
+    );
+    let faults = async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        cluster.crash(cluster.base);
+        let killed = Instant::now();
+        // A lock during the outage: the operator retries a 503 until it is
+        // taken (bounded: the cluster must recover).
+        let lock = loop {
+            assert!(
+                killed.elapsed() < Duration::from_secs(30),
+                "no lock taken in 30 s"
+            );
+            let r = first
+                .admin(
+                    reqwest::Method::POST,
+                    &format!("/v1/admin/devices/{}/lock", watched.device_id),
+                    Some(&serde_json::json!({"action": "CRITICAL_LOCK", "reason": "fraud_team"})),
+                )
+                .await;
+            match r.status() {
+                StatusCode::OK => break r.json::<Value>().await.expect("json"),
+                StatusCode::SERVICE_UNAVAILABLE => {
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
+                other => panic!("{other} for a lock during the outage"),
+            }
+        };
+        tokio::time::sleep(Duration::from_secs(5).saturating_sub(killed.elapsed())).await;
+        cluster.restart(cluster.base);
+        (killed, lock)
+    };
+    let (logs, (killed, lock)) = tokio::join!(phones, faults);
+
+    // Only 2xx, 409-for-a-retry, 429 and 503 were ever answered (checked in `phone`).
+    let mut statuses = std::collections::BTreeMap::new();
+    for log in &logs {
+        for (s, n) in &log.statuses {
+            *statuses.entry(*s).or_insert(0) += n;
+        }
+    }
+    let outage = logs
+        .iter()
+        .filter_map(|l| l.outage.map(|(from, to)| (from, to.unwrap_or(until))))
+        .map(|(from, to)| to.duration_since(from))
+        .max()
+        .unwrap_or_default();
+    eprintln!(
+        "cluster failover: statuses {statuses:?}; longest ingestion outage seen by a phone {outage:?} \
+         (master killed at {:?})",
+        killed.duration_since(started)
+    );
+    assert!(
+        outage < Duration::from_secs(10),
+        "ingestion out for {outage:?}"
+    );
+
+    // Every heartbeat answered 202 is scored, and nothing twice: the count
+    // of scored heartbeats lies between the 202s and the 202s plus the
+    // uncertain ones, and the report ends at the last 202.
+    let (mut accepted_total, mut uncertain_total, mut lost_total) = (0, 0, 0);
+    for (d, log) in devices.iter().zip(&logs) {
+        let last = *log.accepted.last().expect("some accepted");
+        let scored = eventually(Duration::from_secs(40), || async {
+            let r = first.device_get("/v1/security/trust-score", d).await;
+            r.status() == StatusCode::OK
+                && r.json::<Value>().await.expect("json")["last_seq"].as_u64() >= Some(last)
+        })
+        .await;
+        assert!(
+            scored,
+            "{}: last accepted seq {last} never scored",
+            d.device_id
+        );
+        // Jobs a worker held when its batch failed stay pending until they
+        // have been idle for `reclaim_idle` (30 s), then are scored.
+        let (accepted, uncertain) = (log.accepted.len(), log.uncertain.len());
+        let count_now = || async {
+            first.admin_device(&d.device_id).await["trust"]["heartbeats"]
+                .as_u64()
+                .expect("count") as usize
+        };
+        eventually(
+            Duration::from_secs(45).saturating_sub(started.elapsed()),
+            || async { count_now().await >= accepted },
+        )
+        .await;
+        let count = count_now().await;
+        accepted_total += accepted;
+        uncertain_total += uncertain;
+        lost_total += accepted.saturating_sub(count);
+        assert!(
+            count <= accepted + uncertain,
+            "{}: {count} scored, more than {accepted} + {uncertain}",
+            d.device_id
+        );
+    }
+    eprintln!(
+        "cluster failover: {accepted_total} heartbeats answered 202, {uncertain_total} uncertain, \
+         {lost_total} answered 202 and never scored"
+    );
+    // Replication is asynchronous: what the killed master acknowledged in
+    // its last moments (jobs, engine states) may not have reached the
+    // replica promoted in its place. Measured here: 7 of 498. Closing that
+    // needs WAIT on the enqueue (not built; ARCHITECTURE.md says so).
+    assert!(
+        lost_total * 20 <= accepted_total,
+        "more than 5% of the 202s lost: {lost_total} of {accepted_total}"
+    );
+    // The lock taken during the outage reached the watched device's socket.
+    let mut delivered = false;
+    for _ in 0..10 {
+        let Ok(Some(Ok(message))) =
+            tokio::time::timeout(Duration::from_secs(5), socket.next()).await
+        else {
+            break;
+        };
+        if let tokio_tungstenite::tungstenite::Message::Text(text) = message {
+            let v: Value = serde_json::from_str(&text).expect("json");
+            if v["type"] == "command" && v["seq"] == lock["seq"] {
+                delivered = true;
+                break;
+            }
+        }
+    }
+    assert!(delivered, "the lock {lock} reached the socket");
+    drop(private);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_subscription_comes_back_and_reports_the_gap() {
+    if !production_configured() {
+        return;
+    }
+    let redis = PrivateRedis::start();
+    let state = RedisState::connect_with(options(&redis.url()))
+        .await
+        .expect("connect");
+    let mut messages = state.subscribe("gap:channel").await.expect("subscribe");
+    state
+        .publish("gap:channel", b"before")
+        .await
+        .expect("publish");
+    let first = tokio::time::timeout(Duration::from_secs(2), messages.recv())
+        .await
+        .expect("in time");
+    assert_eq!(first.as_deref(), Some(&b"before"[..]));
+    // Every pub/sub connection of the server is cut.
+    let killed = Command::new("redis-cli")
+        .args([
+            "-p",
+            &redis.port.to_string(),
+            "client",
+            "kill",
+            "type",
+            "pubsub",
+        ])
+        .output()
+        .expect("redis-cli");
+    assert!(killed.status.success());
+    let gap = tokio::time::timeout(Duration::from_secs(5), messages.recv())
+        .await
+        .expect("the gap is reported");
+    assert_eq!(
+        gap.as_deref(),
+        Some(&[][..]),
+        "an empty message marks the gap"
+    );
+    state
+        .publish("gap:channel", b"after")
+        .await
+        .expect("publish");
+    let after = tokio::time::timeout(Duration::from_secs(2), messages.recv())
+        .await
+        .expect("in time");
+    assert_eq!(after.as_deref(), Some(&b"after"[..]));
 }

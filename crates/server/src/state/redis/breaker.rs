@@ -18,9 +18,11 @@ use std::{
 /// Consecutive connection failures that open the breaker.
 pub const FAILURES_TO_OPEN: u32 = 5;
 /// The first cool-down.
-pub const FIRST_COOL_DOWN: Duration = Duration::from_millis(500);
-/// The longest cool-down.
-pub const MAX_COOL_DOWN: Duration = Duration::from_secs(10);
+pub const FIRST_COOL_DOWN: Duration = Duration::from_millis(250);
+/// The longest cool-down: a Redis that is back is noticed within about
+/// this (a cluster failover takes a few seconds; waiting longer than it
+/// only stretches the outage).
+pub const MAX_COOL_DOWN: Duration = Duration::from_secs(2);
 
 /// What the breaker lets through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1362,7 +1362,14 @@ impl SharedState for RedisState {
                                 }
                                 attempt += 1;
                                 match open(connector.clone(), channel.clone(), attempt).await {
-                                    Ok(stream) => { messages = stream; break; }
+                                    Ok(stream) => {
+                                        messages = stream;
+                                        // A gap: what was published meanwhile is lost.
+                                        if tx.send(Vec::new()).await.is_err() {
+                                            return;
+                                        }
+                                        break;
+                                    }
                                     Err(e) => {
                                         tracing::warn!(channel, error = %e, "resubscribe failed");
                                         backoff = (backoff * 2).min(Duration::from_secs(5));

@@ -128,6 +128,12 @@ pub struct Metrics {
     pub signals_breaker_trips: Family<ReasonLabels, Counter>,
     /// `signals_degraded_heartbeats_total`: heartbeats scored inline.
     pub signals_degraded_heartbeats: Counter,
+    /// `redis_breaker_state`: the Redis circuit breaker, 0 closed, 1
+    /// half-open, 2 open (absent meaning: no Redis, always 0).
+    pub redis_breaker_state: Gauge,
+    /// `redis_rate_limit_fallback_total`: rate-limit takes this instance
+    /// answered from its own buckets because Redis was unavailable.
+    pub redis_rate_limit_fallback: Counter,
     /// `signals_heartbeats_dropped_total`: queued heartbeats of a device
     /// that does not exist (nothing to score them for; not retried).
     pub signals_dropped: Counter,
@@ -268,6 +274,18 @@ impl Metrics {
             "Heartbeats scored inline in degraded mode",
             signals_degraded_heartbeats.clone(),
         );
+        let redis_breaker_state = Gauge::default();
+        registry.register(
+            "redis_breaker_state",
+            "The Redis circuit breaker: 0 closed, 1 half-open, 2 open",
+            redis_breaker_state.clone(),
+        );
+        let redis_rate_limit_fallback = Counter::default();
+        registry.register(
+            "redis_rate_limit_fallback",
+            "Rate-limit takes answered from this instance's own buckets while Redis was unavailable",
+            redis_rate_limit_fallback.clone(),
+        );
         let signals_dropped = Counter::default();
         registry.register(
             "signals_heartbeats_dropped",
@@ -315,6 +333,8 @@ impl Metrics {
             signals_degraded,
             signals_breaker_trips,
             signals_degraded_heartbeats,
+            redis_breaker_state,
+            redis_rate_limit_fallback,
             signals_dropped,
             registry,
             http_requests,

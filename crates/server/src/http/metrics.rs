@@ -19,6 +19,7 @@ use crate::{
     app::AppState,
     auth::sha256,
     error::{codes, ApiError, Problem},
+    state::BreakerState,
 };
 
 /// The content type of the exposition (OpenMetrics text, which Prometheus
@@ -64,6 +65,17 @@ pub async fn get_metrics(State(state): State<AppState>, headers: HeaderMap) -> R
         )
         .into_response();
     }
+    // The Redis breaker and fallback, read at scrape time.
+    state
+        .metrics
+        .redis_breaker_state
+        .set(match state.shared.breaker_state() {
+            None | Some(BreakerState::Closed) => 0,
+            Some(BreakerState::HalfOpen) => 1,
+            Some(BreakerState::Open) => 2,
+        });
+    let fallback = &state.metrics.redis_rate_limit_fallback;
+    fallback.inc_by(state.shared.fallback_takes().saturating_sub(fallback.get()));
     (
         [(header::CONTENT_TYPE, OPENMETRICS)],
         state.metrics.render(),

@@ -426,6 +426,17 @@ pub trait SharedState: Send + Sync + 'static {
     /// Subscribes to `channel`; messages published after this returns are delivered.
     async fn subscribe(&self, channel: &str) -> StateResult<Subscription>;
 
+    /// The Redis circuit breaker's state; `None` for the in-process backend.
+    fn breaker_state(&self) -> Option<BreakerState> {
+        None
+    }
+
+    /// Rate-limit takes answered from this instance's own buckets because
+    /// the shared ones were unavailable (0 in process: they never are).
+    fn fallback_takes(&self) -> u64 {
+        0
+    }
+
     /// Streams each work queue is split into; [`consumer`](Self::consumer)
     /// takes one of `0..queue_shards()` (taken modulo), and every shard
     /// needs a consumer. One on the in-process backend.

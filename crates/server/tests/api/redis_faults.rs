@@ -109,7 +109,7 @@ async fn a_hung_redis_costs_one_timeout_per_call_until_the_breaker_opens_then_mi
     // Each of the first calls waits its timeout (200 ms), never the old 3 s.
     let started = Instant::now();
     let mut failures = 0;
-    while state.breaker_state() == BreakerState::Closed {
+    while state.breaker_state() == Some(BreakerState::Closed) {
         assert!(state.get("k").await.is_err(), "a hung Redis answered");
         failures += 1;
         assert!(
@@ -153,7 +153,7 @@ async fn a_hung_redis_costs_one_timeout_per_call_until_the_breaker_opens_then_mi
         .await,
         "recovered"
     );
-    assert_eq!(state.breaker_state(), BreakerState::Closed);
+    assert_eq!(state.breaker_state(), Some(BreakerState::Closed));
     state
         .set("k", b"v", None)
         .await
@@ -196,6 +196,14 @@ async fn while_redis_hangs_the_api_answers_503_with_retry_after_and_is_not_ready
             "nothing internal: {problem}"
         );
     }
+    // The breaker says so on /metrics: open (2) or probing (1), never closed.
+    let metrics = app.metrics().await;
+    let breaker: u32 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_breaker_state "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("redis_breaker_state");
+    assert!(breaker >= 1, "breaker state {breaker}");
     let ready = app
         .client
         .get(format!("{}/health/ready", app.address))

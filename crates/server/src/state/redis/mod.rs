@@ -16,7 +16,7 @@
 //!   cluster spreads them over its masters); a device's heartbeats always go
 //!   to the same shard, which keeps them in order.
 //! * When Redis is unavailable, rate limits fall back to a bucket local to
-//!   this instance (counted in [`RedisState::fallback_takes`]); nothing else
+//!   this instance (counted in `redis_rate_limit_fallback_total`); nothing else
 //!   pretends: callers get [`StateError::Unavailable`] and answer 503.
 //! * The token bucket is one Lua script: read, refill, take and write happen
 //!   atomically inside Redis, using Redis's own clock, so replicas with skewed
@@ -529,17 +529,6 @@ impl RedisState {
 
     fn key(&self, key: &str) -> String {
         format!("{}{}", self.prefix, key)
-    }
-
-    /// The circuit breaker's state.
-    pub fn breaker_state(&self) -> BreakerState {
-        self.breaker.state()
-    }
-
-    /// Rate-limit takes answered by this instance's own buckets because
-    /// Redis was unavailable.
-    pub fn fallback_takes(&self) -> u64 {
-        self.fallback_takes.load(Ordering::Relaxed)
     }
 
     /// The stream key of one shard of `queue` (the bare name when unsharded).
@@ -1421,6 +1410,14 @@ impl SharedState for RedisState {
 
     fn queue_shards(&self) -> usize {
         self.shards
+    }
+
+    fn breaker_state(&self) -> Option<BreakerState> {
+        Some(self.breaker.state())
+    }
+
+    fn fallback_takes(&self) -> u64 {
+        self.fallback_takes.load(Ordering::Relaxed)
     }
 
     async fn consumer(

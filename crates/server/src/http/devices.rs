@@ -22,8 +22,8 @@ use crate::{
     app::AppState,
     error::{codes, ApiError, Problem},
     http::extract::{AdminAuth, ClientIp},
-    realtime::{self, Action, DeviceCommand},
-    state::keys,
+    realtime::{self, Action, CloseReason, DeviceCommand},
+    state::{keys, StateError},
     store::{
         AttestationGrade, AuditSource, DeviceStatus, Hold, HoldAction, HoldSource, NewAuditEntry,
         NewHold, Release, ReleaseOutcome,
@@ -193,14 +193,28 @@ pub async fn post_lock(
         .await?
         .ok_or_else(not_found)?;
     state.auth.devices.invalidate(&device_id).await;
-    let command = realtime::issue(
+    let command = match realtime::issue(
         state.shared.as_ref(),
         state.store.as_ref(),
         &device_id,
         body.action,
         &body.reason,
     )
-    .await?;
+    .await
+    {
+        Ok(command) => command,
+        Err(e @ StateError::Unavailable(_)) => {
+            // Shared state is down, so the command has no number and reaches
+            // no other instance. The hold is durable (every instance refuses
+            // the device once its status cache, 5 s, expires); this
+            // instance's sockets of the device close with 4003 now, and a
+            // phone that reconnects is told `locked` from the store. The
+            // 503 asks the operator to retry for the command itself.
+            state.hub.close_device(&device_id, CloseReason::Locked);
+            return Err(e.into());
+        }
+        Err(e) => return Err(e.into()),
+    };
     Ok(JsonResponse(command))
 }
 

@@ -170,11 +170,17 @@ async fn while_redis_hangs_the_api_answers_503_with_retry_after_and_is_not_ready
     backing.config.redis_url = Some(private.url.clone().into());
     backing.config.redis_prefix = private.prefix.clone();
     backing.config.redis_call_timeout = Duration::from_millis(200);
+    backing.config.admin_token = Some("hung-admin-key-0123456789abcdef0123456".to_owned().into());
     let app = blockremote::app::Application::build(backing.config.clone(), true)
         .await
         .expect("builds");
     let app = crate::helpers::start(app, backing);
     let d = app.register("hung@example.com", "device_hung_01").await;
+    let watched = app
+        .register("hung-watched@example.com", "device_hung_02")
+        .await;
+    let mut socket = app.kill_switch(&watched).await;
+    assert_eq!(crate::client::next_json(&mut socket).await["type"], "state");
     let s = blockremote_engine::sim::session(blockremote_engine::sim::Class::HeldInHand, 1, 3);
     let r = app.heartbeat(&d, &heartbeat_body(&s.heartbeats[0])).await;
     assert_eq!(r.status(), StatusCode::ACCEPTED);
@@ -196,6 +202,45 @@ async fn while_redis_hangs_the_api_answers_503_with_retry_after_and_is_not_ready
             "nothing internal: {problem}"
         );
     }
+    // A lock while Redis hangs: durable, and this instance's sockets of the
+    // device close at once with 4003; the operator is asked to retry.
+    let lock = |device: String| {
+        let app = &app;
+        async move {
+            app.admin(
+                reqwest::Method::POST,
+                &format!("/v1/admin/devices/{device}/lock"),
+                Some(&serde_json::json!({"action": "CRITICAL_LOCK", "reason": "fraud_team"})),
+            )
+            .await
+            .status()
+        }
+    };
+    assert_eq!(
+        lock(watched.device_id.clone()).await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let closed = loop {
+        match tokio::time::timeout(Duration::from_secs(3), socket.next()).await {
+            Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Close(frame)))) => break frame,
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("no close frame: {other:?}"),
+        }
+    };
+    let code: u16 = closed.expect("a close frame").code.into();
+    assert_eq!(code, 4003);
+    let held = app
+        .state
+        .store
+        .device(&watched.device_id)
+        .await
+        .expect("store")
+        .expect("device");
+    assert_eq!(
+        held.status,
+        blockremote::store::DeviceStatus::Locked,
+        "the hold is in the store"
+    );
     // The breaker says so on /metrics: open (2) or probing (1), never closed.
     let metrics = app.metrics().await;
     let breaker: u32 = metrics
@@ -243,6 +288,8 @@ async fn while_redis_hangs_the_api_answers_503_with_retry_after_and_is_not_ready
     );
     let r = app.heartbeat(&d, &heartbeat_body(&s.heartbeats[2])).await;
     assert_eq!(r.status(), StatusCode::ACCEPTED);
+    // The operator's retry gets the command.
+    assert_eq!(lock(watched.device_id.clone()).await, StatusCode::OK);
     let ready = app
         .client
         .get(format!("{}/health/ready", app.address))

@@ -33,7 +33,7 @@ use super::{
 use crate::{
     auth::DeviceAuth,
     state::{keys, SharedState},
-    store::{DeviceStatus, Store},
+    store::{DeviceStatus, SequenceKind, Store},
     telemetry::{Metrics, ReasonLabels},
 };
 
@@ -165,6 +165,36 @@ impl Connection {
             .send(Message::Text(out.wire.clone()))
             .await
             .is_ok()
+    }
+
+    /// After a gap, the device's command counter may be gone with Redis's
+    /// data (a restart without persistence drops every subscription, hence
+    /// the gap): it is refilled above both what this socket wrote and the
+    /// store's copy, so the next command — a global one too, which numbers
+    /// devices without asking the store — is above what the phone saw.
+    async fn refill_counter(&mut self) {
+        let key = keys::command_seq(&self.device.device_id);
+        if !matches!(self.state.shared.get(&key).await, Ok(None)) {
+            return;
+        }
+        let stored = self
+            .state
+            .store
+            .device_sequence(&self.device.device_id, SequenceKind::Command)
+            .await
+            .unwrap_or(0);
+        let floor = stored.max(self.written);
+        if floor > 0 {
+            let seed = floor + crate::sequences::MARGIN;
+            if let Err(e) = self
+                .state
+                .shared
+                .set_max(&key, seed, super::HISTORY_TTL)
+                .await
+            {
+                tracing::warn!(error = %e, "command counter not refilled after a gap");
+            }
+        }
     }
 
     /// Writes every command in history after `since`.
@@ -341,6 +371,7 @@ pub async fn serve(
                 Some(out) = commands.recv() => {
                     if out.resync {
                         let written = conn.written;
+                        conn.refill_counter().await;
                         if !conn.replay(written).await {
                             reason = "send_failed";
                             break;

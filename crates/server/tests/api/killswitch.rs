@@ -638,4 +638,44 @@ async fn after_a_pubsub_gap_every_socket_gets_what_it_missed(backend: Backend) {
     app.state.hub.resync_all();
     let quiet = tokio::time::timeout(Duration::from_millis(300), socket.next()).await;
     assert!(quiet.is_err(), "nothing more: {quiet:?}");
+    // A gap after Redis lost its data: the socket refills the device's
+    // counter above what it wrote, so even a global command (numbered
+    // without the store) lands above what the phone saw.
+    crate::helpers::lose_shared_state(
+        &app,
+        &[
+            blockremote::state::keys::command_seq(&d.device_id),
+            blockremote::state::keys::force_overlay(&d.device_id),
+        ],
+    )
+    .await;
+    app.state.hub.resync_all();
+    assert!(
+        crate::helpers::eventually(Duration::from_secs(3), || async {
+            app.state
+                .shared
+                .get(&blockremote::state::keys::command_seq(&d.device_id))
+                .await
+                .ok()
+                .flatten()
+                .is_some()
+        })
+        .await,
+        "the counter is refilled"
+    );
+    let r = app
+        .admin(
+            reqwest::Method::POST,
+            "/v1/admin/kill-switch/global",
+            Some(&serde_json::json!({"action": "FORCE_OVERLAY", "reason": "fraud_team"})),
+        )
+        .await;
+    assert_eq!(r.status(), reqwest::StatusCode::ACCEPTED);
+    let global = next_json(&mut socket).await;
+    assert_eq!(global["type"], "command", "{global}");
+    assert!(
+        global["seq"].as_u64() > Some(missed.seq),
+        "numbering restarted: {global} after {}",
+        missed.seq
+    );
 }

@@ -1634,10 +1634,51 @@ mod tests {
                 "must not contain braces or spaces",
             ),
             ("BLOCKREMOTE_AUDIENCE", "", "must not be empty"),
+            (
+                "BLOCKREMOTE_REDIS_TIMEOUT_MS",
+                "5",
+                "must be between 10 and 60000 milliseconds",
+            ),
+            (
+                "BLOCKREMOTE_REDIS_QUEUE_SHARDS",
+                "0",
+                "must be between 1 and 1024",
+            ),
+            (
+                "BLOCKREMOTE_REDIS_QUEUE_SHARDS",
+                "1025",
+                "must be between 1 and 1024",
+            ),
+            (
+                "BLOCKREMOTE_REDIS_CLIENT_CERT_FILE",
+                "/etc/cert.pem",
+                "set together with BLOCKREMOTE_REDIS_CLIENT_KEY_FILE",
+            ),
         ] {
             let err = load(&[(var, raw)]).expect_err(var);
             assert_eq!(err.to_string(), format!("{var}: {message}"));
         }
+    }
+
+    #[test]
+    fn redis_topologies_and_their_settings_load() {
+        let c = load(&[
+            ("REDIS_URL", "redis+cluster://:pw@a:7000,b:7001"),
+            ("BLOCKREMOTE_REDIS_TIMEOUT_MS", "250"),
+            ("BLOCKREMOTE_REDIS_QUEUE_SHARDS", "16"),
+            ("BLOCKREMOTE_REDIS_CA_FILE", "/etc/ca.pem"),
+        ])
+        .expect("load");
+        assert_eq!(c.redis_call_timeout, Duration::from_millis(250));
+        assert_eq!(c.redis_queue_shards, Some(16));
+        assert_eq!(c.redis_tls.ca.as_deref(), Some(Path::new("/etc/ca.pem")));
+        let c = load(&[("REDIS_URL", "redis+sentinel://s1,s2/mymaster")]).expect("load");
+        assert_eq!(c.redis_queue_shards, None);
+        assert_eq!(c.redis_call_timeout, Duration::from_millis(500));
+        // A malformed URL is refused without repeating its password.
+        let err = load(&[("REDIS_URL", "redis+cluster://:secretpw@a:notaport")]).expect_err("bad");
+        assert!(err.to_string().starts_with("REDIS_URL: "), "{err}");
+        assert!(!err.to_string().contains("secretpw"), "{err}");
     }
 
     #[test]

@@ -562,8 +562,9 @@ impl Ingestion {
     /// Takes a validated heartbeat of `sender`, its token from `bucket`.
     ///
     /// Workers keeping up: the token, the seq check and the enqueue are one
-    /// step (one round trip on Redis), and `Ok` means the job is on the
-    /// queue. Workers behind, or the queue full: the token and the seq are
+    /// step (one round trip on one Redis node, two on a cluster), and `Ok`
+    /// means the job is on the queue. A `seq` missing from shared state is
+    /// refilled from the store first (`crate::sequences`). Workers behind, or the queue full: the token and the seq are
     /// taken, the heartbeat is scored here and the answer is `degraded`; if
     /// that scoring fails the seq is given back and the answer is
     /// [`IngestError::Unavailable`]. Never a silent drop.
@@ -593,7 +594,7 @@ impl Ingestion {
             }
         } else {
             // The rate-limit token, the seq check and the enqueue are one step
-            // (one round trip on Redis): `Ok` means the heartbeat is on the queue.
+            // (one round trip on one Redis node): `Ok` means the heartbeat is on the queue.
             let encoding = JobEncoding::for_queue_of(self.shared.as_ref());
             let job = encode_job(device_id, user_id, ip_listed, &heartbeat, encoding)?;
             let bucket_key = keys::rate_limit(device_id);

@@ -339,36 +339,51 @@ async fn tls_with_a_private_ca_and_a_client_certificate() {
     assert!(RedisState::connect_with(options(&plain)).await.is_err());
 }
 
-/// A private primary + replica + 3 sentinels (scripts/redis-topologies.sh),
-/// stopped on drop.
-struct PrivateSentinels {
+/// A private copy of one of the test topologies (scripts/redis-topologies.sh:
+/// `sentinel` — a primary, a replica and 3 sentinels — or `cluster` — 3
+/// masters and 3 replicas), on ports from `base`, stopped on drop.
+struct PrivateTopology {
     dir: std::path::PathBuf,
     base: u16,
 }
 
-impl PrivateSentinels {
-    fn start(base: u16) -> Self {
-        let dir = std::env::temp_dir().join(format!("blockremote-faults-{}", uuid::Uuid::new_v4()));
-        let script = concat!(
+impl PrivateTopology {
+    /// Runs the topologies script on this copy's directory and ports.
+    fn script(dir: &std::path::Path, base: u16, args: &[&str]) -> bool {
+        Command::new(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../../scripts/redis-topologies.sh"
+        ))
+        .args(args)
+        .env("BLOCKREMOTE_TOPOLOGIES_DIR", dir)
+        .env("BLOCKREMOTE_TOPOLOGIES_PORT", base.to_string())
+        .stdout(Stdio::null())
+        .status()
+        .expect("the topologies script")
+        .success()
+    }
+
+    fn start(which: &str, base: u16) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("blockremote-{which}-{}", uuid::Uuid::new_v4()));
+        assert!(
+            Self::script(&dir, base, &["start", which]),
+            "private {which} started"
         );
-        let done = Command::new(script)
-            .args(["start", "sentinel"])
-            .env("BLOCKREMOTE_TOPOLOGIES_DIR", &dir)
-            .env("BLOCKREMOTE_TOPOLOGIES_PORT", base.to_string())
-            .stdout(Stdio::null())
-            .status()
-            .expect("the topologies script");
-        assert!(done.success(), "private sentinels started");
         Self { dir, base }
     }
 
-    fn url(&self) -> String {
+    fn sentinel_url(&self) -> String {
         let s = |i: u16| format!("127.0.0.1:{}", self.base + 20 + i);
         format!("redis+sentinel://{},{},{}/blockremote", s(0), s(1), s(2))
     }
 
+    fn cluster_url(&self) -> String {
+        let n = |i: u16| format!("127.0.0.1:{}", self.base + i);
+        format!("redis+cluster://{},{},{}", n(0), n(1), n(2))
+    }
+
+    /// The primary the sentinels name now.
     fn primary_port(&self) -> u16 {
         let out = Command::new("redis-cli")
             .args(["-p", &(self.base + 20).to_string()])
@@ -394,7 +409,7 @@ impl PrivateSentinels {
             .unwrap_or(0)
     }
 
-    /// SIGKILL: no goodbye to the replica or the sentinels.
+    /// SIGKILL of the node on `port`: no goodbye to replicas or sentinels.
     fn crash(&self, port: u16) {
         let pid = std::fs::read_to_string(self.dir.join(port.to_string()).join("pid"))
             .expect("the node's pid file");
@@ -403,6 +418,14 @@ impl PrivateSentinels {
             .status()
             .expect("kill");
         assert!(done.success());
+    }
+
+    /// Brings a killed cluster node back.
+    fn restart(&self, port: u16) {
+        assert!(
+            Self::script(&self.dir, self.base, &["restart", &port.to_string()]),
+            "node {port} restarted"
+        );
     }
 
     fn cli(&self, port: u16, args: &[&str]) {
@@ -415,16 +438,9 @@ impl PrivateSentinels {
     }
 }
 
-impl Drop for PrivateSentinels {
+impl Drop for PrivateTopology {
     fn drop(&mut self) {
-        let script = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../scripts/redis-topologies.sh"
-        );
-        let _ = Command::new(script)
-            .arg("stop")
-            .env("BLOCKREMOTE_TOPOLOGIES_DIR", &self.dir)
-            .status();
+        Self::script(&self.dir, self.base, &["stop"]);
     }
 }
 
@@ -433,8 +449,8 @@ async fn a_sentinel_failover_and_a_dead_primary_are_followed() {
     if !production_configured() || topology_url("TEST_REDIS_SENTINEL_URL").is_none() {
         return;
     }
-    let sentinels = PrivateSentinels::start(18100);
-    let state = RedisState::connect_with(options(&sentinels.url()))
+    let sentinels = PrivateTopology::start("sentinel", 18100);
+    let state = RedisState::connect_with(options(&sentinels.sentinel_url()))
         .await
         .expect("connect through the sentinels");
     assert_eq!(
@@ -493,72 +509,6 @@ async fn a_sentinel_failover_and_a_dead_primary_are_followed() {
     // Replication is asynchronous: the last writes acknowledged before the
     // crash may be lost (a few, on loopback); the count never restarts.
     assert!(after > 0 && after + 5 >= before, "{after} after {before}");
-}
-
-/// A private 3-master cluster with replicas (scripts/redis-topologies.sh),
-/// stopped on drop.
-struct PrivateCluster {
-    dir: std::path::PathBuf,
-    base: u16,
-}
-
-impl PrivateCluster {
-    fn script() -> &'static str {
-        concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../scripts/redis-topologies.sh"
-        )
-    }
-
-    fn start(base: u16) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("blockremote-cluster-{}", uuid::Uuid::new_v4()));
-        let done = Command::new(Self::script())
-            .args(["start", "cluster"])
-            .env("BLOCKREMOTE_TOPOLOGIES_DIR", &dir)
-            .env("BLOCKREMOTE_TOPOLOGIES_PORT", base.to_string())
-            .stdout(Stdio::null())
-            .status()
-            .expect("the topologies script");
-        assert!(done.success(), "private cluster started");
-        Self { dir, base }
-    }
-
-    fn url(&self) -> String {
-        let n = |i: u16| format!("127.0.0.1:{}", self.base + i);
-        format!("redis+cluster://{},{},{}", n(0), n(1), n(2))
-    }
-
-    /// SIGKILL of the node on `port`.
-    fn crash(&self, port: u16) {
-        let pid = std::fs::read_to_string(self.dir.join(port.to_string()).join("pid"))
-            .expect("the node's pid file");
-        let done = Command::new("kill")
-            .args(["-9", pid.trim()])
-            .status()
-            .expect("kill");
-        assert!(done.success());
-    }
-
-    fn restart(&self, port: u16) {
-        let done = Command::new(Self::script())
-            .args(["restart", &port.to_string()])
-            .env("BLOCKREMOTE_TOPOLOGIES_DIR", &self.dir)
-            .env("BLOCKREMOTE_TOPOLOGIES_PORT", self.base.to_string())
-            .stdout(Stdio::null())
-            .status()
-            .expect("the topologies script");
-        assert!(done.success(), "node {port} restarted");
-    }
-}
-
-impl Drop for PrivateCluster {
-    fn drop(&mut self) {
-        let _ = Command::new(Self::script())
-            .arg("stop")
-            .env("BLOCKREMOTE_TOPOLOGIES_DIR", &self.dir)
-            .status();
-    }
 }
 
 /// What one device's phone saw.
@@ -637,11 +587,11 @@ async fn a_cluster_master_killed_under_load_is_replaced_and_no_heartbeat_is_scor
     if !production_configured() || topology_url("TEST_REDIS_CLUSTER_URL").is_none() {
         return;
     }
-    let cluster = PrivateCluster::start(18300);
+    let cluster = PrivateTopology::start("cluster", 18300);
     let Some(mut backing) = Backing::new(Backend::Production).await else {
         return;
     };
-    let private = TestRedis::new(&cluster.url());
+    let private = TestRedis::new(&cluster.cluster_url());
     backing.config.redis_url = Some(private.url.clone().into());
     backing.config.redis_prefix = private.prefix.clone();
     backing.config.redis_call_timeout = Duration::from_millis(300);

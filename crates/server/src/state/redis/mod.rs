@@ -1481,10 +1481,13 @@ impl RedisConsumer {
     async fn query<T: redis::FromRedisValue>(&mut self, cmd: &Cmd) -> StateResult<T> {
         let mut conn = self.connection().await?;
         let reply = cmd.query_async(&mut conn).await;
-        if let Err(e) = &reply {
-            if is_connection_error(e) {
-                self.conn = None;
-            }
+        self.settle(reply)
+    }
+
+    /// Drops the connection when `reply` says it broke (the next call reopens it).
+    fn settle<T>(&mut self, reply: redis::RedisResult<T>) -> StateResult<T> {
+        if reply.as_ref().err().is_some_and(is_connection_error) {
+            self.conn = None;
         }
         reply.map_err(unavailable)
     }
@@ -1541,10 +1544,7 @@ impl QueueConsumer for RedisConsumer {
             .ignore();
         let mut conn = self.connection().await?;
         let reply = pipe.query_async::<()>(&mut conn).await;
-        if reply.as_ref().err().is_some_and(is_connection_error) {
-            self.conn = None;
-        }
-        reply.map_err(unavailable)
+        self.settle(reply)
     }
 
     async fn reclaim(&mut self, min_idle: Duration, max: usize) -> StateResult<Vec<Job>> {

@@ -350,12 +350,7 @@ impl Connector {
                 Ok(Conn::Manager(manager))
             }
             Topology::Sentinel { .. } => self.sentinel_conn(response_timeout).await,
-            Topology::Cluster { .. } => Ok(Conn::Cluster(
-                self.cluster_builder(response_timeout)
-                    .build()?
-                    .get_async_connection()
-                    .await?,
-            )),
+            Topology::Cluster { .. } => self.cluster_conn(response_timeout).await,
         }
     }
 
@@ -374,13 +369,14 @@ impl Connector {
                 ))
             }
             Topology::Sentinel { .. } => self.sentinel_conn(response_timeout).await,
-            Topology::Cluster { .. } => Ok(Conn::Cluster(
-                self.cluster_builder(response_timeout)
-                    .build()?
-                    .get_async_connection()
-                    .await?,
-            )),
+            Topology::Cluster { .. } => self.cluster_conn(response_timeout).await,
         }
+    }
+
+    /// A cluster connection of its own (connections to every node).
+    async fn cluster_conn(&self, response_timeout: Duration) -> RedisResult<Conn> {
+        let client = self.cluster_builder(response_timeout).build()?;
+        Ok(Conn::Cluster(client.get_async_connection().await?))
     }
 
     async fn sentinel_conn(&self, response_timeout: Duration) -> RedisResult<Conn> {

@@ -3,9 +3,14 @@
 //! A [`WorkerPool`] runs consumer tasks per queue, at least one per shard of it. Each task loops:
 //! every [`WorkerOptions::reclaim_every`] it takes over jobs left pending by a consumer that
 //! died (idle longer than [`WorkerOptions::reclaim_idle`]), then fetches new
-//! jobs, hands the batch to its [`JobHandler`] and acks those handled. A handler
-//! error leaves the job pending, so it is retried after the idle threshold —
-//! at-least-once, which is why handlers must be idempotent.
+//! jobs, hands the batch to its [`JobHandler`] and acks those handled. A job
+//! whose handler failed stays pending and is retried by the same consumer
+//! after [`WorkerOptions::retry_after`] (doubling while it keeps failing, up
+//! to [`MAX_RETRY_AFTER`]): a failure is most often a dependency down for a
+//! moment — a Redis failover, a database restart — and the job must not wait
+//! for the reclaim threshold once it is back. A consumer that dies holding
+//! it leaves it to the reclaim. At-least-once, which is why handlers must be
+//! idempotent.
 //!
 //! On the embedded default the pool runs inside `serve`; in production it is
 //! the `blockremote worker` process. Shutdown is cooperative: a task finishes
@@ -75,7 +80,14 @@ pub struct WorkerOptions {
     pub reclaim_idle: Duration,
     /// How often each consumer looks for abandoned jobs.
     pub reclaim_every: Duration,
+    /// How long a consumer waits before it retries the jobs of its own
+    /// whose handler failed (doubled on each failure in a row, up to
+    /// [`MAX_RETRY_AFTER`]).
+    pub retry_after: Duration,
 }
+
+/// The longest wait before a consumer retries its failed jobs.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(5);
 
 impl Default for WorkerOptions {
     fn default() -> Self {
@@ -86,6 +98,7 @@ impl Default for WorkerOptions {
             poll: Duration::from_secs(1),
             reclaim_idle: Duration::from_secs(30),
             reclaim_every: Duration::from_secs(5),
+            retry_after: Duration::from_millis(250),
         }
     }
 }
@@ -166,16 +179,30 @@ async fn run_consumer(
 ) {
     let mut last_reclaim: Option<tokio::time::Instant> = None;
     let mut backoff = Duration::from_millis(100);
+    // Jobs of this consumer whose handler failed: still pending on it, retried
+    // from here once `retry_at` passes.
+    let mut failed: Vec<Job> = Vec::new();
+    let mut retry_at = tokio::time::Instant::now();
+    let mut retry_after = options.retry_after;
     while !shutdown.is_cancelled() {
+        let now = tokio::time::Instant::now();
         let due = last_reclaim.is_none_or(|t| t.elapsed() >= options.reclaim_every);
-        let batch = if due {
-            last_reclaim = Some(tokio::time::Instant::now());
+        let batch = if !failed.is_empty() && now >= retry_at {
+            Ok(std::mem::take(&mut failed))
+        } else if due {
+            last_reclaim = Some(now);
             consumer.reclaim(options.reclaim_idle, options.batch).await
         } else {
             // Not cut short by the shutdown: on Redis a blocked read may
             // already have been handed entries, which a dropped read would
-            // leave pending for the reclaim. It ends within `poll`.
-            consumer.fetch(options.batch, options.poll).await
+            // leave pending for the reclaim. It ends within `poll` (sooner
+            // when failed jobs are due for a retry).
+            let wait = if failed.is_empty() {
+                options.poll
+            } else {
+                options.poll.min(retry_at - now)
+            };
+            consumer.fetch(options.batch, wait).await
         };
         let jobs = match batch {
             Ok(jobs) => {
@@ -192,7 +219,25 @@ async fn run_consumer(
                 continue;
             }
         };
+        // Payloads are shared, so keeping the batch for a retry copies none.
+        let kept = jobs.clone();
         let done = handler.handle_batch(jobs, options.parallel).await;
+        if done.len() < kept.len() {
+            let handled: std::collections::HashSet<&str> =
+                done.iter().map(String::as_str).collect();
+            failed.extend(
+                kept.into_iter()
+                    .filter(|job| !handled.contains(job.id.as_str())),
+            );
+            retry_at = tokio::time::Instant::now() + retry_after;
+            retry_after = (retry_after * 2).min(MAX_RETRY_AFTER);
+        } else if failed.is_empty() {
+            retry_after = options.retry_after;
+        }
+        // Bounded: beyond a batch, the oldest failures are left to the reclaim.
+        if failed.len() > options.batch {
+            failed.drain(..failed.len() - options.batch);
+        }
         if let Err(e) = consumer.ack(&done).await {
             // Not fatal: the jobs stay pending and are reclaimed and handled
             // again, which idempotent handlers tolerate.

@@ -227,9 +227,18 @@ impl Drop for TestRedis {
         let Ok(client) = redis::Client::open(self.url.as_str()) else {
             return;
         };
-        let Ok(mut conn) = client.get_connection() else {
+        // Bounded: a test that failed while its Redis hung must not hang
+        // in this sweep too.
+        let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_secs(2)) else {
             return;
         };
+        if conn
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .and_then(|()| conn.set_write_timeout(Some(Duration::from_secs(2))))
+            .is_err()
+        {
+            return;
+        }
         let keys: Vec<String> = redis::cmd("KEYS")
             .arg(format!("{}*", self.prefix))
             .query(&mut conn)

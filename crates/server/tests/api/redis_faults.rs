@@ -697,7 +697,7 @@ async fn a_cluster_master_killed_under_load_is_replaced_and_no_heartbeat_is_scor
     let (mut accepted_total, mut uncertain_total, mut lost_total) = (0, 0, 0);
     for (d, log) in devices.iter().zip(&logs) {
         let last = *log.accepted.last().expect("some accepted");
-        let scored = eventually(Duration::from_secs(40), || async {
+        let scored = eventually(Duration::from_secs(15), || async {
             let r = first.device_get("/v1/security/trust-score", d).await;
             r.status() == StatusCode::OK
                 && r.json::<Value>().await.expect("json")["last_seq"].as_u64() >= Some(last)
@@ -708,8 +708,8 @@ async fn a_cluster_master_killed_under_load_is_replaced_and_no_heartbeat_is_scor
             "{}: last accepted seq {last} never scored",
             d.device_id
         );
-        // Jobs a worker held when its batch failed stay pending until they
-        // have been idle for `reclaim_idle` (30 s), then are scored.
+        // Jobs of a batch that failed during the outage are retried by
+        // their consumer (every 0.25 s, doubling up to 5 s while they fail).
         let (accepted, uncertain) = (log.accepted.len(), log.uncertain.len());
         let count_now = || async {
             first.admin_device(&d.device_id).await["trust"]["heartbeats"]
@@ -717,7 +717,7 @@ async fn a_cluster_master_killed_under_load_is_replaced_and_no_heartbeat_is_scor
                 .expect("count") as usize
         };
         eventually(
-            Duration::from_secs(45).saturating_sub(started.elapsed()),
+            Duration::from_secs(30).saturating_sub(started.elapsed()),
             || async { count_now().await >= accepted },
         )
         .await;
@@ -737,29 +737,51 @@ async fn a_cluster_master_killed_under_load_is_replaced_and_no_heartbeat_is_scor
     );
     // Replication is asynchronous: what the killed master acknowledged in
     // its last moments (jobs, engine states) may not have reached the
-    // replica promoted in its place. Measured here: 7 of 498. Closing that
-    // needs WAIT on the enqueue (not built; ARCHITECTURE.md says so).
+    // replica promoted in its place; the count read here is the engine
+    // state's, so a state write lost that way counts as well. Measured in 6
+    // runs of ~490–540: 0, 0, 0, 0, 7, 6. Closing that needs WAIT on the
+    // enqueue and the state write (not built; ARCHITECTURE.md says so).
     assert!(
         lost_total * 20 <= accepted_total,
         "more than 5% of the 202s lost: {lost_total} of {accepted_total}"
     );
-    // The lock taken during the outage reached the watched device's socket.
-    let mut delivered = false;
+    // The lock taken during the outage reached the watched device: as the
+    // command itself, or (when the device's slot was on the killed master,
+    // so an attempt failed first) as a close with 4003 `locked`, after which
+    // the phone reconnects and is told it is locked.
+    let mut heard = None;
     for _ in 0..10 {
         let Ok(Some(Ok(message))) =
             tokio::time::timeout(Duration::from_secs(5), socket.next()).await
         else {
             break;
         };
-        if let tokio_tungstenite::tungstenite::Message::Text(text) = message {
-            let v: Value = serde_json::from_str(&text).expect("json");
-            if v["type"] == "command" && v["seq"] == lock["seq"] {
-                delivered = true;
+        match message {
+            tokio_tungstenite::tungstenite::Message::Text(text) => {
+                let v: Value = serde_json::from_str(&text).expect("json");
+                if v["type"] == "command" && v["seq"] == lock["seq"] {
+                    heard = Some("the command");
+                    break;
+                }
+            }
+            tokio_tungstenite::tungstenite::Message::Close(frame) => {
+                let code: u16 = frame.expect("a close frame").code.into();
+                assert_eq!(code, 4003, "closed as locked");
+                let mut again = first.kill_switch(&watched).await;
+                let state = crate::client::next_json(&mut again).await;
+                assert_eq!(
+                    (state["type"].as_str(), state["locked"].as_bool()),
+                    (Some("state"), Some(true)),
+                    "a reconnecting phone is told it is locked: {state}"
+                );
+                heard = Some("a 4003 close, then state locked");
                 break;
             }
+            _ => {}
         }
     }
-    assert!(delivered, "the lock {lock} reached the socket");
+    let heard = heard.unwrap_or_else(|| panic!("the lock {lock} never reached the device"));
+    eprintln!("cluster failover: the lock reached the device as {heard}");
     drop(private);
 }
 

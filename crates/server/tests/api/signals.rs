@@ -927,4 +927,14 @@ async fn shared_state_that_loses_its_data_reopens_no_replay_window(backend: Back
     next.seq = last_seq + 1;
     let r = app.heartbeat(&d, &heartbeat_body(&next)).await;
     assert_eq!(r.status(), StatusCode::ACCEPTED);
+    // And it is scored: on Redis the loss took the queue's consumer group
+    // too, which the workers create again (on the old code they answered
+    // `NOGROUP` for good and nothing was scored after the loss).
+    let scored = eventually(Duration::from_secs(10), || async {
+        let r = app.device_get("/v1/security/trust-score", &d).await;
+        r.status() == StatusCode::OK
+            && r.json::<Value>().await.expect("json")["last_seq"].as_u64() >= Some(next.seq)
+    })
+    .await;
+    assert!(scored, "the heartbeat after the loss is scored");
 }

@@ -18,6 +18,7 @@ use crate::helpers::{eventually, shared_for, Backend};
 crate::on_both_backends!(
     every_job_is_handled_despite_failures_and_dead_consumers,
     a_stopping_pool_handles_what_its_last_fetch_brings,
+    a_failed_job_is_retried_soon_by_its_consumer,
 );
 
 /// Counts deliveries per payload; fails the first delivery of `flaky`.
@@ -102,6 +103,7 @@ async fn every_job_is_handled_despite_failures_and_dead_consumers(backend: Backe
             poll: Duration::from_millis(100),
             reclaim_idle: Duration::from_millis(300),
             reclaim_every: Duration::from_millis(100),
+            retry_after: Duration::from_millis(50),
         },
         stop,
     )
@@ -187,4 +189,47 @@ async fn a_stopping_pool_handles_what_its_last_fetch_brings(backend: Backend) {
         0,
         "nothing pending"
     );
+}
+
+/// A job whose handler failed (Redis failing over, the database restarting)
+/// is retried by its own consumer within moments, not after the reclaim
+/// threshold: on the old code it waited `reclaim_idle` (30 s by default,
+/// here a minute), so a heartbeat answered 202 during a failover was scored
+/// half a minute late.
+async fn a_failed_job_is_retried_soon_by_its_consumer(backend: Backend) {
+    let Some((state, _b)) = shared_for(backend, 1000).await else {
+        return;
+    };
+    let queue = "sig:queue:retried";
+    let recorder = Arc::new(Recorder::default());
+    let stop = CancellationToken::new();
+    let pool = WorkerPool::start(
+        state.clone(),
+        &format!("retry-{}", uuid::Uuid::new_v4().simple()),
+        vec![(queue.to_owned(), recorder.clone() as Arc<dyn JobHandler>)],
+        WorkerOptions {
+            concurrency: 1,
+            poll: Duration::from_millis(200),
+            reclaim_idle: Duration::from_secs(60),
+            retry_after: Duration::from_millis(100),
+            ..WorkerOptions::default()
+        },
+        stop,
+    )
+    .await
+    .expect("pool");
+    state.enqueue(queue, b"flaky").await.expect("enqueue");
+    state.enqueue(queue, b"steady").await.expect("enqueue");
+    let retried = eventually(Duration::from_secs(3), || async {
+        recorder.count("flaky") >= 2 && state.queue_len(queue).await.expect("len") == 0
+    })
+    .await;
+    assert!(
+        retried,
+        "flaky handled {} times, backlog {}",
+        recorder.count("flaky"),
+        state.queue_len(queue).await.expect("len")
+    );
+    assert_eq!(recorder.count("steady"), 1, "a handled job is not retried");
+    pool.stop(Duration::from_secs(3)).await;
 }

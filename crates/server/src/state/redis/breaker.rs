@@ -67,11 +67,31 @@ impl Default for Breaker {
     }
 }
 
-/// A call let through; [`Breaker::record`] says how it went.
+/// A call let through; [`Breaker::record`] says how it went. A probe's
+/// permit dropped unrecorded (its call was cancelled: the request that
+/// made it went away, an outer timeout fired) frees the probe slot, or the
+/// breaker would stay half-open with a probe nobody finishes and refuse
+/// every call for good.
 #[derive(Debug)]
 #[must_use]
-pub struct Permit {
+pub struct Permit<'a> {
+    breaker: &'a Breaker,
     probe: bool,
+    recorded: bool,
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        if self.probe && !self.recorded {
+            let mut inner = self.breaker.lock();
+            if let Inner::HalfOpen { cool_down, .. } = *inner {
+                *inner = Inner::HalfOpen {
+                    probing: false,
+                    cool_down,
+                };
+            }
+        }
+    }
 }
 
 impl Breaker {
@@ -81,20 +101,25 @@ impl Breaker {
 
     /// Lets a call through, or refuses it while open (or while another
     /// call is the half-open probe).
-    pub fn admit(&self) -> Option<Permit> {
+    pub fn admit(&self) -> Option<Permit<'_>> {
         self.admit_at(Instant::now())
     }
 
-    fn admit_at(&self, now: Instant) -> Option<Permit> {
+    fn admit_at(&self, now: Instant) -> Option<Permit<'_>> {
+        let permit = |probe| Permit {
+            breaker: self,
+            probe,
+            recorded: false,
+        };
         let mut inner = self.lock();
         match *inner {
-            Inner::Closed { .. } => Some(Permit { probe: false }),
+            Inner::Closed { .. } => Some(permit(false)),
             Inner::Open { until, cool_down } if now >= until => {
                 *inner = Inner::HalfOpen {
                     probing: true,
                     cool_down,
                 };
-                Some(Permit { probe: true })
+                Some(permit(true))
             }
             Inner::Open { .. } => None,
             Inner::HalfOpen {
@@ -105,18 +130,19 @@ impl Breaker {
                     probing: true,
                     cool_down,
                 };
-                Some(Permit { probe: true })
+                Some(permit(true))
             }
             Inner::HalfOpen { probing: true, .. } => None,
         }
     }
 
     /// Records a call's outcome: `failed` when the connection failed.
-    pub fn record(&self, permit: Permit, failed: bool) {
+    pub fn record(&self, permit: Permit<'_>, failed: bool) {
         self.record_at(permit, failed, Instant::now(), rand::random::<f64>());
     }
 
-    fn record_at(&self, permit: Permit, failed: bool, now: Instant, jitter: f64) {
+    fn record_at(&self, mut permit: Permit<'_>, failed: bool, now: Instant, jitter: f64) {
+        permit.recorded = true;
         let mut inner = self.lock();
         let open = |cool_down: Duration| Inner::Open {
             // ±20%: replicas that failed together do not probe together.
@@ -203,6 +229,23 @@ mod tests {
         b.record_at(probe, false, after, 0.5);
         assert_eq!(b.state(), BreakerState::Closed);
         assert!(b.admit_at(after).is_some());
+    }
+
+    #[test]
+    fn a_probe_whose_call_was_cancelled_lets_the_next_call_probe() {
+        let b = Breaker::default();
+        let start = Instant::now();
+        for _ in 0..FAILURES_TO_OPEN {
+            fail(&b, start);
+        }
+        let after = start + FIRST_COOL_DOWN * 2;
+        let probe = b.admit_at(after).expect("the probe");
+        assert!(b.admit_at(after).is_none(), "one probe at a time");
+        // Its call is dropped before it finishes: nothing is recorded.
+        drop(probe);
+        let next = b.admit_at(after).expect("another call probes");
+        b.record_at(next, false, after, 0.5);
+        assert_eq!(b.state(), BreakerState::Closed);
     }
 
     #[test]

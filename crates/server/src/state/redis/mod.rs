@@ -369,6 +369,9 @@ impl Guarded {
             .await
             .unwrap_or_else(|_| Err(timed_out()));
         let failed = reply.as_ref().err().is_some_and(is_connection_error);
+        if let (true, Err(e)) = (failed, &reply) {
+            tracing::debug!(error = %e, "Redis call failed");
+        }
         self.breaker.record(permit, failed);
         reply
     }
@@ -1427,22 +1430,9 @@ impl SharedState for RedisState {
         name: &str,
     ) -> StateResult<Box<dyn QueueConsumer>> {
         let key = self.shard_key(queue, shard % self.shards);
-        let mut conn = self.conn.clone();
-        // Start from the beginning of the stream ("0"), not "$": entries
-        // enqueued before the first worker ever started must still be handled.
-        let created: Result<(), RedisError> = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(&key)
-            .arg(CONSUMER_GROUP)
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(&mut conn)
-            .await;
-        match created {
-            Ok(()) => {}
-            Err(e) if e.code() == Some("BUSYGROUP") => {}
-            Err(e) => return Err(unavailable(e)),
-        }
+        create_group(&mut self.conn.clone(), &key)
+            .await
+            .map_err(unavailable)?;
         let mut consumer = RedisConsumer {
             connector: self.connector.clone(),
             conn: None,
@@ -1451,6 +1441,28 @@ impl SharedState for RedisState {
         };
         consumer.connection().await?;
         Ok(Box::new(consumer))
+    }
+}
+
+/// Creates the consumer group of the stream `key` (and the stream), unless
+/// it exists. From the beginning of the stream ("0"), not "$": entries
+/// enqueued before the first worker ever started, or since Redis lost the
+/// group, must still be handled.
+async fn create_group(
+    conn: &mut impl redis::aio::ConnectionLike,
+    key: &str,
+) -> redis::RedisResult<()> {
+    let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(key)
+        .arg(CONSUMER_GROUP)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(conn)
+        .await;
+    match created {
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+        other => other,
     }
 }
 
@@ -1477,10 +1489,21 @@ impl RedisConsumer {
         Ok(conn)
     }
 
-    /// Runs `cmd`, dropping the connection if it failed.
+    /// Runs `cmd`, dropping the connection if it failed. A Redis that lost
+    /// its data (restarted without persistence, failed over to a replica
+    /// that never saw the group, flushed) answers `NOGROUP`: the group is
+    /// created again and the command retried once, or the stream's new
+    /// entries would never be read.
     async fn query<T: redis::FromRedisValue>(&mut self, cmd: &Cmd) -> StateResult<T> {
         let mut conn = self.connection().await?;
-        let reply = cmd.query_async(&mut conn).await;
+        let mut reply = cmd.query_async(&mut conn).await;
+        if reply.as_ref().err().and_then(RedisError::code) == Some("NOGROUP") {
+            tracing::warn!(stream = %self.key, "consumer group lost; creating it again");
+            reply = match create_group(&mut conn, &self.key).await {
+                Ok(()) => cmd.query_async(&mut conn).await,
+                Err(e) => Err(e),
+            };
+        }
         self.settle(reply)
     }
 

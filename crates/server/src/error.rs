@@ -317,7 +317,23 @@ pub enum ApiError {
     },
     /// An unexpected failure: 500, logged with its cause chain, opaque body.
     #[error(transparent)]
-    Internal(#[from] anyhow::Error),
+    Internal(anyhow::Error),
+}
+
+impl From<anyhow::Error> for ApiError {
+    /// A shared-state or database error that travelled as an `anyhow`
+    /// error is still a 503 when the backend cannot be reached (never a
+    /// 500 for an outage); anything else is a 500.
+    fn from(err: anyhow::Error) -> Self {
+        let err = match err.downcast::<crate::state::StateError>() {
+            Ok(state) => return state.into(),
+            Err(err) => err,
+        };
+        match err.downcast::<crate::store::StoreError>() {
+            Ok(store) => store.into(),
+            Err(err) => Self::Internal(err),
+        }
+    }
 }
 
 impl ApiError {
@@ -498,6 +514,20 @@ mod tests {
         let json = serde_json::to_string(&problem).expect("serialize");
         assert!(!json.contains("users"), "{json}");
         assert!(!json.contains("SELECT"), "{json}");
+    }
+
+    #[test]
+    fn an_outage_carried_as_anyhow_is_503_not_500() {
+        let redis: ApiError = anyhow::Error::from(crate::state::StateError::Unavailable(
+            "connection refused".into(),
+        ))
+        .into();
+        assert_eq!(redis.status_code(), StatusCode::SERVICE_UNAVAILABLE);
+        let corrupt: ApiError =
+            anyhow::Error::from(crate::state::StateError::Corrupt("bad".into())).into();
+        assert_eq!(corrupt.status_code(), StatusCode::INTERNAL_SERVER_ERROR);
+        let other: ApiError = anyhow::anyhow!("a bug").into();
+        assert_eq!(other.status_code(), StatusCode::INTERNAL_SERVER_ERROR);
     }
 
     #[test]

@@ -207,10 +207,12 @@ pub async fn post_lock(
             // Shared state is down, so the command has no number and reaches
             // no other instance. The hold is durable (every instance refuses
             // the device once its status cache, 5 s, expires); this
-            // instance's sockets of the device close with 4003 now, and a
-            // phone that reconnects is told `locked` from the store. The
-            // 503 asks the operator to retry for the command itself.
-            state.hub.close_device(&device_id, CloseReason::Locked);
+            // instance's sockets of the device close with 4003 now, every
+            // other instance's once Redis is back (the hub publishes the
+            // disconnect), and a phone that reconnects is told `locked` from
+            // the store. The 503 asks the operator to retry for the command
+            // itself.
+            state.hub.close_everywhere(&device_id, CloseReason::Locked);
             return Err(e.into());
         }
         Err(e) => return Err(e.into()),
@@ -281,7 +283,7 @@ pub async fn post_unlock(
         .scoring
         .clear_evidence(&device_id)
         .await
-        .map_err(ApiError::Internal)?;
+        .map_err(ApiError::from)?;
     let command = realtime::issue(
         state.shared.as_ref(),
         state.store.as_ref(),

@@ -180,7 +180,7 @@ pub async fn report_for(state: &AppState, device_id: &str) -> Result<TrustReport
         .scoring
         .load_report(device_id)
         .await
-        .map_err(ApiError::Internal)?;
+        .map_err(ApiError::from)?;
     let device = state.store.device(device_id).await?;
     let locked = device
         .as_ref()

@@ -23,6 +23,16 @@
 //! oldest (a phone whose old socket is half-open after a network change is
 //! the common case). Only a device with no socket here is refused at a cap
 //! (503 `too_many_connections`).
+//!
+//! ## A lock taken while Redis is down
+//! Its command cannot be numbered or published, so it reaches no other
+//! instance. [`Hub::close_everywhere`] closes this instance's sockets of the
+//! device at once and keeps a [`Disconnect`] to publish: a task retries every
+//! [`UNDELIVERED_RETRY`] until Redis takes it, and every instance then closes
+//! the device's sockets with 4003 — the phone reconnects and is told
+//! `locked` from the store. In memory, bounded ([`MAX_UNDELIVERED`], each
+//! kept at most [`UNDELIVERED_FOR`]): if this process dies first, the hold in
+//! the store still refuses the device on every request and reconnect.
 
 use std::sync::{
     atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -43,6 +53,14 @@ pub const FAN_OUT_PARALLEL: usize = 8;
 
 /// Messages queued per socket before live copies are dropped (history covers them).
 pub const SOCKET_QUEUE: usize = 16;
+
+/// How often undelivered disconnects are published again.
+pub const UNDELIVERED_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+/// Undelivered disconnects kept at most (a lock beyond it reaches other
+/// instances' sockets only on the phone's next reconnect).
+pub const MAX_UNDELIVERED: usize = 10_000;
+/// How long an undelivered disconnect is retried.
+pub const UNDELIVERED_FOR: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// A command ready to write to sockets.
 #[derive(Debug)]
@@ -126,6 +144,9 @@ pub struct Hub {
     connections: AtomicUsize,
     limits: Limits,
     next_id: AtomicU64,
+    /// Disconnects not yet published (Redis was down), with when they were
+    /// kept (see the module docs).
+    undelivered: DashMap<String, (CloseReason, std::time::Instant)>,
 }
 
 /// A registered socket: its registration (dropping it unregisters the
@@ -178,7 +199,9 @@ impl Hub {
             connections: AtomicUsize::new(0),
             limits,
             next_id: AtomicU64::new(1),
+            undelivered: DashMap::new(),
         });
+        tokio::spawn(publish_undelivered(Arc::downgrade(&hub), shared.clone()));
         let mut commands = shared.subscribe(keys::KILL_SWITCH_CHANNEL).await?;
         let weak = Arc::downgrade(&hub);
         tokio::spawn(async move {
@@ -315,6 +338,27 @@ impl Hub {
         }
     }
 
+    /// Closes `device_id`'s sockets here now, and on every instance once
+    /// Redis takes the [`Disconnect`] (for a lock whose command could not
+    /// be issued; see the module docs).
+    pub fn close_everywhere(&self, device_id: &str, reason: CloseReason) {
+        self.close_device(device_id, reason);
+        if self.undelivered.len() >= MAX_UNDELIVERED && !self.undelivered.contains_key(device_id) {
+            tracing::warn!(
+                device_id,
+                "too many undelivered disconnects; this one is not kept"
+            );
+            return;
+        }
+        self.undelivered
+            .insert(device_id.to_owned(), (reason, std::time::Instant::now()));
+    }
+
+    /// Disconnects kept for publishing.
+    pub fn undelivered(&self) -> usize {
+        self.undelivered.len()
+    }
+
     /// Writes `command` to this instance's sockets of its device; `closes`:
     /// each socket closes once it has written it.
     pub fn deliver(&self, command: &DeviceCommand, closes: bool) {
@@ -424,6 +468,37 @@ impl Hub {
     /// Devices with at least one socket on this instance.
     pub fn connected_devices(&self) -> Vec<String> {
         self.sockets.iter().map(|e| e.key().clone()).collect()
+    }
+}
+
+/// Publishes the hub's undelivered disconnects until Redis takes them (see
+/// the module docs); ends with the hub.
+async fn publish_undelivered(hub: std::sync::Weak<Hub>, shared: Arc<dyn SharedState>) {
+    let mut tick = tokio::time::interval(UNDELIVERED_RETRY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(hub) = hub.upgrade() else { break };
+        hub.undelivered
+            .retain(|_, (_, kept)| kept.elapsed() < UNDELIVERED_FOR);
+        let pending: Vec<(String, CloseReason)> = hub
+            .undelivered
+            .iter()
+            .map(|e| (e.key().clone(), e.value().0))
+            .collect();
+        for (device_id, reason) in pending {
+            match super::disconnect(shared.as_ref(), &device_id, reason).await {
+                Ok(()) => {
+                    hub.undelivered.remove(&device_id);
+                    tracing::info!(
+                        device_id,
+                        "lock taken during the outage published to every instance"
+                    );
+                }
+                // Still down: the rest would fail the same way.
+                Err(_) => break,
+            }
+        }
     }
 }
 

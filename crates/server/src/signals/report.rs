@@ -1,5 +1,7 @@
 //! The trust report (`GET /v1/security/trust-score`), as stored after each
-//! scored heartbeat.
+//! scored heartbeat, and [`LastReports`]: each instance's copy of the
+//! reports it last read, served (marked `degraded`) while shared state
+//! cannot be reached.
 
 use blockremote_engine::{score::ComponentsView, Assessment, Level};
 use chrono::{DateTime, Utc};
@@ -64,7 +66,8 @@ pub struct TrustReport {
     /// Whether the device is locked.
     pub locked: bool,
     /// The last heartbeat was scored inline by the simplified scorer
-    /// because the workers were behind.
+    /// because the workers were behind, or this is the last report this
+    /// server read, served while shared state (Redis) is unavailable.
     pub degraded: bool,
     /// Heartbeats scored so far.
     pub heartbeats: u64,
@@ -127,5 +130,67 @@ impl TrustReport {
             last_seq,
             updated_at: Some(Utc::now()),
         }
+    }
+}
+
+/// Reports kept at most per instance (a few hundred bytes each).
+const MAX_LAST_REPORTS: usize = 50_000;
+
+/// The last report this instance read of each device, for the trust
+/// report's fallback while shared state is unavailable (see the module
+/// docs). Bounded: when full it is cleared, and refills from reads.
+#[derive(Debug, Default)]
+pub struct LastReports {
+    entries: dashmap::DashMap<Box<str>, TrustReport>,
+}
+
+impl LastReports {
+    /// Remembers `report` as the last one read of its device.
+    pub fn remember(&self, report: &TrustReport) {
+        if self.entries.len() >= MAX_LAST_REPORTS {
+            self.entries.clear();
+        }
+        self.entries
+            .insert(report.device_id.as_str().into(), report.clone());
+    }
+
+    /// The last report read of `device_id`, marked `degraded`.
+    pub fn fallback(&self, device_id: &str) -> Option<TrustReport> {
+        self.entries.get(device_id).map(|r| TrustReport {
+            degraded: true,
+            ..r.clone()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fallback_is_the_last_report_read_marked_degraded() {
+        let reports = LastReports::default();
+        assert!(reports.fallback("device_a").is_none(), "nothing read yet");
+        let mut report = TrustReport::neutral("device_a", AttestationGrade::Unknown, false);
+        report.last_seq = 7;
+        reports.remember(&report);
+        report.last_seq = 9;
+        reports.remember(&report);
+        let served = reports.fallback("device_a").expect("remembered");
+        assert_eq!((served.last_seq, served.degraded), (9, true));
+        assert!(reports.fallback("device_b").is_none());
+    }
+
+    #[test]
+    fn it_stays_bounded() {
+        let reports = LastReports::default();
+        for i in 0..MAX_LAST_REPORTS + 10 {
+            reports.remember(&TrustReport::neutral(
+                &format!("device_{i}"),
+                AttestationGrade::Unknown,
+                false,
+            ));
+        }
+        assert!(reports.entries.len() <= MAX_LAST_REPORTS);
     }
 }

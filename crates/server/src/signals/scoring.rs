@@ -30,7 +30,7 @@ use uuid::Uuid;
 use super::{breaker::ScoringMeter, intel::ThreatIntel};
 use super::{
     ingest::{decode_job, JobHeader},
-    report::TrustReport,
+    report::{LastReports, TrustReport},
 };
 use crate::{
     auth::{device_status::Attestation as CachedAttestation, Auth},
@@ -74,6 +74,8 @@ pub struct Scoring {
     metrics: Arc<Metrics>,
     /// This process's scoring times, for every instance's breaker.
     scoring_meter: Arc<ScoringMeter>,
+    /// The reports this instance last read, served while Redis is down.
+    last_reports: LastReports,
 }
 
 impl Scoring {
@@ -95,6 +97,7 @@ impl Scoring {
             intel,
             metrics,
             scoring_meter,
+            last_reports: LastReports::default(),
         }
     }
 
@@ -115,9 +118,25 @@ impl Scoring {
         score_batch(self, jobs, parallel).await
     }
 
-    /// The stored trust report of a device, if it has one.
+    /// The stored trust report of a device, if it has one. While shared
+    /// state is unavailable, the last one this instance read, marked
+    /// `degraded` (a device this instance never read still gets the error).
     pub async fn load_report(&self, device_id: &str) -> anyhow::Result<Option<TrustReport>> {
-        load_report(self, device_id).await
+        match load_report(self, device_id).await {
+            Ok(report) => {
+                if let Some(report) = &report {
+                    self.last_reports.remember(report);
+                }
+                Ok(report)
+            }
+            Err(e) => match (unavailable(&e), self.last_reports.fallback(device_id)) {
+                (true, Some(last)) => {
+                    tracing::debug!(device_id, "trust report served from this instance's copy");
+                    Ok(Some(last))
+                }
+                _ => Err(e),
+            },
+        }
     }
 
     /// Forgets the evidence that led to a lock (see the function `clear_evidence` below).
@@ -276,6 +295,14 @@ async fn lock<'a>(scoring: &'a Scoring, device_id: &str) -> anyhow::Result<Scori
 }
 
 /// The stored trust report of a device, if it has one.
+/// Whether `e` says shared state could not be reached (not a corrupt value).
+fn unavailable(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<crate::state::StateError>(),
+        Some(crate::state::StateError::Unavailable(_))
+    )
+}
+
 async fn load_report(scoring: &Scoring, device_id: &str) -> anyhow::Result<Option<TrustReport>> {
     Ok(scoring
         .shared

@@ -160,6 +160,75 @@ async fn a_hung_redis_costs_one_timeout_per_call_until_the_breaker_opens_then_mi
         .expect("set after recovery");
 }
 
+/// While Redis hangs, a device's trust report is the last one this
+/// instance read, marked `degraded` (on the old code: 503); a device it
+/// never read gets 503 with `Retry-After`, never a made-up score.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_redis_hangs_the_trust_report_is_the_last_known_one_marked_degraded() {
+    let Some(mut backing) = Backing::new(Backend::Production).await else {
+        return;
+    };
+    let redis = PrivateRedis::start();
+    let private = TestRedis::new(&redis.url());
+    backing.config.redis_url = Some(private.url.clone().into());
+    backing.config.redis_prefix = private.prefix.clone();
+    backing.config.redis_call_timeout = Duration::from_millis(200);
+    let app = blockremote::app::Application::build(backing.config.clone(), true)
+        .await
+        .expect("builds");
+    let app = crate::helpers::WithWorkers::start(crate::helpers::start(app, backing)).await;
+    let d = app.register("known@example.com", "device_known_01").await;
+    let other = app.register("unread@example.com", "device_unread_1").await;
+    let s = blockremote_engine::sim::session(blockremote_engine::sim::Class::HeldInHand, 2, 2);
+    // Its own window: the same one from two devices would be a replay.
+    let t = blockremote_engine::sim::session(blockremote_engine::sim::Class::HeldInHand, 3, 2);
+    for (device, hb) in [(&d, &s.heartbeats[0]), (&other, &t.heartbeats[0])] {
+        let r = app.heartbeat(device, &heartbeat_body(hb)).await;
+        assert_eq!(r.status(), StatusCode::ACCEPTED);
+    }
+    let seq = s.heartbeats[0].seq;
+    let report = |device: &crate::client::Session| {
+        let app = &app;
+        let device = device.clone();
+        async move {
+            let r = app.device_get("/v1/security/trust-score", &device).await;
+            let status = r.status();
+            let retry_after = r.headers().contains_key("retry-after");
+            (status, retry_after, r.json::<Value>().await.expect("json"))
+        }
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            report(&d).await.2["last_seq"].as_u64() >= Some(seq)
+        })
+        .await,
+        "scored"
+    );
+    let (_, _, known) = report(&d).await;
+    assert_eq!(known["degraded"], false, "{known}");
+
+    redis.hang();
+    let (status, _, served) = report(&d).await;
+    assert_eq!(status, StatusCode::OK, "{served}");
+    assert_eq!(served["degraded"], true, "{served}");
+    assert_eq!(served["last_seq"], known["last_seq"], "{served}");
+    assert_eq!(served["trust_score"], known["trust_score"], "{served}");
+    let (status, retry_after, problem) = report(&other).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{problem}");
+    assert!(retry_after, "Retry-After");
+
+    redis.resume();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let (status, _, body) = report(&d).await;
+            status == StatusCode::OK && body["degraded"] == false
+        })
+        .await,
+        "the stored report again once Redis is back"
+    );
+    drop(private);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn while_redis_hangs_the_api_answers_503_with_retry_after_and_is_not_ready_then_recovers() {
     let Some(mut backing) = Backing::new(Backend::Production).await else {
@@ -181,6 +250,13 @@ async fn while_redis_hangs_the_api_answers_503_with_retry_after_and_is_not_ready
         .await;
     let mut socket = app.kill_switch(&watched).await;
     assert_eq!(crate::client::next_json(&mut socket).await["type"], "state");
+    // The same phone also holds a socket on another instance.
+    let other = crate::helpers::second_instance(&app).await;
+    let mut elsewhere = other.kill_switch(&watched).await;
+    assert_eq!(
+        crate::client::next_json(&mut elsewhere).await["type"],
+        "state"
+    );
     let s = blockremote_engine::sim::session(blockremote_engine::sim::Class::HeldInHand, 1, 3);
     let r = app.heartbeat(&d, &heartbeat_body(&s.heartbeats[0])).await;
     assert_eq!(r.status(), StatusCode::ACCEPTED);
@@ -288,6 +364,19 @@ async fn while_redis_hangs_the_api_answers_503_with_retry_after_and_is_not_ready
     );
     let r = app.heartbeat(&d, &heartbeat_body(&s.heartbeats[2])).await;
     assert_eq!(r.status(), StatusCode::ACCEPTED);
+    // The other instance's socket heard nothing while Redis hung; once it
+    // is back the instance that took the lock publishes the disconnect,
+    // and that socket closes with 4003 too (on the old code it stayed open).
+    let closed = loop {
+        match tokio::time::timeout(Duration::from_secs(10), elsewhere.next()).await {
+            Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Close(frame)))) => break frame,
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("the other instance's socket did not close: {other:?}"),
+        }
+    };
+    let code: u16 = closed.expect("a close frame").code.into();
+    assert_eq!(code, 4003, "closed as locked on the other instance");
+    assert_eq!(app.state.hub.undelivered(), 0, "nothing left to publish");
     // The operator's retry gets the command.
     assert_eq!(lock(watched.device_id.clone()).await, StatusCode::OK);
     let ready = app

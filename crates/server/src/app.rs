@@ -551,9 +551,10 @@ impl Application {
             )
             .await;
         }
-        // The accepted seqs not yet written behind to the store.
+        // The accepted seqs and engine snapshots not yet written behind to the store.
         let _ =
             tokio::time::timeout(Duration::from_secs(1), state.ingestion.flush_sequences()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), state.scoring.flush_snapshots()).await;
         // What outlives a restart of the embedded default (state/journal.rs).
         if let Err(e) = state.shared.close().await {
             tracing::error!(error = %e, "shared state not saved at shutdown");

@@ -323,6 +323,11 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             );
             stopped.await;
             pool.stop(grace).await;
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(1),
+                workers.scoring.flush_snapshots(),
+            )
+            .await;
             workers.store.close().await;
             Ok(())
         }

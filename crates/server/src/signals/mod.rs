@@ -8,6 +8,8 @@
 //!   kill-switch command, audit row).
 //! * [`reader`] — the fast path for reading a heartbeat body.
 //! * [`report`] — the trust report as API.md defines it.
+//! * [`snapshots`] — engine states written behind to the store on Redis,
+//!   read back when Redis lost them.
 //! * [`intel`] — blacklisted app hashes, domains and addresses.
 //! * [`breaker`] — the circuit breaker watching the workers, and the meter
 //!   through which workers report their throughput and scoring p95.
@@ -21,3 +23,4 @@ pub mod intel;
 pub mod reader;
 pub mod report;
 pub mod scoring;
+pub mod snapshots;

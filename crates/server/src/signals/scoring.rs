@@ -31,6 +31,7 @@ use super::{breaker::ScoringMeter, intel::ThreatIntel};
 use super::{
     ingest::{decode_job, JobHeader},
     report::{LastReports, TrustReport},
+    snapshots::Snapshots,
 };
 use crate::{
     auth::{device_status::Attestation as CachedAttestation, Auth},
@@ -76,6 +77,8 @@ pub struct Scoring {
     scoring_meter: Arc<ScoringMeter>,
     /// The reports this instance last read, served while Redis is down.
     last_reports: LastReports,
+    /// The engine states' durable copy (see `super::snapshots`).
+    snapshots: Arc<Snapshots>,
 }
 
 impl Scoring {
@@ -90,6 +93,8 @@ impl Scoring {
         scoring_meter: Arc<ScoringMeter>,
     ) -> Self {
         Self {
+            last_reports: LastReports::default(),
+            snapshots: Snapshots::start(store.clone()),
             store,
             shared,
             auth,
@@ -97,8 +102,19 @@ impl Scoring {
             intel,
             metrics,
             scoring_meter,
-            last_reports: LastReports::default(),
         }
+    }
+
+    /// Writes the engine snapshots still waiting for the store (at shutdown).
+    pub async fn flush_snapshots(&self) {
+        if let Err(e) = self.snapshots.flush().await {
+            tracing::warn!(error = %e, "engine snapshots not written to the store at shutdown");
+        }
+    }
+
+    /// The engine snapshots' write-behind (for tests and shutdown).
+    pub fn snapshots(&self) -> &Snapshots {
+        &self.snapshots
     }
 
     /// Scores one heartbeat and acts on the decision (see the function `score` below).
@@ -193,6 +209,9 @@ struct ScoringLock<'a> {
     /// When the lock was asked for: its TTL runs from no earlier.
     asked_at: std::time::Instant,
     engine: DeviceState,
+    /// The saved state is snapshotted whether due or not (an operator's
+    /// unlock must not come back from an older snapshot).
+    force_snapshot: bool,
 }
 
 impl ScoringLock<'_> {
@@ -219,6 +238,9 @@ impl ScoringLock<'_> {
         report: Option<&TrustReport>,
     ) -> anyhow::Result<()> {
         let state_bytes = encode_state(engine)?;
+        if self.scoring.snapshots.due(device_id, self.force_snapshot) {
+            self.scoring.snapshots.note(device_id, &state_bytes);
+        }
         let report = report
             .map(|r| {
                 Ok::<_, serde_json::Error>((keys::trust_report(device_id), serde_json::to_vec(r)?))
@@ -273,7 +295,14 @@ async fn lock<'a>(scoring: &'a Scoring, device_id: &str) -> anyhow::Result<Scori
             .lock_and_get(&key, token.as_bytes(), LOCK_TTL, &state_key)
             .await?
         {
-            // A state from an older encoding starts afresh.
+            // A state Redis no longer has comes back from its snapshot; one
+            // from an older encoding starts afresh.
+            let raw = match raw {
+                Some(raw) => Some(raw),
+                None => restore_snapshots(scoring, &[device_id])
+                    .await
+                    .remove(device_id),
+            };
             let engine = raw
                 .and_then(|raw| postcard::from_bytes(&raw).ok())
                 .unwrap_or_default();
@@ -284,6 +313,7 @@ async fn lock<'a>(scoring: &'a Scoring, device_id: &str) -> anyhow::Result<Scori
                 state_key,
                 asked_at,
                 engine,
+                force_snapshot: false,
             });
         }
         if tokio::time::Instant::now() > deadline {
@@ -291,6 +321,27 @@ async fn lock<'a>(scoring: &'a Scoring, device_id: &str) -> anyhow::Result<Scori
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// The snapshots of the engine states Redis no longer has (see
+/// `super::snapshots`); none when the store cannot be read — the device
+/// then starts afresh, as before snapshots, rather than wait for it.
+async fn restore_snapshots(scoring: &Scoring, device_ids: &[&str]) -> HashMap<String, Vec<u8>> {
+    match scoring.snapshots.restore(device_ids, STATE_TTL).await {
+        Ok(found) => {
+            if !found.is_empty() {
+                tracing::info!(
+                    devices = found.len(),
+                    "engine states restored from snapshots"
+                );
+            }
+            found
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "engine snapshots unreadable; missing states start afresh");
+            HashMap::new()
+        }
     }
 }
 
@@ -535,7 +586,7 @@ enum Committed {
 /// 2. [`lock_and_load`] — take every lock, read every state (a round trip);
 /// 3. [`claim_fingerprints`] — claim every window (a round trip);
 /// 4. [`score_held`] — the engine, per device, acting on its decisions;
-/// 5. [`prepare_saves`] — encode what is to be saved;
+/// 5. [`prepare_saves`] — encode what is to be saved (and the snapshots due);
 /// 6. [`commit_saves`] — release the failed devices' locks, then save and
 ///    release the rest under the lock TTL rule (a round trip), then ack;
 /// 7. [`score_contended`] — the devices locked elsewhere, one by one.
@@ -557,7 +608,7 @@ async fn score_batch(scoring: &Scoring, jobs: Vec<Job>, parallel: usize) -> Vec<
         return done;
     };
     let outcomes = score_held(scoring, held, seen, parallel).await;
-    let (saves, failed) = prepare_saves(outcomes);
+    let (saves, failed) = prepare_saves(outcomes, &scoring.snapshots);
     match commit_saves(scoring, saves, failed, asked_at, started).await {
         Committed::Acked(ids) => done.extend(ids),
         Committed::LeftPending => {}
@@ -631,6 +682,14 @@ async fn lock_and_load<'a>(scoring: &Scoring, devices: Vec<DeviceJobs<'a>>) -> O
             return None;
         }
     };
+    // States Redis no longer has come back from their snapshots.
+    let missing: Vec<&str> = devices
+        .iter()
+        .zip(&read)
+        .filter(|(_, raw)| matches!(raw, Some(None)))
+        .map(|(d, _)| d.device_id)
+        .collect();
+    let mut restored = restore_snapshots(scoring, &missing).await;
     let mut held = Vec::new();
     let mut contended = Vec::new();
     for ((device, lock), raw) in devices.into_iter().zip(locks).zip(read) {
@@ -638,6 +697,7 @@ async fn lock_and_load<'a>(scoring: &Scoring, devices: Vec<DeviceJobs<'a>>) -> O
             Some(raw) => {
                 // A state from an older encoding starts afresh.
                 let engine: DeviceState = raw
+                    .or_else(|| restored.remove(device.device_id))
                     .and_then(|raw| postcard::from_bytes(&raw).ok())
                     .unwrap_or_default();
                 held.push(HeldDevice {
@@ -794,7 +854,10 @@ async fn score_device<'a>(
 /// or its state did not encode) are to be released without a write, their
 /// jobs left pending for retry. A report that does not encode is not saved
 /// (the state still is). No round trip.
-fn prepare_saves(outcomes: Vec<DeviceOutcome<'_>>) -> (Vec<Save>, Vec<BatchLock>) {
+fn prepare_saves(
+    outcomes: Vec<DeviceOutcome<'_>>,
+    snapshots: &Snapshots,
+) -> (Vec<Save>, Vec<BatchLock>) {
     let mut saves = Vec::with_capacity(outcomes.len());
     let mut failed = Vec::new();
     for outcome in outcomes {
@@ -824,6 +887,9 @@ fn prepare_saves(outcomes: Vec<DeviceOutcome<'_>>) -> (Vec<Save>, Vec<BatchLock>
                 continue;
             }
         };
+        if snapshots.due(device_id, false) {
+            snapshots.note(device_id, &state_bytes);
+        }
         let report = report
             .and_then(|r| serde_json::to_vec(&r).ok())
             .map(|bytes| (keys::trust_report(device_id), bytes));
@@ -1132,6 +1198,7 @@ async fn clear_evidence(scoring: &Scoring, device_id: &str) -> anyhow::Result<()
     let mut guard = lock(scoring, device_id).await?;
     let mut engine = std::mem::take(&mut guard.engine);
     engine.clear_evidence();
+    guard.force_snapshot = true;
     guard.commit(device_id, &engine, None).await
 }
 

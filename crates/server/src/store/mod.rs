@@ -65,6 +65,7 @@ mod intel;
 mod keys;
 pub mod reload;
 mod sequences;
+mod snapshots;
 mod sql;
 
 use std::{sync::Arc, time::Duration};
@@ -99,6 +100,7 @@ pub use identity::{
 pub use intel::IntelStore;
 pub use keys::{KeyStore, SigningKeyRecord};
 pub use sequences::{SequenceKind, SequenceStore};
+pub use snapshots::{EngineSnapshot, SnapshotStore};
 pub use sql::{PostgresStore, SqlStore, SqliteStore};
 
 use crate::config::DatabaseConfig;
@@ -192,6 +194,7 @@ pub trait Store:
     + AuditStore
     + KeyStore
     + SequenceStore
+    + SnapshotStore
     + Send
     + Sync
     + 'static

@@ -40,6 +40,7 @@ crate::on_both_backends!(
     the_simulator_locks_every_attack_and_no_genuine_session,
     a_simulation_rerun_is_refused_or_flagged_and_cleanup_removes_its_users,
     shared_state_that_loses_its_data_reopens_no_replay_window,
+    a_lost_engine_state_comes_back_from_its_snapshot,
 );
 
 // The stories of ingestion, scoring and delivery, on every Redis topology too.
@@ -937,4 +938,62 @@ async fn shared_state_that_loses_its_data_reopens_no_replay_window(backend: Back
     })
     .await;
     assert!(scored, "the heartbeat after the loss is scored");
+}
+
+/// Shared state loses a device's engine state (a Redis restarted without
+/// persistence; a `state.db` deleted): it comes back from its snapshot in
+/// the store, so the device is not relearned from scratch — which is what a
+/// remote-control session would want. On the old code the next report
+/// counted 1 heartbeat.
+async fn a_lost_engine_state_comes_back_from_its_snapshot(backend: Backend) {
+    let Some(app) = app(backend).await else {
+        return;
+    };
+    let d = app.register("snapshot@example.com", "device_snap_01").await;
+    let s = session(Class::HeldInHand, 5, 4);
+    for hb in &s.heartbeats[..3] {
+        let r = app.heartbeat(&d, &heartbeat_body(hb)).await;
+        assert_eq!(r.status(), StatusCode::ACCEPTED);
+    }
+    let third = s.heartbeats[2].seq;
+    let report = || async {
+        let r = app.device_get("/v1/security/trust-score", &d).await;
+        r.json::<Value>().await.expect("json")
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            report().await["last_seq"].as_u64() >= Some(third)
+        })
+        .await,
+        "scored"
+    );
+    // The first scoring of a device is snapshotted at once; written now
+    // rather than at the next flush.
+    app.state.scoring.flush_snapshots().await;
+    assert_eq!(app.state.scoring.snapshots().pending(), 0, "written");
+    crate::helpers::lose_shared_state(
+        &app,
+        &[
+            keys::signal_state(&d.device_id),
+            keys::trust_report(&d.device_id),
+        ],
+    )
+    .await;
+    // Above any seq the loss may have reopened (it is refilled with a margin).
+    let mut next = s.heartbeats[3].clone();
+    next.seq = third + 1000;
+    let r = app.heartbeat(&d, &heartbeat_body(&next)).await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            report().await["last_seq"].as_u64() >= Some(next.seq)
+        })
+        .await,
+        "the heartbeat after the loss is scored"
+    );
+    let counted = report().await["heartbeats"].as_u64().expect("heartbeats");
+    assert!(
+        counted >= 2,
+        "the state came back from its snapshot: {counted} heartbeat(s) counted"
+    );
 }

@@ -22,6 +22,7 @@ crate::on_both_backends!(
     firewall_side_effects_reach_only_devices_the_users_own,
     app_attest_counters_move_forward_once_and_verdicts_grade_the_device,
     external_users_are_created_once_and_never_sign_in_by_password,
+    engine_snapshots_replace_skip_unknown_devices_and_go_with_their_user,
 );
 
 fn token(n: u8) -> NewRefreshToken {
@@ -880,4 +881,59 @@ async fn external_users_are_created_once_and_never_sign_in_by_password(backend: 
         .ensure_external_user(&"x".repeat(129), None)
         .await
         .is_err());
+}
+
+async fn engine_snapshots_replace_skip_unknown_devices_and_go_with_their_user(backend: Backend) {
+    use blockremote::store::EngineSnapshot;
+    let Some((store, _raw, _b)) = store_for(backend).await else {
+        return;
+    };
+    store.migrate().await.expect("migrate");
+    let user = store
+        .create_user("snap@example.com", "hash")
+        .await
+        .expect("user");
+    store
+        .start_session(ios_session(user.id, Uuid::now_v7()))
+        .await
+        .expect("session");
+    let snapshot = |device: &str, state: &[u8], saved_at| EngineSnapshot {
+        device_id: device.into(),
+        state: state.to_vec(),
+        saved_at,
+    };
+    // A device that does not exist is skipped, not an error that would
+    // keep the whole batch pending.
+    store
+        .save_engine_snapshots(&[
+            snapshot("device_0001", &[1, 2, 3], 10),
+            snapshot("device_gone_1", &[9], 10),
+        ])
+        .await
+        .expect("saved");
+    let found = store
+        .engine_snapshots(&["device_0001", "device_gone_1"])
+        .await
+        .expect("read");
+    assert_eq!(found, [snapshot("device_0001", &[1, 2, 3], 10)]);
+    store
+        .save_engine_snapshots(&[snapshot("device_0001", &[4], 20)])
+        .await
+        .expect("replaced");
+    assert_eq!(
+        store
+            .engine_snapshots(&["device_0001"])
+            .await
+            .expect("read"),
+        [snapshot("device_0001", &[4], 20)]
+    );
+    store
+        .delete_user(user.id, entry(user.id, "user_deleted"))
+        .await
+        .expect("deleted");
+    assert!(store
+        .engine_snapshots(&["device_0001"])
+        .await
+        .expect("read")
+        .is_empty());
 }

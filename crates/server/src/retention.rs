@@ -2,6 +2,11 @@
 //! are deleted by a periodic job; audit rows are never touched (the
 //! database refuses it anyway).
 //!
+//! On PostgreSQL both tables are partitioned by month: the job first keeps
+//! the months ahead ready, then drops the event partitions wholly past the
+//! cutoff (no row-by-row delete, no bloat), then deletes the expired rest
+//! of the month the cutoff falls in. On SQLite it deletes by age.
+//!
 //! Every `serve` instance runs the job; the deletes are idempotent, in
 //! batches, so replicas running it together only share the work.
 
@@ -21,6 +26,14 @@ const BATCH: u32 = 10_000;
 pub async fn run_once(store: &dyn Store, retention: Duration) -> StoreResult<u64> {
     let cutoff =
         Utc::now() - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
+    store.ensure_partitions().await?;
+    let dropped = store.drop_event_partitions_before(cutoff).await?;
+    if dropped > 0 {
+        tracing::info!(
+            partitions = dropped,
+            "expired business-event partitions dropped"
+        );
+    }
     let mut total = 0;
     loop {
         let deleted = store.delete_events_before(cutoff, BATCH).await?;

@@ -58,6 +58,11 @@ pub struct StoredEvent {
     pub created_at: DateTime<Utc>,
 }
 
+/// Months of partitions kept ready ahead of now (PostgreSQL): a year, so
+/// that a deployment whose retention job has not run for months still has
+/// somewhere to write.
+pub const PARTITIONS_AHEAD: i32 = 12;
+
 /// Recording, listing and expiring business events.
 #[async_trait]
 pub trait EventStore: Send + Sync {
@@ -67,6 +72,16 @@ pub trait EventStore: Send + Sync {
     /// Deletes up to `batch` business events created before `cutoff`;
     /// returns how many. Audit rows are never touched.
     async fn delete_events_before(&self, cutoff: DateTime<Utc>, batch: u32) -> StoreResult<u64>;
+
+    /// Creates the monthly partitions of `business_events` and `audit_logs`
+    /// from last month to [`PARTITIONS_AHEAD`] months ahead that do not
+    /// exist yet; returns how many (PostgreSQL; SQLite has none: 0).
+    async fn ensure_partitions(&self) -> StoreResult<u64>;
+
+    /// Drops every monthly partition of `business_events` whose whole
+    /// month is before `cutoff`; returns how many (PostgreSQL; SQLite: 0).
+    /// The rest of the expired rows go by [`delete_events_before`](Self::delete_events_before).
+    async fn drop_event_partitions_before(&self, cutoff: DateTime<Utc>) -> StoreResult<u64>;
 
     /// Business events (of `event_type` when given) strictly older than
     /// `before`, newest first, at most `limit`.
@@ -170,6 +185,34 @@ for_each_dialect! {
             .execute(&self.pool)
             .await?
             .rows_affected())
+        }
+
+        async fn ensure_partitions(&self) -> StoreResult<u64> {
+            if <Db as super::sql::Dialect>::NAME != "postgres" {
+                return Ok(0);
+            }
+            let mut created = 0;
+            for table in ["business_events", "audit_logs"] {
+                let n: i32 = sqlx::query_scalar("SELECT blockremote_ensure_month_partitions($1, 1, $2)")
+                    .bind(table)
+                    .bind(PARTITIONS_AHEAD)
+                    .fetch_one(&self.pool)
+                    .await?;
+                created += u64::try_from(n).unwrap_or(0);
+            }
+            Ok(created)
+        }
+
+        async fn drop_event_partitions_before(&self, cutoff: DateTime<Utc>) -> StoreResult<u64> {
+            if <Db as super::sql::Dialect>::NAME != "postgres" {
+                return Ok(0);
+            }
+            let n: i32 =
+                sqlx::query_scalar("SELECT blockremote_drop_month_partitions('business_events', $1)")
+                    .bind(Time(cutoff))
+                    .fetch_one(&self.pool)
+                    .await?;
+            Ok(u64::try_from(n).unwrap_or(0))
         }
 
         async fn events_page(

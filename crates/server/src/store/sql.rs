@@ -220,6 +220,8 @@ for_each_dialect! {
         #[tracing::instrument(skip_all, name = "store.migrate")]
         async fn migrate(&self) -> StoreResult<()> {
             <Db as Dialect>::migrator().run(&self.pool).await?;
+            // The months ahead (the retention job keeps them ready too).
+            super::EventStore::ensure_partitions(self).await?;
             Ok(())
         }
 

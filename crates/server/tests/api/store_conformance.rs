@@ -6,7 +6,7 @@ use blockremote::store::{
 };
 use uuid::Uuid;
 
-use crate::helpers::{store_for, Backend};
+use crate::helpers::{store_for, Backend, RawSql};
 
 crate::on_both_backends!(
     migrations_are_idempotent_and_seed_the_plans,
@@ -23,6 +23,7 @@ crate::on_both_backends!(
     app_attest_counters_move_forward_once_and_verdicts_grade_the_device,
     external_users_are_created_once_and_never_sign_in_by_password,
     engine_snapshots_replace_skip_unknown_devices_and_go_with_their_user,
+    append_only_tables_are_partitioned_by_month_on_postgres,
 );
 
 fn token(n: u8) -> NewRefreshToken {
@@ -936,4 +937,213 @@ async fn engine_snapshots_replace_skip_unknown_devices_and_go_with_their_user(ba
         .await
         .expect("read")
         .is_empty());
+}
+
+/// `YYYYMM` of the month `offset` months from now (UTC).
+fn month(offset: i32) -> String {
+    use chrono::Datelike;
+    let now = chrono::Utc::now();
+    let index = now.year() * 12 + now.month0() as i32 + offset;
+    format!("{:04}{:02}", index.div_euclid(12), index.rem_euclid(12) + 1)
+}
+
+async fn append_only_tables_are_partitioned_by_month_on_postgres(backend: Backend) {
+    use chrono::Datelike;
+    let Some((store, raw, _b)) = store_for(backend).await else {
+        return;
+    };
+    store.migrate().await.expect("migrate");
+    if backend == Backend::Embedded {
+        // SQLite has no partitions; retention deletes by age.
+        assert_eq!(store.ensure_partitions().await.expect("ensure"), 0);
+        assert_eq!(
+            store
+                .drop_event_partitions_before(chrono::Utc::now())
+                .await
+                .expect("drop"),
+            0
+        );
+        return;
+    }
+    assert_eq!(
+        raw.strings(
+            "SELECT c.relname::text FROM pg_partitioned_table p \
+             JOIN pg_class c ON c.oid = p.partrelid ORDER BY 1"
+        )
+        .await,
+        ["audit_logs", "business_events"]
+    );
+    let partitions = |table: &'static str| {
+        let raw = &raw;
+        async move {
+            raw.strings(&format!(
+                "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+                 WHERE i.inhparent = '{table}'::regclass ORDER BY 1"
+            ))
+            .await
+        }
+    };
+    for table in ["business_events", "audit_logs"] {
+        let names = partitions(table).await;
+        for offset in [-1, 0, 1, 12] {
+            let name = format!("{table}_{}", month(offset));
+            assert!(names.contains(&name), "{name} missing: {names:?}");
+        }
+        assert!(names.contains(&format!("{table}_default")), "{names:?}");
+    }
+    // Rows land in this month's partition.
+    store
+        .record_event(blockremote::store::NewEvent {
+            event_type: "login:failed".into(),
+            user_id: None,
+            device_id: None,
+            ip_prefix: Some("192.0.2.0/24".into()),
+            ip_hmac: None,
+            metadata: serde_json::json!({"reason": "invalid_credentials"}),
+        })
+        .await
+        .expect("event");
+    store
+        .append_audit(entry(Uuid::now_v7(), "partition_probe"))
+        .await
+        .expect("audit");
+    for table in ["business_events", "audit_logs"] {
+        assert_eq!(
+            raw.strings(&format!("SELECT count(*)::text FROM {table}_{}", month(0)))
+                .await,
+            ["1"],
+            "{table}"
+        );
+    }
+    // Idempotent: everything is there already.
+    assert_eq!(store.ensure_partitions().await.expect("ensure"), 0);
+    // An audit partition cannot be emptied by name either.
+    let truncate = raw
+        .execute(&format!("TRUNCATE audit_logs_{}", month(0)))
+        .await;
+    assert!(
+        truncate.as_ref().is_err_and(|e| e.contains("append-only")),
+        "{truncate:?}"
+    );
+    // Retention drops the event months wholly before the cutoff — here,
+    // last month — and nothing of the audit trail.
+    let this_month = chrono::Utc::now()
+        .date_naive()
+        .with_day(1)
+        .expect("day 1")
+        .and_hms_opt(0, 0, 0)
+        .expect("midnight")
+        .and_utc();
+    let audit_before = partitions("audit_logs").await;
+    assert_eq!(
+        store
+            .drop_event_partitions_before(this_month)
+            .await
+            .expect("drop"),
+        1
+    );
+    let left = partitions("business_events").await;
+    assert!(
+        !left.contains(&format!("business_events_{}", month(-1))),
+        "{left:?}"
+    );
+    assert!(
+        left.contains(&format!("business_events_{}", month(0))),
+        "{left:?}"
+    );
+    assert_eq!(partitions("audit_logs").await, audit_before);
+    assert_eq!(
+        raw.strings("SELECT count(*)::text FROM business_events")
+            .await,
+        ["1"],
+        "this month's event kept"
+    );
+}
+
+/// A PostgreSQL database from before 0017 keeps every row, and its audit
+/// chain still verifies, once its tables move into monthly partitions —
+/// a row three months old included, in its own month.
+#[tokio::test]
+async fn an_existing_postgres_database_moves_into_partitions_with_its_rows_and_chain() {
+    use blockremote::store::verify_audit_chain;
+    let Some((store, raw, backing)) = store_for(Backend::Production).await else {
+        return;
+    };
+    let RawSql::Postgres(pool) = &raw else {
+        unreachable!("a production store")
+    };
+    // Migrations 0001–0016 only, from a copy of their files.
+    let before = backing.dir.path().join("before-0017");
+    std::fs::create_dir_all(&before).expect("dir");
+    let source = concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/postgres");
+    for file in std::fs::read_dir(source).expect("migrations") {
+        let file = file.expect("entry").path();
+        let name = file
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
+        if name.as_str() < "0017" {
+            std::fs::copy(&file, before.join(&name)).expect("copy");
+        }
+    }
+    sqlx::migrate::Migrator::new(before.as_path())
+        .await
+        .expect("migrator")
+        .run(pool)
+        .await
+        .expect("0001-0016");
+    for i in 0..3 {
+        store
+            .append_audit(entry(Uuid::now_v7(), &format!("before_{i}")))
+            .await
+            .expect("audit");
+    }
+    store
+        .record_event(blockremote::store::NewEvent {
+            event_type: "login:failed".into(),
+            user_id: None,
+            device_id: None,
+            ip_prefix: Some("192.0.2.0/24".into()),
+            ip_hmac: None,
+            metadata: serde_json::json!({"reason": "invalid_credentials"}),
+        })
+        .await
+        .expect("event");
+    raw.execute(
+        "INSERT INTO business_events (id, type, metadata, created_at) \
+         VALUES (gen_random_uuid(), 'login:failed', '{}', now() - interval '95 days')",
+    )
+    .await
+    .expect("an old event");
+
+    store.migrate().await.expect("0017");
+    assert_eq!(
+        raw.strings("SELECT count(*)::text FROM business_events")
+            .await,
+        ["2"]
+    );
+    assert_eq!(
+        raw.strings("SELECT count(*)::text FROM business_events_default")
+            .await,
+        ["0"],
+        "every row in its month"
+    );
+    assert_eq!(
+        raw.strings("SELECT count(*)::text FROM audit_logs").await,
+        ["3"]
+    );
+    assert_eq!(
+        verify_audit_chain(store.as_ref()).await.expect("verify"),
+        Ok(3)
+    );
+    // The chain goes on across the move.
+    store
+        .append_audit(entry(Uuid::now_v7(), "after"))
+        .await
+        .expect("audit");
+    assert_eq!(
+        verify_audit_chain(store.as_ref()).await.expect("verify"),
+        Ok(4)
+    );
 }

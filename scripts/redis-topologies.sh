@@ -7,7 +7,7 @@
 #   tls       one node, TLS only, client certificates required   port 17130
 #
 #   scripts/redis-topologies.sh start [cluster|sentinel|tls ...]   # prints the TEST_REDIS_* exports
-#   scripts/redis-topologies.sh restart PORT   # a killed cluster node comes back
+#   scripts/redis-topologies.sh restart PORT   # a killed node comes back
 #   scripts/redis-topologies.sh stop
 #
 # BLOCKREMOTE_TOPOLOGIES_DIR (default /tmp/blockremote-redis-topologies) and
@@ -167,11 +167,17 @@ EOF
     cat "$DIR/env"
     ;;
   restart)
-    # Brings a killed cluster node back with its own config (it rejoins,
-    # as a replica if its slots moved while it was down).
+    # Brings a killed node back: a cluster node with its own config (it
+    # rejoins, as a replica if its slots moved while it was down); the
+    # sentinels' primary or replica empty, as Redis without persistence
+    # restarts (the sentinels make it a replica of the current primary).
     port=${2:?usage: $0 restart PORT}
-    node "$port" --cluster-enabled yes --cluster-config-file "$DIR/$port/nodes.conf" \
-      --cluster-node-timeout 2000
+    if [ "$port" = "$PRIMARY" ] || [ "$port" = "$REPLICA" ]; then
+      node "$port"
+    else
+      node "$port" --cluster-enabled yes --cluster-config-file "$DIR/$port/nodes.conf" \
+        --cluster-node-timeout 2000
+    fi
     wait_port "$port"
     ;;
   stop)

@@ -8,6 +8,11 @@
 //! any heartbeat again — a replay window — while command numbering would
 //! restart at 1, below what the phone last saw.
 //!
+//! The position each phone acked its commands up to (`force_overlay:acked:`)
+//! is written behind the same way: after a loss, a reconnecting phone is
+//! sent the commands above it from the store's copy of the history
+//! (`crate::store::CommandStore`), never the ones it already acked.
+//!
 //! So every accepted number is also written behind to the store
 //! ([`SequenceStore`]): [`Sequences::note`] keeps the highest per device in
 //! memory and a task writes them about once a second ([`FLUSH_EVERY`]), in
@@ -50,6 +55,7 @@ pub struct Sequences {
     store: Arc<dyn Store>,
     heartbeats: Mutex<HashMap<String, u64>>,
     commands: Mutex<HashMap<String, u64>>,
+    acks: Mutex<HashMap<String, u64>>,
 }
 
 impl Sequences {
@@ -59,6 +65,7 @@ impl Sequences {
             store,
             heartbeats: Mutex::default(),
             commands: Mutex::default(),
+            acks: Mutex::default(),
         });
         tokio::spawn(write_behind(Arc::downgrade(&sequences)));
         sequences
@@ -68,6 +75,7 @@ impl Sequences {
         match kind {
             SequenceKind::Heartbeat => &self.heartbeats,
             SequenceKind::Command => &self.commands,
+            SequenceKind::Acked => &self.acks,
         }
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -93,9 +101,22 @@ impl Sequences {
         Ok(if known == 0 { 0 } else { known + MARGIN })
     }
 
+    /// The highest number of `kind` known for `device_id` (stored or
+    /// noted here), without a margin: for a position that must not skip
+    /// ahead (the acked command, below which nothing is sent again).
+    pub async fn known(&self, kind: SequenceKind, device_id: &str) -> StoreResult<u64> {
+        let stored = self.store.device_sequence(device_id, kind).await?;
+        let noted = self.pending(kind).get(device_id).copied().unwrap_or(0);
+        Ok(stored.max(noted))
+    }
+
     /// Writes every noted number now; on failure they are kept for the next try.
     pub async fn flush(&self) -> StoreResult<()> {
-        for kind in [SequenceKind::Heartbeat, SequenceKind::Command] {
+        for kind in [
+            SequenceKind::Heartbeat,
+            SequenceKind::Command,
+            SequenceKind::Acked,
+        ] {
             let entries: Vec<(String, u64)> = self.pending(kind).drain().collect();
             if entries.is_empty() {
                 continue;

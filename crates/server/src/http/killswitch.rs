@@ -231,6 +231,7 @@ async fn handshake(
         shared: state.shared.clone(),
         metrics: state.metrics.clone(),
         hub: state.hub.clone(),
+        sequences: state.ingestion.sequences(),
         shutdown: state.shutdown.clone(),
     };
     Ok(upgrade.on_upgrade(move |socket| {

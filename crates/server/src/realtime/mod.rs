@@ -236,9 +236,10 @@ pub async fn issue_global(
 /// Command numbering must never restart below what the phone has seen (it
 /// resumes from its last `seq`): a counter missing from shared state (lost
 /// with Redis's data, or expired) is first refilled from the store's copy
-/// plus [`sequences::MARGIN`], and each number is written through to the
-/// store (commands are rare; the lock that causes one writes the store
-/// anyway). Both store steps are best effort: a store that is down must not
+/// plus [`sequences::MARGIN`], and each command is written through to the
+/// store with its number (commands are rare; the lock that causes one
+/// writes the store anyway), whence a reconnecting phone is sent what it
+/// never acked if the shared history was lost. Both store steps are best effort: a store that is down must not
 /// hold a lock back, so then numbering may restart (logged). A command
 /// racing the refill of the same device may get a low number; the `state`
 /// message every (re)connecting socket gets first carries the truth.
@@ -267,15 +268,6 @@ pub async fn record(
         }
     }
     let seq = shared.incr(&counter, 1, HISTORY_TTL).await?;
-    if let Err(e) = store
-        .raise_device_sequences(
-            SequenceKind::Command,
-            &[(device_id.to_owned(), u64::try_from(seq).unwrap_or_default())],
-        )
-        .await
-    {
-        tracing::warn!(error = %e, device_id, "command seq not written to the store");
-    }
     let command = DeviceCommand {
         id: Uuid::now_v7(),
         device_id: device_id.to_owned(),
@@ -294,5 +286,19 @@ pub async fn record(
             HISTORY_TTL,
         )
         .await?;
+    // Written through once it is in the shared history (a command that
+    // never got there was refused, and must not come back after a loss).
+    if let Err(e) = store
+        .record_command(
+            device_id,
+            command.seq,
+            &String::from_utf8_lossy(&payload),
+            chrono::Utc::now().timestamp_millis(),
+            HISTORY_LEN as u64,
+        )
+        .await
+    {
+        tracing::warn!(error = %e, device_id, "command not written to the store");
+    }
     Ok(command)
 }

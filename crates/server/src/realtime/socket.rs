@@ -100,6 +100,9 @@ pub struct SocketHandles {
     pub metrics: Arc<Metrics>,
     /// This instance's sockets; its ack writer saves ack positions.
     pub hub: Arc<Hub>,
+    /// Where ack positions are written behind to the store, and read back
+    /// when shared state lost them (`crate::sequences`).
+    pub sequences: Arc<crate::sequences::Sequences>,
     /// Cancelled when the process begins to shut down (the socket then closes).
     pub shutdown: CancellationToken,
 }
@@ -125,6 +128,51 @@ async fn counter(shared: &dyn SharedState, key: &str) -> u64 {
         .flatten()
         .and_then(|v| std::str::from_utf8(&v).ok()?.parse().ok())
         .unwrap_or(0)
+}
+
+/// The store's copy of `device_id`'s commands above `since`, within the
+/// history's TTL (empty when the store cannot be read: the phone resumes
+/// again on its next connection). A free function for the same reason as
+/// [`counter`].
+async fn stored_history(store: &dyn Store, device_id: &str, since: u64) -> Vec<(u64, Vec<u8>)> {
+    let ttl_ms = i64::try_from(super::HISTORY_TTL.as_millis()).unwrap_or(i64::MAX);
+    match store
+        .commands_since(
+            device_id,
+            since,
+            chrono::Utc::now().timestamp_millis().saturating_sub(ttl_ms),
+            u32::try_from(super::HISTORY_LEN).unwrap_or(u32::MAX),
+        )
+        .await
+    {
+        Ok(commands) => commands
+            .into_iter()
+            .map(|c| (c.seq, c.command.into_bytes()))
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "stored command history unavailable");
+            Vec::new()
+        }
+    }
+}
+
+/// Where the device acked its commands up to: shared state's position, or
+/// when shared state has none (lost with Redis's data, or never acked) the
+/// store's copy — without it, a phone reconnecting after a loss would be
+/// sent its whole stored history again, an old lock included.
+async fn acked_position(state: &SocketHandles, device_id: &str) -> u64 {
+    match state.shared.get(&keys::command_acked(device_id)).await {
+        Ok(Some(value)) => std::str::from_utf8(&value)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+        Ok(None) => state
+            .sequences
+            .known(SequenceKind::Acked, device_id)
+            .await
+            .unwrap_or(0),
+        Err(_) => 0,
+    }
 }
 
 struct Connection {
@@ -197,9 +245,12 @@ impl Connection {
         }
     }
 
-    /// Writes every command in history after `since`.
+    /// Writes every command in history after `since`. A shared history
+    /// with nothing above `since` may have been lost with Redis's data:
+    /// the store's copy then says (it holds the device's commands, not
+    /// global ones).
     async fn replay(&mut self, since: u64) -> bool {
-        let history = match self
+        let mut history = match self
             .state
             .shared
             .history_since(&keys::force_overlay(&self.device.device_id), since)
@@ -211,6 +262,10 @@ impl Connection {
                 return true;
             }
         };
+        if history.is_empty() {
+            let store = self.state.store.clone();
+            history = stored_history(store.as_ref(), &self.device.device_id, since).await;
+        }
         for (seq, payload) in history {
             if let Some(command) = DeviceCommand::from_history(seq, &payload) {
                 if !self.write_command(&Outbound::from(&command)).await {
@@ -233,7 +288,16 @@ impl Connection {
             .map(|d| d.status)
             .unwrap_or(DeviceStatus::Revoked);
         let locked = status != DeviceStatus::Active;
-        let seq = counter(self.state.shared.as_ref(), &keys::command_seq(&device_id)).await;
+        let seq = match counter(self.state.shared.as_ref(), &keys::command_seq(&device_id)).await {
+            // Lost with shared state, or never issued: the store's copy.
+            0 => self
+                .state
+                .store
+                .device_sequence(&device_id, SequenceKind::Command)
+                .await
+                .unwrap_or(0),
+            seq => seq,
+        };
         let last_action = if locked {
             self.state
                 .shared
@@ -296,6 +360,9 @@ impl Connection {
         // The position only moves forward even if acks arrive out of order
         // or on two sockets of the device; saved in batches (see `acks`).
         self.state.hub.acks().ack(&self.device.device_id, seq).await;
+        self.state
+            .sequences
+            .note(SequenceKind::Acked, &self.device.device_id, seq);
     }
 }
 
@@ -327,11 +394,7 @@ pub async fn serve(
         acks: 0,
     };
     let reason;
-    let acked = counter(
-        conn.state.shared.as_ref(),
-        &keys::command_acked(&conn.device.device_id),
-    )
-    .await;
+    let acked = acked_position(&conn.state, &conn.device.device_id).await;
     let state_sent = conn.send_state().await;
     conn.state
         .metrics

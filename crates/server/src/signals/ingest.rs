@@ -541,6 +541,12 @@ impl Ingestion {
         }
     }
 
+    /// The write-behind of sequence numbers (the kill-switch sockets note
+    /// their ack positions in it too).
+    pub fn sequences(&self) -> Arc<Sequences> {
+        self.sequences.clone()
+    }
+
     /// Writes the accepted `seq`s still waiting for the store (at shutdown).
     pub async fn flush_sequences(&self) {
         if let Err(e) = self.sequences.flush().await {

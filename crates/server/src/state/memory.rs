@@ -486,12 +486,19 @@ impl SharedState for MemoryState {
     }
 
     async fn delete(&self, key: &str) -> StateResult<bool> {
+        // Whatever the key holds, as Redis's DEL: a value or a command
+        // history.
         let existed = self.live_entry(key);
+        let mut durability = Durability::Volatile;
         if self.kv.remove(key).is_some() {
-            let durability = self.mark(key);
-            self.settle(durability).await?;
+            durability = self.mark(key);
         }
-        Ok(existed)
+        let had_history = self.histories.remove(key).is_some();
+        if had_history && self.mark_history(key) == Durability::Committed {
+            durability = Durability::Committed;
+        }
+        self.settle(durability).await?;
+        Ok(existed || had_history)
     }
 
     async fn incr(&self, key: &str, by: i64, ttl: Duration) -> StateResult<i64> {

@@ -674,6 +674,8 @@ for_each_dialect! {
                  (SELECT id FROM devices WHERE user_id = $1)",
                 "DELETE FROM engine_snapshots WHERE device_id IN \
                  (SELECT id FROM devices WHERE user_id = $1)",
+                "DELETE FROM device_commands WHERE device_id IN \
+                 (SELECT id FROM devices WHERE user_id = $1)",
                 "DELETE FROM devices WHERE user_id = $1",
                 "DELETE FROM subscriptions WHERE user_id = $1",
                 "DELETE FROM users WHERE id = $1",

@@ -55,6 +55,7 @@ mod audit;
 pub mod audit_chain;
 mod billing;
 mod columns;
+mod commands;
 pub mod event_schema;
 mod events;
 pub mod files;
@@ -85,6 +86,7 @@ pub use audit::{
 pub use billing::{
     BillingEvent, BillingOutcome, BillingStore, Plan, Subscription, SubscriptionStatus,
 };
+pub use commands::{CommandStore, StoredCommand};
 pub use events::{EventStore, NewEvent, StoredEvent};
 pub use firewall::{
     FirewallDecision, FirewallRule, FirewallStore, NewDecision, RuleMode, RuleScope, RuleUpdate,
@@ -195,6 +197,7 @@ pub trait Store:
     + KeyStore
     + SequenceStore
     + SnapshotStore
+    + CommandStore
     + Send
     + Sync
     + 'static

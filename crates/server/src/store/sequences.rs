@@ -17,6 +17,8 @@ pub enum SequenceKind {
     Heartbeat,
     /// The highest kill-switch command `seq` issued.
     Command,
+    /// The highest kill-switch command `seq` the device acked.
+    Acked,
 }
 
 impl SequenceKind {
@@ -25,6 +27,7 @@ impl SequenceKind {
         match self {
             Self::Heartbeat => "heartbeat_seq",
             Self::Command => "command_seq",
+            Self::Acked => "command_acked_seq",
         }
     }
 }

@@ -21,6 +21,7 @@ crate::on_both_backends!(
     handshake_rate_and_connection_cap,
     a_client_close_is_answered_with_a_close_frame,
     command_numbering_never_restarts_after_shared_state_loses_its_data,
+    a_phone_reconnecting_after_shared_state_lost_its_history_gets_only_what_it_never_acked,
     after_a_pubsub_gap_every_socket_gets_what_it_missed,
 );
 
@@ -677,5 +678,81 @@ async fn after_a_pubsub_gap_every_socket_gets_what_it_missed(backend: Backend) {
         global["seq"].as_u64() > Some(missed.seq),
         "numbering restarted: {global} after {}",
         missed.seq
+    );
+}
+
+/// Shared state loses the device's command history, counter and acked
+/// position (a Redis restarted without persistence): the phone that
+/// reconnects is still sent the command it never acked — from the store's
+/// copy — and not the one it did. On the old code nothing came after
+/// `state`.
+async fn a_phone_reconnecting_after_shared_state_lost_its_history_gets_only_what_it_never_acked(
+    backend: Backend,
+) {
+    let Some(app) = with_admin(backend).await else {
+        return;
+    };
+    let d = app.register("history@example.com", "device_history1").await;
+    let mut socket = app.kill_switch(&d).await;
+    assert_eq!(next_json(&mut socket).await["type"], "state");
+    let acked = app.lock(&d.device_id, "FORCE_OVERLAY").await;
+    let heard = next_json(&mut socket).await;
+    assert_eq!(heard["id"], acked["id"]);
+    socket
+        .send(Message::Text(
+            json!({"type": "ack", "id": heard["id"]}).to_string().into(),
+        ))
+        .await
+        .expect("ack");
+    let acked_seq = acked["seq"].as_u64().expect("seq");
+    assert!(
+        crate::helpers::eventually(Duration::from_secs(5), || async {
+            app.state
+                .store
+                .device_sequence(&d.device_id, blockremote::store::SequenceKind::Acked)
+                .await
+                .expect("store")
+                >= acked_seq
+        })
+        .await,
+        "the acked position is written behind to the store"
+    );
+    let _ = socket.close(None).await;
+    drop(socket);
+    // Issued while the phone is away: never acked.
+    let missed = app.lock(&d.device_id, "FORCE_OVERLAY").await;
+    crate::helpers::lose_shared_state(
+        &app,
+        &[
+            blockremote::state::keys::command_seq(&d.device_id),
+            blockremote::state::keys::force_overlay(&d.device_id),
+            blockremote::state::keys::command_acked(&d.device_id),
+        ],
+    )
+    .await;
+    let mut socket = app.kill_switch(&d).await;
+    let state = next_json(&mut socket).await;
+    assert_eq!(state["type"], "state");
+    assert_eq!(state["seq"], missed["seq"], "{state}");
+    let resent = next_json(&mut socket).await;
+    assert_eq!(
+        (resent["id"].clone(), resent["seq"].clone()),
+        (missed["id"].clone(), missed["seq"].clone()),
+        "the unacked command comes back: {resent}"
+    );
+    // And nothing else: the acked one is not sent again.
+    let more = tokio::time::timeout(Duration::from_millis(500), async {
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Text(text))) => return Some(text),
+                Some(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    })
+    .await;
+    assert!(
+        !matches!(more, Ok(Some(_))),
+        "nothing after the unacked command: {more:?}"
     );
 }

@@ -320,6 +320,15 @@ async fn history_is_ordered_bounded_and_read_from_a_position(backend: StateBacke
         vec![6, 7]
     );
     assert!(s.history_since(&key, 7).await.expect("read").is_empty());
+    // Deleting the key drops the history, as Redis's DEL does (in process
+    // it used to drop only plain values).
+    assert!(s.delete(&key).await.expect("delete"), "it existed");
+    assert!(s.history_since(&key, 0).await.expect("read").is_empty());
+    for seq in 1..=7u64 {
+        s.history_push(&key, seq, format!("cmd-{seq}").as_bytes(), 5, ttl)
+            .await
+            .expect("push");
+    }
     assert!(s
         .history_since("force_overlay:{other}", 0)
         .await

@@ -24,6 +24,7 @@ crate::on_both_backends!(
     external_users_are_created_once_and_never_sign_in_by_password,
     engine_snapshots_replace_skip_unknown_devices_and_go_with_their_user,
     append_only_tables_are_partitioned_by_month_on_postgres,
+    device_commands_are_kept_bounded_and_read_above_a_position,
 );
 
 fn token(n: u8) -> NewRefreshToken {
@@ -1146,4 +1147,64 @@ async fn an_existing_postgres_database_moves_into_partitions_with_its_rows_and_c
         verify_audit_chain(store.as_ref()).await.expect("verify"),
         Ok(4)
     );
+}
+
+async fn device_commands_are_kept_bounded_and_read_above_a_position(backend: Backend) {
+    use blockremote::store::SequenceKind;
+    let Some((store, _raw, _b)) = store_for(backend).await else {
+        return;
+    };
+    store.migrate().await.expect("migrate");
+    let user = store
+        .create_user("commands@example.com", "hash")
+        .await
+        .expect("user");
+    store
+        .start_session(ios_session(user.id, Uuid::now_v7()))
+        .await
+        .expect("session");
+    for seq in 1..=6u64 {
+        store
+            .record_command("device_0001", seq, &format!("{{\"n\":{seq}}}"), 1_000, 4)
+            .await
+            .expect("recorded");
+    }
+    // An unknown device is skipped, not an error.
+    store
+        .record_command("device_gone_1", 1, "{}", 1_000, 4)
+        .await
+        .expect("skipped");
+    // The counter follows, and only the newest `keep` are kept.
+    assert_eq!(
+        store
+            .device_sequence("device_0001", SequenceKind::Command)
+            .await
+            .expect("seq"),
+        6
+    );
+    let seqs = |since, after| {
+        let store = store.clone();
+        async move {
+            store
+                .commands_since("device_0001", since, after, 100)
+                .await
+                .expect("read")
+                .into_iter()
+                .map(|c| c.seq)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(seqs(0, 0).await, [3, 4, 5, 6]);
+    assert_eq!(seqs(4, 0).await, [5, 6]);
+    assert!(seqs(0, 2_000).await.is_empty(), "older than asked for");
+    let read = store
+        .commands_since("device_0001", 5, 0, 100)
+        .await
+        .expect("read");
+    assert_eq!(read[0].command, "{\"n\":6}");
+    store
+        .delete_user(user.id, entry(user.id, "user_deleted"))
+        .await
+        .expect("deleted");
+    assert!(seqs(0, 0).await.is_empty(), "gone with the user");
 }

@@ -168,7 +168,9 @@ enum KeysCommand {
     /// instance, and tokens it signed are refused on their next use (a
     /// current key is first replaced by a new one). For a leaked key.
     Revoke {
-        /// The key's `kid` (as in the JWKS and token headers).
+        /// The key's `kid` (as in the JWKS and token headers). A kid is
+        /// base64url, so it may begin with `-`: taken as the kid, not a flag.
+        #[arg(allow_hyphen_values = true)]
         kid: String,
     },
     /// Re-seal every private key and server secret under the KEK now

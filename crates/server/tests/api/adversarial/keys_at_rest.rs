@@ -556,6 +556,20 @@ async fn a_revoked_key_is_refused_at_once_by_a_running_server(backend: Backend) 
     .await;
     assert!(!unknown.status.success());
     assert!(text(&unknown.stderr).contains("no-such-kid"));
+    // A kid is base64url and may begin with `-` (one did, and the command
+    // took it for a flag): it is taken as the kid.
+    let dashed = run(
+        &child_env(config, &extra),
+        &["keys", "revoke", "-tNoSuchKid"],
+    )
+    .await;
+    assert!(!dashed.status.success());
+    assert!(
+        text(&dashed.stderr).contains("-tNoSuchKid")
+            && !text(&dashed.stderr).contains("unexpected argument"),
+        "{}",
+        text(&dashed.stderr)
+    );
 }
 
 /// The embedded default's data dir and database files are the operator's

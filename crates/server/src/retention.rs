@@ -26,7 +26,17 @@ const BATCH: u32 = 10_000;
 pub async fn run_once(store: &dyn Store, retention: Duration) -> StoreResult<u64> {
     let cutoff =
         Utc::now() - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
-    store.ensure_partitions().await?;
+    // From the cutoff's month on: with a retention under a month, last
+    // month's partition would be created each hour only to be dropped.
+    // A failure here must not stop the deletes.
+    let months_back = {
+        use chrono::Datelike;
+        let now = Utc::now();
+        (now.year() - cutoff.year()) * 12 + now.month() as i32 - cutoff.month() as i32
+    };
+    if let Err(e) = store.ensure_partitions(months_back).await {
+        tracing::warn!(error = %e, "partitions ahead not created; retrying next hour");
+    }
     let dropped = store.drop_event_partitions_before(cutoff).await?;
     if dropped > 0 {
         tracing::info!(

@@ -6,5 +6,5 @@
 CREATE TABLE engine_snapshots (
     device_id TEXT PRIMARY KEY REFERENCES devices (id) ON DELETE CASCADE,
     state     BYTEA NOT NULL,
-    saved_at  BIGINT NOT NULL
+    saved_at  BIGINT NOT NULL  -- when the state was taken (Unix ms); only a newer one replaces it
 );

@@ -14,7 +14,9 @@
 --
 -- A partitioned table's primary and unique keys must include the
 -- partition key: (id, created_at), and (seq, created_at) for the audit
--- chain, whose order is kept by the advisory lock every append takes.
+-- chain, whose order is kept by the advisory lock every append takes (the
+-- database alone no longer refuses a repeated seq; `audit verify` does).
+-- Needs PostgreSQL 13 or later (row triggers on partitioned tables).
 
 CREATE FUNCTION blockremote_ensure_month_partitions(parent text, months_back integer, months_ahead integer)
 RETURNS integer LANGUAGE plpgsql AS $$

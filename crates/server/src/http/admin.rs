@@ -211,6 +211,8 @@ pub async fn delete_user(
 /// in again under the same id starts afresh. Its command sequence stays, so
 /// the app's "highest seq seen" never runs ahead of new commands.
 async fn forget_device(state: &AppState, device_id: &str) {
+    state.scoring.forget_device(device_id);
+    state.hub.forget_undelivered(device_id);
     if let Err(e) = crate::realtime::disconnect(
         state.shared.as_ref(),
         device_id,

@@ -278,6 +278,8 @@ pub async fn post_unlock(
         .delete(&keys::revoked_device(&device_id))
         .await?;
     state.auth.devices.invalidate(&device_id).await;
+    // A lock taken while Redis was down must not close its sockets now.
+    state.hub.forget_undelivered(&device_id);
     // The engine forgets the evidence behind the lock (not the baselines).
     state
         .scoring

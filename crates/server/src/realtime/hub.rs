@@ -354,6 +354,13 @@ impl Hub {
             .insert(device_id.to_owned(), (reason, std::time::Instant::now()));
     }
 
+    /// Drops `device_id`'s kept disconnect (the device was unlocked or
+    /// deleted meanwhile: closing its sockets once Redis is back would be
+    /// wrong).
+    pub fn forget_undelivered(&self, device_id: &str) {
+        self.undelivered.remove(device_id);
+    }
+
     /// Disconnects kept for publishing.
     pub fn undelivered(&self) -> usize {
         self.undelivered.len()

@@ -166,12 +166,13 @@ async fn acked_position(state: &SocketHandles, device_id: &str) -> u64 {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(0),
-        Ok(None) => state
+        // Unreadable too: 0 would replay every stored command, old locks
+        // included.
+        Ok(None) | Err(_) => state
             .sequences
             .known(SequenceKind::Acked, device_id)
             .await
             .unwrap_or(0),
-        Err(_) => 0,
     }
 }
 
@@ -245,11 +246,16 @@ impl Connection {
         }
     }
 
-    /// Writes every command in history after `since`. A shared history
-    /// with nothing above `since` may have been lost with Redis's data:
-    /// the store's copy then says (it holds the device's commands, not
-    /// global ones).
-    async fn replay(&mut self, since: u64) -> bool {
+    /// Writes every command in history after `since`.
+    ///
+    /// `latest` — given on connect: the device's newest command `seq` as
+    /// the `state` message said — is where shared state may have lost
+    /// commands with its data: when the shared history does not run
+    /// unbroken from `since + 1` up to `latest`, the store's copy fills
+    /// the holes (it holds the device's own commands, not global ones;
+    /// numbers are per device and consecutive, so a hole is visible). A
+    /// resume or a resync after a pub/sub gap reads shared state only.
+    async fn replay(&mut self, since: u64, latest: Option<u64>) -> bool {
         let mut history = match self
             .state
             .shared
@@ -262,9 +268,21 @@ impl Connection {
                 return true;
             }
         };
-        if history.is_empty() {
+        let unbroken = history
+            .iter()
+            .map(|(seq, _)| *seq)
+            .eq((since + 1)..=(since + history.len() as u64));
+        let covered = history.last().map_or(since, |(seq, _)| *seq);
+        if let Some(latest) = latest.filter(|&l| l > since && (!unbroken || covered < l)) {
             let store = self.state.store.clone();
-            history = stored_history(store.as_ref(), &self.device.device_id, since).await;
+            let stored = stored_history(store.as_ref(), &self.device.device_id, since).await;
+            let known: std::collections::HashSet<u64> = history.iter().map(|(s, _)| *s).collect();
+            history.extend(
+                stored
+                    .into_iter()
+                    .filter(|(seq, _)| !known.contains(seq) && *seq <= latest),
+            );
+            history.sort_by_key(|(seq, _)| *seq);
         }
         for (seq, payload) in history {
             if let Some(command) = DeviceCommand::from_history(seq, &payload) {
@@ -276,7 +294,9 @@ impl Connection {
         true
     }
 
-    async fn send_state(&mut self) -> bool {
+    /// Sends the `state` message; the command `seq` it said, or `None`
+    /// when the socket failed.
+    async fn send_state(&mut self) -> Option<u64> {
         let device_id = self.device.device_id.clone();
         let status = self
             .state
@@ -317,7 +337,7 @@ impl Connection {
             "action": last_action,
             "seq": seq,
         });
-        self.send(message.to_string()).await
+        self.send(message.to_string()).await.then_some(seq)
     }
 
     /// Sends a close frame with `code`, then reads until the client's close
@@ -396,11 +416,12 @@ pub async fn serve(
     let reason;
     let acked = acked_position(&conn.state, &conn.device.device_id).await;
     let state_sent = conn.send_state().await;
+    let latest = state_sent;
     conn.state
         .metrics
         .ws_handshake
         .observe(handshake_started.elapsed().as_secs_f64());
-    if !state_sent || !conn.replay(acked).await {
+    if state_sent.is_none() || !conn.replay(acked, latest).await {
         reason = "send_failed";
     } else {
         let mut ping = tokio::time::interval(PING_EVERY);
@@ -435,7 +456,7 @@ pub async fn serve(
                     if out.resync {
                         let written = conn.written;
                         conn.refill_counter().await;
-                        if !conn.replay(written).await {
+                        if !conn.replay(written, None).await {
                             reason = "send_failed";
                             break;
                         }
@@ -465,7 +486,7 @@ pub async fn serve(
                                 Ok(ClientMessage::Resume { since_seq }) => {
                                     // An explicit resume may ask again for what was written.
                                     conn.written = conn.written.min(since_seq);
-                                    if !conn.replay(since_seq).await {
+                                    if !conn.replay(since_seq, None).await {
                                         reason = "send_failed";
                                         break;
                                     }

@@ -136,6 +136,9 @@ impl TrustReport {
 /// Reports kept at most per instance (a few hundred bytes each).
 const MAX_LAST_REPORTS: usize = 50_000;
 
+/// The oldest report served as the fallback.
+pub const MAX_FALLBACK_AGE: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
 /// The last report this instance read of each device, for the trust
 /// report's fallback while shared state is unavailable (see the module
 /// docs). Bounded: when full it is cleared, and refills from reads.
@@ -154,12 +157,24 @@ impl LastReports {
             .insert(report.device_id.as_str().into(), report.clone());
     }
 
-    /// The last report read of `device_id`, marked `degraded`.
+    /// The last report read of `device_id`, marked `degraded`, unless it
+    /// was computed more than [`MAX_FALLBACK_AGE`] ago (an outage is
+    /// minutes; an older copy says too little of the device now).
     pub fn fallback(&self, device_id: &str) -> Option<TrustReport> {
-        self.entries.get(device_id).map(|r| TrustReport {
-            degraded: true,
-            ..r.clone()
-        })
+        let entry = self.entries.get(device_id)?;
+        let oldest = Utc::now() - chrono::Duration::from_std(MAX_FALLBACK_AGE).ok()?;
+        entry
+            .updated_at
+            .is_some_and(|at| at >= oldest)
+            .then(|| TrustReport {
+                degraded: true,
+                ..entry.clone()
+            })
+    }
+
+    /// Forgets `device_id`'s copy (the device was deleted).
+    pub fn forget(&self, device_id: &str) {
+        self.entries.remove(device_id);
     }
 }
 
@@ -172,6 +187,7 @@ mod tests {
         let reports = LastReports::default();
         assert!(reports.fallback("device_a").is_none(), "nothing read yet");
         let mut report = TrustReport::neutral("device_a", AttestationGrade::Unknown, false);
+        report.updated_at = Some(Utc::now());
         report.last_seq = 7;
         reports.remember(&report);
         report.last_seq = 9;
@@ -179,6 +195,21 @@ mod tests {
         let served = reports.fallback("device_a").expect("remembered");
         assert_eq!((served.last_seq, served.degraded), (9, true));
         assert!(reports.fallback("device_b").is_none());
+        reports.forget("device_a");
+        assert!(reports.fallback("device_a").is_none(), "forgotten");
+    }
+
+    #[test]
+    fn a_copy_older_than_the_limit_is_not_served() {
+        let reports = LastReports::default();
+        let mut report = TrustReport::neutral("device_a", AttestationGrade::Unknown, false);
+        report.updated_at = Some(
+            Utc::now()
+                - chrono::Duration::from_std(MAX_FALLBACK_AGE).expect("fits")
+                - chrono::Duration::seconds(1),
+        );
+        reports.remember(&report);
+        assert!(reports.fallback("device_a").is_none());
     }
 
     #[test]

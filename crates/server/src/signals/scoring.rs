@@ -105,6 +105,14 @@ impl Scoring {
         }
     }
 
+    /// Forgets what this instance keeps of a deleted device (its last
+    /// report, a snapshot not yet written): an id signed in again later is
+    /// another device.
+    pub fn forget_device(&self, device_id: &str) {
+        self.last_reports.forget(device_id);
+        self.snapshots.forget(device_id);
+    }
+
     /// Writes the engine snapshots still waiting for the store (at shutdown).
     pub async fn flush_snapshots(&self) {
         if let Err(e) = self.snapshots.flush().await {
@@ -239,7 +247,9 @@ impl ScoringLock<'_> {
     ) -> anyhow::Result<()> {
         let state_bytes = encode_state(engine)?;
         if self.scoring.snapshots.due(device_id, self.force_snapshot) {
-            self.scoring.snapshots.note(device_id, &state_bytes);
+            self.scoring
+                .snapshots
+                .note(device_id, &state_bytes, self.force_snapshot);
         }
         let report = report
             .map(|r| {
@@ -888,7 +898,7 @@ fn prepare_saves(
             }
         };
         if snapshots.due(device_id, false) {
-            snapshots.note(device_id, &state_bytes);
+            snapshots.note(device_id, &state_bytes, false);
         }
         let report = report
             .and_then(|r| serde_json::to_vec(&r).ok())

@@ -15,11 +15,14 @@
 //! The bound on what a loss costs: the updates of the last
 //! [`SNAPSHOT_EVERY`] plus one flush — a minute of baseline learning and of
 //! evidence, which the next heartbeats rebuild; replay protection does not
-//! depend on it (`crate::sequences`). Memory is bounded: at most
-//! [`MAX_PENDING`] snapshots wait (a store that is down for long drops the
-//! newest notes, which are due again a minute later), and the map of when
-//! each device was last snapshotted is cleared when it reaches
-//! [`MAX_TRACKED`].
+//! depend on it (`crate::sequences`). Each snapshot carries when it was
+//! noted, and the store keeps the newest noted whichever process flushes
+//! last (so an unlock's cleared evidence is not overwritten by an older
+//! state another worker flushes later). Memory is bounded: at most
+//! [`MAX_PENDING`] snapshots wait (a store that is down for long drops new
+//! notes — due again at the device's next heartbeat — but never an
+//! unlock's), and the map of when each device was last snapshotted is
+//! cleared when it reaches [`MAX_TRACKED`].
 //!
 //! The same on the embedded default, where the in-process state also saves
 //! engine states to `state.db` (`crate::state::journal`): a snapshot a
@@ -47,8 +50,10 @@ pub const MAX_TRACKED: usize = 200_000;
 struct Inner {
     /// When each device was last noted.
     noted_at: HashMap<String, Instant>,
-    /// Snapshots not yet written (the newest per device).
-    pending: HashMap<String, Vec<u8>>,
+    /// Snapshots not yet written (the newest per device), with when they
+    /// were noted (Unix ms): the store keeps the newest noted, whichever
+    /// process flushes last.
+    pending: HashMap<String, (Vec<u8>, i64)>,
 }
 
 /// The write-behind of engine-state snapshots (see the module doc).
@@ -84,17 +89,30 @@ impl Snapshots {
                 .is_none_or(|at| at.elapsed() >= SNAPSHOT_EVERY)
     }
 
-    /// Keeps `state` as `device_id`'s next snapshot (call when [`due`](Self::due)).
-    pub fn note(&self, device_id: &str, state: &[u8]) {
+    /// Keeps `state` as `device_id`'s next snapshot (call when
+    /// [`due`](Self::due)); `force` (an operator's unlock) is kept even
+    /// when [`MAX_PENDING`] are waiting.
+    pub fn note(&self, device_id: &str, state: &[u8], force: bool) {
         let mut inner = self.inner();
-        if inner.pending.len() >= MAX_PENDING && !inner.pending.contains_key(device_id) {
+        if !force && inner.pending.len() >= MAX_PENDING && !inner.pending.contains_key(device_id) {
             return;
         }
         if inner.noted_at.len() >= MAX_TRACKED {
             inner.noted_at.clear();
         }
         inner.noted_at.insert(device_id.to_owned(), Instant::now());
-        inner.pending.insert(device_id.to_owned(), state.to_vec());
+        inner.pending.insert(
+            device_id.to_owned(),
+            (state.to_vec(), chrono::Utc::now().timestamp_millis()),
+        );
+    }
+
+    /// Forgets what is kept of `device_id` (the device was deleted: an id
+    /// signed in again later is another device).
+    pub fn forget(&self, device_id: &str) {
+        let mut inner = self.inner();
+        inner.pending.remove(device_id);
+        inner.noted_at.remove(device_id);
     }
 
     /// The snapshots of `device_ids` younger than `max_age`, as stored or
@@ -107,8 +125,8 @@ impl Snapshots {
         if device_ids.is_empty() {
             return Ok(HashMap::new());
         }
-        let oldest =
-            chrono::Utc::now().timestamp() - i64::try_from(max_age.as_secs()).unwrap_or(i64::MAX);
+        let oldest = chrono::Utc::now().timestamp_millis()
+            - i64::try_from(max_age.as_millis()).unwrap_or(i64::MAX);
         let mut found: HashMap<String, Vec<u8>> = self
             .store
             .engine_snapshots(device_ids)
@@ -119,7 +137,7 @@ impl Snapshots {
             .collect();
         let inner = self.inner();
         for device_id in device_ids {
-            if let Some(state) = inner.pending.get(*device_id) {
+            if let Some((state, _)) = inner.pending.get(*device_id) {
                 found.insert((*device_id).to_owned(), state.clone());
             }
         }
@@ -129,12 +147,11 @@ impl Snapshots {
     /// Writes every noted snapshot now; on failure they are kept for the
     /// next try (unless newer ones were noted meanwhile).
     pub async fn flush(&self) -> StoreResult<()> {
-        let saved_at = chrono::Utc::now().timestamp();
         let batch: Vec<EngineSnapshot> = self
             .inner()
             .pending
             .drain()
-            .map(|(device_id, state)| EngineSnapshot {
+            .map(|(device_id, (state, saved_at))| EngineSnapshot {
                 device_id,
                 state,
                 saved_at,
@@ -147,7 +164,10 @@ impl Snapshots {
             let mut inner = self.inner();
             for s in batch {
                 if inner.pending.len() < MAX_PENDING {
-                    inner.pending.entry(s.device_id).or_insert(s.state);
+                    inner
+                        .pending
+                        .entry(s.device_id)
+                        .or_insert((s.state, s.saved_at));
                 }
             }
             return Err(e);

@@ -19,7 +19,8 @@ pub struct StoredCommand {
 #[async_trait]
 pub trait CommandStore: Send + Sync {
     /// Keeps `command` as `device_id`'s number `seq` (issued at
-    /// `issued_at_ms`), raises the device's command counter to it, and
+    /// `issued_at_ms`; a number issued again — after a failover to a
+    /// lagging replica — is the newer command), raises the device's command counter to it, and
     /// forgets the device's commands `keep` or more below it — one
     /// transaction. An unknown device is skipped.
     async fn record_command(
@@ -67,7 +68,8 @@ for_each_dialect! {
             sqlx::query(
                 "INSERT INTO device_commands (device_id, seq, command, issued_at) \
                  SELECT $1, $2, $3, $4 WHERE EXISTS (SELECT 1 FROM devices WHERE id = $1) \
-                 ON CONFLICT (device_id, seq) DO NOTHING",
+                 ON CONFLICT (device_id, seq) DO UPDATE \
+                 SET command = excluded.command, issued_at = excluded.issued_at",
             )
             .bind(device_id)
             .bind(column(seq))

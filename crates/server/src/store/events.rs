@@ -74,9 +74,10 @@ pub trait EventStore: Send + Sync {
     async fn delete_events_before(&self, cutoff: DateTime<Utc>, batch: u32) -> StoreResult<u64>;
 
     /// Creates the monthly partitions of `business_events` and `audit_logs`
-    /// from last month to [`PARTITIONS_AHEAD`] months ahead that do not
-    /// exist yet; returns how many (PostgreSQL; SQLite has none: 0).
-    async fn ensure_partitions(&self) -> StoreResult<u64>;
+    /// from `months_back` months ago to [`PARTITIONS_AHEAD`] months ahead
+    /// that do not exist yet; returns how many (PostgreSQL; SQLite has
+    /// none: 0).
+    async fn ensure_partitions(&self, months_back: i32) -> StoreResult<u64>;
 
     /// Drops every monthly partition of `business_events` whose whole
     /// month is before `cutoff`; returns how many (PostgreSQL; SQLite: 0).
@@ -177,7 +178,7 @@ for_each_dialect! {
 
         async fn delete_events_before(&self, cutoff: DateTime<Utc>, batch: u32) -> StoreResult<u64> {
             Ok(sqlx::query(
-                "DELETE FROM business_events WHERE id IN \
+                "DELETE FROM business_events WHERE created_at < $1 AND id IN \
                  (SELECT id FROM business_events WHERE created_at < $1 LIMIT $2)",
             )
             .bind(Time(cutoff))
@@ -187,14 +188,15 @@ for_each_dialect! {
             .rows_affected())
         }
 
-        async fn ensure_partitions(&self) -> StoreResult<u64> {
+        async fn ensure_partitions(&self, months_back: i32) -> StoreResult<u64> {
             if <Db as super::sql::Dialect>::NAME != "postgres" {
                 return Ok(0);
             }
             let mut created = 0;
             for table in ["business_events", "audit_logs"] {
-                let n: i32 = sqlx::query_scalar("SELECT blockremote_ensure_month_partitions($1, 1, $2)")
+                let n: i32 = sqlx::query_scalar("SELECT blockremote_ensure_month_partitions($1, $2, $3)")
                     .bind(table)
+                    .bind(months_back.max(0))
                     .bind(PARTITIONS_AHEAD)
                     .fetch_one(&self.pool)
                     .await?;

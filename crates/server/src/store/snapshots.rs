@@ -13,15 +13,17 @@ pub struct EngineSnapshot {
     pub device_id: String,
     /// The engine state, as shared state holds it (postcard).
     pub state: Vec<u8>,
-    /// When it was saved (Unix seconds).
+    /// When the state was taken (Unix ms): a snapshot replaces the stored
+    /// one only if it is newer.
     pub saved_at: i64,
 }
 
 /// The durable copy of engine states.
 #[async_trait]
 pub trait SnapshotStore: Send + Sync {
-    /// Saves each snapshot in place of the device's previous one, in one
-    /// transaction (devices that no longer exist are skipped).
+    /// Saves each snapshot in place of the device's previous one if newer
+    /// (by `saved_at`), in one transaction (devices that no longer exist
+    /// are skipped).
     async fn save_engine_snapshots(&self, snapshots: &[EngineSnapshot]) -> StoreResult<()>;
 
     /// The stored snapshots of `device_ids` (those that have one).
@@ -41,7 +43,8 @@ for_each_dialect! {
                     "INSERT INTO engine_snapshots (device_id, state, saved_at) \
                      SELECT $1, $2, $3 WHERE EXISTS (SELECT 1 FROM devices WHERE id = $1) \
                      ON CONFLICT (device_id) DO UPDATE \
-                     SET state = excluded.state, saved_at = excluded.saved_at",
+                     SET state = excluded.state, saved_at = excluded.saved_at \
+                     WHERE engine_snapshots.saved_at < excluded.saved_at",
                 )
                 .bind(&s.device_id)
                 .bind(&s.state)

@@ -221,7 +221,7 @@ for_each_dialect! {
         async fn migrate(&self) -> StoreResult<()> {
             <Db as Dialect>::migrator().run(&self.pool).await?;
             // The months ahead (the retention job keeps them ready too).
-            super::EventStore::ensure_partitions(self).await?;
+            super::EventStore::ensure_partitions(self, 1).await?;
             Ok(())
         }
 

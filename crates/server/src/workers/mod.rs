@@ -9,8 +9,10 @@
 //! to [`MAX_RETRY_AFTER`]): a failure is most often a dependency down for a
 //! moment — a Redis failover, a database restart — and the job must not wait
 //! for the reclaim threshold once it is back. A consumer that dies holding
-//! it leaves it to the reclaim. At-least-once, which is why handlers must be
-//! idempotent.
+//! it leaves it to the reclaim; one that keeps failing it for longer than
+//! [`WorkerOptions::reclaim_idle`] may see another consumer reclaim it too
+//! (its idle time is not reset by these retries). At-least-once, which is
+//! why handlers must be idempotent.
 //!
 //! On the embedded default the pool runs inside `serve`; in production it is
 //! the `blockremote worker` process. Shutdown is cooperative: a task finishes
@@ -225,11 +227,17 @@ async fn run_consumer(
         if done.len() < kept.len() {
             let handled: std::collections::HashSet<&str> =
                 done.iter().map(String::as_str).collect();
+            // A job reclaimed while this consumer held it already is kept once.
+            let held: std::collections::HashSet<String> =
+                failed.iter().map(|job| job.id.clone()).collect();
+            let waiting = !failed.is_empty();
             failed.extend(
                 kept.into_iter()
-                    .filter(|job| !handled.contains(job.id.as_str())),
+                    .filter(|job| !handled.contains(job.id.as_str()) && !held.contains(&job.id)),
             );
-            retry_at = tokio::time::Instant::now() + retry_after;
+            // Failures that keep coming do not postpone the older retries.
+            let next = tokio::time::Instant::now() + retry_after;
+            retry_at = if waiting { retry_at.min(next) } else { next };
             retry_after = (retry_after * 2).min(MAX_RETRY_AFTER);
         } else if failed.is_empty() {
             retry_after = options.retry_after;

@@ -929,6 +929,19 @@ async fn engine_snapshots_replace_skip_unknown_devices_and_go_with_their_user(ba
             .expect("read"),
         [snapshot("device_0001", &[4], 20)]
     );
+    // An older snapshot, flushed later by another process, does not
+    // replace it (an unlock's cleared evidence must not come back).
+    store
+        .save_engine_snapshots(&[snapshot("device_0001", &[5], 15)])
+        .await
+        .expect("saved");
+    assert_eq!(
+        store
+            .engine_snapshots(&["device_0001"])
+            .await
+            .expect("read"),
+        [snapshot("device_0001", &[4], 20)]
+    );
     store
         .delete_user(user.id, entry(user.id, "user_deleted"))
         .await
@@ -956,7 +969,7 @@ async fn append_only_tables_are_partitioned_by_month_on_postgres(backend: Backen
     store.migrate().await.expect("migrate");
     if backend == Backend::Embedded {
         // SQLite has no partitions; retention deletes by age.
-        assert_eq!(store.ensure_partitions().await.expect("ensure"), 0);
+        assert_eq!(store.ensure_partitions(1).await.expect("ensure"), 0);
         assert_eq!(
             store
                 .drop_event_partitions_before(chrono::Utc::now())
@@ -1017,7 +1030,7 @@ async fn append_only_tables_are_partitioned_by_month_on_postgres(backend: Backen
         );
     }
     // Idempotent: everything is there already.
-    assert_eq!(store.ensure_partitions().await.expect("ensure"), 0);
+    assert_eq!(store.ensure_partitions(1).await.expect("ensure"), 0);
     // An audit partition cannot be emptied by name either.
     let truncate = raw
         .execute(&format!("TRUNCATE audit_logs_{}", month(0)))

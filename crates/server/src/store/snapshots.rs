@@ -58,18 +58,21 @@ for_each_dialect! {
 
         async fn engine_snapshots(&self, device_ids: &[&str]) -> StoreResult<Vec<EngineSnapshot>> {
             let mut found = Vec::new();
-            // One indexed lookup each: a batch asks for the few devices whose
-            // state is missing, usually none.
-            for device_id in device_ids {
-                let row: Option<(Vec<u8>, i64)> = sqlx::query_as(
-                    "SELECT state, saved_at FROM engine_snapshots WHERE device_id = $1",
-                )
-                .bind(*device_id)
-                .fetch_optional(&self.pool)
-                .await?;
-                if let Some((state, saved_at)) = row {
+            // One query per chunk (a batch asks for the few devices whose
+            // state is missing, usually none; SQLite allows 999 parameters).
+            for chunk in device_ids.chunks(500) {
+                let placeholders: Vec<String> = (1..=chunk.len()).map(|n| format!("${n}")).collect();
+                let sql = format!(
+                    "SELECT device_id, state, saved_at FROM engine_snapshots WHERE device_id IN ({})",
+                    placeholders.join(", ")
+                );
+                let mut query = sqlx::query_as::<_, (String, Vec<u8>, i64)>(&sql);
+                for device_id in chunk {
+                    query = query.bind(*device_id);
+                }
+                for (device_id, state, saved_at) in query.fetch_all(&self.pool).await? {
                     found.push(EngineSnapshot {
-                        device_id: (*device_id).to_owned(),
+                        device_id,
                         state,
                         saved_at,
                     });

@@ -67,7 +67,9 @@ impl Sequences {
             commands: Mutex::default(),
             acks: Mutex::default(),
         });
-        tokio::spawn(write_behind(Arc::downgrade(&sequences)));
+        spawn_write_behind(&sequences, FLUSH_EVERY, "sequence numbers", |s| {
+            Box::pin(s.flush())
+        });
         sequences
     }
 
@@ -132,16 +134,31 @@ impl Sequences {
     }
 }
 
-async fn write_behind(sequences: Weak<Sequences>) {
-    let mut tick = tokio::time::interval(FLUSH_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let Some(sequences) = sequences.upgrade() else {
-            return;
-        };
-        if let Err(e) = sequences.flush().await {
-            tracing::warn!(error = %e, "sequence numbers not written to the store; retrying");
+/// Runs `flush` on `owner` every `every` until the last handle to it is
+/// dropped; a failure is logged (`what` was not written) and retried at the
+/// next tick. The one timer loop of every write-behind (sequence numbers
+/// here, engine snapshots in `signals::snapshots`).
+pub(crate) fn spawn_write_behind<T, F>(
+    owner: &Arc<T>,
+    every: Duration,
+    what: &'static str,
+    flush: F,
+) where
+    T: Send + Sync + 'static,
+    F: for<'a> Fn(&'a T) -> futures::future::BoxFuture<'a, StoreResult<()>> + Send + 'static,
+{
+    let owner: Weak<T> = Arc::downgrade(owner);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(owner) = owner.upgrade() else {
+                return;
+            };
+            if let Err(e) = flush(&owner).await {
+                tracing::warn!(error = %e, what, "not written to the store; retrying");
+            }
         }
-    }
+    });
 }

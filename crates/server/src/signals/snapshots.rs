@@ -31,7 +31,7 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, Weak},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -70,7 +70,9 @@ impl Snapshots {
             store,
             inner: Mutex::default(),
         });
-        tokio::spawn(write_behind(Arc::downgrade(&snapshots)));
+        crate::sequences::spawn_write_behind(&snapshots, FLUSH_EVERY, "engine snapshots", |s| {
+            Box::pin(s.flush())
+        });
         snapshots
     }
 
@@ -178,19 +180,5 @@ impl Snapshots {
     /// Snapshots waiting for a flush.
     pub fn pending(&self) -> usize {
         self.inner().pending.len()
-    }
-}
-
-async fn write_behind(snapshots: Weak<Snapshots>) {
-    let mut tick = tokio::time::interval(FLUSH_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let Some(snapshots) = snapshots.upgrade() else {
-            return;
-        };
-        if let Err(e) = snapshots.flush().await {
-            tracing::warn!(error = %e, "engine snapshots not written to the store; retrying");
-        }
     }
 }

@@ -83,6 +83,16 @@ impl PrivateRedis {
     }
 }
 
+/// Points `backing` at `redis` under a prefix of its own, with calls
+/// bounded by 200 ms (a hang costs that, then the breaker answers).
+fn on_private_redis(backing: &mut Backing, redis: &PrivateRedis) -> TestRedis {
+    let private = TestRedis::new(&redis.url());
+    backing.config.redis_url = Some(private.url.clone().into());
+    backing.config.redis_prefix = private.prefix.clone();
+    backing.config.redis_call_timeout = Duration::from_millis(200);
+    private
+}
+
 fn options(url: &str) -> RedisOptions {
     let mut options = RedisOptions::new(url, "faults:", 100, Duration::from_secs(2));
     options.call_timeout = Duration::from_millis(200);
@@ -169,10 +179,7 @@ async fn while_redis_hangs_the_trust_report_is_the_last_known_one_marked_degrade
         return;
     };
     let redis = PrivateRedis::start();
-    let private = TestRedis::new(&redis.url());
-    backing.config.redis_url = Some(private.url.clone().into());
-    backing.config.redis_prefix = private.prefix.clone();
-    backing.config.redis_call_timeout = Duration::from_millis(200);
+    let private = on_private_redis(&mut backing, &redis);
     let app = blockremote::app::Application::build(backing.config.clone(), true)
         .await
         .expect("builds");
@@ -235,10 +242,7 @@ async fn while_redis_hangs_the_api_answers_503_with_retry_after_and_is_not_ready
         return;
     };
     let redis = PrivateRedis::start();
-    let private = TestRedis::new(&redis.url());
-    backing.config.redis_url = Some(private.url.clone().into());
-    backing.config.redis_prefix = private.prefix.clone();
-    backing.config.redis_call_timeout = Duration::from_millis(200);
+    let private = on_private_redis(&mut backing, &redis);
     backing.config.admin_token = Some("hung-admin-key-0123456789abcdef0123456".to_owned().into());
     let app = blockremote::app::Application::build(backing.config.clone(), true)
         .await

@@ -27,6 +27,19 @@ crate::on_both_backends!(
     device_commands_are_kept_bounded_and_read_above_a_position,
 );
 
+/// A user of `email` with `device_0001` (an iOS session).
+async fn owner_of_device_0001(
+    store: &dyn blockremote::store::Store,
+    email: &str,
+) -> blockremote::store::User {
+    let user = store.create_user(email, "hash").await.expect("user");
+    store
+        .start_session(ios_session(user.id, Uuid::now_v7()))
+        .await
+        .expect("session");
+    user
+}
+
 fn token(n: u8) -> NewRefreshToken {
     let now = blockremote::store::now_micros();
     NewRefreshToken {
@@ -674,14 +687,7 @@ async fn app_attest_counters_move_forward_once_and_verdicts_grade_the_device(bac
         return;
     };
     store.migrate().await.expect("migrate");
-    let user = store
-        .create_user("cas@example.com", "hash")
-        .await
-        .expect("user");
-    store
-        .start_session(ios_session(user.id, Uuid::now_v7()))
-        .await
-        .expect("session");
+    owner_of_device_0001(store.as_ref(), "cas@example.com").await;
     let record = |grade, hard, key: Option<NewAppAttestKey>| AttestationRecord {
         device_id: "device_0001".into(),
         grade,
@@ -891,14 +897,7 @@ async fn engine_snapshots_replace_skip_unknown_devices_and_go_with_their_user(ba
         return;
     };
     store.migrate().await.expect("migrate");
-    let user = store
-        .create_user("snap@example.com", "hash")
-        .await
-        .expect("user");
-    store
-        .start_session(ios_session(user.id, Uuid::now_v7()))
-        .await
-        .expect("session");
+    let user = owner_of_device_0001(store.as_ref(), "snap@example.com").await;
     let snapshot = |device: &str, state: &[u8], saved_at| EngineSnapshot {
         device_id: device.into(),
         state: state.to_vec(),
@@ -1168,14 +1167,7 @@ async fn device_commands_are_kept_bounded_and_read_above_a_position(backend: Bac
         return;
     };
     store.migrate().await.expect("migrate");
-    let user = store
-        .create_user("commands@example.com", "hash")
-        .await
-        .expect("user");
-    store
-        .start_session(ios_session(user.id, Uuid::now_v7()))
-        .await
-        .expect("session");
+    let user = owner_of_device_0001(store.as_ref(), "commands@example.com").await;
     for seq in 1..=6u64 {
         store
             .record_command("device_0001", seq, &format!("{{\"n\":{seq}}}"), 1_000, 4)

@@ -462,11 +462,17 @@ pub async fn serve(
                         }
                         continue;
                     }
+                    // A live copy of a command the replay on connect already
+                    // wrote is a duplicate: skipped, and a lock's copy does not
+                    // close the socket either (the phone had it, and the `state`
+                    // message said locked) — whether it arrives before or after
+                    // the replay is a race, so it must not decide the outcome.
+                    let fresh = out.seq > conn.written;
                     if !conn.write_command(&out).await {
                         reason = "send_failed";
                         break;
                     }
-                    if out.closes {
+                    if out.closes && fresh {
                         let store = conn.state.store.clone();
                         let why = lock_reason(store.as_ref(), &conn.device.device_id).await;
                         conn.close(why.code(), why.as_str()).await;

@@ -42,14 +42,28 @@ fn bench(c: &mut Criterion) {
                     let hb =
                         blockremote::signals::reader::read(black_box(&body)).expect("fast path");
                     hb.validate().expect("valid");
-                    encode_job("device_0001", user, false, &hb.into_heartbeat(), encoding)
-                        .expect("encodes")
+                    encode_job(
+                        "device_0001",
+                        user,
+                        false,
+                        None,
+                        &hb.into_heartbeat(),
+                        encoding,
+                    )
+                    .expect("encodes")
                 })
             },
         );
         let hb = blockremote::signals::reader::read(&body).expect("fast path");
-        let job = encode_job("device_0001", user, false, &hb.into_heartbeat(), encoding)
-            .expect("encodes");
+        let job = encode_job(
+            "device_0001",
+            user,
+            false,
+            None,
+            &hb.into_heartbeat(),
+            encoding,
+        )
+        .expect("encodes");
         println!(
             "{name} job: {} bytes for a body of {}",
             job.len(),

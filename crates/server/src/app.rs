@@ -95,8 +95,9 @@ impl AppState {
     /// Connects the store and the shared state the configuration names,
     /// migrates when `migrate` is set, and loads the identity keys.
     pub async fn connect(config: Config, migrate: bool) -> Result<Self, StartupError> {
+        let metrics = Arc::new(Metrics::new());
         let store = connect_store(&config, migrate).await?;
-        let shared = state::connect(&config).await?;
+        let shared = state::connect(&config, Some(metrics.clone())).await?;
         let auth = Auth::load(&config, store.as_ref(), shared.clone())
             .await
             .map_err(StartupError::Identity)?;
@@ -116,7 +117,7 @@ impl AppState {
             .map_err(|e| StartupError::Workers(e.to_string()))?;
         let auth = Arc::new(auth);
         let firewall = Arc::new(
-            Firewall::start(store.clone(), shared.clone(), auth.clone())
+            Firewall::start(store.clone(), shared.clone(), auth.clone(), metrics.clone())
                 .await
                 .map_err(|e| StartupError::Workers(e.to_string()))?,
         );
@@ -130,6 +131,7 @@ impl AppState {
                 max_devices_per_user: config.max_devices_per_user,
                 reuse_interval: config.refresh_reuse_interval,
             },
+            metrics.clone(),
         ));
         let attestation = Arc::new(Attestation::new(
             store.clone(),
@@ -143,8 +145,8 @@ impl AppState {
                 play_integrity: config.play_integrity.clone(),
                 app_attest: config.app_attest.clone(),
             },
+            metrics.clone(),
         ));
-        let metrics = Arc::new(Metrics::new());
         let scoring_meter = Arc::<ScoringMeter>::default();
         let scoring = Arc::new(Scoring::new(
             store.clone(),
@@ -165,6 +167,7 @@ impl AppState {
             scoring.clone(),
             metrics.clone(),
         ));
+        let passwords = Arc::new(Passwords::with_metrics(metrics.clone()));
         Ok(Self(Arc::new(AppHandles {
             config: Arc::new(config),
             store,
@@ -182,7 +185,7 @@ impl AppState {
             firewall,
             sessions,
             attestation,
-            passwords: Arc::default(),
+            passwords,
             shutdown: CancellationToken::new(),
         })))
     }
@@ -247,6 +250,7 @@ impl AppState {
             shared: self.shared.clone(),
             scoring: self.scoring.clone(),
             scoring_meter: self.scoring_meter.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -274,6 +278,9 @@ async fn connect_store(config: &Config, migrate: bool) -> Result<Arc<dyn Store>,
     Ok(store)
 }
 
+/// Connections a worker's endpoints hold at most (probes and a scraper).
+const WORKER_ENDPOINT_CONNECTIONS: usize = 64;
+
 /// What the scoring workers use — all a `blockremote worker` process
 /// builds: no kill-switch hub (nor its subscription), firewall, sessions,
 /// ingestion or circuit breaker, which only serve requests.
@@ -287,6 +294,8 @@ pub struct WorkerHandles {
     pub scoring: Arc<Scoring>,
     /// This process's scoring times, published for every instance's breaker.
     pub scoring_meter: Arc<ScoringMeter>,
+    /// What the worker's `/metrics` renders.
+    pub metrics: Arc<Metrics>,
 }
 
 impl WorkerHandles {
@@ -295,8 +304,9 @@ impl WorkerHandles {
     /// scoring reads (identity for the device-status cache and events,
     /// plans, intel).
     pub async fn connect(config: &Config) -> Result<Self, StartupError> {
+        let metrics = Arc::new(Metrics::new());
         let store = connect_store(config, false).await?;
-        let shared = state::connect(config).await?;
+        let shared = state::connect(config, Some(metrics.clone())).await?;
         let auth = Auth::load(config, store.as_ref(), shared.clone())
             .await
             .map_err(StartupError::Identity)?;
@@ -313,7 +323,7 @@ impl WorkerHandles {
             Arc::new(auth),
             Arc::new(plans),
             intel,
-            Arc::new(Metrics::new()),
+            metrics.clone(),
             scoring_meter.clone(),
         ));
         Ok(Self {
@@ -321,7 +331,43 @@ impl WorkerHandles {
             shared,
             scoring,
             scoring_meter,
+            metrics,
         })
+    }
+
+    /// Serves the worker's `/health/*` and `/metrics` on `addr` until
+    /// `stop`, with the API's connection bounds (header timer, head size)
+    /// and a small connection cap: only probes and a scraper come here.
+    pub async fn serve_endpoints(
+        &self,
+        config: &Config,
+        addr: SocketAddr,
+        stop: CancellationToken,
+    ) -> Result<tokio::task::JoinHandle<std::io::Result<()>>, StartupError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartupError::Bind { addr, source })?;
+        let local = listener
+            .local_addr()
+            .map_err(|source| StartupError::Bind { addr, source })?;
+        tracing::info!(addr = %local, "worker endpoints listening");
+        let router = crate::http::ops::worker_router(crate::http::ops::Ops {
+            store: self.store.clone(),
+            shared: self.shared.clone(),
+            metrics: self.metrics.clone(),
+            metrics_token: config.metrics_token.clone(),
+        });
+        let limits = crate::http::serve::Limits {
+            max_connections: WORKER_ENDPOINT_CONNECTIONS,
+            ..crate::http::serve::Limits::from_config(config)
+        };
+        Ok(tokio::spawn(crate::http::serve::serve(
+            listener,
+            router,
+            limits,
+            self.metrics.clone(),
+            stop,
+        )))
     }
 
     /// The queue handlers this build has. Later features register theirs here.
@@ -485,6 +531,16 @@ impl Application {
         crate::retention::spawn(
             state.store.clone(),
             state.config.event_retention,
+            state.shutdown.clone(),
+        );
+        crate::telemetry::watch::spawn_pool_sampler(
+            state.store.clone(),
+            state.metrics.clone(),
+            state.shutdown.clone(),
+        );
+        crate::telemetry::watch::spawn_audit_verifier(
+            state.store.clone(),
+            state.metrics.clone(),
             state.shutdown.clone(),
         );
         let pool = if state.is_embedded() {

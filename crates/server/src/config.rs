@@ -162,6 +162,9 @@ impl std::fmt::Debug for SecretUrl {
 pub struct Config {
     /// HTTP/WebSocket listen address (`BLOCKREMOTE_LISTEN`).
     pub listen: SocketAddr,
+    /// Where `blockremote worker` serves `/health/live`, `/health/ready` and
+    /// `/metrics` (`BLOCKREMOTE_WORKER_LISTEN`; `off` serves nothing).
+    pub worker_listen: Option<SocketAddr>,
     /// Where the embedded database and generated dev keys live (`BLOCKREMOTE_DATA_DIR`).
     pub data_dir: PathBuf,
     /// The durable store (`DATABASE_URL`; default: SQLite file in the data dir).
@@ -427,6 +430,7 @@ impl<T> Ranged<T> {
 }
 
 const LISTEN: Setting = Setting::new("BLOCKREMOTE_LISTEN", Some("127.0.0.1:8000"));
+const WORKER_LISTEN: Setting = Setting::new("BLOCKREMOTE_WORKER_LISTEN", Some("127.0.0.1:9100"));
 const DATA_DIR: Setting = Setting::new("BLOCKREMOTE_DATA_DIR", Some("./data"));
 const DATABASE_URL: Setting = Setting::new("DATABASE_URL", None);
 const DATABASE_MAX_CONNECTIONS: Ranged<u32> = Ranged::new(
@@ -618,6 +622,7 @@ const METRICS_TOKEN: Setting = Setting::new("BLOCKREMOTE_METRICS_TOKEN", None);
 /// [`Config`] parses and against README's table.
 pub const SETTINGS: &[Setting] = &[
     LISTEN,
+    WORKER_LISTEN,
     DATA_DIR,
     DATABASE_URL,
     DATABASE_MAX_CONNECTIONS.setting,
@@ -876,6 +881,14 @@ impl Config {
             listen: {
                 let (name, raw) = v.required(&LISTEN)?;
                 raw.parse().map_err(|e| invalid(name, e))?
+            },
+            worker_listen: {
+                let (name, raw) = v.required(&WORKER_LISTEN)?;
+                if raw.eq_ignore_ascii_case("off") {
+                    None
+                } else {
+                    Some(raw.parse().map_err(|e| invalid(name, e))?)
+                }
             },
             data_dir,
             database,

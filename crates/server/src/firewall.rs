@@ -33,6 +33,7 @@ use crate::{
         FirewallDecision, FirewallRule, NewDecision, RuleMode, RuleScope, SideEffect, Store,
         StoreError, StoreResult,
     },
+    telemetry::{metrics::RuleLabels, Metrics},
 };
 
 /// Pub/sub channel announcing a rule change.
@@ -137,6 +138,7 @@ pub struct Firewall {
     store: Arc<dyn Store>,
     shared: Arc<dyn SharedState>,
     auth: Arc<Auth>,
+    metrics: Arc<Metrics>,
 }
 
 fn counter_key(rule: &FirewallRule, key: &str) -> String {
@@ -153,6 +155,7 @@ impl Firewall {
         store: Arc<dyn Store>,
         shared: Arc<dyn SharedState>,
         auth: Arc<Auth>,
+        metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
         let rules = Rules::start(store.clone(), shared.clone()).await?;
         Ok(Self {
@@ -160,7 +163,16 @@ impl Firewall {
             store,
             shared,
             auth,
+            metrics,
         })
+    }
+
+    /// The metric labels of `rule`.
+    fn labels(rule: &FirewallRule) -> RuleLabels {
+        RuleLabels {
+            rule: rule.name.clone(),
+            mode: rule.mode.as_str(),
+        }
     }
 
     /// The cached rules (reloaded at once after an operator's change).
@@ -209,12 +221,20 @@ impl Firewall {
                 .shared
                 .incr(&counter_key(&rule, &key), 1, window)
                 .await?;
+            self.metrics
+                .firewall_evaluations
+                .get_or_create(&Self::labels(&rule))
+                .inc();
             let threshold = i64::from(rule.threshold);
             if count <= threshold {
                 continue;
             }
             if count == threshold + 1 {
                 // The first request past the threshold in this window decides.
+                self.metrics
+                    .firewall_decisions
+                    .get_or_create(&Self::labels(&rule))
+                    .inc();
                 if let Err(e) = self.decide(&rule, &key).await {
                     tracing::error!(error = %e, rule = %rule.name, "firewall decision failed");
                 }
@@ -259,6 +279,7 @@ impl Firewall {
         Ok(())
     }
 
+    #[tracing::instrument(name = "firewall.decide", skip_all, fields(rule = %rule.name, mode = rule.mode.as_str()))]
     async fn decide(&self, rule: &FirewallRule, key: &str) -> anyhow::Result<FirewallDecision> {
         let since = chrono::Utc::now()
             - chrono::Duration::seconds(i64::from(rule.lookback_seconds.max(rule.window_seconds)));
@@ -329,6 +350,8 @@ impl Firewall {
                 realtime::issue(
                     self.shared.as_ref(),
                     self.store.as_ref(),
+                    &self.metrics,
+                    realtime::Origin::Firewall,
                     device,
                     action,
                     "abuse_firewall",
@@ -376,6 +399,7 @@ impl Firewall {
 
     /// Undoes a decision (see [`crate::store::FirewallStore::undo_firewall_decision`]),
     /// removing exactly its holds, tells each device nothing else holds `UNLOCK`, and exempts its scope for [`UNDO_ALLOW_FOR`].
+    #[tracing::instrument(name = "firewall.undo", skip_all, fields(decision_id = %id))]
     pub async fn undo(&self, id: Uuid) -> Result<Option<(FirewallDecision, bool)>, FirewallError> {
         let event = self.auth.event(
             "firewall:undo",
@@ -411,6 +435,8 @@ impl Firewall {
                     realtime::issue(
                         self.shared.as_ref(),
                         self.store.as_ref(),
+                        &self.metrics,
+                        realtime::Origin::Firewall,
                         device,
                         Action::Unlock,
                         "firewall_undo",

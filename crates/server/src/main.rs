@@ -49,8 +49,15 @@ enum Command {
         #[arg(long)]
         no_migrate: bool,
     },
-    /// Run the background workers only (production: needs REDIS_URL).
+    /// Run the background workers only (production: needs REDIS_URL), with
+    /// health and metrics on BLOCKREMOTE_WORKER_LISTEN.
     Worker,
+    /// Exit 0 when URL answers 2xx within 3 s, else 1: a container health
+    /// check for images without curl (e.g. `http://127.0.0.1:8000/health/ready`).
+    Healthcheck {
+        /// The URL to GET (http only).
+        url: String,
+    },
     /// Apply database migrations and exit.
     Migrate,
     /// Print the OpenAPI document and exit.
@@ -214,7 +221,6 @@ fn main() -> ExitCode {
         Command::Serve { .. } | Command::Worker => telemetry::LogTarget::Stdout,
         _ => telemetry::LogTarget::Stderr,
     };
-    telemetry::init_logging(config.log_format, target);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -222,7 +228,36 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(&format!("cannot start the async runtime: {e}")),
     };
-    match runtime.block_on(run(cli.command, config)) {
+    // Traces only from the long-running processes, and only when the
+    // standard OTEL_* variables ask for them (telemetry/trace.rs).
+    let role = match cli.command {
+        Command::Serve { .. } => Some("serve"),
+        Command::Worker => Some("worker"),
+        _ => None,
+    };
+    let tracing = match role {
+        Some(role) if telemetry::trace::export_requested(|name| std::env::var(name).ok()) => {
+            let _entered = runtime.enter();
+            match telemetry::trace::Tracing::from_env(role) {
+                Ok(pipeline) => Some(pipeline),
+                Err(e) => return fail(&e.to_string()),
+            }
+        }
+        _ => None,
+    };
+    let (tracing, tracer) = match tracing {
+        Some((pipeline, tracer)) => (Some(pipeline), Some(tracer)),
+        None => (None, None),
+    };
+    telemetry::init_logging(config.log_format, target, tracer);
+    let result = runtime.block_on(async {
+        let result = run(cli.command, config).await;
+        if let Some(pipeline) = tracing {
+            pipeline.shutdown(std::time::Duration::from_secs(5)).await;
+        }
+        result
+    });
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&format!("{e:#}")),
     }
@@ -274,7 +309,7 @@ async fn open_existing_store(config: &Config) -> anyhow::Result<std::sync::Arc<d
 /// embedded server looks every second).
 async fn announce_key_change(config: &Config) -> anyhow::Result<()> {
     if config.redis_url.is_some() {
-        let shared = blockremote::state::connect(config).await?;
+        let shared = blockremote::state::connect(config, None).await?;
         shared
             .publish(blockremote::auth::keys::CHANGED_CHANNEL, b"1")
             .await?;
@@ -298,6 +333,29 @@ fn chain_break(broken: blockremote::store::audit_chain::ChainBreak) -> anyhow::E
     }
 }
 
+/// `blockremote healthcheck URL`: exit 0 on a 2xx within 3 s.
+async fn healthcheck(url: &str) -> anyhow::Result<()> {
+    let parsed = url::Url::parse(url).map_err(|e| anyhow::anyhow!("{url} is not a URL: {e}"))?;
+    if parsed.scheme() != "http" {
+        anyhow::bail!("{url}: only http:// is supported (probe the local port, not the TLS front)");
+    }
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(3))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+    let response = client
+        .get(parsed)
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("{url} did not answer: {e}"))?;
+    let status = response.status();
+    if status.is_success() {
+        Ok(())
+    } else {
+        anyhow::bail!("{url} answered {status}")
+    }
+}
+
 async fn run(command: Command, config: Config) -> anyhow::Result<()> {
     match command {
         Command::Serve { no_migrate } => {
@@ -317,14 +375,28 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             let stopped = app::shutdown_signal();
             let workers = app::WorkerHandles::connect(&config).await?;
             let stop = CancellationToken::new();
+            let endpoints = match config.worker_listen {
+                Some(addr) => Some(workers.serve_endpoints(&config, addr, stop.clone()).await?),
+                None => None,
+            };
+            blockremote::telemetry::watch::spawn_pool_sampler(
+                workers.store.clone(),
+                workers.metrics.clone(),
+                stop.clone(),
+            );
             let pool = workers.start("worker", stop.clone()).await?;
             tracing::info!(
                 consumers = pool.len(),
                 database = workers.store.backend(),
+                endpoints = ?config.worker_listen,
                 "worker running"
             );
             stopped.await;
+            stop.cancel();
             pool.stop(grace).await;
+            if let Some(endpoints) = endpoints {
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), endpoints).await;
+            }
             let _ = tokio::time::timeout(
                 std::time::Duration::from_secs(1),
                 workers.scoring.flush_snapshots(),
@@ -333,6 +405,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             workers.store.close().await;
             Ok(())
         }
+        Command::Healthcheck { url } => healthcheck(&url).await,
         Command::Migrate => {
             let store = open_store(&config).await?;
             store.migrate().await?;
@@ -454,7 +527,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             store.close().await;
             // Tell running servers (Redis only: an embedded server reloads within 30 s).
             if config.redis_url.is_some() {
-                let shared = blockremote::state::connect(&config).await?;
+                let shared = blockremote::state::connect(&config, None).await?;
                 shared
                     .publish(blockremote::signals::intel::CHANGED_CHANNEL, b"1")
                     .await?;

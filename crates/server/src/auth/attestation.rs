@@ -61,6 +61,7 @@ use crate::{
         AttestationGrade, AttestationRecord, AuditSource, NewAppAttestKey, NewAuditEntry, Store,
         StoreError,
     },
+    telemetry::Metrics,
 };
 
 /// A verdict.
@@ -357,11 +358,13 @@ pub struct Attestation {
     nonce_ttl: Duration,
     max_failures: u32,
     providers: Providers,
+    metrics: Arc<Metrics>,
 }
 
 impl Attestation {
     /// The component: nonces live `nonce_ttl`; a device is quarantined at
     /// `max_failures` failures; `providers` are those this server verifies.
+    #[allow(clippy::too_many_arguments)] // the composition root's handles, each named
     pub fn new(
         store: Arc<dyn Store>,
         shared: Arc<dyn SharedState>,
@@ -370,6 +373,7 @@ impl Attestation {
         nonce_ttl: Duration,
         max_failures: u32,
         providers: Providers,
+        metrics: Arc<Metrics>,
     ) -> Self {
         if providers
             .app_attest
@@ -389,6 +393,7 @@ impl Attestation {
             nonce_ttl,
             max_failures,
             providers,
+            metrics,
         }
     }
 
@@ -585,6 +590,8 @@ impl Attestation {
         ip: Option<IpAddr>,
     ) -> Result<(), AttestationError> {
         let verified = judgement.grade.verified();
+        self.metrics
+            .attestation_verdict(provider, if verified { "verified" } else { "failed" });
         let outcome = self
             .store
             .record_attestation(
@@ -670,6 +677,8 @@ impl Attestation {
             if let Err(e) = realtime::issue(
                 self.shared.as_ref(),
                 self.store.as_ref(),
+                &self.metrics,
+                realtime::Origin::Attestation,
                 &device.device_id,
                 Action::ImmediateQuarantine,
                 "attestation_failed",
@@ -684,6 +693,8 @@ impl Attestation {
             if let Err(e) = realtime::issue(
                 self.shared.as_ref(),
                 self.store.as_ref(),
+                &self.metrics,
+                realtime::Origin::Attestation,
                 &device.device_id,
                 Action::CriticalLock,
                 play_integrity::reason::CONTROLLING_APP_DETECTED,

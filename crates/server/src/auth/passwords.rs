@@ -16,6 +16,8 @@ use std::{
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::telemetry::Metrics;
+
 /// How long a request waits for a hashing permit before it is refused.
 pub const PERMIT_WAIT: Duration = Duration::from_millis(250);
 
@@ -34,6 +36,8 @@ pub enum PasswordError {
 #[derive(Debug)]
 pub struct Passwords {
     permits: Arc<Semaphore>,
+    /// Where the wait for a permit is observed (`argon2_queue_wait_seconds`).
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Default for Passwords {
@@ -49,11 +53,25 @@ impl Passwords {
     pub fn new(concurrent: usize) -> Self {
         Self {
             permits: Arc::new(Semaphore::new(concurrent.max(1))),
+            metrics: None,
+        }
+    }
+
+    /// The default bound, its waits observed in `metrics`.
+    pub fn with_metrics(metrics: Arc<Metrics>) -> Self {
+        Self {
+            metrics: Some(metrics),
+            ..Self::default()
         }
     }
 
     async fn permit(&self) -> Result<OwnedSemaphorePermit, PasswordError> {
-        match tokio::time::timeout(PERMIT_WAIT, self.permits.clone().acquire_owned()).await {
+        let asked = std::time::Instant::now();
+        let permit = tokio::time::timeout(PERMIT_WAIT, self.permits.clone().acquire_owned()).await;
+        if let Some(metrics) = &self.metrics {
+            metrics.argon2_wait.observe(asked.elapsed().as_secs_f64());
+        }
+        match permit {
             Ok(Ok(permit)) => Ok(permit),
             _ => Err(PasswordError::Busy),
         }

@@ -44,6 +44,7 @@ use crate::{
         NewUser, RefreshRecord, Revocation, RotateOutcome, Store, StoreError, User, UserStatus,
         TOO_MANY_DEVICES,
     },
+    telemetry::Metrics,
 };
 
 /// Wrong passwords for one email that cost nothing but the answer.
@@ -113,6 +114,7 @@ pub struct Sessions {
     auth: Arc<Auth>,
     firewall: Arc<Firewall>,
     limits: SessionLimits,
+    metrics: Arc<Metrics>,
 }
 
 /// The numbers a deployment tunes about sessions.
@@ -189,6 +191,7 @@ impl Sessions {
         auth: Arc<Auth>,
         firewall: Arc<Firewall>,
         limits: SessionLimits,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             store,
@@ -196,6 +199,7 @@ impl Sessions {
             auth,
             firewall,
             limits,
+            metrics,
         }
     }
 
@@ -442,7 +446,8 @@ impl Sessions {
         Ok(())
     }
 
-    /// Exchanges a refresh token for a new pair (see the module docs).
+    /// Exchanges a refresh token for a new pair (see the module docs);
+    /// counted in `auth_refresh_attempts_total{outcome}`.
     pub async fn refresh(
         &self,
         presented: &str,
@@ -450,6 +455,30 @@ impl Sessions {
         fingerprint: &str,
         origin: &Origin,
     ) -> Result<SessionTokens, SessionError> {
+        let exchanged = self
+            .exchange(presented, device_id, fingerprint, origin)
+            .await;
+        self.metrics.refresh_attempt(match &exchanged {
+            Ok((_, false)) => "rotated",
+            Ok((_, true)) => "reissued",
+            Err(SessionError::InvalidRefreshToken) => "invalid",
+            Err(SessionError::RefreshTokenReused) => "reuse",
+            Err(SessionError::RateLimited { .. }) => "rate_limited",
+            Err(SessionError::Device(_)) => "refused",
+            Err(_) => "error",
+        });
+        exchanged.map(|(tokens, _)| tokens)
+    }
+
+    /// [`refresh`](Self::refresh): the pair, and whether it is the one a
+    /// retry within the reuse interval gets again.
+    async fn exchange(
+        &self,
+        presented: &str,
+        device_id: &str,
+        fingerprint: &str,
+        origin: &Origin,
+    ) -> Result<(SessionTokens, bool), SessionError> {
         let hash = sha256(presented.as_bytes());
         let Some(record) = self.store.refresh_record(&hash).await? else {
             return Err(SessionError::InvalidRefreshToken);
@@ -483,7 +512,7 @@ impl Sessions {
         }
         if record.used_at.is_some() {
             return match self.retried(&record, presented) {
-                Some(tokens) => Ok(tokens),
+                Some(tokens) => Ok((tokens, true)),
                 None => Err(self.reuse(&record, "token_already_used", origin).await),
             };
         }
@@ -533,7 +562,7 @@ impl Sessions {
             RotateOutcome::AlreadyUsed => {
                 let now = self.store.refresh_record(&hash).await?;
                 return match now.as_ref().and_then(|r| self.retried(r, presented)) {
-                    Some(tokens) => Ok(tokens),
+                    Some(tokens) => Ok((tokens, true)),
                     None => Err(self.reuse(&record, "token_already_used", origin).await),
                 };
             }
@@ -548,13 +577,14 @@ impl Sessions {
             serde_json::json!({"family_id": record.family_id}),
         );
         self.store.record_event(event).await?;
-        Ok(SessionTokens {
+        let tokens = SessionTokens {
             user_id: record.user_id,
             access_token,
             refresh_token: new_token,
             expires_in: self.auth.access_ttl.as_secs(),
             token_type: "Bearer",
-        })
+        };
+        Ok((tokens, false))
     }
 
     /// The pair a spent token's rotation issued, when `record` is the
@@ -592,6 +622,7 @@ impl Sessions {
                 store: self.store.clone(),
                 shared: self.shared.clone(),
                 auth: self.auth.clone(),
+                metrics: self.metrics.clone(),
             },
             record.clone(),
             why.to_owned(),
@@ -640,6 +671,7 @@ struct Revoker {
     store: Arc<dyn Store>,
     shared: Arc<dyn SharedState>,
     auth: Arc<Auth>,
+    metrics: Arc<Metrics>,
 }
 
 async fn handle_reuse(state: Revoker, record: RefreshRecord, why: String, origin: Origin) {
@@ -692,6 +724,8 @@ async fn handle_reuse(state: Revoker, record: RefreshRecord, why: String, origin
     if let Err(e) = realtime::issue(
         state.shared.as_ref(),
         state.store.as_ref(),
+        &state.metrics,
+        realtime::Origin::Session,
         &record.device_id,
         Action::CriticalLock,
         "refresh_token_reuse",

@@ -79,6 +79,45 @@ pub async fn post_webhook(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<JsonResponse<WebhookResult>, ApiError> {
+    let received = receive_webhook(&state, ip, headers, body).await;
+    state
+        .metrics
+        .webhook_delivery("inbound", webhook_outcome(&received));
+    received
+}
+
+/// The `outcome` label of a received billing event: its status, or the
+/// refusal's stable code (`error` for anything unlisted, so the label set
+/// stays bounded).
+fn webhook_outcome(received: &Result<JsonResponse<WebhookResult>, ApiError>) -> &'static str {
+    const REFUSALS: &[&str] = &[
+        codes::INVALID_SIGNATURE,
+        codes::TIMESTAMP_OUT_OF_TOLERANCE,
+        codes::IP_NOT_ALLOWED,
+        codes::EVENT_CONFLICT,
+        codes::WEBHOOK_NOT_CONFIGURED,
+        codes::VALIDATION_FAILED,
+        codes::INVALID_BODY,
+    ];
+    match received {
+        Ok(JsonResponse(result)) => result.status,
+        Err(e) => {
+            let code = e.to_problem().code;
+            REFUSALS
+                .iter()
+                .find(|refusal| **refusal == code)
+                .copied()
+                .unwrap_or("error")
+        }
+    }
+}
+
+async fn receive_webhook(
+    state: &AppState,
+    ip: ClientIp,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<JsonResponse<WebhookResult>, ApiError> {
     let config = &state.config;
     if config.webhook_secrets.is_empty() {
         return Err(ApiError::Client {

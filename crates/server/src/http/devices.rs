@@ -196,6 +196,8 @@ pub async fn post_lock(
     let command = match realtime::issue(
         state.shared.as_ref(),
         state.store.as_ref(),
+        &state.metrics,
+        realtime::Origin::Admin,
         &device_id,
         body.action,
         &body.reason,
@@ -289,6 +291,8 @@ pub async fn post_unlock(
     let command = realtime::issue(
         state.shared.as_ref(),
         state.store.as_ref(),
+        &state.metrics,
+        realtime::Origin::Admin,
         &device_id,
         Action::Unlock,
         &reason,

@@ -12,6 +12,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
+use super::ops::Ops;
 use crate::{app::AppState, error::ApiError};
 
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -52,13 +53,14 @@ pub async fn get_live() -> Json<Health> {
         (status = 503, description = "A dependency is unreachable", body = crate::error::Problem,
             content_type = "application/problem+json"),
     ))]
-pub async fn get_ready(State(state): State<AppState>) -> Result<Json<Health>, ApiError> {
+pub async fn get_ready(State(state): State<Ops>) -> Result<Json<Health>, ApiError> {
     let (db, cache) = tokio::join!(
         tokio::time::timeout(CHECK_TIMEOUT, state.store.ping()),
         tokio::time::timeout(CHECK_TIMEOUT, state.shared.ping()),
     );
     let db_ok = matches!(db, Ok(Ok(())));
     let cache_ok = matches!(cache, Ok(Ok(())));
+    state.metrics.health_ready.set(i64::from(db_ok && cache_ok));
     let word = |ok: bool| if ok { "ok" } else { "unavailable" };
     let checks = serde_json::json!({ "database": word(db_ok), "cache": word(cache_ok) });
     if db_ok && cache_ok {

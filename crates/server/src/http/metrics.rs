@@ -15,6 +15,7 @@ use secrecy::ExposeSecret;
 use subtle::ConstantTimeEq;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
+use super::ops::Ops;
 use crate::{
     app::AppState,
     auth::sha256,
@@ -32,8 +33,8 @@ pub fn router() -> OpenApiRouter<AppState> {
 }
 
 /// True when the request may read the metrics.
-fn allowed(state: &AppState, headers: &HeaderMap) -> bool {
-    let Some(expected) = &state.config.metrics_token else {
+fn allowed(state: &Ops, headers: &HeaderMap) -> bool {
+    let Some(expected) = &state.metrics_token else {
         return true;
     };
     let presented = headers
@@ -57,7 +58,7 @@ fn allowed(state: &AppState, headers: &HeaderMap) -> bool {
             the request did not send it as `Authorization: Bearer <token>`",
             body = Problem, content_type = "application/problem+json"),
     ))]
-pub async fn get_metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
+pub async fn get_metrics(State(state): State<Ops>, headers: HeaderMap) -> Response {
     if !allowed(&state, &headers) {
         return ApiError::unauthorized(
             codes::INVALID_TOKEN,

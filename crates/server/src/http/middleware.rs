@@ -39,6 +39,13 @@ pub struct TraceContext {
     pub flags: u8,
 }
 
+impl TraceContext {
+    /// The `traceparent` header value (version 00).
+    pub fn header(&self) -> String {
+        format!("00-{}-{}-{:02x}", self.trace_id, self.parent_id, self.flags)
+    }
+}
+
 /// A client-supplied request id is echoed only if it is 1–128 characters of
 /// `[A-Za-z0-9._:-]`; anything else (log injection, huge values) is replaced.
 pub fn sane_request_id(raw: &str) -> bool {
@@ -108,11 +115,18 @@ pub async fn request_context(
         request_id = %request_id,
         method = %method,
         route = %route,
-        trace_id = trace.as_ref().map(|t| t.trace_id.as_str()).unwrap_or(""),
+        trace_id = tracing::field::Empty,
         parent_span_id = trace.as_ref().map(|t| t.parent_id.as_str()).unwrap_or(""),
         device_id = tracing::field::Empty,
         user_id = tracing::field::Empty,
     );
+    // With export on, the span joins the caller's trace (or starts one);
+    // the log lines carry that trace's id either way.
+    let trace_id = crate::telemetry::trace::adopt_request_context(&span, request.headers())
+        .or_else(|| trace.as_ref().map(|t| t.trace_id.clone()));
+    if let Some(trace_id) = &trace_id {
+        span.record("trace_id", trace_id.as_str());
+    }
     request
         .extensions_mut()
         .insert(RequestId(request_id.clone()));
@@ -125,6 +139,17 @@ pub async fn request_context(
     response = render_problem(response, &request_id);
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert(REQUEST_ID, value);
+    }
+    // The server span's own context, so a caller can find this hop's span.
+    if let Some((traceparent, tracestate)) = crate::telemetry::trace::outgoing(&span) {
+        for (name, value) in [
+            ("traceparent", Some(traceparent)),
+            ("tracestate", tracestate),
+        ] {
+            if let Some(value) = value.and_then(|v| HeaderValue::from_str(&v).ok()) {
+                response.headers_mut().insert(name, value);
+            }
+        }
     }
     let status = response.status();
     let elapsed = started.elapsed();

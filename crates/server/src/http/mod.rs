@@ -32,6 +32,7 @@ pub mod jwks;
 pub mod killswitch;
 pub mod metrics;
 pub mod middleware;
+pub mod ops;
 pub mod paging;
 pub mod rate_limit;
 pub mod serve;

@@ -19,9 +19,12 @@ use super::json;
 use crate::{
     app::AppState,
     error::{ApiError, Problem},
-    http::extract::{ClientIp, DeviceAuth, MeteredLater},
+    http::{
+        extract::{ClientIp, DeviceAuth, MeteredLater},
+        middleware::{RequestId, TraceContext},
+    },
     signals::{
-        ingest::{Bucket, HeartbeatBody, IngestError, Sender},
+        ingest::{Bucket, HeartbeatBody, IngestError, JobTrace, Sender},
         reader,
         report::TrustReport,
     },
@@ -69,6 +72,8 @@ pub async fn post_heartbeat(
     State(state): State<AppState>,
     metered: MeteredLater,
     ip: ClientIp,
+    request_id: Option<axum::Extension<RequestId>>,
+    incoming_trace: Option<axum::Extension<TraceContext>>,
     body: Result<json::RawJson, ApiError>,
 ) -> Result<(StatusCode, JsonResponse<Accepted>), ApiError> {
     // The fast reader takes what devices send; anything else goes to the
@@ -94,10 +99,21 @@ pub async fn post_heartbeat(
         }
     };
     let device = &metered.device;
+    // The job carries the trace on to its worker (telemetry/trace.rs).
+    let traceparent =
+        crate::telemetry::trace::job_traceparent(|| incoming_trace.as_ref().map(|t| t.0.header()));
+    let trace = match (&traceparent, &request_id) {
+        (Some(traceparent), Some(request_id)) => Some(JobTrace {
+            traceparent,
+            request_id: &request_id.0 .0,
+        }),
+        _ => None,
+    };
     let sender = Sender {
         user_id: device.user_id,
         device_id: &device.device_id,
         ip: ip.0,
+        trace,
     };
     let bucket = Metered {
         state: &state,

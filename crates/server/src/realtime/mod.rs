@@ -41,6 +41,7 @@ use crate::{
     sequences,
     state::{keys, SharedState, StateResult},
     store::{SequenceKind, Store},
+    telemetry::Metrics,
 };
 
 /// Commands kept per device for resume.
@@ -196,9 +197,15 @@ pub async fn disconnect(
 /// Status changes and audit rows are the caller's (they differ by source).
 /// The number is also written to `store`, whence a counter lost with shared
 /// state is refilled ([`record`]).
+/// Counted in `killswitch_commands_issued_total{action,origin}`; a span of
+/// the caller's trace (a lock the engine decides is part of the scored
+/// heartbeat's trace).
+#[tracing::instrument(name = "killswitch.publish", skip_all, fields(device_id, action = action.as_str(), origin = origin.as_str()))]
 pub async fn issue(
     shared: &dyn SharedState,
     store: &dyn Store,
+    metrics: &Metrics,
+    origin: Origin,
     device_id: &str,
     action: Action,
     reason: &str,
@@ -206,7 +213,36 @@ pub async fn issue(
     let command = record(shared, store, device_id, action, reason).await?;
     let payload = serde_json::to_vec(&command).unwrap_or_default();
     shared.publish(keys::KILL_SWITCH_CHANNEL, &payload).await?;
+    metrics.command_issued(action.as_str(), origin.as_str());
     Ok(command)
+}
+
+/// Who issued a command (a metric label; the audit row says more).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// The engine's decision on a heartbeat.
+    Engine,
+    /// An operator, through the admin API.
+    Admin,
+    /// A firewall decision, or its undo.
+    Firewall,
+    /// Refresh-token reuse.
+    Session,
+    /// A failed attestation.
+    Attestation,
+}
+
+impl Origin {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Engine => "engine",
+            Self::Admin => "admin",
+            Self::Firewall => "firewall",
+            Self::Session => "session",
+            Self::Attestation => "attestation",
+        }
+    }
 }
 
 /// Asks every instance to send `action` to every device connected to it;

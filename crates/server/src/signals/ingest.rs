@@ -264,6 +264,18 @@ pub struct JobHeader<'a> {
     /// The client address was on the blacklist (checked at ingestion; the
     /// address itself never enters the queue).
     pub ip_listed: bool,
+    /// The ingest request's trace context and id, when it had one.
+    pub trace: Option<JobTrace<'a>>,
+}
+
+/// What a job carries of the request that queued it, so its scoring span
+/// joins that trace and its log lines name that request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobTrace<'a> {
+    /// W3C `traceparent` of the ingest span.
+    pub traceparent: &'a str,
+    /// The ingest request's `X-Request-Id`.
+    pub request_id: &'a str,
 }
 
 /// How a job's sample arrays are written.
@@ -303,13 +315,19 @@ struct RawSamplesJob<'a> {
     context: &'a Context,
 }
 
-/// Encodes a queue job: `device_id \n user_id \n flags \n body`, where
-/// `flags` is `d` or `c` (the [`JobEncoding`]) then `1` or `0` (address
-/// listed or not), and `body` the heartbeat in postcard.
+/// Encodes a queue job: `device_id \n user_id \n flags [trace] \n body`,
+/// where `flags` is `d` or `c` (the [`JobEncoding`]) then `1` or `0`
+/// (address listed or not), `trace` (when there is one) is
+/// ` traceparent request_id` (neither holds a space or a newline: the
+/// request id is sanitised, a `traceparent` is hex and dashes), and `body`
+/// the heartbeat in postcard. Workers read jobs without a trace as before;
+/// a worker older than the trace field refuses jobs with one, so workers
+/// are upgraded before API replicas.
 pub fn encode_job(
     device_id: &str,
     user_id: Uuid,
     ip_listed: bool,
+    trace: Option<JobTrace<'_>>,
     heartbeat: &Heartbeat,
     encoding: JobEncoding,
 ) -> Result<Vec<u8>, postcard::Error> {
@@ -328,6 +346,13 @@ pub fn encode_job(
         JobEncoding::Fast => b'c',
     });
     job.push(if ip_listed { b'1' } else { b'0' });
+    if let Some(trace) = trace.filter(|t| single_token(t.traceparent) && single_token(t.request_id))
+    {
+        job.push(b' ');
+        job.extend_from_slice(trace.traceparent.as_bytes());
+        job.push(b' ');
+        job.extend_from_slice(trace.request_id.as_bytes());
+    }
     job.push(b'\n');
     match encoding {
         JobEncoding::Small => postcard::to_extend(heartbeat, job),
@@ -343,6 +368,11 @@ pub fn encode_job(
             job,
         ),
     }
+}
+
+/// Non-empty, with no space or newline: safe as a field of a job's flags line.
+fn single_token(text: &str) -> bool {
+    !text.is_empty() && !text.bytes().any(|b| b == b' ' || b == b'\n')
 }
 
 /// Bytes of a heartbeat's body, roughly (the samples dominate).
@@ -397,7 +427,16 @@ pub fn decode_job(job: &[u8]) -> Option<(JobHeader<'_>, Heartbeat)> {
     let mut parts = job.splitn(4, |&b| b == b'\n');
     let device_id = std::str::from_utf8(parts.next()?).ok()?;
     let user_id = Uuid::parse_str(std::str::from_utf8(parts.next()?).ok()?).ok()?;
-    let flags = parts.next()?;
+    let mut line = parts.next()?.split(|&b| b == b' ');
+    let flags = line.next()?;
+    let trace = match (line.next(), line.next(), line.next()) {
+        (None, _, _) => None,
+        (Some(traceparent), Some(request_id), None) => Some(JobTrace {
+            traceparent: std::str::from_utf8(traceparent).ok()?,
+            request_id: std::str::from_utf8(request_id).ok()?,
+        }),
+        _ => return None,
+    };
     let ip_listed = match flags.last()? {
         b'1' => true,
         b'0' => false,
@@ -419,6 +458,7 @@ pub fn decode_job(job: &[u8]) -> Option<(JobHeader<'_>, Heartbeat)> {
             device_id,
             user_id,
             ip_listed,
+            trace,
         },
         heartbeat,
     ))
@@ -485,6 +525,8 @@ pub struct Sender<'a> {
     /// The client address (only the blacklist verdict travels on; an
     /// anonymised form is kept with a replay).
     pub ip: Option<IpAddr>,
+    /// The request's trace context and id, carried in the job.
+    pub trace: Option<JobTrace<'a>>,
 }
 
 /// A heartbeat taken.
@@ -584,6 +626,7 @@ impl Ingestion {
             user_id,
             device_id,
             ip,
+            trace,
         } = sender;
         let seq = heartbeat.seq;
         let seq_key = keys::heartbeat_seq(device_id);
@@ -602,7 +645,7 @@ impl Ingestion {
             // The rate-limit token, the seq check and the enqueue are one step
             // (one round trip on one Redis node): `Ok` means the heartbeat is on the queue.
             let encoding = JobEncoding::for_queue_of(self.shared.as_ref());
-            let job = encode_job(device_id, user_id, ip_listed, &heartbeat, encoding)?;
+            let job = encode_job(device_id, user_id, ip_listed, trace, &heartbeat, encoding)?;
             let bucket_key = keys::rate_limit(device_id);
             let take = bucket.one_token(&bucket_key).await?;
             let admitted = self
@@ -800,20 +843,59 @@ mod tests {
         let user = Uuid::now_v7();
         let hb = heartbeat();
         for encoding in [JobEncoding::Small, JobEncoding::Fast] {
-            let job = encode_job("device_0001", user, true, &hb, encoding).expect("encodes");
+            let job = encode_job("device_0001", user, true, None, &hb, encoding).expect("encodes");
             let (header, back) = decode_job(&job).expect("decodes");
             assert_eq!(
                 header,
                 JobHeader {
                     device_id: "device_0001",
                     user_id: user,
-                    ip_listed: true
+                    ip_listed: true,
+                    trace: None,
                 }
             );
             assert_eq!(back, hb);
             assert_eq!(decode_job(&job[..job.len() - 1]), None, "truncated");
         }
         assert_eq!(decode_job(b"no newline"), None);
+    }
+
+    #[test]
+    fn jobs_carry_their_trace() {
+        let user = Uuid::now_v7();
+        let hb = heartbeat();
+        let trace = JobTrace {
+            traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            request_id: "req-42",
+        };
+        for encoding in [JobEncoding::Small, JobEncoding::Fast] {
+            let job = encode_job("device_0001", user, false, Some(trace), &hb, encoding)
+                .expect("encodes");
+            let (header, back) = decode_job(&job).expect("decodes");
+            assert_eq!(header.trace, Some(trace));
+            assert!(!header.ip_listed);
+            assert_eq!(back, hb);
+        }
+        // A value that could split the line is not written at all.
+        let odd = JobTrace {
+            traceparent: "00-a b",
+            request_id: "req-42",
+        };
+        let job = encode_job(
+            "device_0001",
+            user,
+            false,
+            Some(odd),
+            &hb,
+            JobEncoding::Fast,
+        )
+        .expect("encodes");
+        assert_eq!(decode_job(&job).expect("decodes").0.trace, None);
+        // A flags line with a stray field is refused, not misread.
+        let mut bad = b"device_0001\n".to_vec();
+        bad.extend_from_slice(user.to_string().as_bytes());
+        bad.extend_from_slice(b"\nc0 one\n");
+        assert_eq!(decode_job(&bad), None);
     }
 
     /// `hb` as a body of an older form.
@@ -850,7 +932,7 @@ mod tests {
         let job = [format!("device_0001\n{user}\nc1\n").as_bytes(), &body].concat();
         // What this replica writes for the in-process queue is that layout.
         assert_eq!(
-            encode_job("device_0001", user, true, &hb, JobEncoding::Fast).expect("encodes"),
+            encode_job("device_0001", user, true, None, &hb, JobEncoding::Fast).expect("encodes"),
             job
         );
         let (header, back) = decode_job(&job).expect("decodes");
@@ -873,8 +955,9 @@ mod tests {
         let json = serde_json::to_vec(&hb).expect("json");
         let user = Uuid::now_v7();
         let small =
-            encode_job("device_0001", user, false, &hb, JobEncoding::Small).expect("encodes");
-        let fast = encode_job("device_0001", user, false, &hb, JobEncoding::Fast).expect("encodes");
+            encode_job("device_0001", user, false, None, &hb, JobEncoding::Small).expect("encodes");
+        let fast =
+            encode_job("device_0001", user, false, None, &hb, JobEncoding::Fast).expect("encodes");
         assert!(
             small.len() * 3 < json.len(),
             "{} of {}",
@@ -972,6 +1055,7 @@ mod tests {
                     user_id: Uuid::nil(),
                     device_id: DEVICE,
                     ip: Some("192.0.2.7".parse().expect("ip")),
+                    trace: None,
                 };
                 self.ingestion.accept(sender, hb, &self.bucket).await
             }

@@ -25,6 +25,7 @@ use blockremote_engine::{
     PlanTier, Situation,
 };
 use futures::StreamExt;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use super::{breaker::ScoringMeter, intel::ThreatIntel};
@@ -190,6 +191,7 @@ impl JobHandler for HeartbeatScorer {
             tracing::error!(job = %job.id, "undecodable heartbeat job dropped");
             return Ok(());
         };
+        let span = job_span(&header, heartbeat.seq);
         score(
             &self.scoring,
             header.device_id,
@@ -198,6 +200,7 @@ impl JobHandler for HeartbeatScorer {
             header.ip_listed,
             false,
         )
+        .instrument(span)
         .await?;
         Ok(())
     }
@@ -205,6 +208,24 @@ impl JobHandler for HeartbeatScorer {
     async fn handle_batch(&self, jobs: Vec<Job>, parallel: usize) -> Vec<String> {
         score_batch(&self.scoring, jobs, parallel).await
     }
+}
+
+/// The scoring span of a job that carries its ingest request's trace: a
+/// child of the ingest span (when export is on), naming the request id and
+/// trace id in its log lines. A job without one gets no span (no cost).
+fn job_span(header: &JobHeader<'_>, seq: u64) -> tracing::Span {
+    let Some(trace) = header.trace else {
+        return tracing::Span::none();
+    };
+    let span = tracing::info_span!(
+        "signals.score",
+        device_id = header.device_id,
+        seq,
+        request_id = trace.request_id,
+        trace_id = trace.traceparent.get(3..35).unwrap_or(""),
+    );
+    crate::telemetry::trace::adopt_job_context(&span, trace.traceparent);
+    span
 }
 
 /// A device's scoring lock, held, with the engine state read under it.
@@ -825,6 +846,7 @@ async fn score_device<'a>(
     let mut ids = Vec::with_capacity(device.jobs.len());
     for ((job, header, heartbeat), seen) in device.jobs.into_iter().zip(seen) {
         ids.push(job.id.clone());
+        let span = job_span(&header, heartbeat.seq);
         match score_locked(
             scoring,
             device_id,
@@ -835,6 +857,7 @@ async fn score_device<'a>(
             seen,
             &mut engine,
         )
+        .instrument(span)
         .await
         {
             Ok(Some(r)) => {
@@ -1018,6 +1041,7 @@ async fn score_contended(
 async fn score_waiting(scoring: &Scoring, device: DeviceJobs<'_>) -> Vec<String> {
     let mut ids = Vec::with_capacity(device.jobs.len());
     for (job, header, heartbeat) in device.jobs {
+        let span = job_span(&header, heartbeat.seq);
         let scored = score(
             scoring,
             header.device_id,
@@ -1026,6 +1050,7 @@ async fn score_waiting(scoring: &Scoring, device: DeviceJobs<'_>) -> Vec<String>
             header.ip_listed,
             false,
         )
+        .instrument(span)
         .await;
         if let Err(e) = scored {
             tracing::warn!(job = %job.id, error = format!("{e:#}"), "job failed; left pending for retry");
@@ -1153,6 +1178,8 @@ async fn act(
     let command = realtime::issue(
         scoring.shared.as_ref(),
         scoring.store.as_ref(),
+        &scoring.metrics,
+        realtime::Origin::Engine,
         device_id,
         action,
         reason,

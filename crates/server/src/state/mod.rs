@@ -621,8 +621,10 @@ mod tests {
 
 /// Opens the shared state the configuration names: Redis when `REDIS_URL` is
 /// set, in-process otherwise.
+/// With `metrics`, Redis command latency is observed there.
 pub async fn connect(
     config: &crate::config::Config,
+    metrics: Option<std::sync::Arc<crate::telemetry::Metrics>>,
 ) -> Result<std::sync::Arc<dyn SharedState>, ConnectError> {
     use secrecy::ExposeSecret;
     match &config.redis_url {
@@ -645,6 +647,7 @@ pub async fn connect(
             call_timeout: config.redis_call_timeout,
             tls: config.redis_tls.clone(),
             queue_shards: config.redis_queue_shards,
+            metrics,
         })
         .await
         .map(|s| std::sync::Arc::new(s) as std::sync::Arc<dyn SharedState>)

@@ -240,6 +240,9 @@ pub trait AuditStore: Send + Sync {
     /// [`audit_chain`]); `None` writes unkeyed rows.
     fn set_chain_key(&self, key: Option<audit_chain::ChainKey>);
 
+    /// The key appends are chained with (what verification needs).
+    fn chain_key(&self) -> Option<audit_chain::ChainKey>;
+
     /// The newest chained row's `(seq, row_hash)`, if any.
     async fn audit_head(&self) -> StoreResult<Option<(i64, String)>>;
 
@@ -371,6 +374,13 @@ for_each_dialect! {
                 .chain_key
                 .write()
                 .unwrap_or_else(std::sync::PoisonError::into_inner) = key;
+        }
+
+        fn chain_key(&self) -> Option<audit_chain::ChainKey> {
+            self.chain_key
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone()
         }
 
         async fn audit_head(&self) -> StoreResult<Option<(i64, String)>> {

@@ -208,6 +208,13 @@ pub trait Store:
     /// Cheap liveness check used by `/health/ready`.
     async fn ping(&self) -> StoreResult<()>;
 
+    /// The pool's connections: `(in use, idle)`.
+    fn pool_usage(&self) -> (u64, u64);
+
+    /// How long one connection took to acquire from the pool (it is given
+    /// back at once): a sample of what every query waits.
+    async fn time_acquire(&self) -> StoreResult<std::time::Duration>;
+
     /// Applies every embedded migration not yet applied. Idempotent; safe to
     /// run from several replicas at once (PostgreSQL takes an advisory lock).
     async fn migrate(&self) -> StoreResult<()>;

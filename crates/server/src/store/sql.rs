@@ -217,6 +217,18 @@ for_each_dialect! {
             Ok(())
         }
 
+        fn pool_usage(&self) -> (u64, u64) {
+            let size = u64::from(self.pool.size());
+            let idle = u64::try_from(self.pool.num_idle()).unwrap_or(u64::MAX).min(size);
+            (size - idle, idle)
+        }
+
+        async fn time_acquire(&self) -> StoreResult<std::time::Duration> {
+            let started = std::time::Instant::now();
+            drop(self.pool.acquire().await?);
+            Ok(started.elapsed())
+        }
+
         #[tracing::instrument(skip_all, name = "store.migrate")]
         async fn migrate(&self) -> StoreResult<()> {
             <Db as Dialect>::migrator().run(&self.pool).await?;

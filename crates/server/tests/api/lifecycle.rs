@@ -23,9 +23,9 @@ crate::on_both_backends!(
     audit_verify_reports_an_intact_chain,
 );
 
-const BIN: &str = env!("CARGO_BIN_EXE_blockremote");
+pub const BIN: &str = env!("CARGO_BIN_EXE_blockremote");
 
-fn command(env: &[(&str, String)], args: &[&str]) -> Command {
+pub fn command(env: &[(&str, String)], args: &[&str]) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.args(args)
         .env_clear()
@@ -39,7 +39,7 @@ fn command(env: &[(&str, String)], args: &[&str]) -> Command {
 }
 
 /// A running `blockremote` process and the log lines it has printed.
-struct Running {
+pub struct Running {
     child: Child,
     logs: Arc<Mutex<Vec<String>>>,
     /// The task reading the log lines; done once the process's stdout closes.
@@ -48,7 +48,11 @@ struct Running {
 
 impl Running {
     /// Starts `args` and waits until a log line contains `ready_message`.
-    async fn start(env: &[(&str, String)], args: &[&str], ready_message: &str) -> (Self, String) {
+    pub async fn start(
+        env: &[(&str, String)],
+        args: &[&str],
+        ready_message: &str,
+    ) -> (Self, String) {
         let mut child = command(env, args).spawn().expect("spawn blockremote");
         let stdout = child.stdout.take().expect("stdout");
         let logs = Arc::new(Mutex::new(Vec::new()));
@@ -80,7 +84,7 @@ impl Running {
         }
     }
 
-    fn signal(&self, signal: &str) {
+    pub fn signal(&self, signal: &str) {
         let pid = self.child.id().expect("running");
         let status = std::process::Command::new("kill")
             .arg(format!("-{signal}"))
@@ -92,7 +96,7 @@ impl Running {
 
     /// Waits for the process to exit, then for its last log lines to be read
     /// (they may still be in the pipe when it exits).
-    async fn wait(&mut self, limit: Duration) -> ExitStatus {
+    pub async fn wait(&mut self, limit: Duration) -> ExitStatus {
         let status = tokio::time::timeout(limit, self.child.wait())
             .await
             .expect("exited within the limit")
@@ -106,7 +110,7 @@ impl Running {
         status
     }
 
-    fn logged(&self, needle: &str) -> bool {
+    pub fn logged(&self, needle: &str) -> bool {
         self.logs
             .lock()
             .expect("lock")
@@ -115,7 +119,7 @@ impl Running {
     }
 }
 
-fn listening_addr(line: &str) -> String {
+pub fn listening_addr(line: &str) -> String {
     let json: serde_json::Value = serde_json::from_str(line).expect("JSON log line");
     format!("http://{}", json["addr"].as_str().expect("addr field"))
 }

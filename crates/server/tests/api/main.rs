@@ -15,6 +15,7 @@ mod http_surface;
 mod identity;
 mod killswitch;
 mod lifecycle;
+mod observability;
 mod proxy;
 mod redis_faults;
 mod reference_client;

@@ -19,13 +19,13 @@ use crate::helpers::{
 };
 
 /// A `redis-server` of this test's own on a free loopback port, killed on drop.
-struct PrivateRedis {
+pub struct PrivateRedis {
     child: Child,
     port: u16,
 }
 
 impl PrivateRedis {
-    fn start() -> Self {
+    pub fn start() -> Self {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("free port")
@@ -44,17 +44,17 @@ impl PrivateRedis {
         Self { child, port }
     }
 
-    fn url(&self) -> String {
+    pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
     /// Freezes the process: connections stay open and nothing answers —
     /// the worst failure, the one only a timeout notices.
-    fn hang(&self) {
+    pub fn hang(&self) {
         self.signal("-STOP");
     }
 
-    fn resume(&self) {
+    pub fn resume(&self) {
         self.signal("-CONT");
     }
 

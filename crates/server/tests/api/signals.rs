@@ -739,6 +739,7 @@ async fn a_queued_heartbeat_of_an_unknown_device_is_dropped_not_retried(backend:
         "device_sig_gone",
         uuid::Uuid::now_v7(),
         false,
+        None,
         &s.heartbeats[0],
         JobEncoding::for_queue_of(app.state.shared.as_ref()),
     )

@@ -346,6 +346,120 @@ struct Guarded {
     conn: Conn,
     breaker: Arc<Breaker>,
     timeout: Duration,
+    /// Where each call's latency goes (`redis_command_duration_seconds`).
+    observed: Option<Arc<Observed>>,
+}
+
+/// What names a call in the latency metric: our scripts by their SHA-1.
+struct Observed {
+    metrics: Arc<crate::telemetry::Metrics>,
+    scripts: Vec<(String, &'static str)>,
+}
+
+/// Every script, by the name its calls are counted under.
+const SCRIPTS: &[(&str, &str)] = &[
+    ("take_and_advance", TAKE_AND_ADVANCE_LUA),
+    ("token_bucket", TOKEN_BUCKET_LUA),
+    ("enqueue", ENQUEUE_LUA),
+    ("queue_stats", QUEUE_STATS_LUA),
+    ("incr", INCR_LUA),
+    ("set_max", SET_MAX_LUA),
+    ("set_max_many", SET_MAX_MANY_LUA),
+    ("advance", ADVANCE_LUA),
+    ("retreat", RETREAT_LUA),
+    ("delete_if", DELETE_IF_LUA),
+    ("sequence_and_push", SEQUENCE_AND_PUSH_LUA),
+    ("advance_and_enqueue", ADVANCE_AND_ENQUEUE_LUA),
+    ("take_advance_and_enqueue", TAKE_ADVANCE_AND_ENQUEUE_LUA),
+];
+
+/// The commands named in the metric; any other is `other` (the label set stays bounded).
+const COMMANDS: &[&str] = &[
+    "GET",
+    "SET",
+    "DEL",
+    "MGET",
+    "EVAL",
+    "SCRIPT",
+    "XADD",
+    "XREADGROUP",
+    "XACK",
+    "XAUTOCLAIM",
+    "XPENDING",
+    "XLEN",
+    "XGROUP",
+    "XINFO",
+    "XRANGE",
+    "XDEL",
+    "XTRIM",
+    "PUBLISH",
+    "SPUBLISH",
+    "PING",
+    "INCRBY",
+    "PEXPIRE",
+    "PTTL",
+    "ZADD",
+    "ZRANGEBYSCORE",
+    "ZRANGE",
+    "ZREMRANGEBYRANK",
+    "HGET",
+    "HSET",
+    "SCAN",
+    "INFO",
+    "FLUSHDB",
+    "EXISTS",
+];
+
+impl Observed {
+    fn new(metrics: Arc<crate::telemetry::Metrics>) -> Self {
+        Self {
+            metrics,
+            scripts: SCRIPTS
+                .iter()
+                .map(|(name, lua)| (Script::new(lua).get_hash().to_owned(), *name))
+                .collect(),
+        }
+    }
+
+    /// The label of `cmd`: its name, or for `EVALSHA` the script's.
+    fn op(&self, cmd: &Cmd) -> &'static str {
+        let mut args = cmd.args_iter().filter_map(|arg| match arg {
+            redis::Arg::Simple(bytes) => Some(bytes),
+            redis::Arg::Cursor => None,
+        });
+        let Some(name) = args.next() else {
+            return "other";
+        };
+        if name.eq_ignore_ascii_case(b"EVALSHA") {
+            let sha = args.next().unwrap_or_default();
+            return self
+                .scripts
+                .iter()
+                .find(|(hash, _)| hash.as_bytes() == sha)
+                .map_or("other", |(_, name)| name);
+        }
+        COMMANDS
+            .iter()
+            .find(|c| c.as_bytes().eq_ignore_ascii_case(name))
+            .copied()
+            .unwrap_or("other")
+    }
+
+    fn observe<T>(
+        &self,
+        op: &'static str,
+        reply: &redis::RedisResult<T>,
+        started: std::time::Instant,
+    ) {
+        let outcome = match reply {
+            Ok(_) => "ok",
+            Err(e) if e.to_string().contains("circuit breaker is open") => "rejected",
+            Err(e) if e.is_timeout() => "timeout",
+            Err(_) => "error",
+        };
+        self.metrics
+            .observe_redis(op, outcome, started.elapsed().as_secs_f64());
+    }
 }
 
 fn breaker_open() -> RedisError {
@@ -381,7 +495,12 @@ impl ConnectionLike for Guarded {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
             let mut conn = self.conn.clone();
-            self.guard(conn.req_packed_command(cmd)).await
+            let started = std::time::Instant::now();
+            let reply = self.guard(conn.req_packed_command(cmd)).await;
+            if let Some(observed) = &self.observed {
+                observed.observe(observed.op(cmd), &reply, started);
+            }
+            reply
         })
     }
 
@@ -393,8 +512,14 @@ impl ConnectionLike for Guarded {
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
             let mut conn = self.conn.clone();
-            self.guard(conn.req_packed_commands(cmd, offset, count))
-                .await
+            let started = std::time::Instant::now();
+            let reply = self
+                .guard(conn.req_packed_commands(cmd, offset, count))
+                .await;
+            if let Some(observed) = &self.observed {
+                observed.observe("pipeline", &reply, started);
+            }
+            reply
         })
     }
 
@@ -420,6 +545,8 @@ pub struct RedisOptions {
     pub tls: TlsFiles,
     /// Streams per work queue; `None`: 1 on one node, [`DEFAULT_CLUSTER_SHARDS`] on a cluster.
     pub queue_shards: Option<usize>,
+    /// Where command latency is observed (none in most tests).
+    pub metrics: Option<Arc<crate::telemetry::Metrics>>,
 }
 
 impl RedisOptions {
@@ -433,6 +560,7 @@ impl RedisOptions {
             call_timeout: DEFAULT_CALL_TIMEOUT,
             tls: TlsFiles::default(),
             queue_shards: None,
+            metrics: None,
         }
     }
 }
@@ -505,6 +633,7 @@ impl RedisState {
                 conn,
                 breaker: breaker.clone(),
                 timeout: options.call_timeout,
+                observed: options.metrics.map(|m| Arc::new(Observed::new(m))),
             },
             breaker,
             cluster,

@@ -1,0 +1,64 @@
+//! Logs, traces and metrics.
+//!
+//! Logs are structured (`tracing`), JSON by default so a log shipper can index
+//! `request_id`, `trace_id`, `device_id` and friends. Traces are exported over
+//! OTLP when the standard `OTEL_*` variables ask for it ([`trace`]). Metrics
+//! live in a [`Metrics`] value owned by the application state ([`metrics`]).
+
+pub mod metrics;
+pub mod trace;
+pub mod watch;
+
+pub use metrics::{HttpLabels, Metrics, ReasonLabels};
+
+use tracing_subscriber::{fmt, prelude::*, EnvFilter};
+
+use crate::config::LogFormat;
+
+/// Where log lines go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogTarget {
+    /// Long-running processes (`serve`, `worker`): stdout, for the log shipper.
+    Stdout,
+    /// One-shot commands: stderr, so stdout carries only their output
+    /// (a key id, a new admin key) and can be piped.
+    Stderr,
+}
+
+/// Installs the process-wide log subscriber. Call once, from `main`.
+///
+/// The level comes from `RUST_LOG` (default `info`); sqlx's per-statement
+/// logging is quietened so queries never reach the logs with their values.
+/// With a `tracer` ([`trace::Tracing::from_env`]), spans are exported too.
+pub fn init_logging(
+    format: LogFormat,
+    target: LogTarget,
+    tracer: Option<opentelemetry_sdk::trace::SdkTracer>,
+) {
+    let writer = move || -> Box<dyn std::io::Write> {
+        match target {
+            LogTarget::Stdout => Box::new(std::io::stdout()),
+            LogTarget::Stderr => Box::new(std::io::stderr()),
+        }
+    };
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,tower_http=warn"));
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(tracer.map(|tracer| tracing_opentelemetry::layer().with_tracer(tracer)));
+    let result = match format {
+        LogFormat::Json => registry
+            .with(
+                fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(true)
+                    .with_span_list(false)
+                    .with_writer(writer),
+            )
+            .try_init(),
+        LogFormat::Pretty => registry.with(fmt::layer().with_writer(writer)).try_init(),
+    };
+    // A second init (tests) keeps the first subscriber; that is fine.
+    drop(result);
+}

@@ -1,0 +1,405 @@
+//! What an operator observes: OTLP traces across the queue, the worker's
+//! own health and metrics endpoints, and `blockremote healthcheck`.
+//!
+//! Traces are checked with a real OTLP/gRPC collector (tonic, the
+//! `opentelemetry-proto` service) that the test runs in-process; the
+//! servers are the real binary, configured only by the standard `OTEL_*`
+//! variables.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use blockremote_client::{Client, DeviceIdentity};
+use blockremote_engine::sim::{session, Class};
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::{
+        trace_service_server::{TraceService, TraceServiceServer},
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    },
+    common::v1::any_value,
+};
+use reqwest::StatusCode;
+
+use crate::{
+    helpers::{eventually, heartbeat_body, Backend, Backing},
+    lifecycle::{command, listening_addr, Running},
+    redis_faults::PrivateRedis,
+};
+
+crate::on_both_backends!(a_heartbeat_is_one_trace_from_ingest_through_the_queue_to_the_kill_switch);
+
+/// One exported span, flattened.
+#[derive(Debug, Clone)]
+struct Exported {
+    trace_id: String,
+    span_id: String,
+    parent_span_id: String,
+    name: String,
+    /// `blockremote.role` of the process that exported it.
+    role: String,
+}
+
+/// An OTLP trace receiver keeping every span it is sent.
+#[derive(Clone, Default)]
+struct Collector {
+    spans: Arc<Mutex<Vec<Exported>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut kept = self.spans.lock().expect("lock");
+        for resource in request.into_inner().resource_spans {
+            let role = resource
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|kv| kv.key == "blockremote.role")
+                .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                    any_value::Value::StringValue(s) => Some(s.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            for scope in resource.scope_spans {
+                for span in scope.spans {
+                    kept.push(Exported {
+                        trace_id: hex::encode(&span.trace_id),
+                        span_id: hex::encode(&span.span_id),
+                        parent_span_id: hex::encode(&span.parent_span_id),
+                        name: span.name,
+                        role: role.clone(),
+                    });
+                }
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+impl Collector {
+    /// Serves on a free loopback port; the endpoint URL.
+    async fn start(&self) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let service = TraceServiceServer::new(self.clone());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        format!("http://{addr}")
+    }
+
+    fn of_trace(&self, trace_id: &str) -> Vec<Exported> {
+        self.spans
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|s| s.trace_id == trace_id)
+            .cloned()
+            .collect()
+    }
+}
+
+fn random_hex(bytes: usize) -> String {
+    hex::encode((0..bytes).map(|_| rand::random::<u8>()).collect::<Vec<_>>())
+}
+
+async fn a_heartbeat_is_one_trace_from_ingest_through_the_queue_to_the_kill_switch(
+    backend: Backend,
+) {
+    let Some(backing) = Backing::new(backend).await else {
+        return;
+    };
+    let collector = Collector::default();
+    let endpoint = collector.start().await;
+    let mut env = backing.env();
+    env.push(("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint));
+    env.push(("OTEL_SERVICE_NAME", "blockremote-test".to_owned()));
+    env.push(("BLOCKREMOTE_WORKER_LISTEN", "127.0.0.1:0".to_owned()));
+    let (mut server, line) = Running::start(&env, &["serve"], "\"listening\"").await;
+    let base = listening_addr(&line);
+    // On PostgreSQL + Redis the scoring runs in another process.
+    let worker = match backend {
+        Backend::Embedded => None,
+        Backend::Production => Some(Running::start(&env, &["worker"], "worker running").await.0),
+    };
+
+    let client = Client::new(&base).expect("client");
+    let device = DeviceIdentity {
+        device_id: "device_trace_01".to_owned(),
+        device_fingerprint: "fp-trace-01".to_owned(),
+        platform: "android".to_owned(),
+    };
+    let tokens = client
+        .register("traced@example.com", "correct horse battery", &device)
+        .await
+        .expect("registered");
+    let http = reqwest::Client::builder().no_proxy().build().expect("http");
+    let trace_id = random_hex(16);
+    let s = session(Class::RemoteControlSubtle, 3, 20);
+    let mut locked = false;
+    for hb in &s.heartbeats {
+        let sent = http
+            .post(format!("{base}/v1/signals/heartbeat"))
+            .bearer_auth(&tokens.access_token)
+            .header("x-device-id", &device.device_id)
+            .header("traceparent", format!("00-{trace_id}-{}-01", random_hex(8)))
+            .json(&heartbeat_body(hb))
+            .send()
+            .await
+            .expect("sent");
+        if sent.status() == StatusCode::FORBIDDEN {
+            locked = true;
+            break;
+        }
+        assert_eq!(sent.status(), StatusCode::ACCEPTED);
+        // Our span's own context comes back, in the caller's trace.
+        let answered = sent
+            .headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        assert!(
+            answered.starts_with(&format!("00-{trace_id}-")),
+            "{answered}"
+        );
+        // Scored before the next, as a phone's cadence would let it be.
+        let seq = hb.seq;
+        let scored = eventually(Duration::from_secs(10), || async {
+            let r = http
+                .get(format!("{base}/v1/security/trust-score"))
+                .bearer_auth(&tokens.access_token)
+                .header("x-device-id", &device.device_id)
+                .send()
+                .await
+                .expect("sent");
+            r.status() == StatusCode::FORBIDDEN
+                || r.json::<serde_json::Value>().await.expect("json")["last_seq"].as_u64()
+                    >= Some(seq)
+        })
+        .await;
+        assert!(scored, "heartbeat {seq} scored");
+    }
+    assert!(locked, "the session was locked by the engine");
+
+    // Spans are exported at least every second.
+    let complete = eventually(Duration::from_secs(15), || async {
+        let spans = collector.of_trace(&trace_id);
+        ["http.request", "signals.score", "killswitch.publish"]
+            .iter()
+            .all(|name| spans.iter().any(|s| s.name == *name))
+    })
+    .await;
+    let spans = collector.of_trace(&trace_id);
+    assert!(complete, "{spans:#?}");
+    let by_id: HashMap<&str, &Exported> = spans.iter().map(|s| (s.span_id.as_str(), s)).collect();
+    // Each scoring span is a child of an ingest request's span…
+    let scoring: Vec<&Exported> = spans.iter().filter(|s| s.name == "signals.score").collect();
+    for score in &scoring {
+        let parent = by_id
+            .get(score.parent_span_id.as_str())
+            .unwrap_or_else(|| panic!("the scoring span's parent was exported: {spans:#?}"));
+        assert_eq!(parent.name, "http.request");
+        assert_eq!(parent.role, "serve");
+        // … scored in the worker process on PostgreSQL + Redis.
+        let scorer = if backend == Backend::Production {
+            "worker"
+        } else {
+            "serve"
+        };
+        assert_eq!(score.role, scorer);
+    }
+    // … and the engine's lock was published inside a scoring span's trace.
+    let publish = spans
+        .iter()
+        .find(|s| s.name == "killswitch.publish")
+        .expect("publish");
+    let mut ancestor = by_id.get(publish.parent_span_id.as_str()).copied();
+    let mut under_scoring = false;
+    while let Some(span) = ancestor {
+        under_scoring |= span.name == "signals.score";
+        ancestor = by_id.get(span.parent_span_id.as_str()).copied();
+    }
+    assert!(under_scoring, "{spans:#?}");
+
+    // The spans were counted as exported, none dropped.
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        value_of(&metrics, "otel_spans_exported_total").unwrap_or(0.0) > 0.0,
+        "{metrics}"
+    );
+    assert_eq!(value_of(&metrics, "otel_spans_dropped_total"), Some(0.0));
+
+    server.signal("TERM");
+    assert!(server.wait(Duration::from_secs(15)).await.success());
+    if let Some(mut worker) = worker {
+        worker.signal("TERM");
+        assert!(worker.wait(Duration::from_secs(15)).await.success());
+    }
+}
+
+/// The value of an unlabelled sample in an exposition.
+fn value_of(exposition: &str, name: &str) -> Option<f64> {
+    exposition
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_serves_health_and_metrics_and_goes_unready_without_redis() {
+    let Some(mut backing) = Backing::new(Backend::Production).await else {
+        return;
+    };
+    let redis = PrivateRedis::start();
+    backing.redis = None;
+    let mut env = backing.env();
+    env.push(("REDIS_URL", redis.url()));
+    env.push(("BLOCKREMOTE_REDIS_PREFIX", "workerhealth:".to_owned()));
+    env.push(("BLOCKREMOTE_REDIS_TIMEOUT_MS", "200".to_owned()));
+    env.push(("BLOCKREMOTE_WORKER_LISTEN", "127.0.0.1:0".to_owned()));
+    env.push((
+        "BLOCKREMOTE_METRICS_TOKEN",
+        "scrape-token-0123456789".to_owned(),
+    ));
+    // The schema first: a worker never migrates.
+    let migrated = command(&env, &["migrate"]).output().await.expect("migrate");
+    assert!(
+        migrated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&migrated.stderr)
+    );
+    let (mut worker, line) = Running::start(&env, &["worker"], "worker endpoints listening").await;
+    let base = listening_addr(&line);
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("http");
+    let get = |path: &str| http.get(format!("{base}{path}")).send();
+
+    assert_eq!(
+        get("/health/live").await.expect("live").status(),
+        StatusCode::OK
+    );
+    let ready = get("/health/ready").await.expect("ready");
+    assert_eq!(ready.status(), StatusCode::OK);
+    // The scrape needs the token; with it, the worker's own families.
+    let refused = get("/metrics").await.expect("metrics");
+    assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        refused.headers()["content-type"],
+        "application/problem+json"
+    );
+    let scraped = http
+        .get(format!("{base}/metrics"))
+        .bearer_auth("scrape-token-0123456789")
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    for family in [
+        "signals_heartbeats_scored_total",
+        "redis_command_duration_seconds_bucket",
+        "health_ready 1",
+        "db_pool_connections",
+    ] {
+        assert!(scraped.contains(family), "{family} in {scraped}");
+    }
+    assert_eq!(
+        get("/v1/anything").await.expect("404").status(),
+        StatusCode::NOT_FOUND
+    );
+    // `blockremote healthcheck` as an image's HEALTHCHECK runs it.
+    let probe = |url: String| {
+        let env = env.clone();
+        async move {
+            command(&env, &["healthcheck", &url])
+                .output()
+                .await
+                .expect("healthcheck")
+        }
+    };
+    let ok = probe(format!("{base}/health/ready")).await;
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+
+    // Redis hangs: readiness says so, and so does the healthcheck.
+    redis.hang();
+    let unready = eventually(Duration::from_secs(10), || async {
+        get("/health/ready")
+            .await
+            .is_ok_and(|r| r.status() == StatusCode::SERVICE_UNAVAILABLE)
+    })
+    .await;
+    assert!(unready, "readiness went 503 with Redis hung");
+    assert_eq!(
+        get("/health/live").await.expect("live").status(),
+        StatusCode::OK
+    );
+    let failed = probe(format!("{base}/health/ready")).await;
+    assert_eq!(failed.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&failed.stderr).contains("503"),
+        "{}",
+        String::from_utf8_lossy(&failed.stderr)
+    );
+    redis.resume();
+    let back = eventually(Duration::from_secs(15), || async {
+        get("/health/ready")
+            .await
+            .is_ok_and(|r| r.status() == StatusCode::OK)
+    })
+    .await;
+    assert!(back, "ready again once Redis answers");
+    worker.signal("TERM");
+    assert!(worker.wait(Duration::from_secs(15)).await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthcheck_fails_on_a_closed_port_and_refuses_what_it_cannot_probe() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    for (url, says) in [
+        (
+            format!("http://127.0.0.1:{port}/health/live"),
+            "did not answer",
+        ),
+        ("https://127.0.0.1/health/live".to_owned(), "only http://"),
+        ("not a url".to_owned(), "is not a URL"),
+    ] {
+        let out = command(&[], &["healthcheck", &url])
+            .output()
+            .await
+            .expect("run");
+        assert_eq!(out.status.code(), Some(1), "{url}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(says), "{url}: {stderr}");
+    }
+}

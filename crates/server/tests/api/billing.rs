@@ -13,7 +13,7 @@ use sha2::Sha256;
 
 use crate::{
     client::Session,
-    helpers::{second_instance, spawn_app_with, Backend, TestApp},
+    helpers::{sample, second_instance, spawn_app_with, Backend, TestApp},
 };
 
 crate::on_both_backends!(
@@ -287,6 +287,15 @@ async fn forged_or_unsigned_webhooks_are_refused(backend: Backend) {
         subscription_json(&app, &d).await["plan"],
         "trial",
         "nothing applied"
+    );
+    let metrics = app.metrics().await;
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"webhook_deliveries_total{direction="inbound",outcome="invalid_signature"}"#
+        ),
+        Some(4.0),
+        "{metrics}"
     );
 }
 

@@ -13,7 +13,10 @@ use serde_json::{json, Value};
 
 use crate::{
     client::{self, Session},
-    helpers::{eventually, second_instance, spawn_app_with, Backend, TestApp},
+    helpers::{
+        assert_no_entity_labels, eventually, sample, second_instance, spawn_app_with, Backend,
+        TestApp,
+    },
 };
 
 crate::on_both_backends!(
@@ -190,6 +193,32 @@ async fn a_burst_of_registrations_blocks_its_users_and_undo_restores_them(backen
     users.sort_by_key(|v| v.to_string());
     assert_eq!(affected, users);
     assert!(!d["scope_key"].as_str().expect("key").contains(ATTACKER));
+    // Counted by rule and mode; the devices' locks by origin; no entity in a label.
+    let metrics = app.metrics().await;
+    let rule = r#"{rule="create_user_per_ip",mode="enforce"}"#;
+    assert!(
+        sample(&metrics, &format!("firewall_evaluations_total{rule}")) >= Some(6.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(&metrics, &format!("firewall_decisions_total{rule}")),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert!(
+        sample(
+            &metrics,
+            r#"killswitch_commands_issued_total{action="CRITICAL_LOCK",origin="firewall"}"#
+        ) >= Some(1.0),
+        "{metrics}"
+    );
+    let ids: Vec<String> = users
+        .iter()
+        .map(|u| u.as_str().unwrap_or("").to_owned())
+        .collect();
+    let mut entities: Vec<&str> = ids.iter().map(String::as_str).collect();
+    entities.extend([ATTACKER, "device_fw_a0"]);
+    assert_no_entity_labels(&metrics, &entities);
 
     // Undo: exactly those users come back, once.
     let id = d["id"].as_str().expect("id");

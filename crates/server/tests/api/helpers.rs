@@ -684,3 +684,28 @@ pub async fn lose_shared_state(app: &TestApp, in_process: &[String]) {
         }
     }
 }
+
+/// The value of `series` (`name` or `name{labels}`, exactly as exposed) in
+/// a Prometheus/OpenMetrics scrape.
+pub fn sample(exposition: &str, series: &str) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+        value.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// Fails if any label value of the scrape holds one of `entities` (a
+/// device id, user id or address): label sets must stay bounded.
+pub fn assert_no_entity_labels(exposition: &str, entities: &[&str]) {
+    for line in exposition.lines().filter(|l| !l.starts_with('#')) {
+        let Some(labels) = line
+            .split_once('{')
+            .and_then(|(_, rest)| rest.split_once('}'))
+        else {
+            continue;
+        };
+        for entity in entities {
+            assert!(!labels.0.contains(entity), "a label names {entity}: {line}");
+        }
+    }
+}

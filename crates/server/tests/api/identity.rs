@@ -17,7 +17,9 @@ use serde_json::{json, Value};
 
 use crate::{
     client::{credentials, Session},
-    helpers::{eventually, spawn_app, spawn_app_with, Backend, TestApp},
+    helpers::{
+        assert_no_entity_labels, eventually, sample, spawn_app, spawn_app_with, Backend, TestApp,
+    },
 };
 
 crate::on_both_backends!(
@@ -578,6 +580,24 @@ async fn refresh_rotates_and_reuse_revokes_everything_at_once(backend: Backend) 
             .len(),
         2
     );
+    // Counted by outcome, the lock by its origin; no label names the device.
+    let metrics = app.metrics().await;
+    for (series, n) in [
+        (r#"auth_refresh_attempts_total{outcome="rotated"}"#, 2.0),
+        (r#"auth_refresh_attempts_total{outcome="reuse"}"#, 1.0),
+        (r#"auth_refresh_attempts_total{outcome="invalid"}"#, 1.0),
+        (
+            r#"killswitch_commands_issued_total{action="CRITICAL_LOCK",origin="session"}"#,
+            1.0,
+        ),
+    ] {
+        assert_eq!(sample(&metrics, series), Some(n), "{series} in {metrics}");
+    }
+    assert!(
+        sample(&metrics, "argon2_queue_wait_seconds_count") >= Some(2.0),
+        "{metrics}"
+    );
+    assert_no_entity_labels(&metrics, &[&s.device_id, &s.user_id, "127.0.0.1"]);
 }
 
 async fn refresh_from_another_device_or_fingerprint_is_reuse(backend: Backend) {
@@ -898,6 +918,15 @@ async fn attestation_nonces_are_single_use_and_device_bound(backend: Backend) {
     assert_eq!(
         (body["verdict"].as_str(), body["attestation_score"].as_f64()),
         (Some("verified"), Some(1.0))
+    );
+    let metrics = app.metrics().await;
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"attestation_verdicts_total{provider="test",result="verified"}"#
+        ),
+        Some(1.0),
+        "{metrics}"
     );
     let device = app
         .state

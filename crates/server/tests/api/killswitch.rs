@@ -9,7 +9,7 @@ use tokio_tungstenite::tungstenite::{protocol::frame::coding::CloseCode, Message
 
 use crate::{
     client::{connect, next_json, Socket},
-    helpers::{spawn_app_on, spawn_app_with, Backend, StateBackend, TestApp},
+    helpers::{sample, spawn_app_on, spawn_app_with, Backend, StateBackend, TestApp},
 };
 
 crate::on_both_backends!(
@@ -191,6 +191,13 @@ async fn state_comes_first_then_commands_and_locks_bite(backend: Backend) {
     assert_eq!(command["seq"], 1);
     assert_eq!(command["id"], issued["id"]);
     assert!(command["issued_at"].as_str().expect("time").ends_with('Z'));
+    assert_eq!(
+        sample(
+            &app.metrics().await,
+            r#"killswitch_commands_issued_total{action="CRITICAL_LOCK",origin="admin"}"#
+        ),
+        Some(1.0)
+    );
     socket
         .send(Message::Text(
             json!({"type": "ack", "id": command["id"]})

@@ -24,7 +24,7 @@ use opentelemetry_proto::tonic::{
 use reqwest::StatusCode;
 
 use crate::{
-    helpers::{eventually, heartbeat_body, Backend, Backing},
+    helpers::{eventually, heartbeat_body, sample, Backend, Backing},
     lifecycle::{command, listening_addr, Running},
     redis_faults::PrivateRedis,
 };
@@ -402,4 +402,30 @@ async fn healthcheck_fails_on_a_closed_port_and_refuses_what_it_cannot_probe() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(says), "{url}: {stderr}");
     }
+}
+
+crate::on_both_backends!(readiness_the_pool_and_the_audit_chain_are_gauged);
+
+async fn readiness_the_pool_and_the_audit_chain_are_gauged(backend: Backend) {
+    let Some(app) = crate::helpers::spawn_app(backend).await else {
+        return;
+    };
+    // An audited action, so the chain has a row to verify.
+    let s = app.register("gauged@example.com", "device_gauge_1").await;
+    let _ = app
+        .refresh(&s.refresh, &s.device_id, "wrong-fingerprint")
+        .await;
+    assert_eq!(app.get("/health/ready").await.status(), StatusCode::OK);
+    // The pool is sampled and the chain verified at start, then on their timers.
+    let gauged = eventually(Duration::from_secs(10), || async {
+        let m = app.metrics().await;
+        sample(&m, "health_ready") == Some(1.0)
+            && sample(&m, "db_pool_acquire_duration_seconds_count") >= Some(1.0)
+            && sample(&m, r#"db_pool_connections{state="idle"}"#).is_some()
+            && sample(&m, "audit_chain_valid") == Some(1.0)
+            && sample(&m, "audit_chain_verified_timestamp_seconds") > Some(0.0)
+    })
+    .await;
+    assert!(gauged, "{}", app.metrics().await);
+    // (A broken chain is gauged 0: the store conformance suite's tamper test.)
 }

@@ -23,8 +23,8 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     client::Session,
     helpers::{
-        eventually, heartbeat_body, spawn_app_on, spawn_app_with, Backend, StateBackend, TestApp,
-        WithWorkers,
+        assert_no_entity_labels, eventually, heartbeat_body, sample, spawn_app_on, spawn_app_with,
+        Backend, StateBackend, TestApp, WithWorkers,
     },
 };
 
@@ -251,6 +251,25 @@ async fn remote_control_is_locked_and_the_device_told(backend: StateBackend) {
         sent <= start + 5,
         "within 5 heartbeats of the attack: sent {sent}, attack from {start}"
     );
+    // The engine's lock is counted by origin; on Redis, each command by name.
+    let metrics = app.metrics().await;
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"killswitch_commands_issued_total{action="CRITICAL_LOCK",origin="engine"}"#
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    if backend != StateBackend::InProcess {
+        let named_ok = metrics.lines().any(|l| {
+            l.starts_with("redis_command_duration_seconds_count{")
+                && l.contains(r#"outcome="ok""#)
+                && !l.contains(r#"op="other""#)
+        });
+        assert!(named_ok, "{metrics}");
+    }
+    assert_no_entity_labels(&metrics, &[&d.device_id, &d.user_id]);
     // The socket got state, then the engine's command.
     let mut command = Value::Null;
     for _ in 0..5 {

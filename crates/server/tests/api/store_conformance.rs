@@ -521,6 +521,18 @@ async fn audit_chain_verifies_and_names_an_edited_or_removed_row(backend: Backen
         verify_audit_chain(store.as_ref()).await.expect("verify"),
         Err(ChainBreak::Edited { seq: 2 })
     );
+    // The background verifier gauges the break, and finds the chain whole
+    // again (from its first row) once repaired.
+    use blockremote::telemetry::{watch, Metrics};
+    let metrics = Metrics::new();
+    let gauge = |m: &Metrics| {
+        m.render()
+            .lines()
+            .find_map(|l| l.strip_prefix("audit_chain_valid ").map(str::to_owned))
+    };
+    let cursor = watch::verify_from(store.as_ref(), &metrics, Default::default()).await;
+    assert_eq!(gauge(&metrics).as_deref(), Some("0"));
+    assert_eq!(cursor, Default::default(), "a break starts over next time");
     sql.execute("UPDATE audit_logs SET action_taken = 'FORCE_OVERLAY' WHERE seq = 2")
         .await
         .expect("restore");
@@ -528,6 +540,9 @@ async fn audit_chain_verifies_and_names_an_edited_or_removed_row(backend: Backen
         verify_audit_chain(store.as_ref()).await.expect("verify"),
         Ok(12)
     );
+    let cursor = watch::verify_from(store.as_ref(), &metrics, cursor).await;
+    assert_eq!(gauge(&metrics).as_deref(), Some("1"));
+    assert_ne!(cursor, Default::default(), "verified to the head");
     // Or removes one.
     let disable_delete = match backend {
         Backend::Embedded => "DROP TRIGGER audit_logs_no_delete",

@@ -392,6 +392,8 @@ impl Firewall {
                 )),
                 attestation_state: None,
                 action_taken: action.to_owned(),
+                actor: None,
+                request_id: None,
             })
             .await?;
         Ok(())

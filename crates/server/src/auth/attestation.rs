@@ -656,6 +656,8 @@ impl Attestation {
                 decision_reason: reasons,
                 attestation_state: Some(judgement.grade.as_str().to_owned()),
                 action_taken: action.into(),
+                actor: None,
+                request_id: None,
             })
             .await?;
         if !verified {

@@ -696,6 +696,8 @@ async fn handle_reuse(state: Revoker, record: RefreshRecord, why: String, origin
             decision_reason: Some("refresh_token_reuse".into()),
             attestation_state: None,
             action_taken: "CRITICAL_LOCK".into(),
+            actor: None,
+            request_id: None,
         }),
         event: Some(state.auth.event(
             "refresh:reuse",

@@ -249,9 +249,11 @@ fn operator_audit(admin: &AdminAuth, user_id: Uuid, ip: ClientIp, action: &str) 
         user_agent: None,
         source: AuditSource::Http,
         threat_score: None,
-        decision_reason: Some(admin.operator.clone()),
+        decision_reason: None,
         attestation_state: None,
         action_taken: action.to_owned(),
+        actor: Some(admin.operator.clone()),
+        request_id: None,
     }
 }
 

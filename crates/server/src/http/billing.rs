@@ -263,6 +263,8 @@ async fn receive_webhook(
             decision_reason: Some(event.event_type.as_str().to_owned()),
             attestation_state: None,
             action_taken: format!("subscription_{}:{}", status.as_str(), event.data.plan),
+            actor: None,
+            request_id: None,
         },
         event: state.auth.event(
             "billing:subscription_updated",

@@ -128,6 +128,7 @@ fn audit_entry(
     action: Action,
     reason: &str,
     ip: ClientIp,
+    admin: &AdminAuth,
 ) -> NewAuditEntry {
     NewAuditEntry {
         user_id,
@@ -140,6 +141,8 @@ fn audit_entry(
         decision_reason: Some(reason.to_owned()),
         attestation_state: None,
         action_taken: action.as_str().to_owned(),
+        actor: Some(admin.operator.clone()),
+        request_id: None,
     }
 }
 
@@ -177,7 +180,7 @@ pub async fn post_lock(
         .await?
         .ok_or_else(not_found)?;
     let hold = NewHold {
-        created_by: Some(admin.operator),
+        created_by: Some(admin.operator.clone()),
         ..NewHold::new(HoldSource::Admin, action, &body.reason)
     };
     let audit = audit_entry(
@@ -186,6 +189,7 @@ pub async fn post_lock(
         body.action,
         &body.reason,
         ip,
+        &admin,
     );
     state
         .store
@@ -233,7 +237,7 @@ pub async fn post_lock(
     ))]
 pub async fn post_unlock(
     State(state): State<AppState>,
-    _admin: AdminAuth,
+    admin: AdminAuth,
     ip: ClientIp,
     Path(device_id): Path<String>,
     body: axum::body::Bytes,
@@ -265,6 +269,7 @@ pub async fn post_unlock(
         Action::Unlock,
         &reason,
         ip,
+        &admin,
     );
     match state
         .store
@@ -367,7 +372,7 @@ pub async fn get_device(
     ))]
 pub async fn post_global(
     State(state): State<AppState>,
-    _admin: AdminAuth,
+    admin: AdminAuth,
     ip: ClientIp,
     Json(body): Json<LockRequest>,
 ) -> Result<(StatusCode, JsonResponse<DeviceCommand>), ApiError> {
@@ -375,7 +380,14 @@ pub async fn post_global(
     let command = realtime::issue_global(state.shared.as_ref(), body.action, &body.reason).await?;
     state
         .store
-        .append_audit(audit_entry(None, None, command.action, &body.reason, ip))
+        .append_audit(audit_entry(
+            None,
+            None,
+            command.action,
+            &body.reason,
+            ip,
+            &admin,
+        ))
         .await?;
     Ok((StatusCode::ACCEPTED, JsonResponse(command)))
 }

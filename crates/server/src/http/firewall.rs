@@ -15,8 +15,8 @@ use crate::{
     app::AppState,
     error::{codes, ApiError, Problem},
     firewall,
-    http::extract::AdminAuth,
-    store::{FirewallDecision, FirewallRule, RuleMode, RuleUpdate, SideEffect},
+    http::extract::{AdminAuth, ClientIp},
+    store::{FirewallDecision, FirewallRule, NewAuditEntry, RuleMode, RuleUpdate, SideEffect},
 };
 
 /// The firewall routes.
@@ -112,7 +112,8 @@ fn validate(update: &RuleUpdate) -> Result<(), ApiError> {
     ))]
 pub async fn put_rule(
     State(state): State<AppState>,
-    _admin: AdminAuth,
+    admin: AdminAuth,
+    ip: ClientIp,
     Path(name): Path<String>,
     Json(update): Json<RuleUpdate>,
 ) -> Result<JsonResponse<FirewallRule>, ApiError> {
@@ -126,6 +127,22 @@ pub async fn put_rule(
             code: codes::RULE_NOT_FOUND,
             detail: "No firewall rule has this name.",
         })?;
+    state
+        .store
+        .append_audit(NewAuditEntry::operation(
+            &admin.operator,
+            "firewall_rule_updated",
+            format!(
+                "{} v{} mode={} threshold={} window={}s",
+                rule.name,
+                rule.version,
+                rule.mode.as_str(),
+                rule.threshold,
+                rule.window_seconds
+            ),
+            crate::auth::Auth::ip_prefix(ip.0),
+        ))
+        .await?;
     state.firewall.rules().reload(state.store.as_ref()).await?;
     if let Err(e) = state.shared.publish(firewall::CHANGED_CHANNEL, b"1").await {
         tracing::warn!(error = %e, "rule change not broadcast; instances reload within seconds anyway");

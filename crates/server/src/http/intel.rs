@@ -9,8 +9,9 @@ use super::json::Json;
 use crate::{
     app::AppState,
     error::{ApiError, Problem},
-    http::extract::AdminAuth,
+    http::extract::{AdminAuth, ClientIp},
     intel_change::{self, IntelChange},
+    store::NewAuditEntry,
 };
 
 /// The threat-intelligence route.
@@ -35,7 +36,8 @@ pub struct IntelResult {
     ))]
 pub async fn post_threat_intel(
     State(state): State<AppState>,
-    _admin: AdminAuth,
+    admin: AdminAuth,
+    ip: ClientIp,
     Json(change): Json<IntelChange>,
 ) -> Result<JsonResponse<IntelResult>, ApiError> {
     let changed = intel_change::apply(
@@ -45,5 +47,14 @@ pub async fn post_threat_intel(
         &change,
     )
     .await?;
+    state
+        .store
+        .append_audit(NewAuditEntry::operation(
+            &admin.operator,
+            "threat_intel_changed",
+            format!("{changed} entries changed"),
+            crate::auth::Auth::ip_prefix(ip.0),
+        ))
+        .await?;
     Ok(JsonResponse(IntelResult { changed }))
 }

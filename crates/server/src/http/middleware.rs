@@ -134,7 +134,11 @@ pub async fn request_context(
         request.extensions_mut().insert(trace);
     }
 
-    let mut response = next.run(request).instrument(span.clone()).await;
+    let mut response = crate::telemetry::with_request_id(
+        request_id.as_str().into(),
+        next.run(request).instrument(span.clone()),
+    )
+    .await;
 
     response = render_problem(response, &request_id);
     if let Ok(value) = HeaderValue::from_str(&request_id) {

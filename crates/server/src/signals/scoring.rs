@@ -1198,6 +1198,8 @@ async fn act(
             decision_reason: Some(assessment.reasons.join(",")),
             attestation_state: Some(attestation.as_str().to_owned()),
             action_taken: command.action.as_str().to_owned(),
+            actor: None,
+            request_id: None,
         })
         .await?;
     scoring

@@ -80,6 +80,33 @@ pub struct NewAuditEntry {
     pub attestation_state: Option<String>,
     /// What was done.
     pub action_taken: String,
+    /// Who did it, when an operator did (`admin:` and the key's id, `cli`).
+    pub actor: Option<String>,
+    /// The request that wrote it; `None` takes the request being served
+    /// (`telemetry::request_id`), if any.
+    pub request_id: Option<String>,
+}
+
+impl NewAuditEntry {
+    /// An operator's change through the API that concerns no user or
+    /// device (a rule, threat intel): `action` names it, `detail` says
+    /// what changed, `actor` who (`admin:` and the key's id).
+    pub fn operation(actor: &str, action: &str, detail: String, ip: Option<String>) -> Self {
+        Self {
+            user_id: None,
+            device_id: None,
+            jti: None,
+            ip,
+            user_agent: None,
+            source: AuditSource::Http,
+            threat_score: None,
+            decision_reason: Some(detail),
+            attestation_state: None,
+            action_taken: action.to_owned(),
+            actor: Some(actor.to_owned()),
+            request_id: None,
+        }
+    }
 }
 
 /// Which audit rows to list (every set field must match).
@@ -120,6 +147,11 @@ pub struct AuditEntry {
     pub attestation_state: Option<String>,
     /// What was done.
     pub action_taken: String,
+    /// Who did it, when an operator did (`admin:` and the key's id, `cli`).
+    pub actor: Option<String>,
+    /// The `X-Request-Id` of the request that wrote it (the correlation id
+    /// of its log lines).
+    pub request_id: Option<String>,
     /// When the row was written (UTC, microsecond precision).
     pub created_at: DateTime<Utc>,
 }
@@ -138,6 +170,8 @@ impl AuditEntry {
             decision_reason: entry.decision_reason,
             attestation_state: entry.attestation_state,
             action_taken: entry.action_taken,
+            actor: entry.actor,
+            request_id: entry.request_id.or_else(crate::telemetry::request_id),
             created_at,
         }
     }
@@ -277,6 +311,8 @@ struct AuditRow {
     decision_reason: Option<String>,
     attestation_state: Option<String>,
     action_taken: String,
+    actor: Option<String>,
+    request_id: Option<String>,
     created_at: Time,
 }
 
@@ -297,6 +333,8 @@ impl TryFrom<AuditRow> for AuditEntry {
             decision_reason: row.decision_reason,
             attestation_state: row.attestation_state,
             action_taken: row.action_taken,
+            actor: row.actor,
+            request_id: row.request_id,
             created_at: row.created_at.into(),
         })
     }
@@ -343,8 +381,8 @@ for_each_dialect! {
             sqlx::query(
                 "INSERT INTO audit_logs (id, user_id, device_id, jti, ip, user_agent, source, \
                  threat_score, decision_reason, attestation_state, action_taken, created_at, \
-                 seq, prev_hash, row_hash) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+                 seq, prev_hash, row_hash, actor, request_id) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
             )
             .bind(Id(stored.id))
             .bind(stored.user_id.map(Id))
@@ -361,6 +399,8 @@ for_each_dialect! {
             .bind(seq)
             .bind(&prev_hash)
             .bind(&row_hash)
+            .bind(&stored.actor)
+            .bind(&stored.request_id)
             .execute(&mut *conn)
             .await?;
             Ok(stored)

@@ -66,7 +66,7 @@ impl ChainKey {
 }
 
 fn canonical(seq: i64, entry: &AuditEntry) -> String {
-    serde_json::json!([
+    let row = serde_json::json!([
         seq,
         entry.id,
         entry.user_id,
@@ -83,8 +83,18 @@ fn canonical(seq: i64, entry: &AuditEntry) -> String {
             .created_at
             .format("%Y-%m-%dT%H:%M:%S%.6fZ")
             .to_string(),
-    ])
-    .to_string()
+    ]);
+    // Rows from before `actor` and `request_id` existed have neither, and
+    // keep the hash they were written with; a row with either hashes both.
+    if let (None, None) = (&entry.actor, &entry.request_id) {
+        return row.to_string();
+    }
+    let mut row = row;
+    if let Some(fields) = row.as_array_mut() {
+        fields.push(serde_json::json!(entry.actor));
+        fields.push(serde_json::json!(entry.request_id));
+    }
+    row.to_string()
 }
 
 /// Unkeyed `row_hash` of `entry` at position `seq` after `prev_hash`.
@@ -208,6 +218,8 @@ mod tests {
             decision_reason: None,
             attestation_state: None,
             action_taken: "CRITICAL_LOCK".into(),
+            actor: None,
+            request_id: None,
             created_at: chrono::Utc::now(),
         }
     }

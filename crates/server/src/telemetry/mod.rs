@@ -11,6 +11,26 @@ pub mod watch;
 
 pub use metrics::{HttpLabels, Metrics, ReasonLabels};
 
+tokio::task_local! {
+    /// The id of the request this task is serving (set by the HTTP
+    /// request-context layer): audit rows written on its behalf carry it.
+    /// A task spawned from a request does not inherit it.
+    static REQUEST_ID: std::sync::Arc<str>;
+}
+
+/// Runs `future` as serving request `id` (see [`request_id`]).
+pub async fn with_request_id<F: std::future::Future>(
+    id: std::sync::Arc<str>,
+    future: F,
+) -> F::Output {
+    REQUEST_ID.scope(id, future).await
+}
+
+/// The id of the request this task is serving, if any.
+pub fn request_id() -> Option<String> {
+    REQUEST_ID.try_with(|id| id.to_string()).ok()
+}
+
 use tracing_subscriber::{fmt, prelude::*, EnvFilter};
 
 use crate::config::LogFormat;

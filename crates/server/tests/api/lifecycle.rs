@@ -500,6 +500,8 @@ async fn audit_verify_reports_an_intact_chain(backend: Backend) {
                 decision_reason: None,
                 attestation_state: None,
                 action_taken: "probe".into(),
+                actor: None,
+                request_id: None,
             })
             .await
             .expect("audit");

@@ -304,9 +304,7 @@ async fn external_users_are_listed_by_prefix_and_deleted_with_their_devices(back
         "{audit}"
     );
     // Which admin key did it: `admin:` and 8 hex digits of the key's hash.
-    let by = audit["items"][0]["decision_reason"]
-        .as_str()
-        .unwrap_or_default();
+    let by = audit["items"][0]["actor"].as_str().unwrap_or_default();
     assert!(by.starts_with("admin:") && by.len() == 14, "{audit}");
 
     // Only the admin key may list or delete: not a device's own access token.

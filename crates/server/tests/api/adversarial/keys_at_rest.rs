@@ -359,6 +359,8 @@ fn probe_entry(action: &str) -> NewAuditEntry {
         decision_reason: Some("fraud_team".into()),
         attestation_state: None,
         action_taken: action.into(),
+        actor: None,
+        request_id: None,
     }
 }
 

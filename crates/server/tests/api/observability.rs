@@ -522,3 +522,86 @@ async fn operator_changes_are_audited_with_the_key_and_the_request(backend: Back
         Ok(true)
     );
 }
+
+/// Every metric name the shipped dashboard and alert rules use (any word
+/// of ours: a known prefix and an underscore), against what a live
+/// `/metrics` exposes. `promtool` checks the rules' syntax and unit tests
+/// in `.ci/run`; this checks that they watch metrics that exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_dashboard_and_alerts_use_only_exported_metrics() {
+    let Some(app) = crate::helpers::spawn_app(Backend::Embedded).await else {
+        return;
+    };
+    let scrape = app.metrics().await;
+    let mut exported = std::collections::BTreeSet::new();
+    for line in scrape.lines() {
+        let Some(rest) = line.strip_prefix("# TYPE ") else {
+            continue;
+        };
+        let mut parts = rest.split_whitespace();
+        let (Some(name), Some(kind)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        // The family itself, as prose names it; then its samples.
+        exported.insert(name.to_owned());
+        match kind {
+            "counter" => {
+                exported.insert(format!("{name}_total"));
+            }
+            "histogram" => {
+                for suffix in ["_bucket", "_sum", "_count"] {
+                    exported.insert(format!("{name}{suffix}"));
+                }
+            }
+            _ => {
+                exported.insert(name.to_owned());
+            }
+        }
+    }
+    assert!(exported.len() > 40, "{scrape}");
+    const OURS: &[&str] = &[
+        "http_", "killswitch_", "signals_", "redis_", "auth_", "firewall_", "webhook_",
+        "attestation_", "argon2_", "db_", "health_", "audit_", "otel_",
+    ];
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy");
+    let dashboard_path = format!("{root}/grafana/dashboards/blockremote.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&dashboard_path).expect("dashboard"))
+            .expect("the dashboard is JSON");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    let mut queries = 0;
+    for panel in panels.iter().filter(|p| p["type"] != "row") {
+        assert_eq!(panel["datasource"]["uid"], "prometheus", "{panel}");
+        for target in panel["targets"].as_array().expect("targets") {
+            assert!(target["expr"].as_str().is_some_and(|e| !e.is_empty()), "{target}");
+            queries += 1;
+        }
+    }
+    assert!(queries >= 20, "{queries} queries");
+    let mut used = std::collections::BTreeSet::new();
+    for file in [
+        dashboard_path.clone(),
+        format!("{root}/prometheus/alerts.yml"),
+    ] {
+        let text = std::fs::read_to_string(&file).expect("file");
+        for word in text.split(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')) {
+            if OURS.iter().any(|p| word.starts_with(p)) {
+                used.insert(word.to_owned());
+            }
+        }
+    }
+    let missing: Vec<&String> = used.iter().filter(|w| !exported.contains(*w)).collect();
+    assert!(missing.is_empty(), "not exported: {missing:?}");
+    for family in [
+        "signals_heartbeats_accepted_total",
+        "http_request_duration_seconds_bucket",
+        "signals_queue_lag_seconds",
+        "redis_breaker_state",
+        "killswitch_delivery_latency_seconds_bucket",
+        "firewall_decisions_total",
+        "webhook_deliveries_total",
+        "audit_chain_valid",
+    ] {
+        assert!(used.contains(family), "the kit watches {family}");
+    }
+}

@@ -560,8 +560,19 @@ async fn the_shipped_dashboard_and_alerts_use_only_exported_metrics() {
     }
     assert!(exported.len() > 40, "{scrape}");
     const OURS: &[&str] = &[
-        "http_", "killswitch_", "signals_", "redis_", "auth_", "firewall_", "webhook_",
-        "attestation_", "argon2_", "db_", "health_", "audit_", "otel_",
+        "http_",
+        "killswitch_",
+        "signals_",
+        "redis_",
+        "auth_",
+        "firewall_",
+        "webhook_",
+        "attestation_",
+        "argon2_",
+        "db_",
+        "health_",
+        "audit_",
+        "otel_",
     ];
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy");
     let dashboard_path = format!("{root}/grafana/dashboards/blockremote.json");
@@ -573,7 +584,10 @@ async fn the_shipped_dashboard_and_alerts_use_only_exported_metrics() {
     for panel in panels.iter().filter(|p| p["type"] != "row") {
         assert_eq!(panel["datasource"]["uid"], "prometheus", "{panel}");
         for target in panel["targets"].as_array().expect("targets") {
-            assert!(target["expr"].as_str().is_some_and(|e| !e.is_empty()), "{target}");
+            assert!(
+                target["expr"].as_str().is_some_and(|e| !e.is_empty()),
+                "{target}"
+            );
             queries += 1;
         }
     }
@@ -584,7 +598,9 @@ async fn the_shipped_dashboard_and_alerts_use_only_exported_metrics() {
         format!("{root}/prometheus/alerts.yml"),
     ] {
         let text = std::fs::read_to_string(&file).expect("file");
-        for word in text.split(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')) {
+        for word in
+            text.split(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+        {
             if OURS.iter().any(|p| word.starts_with(p)) {
                 used.insert(word.to_owned());
             }

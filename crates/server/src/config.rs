@@ -1878,6 +1878,18 @@ mod tests {
     const READ_ELSEWHERE: &[&str] = &[
         // The log filter, read by `telemetry`.
         "RUST_LOG",
+        // Trace export, read by `telemetry::trace` and the OpenTelemetry SDK.
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+        "OTEL_SERVICE_NAME",
+        "OTEL_RESOURCE_ATTRIBUTES",
+        "OTEL_TRACES_SAMPLER",
+        "OTEL_TRACES_SAMPLER_ARG",
+        "OTEL_EXPORTER_OTLP_HEADERS",
+        "OTEL_EXPORTER_OTLP_TIMEOUT",
+        "OTEL_SDK_DISABLED",
+        "OTEL_TRACES_EXPORTER",
     ];
 
     /// The rows of README's "## Configuration" table: the variables named in the

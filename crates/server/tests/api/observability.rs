@@ -194,12 +194,18 @@ async fn a_heartbeat_is_one_trace_from_ingest_through_the_queue_to_the_kill_swit
     }
     assert!(locked, "the session was locked by the engine");
 
-    // Spans are exported at least every second.
+    // Spans are exported at least every second, by each process on its own
+    // timer: wait for the three kinds and for every scoring span's parent.
     let complete = eventually(Duration::from_secs(15), || async {
         let spans = collector.of_trace(&trace_id);
-        ["http.request", "signals.score", "killswitch.publish"]
+        let kinds = ["http.request", "signals.score", "killswitch.publish"]
             .iter()
-            .all(|name| spans.iter().any(|s| s.name == *name))
+            .all(|name| spans.iter().any(|s| s.name == *name));
+        let parents = spans
+            .iter()
+            .filter(|s| s.name == "signals.score")
+            .all(|score| spans.iter().any(|s| s.span_id == score.parent_span_id));
+        kinds && parents
     })
     .await;
     let spans = collector.of_trace(&trace_id);

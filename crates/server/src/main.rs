@@ -333,6 +333,22 @@ fn chain_break(broken: blockremote::store::audit_chain::ChainBreak) -> anyhow::E
     }
 }
 
+/// Appends the audit row of an operator's command (source and actor `cli`),
+/// chained under the audit-chain key as the servers chain theirs.
+async fn audit_command(
+    config: &Config,
+    store: &dyn store::Store,
+    action: &str,
+    detail: String,
+) -> anyhow::Result<()> {
+    let kek = kek::resolve(config, kek::Generate::Never)?;
+    store.set_chain_key(blockremote::auth::sealed::chain_key(store, kek.as_ref(), false).await?);
+    store
+        .append_audit(store::NewAuditEntry::cli(action, detail))
+        .await?;
+    Ok(())
+}
+
 /// `blockremote healthcheck URL`: exit 0 on a 2xx within 3 s.
 async fn healthcheck(url: &str) -> anyhow::Result<()> {
     let parsed = url::Url::parse(url).map_err(|e| anyhow::anyhow!("{url} is not a URL: {e}"))?;
@@ -426,9 +442,12 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             let kid =
                 blockremote::auth::keys::rotate(store.as_ref(), config.jwt_algorithm, kek.as_ref())
                     .await?;
+            let audited =
+                audit_command(&config, store.as_ref(), "signing_key_rotated", kid.clone()).await;
+            store.close().await;
+            audited?;
             println!("{kid}");
             tracing::info!(kid, "new signing key is current");
-            store.close().await;
             Ok(())
         }
         Command::Keys {
@@ -452,7 +471,14 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 kek.as_ref(),
             )
             .await?;
+            let detail = match &revoked.replaced_by {
+                Some(new) => format!("{} (current key now {new})", revoked.kid),
+                None => revoked.kid.clone(),
+            };
+            let audited =
+                audit_command(&config, store.as_ref(), "signing_key_revoked", detail).await;
             store.close().await;
+            audited?;
             announce_key_change(&config).await?;
             println!("revoked {}", revoked.kid);
             if let Some(new) = &revoked.replaced_by {
@@ -483,8 +509,21 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             let store = open_existing_store(&config).await?;
             let done =
                 blockremote::auth::sealed::rewrap(store.as_ref(), previous.as_ref(), &new).await;
+            let audited = match &done {
+                Ok(done) => {
+                    let detail = format!(
+                        "{} signing key(s) and {} server secret(s) under KEK {}",
+                        done.signing_keys,
+                        done.secrets,
+                        new.id()
+                    );
+                    audit_command(&config, store.as_ref(), "keys_rewrapped", detail).await
+                }
+                Err(_) => Ok(()),
+            };
             store.close().await;
             let done = done?;
+            audited?;
             println!(
                 "rewrapped {} signing key(s) and {} server secret(s) under KEK {}; {} already under it",
                 done.signing_keys,
@@ -500,10 +539,23 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             let store = open_store(&config).await?;
             store.migrate().await?;
             let key = blockremote::auth::random_token("bra_");
-            store
-                .insert_admin_key(&name, &blockremote::auth::sha256(key.as_bytes()))
+            let hash = blockremote::auth::sha256(key.as_bytes());
+            // Audited first (by the id the rows of its actions will name,
+            // never the key), so no key exists that the trail does not know.
+            let id = format!("admin:{}", hex::encode(&hash[..4]));
+            let created = async {
+                audit_command(
+                    &config,
+                    store.as_ref(),
+                    "admin_key_created",
+                    format!("{id} ({name})"),
+                )
                 .await?;
+                anyhow::Ok(store.insert_admin_key(&name, &hash).await?)
+            }
+            .await;
             store.close().await;
+            created?;
             // Printed once, to stdout only; it is not logged and cannot be shown again.
             println!("{key}");
             Ok(())
@@ -524,7 +576,15 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             let changed = store
                 .update_threat_intel(&add, &remove, change.reason.as_deref())
                 .await?;
+            let audited = audit_command(
+                &config,
+                store.as_ref(),
+                "threat_intel_changed",
+                format!("{changed} entries changed"),
+            )
+            .await;
             store.close().await;
+            audited?;
             // Tell running servers (Redis only: an embedded server reloads within 30 s).
             if config.redis_url.is_some() {
                 let shared = blockremote::state::connect(&config, None).await?;

@@ -32,6 +32,9 @@ pub enum AuditSource {
     Grpc,
     /// A background worker.
     Worker,
+    /// A `blockremote` command run by an operator (key rotation, an admin
+    /// key, a threat-intel import).
+    Cli,
 }
 
 impl AuditSource {
@@ -42,6 +45,7 @@ impl AuditSource {
             Self::Ws => "ws",
             Self::Grpc => "grpc",
             Self::Worker => "worker",
+            Self::Cli => "cli",
         }
     }
 
@@ -52,6 +56,7 @@ impl AuditSource {
             "ws" => Self::Ws,
             "grpc" => Self::Grpc,
             "worker" => Self::Worker,
+            "cli" => Self::Cli,
             _ => return None,
         })
     }
@@ -105,6 +110,19 @@ impl NewAuditEntry {
             action_taken: action.to_owned(),
             actor: Some(actor.to_owned()),
             request_id: None,
+        }
+    }
+}
+
+impl NewAuditEntry {
+    /// An operator's command on the host (`blockremote keys rotate`, …):
+    /// source `cli`, actor `cli`.
+    pub fn cli(action: &str, detail: String) -> Self {
+        Self {
+            source: AuditSource::Cli,
+            actor: Some("cli".to_owned()),
+            ip: None,
+            ..Self::operation("cli", action, detail, None)
         }
     }
 }

@@ -728,6 +728,33 @@ async fn key_rotation_keeps_old_tokens_valid(backend: Backend) {
         .trim()
         .to_owned();
     assert_ne!(new_kid, old_kid);
+    // Audited as an operator's command, chained as the server chains its rows.
+    let rows = app
+        .state
+        .store
+        .audit_page(&Default::default(), 20)
+        .await
+        .expect("audit");
+    let row = rows
+        .iter()
+        .find(|r| r.action_taken == "signing_key_rotated")
+        .expect("the rotation is audited");
+    assert_eq!(
+        (
+            row.source.as_str(),
+            row.actor.as_deref(),
+            row.decision_reason.as_deref()
+        ),
+        ("cli", Some("cli"), Some(new_kid.as_str()))
+    );
+    let chain = blockremote::store::verify_chain(
+        app.state.store.as_ref(),
+        app.state.store.chain_key().as_ref(),
+        None,
+    )
+    .await
+    .expect("verify");
+    assert!(chain.is_ok(), "{chain:?}");
 
     // The running server picks it up by itself (reload every second here; ≤ 60 s in production).
     let switched = eventually(Duration::from_secs(10), || async {

@@ -1243,3 +1243,68 @@ async fn device_commands_are_kept_bounded_and_read_above_a_position(backend: Bac
         .expect("deleted");
     assert!(seqs(0, 0).await.is_empty(), "gone with the user");
 }
+
+/// A SQLite database from before 0019 (which rebuilds `audit_logs` to allow
+/// the `cli` source) keeps every row, its chain and its append-only guards.
+#[tokio::test]
+async fn an_sqlite_audit_trail_keeps_its_rows_chain_and_guards_through_0019() {
+    use blockremote::store::verify_audit_chain;
+    let Some((store, raw, backing)) = store_for(Backend::Embedded).await else {
+        return;
+    };
+    let RawSql::Sqlite(pool) = &raw else {
+        unreachable!("an embedded store")
+    };
+    let before = backing.dir.path().join("before-0019");
+    std::fs::create_dir_all(&before).expect("dir");
+    let source = concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/sqlite");
+    for file in std::fs::read_dir(source).expect("migrations") {
+        let file = file.expect("entry").path();
+        let name = file
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
+        if name.as_str() < "0019" {
+            std::fs::copy(&file, before.join(&name)).expect("copy");
+        }
+    }
+    sqlx::migrate::Migrator::new(before.as_path())
+        .await
+        .expect("migrator")
+        .run(pool)
+        .await
+        .expect("0001-0018");
+    // Today's code appends; the two columns it writes are added by hand
+    // (empty in every row, as in any row from before 0019, which 0019 copies).
+    for column in ["actor", "request_id"] {
+        raw.execute(&format!("ALTER TABLE audit_logs ADD COLUMN {column} TEXT"))
+            .await
+            .expect("column");
+    }
+    for i in 0..3 {
+        store
+            .append_audit(entry(Uuid::now_v7(), &format!("before_{i}")))
+            .await
+            .expect("audit");
+    }
+    store.migrate().await.expect("0019");
+    assert_eq!(
+        verify_audit_chain(store.as_ref()).await.expect("verify"),
+        Ok(3)
+    );
+    for refused in [
+        "UPDATE audit_logs SET action_taken = 'x'",
+        "DELETE FROM audit_logs",
+    ] {
+        assert!(raw.execute(refused).await.is_err(), "{refused} refused");
+    }
+    store
+        .append_audit(NewAuditEntry::cli("signing_key_rotated", "kid".into()))
+        .await
+        .expect("a cli row");
+    assert_eq!(
+        verify_audit_chain(store.as_ref()).await.expect("verify"),
+        Ok(4)
+    );
+}

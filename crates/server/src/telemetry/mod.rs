@@ -31,7 +31,11 @@ pub fn request_id() -> Option<String> {
     REQUEST_ID.try_with(|id| id.to_string()).ok()
 }
 
-use tracing_subscriber::{fmt, prelude::*, EnvFilter};
+use tracing_subscriber::{fmt, prelude::*, EnvFilter, Layer, Registry};
+
+/// What is exported as spans: ours and the libraries' at info, never the
+/// exporter's own transport.
+const SPAN_FILTER: &str = "info,sqlx=warn,tower_http=warn,tonic=off,h2=off,hyper=off,tower=off";
 
 use crate::config::LogFormat;
 
@@ -63,22 +67,30 @@ pub fn init_logging(
     };
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,tower_http=warn"));
-    let registry = tracing_subscriber::registry()
-        .with(filter)
-        .with(tracer.map(|tracer| tracing_opentelemetry::layer().with_tracer(tracer)));
-    let result = match format {
-        LogFormat::Json => registry
-            .with(
-                fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(true)
-                    .with_span_list(false)
-                    .with_writer(writer),
-            )
-            .try_init(),
-        LogFormat::Pretty => registry.with(fmt::layer().with_writer(writer)).try_init(),
+    let logs: Box<dyn Layer<Registry> + Send + Sync> = match format {
+        LogFormat::Json => fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_writer(writer)
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Pretty => fmt::layer().with_writer(writer).with_filter(filter).boxed(),
     };
+    // Spans are exported at info whatever `RUST_LOG` says of the logs (a
+    // quiet log must not silence traces); the exporter's own transport
+    // (tonic, h2, hyper) stays out, or exporting would make spans to export.
+    let spans = tracer.map(|tracer| {
+        tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_filter(EnvFilter::new(SPAN_FILTER))
+            .boxed()
+    });
+    let result = tracing_subscriber::registry()
+        .with(logs)
+        .with(spans)
+        .try_init();
     // A second init (tests) keeps the first subscriber; that is fine.
     drop(result);
 }

@@ -240,19 +240,23 @@ async fn a_heartbeat_is_one_trace_from_ingest_through_the_queue_to_the_kill_swit
     }
     assert!(under_scoring, "{spans:#?}");
 
-    // The spans were counted as exported, none dropped.
-    let metrics = http
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    assert!(
-        value_of(&metrics, "otel_spans_exported_total").unwrap_or(0.0) > 0.0,
-        "{metrics}"
-    );
+    // The spans were counted as exported (once the exporter has its answer,
+    // a moment after the collector has the spans), none dropped.
+    let scrape = || async {
+        http.get(format!("{base}/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text")
+    };
+    let counted = eventually(Duration::from_secs(5), || async {
+        value_of(&scrape().await, "otel_spans_exported_total").unwrap_or(0.0) > 0.0
+    })
+    .await;
+    let metrics = scrape().await;
+    assert!(counted, "{metrics}");
     assert_eq!(value_of(&metrics, "otel_spans_dropped_total"), Some(0.0));
 
     server.signal("TERM");

@@ -59,7 +59,7 @@ load() {
     i=$((i + 1))
   done
 }
-metric() { curl -s "$1/metrics" | grep -E "^signals_(heartbeats_accepted|heartbeats_scored|degraded|queue_backlog|queue_lag|workers_)" || true; }
+metric() { curl -s "$1/metrics" | grep -E "^(signals_(heartbeats_accepted|heartbeats_scored|degraded|queue_backlog|queue_lag|workers_)|otel_spans_)" || true; }
 
 if [ "$WHICH" = embedded ] || [ "$WHICH" = both ]; then
   echo "== embedded default, $SECONDS_RUN s"

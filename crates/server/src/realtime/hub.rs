@@ -43,7 +43,7 @@ use dashmap::DashMap;
 use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
-use super::{acks::AckWriter, Action, CloseReason, DeviceCommand, Disconnect};
+use super::{acks::AckWriter, Action, CloseReason, DeviceCommand, Disconnect, Published};
 use crate::state::{keys, SharedState, StateResult};
 
 /// Devices whose global command is sequenced and stored per round trip.
@@ -212,17 +212,33 @@ impl Hub {
                     hub.resync_all();
                     continue;
                 }
-                match serde_json::from_slice::<DeviceCommand>(&payload) {
-                    Ok(command) if command.device_id == super::EVERY_DEVICE => {
+                match serde_json::from_slice::<Published>(&payload) {
+                    Ok(Published { command, .. }) if command.device_id == super::EVERY_DEVICE => {
                         tokio::spawn(hub.clone().fan_out(shared.clone(), command));
                     }
-                    Ok(command) => {
+                    Ok(Published {
+                        command,
+                        traceparent,
+                    }) => {
                         // A lock addressed to the device ends its sockets once written.
                         let closes = matches!(
                             command.action,
                             Action::CriticalLock | Action::ImmediateQuarantine
                         );
-                        hub.deliver(&command, closes);
+                        // Delivered in the publisher's trace, when it was traced.
+                        let span = match &traceparent {
+                            Some(traceparent) => {
+                                let span = tracing::info_span!(
+                                    "killswitch.deliver",
+                                    device_id = %command.device_id,
+                                    seq = command.seq,
+                                );
+                                crate::telemetry::trace::adopt_context(&span, traceparent);
+                                span
+                            }
+                            None => tracing::Span::none(),
+                        };
+                        span.in_scope(|| hub.deliver(&command, closes));
                     }
                     Err(e) => match serde_json::from_slice::<Disconnect>(&payload) {
                         Ok(disconnect) => {

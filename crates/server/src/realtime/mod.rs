@@ -211,10 +211,29 @@ pub async fn issue(
     reason: &str,
 ) -> StateResult<DeviceCommand> {
     let command = record(shared, store, device_id, action, reason).await?;
-    let payload = serde_json::to_vec(&command).unwrap_or_default();
+    let published = Published {
+        command: command.clone(),
+        traceparent: crate::telemetry::trace::outgoing(&tracing::Span::current())
+            .map(|(traceparent, _)| traceparent),
+    };
+    let payload = serde_json::to_vec(&published).unwrap_or_default();
     shared.publish(keys::KILL_SWITCH_CHANNEL, &payload).await?;
     metrics.command_issued(action.as_str(), origin.as_str());
     Ok(command)
+}
+
+/// A command as published between instances: the command, and the
+/// `traceparent` of its publish span when traced, so the instance holding
+/// the device's socket delivers it in a span of the same trace. The field
+/// is never sent to phones; instances of an older version ignore it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Published {
+    /// The command.
+    #[serde(flatten)]
+    pub command: DeviceCommand,
+    /// W3C `traceparent` of the publish span.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// Who issued a command (a metric label; the audit row says more).

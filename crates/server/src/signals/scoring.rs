@@ -224,7 +224,7 @@ fn job_span(header: &JobHeader<'_>, seq: u64) -> tracing::Span {
         request_id = trace.request_id,
         trace_id = trace.traceparent.get(3..35).unwrap_or(""),
     );
-    crate::telemetry::trace::adopt_job_context(&span, trace.traceparent);
+    crate::telemetry::trace::adopt_context(&span, trace.traceparent);
     span
 }
 

@@ -338,9 +338,10 @@ pub fn outgoing(span: &tracing::Span) -> Option<(String, Option<String>)> {
     written.traceparent.map(|t| (t, written.tracestate))
 }
 
-/// Makes `span` a child of a job's `traceparent` (a no-op when export is
-/// off or the value is not a valid context).
-pub fn adopt_job_context(span: &tracing::Span, traceparent: &str) {
+/// Makes `span` a child of a `traceparent` carried in a queued job or a
+/// published command (a no-op when export is off or the value is not a
+/// valid context).
+pub fn adopt_context(span: &tracing::Span, traceparent: &str) {
     if !exporting() {
         return;
     }

@@ -198,9 +198,14 @@ async fn a_heartbeat_is_one_trace_from_ingest_through_the_queue_to_the_kill_swit
     // timer: wait for the three kinds and for every scoring span's parent.
     let complete = eventually(Duration::from_secs(15), || async {
         let spans = collector.of_trace(&trace_id);
-        let kinds = ["http.request", "signals.score", "killswitch.publish"]
-            .iter()
-            .all(|name| spans.iter().any(|s| s.name == *name));
+        let kinds = [
+            "http.request",
+            "signals.score",
+            "killswitch.publish",
+            "killswitch.deliver",
+        ]
+        .iter()
+        .all(|name| spans.iter().any(|s| s.name == *name));
         let parents = spans
             .iter()
             .filter(|s| s.name == "signals.score")
@@ -239,6 +244,13 @@ async fn a_heartbeat_is_one_trace_from_ingest_through_the_queue_to_the_kill_swit
         ancestor = by_id.get(span.parent_span_id.as_str()).copied();
     }
     assert!(under_scoring, "{spans:#?}");
+    // The instance holding the kill-switch hub delivered it in the same trace.
+    let deliver = spans
+        .iter()
+        .find(|s| s.name == "killswitch.deliver")
+        .expect("deliver");
+    assert_eq!(deliver.parent_span_id, publish.span_id, "{spans:#?}");
+    assert_eq!(deliver.role, "serve");
 
     // The spans were counted as exported (once the exporter has its answer,
     // a moment after the collector has the spans), none dropped.

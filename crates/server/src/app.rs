@@ -538,6 +538,12 @@ impl Application {
             state.metrics.clone(),
             state.shutdown.clone(),
         );
+        crate::telemetry::watch::spawn_readiness_sampler(
+            state.store.clone(),
+            state.shared.clone(),
+            state.metrics.clone(),
+            state.shutdown.clone(),
+        );
         crate::telemetry::watch::spawn_audit_verifier(
             state.store.clone(),
             state.metrics.clone(),

@@ -430,7 +430,10 @@ impl<T> Ranged<T> {
 }
 
 const LISTEN: Setting = Setting::new("BLOCKREMOTE_LISTEN", Some("127.0.0.1:8000"));
-const WORKER_LISTEN: Setting = Setting::new("BLOCKREMOTE_WORKER_LISTEN", Some("127.0.0.1:9100"));
+/// The worker endpoints' default address.
+pub const DEFAULT_WORKER_LISTEN: &str = "127.0.0.1:9100";
+const WORKER_LISTEN: Setting =
+    Setting::new("BLOCKREMOTE_WORKER_LISTEN", Some(DEFAULT_WORKER_LISTEN));
 const DATA_DIR: Setting = Setting::new("BLOCKREMOTE_DATA_DIR", Some("./data"));
 const DATABASE_URL: Setting = Setting::new("DATABASE_URL", None);
 const DATABASE_MAX_CONNECTIONS: Ranged<u32> = Ranged::new(
@@ -687,6 +690,15 @@ pub const SETTINGS: &[Setting] = &[
     WS_MAX_SOCKETS_PER_USER.setting,
     METRICS_TOKEN,
 ];
+
+impl Config {
+    /// Whether the worker endpoints listen where they do by default (a
+    /// taken default is a warning; a configured address that is taken, an error).
+    pub fn worker_listen_is_default(&self) -> bool {
+        self.worker_listen
+            .is_some_and(|addr| Some(addr) == DEFAULT_WORKER_LISTEN.parse().ok())
+    }
+}
 
 impl Config {
     /// Loads defaults, then `file` if given, then the process environment.

@@ -204,6 +204,18 @@ enum AdminKeyCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A probe needs no configuration (and must not fail on one).
+    if let Command::Healthcheck { url } = &cli.command {
+        let probed = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(healthcheck(url)));
+        return match probed {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&format!("{e:#}")),
+        };
+    }
     let config = match Config::load(cli.config.as_deref()) {
         Ok(config) => config,
         Err(e) => return fail(&format!("invalid configuration: {e}")),
@@ -358,6 +370,7 @@ async fn healthcheck(url: &str) -> anyhow::Result<()> {
     let client = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(3))
         .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
         .build()?;
     let response = client
         .get(parsed)
@@ -392,11 +405,26 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             let workers = app::WorkerHandles::connect(&config).await?;
             let stop = CancellationToken::new();
             let endpoints = match config.worker_listen {
-                Some(addr) => Some(workers.serve_endpoints(&config, addr, stop.clone()).await?),
+                Some(addr) => match workers.serve_endpoints(&config, addr, stop.clone()).await {
+                    Ok(endpoints) => Some(endpoints),
+                    // The default address taken (a second worker on the host,
+                    // or node_exporter): run without endpoints, and say so.
+                    Err(e) if config.worker_listen_is_default() => {
+                        tracing::warn!(error = %e, "worker endpoints not served: set BLOCKREMOTE_WORKER_LISTEN to a free address (or `off`)");
+                        None
+                    }
+                    Err(e) => return Err(e.into()),
+                },
                 None => None,
             };
             blockremote::telemetry::watch::spawn_pool_sampler(
                 workers.store.clone(),
+                workers.metrics.clone(),
+                stop.clone(),
+            );
+            blockremote::telemetry::watch::spawn_readiness_sampler(
+                workers.store.clone(),
+                workers.shared.clone(),
                 workers.metrics.clone(),
                 stop.clone(),
             );
@@ -445,10 +473,10 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             let audited =
                 audit_command(&config, store.as_ref(), "signing_key_rotated", kid.clone()).await;
             store.close().await;
-            audited?;
+            // The key is current whatever became of its audit row: say so first.
             println!("{kid}");
             tracing::info!(kid, "new signing key is current");
-            Ok(())
+            audited
         }
         Command::Keys {
             command: KeysCommand::Revoke { kid },
@@ -478,14 +506,15 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             let audited =
                 audit_command(&config, store.as_ref(), "signing_key_revoked", detail).await;
             store.close().await;
-            audited?;
+            // A revocation is announced whatever became of its audit row
+            // (a leaked key must stop working now); the failure is reported after.
             announce_key_change(&config).await?;
             println!("revoked {}", revoked.kid);
             if let Some(new) = &revoked.replaced_by {
                 println!("current key is now {new}");
             }
             tracing::warn!(kid = %revoked.kid, replaced_by = ?revoked.replaced_by, "signing key revoked");
-            Ok(())
+            audited
         }
         Command::Keys {
             command: KeysCommand::Rewrap { previous_file },

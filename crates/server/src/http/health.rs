@@ -54,12 +54,13 @@ pub async fn get_live() -> Json<Health> {
             content_type = "application/problem+json"),
     ))]
 pub async fn get_ready(State(state): State<Ops>) -> Result<Json<Health>, ApiError> {
-    let (db, cache) = tokio::join!(
-        tokio::time::timeout(CHECK_TIMEOUT, state.store.ping()),
-        tokio::time::timeout(CHECK_TIMEOUT, state.shared.ping()),
-    );
-    let db_ok = matches!(db, Ok(Ok(())));
-    let cache_ok = matches!(cache, Ok(Ok(())));
+    let (db, cache) = crate::telemetry::watch::readiness(
+        state.store.as_ref(),
+        state.shared.as_ref(),
+        CHECK_TIMEOUT,
+    )
+    .await;
+    let (db_ok, cache_ok) = (db.is_ok(), cache.is_ok());
     state.metrics.health_ready.set(i64::from(db_ok && cache_ok));
     let word = |ok: bool| if ok { "ok" } else { "unavailable" };
     let checks = serde_json::json!({ "database": word(db_ok), "cache": word(cache_ok) });
@@ -69,10 +70,10 @@ pub async fn get_ready(State(state): State<Ops>) -> Result<Json<Health>, ApiErro
             checks: Some(checks),
         }))
     } else {
-        if let Ok(Err(e)) = &db {
+        if let Err(e) = &db {
             tracing::warn!(error = %e, "readiness: database check failed");
         }
-        if let Ok(Err(e)) = &cache {
+        if let Err(e) = &cache {
             tracing::warn!(error = %e, "readiness: shared state check failed");
         }
         Err(ApiError::NotReady { checks })

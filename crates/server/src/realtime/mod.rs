@@ -200,7 +200,7 @@ pub async fn disconnect(
 /// Counted in `killswitch_commands_issued_total{action,origin}`; a span of
 /// the caller's trace (a lock the engine decides is part of the scored
 /// heartbeat's trace).
-#[tracing::instrument(name = "killswitch.publish", skip_all, fields(device_id, action = action.as_str(), origin = origin.as_str()))]
+#[tracing::instrument(name = "killswitch.publish", skip_all, fields(device_id = %device_id, action = action.as_str(), origin = origin.as_str()))]
 pub async fn issue(
     shared: &dyn SharedState,
     store: &dyn Store,

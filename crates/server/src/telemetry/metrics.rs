@@ -194,7 +194,9 @@ pub struct Metrics {
     /// `redis_command_duration_seconds{op,outcome}`.
     pub redis_commands: HistogramFamily<RedisLabels>,
     /// `auth_refresh_attempts_total{outcome}`: `rotated`, `reissued` (the
-    /// reuse interval's answer), `reuse`, `invalid`, `rate_limited`.
+    /// reuse interval's answer), `reuse`, `invalid`, `rate_limited`,
+    /// `refused` (the device or its owner is locked, revoked or blocked),
+    /// `error` (a dependency failed).
     pub refresh_attempts: Family<OutcomeLabels, Counter>,
     /// `firewall_evaluations_total{rule,mode}`: events a rule counted.
     pub firewall_evaluations: Family<RuleLabels, Counter>,
@@ -214,15 +216,20 @@ pub struct Metrics {
     pub db_pool_acquire: Histogram,
     /// `health_ready`: 1 when this process's last readiness check passed.
     pub health_ready: Gauge,
-    /// `audit_chain_valid`: 1 when the last verification of the audit
-    /// chain passed, 0 when it found a break.
-    pub audit_chain_valid: Gauge,
+    /// `audit_chain_broken`: 1 when the last verification of the audit
+    /// chain found a break; 0 otherwise — until the first verification, and
+    /// always on a worker (which does not verify), so an alert on it never
+    /// fires for a process that simply has not looked.
+    pub audit_chain_broken: Gauge,
     /// `audit_chain_verified_timestamp_seconds`: when it last ran to the end.
     pub audit_chain_verified_at: Gauge<f64, AtomicU64>,
     /// `otel_spans_dropped_total` (process-wide, see `telemetry::trace`).
     pub spans_dropped: Counter,
     /// `otel_spans_exported_total`.
     pub spans_exported: Counter,
+    /// Serialises the catch-up of the span counters, so two scrapes at once
+    /// cannot both add the same difference.
+    span_sync: std::sync::Mutex<()>,
 }
 
 fn register<M: prometheus_client::registry::Metric + Clone>(
@@ -475,10 +482,10 @@ impl Metrics {
             "1 when this process's last readiness check passed, else 0",
             Gauge::default(),
         );
-        let audit_chain_valid = register(
+        let audit_chain_broken = register(
             r,
-            "audit_chain_valid",
-            "1 when the last verification of the audit hash chain passed, 0 when it found a break",
+            "audit_chain_broken",
+            "1 when the last verification of the audit hash chain found a break, else 0",
             Gauge::default(),
         );
         let audit_chain_verified_at = register(
@@ -511,10 +518,11 @@ impl Metrics {
             db_pool,
             db_pool_acquire,
             health_ready,
-            audit_chain_valid,
+            audit_chain_broken,
             audit_chain_verified_at,
             spans_dropped,
             spans_exported,
+            span_sync: std::sync::Mutex::new(()),
             http_connections_open,
             http_connections_refused,
             http_connection_timeouts,
@@ -593,11 +601,16 @@ impl Metrics {
 
     /// The Prometheus/OpenMetrics text exposition of every metric.
     pub fn render(&self) -> String {
+        let synced = self
+            .span_sync
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let (dropped, exported) = super::trace::span_counts();
         self.spans_dropped
             .inc_by(dropped.saturating_sub(self.spans_dropped.get()));
         self.spans_exported
             .inc_by(exported.saturating_sub(self.spans_exported.get()));
+        drop(synced);
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

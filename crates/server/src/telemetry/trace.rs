@@ -131,7 +131,12 @@ impl Tracing {
             .map_err(|e| TraceSetupError::Exporter(e.to_string()))?;
         let (processor, flush) = BoundedProcessor::start(exporter);
         let mut resource = Resource::builder();
-        if std::env::var("OTEL_SERVICE_NAME").map_or(true, |v| v.trim().is_empty()) {
+        let named = std::env::var("OTEL_SERVICE_NAME").is_ok_and(|v| !v.trim().is_empty())
+            || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|v| {
+                v.split(',')
+                    .any(|kv| kv.trim().starts_with("service.name="))
+            });
+        if !named {
             resource = resource.with_service_name("blockremote");
         }
         let resource = resource
@@ -178,6 +183,7 @@ impl BoundedProcessor {
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(MAX_BATCH);
             let mut tick = tokio::time::interval(EXPORT_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut incoming = Vec::with_capacity(MAX_BATCH);
             loop {
                 let mut flushed = None;
@@ -355,6 +361,9 @@ pub fn adopt_context(span: &tracing::Span, traceparent: &str) {
 /// on), else the caller's own (`incoming`, so the worker's logs still name
 /// the caller's trace).
 pub fn job_traceparent(incoming: impl FnOnce() -> Option<String>) -> Option<String> {
+    if !exporting() {
+        return incoming();
+    }
     outgoing(&tracing::Span::current())
         .map(|(traceparent, _)| traceparent)
         .or_else(incoming)

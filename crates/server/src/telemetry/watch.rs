@@ -4,19 +4,73 @@
 //!   `db_pool_acquire_duration_seconds`): read every [`POOL_EVERY`], with one
 //!   timed acquire — a sample of what queries wait, not every query's wait
 //!   (sqlx does not report that).
-//! - **Audit chain** (`audit_chain_valid`, `audit_chain_verified_timestamp_seconds`):
+//! - **Audit chain** (`audit_chain_broken`, `audit_chain_verified_timestamp_seconds`):
 //!   the rows appended since the last check are verified every
 //!   [`AUDIT_EVERY`] against the last verified row, and the whole chain from
 //!   its first row every [`AUDIT_FULL_EVERY`] (an edit of an old row shows
-//!   there). A break sets the gauge to 0 and logs the row; the alert
-//!   `AuditChainBroken` fires on it (`deploy/prometheus/alerts.yml`).
+//!   there). A break sets the gauge to 1 and logs the row; the alert
+//!   `AuditChainBroken` fires on it (`deploy/prometheus/alerts.yml`). A
+//!   broken chain is not read again until the next full pass (rows are
+//!   append-only: the break stays). Every API replica verifies on its own
+//!   (reads only; the full pass is one indexed scan an hour).
 
 use std::{sync::Arc, time::Duration};
 
 use tokio_util::sync::CancellationToken;
 
 use super::{metrics::PoolLabels, Metrics};
-use crate::store::{audit_chain, Store};
+use crate::{
+    state::SharedState,
+    store::{audit_chain, Store},
+};
+
+/// How often readiness is checked when nothing probes it.
+pub const READY_EVERY: Duration = Duration::from_secs(10);
+
+/// Whether the store and the shared state answer within `within`: each
+/// check's failure, as text.
+pub async fn readiness(
+    store: &dyn Store,
+    shared: &dyn SharedState,
+    within: Duration,
+) -> (Result<(), String>, Result<(), String>) {
+    let (db, cache) = tokio::join!(
+        tokio::time::timeout(within, store.ping()),
+        tokio::time::timeout(within, shared.ping()),
+    );
+    let flat =
+        |r: Result<Result<(), String>, _>| r.unwrap_or_else(|_| Err("no answer in time".into()));
+    (
+        flat(db.map(|r| r.map_err(|e| e.to_string()))),
+        flat(cache.map(|r| r.map_err(|e| e.to_string()))),
+    )
+}
+
+/// Keeps `health_ready` current every [`READY_EVERY`] until `stop`, so the
+/// gauge (and the `ReadinessFailing` alert) does not depend on something
+/// probing `/health/ready`.
+pub fn spawn_readiness_sampler(
+    store: Arc<dyn Store>,
+    shared: Arc<dyn SharedState>,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(READY_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let (db, cache) =
+                readiness(store.as_ref(), shared.as_ref(), Duration::from_secs(2)).await;
+            metrics
+                .health_ready
+                .set(i64::from(db.is_ok() && cache.is_ok()));
+        }
+    });
+}
 
 /// How often the pool is sampled.
 pub const POOL_EVERY: Duration = Duration::from_secs(5);
@@ -43,11 +97,15 @@ pub fn spawn_pool_sampler(store: Arc<dyn Store>, metrics: Arc<Metrics>, stop: Ca
 
 /// One sample of the pool.
 pub async fn sample_pool(store: &dyn Store, metrics: &Metrics) {
-    if let Ok(waited) = tokio::time::timeout(POOL_EVERY, store.time_acquire()).await {
-        match waited {
-            Ok(waited) => metrics.db_pool_acquire.observe(waited.as_secs_f64()),
-            Err(e) => tracing::debug!(error = %e, "pool sample: no connection"),
+    // A sample that found no connection in time counts as the whole wait,
+    // so the histogram shows a saturated pool instead of skipping it.
+    match tokio::time::timeout(POOL_EVERY, store.time_acquire()).await {
+        Ok(Ok(waited)) => metrics.db_pool_acquire.observe(waited.as_secs_f64()),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "pool sample: no connection");
+            metrics.db_pool_acquire.observe(POOL_EVERY.as_secs_f64());
         }
+        Err(_) => metrics.db_pool_acquire.observe(POOL_EVERY.as_secs_f64()),
     }
     let (in_use, idle) = store.pool_usage();
     for (state, n) in [("in_use", in_use), ("idle", idle)] {
@@ -58,11 +116,12 @@ pub async fn sample_pool(store: &dyn Store, metrics: &Metrics) {
     }
 }
 
-/// Where verification has got to: the last verified row.
+/// Where verification has got to: the last verified row, or a break.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChainCursor {
     hash: String,
     seq: i64,
+    broken: bool,
 }
 
 impl Default for ChainCursor {
@@ -70,7 +129,16 @@ impl Default for ChainCursor {
         Self {
             hash: audit_chain::GENESIS.to_owned(),
             seq: 0,
+            broken: false,
         }
+    }
+}
+
+impl ChainCursor {
+    /// The last verification found a break (nothing more is read until a
+    /// full pass starts from [`ChainCursor::default`]).
+    pub fn is_broken(&self) -> bool {
+        self.broken
     }
 }
 
@@ -95,13 +163,16 @@ pub fn spawn_audit_verifier(store: Arc<dyn Store>, metrics: Arc<Metrics>, stop: 
 }
 
 /// Verifies the rows after `cursor` to the head and sets the gauges; the
-/// cursor to go on from next time (from the start again after a break, so
-/// a repaired chain is seen as such).
+/// cursor to go on from next time (a broken one stays as it is until the
+/// next full pass).
 pub async fn verify_from(
     store: &dyn Store,
     metrics: &Metrics,
     mut cursor: ChainCursor,
 ) -> ChainCursor {
+    if cursor.broken {
+        return cursor;
+    }
     let key = store.chain_key();
     loop {
         let rows = match store.audit_chain(cursor.seq, AUDIT_PAGE).await {
@@ -112,18 +183,27 @@ pub async fn verify_from(
             }
         };
         if rows.is_empty() {
-            metrics.audit_chain_valid.set(1);
+            metrics.audit_chain_broken.set(0);
             metrics
                 .audit_chain_verified_at
                 .set(chrono::Utc::now().timestamp_micros() as f64 / 1e6);
             return cursor;
         }
         match audit_chain::check(&rows, key.as_ref(), cursor.hash.clone(), cursor.seq) {
-            Ok((hash, seq)) => cursor = ChainCursor { hash, seq },
+            Ok((hash, seq)) => {
+                cursor = ChainCursor {
+                    hash,
+                    seq,
+                    broken: false,
+                }
+            }
             Err(broken) => {
                 tracing::error!(broken = ?broken, "audit chain verification failed");
-                metrics.audit_chain_valid.set(0);
-                return ChainCursor::default();
+                metrics.audit_chain_broken.set(1);
+                return ChainCursor {
+                    broken: true,
+                    ..cursor
+                };
             }
         }
     }

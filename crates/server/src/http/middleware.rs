@@ -158,7 +158,7 @@ pub async fn request_context(
     let status = response.status();
     let elapsed = started.elapsed();
     state.metrics.observe_request(
-        method.as_str(),
+        method_label(&method),
         &route,
         status.as_u16(),
         elapsed.as_secs_f64(),
@@ -172,6 +172,24 @@ pub async fn request_context(
         }
     });
     response
+}
+
+/// The method as a metric label: the standard ones by name, any extension
+/// method a client invents as `OTHER` (label sets stay bounded).
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "OTHER",
+    }
 }
 
 /// Ensures an error response is problem+json carrying the request id:
@@ -212,6 +230,19 @@ fn render_problem(response: Response, request_id: &str) -> Response {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn invented_methods_share_one_label() {
+        for (raw, label) in [
+            ("GET", "GET"),
+            ("PATCH", "PATCH"),
+            ("BREW", "OTHER"),
+            ("X-1", "OTHER"),
+        ] {
+            let method = axum::http::Method::from_bytes(raw.as_bytes()).expect("a token");
+            assert_eq!(method_label(&method), label);
+        }
+    }
 
     #[test]
     fn traceparent_examples_from_the_spec() {

@@ -337,6 +337,7 @@ impl Firewall {
                 rule.mode.as_str(),
                 rule.side_effect.as_str()
             ),
+            None,
         )
         .await?;
         if enforce {
@@ -371,8 +372,13 @@ impl Firewall {
     }
 
     /// One audit row per decision and per undo: the rule and the counts, never
-    /// the scope's address.
-    async fn audit(&self, decision: &FirewallDecision, action: &str) -> StoreResult<()> {
+    /// the scope's address; an undo names its operator.
+    async fn audit(
+        &self,
+        decision: &FirewallDecision,
+        action: &str,
+        actor: Option<&str>,
+    ) -> StoreResult<()> {
         self.store
             .append_audit(crate::store::NewAuditEntry {
                 user_id: None,
@@ -392,7 +398,7 @@ impl Firewall {
                 )),
                 attestation_state: None,
                 action_taken: action.to_owned(),
-                actor: None,
+                actor: actor.map(str::to_owned),
                 request_id: None,
             })
             .await?;
@@ -402,7 +408,11 @@ impl Firewall {
     /// Undoes a decision (see [`crate::store::FirewallStore::undo_firewall_decision`]),
     /// removing exactly its holds, tells each device nothing else holds `UNLOCK`, and exempts its scope for [`UNDO_ALLOW_FOR`].
     #[tracing::instrument(name = "firewall.undo", skip_all, fields(decision_id = %id))]
-    pub async fn undo(&self, id: Uuid) -> Result<Option<(FirewallDecision, bool)>, FirewallError> {
+    pub async fn undo(
+        &self,
+        id: Uuid,
+        operator: &str,
+    ) -> Result<Option<(FirewallDecision, bool)>, FirewallError> {
         let event = self.auth.event(
             "firewall:undo",
             None,
@@ -414,7 +424,8 @@ impl Firewall {
             return Ok(None);
         };
         if undone {
-            self.audit(&decision, "firewall:undo").await?;
+            self.audit(&decision, "firewall:undo", Some(operator))
+                .await?;
             self.shared
                 .set(
                     &allow_key(&decision.rule_name, &decision.scope_key),

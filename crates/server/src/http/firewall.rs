@@ -198,10 +198,10 @@ pub async fn get_decisions(
     ))]
 pub async fn post_undo(
     State(state): State<AppState>,
-    _admin: AdminAuth,
+    admin: AdminAuth,
     Path(id): Path<Uuid>,
 ) -> Result<JsonResponse<FirewallDecision>, ApiError> {
-    match state.firewall.undo(id).await? {
+    match state.firewall.undo(id, &admin.operator).await? {
         None => Err(ApiError::Client {
             status: StatusCode::NOT_FOUND,
             code: codes::DECISION_NOT_FOUND,

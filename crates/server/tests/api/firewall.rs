@@ -225,6 +225,25 @@ async fn a_burst_of_registrations_blocks_its_users_and_undo_restores_them(backen
     let undo = format!("/v1/admin/firewall/decisions/{id}/undo");
     let r = app.admin(Method::POST, &undo, None).await;
     assert_eq!(r.status(), StatusCode::OK);
+    // The undo's audit row names the operator; the decision's own, nobody.
+    let operator = format!(
+        "admin:{}",
+        &hex::encode(blockremote::auth::sha256(ADMIN.as_bytes()))[..8]
+    );
+    let rows = app
+        .state
+        .store
+        .audit_page(&Default::default(), 100)
+        .await
+        .expect("audit");
+    let undone = rows
+        .iter()
+        .find(|r| r.action_taken == "firewall:undo")
+        .expect("the undo is audited");
+    assert_eq!(undone.actor.as_deref(), Some(operator.as_str()));
+    assert!(rows
+        .iter()
+        .any(|r| r.action_taken.starts_with("firewall:enforce") && r.actor.is_none()));
     for i in 0..5 {
         let r = app
             .post_json_from(ATTACKER, "/v1/auth/login", &credentials(&format!("a{i}")))

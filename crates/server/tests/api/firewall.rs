@@ -226,10 +226,7 @@ async fn a_burst_of_registrations_blocks_its_users_and_undo_restores_them(backen
     let r = app.admin(Method::POST, &undo, None).await;
     assert_eq!(r.status(), StatusCode::OK);
     // The undo's audit row names the operator; the decision's own, nobody.
-    let operator = format!(
-        "admin:{}",
-        &hex::encode(blockremote::auth::sha256(ADMIN.as_bytes()))[..8]
-    );
+    let operator = crate::helpers::operator_of(ADMIN);
     let rows = app
         .state
         .store

@@ -709,3 +709,12 @@ pub fn assert_no_entity_labels(exposition: &str, entities: &[&str]) {
         }
     }
 }
+
+/// The id an admin key's actions are audited under: `admin:` and 8 hex
+/// digits of its SHA-256.
+pub fn operator_of(key: &str) -> String {
+    format!(
+        "admin:{}",
+        &hex::encode(blockremote::auth::sha256(key.as_bytes()))[..8]
+    )
+}

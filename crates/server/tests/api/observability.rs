@@ -378,13 +378,15 @@ async fn a_worker_serves_health_and_metrics_and_goes_unready_without_redis() {
     );
 
     // Redis hangs: readiness says so, and so does the healthcheck.
+    let ready_becomes = |status: StatusCode, within: u64| {
+        eventually(Duration::from_secs(within), move || async move {
+            get("/health/ready")
+                .await
+                .is_ok_and(|r| r.status() == status)
+        })
+    };
     redis.hang();
-    let unready = eventually(Duration::from_secs(10), || async {
-        get("/health/ready")
-            .await
-            .is_ok_and(|r| r.status() == StatusCode::SERVICE_UNAVAILABLE)
-    })
-    .await;
+    let unready = ready_becomes(StatusCode::SERVICE_UNAVAILABLE, 10).await;
     assert!(unready, "readiness went 503 with Redis hung");
     assert_eq!(
         get("/health/live").await.expect("live").status(),
@@ -398,12 +400,7 @@ async fn a_worker_serves_health_and_metrics_and_goes_unready_without_redis() {
         String::from_utf8_lossy(&failed.stderr)
     );
     redis.resume();
-    let back = eventually(Duration::from_secs(15), || async {
-        get("/health/ready")
-            .await
-            .is_ok_and(|r| r.status() == StatusCode::OK)
-    })
-    .await;
+    let back = ready_becomes(StatusCode::OK, 15).await;
     assert!(back, "ready again once Redis answers");
     worker.signal("TERM");
     assert!(worker.wait(Duration::from_secs(15)).await.success());
@@ -519,10 +516,7 @@ async fn operator_changes_are_audited_with_the_key_and_the_request(backend: Back
         .audit_page(&Default::default(), 50)
         .await
         .expect("audit");
-    let operator = format!(
-        "admin:{}",
-        &hex::encode(blockremote::auth::sha256(KEY.as_bytes()))[..8]
-    );
+    let operator = crate::helpers::operator_of(KEY);
     for (_, path, _, id, action) in &changes {
         let row = rows
             .iter()

@@ -6,7 +6,7 @@ use blockremote::store::{
 };
 use uuid::Uuid;
 
-use crate::helpers::{store_for, Backend, RawSql};
+use crate::helpers::{store_for, Backend, Backing, RawSql};
 
 crate::on_both_backends!(
     migrations_are_idempotent_and_seed_the_plans,
@@ -1111,20 +1111,7 @@ async fn an_existing_postgres_database_moves_into_partitions_with_its_rows_and_c
         unreachable!("a production store")
     };
     // Migrations 0001–0016 only, from a copy of their files.
-    let before = backing.dir.path().join("before-0017");
-    std::fs::create_dir_all(&before).expect("dir");
-    let source = concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/postgres");
-    for file in std::fs::read_dir(source).expect("migrations") {
-        let file = file.expect("entry").path();
-        let name = file
-            .file_name()
-            .expect("name")
-            .to_string_lossy()
-            .into_owned();
-        if name.as_str() < "0017" {
-            std::fs::copy(&file, before.join(&name)).expect("copy");
-        }
-    }
+    let before = migrations_before(&backing, "postgres", "0017");
     sqlx::migrate::Migrator::new(before.as_path())
         .await
         .expect("migrator")
@@ -1257,20 +1244,7 @@ async fn an_sqlite_audit_trail_keeps_its_rows_chain_and_guards_through_0019() {
     let RawSql::Sqlite(pool) = &raw else {
         unreachable!("an embedded store")
     };
-    let before = backing.dir.path().join("before-0019");
-    std::fs::create_dir_all(&before).expect("dir");
-    let source = concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/sqlite");
-    for file in std::fs::read_dir(source).expect("migrations") {
-        let file = file.expect("entry").path();
-        let name = file
-            .file_name()
-            .expect("name")
-            .to_string_lossy()
-            .into_owned();
-        if name.as_str() < "0019" {
-            std::fs::copy(&file, before.join(&name)).expect("copy");
-        }
-    }
+    let before = migrations_before(&backing, "sqlite", "0019");
     sqlx::migrate::Migrator::new(before.as_path())
         .await
         .expect("migrator")
@@ -1309,4 +1283,24 @@ async fn an_sqlite_audit_trail_keeps_its_rows_chain_and_guards_through_0019() {
         verify_audit_chain(store.as_ref()).await.expect("verify"),
         Ok(4)
     );
+}
+
+/// A directory holding a copy of `dialect`'s migrations numbered below
+/// `first_left_out`: a database as an older release left it.
+fn migrations_before(backing: &Backing, dialect: &str, first_left_out: &str) -> std::path::PathBuf {
+    let before = backing.dir.path().join(format!("before-{first_left_out}"));
+    std::fs::create_dir_all(&before).expect("dir");
+    let source = format!("{}/migrations/{dialect}", env!("CARGO_MANIFEST_DIR"));
+    for file in std::fs::read_dir(source).expect("migrations") {
+        let file = file.expect("entry").path();
+        let name = file
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
+        if name.as_str() < first_left_out {
+            std::fs::copy(&file, before.join(&name)).expect("copy");
+        }
+    }
+    before
 }
